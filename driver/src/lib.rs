@@ -1,0 +1,22 @@
+//! enlight's userspace synthetic drivers.
+//!
+//! Layout, bottom up:
+//! - [`ring`]: one VMBus-style ring buffer in shared memory (Hyper-V layout, signalling and
+//!   flow-control rules). Everything the peer writes is untrusted and validated before use.
+//! - [`channel`]: a channel is two rings plus two eventfds in one memfd-backed region, usable from
+//!   two threads or handed to another process over a Unix socket.
+//! - [`disk`]: a storvsc-like synthetic disk: the guest driver (VSC) and the host service (VSP).
+//! - [`workload`]: a closed-loop workload generator with its own counts and percentiles.
+//! - [`trace`]: USDT tracepoints (provider `enlight`), the contract with `probes/`.
+//! - [`registry`]: the runtime directory where running devices announce themselves to enlightd.
+//! - [`settings`]: every tunable knob of a device, in one place.
+//!
+//! The cross-crate contracts are written down in `docs/architecture.md`.
+
+pub mod channel;
+pub mod disk;
+pub mod registry;
+pub mod ring;
+pub mod settings;
+pub mod trace;
+pub mod workload;
