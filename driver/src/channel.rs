@@ -40,20 +40,21 @@ pub struct ChannelConfig {
     pub in_ring_bytes: usize,
     /// Shared buffer area after the rings, a page multiple (may be 0).
     pub extra_bytes: usize,
-    /// Largest packet payload either reader accepts.
+    /// Largest packet payload either reader accepts (a longer packet breaks the ring).
     pub max_payload: u32,
 }
 
 impl ChannelConfig {
     fn validate(&self) -> Result<(), ChannelError> {
-        let ring_ok = |n: usize| n >= PAGE_SIZE && n % PAGE_SIZE == 0 && n <= MAX_RING_BYTES;
+        let ring_ok =
+            |n: usize| n >= PAGE_SIZE && n.is_multiple_of(PAGE_SIZE) && n <= MAX_RING_BYTES;
         if !ring_ok(self.out_ring_bytes) || !ring_ok(self.in_ring_bytes) {
             return Err(ChannelError::BadConfig(format!(
                 "ring sizes must be page multiples between 4 KiB and 64 MiB (got {} and {})",
                 self.out_ring_bytes, self.in_ring_bytes
             )));
         }
-        if self.extra_bytes % PAGE_SIZE != 0 || self.extra_bytes > MAX_EXTRA_BYTES {
+        if !self.extra_bytes.is_multiple_of(PAGE_SIZE) || self.extra_bytes > MAX_EXTRA_BYTES {
             return Err(ChannelError::BadConfig(format!(
                 "extra area must be a page multiple of at most 1 GiB (got {})",
                 self.extra_bytes
@@ -358,6 +359,86 @@ pub struct HostEnd {
     pub config: ChannelConfig,
 }
 
+/// The pieces of an end, for using the writer and the reader from different threads.
+pub struct EndParts {
+    /// The ring this end writes.
+    pub tx: RingWriter,
+    /// The ring this end reads.
+    pub rx: RingReader,
+    /// Signals the peer (clone it for every writing thread).
+    pub signaller: Signaller,
+    /// Waits for the peer's signals.
+    pub waiter: Waiter,
+    /// The shared buffer area.
+    pub extra: SharedArea,
+}
+
+macro_rules! end_methods {
+    ($end:ident, $sig:ident, $wait:ident) => {
+        impl $end {
+            /// Signals the peer (eventfd write of 1). One signal means "data in your inbound
+            /// ring" or "space in your outbound ring": the peer re-checks both.
+            pub fn signal_peer(&self) -> Result<(), ChannelError> {
+                self.$sig.signal()
+            }
+
+            /// Sleeps until the peer signals, `timeout` passes, or (across processes) the peer
+            /// is gone; drains the eventfd. After a wake-up re-check both rings.
+            pub fn wait(&self, timeout: Duration) -> Result<WaitResult, ChannelError> {
+                self.$wait.wait(timeout)
+            }
+
+            /// Raw pointer and length of the shared buffer area, valid while any piece of this
+            /// channel lives. The peer may read and write it concurrently: copy with raw
+            /// pointers (or pass it to I/O syscalls), never hold Rust references into it.
+            pub fn extra_area(&self) -> (*mut u8, usize) {
+                (self.extra.as_ptr(), self.extra.len())
+            }
+
+            /// The channel's sizes.
+            pub fn config(&self) -> ChannelConfig {
+                self.config
+            }
+
+            /// Splits the end so the writer and the reader can be used from different threads.
+            pub fn into_parts(self) -> EndParts {
+                EndParts {
+                    tx: self.tx,
+                    rx: self.rx,
+                    signaller: self.$sig,
+                    waiter: self.$wait,
+                    extra: self.extra,
+                }
+            }
+
+            /// Watches `sock` for the peer's exit: from now on [`wait`](Self::wait) reports
+            /// [`WaitResult::PeerGone`] once the peer's end of the socket is closed.
+            pub fn watch_peer(&mut self, sock: &UnixStream) -> Result<(), ChannelError> {
+                let keep = sock.try_clone().map_err(os("dup of the peer socket"))?;
+                self.$wait.peer = Some(Arc::new(keep));
+                Ok(())
+            }
+        }
+    };
+}
+
+end_methods!(GuestEnd, to_host, from_host);
+end_methods!(HostEnd, to_guest, from_guest);
+
+impl HostEnd {
+    /// Sends this host end to the process at the other end of `sock` (memfd and both eventfds as
+    /// `SCM_RIGHTS`, sizes in a header), where [`receive_host_end`] validates and maps it. The
+    /// rings are not re-initialised on the other side.
+    pub fn send_to(self, sock: &UnixStream) -> Result<(), ChannelError> {
+        let fds = [
+            self.extra.region.memfd.as_raw_fd(),
+            self.from_guest.fd.as_raw_fd(),
+            self.to_guest.fd.as_raw_fd(),
+        ];
+        send_with_fds(sock, &handoff_header(&self.config), &fds)
+    }
+}
+
 struct Parts {
     region: Arc<SharedRegion>,
     guest_to_host: Arc<OwnedFd>,
@@ -379,8 +460,8 @@ fn ends(
         let in_base = base.add(out_len);
         (
             RingWriter::new(base, out_len)?,
-            RingReader::new(in_base, in_len, cfg.max_payload)?,
-            RingReader::new(base, out_len, cfg.max_payload)?,
+            RingReader::with_max_payload(in_base, in_len, cfg.max_payload)?,
+            RingReader::with_max_payload(base, out_len, cfg.max_payload)?,
             RingWriter::new(in_base, in_len)?,
         )
     };
@@ -453,9 +534,21 @@ pub fn create(cfg: &ChannelConfig) -> Result<(GuestEnd, HostEnd), ChannelError> 
 }
 
 /// Creates a channel, sends its host end to the process at the other end of `sock`, and returns
-/// the guest end. The socket stays open as a liveness check.
+/// the guest end. The socket stays open as a liveness check. Equivalent to [`create`], then
+/// [`HostEnd::send_to`] and [`GuestEnd::watch_peer`].
 pub fn create_for_peer(cfg: &ChannelConfig, sock: UnixStream) -> Result<GuestEnd, ChannelError> {
     let parts = create_parts(cfg)?;
+    let fds = [
+        parts.region.memfd.as_raw_fd(),
+        parts.guest_to_host.as_raw_fd(),
+        parts.host_to_guest.as_raw_fd(),
+    ];
+    send_with_fds(&sock, &handoff_header(cfg), &fds)?;
+    let (guest, _host) = ends(*cfg, &parts, Some(Arc::new(sock)))?;
+    Ok(guest)
+}
+
+fn handoff_header(cfg: &ChannelConfig) -> [u8; HANDOFF_HEADER_LEN] {
     let mut header = [0u8; HANDOFF_HEADER_LEN];
     header[0..4].copy_from_slice(&HANDOFF_MAGIC.to_le_bytes());
     header[4..8].copy_from_slice(&HANDOFF_VERSION.to_le_bytes());
@@ -463,20 +556,13 @@ pub fn create_for_peer(cfg: &ChannelConfig, sock: UnixStream) -> Result<GuestEnd
     header[16..24].copy_from_slice(&(cfg.in_ring_bytes as u64).to_le_bytes());
     header[24..32].copy_from_slice(&(cfg.extra_bytes as u64).to_le_bytes());
     header[32..36].copy_from_slice(&cfg.max_payload.to_le_bytes());
-    let fds = [
-        parts.region.memfd.as_raw_fd(),
-        parts.guest_to_host.as_raw_fd(),
-        parts.host_to_guest.as_raw_fd(),
-    ];
-    send_with_fds(&sock, &header, &fds)?;
-    let (guest, _host) = ends(*cfg, &parts, Some(Arc::new(sock)))?;
-    Ok(guest)
+    header
 }
 
-/// Receives a host end sent by [`create_for_peer`], validating everything the peer sent.
-pub fn receive_host_end(sock: UnixStream) -> Result<HostEnd, ChannelError> {
+/// Receives a host end sent by [`create_for_peer`] or [`HostEnd::send_to`], validating everything the peer sent.
+pub fn receive_host_end(sock: &UnixStream) -> Result<HostEnd, ChannelError> {
     let mut header = [0u8; HANDOFF_HEADER_LEN];
-    let fds = recv_with_fds(&sock, &mut header)?;
+    let fds = recv_with_fds(sock, &mut header)?;
     let [memfd, g2h, h2g]: [OwnedFd; 3] = fds.try_into().map_err(|v: Vec<OwnedFd>| {
         ChannelError::BadHandoff(format!("expected 3 descriptors, got {}", v.len()))
     })?;
@@ -521,7 +607,8 @@ pub fn receive_host_end(sock: UnixStream) -> Result<HostEnd, ChannelError> {
         guest_to_host: Arc::new(g2h),
         host_to_guest: Arc::new(h2g),
     };
-    let (_guest, host) = ends(cfg, &parts, Some(Arc::new(sock)))?;
+    let keep = sock.try_clone().map_err(os("dup of the hand-off socket"))?;
+    let (_guest, host) = ends(cfg, &parts, Some(Arc::new(keep)))?;
     Ok(host)
 }
 
@@ -749,7 +836,7 @@ mod tests {
         let fd: RawFd = fd.parse().unwrap();
         // SAFETY: the parent passed this inherited, open socket fd to us and nobody else uses it.
         let sock = unsafe { UnixStream::from_raw_fd(fd) };
-        let mut host = receive_host_end(sock).unwrap();
+        let mut host = receive_host_end(&sock).unwrap();
         let mut buf = Vec::new();
         let mut echoed = 0;
         while echoed < 1000 {
@@ -846,7 +933,7 @@ mod tests {
         let fds = [efd.as_raw_fd(), efd.as_raw_fd(), efd.as_raw_fd()];
         send_with_fds(&a, &[0u8; HANDOFF_HEADER_LEN], &fds).unwrap();
         assert!(matches!(
-            receive_host_end(b),
+            receive_host_end(&b),
             Err(ChannelError::BadHandoff(_))
         ));
         // Right header, but a memfd smaller than the sizes claim.
@@ -863,7 +950,7 @@ mod tests {
             parts.host_to_guest.as_raw_fd(),
         ];
         send_with_fds(&a, &header, &fds).unwrap();
-        let err = receive_host_end(b).err().unwrap();
+        let err = receive_host_end(&b).err().unwrap();
         assert!(err.to_string().contains("memfd is"), "{err}");
     }
 }

@@ -201,14 +201,16 @@ pub struct PacketHeader {
 pub struct RingStats {
     /// Writer: a write found the ring full after the previous write had succeeded
     /// (Linux `out_full_first`).
-    pub full_first: AtomicU64,
+    pub out_full_first: AtomicU64,
     /// Writer: every write that found the ring full (Linux `out_full_total`).
-    pub full_total: AtomicU64,
-    /// Writer: signals owed to the reader on the empty-to-non-empty transition.
-    pub signals_on_data: AtomicU64,
+    pub out_full_total: AtomicU64,
+    /// Writer: writes after which the writer owed the reader a signal because the ring went from
+    /// empty to non-empty while the reader had not masked interrupts (Linux `intr_out_empty`).
+    pub intr_out_empty: AtomicU64,
     /// Reader: signals owed to a blocked writer because `pending_send_sz` was crossed
-    /// (Linux `intr_in_full` on the host side).
-    pub signals_on_space: AtomicU64,
+    /// (Linux `intr_in_full`): a commit moved the free space from at most `pending_send_sz` to
+    /// strictly more than it, with the feature bit set.
+    pub intr_in_full: AtomicU64,
     /// Packets written / read.
     pub packets: AtomicU64,
 }
@@ -229,7 +231,10 @@ impl RingMem {
     /// `base` must point to `len` bytes of readable and writable memory that stay mapped for the
     /// lifetime of the returned value, aligned to 4 bytes.
     unsafe fn new(base: *mut u8, len: usize) -> Result<Self, RingError> {
-        if len <= PAGE_SIZE || len % PAGE_SIZE != 0 || len - PAGE_SIZE > (1 << 31) || base.is_null()
+        if len <= PAGE_SIZE
+            || !len.is_multiple_of(PAGE_SIZE)
+            || len - PAGE_SIZE > (1 << 31)
+            || base.is_null()
         {
             return Err(RingError::BadLayout { len });
         }
@@ -285,7 +290,7 @@ impl RingMem {
                 data_len: self.data_len,
             });
         }
-        if value % 8 != 0 {
+        if !value.is_multiple_of(8) {
             return Err(RingError::IndexMisaligned { which, value });
         }
         Ok(value)
@@ -438,9 +443,9 @@ impl RingWriter {
         let read = peer_index!(self, "read", ctl.read_index.load(Ordering::Acquire));
         let free = self.mem.free_bytes(self.write, read);
         if free as usize <= total {
-            self.stats.full_total.fetch_add(1, Ordering::Relaxed);
+            self.stats.out_full_total.fetch_add(1, Ordering::Relaxed);
             if !self.last_was_full {
-                self.stats.full_first.fetch_add(1, Ordering::Relaxed);
+                self.stats.out_full_first.fetch_add(1, Ordering::Relaxed);
             }
             self.last_was_full = true;
             if ctl.feature_bits.load(Ordering::Relaxed) & FEAT_PENDING_SEND_SZ != 0 {
@@ -499,7 +504,7 @@ impl RingWriter {
             ctl.read_index.load(Ordering::SeqCst) == old_write
         };
         if signal {
-            self.stats.signals_on_data.fetch_add(1, Ordering::Relaxed);
+            self.stats.intr_out_empty.fetch_add(1, Ordering::Relaxed);
         }
         let read_now = ctl.read_index.load(Ordering::Acquire);
         let used = match self.mem.check_index("read", read_now) {
@@ -550,11 +555,25 @@ pub struct RingReader {
 }
 
 impl RingReader {
+    /// A reader over an initialised ring. It accepts any payload that fits in the ring; lower
+    /// the cap with [`set_max_payload`](Self::set_max_payload).
+    ///
+    /// # Safety
+    /// As for [`RingWriter::new`]; only one reader may exist per ring.
+    pub unsafe fn new(base: *mut u8, len: usize) -> Result<Self, RingError> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Self::with_max_payload(base, len, u32::MAX) }
+    }
+
     /// A reader over an initialised ring that accepts payloads of at most `max_payload` bytes.
     ///
     /// # Safety
     /// As for [`RingWriter::new`]; only one reader may exist per ring.
-    pub unsafe fn new(base: *mut u8, len: usize, max_payload: u32) -> Result<Self, RingError> {
+    pub unsafe fn with_max_payload(
+        base: *mut u8,
+        len: usize,
+        max_payload: u32,
+    ) -> Result<Self, RingError> {
         // SAFETY: forwarded from the caller.
         let mem = unsafe { RingMem::new(base, len)? };
         let mut reader = RingReader {
@@ -590,6 +609,12 @@ impl RingReader {
     /// Size of the data area.
     pub fn data_len(&self) -> u32 {
         self.mem.data_len
+    }
+
+    /// Caps the payload length this reader accepts; a longer packet is
+    /// [`RingError::PayloadTooLarge`] and breaks the ring.
+    pub fn set_max_payload(&mut self, max_payload: u32) {
+        self.max_payload = max_payload;
     }
 
     /// Counters of this reader.
@@ -716,7 +741,7 @@ impl RingReader {
         // more than what the writer asked for.
         if free_before <= pending && free_now > pending {
             commit.signal_writer = true;
-            self.stats.signals_on_space.fetch_add(1, Ordering::Relaxed);
+            self.stats.intr_in_full.fetch_add(1, Ordering::Relaxed);
         }
         Ok(commit)
     }
@@ -767,7 +792,7 @@ mod tests {
             unsafe {
                 (
                     RingWriter::new(self.ptr, self.len).unwrap(),
-                    RingReader::new(self.ptr, self.len, max_payload).unwrap(),
+                    RingReader::with_max_payload(self.ptr, self.len, max_payload).unwrap(),
                 )
             }
         }
@@ -775,9 +800,21 @@ mod tests {
             // SAFETY: the region starts with a control page.
             unsafe { &*(self.ptr as *const RingControl) }
         }
-        fn data_mut(&self) -> &mut [u8] {
-            // SAFETY: test-only: no ring end is copying while the test pokes bytes.
-            unsafe { std::slice::from_raw_parts_mut(self.ptr.add(PAGE_SIZE), self.len - PAGE_SIZE) }
+        /// Copies `n` bytes out of the data area at `at` (raw copy, no reference into it).
+        fn peek(&self, at: usize, n: usize) -> Vec<u8> {
+            assert!(at + n <= self.len - PAGE_SIZE);
+            let mut out = vec![0u8; n];
+            // SAFETY: bounds checked above; the destination is a local buffer.
+            unsafe { ptr::copy_nonoverlapping(self.ptr.add(PAGE_SIZE + at), out.as_mut_ptr(), n) };
+            out
+        }
+        /// Writes `bytes` into the data area at `at`, as a (hostile) peer would.
+        fn poke(&self, at: usize, bytes: &[u8]) {
+            assert!(at + bytes.len() <= self.len - PAGE_SIZE);
+            // SAFETY: bounds checked above; the source is a local buffer.
+            unsafe {
+                ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(PAGE_SIZE + at), bytes.len())
+            };
         }
     }
 
@@ -816,12 +853,12 @@ mod tests {
         );
         assert_eq!(region.control().write_index.load(Ordering::SeqCst), 40);
         // descriptor as Linux lays it out
-        let d = &region.data_mut()[..16];
+        let d = region.peek(0, 16);
         assert_eq!(u16::from_le_bytes([d[0], d[1]]), PACKET_TYPE_INBAND);
         assert_eq!(u16::from_le_bytes([d[2], d[3]]), 2);
         assert_eq!(u16::from_le_bytes([d[4], d[5]]), 4);
         // trailer holds the previous write index (0) in its upper half
-        assert_eq!(&region.data_mut()[32..40], &[0u8; 8]);
+        assert_eq!(region.peek(32, 8), [0u8; 8]);
         let (h, buf) = r.read().unwrap().unwrap();
         assert_eq!(
             h,
@@ -839,7 +876,7 @@ mod tests {
         assert_eq!(region.control().read_index.load(Ordering::SeqCst), 40);
         // second write: the trailer now carries 40 << 32
         w.try_write(PACKET_TYPE_INBAND, 0, 1, &[&[1u8; 8]]).unwrap();
-        let t = &region.data_mut()[40 + 24..40 + 32];
+        let t = region.peek(40 + 24, 8);
         assert_eq!(u64::from_le_bytes(t.try_into().unwrap()), 40u64 << 32);
     }
 
@@ -924,7 +961,7 @@ mod tests {
         // Lost-wake-up guard: after unmasking the reader re-checks and finds the packet.
         r.set_interrupt_mask(false);
         assert!(r.has_data().unwrap());
-        assert_eq!(w.stats().signals_on_data.load(Ordering::Relaxed), 2);
+        assert_eq!(w.stats().intr_out_empty.load(Ordering::Relaxed), 2);
     }
 
     #[test]
@@ -945,7 +982,7 @@ mod tests {
             region.control().pending_send_sz.load(Ordering::SeqCst),
             1024
         );
-        assert_eq!(w.stats().full_first.load(Ordering::Relaxed), 1);
+        assert_eq!(w.stats().out_full_first.load(Ordering::Relaxed), 1);
         // Free space now 4096 - 3072 = 1024, not more than 1024. Reading one packet frees 1024:
         // 2048 > 1024, so the reader signals.
         r.read().unwrap().unwrap();
@@ -1016,8 +1053,8 @@ mod tests {
             let region = Region::new(1);
             let (mut w, mut r) = region.pair(4096);
             w.try_write(6, 0, 1, &[&[0u8; 16]]).unwrap();
-            region.data_mut()[2..4].copy_from_slice(&offset8.to_le_bytes());
-            region.data_mut()[4..6].copy_from_slice(&len8.to_le_bytes());
+            region.poke(2, &offset8.to_le_bytes());
+            region.poke(4, &len8.to_le_bytes());
             let e = r.read().unwrap_err();
             assert!(matches!(e, RingError::BadDescriptor { .. }), "{what}: {e}");
             assert_eq!(r.read().unwrap_err(), RingError::Broken, "{what}");
@@ -1037,7 +1074,7 @@ mod tests {
 
     #[test]
     fn threads_pass_many_packets_in_order() {
-        let region = Arc::new(Region::new(2));
+        let region = Region::new(2);
         let (mut w, mut r) = region.pair(4096);
         const N: u64 = 100_000;
         let producer = std::thread::spawn(move || {
