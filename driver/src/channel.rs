@@ -40,8 +40,6 @@ pub struct ChannelConfig {
     pub in_ring_bytes: usize,
     /// Shared buffer area after the rings, a page multiple (may be 0).
     pub extra_bytes: usize,
-    /// Largest packet payload either reader accepts (a longer packet breaks the ring).
-    pub max_payload: u32,
 }
 
 impl ChannelConfig {
@@ -460,8 +458,8 @@ fn ends(
         let in_base = base.add(out_len);
         (
             RingWriter::new(base, out_len)?,
-            RingReader::with_max_payload(in_base, in_len, cfg.max_payload)?,
-            RingReader::with_max_payload(base, out_len, cfg.max_payload)?,
+            RingReader::new(in_base, in_len)?,
+            RingReader::new(base, out_len)?,
             RingWriter::new(in_base, in_len)?,
         )
     };
@@ -555,7 +553,6 @@ fn handoff_header(cfg: &ChannelConfig) -> [u8; HANDOFF_HEADER_LEN] {
     header[8..16].copy_from_slice(&(cfg.out_ring_bytes as u64).to_le_bytes());
     header[16..24].copy_from_slice(&(cfg.in_ring_bytes as u64).to_le_bytes());
     header[24..32].copy_from_slice(&(cfg.extra_bytes as u64).to_le_bytes());
-    header[32..36].copy_from_slice(&cfg.max_payload.to_le_bytes());
     header
 }
 
@@ -581,7 +578,6 @@ pub fn receive_host_end(sock: &UnixStream) -> Result<HostEnd, ChannelError> {
         out_ring_bytes: size(u64_at(8))?,
         in_ring_bytes: size(u64_at(16))?,
         extra_bytes: size(u64_at(24))?,
-        max_payload: u32_at(32),
     };
     cfg.validate()
         .map_err(|e| ChannelError::BadHandoff(e.to_string()))?;
@@ -713,13 +709,13 @@ fn recv_with_fds(sock: &UnixStream, data: &mut [u8]) -> Result<Vec<OwnedFd>, Cha
 mod tests {
     use super::*;
     use crate::ring::WriteOutcome;
+    use std::sync::atomic::Ordering;
 
     fn cfg() -> ChannelConfig {
         ChannelConfig {
             out_ring_bytes: 8192,
             in_ring_bytes: 8192,
             extra_bytes: 4096,
-            max_payload: 4096,
         }
     }
 
@@ -774,7 +770,7 @@ mod tests {
                     }
                     served += 1;
                 }
-                if host.rx.commit().unwrap().signal_writer {
+                if host.rx.commit().signal_writer {
                     host.to_guest.signal().unwrap();
                 }
                 if served < N && !host.rx.has_data().unwrap() {
@@ -805,7 +801,7 @@ mod tests {
                 assert_eq!(u64::from_le_bytes(buf[..8].try_into().unwrap()), got);
                 got += 1;
             }
-            if guest.rx.commit().unwrap().signal_writer {
+            if guest.rx.commit().signal_writer {
                 guest.to_host.signal().unwrap();
             }
             if got < N {
@@ -813,6 +809,131 @@ mod tests {
             }
         }
         server.join().unwrap();
+    }
+
+    /// 100k packets through a one-page ring, writer and reader on separate threads via
+    /// `into_parts`, sleeping only on the eventfds. Every wait must end in a signal, never in
+    /// the (generous) timeout: a lost wake-up on either path (data or `pending_send_sz` space)
+    /// fails the test instead of being papered over by polling.
+    #[test]
+    fn split_threads_100k_packets_without_lost_wakeups() {
+        let small = ChannelConfig {
+            out_ring_bytes: 4096,
+            in_ring_bytes: 4096,
+            extra_bytes: 0,
+        };
+        let (guest, host) = create(&small).unwrap();
+        assert_eq!(guest.config(), small);
+        assert_eq!(guest.extra_area().1, 0);
+        let g = guest.into_parts();
+        let h = host.into_parts();
+        const N: u64 = 100_000;
+        const PATIENCE: Duration = Duration::from_secs(10);
+        let (mut tx, to_host, from_host) = (g.tx, g.signaller, g.waiter);
+        let producer = std::thread::spawn(move || {
+            let mut fulls = 0u64;
+            for i in 0..N {
+                let len = (i % 97) as usize;
+                let body = vec![(i % 251) as u8; len];
+                loop {
+                    match tx.try_write(6, 0, i, &[&i.to_le_bytes(), &body]).unwrap() {
+                        WriteOutcome::Written { signal, .. } => {
+                            if signal {
+                                to_host.signal().unwrap();
+                            }
+                            break;
+                        }
+                        WriteOutcome::Full { .. } => {
+                            fulls += 1;
+                            assert_eq!(from_host.wait(PATIENCE).unwrap(), WaitResult::Signalled);
+                        }
+                    }
+                }
+            }
+            (fulls, tx.stats())
+        });
+        let (mut rx, to_guest, from_guest) = (h.rx, h.signaller.clone(), h.waiter);
+        let mut buf = Vec::new();
+        let mut next = 0u64;
+        while next < N {
+            while let Some(hdr) = rx.read_into(&mut buf).unwrap() {
+                assert_eq!(hdr.trans_id, next);
+                assert_eq!(u64::from_le_bytes(buf[..8].try_into().unwrap()), next);
+                let len = (next % 97) as usize;
+                assert!(buf[8..8 + len].iter().all(|&b| b == (next % 251) as u8));
+                next += 1;
+                if next % 4 == 0 && rx.commit().signal_writer {
+                    to_guest.signal().unwrap();
+                }
+            }
+            if rx.commit().signal_writer {
+                to_guest.signal().unwrap();
+            }
+            // Everything read is published: a packet written from now on finds the ring empty
+            // and signals, so re-checking once before sleeping cannot lose a wake-up.
+            if next < N && !rx.has_data().unwrap() {
+                assert_eq!(from_guest.wait(PATIENCE).unwrap(), WaitResult::Signalled);
+            }
+        }
+        let (fulls, wstats) = producer.join().unwrap();
+        assert!(
+            fulls > 0,
+            "the ring never filled; the test did not exercise flow control"
+        );
+        let rstats = rx.stats();
+        assert!(rstats.intr_in_full.load(Ordering::Relaxed) > 0);
+        assert_eq!(wstats.out_full_total.load(Ordering::Relaxed), fulls);
+        assert!(wstats.out_full_first.load(Ordering::Relaxed) <= fulls);
+        assert!(wstats.intr_out_empty.load(Ordering::Relaxed) > 0);
+    }
+
+    /// `HostEnd::send_to` / `receive_host_end` / `watch_peer` within one process: the received
+    /// end shares the rings (not re-initialised) and a closed socket reads as `PeerGone`.
+    #[test]
+    fn send_to_hands_over_a_working_host_end() {
+        let (mut guest, host) = create(&cfg()).unwrap();
+        // A packet written before the hand-off must survive it (no re-init on receipt).
+        assert!(matches!(
+            guest.tx.try_write(6, 0, 7, &[b"before"]).unwrap(),
+            WriteOutcome::Written { signal: true, .. }
+        ));
+        let (a, b) = UnixStream::pair().unwrap();
+        guest.watch_peer(&a).unwrap();
+        host.send_to(&a).unwrap();
+        let mut host = receive_host_end(&b).unwrap();
+        assert_eq!(host.config(), cfg());
+        let (h, buf) = host.rx.read().unwrap().unwrap();
+        assert_eq!((h.trans_id, &buf[..6]), (7, &b"before"[..]));
+        host.rx.commit();
+        guest.signal_peer().unwrap();
+        assert_eq!(
+            host.wait(Duration::from_secs(5)).unwrap(),
+            WaitResult::Signalled
+        );
+        host.tx.try_write(11, 0, 7, &[b"done"]).unwrap();
+        host.signal_peer().unwrap();
+        assert_eq!(
+            guest.wait(Duration::from_secs(5)).unwrap(),
+            WaitResult::Signalled
+        );
+        assert_eq!(guest.rx.read().unwrap().unwrap().0.ty, 11);
+        // The extra area is the same memory on both sides.
+        let (gp, glen) = guest.extra_area();
+        let (hp, hlen) = host.extra_area();
+        assert_eq!(glen, hlen);
+        // SAFETY: both pointers are valid for glen >= 4 bytes while the ends live; no
+        // concurrent access in this test.
+        unsafe {
+            (gp as *mut u32).write_volatile(0xfeed_f00d);
+            assert_eq!((hp as *const u32).read_volatile(), 0xfeed_f00d);
+        }
+        // The host process "exits": its end and socket close.
+        drop(host);
+        drop(b);
+        assert_eq!(
+            guest.wait(Duration::from_secs(5)).unwrap(),
+            WaitResult::PeerGone
+        );
     }
 
     #[test]
@@ -853,7 +974,7 @@ mod tests {
                     echoed += 1;
                 }
                 None => {
-                    if host.rx.commit().unwrap().signal_writer {
+                    if host.rx.commit().signal_writer {
                         host.to_guest.signal().unwrap();
                     }
                     assert_ne!(
@@ -863,7 +984,7 @@ mod tests {
                 }
             }
         }
-        host.rx.commit().unwrap();
+        host.rx.commit();
     }
 
     #[test]
@@ -905,7 +1026,7 @@ mod tests {
                     WaitResult::PeerGone
                 );
             };
-            guest.rx.commit().unwrap();
+            guest.rx.commit();
             assert_eq!(h.trans_id, i);
             let mut expect = msg.into_bytes();
             expect.resize(buf.len(), 0);

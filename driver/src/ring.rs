@@ -199,10 +199,10 @@ pub struct PacketHeader {
 /// Flow-control counters, read alike Linux's per-channel sysfs files.
 #[derive(Debug, Default)]
 pub struct RingStats {
-    /// Writer: a write found the ring full after the previous write had succeeded
+    /// Writer: a `try_write` returned `Full` and the previous one had succeeded
     /// (Linux `out_full_first`).
     pub out_full_first: AtomicU64,
-    /// Writer: every write that found the ring full (Linux `out_full_total`).
+    /// Writer: every `try_write` that returned `Full` (Linux `out_full_total`).
     pub out_full_total: AtomicU64,
     /// Writer: writes after which the writer owed the reader a signal because the ring went from
     /// empty to non-empty while the reader had not masked interrupts (Linux `intr_out_empty`).
@@ -443,11 +443,6 @@ impl RingWriter {
         let read = peer_index!(self, "read", ctl.read_index.load(Ordering::Acquire));
         let free = self.mem.free_bytes(self.write, read);
         if free as usize <= total {
-            self.stats.out_full_total.fetch_add(1, Ordering::Relaxed);
-            if !self.last_was_full {
-                self.stats.out_full_first.fetch_add(1, Ordering::Relaxed);
-            }
-            self.last_was_full = true;
             if ctl.feature_bits.load(Ordering::Relaxed) & FEAT_PENDING_SEND_SZ != 0 {
                 ctl.pending_send_sz.store(total as u32, Ordering::SeqCst);
                 self.pending_set = true;
@@ -458,6 +453,13 @@ impl RingWriter {
             fence(Ordering::SeqCst);
             let read_again = peer_index!(self, "read", ctl.read_index.load(Ordering::Acquire));
             if self.mem.free_bytes(self.write, read_again) as usize <= total {
+                // Counted like Linux: only writes that really fail (out_full_total), and the
+                // first failure after a success (out_full_first).
+                self.stats.out_full_total.fetch_add(1, Ordering::Relaxed);
+                if !self.last_was_full {
+                    self.stats.out_full_first.fetch_add(1, Ordering::Relaxed);
+                }
+                self.last_was_full = true;
                 return Ok(WriteOutcome::Full {
                     needed: total as u32,
                 });
@@ -708,13 +710,11 @@ impl RingReader {
     }
 
     /// Publishes the read index, freeing the space of every packet read since the last commit,
-    /// and applies the `pending_send_sz` rule (Linux `hv_pkt_iter_close`).
-    pub fn commit(&mut self) -> Result<ReadCommit, RingError> {
-        if self.broken {
-            return Err(RingError::Broken);
-        }
-        if self.read == self.published {
-            return Ok(ReadCommit::default());
+    /// and applies the `pending_send_sz` rule (Linux `hv_pkt_iter_close`). Infallible: on a broken ring
+    /// it publishes nothing and returns the default (no signal); the next read reports the error.
+    pub fn commit(&mut self) -> ReadCommit {
+        if self.broken || self.read == self.published {
+            return ReadCommit::default();
         }
         let bytes_read = (self.read + self.mem.data_len - self.published) % self.mem.data_len;
         let ctl = self.mem.control();
@@ -728,13 +728,16 @@ impl RingReader {
             bytes_freed: bytes_read,
         };
         if ctl.feature_bits.load(Ordering::SeqCst) & FEAT_PENDING_SEND_SZ == 0 {
-            return Ok(commit);
+            return commit;
         }
         let pending = ctl.pending_send_sz.load(Ordering::SeqCst);
         if pending == 0 {
-            return Ok(commit);
+            return commit;
         }
-        let write = self.write_index()?;
+        // A bad write index breaks the ring; the next read reports it.
+        let Ok(write) = self.write_index() else {
+            return commit;
+        };
         let free_now = self.mem.free_bytes(write, self.read);
         let free_before = free_now.saturating_sub(bytes_read);
         // Signal only if the space was not already enough before this pass and is now strictly
@@ -743,7 +746,7 @@ impl RingReader {
             commit.signal_writer = true;
             self.stats.intr_in_full.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(commit)
+        commit
     }
 
     /// Sets or clears `interrupt_mask` on this ring. After clearing it the caller must check
@@ -872,7 +875,7 @@ mod tests {
         assert_eq!(&buf[..13], &p[..]);
         assert_eq!(&buf[13..], &[0, 0, 0]);
         assert!(r.read().unwrap().is_none());
-        assert_eq!(r.commit().unwrap().bytes_freed, 40);
+        assert_eq!(r.commit().bytes_freed, 40);
         assert_eq!(region.control().read_index.load(Ordering::SeqCst), 40);
         // second write: the trailer now carries 40 << 32
         w.try_write(PACKET_TYPE_INBAND, 0, 1, &[&[1u8; 8]]).unwrap();
@@ -894,7 +897,7 @@ mod tests {
             let (h, buf) = r.read().unwrap().unwrap();
             assert_eq!(h.trans_id, round);
             assert_eq!(&buf[..p.len()], &p[..]);
-            r.commit().unwrap();
+            r.commit();
         }
         assert!(r.data_len() == 4096);
     }
@@ -911,7 +914,7 @@ mod tests {
         ));
         assert_eq!(w.free_bytes().unwrap(), 8);
         r.read().unwrap().unwrap();
-        r.commit().unwrap();
+        r.commit();
         // Exactly the whole data area (4096 with trailer) can never be written.
         let whole = payload(4096 - 16 - 8, 4);
         assert!(matches!(
@@ -951,10 +954,10 @@ mod tests {
         r.read().unwrap().unwrap();
         assert!(!sig(w.try_write(6, 0, 3, &[&[0u8; 16]]).unwrap()));
         while r.read().unwrap().is_some() {}
-        r.commit().unwrap();
+        r.commit();
         assert!(sig(w.try_write(6, 0, 4, &[&[0u8; 16]]).unwrap()));
         while r.read().unwrap().is_some() {}
-        r.commit().unwrap();
+        r.commit();
         // Polling reader: masked, so no signal even on the empty-to-non-empty transition.
         r.set_interrupt_mask(true);
         assert!(!sig(w.try_write(6, 0, 5, &[&[0u8; 16]]).unwrap()));
@@ -986,11 +989,11 @@ mod tests {
         // Free space now 4096 - 3072 = 1024, not more than 1024. Reading one packet frees 1024:
         // 2048 > 1024, so the reader signals.
         r.read().unwrap().unwrap();
-        let c = r.commit().unwrap();
+        let c = r.commit();
         assert!(c.signal_writer);
         // Already enough before the next pass: no second signal.
         r.read().unwrap().unwrap();
-        assert!(!r.commit().unwrap().signal_writer);
+        assert!(!r.commit().signal_writer);
         // The writer succeeds and clears pending_send_sz.
         assert!(matches!(
             w.try_write(6, 0, 9, &[&p]).unwrap(),
@@ -1008,7 +1011,7 @@ mod tests {
         while let WriteOutcome::Written { .. } = w.try_write(6, 0, 0, &[&p]).unwrap() {}
         assert_eq!(region.control().pending_send_sz.load(Ordering::SeqCst), 0);
         r.read().unwrap().unwrap();
-        assert!(!r.commit().unwrap().signal_writer);
+        assert!(!r.commit().signal_writer);
     }
 
     #[test]
@@ -1102,11 +1105,11 @@ mod tests {
                     );
                     next += 1;
                     if next % 8 == 0 {
-                        r.commit().unwrap();
+                        r.commit();
                     }
                 }
                 None => {
-                    r.commit().unwrap();
+                    r.commit();
                     std::thread::yield_now();
                 }
             }
@@ -1180,7 +1183,7 @@ mod tests {
                         }
                     }
                     Op::Commit => {
-                        let c = r.commit().unwrap();
+                        let c = r.commit();
                         let before = data_len - committed_used;
                         committed_used -= read_uncommitted;
                         let now = data_len - committed_used;
