@@ -1034,14 +1034,27 @@ mod tests {
 
     #[test]
     fn hostile_read_index_breaks_the_writer() {
-        let region = Region::new(1);
-        let (mut w, _r) = region.pair(4096);
-        region.control().read_index.store(4100, Ordering::SeqCst);
-        assert!(matches!(
-            w.try_write(6, 0, 0, &[&[1u8; 8]]),
-            Err(RingError::IndexOutOfRange { .. })
-        ));
-        assert_eq!(w.try_write(6, 0, 0, &[&[1u8; 8]]), Err(RingError::Broken));
+        for bad in [4100u32, 4096, u32::MAX, 12] {
+            let region = Region::new(1);
+            let (mut w, _r) = region.pair(4096);
+            region.control().read_index.store(bad, Ordering::SeqCst);
+            let e = w.try_write(6, 0, 0, &[&[1u8; 8]]).unwrap_err();
+            let expect = if bad == 12 {
+                RingError::IndexMisaligned {
+                    which: "read",
+                    value: 12,
+                }
+            } else {
+                RingError::IndexOutOfRange {
+                    which: "read",
+                    value: bad,
+                    data_len: 4096,
+                }
+            };
+            assert_eq!(e, expect);
+            assert_eq!(w.try_write(6, 0, 0, &[&[1u8; 8]]), Err(RingError::Broken));
+            assert_eq!(w.free_bytes(), Err(RingError::Broken));
+        }
     }
 
     #[test]
