@@ -535,14 +535,9 @@ pub fn create(cfg: &ChannelConfig) -> Result<(GuestEnd, HostEnd), ChannelError> 
 /// the guest end. The socket stays open as a liveness check. Equivalent to [`create`], then
 /// [`HostEnd::send_to`] and [`GuestEnd::watch_peer`].
 pub fn create_for_peer(cfg: &ChannelConfig, sock: UnixStream) -> Result<GuestEnd, ChannelError> {
-    let parts = create_parts(cfg)?;
-    let fds = [
-        parts.region.memfd.as_raw_fd(),
-        parts.guest_to_host.as_raw_fd(),
-        parts.host_to_guest.as_raw_fd(),
-    ];
-    send_with_fds(&sock, &handoff_header(cfg), &fds)?;
-    let (guest, _host) = ends(*cfg, &parts, Some(Arc::new(sock)))?;
+    let (mut guest, host) = create(cfg)?;
+    host.send_to(&sock)?;
+    guest.from_host.peer = Some(Arc::new(sock));
     Ok(guest)
 }
 
@@ -1007,7 +1002,10 @@ mod tests {
             .spawn()
             .unwrap();
         drop(theirs);
-        let mut guest = create_for_peer(&cfg(), ours).unwrap();
+        let (mut guest, host) = create(&cfg()).unwrap();
+        guest.watch_peer(&ours).unwrap();
+        host.send_to(&ours).unwrap();
+        drop(ours);
         let mut buf = Vec::new();
         for i in 0..1000u64 {
             let msg = format!("message {i:05}");
