@@ -1,1 +1,447 @@
-//! (being written)
+//! A closed-loop workload generator for the synthetic disk.
+//!
+//! It keeps `queue_depth` requests in flight (random or sequential, fixed block size, a read/write
+//! mix) until a duration passes or a number of I/Os completes, and keeps its own count of what
+//! completed and its own latency histogram (HDR, 2 significant digits), independent of any probe:
+//! the figures enlightd derives from eBPF are checked against these.
+//!
+//! Latency is the `latency_ns` of each [`Completion`] the driver hands back (reap time minus
+//! submit time, taken by the driver), so the workload and the `io_reap` tracepoint see the same
+//! per-request values through two independent aggregation paths.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::disk::{Completion, DiskError, DiskVsc, Submitted, SECTOR};
+use crate::trace::{self, OP_READ, OP_WRITE};
+
+/// Access pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pattern {
+    /// Uniformly random block-aligned offsets.
+    Random,
+    /// Consecutive blocks, wrapping at the end of the disk.
+    Sequential,
+}
+
+/// When the workload stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// After this long.
+    Duration(Duration),
+    /// After exactly this many I/Os completed.
+    Ios(u64),
+    /// Until the stop flag is set.
+    Unbounded,
+}
+
+/// What to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkloadSpec {
+    /// Requests kept in flight.
+    pub queue_depth: u32,
+    /// Access pattern.
+    pub pattern: Pattern,
+    /// Bytes per I/O, a multiple of 512.
+    pub block_size: u32,
+    /// Percentage of reads (0..=100).
+    pub read_percent: u8,
+    /// When to stop.
+    pub limit: Limit,
+    /// Seed of the random generator (offsets and the read/write choice).
+    pub seed: u64,
+}
+
+impl Default for WorkloadSpec {
+    fn default() -> Self {
+        WorkloadSpec {
+            queue_depth: 32,
+            pattern: Pattern::Random,
+            block_size: 4096,
+            read_percent: 70,
+            limit: Limit::Unbounded,
+            seed: 1,
+        }
+    }
+}
+
+/// A malformed workload description.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("bad workload {spec:?}: {reason} (expected e.g. \"qd=32,bs=4k,rw=70,pattern=random,ios=100000\")")]
+pub struct SpecError {
+    spec: String,
+    reason: String,
+}
+
+fn parse_size(v: &str) -> Option<u64> {
+    let v = v.trim().to_ascii_lowercase();
+    let (num, mult) = match v.strip_suffix('k') {
+        Some(n) => (n, 1024),
+        None => match v.strip_suffix('m') {
+            Some(n) => (n, 1024 * 1024),
+            None => (v.as_str(), 1),
+        },
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+fn parse_duration(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Some(ms) = v.strip_suffix("ms") {
+        return ms.parse().ok().map(Duration::from_millis);
+    }
+    v.strip_suffix('s')
+        .unwrap_or(v)
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+impl FromStr for WorkloadSpec {
+    type Err = SpecError;
+
+    /// Parses `key=value` pairs separated by commas: `qd`, `bs` (bytes, `k`/`m` suffixes), `rw`
+    /// (read percentage), `pattern` (`random`|`sequential`), `ios` or `duration` (`10s`, `500ms`),
+    /// `seed`. Unspecified keys keep their defaults.
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let err = |reason: String| SpecError {
+            spec: s.to_string(),
+            reason,
+        };
+        let mut spec = WorkloadSpec::default();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| err(format!("{part:?} is not key=value")))?;
+            let bad = || err(format!("bad value for {k}: {v:?}"));
+            match k.trim() {
+                "qd" => {
+                    spec.queue_depth = v
+                        .parse()
+                        .ok()
+                        .filter(|q| (1..=4096).contains(q))
+                        .ok_or_else(bad)?
+                }
+                "bs" => {
+                    spec.block_size = parse_size(v)
+                        .filter(|b| *b > 0 && *b % SECTOR as u64 == 0 && *b <= 16 << 20)
+                        .ok_or_else(bad)? as u32
+                }
+                "rw" => spec.read_percent = v.parse().ok().filter(|p| *p <= 100).ok_or_else(bad)?,
+                "pattern" => {
+                    spec.pattern = match v {
+                        "random" | "rand" => Pattern::Random,
+                        "sequential" | "seq" => Pattern::Sequential,
+                        _ => return Err(bad()),
+                    }
+                }
+                "ios" => {
+                    spec.limit = Limit::Ios(v.parse().ok().filter(|n| *n > 0).ok_or_else(bad)?)
+                }
+                "duration" => spec.limit = Limit::Duration(parse_duration(v).ok_or_else(bad)?),
+                "seed" => spec.seed = v.parse().map_err(|_| bad())?,
+                other => return Err(err(format!("unknown key {other:?}"))),
+            }
+        }
+        Ok(spec)
+    }
+}
+
+/// The workload's own figures, cumulative since it started. Printed once per second by device
+/// processes (one JSON object per line) and returned at the end.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadSnapshot {
+    /// Seconds since the start.
+    pub elapsed_s: f64,
+    /// Completed I/Os (all ops, errors included).
+    pub ops_total: u64,
+    /// Completed reads.
+    pub reads: u64,
+    /// Completed writes.
+    pub writes: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Completions with a non-zero status.
+    pub errors: u64,
+    /// Completions per second over the last interval.
+    pub iops_interval: f64,
+    /// Completions per second since the start.
+    pub iops_avg: f64,
+    /// Latency percentiles in ns (HDR, 2 significant digits).
+    pub p50_ns: u64,
+    /// 90th percentile.
+    pub p90_ns: u64,
+    /// 99th percentile.
+    pub p99_ns: u64,
+    /// 99.9th percentile.
+    pub p999_ns: u64,
+    /// Largest latency.
+    pub max_ns: u64,
+    /// Set on the last snapshot.
+    pub done: bool,
+}
+
+/// Workload failures.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    /// The disk failed.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// The spec does not fit the disk.
+    #[error("workload does not fit the disk: {0}")]
+    DoesNotFit(String),
+    /// Probes were awaited and never attached.
+    #[error("no tracer enabled the enlight:workload_start probe within {0:?}")]
+    ProbesNotAttached(Duration),
+}
+
+struct Stats {
+    hist: Histogram<u64>,
+    snap: WorkloadSnapshot,
+}
+
+impl Stats {
+    fn new() -> Self {
+        Stats {
+            hist: Histogram::new_with_bounds(1, 3_600_000_000_000, 2).expect("valid HDR bounds"),
+            snap: WorkloadSnapshot::default(),
+        }
+    }
+
+    fn record(&mut self, c: &Completion) {
+        let s = &mut self.snap;
+        s.ops_total += 1;
+        if c.status != 0 {
+            s.errors += 1;
+        }
+        match c.op {
+            OP_READ => {
+                s.reads += 1;
+                s.read_bytes += c.bytes as u64;
+            }
+            OP_WRITE => {
+                s.writes += 1;
+                s.write_bytes += c.bytes as u64;
+            }
+            _ => {}
+        }
+        self.hist.saturating_record(c.latency_ns.max(1));
+    }
+
+    fn snapshot(&mut self, elapsed: Duration, iops_interval: f64, done: bool) -> WorkloadSnapshot {
+        let s = &mut self.snap;
+        s.elapsed_s = elapsed.as_secs_f64();
+        s.iops_interval = iops_interval;
+        s.iops_avg = if s.elapsed_s > 0.0 {
+            s.ops_total as f64 / s.elapsed_s
+        } else {
+            0.0
+        };
+        s.p50_ns = self.hist.value_at_quantile(0.50);
+        s.p90_ns = self.hist.value_at_quantile(0.90);
+        s.p99_ns = self.hist.value_at_quantile(0.99);
+        s.p999_ns = self.hist.value_at_quantile(0.999);
+        s.max_ns = self.hist.max();
+        s.done = done;
+        s.clone()
+    }
+}
+
+/// Waits until a tracer enables `enlight:workload_start` (the attacher enables it last).
+pub fn wait_for_probes(dev: u32, queue_depth: u32, timeout: Duration) -> Result<(), WorkloadError> {
+    let deadline = Instant::now() + timeout;
+    while !trace::workload_start(dev, queue_depth) {
+        if Instant::now() >= deadline {
+            return Err(WorkloadError::ProbesNotAttached(timeout));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Runs `spec` on `vsc` until its limit or `stop`, calling `on_interval` about once per second
+/// with cumulative figures. Returns the final figures.
+pub fn run(
+    vsc: &mut DiskVsc,
+    spec: &WorkloadSpec,
+    stop: &AtomicBool,
+    mut on_interval: impl FnMut(&WorkloadSnapshot),
+) -> Result<WorkloadSnapshot, WorkloadError> {
+    let blocks = vsc.capacity_sectors() / (spec.block_size / SECTOR) as u64;
+    if blocks == 0 || spec.block_size > vsc.max_io_bytes() {
+        return Err(WorkloadError::DoesNotFit(format!(
+            "block size {} on a disk of {} sectors with {}-byte maximum I/O",
+            spec.block_size,
+            vsc.capacity_sectors(),
+            vsc.max_io_bytes()
+        )));
+    }
+    let queue_depth = (spec.queue_depth as usize).min(vsc.queue_slots());
+    let sectors = spec.block_size / SECTOR;
+    trace::workload_start(vsc.dev_id(), queue_depth as u32);
+    let mut rng = SmallRng::seed_from_u64(spec.seed);
+    let mut next_block = 0u64;
+    let mut stats = Stats::new();
+    let mut submitted = 0u64;
+    let mut completions: Vec<Completion> = Vec::with_capacity(queue_depth);
+    let start = Instant::now();
+    let mut last_tick = start;
+    let mut ops_at_tick = 0u64;
+    let limit_reached = |submitted: u64, now: Instant| match spec.limit {
+        Limit::Ios(n) => submitted >= n,
+        Limit::Duration(d) => now.duration_since(start) >= d,
+        Limit::Unbounded => false,
+    };
+    loop {
+        let stopping = stop.load(Ordering::Relaxed) || limit_reached(submitted, Instant::now());
+        if stopping && vsc.outstanding() == 0 {
+            break;
+        }
+        if !stopping {
+            while vsc.outstanding() < queue_depth && !limit_reached(submitted, Instant::now()) {
+                let block = match spec.pattern {
+                    Pattern::Random => rng.gen_range(0..blocks),
+                    Pattern::Sequential => {
+                        let b = next_block;
+                        next_block = (next_block + 1) % blocks;
+                        b
+                    }
+                };
+                let op = if rng.gen_range(0..100u8) < spec.read_percent {
+                    OP_READ
+                } else {
+                    OP_WRITE
+                };
+                match vsc.submit(op, block * sectors as u64, sectors)? {
+                    Submitted::Queued(_) => submitted += 1,
+                    Submitted::RingFull => break,
+                }
+            }
+        }
+        completions.clear();
+        vsc.reap(&mut completions, Duration::from_millis(100))?;
+        for c in &completions {
+            stats.record(c);
+        }
+        let now = Instant::now();
+        if now.duration_since(last_tick) >= Duration::from_secs(1) {
+            let dt = now.duration_since(last_tick).as_secs_f64();
+            let iops = (stats.snap.ops_total - ops_at_tick) as f64 / dt;
+            ops_at_tick = stats.snap.ops_total;
+            last_tick = now;
+            on_interval(&stats.snapshot(now.duration_since(start), iops, false));
+        }
+    }
+    let now = Instant::now();
+    let dt = now.duration_since(last_tick).as_secs_f64().max(1e-9);
+    let iops = (stats.snap.ops_total - ops_at_tick) as f64 / dt;
+    Ok(stats.snapshot(now.duration_since(start), iops, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::{DiskOptions, SyntheticDisk};
+    use crate::settings::DeviceSettings;
+
+    #[test]
+    fn parses_specs_and_names_bad_keys() {
+        let s: WorkloadSpec = "qd=8,bs=16k,rw=100,pattern=seq,ios=500,seed=7"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            s,
+            WorkloadSpec {
+                queue_depth: 8,
+                pattern: Pattern::Sequential,
+                block_size: 16384,
+                read_percent: 100,
+                limit: Limit::Ios(500),
+                seed: 7
+            }
+        );
+        assert_eq!(
+            "duration=1.5s".parse::<WorkloadSpec>().unwrap().limit,
+            Limit::Duration(Duration::from_millis(1500))
+        );
+        assert!("qd=0"
+            .parse::<WorkloadSpec>()
+            .unwrap_err()
+            .to_string()
+            .contains("qd"));
+        assert!("bs=1000".parse::<WorkloadSpec>().is_err());
+        assert!("depth=3"
+            .parse::<WorkloadSpec>()
+            .unwrap_err()
+            .to_string()
+            .contains("unknown key"));
+    }
+
+    fn disk() -> (tempfile::NamedTempFile, DiskVsc, crate::disk::VspHandle) {
+        let f = tempfile::NamedTempFile::new_in(std::env::temp_dir()).unwrap();
+        std::fs::write(f.path(), vec![7u8; 4 << 20]).unwrap();
+        let (vsc, vsp) = SyntheticDisk::start(
+            f.path(),
+            DeviceSettings::default(),
+            0,
+            DiskOptions {
+                max_io_bytes: 16384,
+                queue_slots: 32,
+                workers: 2,
+            },
+        )
+        .unwrap();
+        (f, vsc, vsp)
+    }
+
+    #[test]
+    fn exact_io_count_and_mix() {
+        let (_f, mut vsc, _vsp) = disk();
+        let spec: WorkloadSpec = "qd=16,bs=4k,rw=70,ios=3000".parse().unwrap();
+        let r = run(&mut vsc, &spec, &AtomicBool::new(false), |_| {}).unwrap();
+        assert_eq!(r.ops_total, 3000);
+        assert_eq!(r.reads + r.writes, 3000);
+        assert_eq!(r.errors, 0);
+        assert_eq!(r.read_bytes, r.reads * 4096);
+        let read_share = r.reads as f64 / 3000.0;
+        assert!((0.6..0.8).contains(&read_share), "{read_share}");
+        assert!(
+            r.p50_ns > 0 && r.p50_ns <= r.p99_ns && r.p99_ns <= r.p999_ns && r.p999_ns <= r.max_ns
+        );
+        assert!(r.done);
+    }
+
+    #[test]
+    fn stop_flag_ends_an_unbounded_run() {
+        let (_f, mut vsc, _vsp) = disk();
+        let stop = AtomicBool::new(false);
+        let spec: WorkloadSpec = "qd=4,pattern=sequential".parse().unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(300));
+                stop.store(true, Ordering::Relaxed);
+            });
+            let r = run(&mut vsc, &spec, &stop, |_| {}).unwrap();
+            assert!(r.ops_total > 0);
+        });
+        assert_eq!(vsc.outstanding(), 0);
+    }
+
+    #[test]
+    fn waiting_for_absent_probes_times_out() {
+        assert!(matches!(
+            wait_for_probes(0, 1, Duration::from_millis(30)),
+            Err(WorkloadError::ProbesNotAttached(_))
+        ));
+    }
+}
