@@ -26,7 +26,7 @@
 //! validation then rejects, but never make us read outside the region).
 
 use std::ptr;
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// Size of a page, the control page and the granularity of ring sizes.
@@ -61,13 +61,17 @@ pub struct RingControl {
     pub interrupt_mask: AtomicU32,
     /// Bytes the blocked writer needs; zero when no writer waits.
     pub pending_send_sz: AtomicU32,
-    reserved1: [u32; 12],
+    // The reserved words and padding are atomics too, although we never touch them: every byte
+    // of the page is then inside an `UnsafeCell`, so a `&RingControl` stays sound while the peer
+    // scribbles anywhere on the page.
+    reserved1: [AtomicU32; 12],
     /// Bit 0: `feat_pending_send_sz`.
     pub feature_bits: AtomicU32,
-    reserved2: [u8; PAGE_SIZE - 68],
+    reserved2: [AtomicU8; PAGE_SIZE - 68],
 }
 
 const _: () = assert!(std::mem::size_of::<RingControl>() == PAGE_SIZE);
+const _: () = assert!(std::mem::offset_of!(RingControl, write_index) == 0);
 const _: () = assert!(std::mem::offset_of!(RingControl, read_index) == 4);
 const _: () = assert!(std::mem::offset_of!(RingControl, interrupt_mask) == 8);
 const _: () = assert!(std::mem::offset_of!(RingControl, pending_send_sz) == 12);
@@ -90,6 +94,14 @@ pub struct PacketDescriptor {
 }
 
 const _: () = assert!(std::mem::size_of::<PacketDescriptor>() == DESCRIPTOR_LEN);
+const _: () = assert!(std::mem::offset_of!(PacketDescriptor, trans_id) == 8);
+
+// Both ends move to the thread (or process) that uses them.
+const _: () = {
+    const fn send<T: Send>() {}
+    send::<RingWriter>();
+    send::<RingReader>();
+};
 
 impl PacketDescriptor {
     fn to_bytes(self) -> [u8; DESCRIPTOR_LEN] {
