@@ -857,7 +857,7 @@ mod tests {
                 let len = (next % 97) as usize;
                 assert!(buf[8..8 + len].iter().all(|&b| b == (next % 251) as u8));
                 next += 1;
-                if next % 4 == 0 && rx.commit().signal_writer {
+                if next.is_multiple_of(4) && rx.commit().signal_writer {
                     to_guest.signal().unwrap();
                 }
             }
