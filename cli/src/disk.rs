@@ -1,0 +1,122 @@
+//! `enlight disk`: one synthetic disk device process.
+//!
+//! Creates (if asked) and opens the backing file, starts the host service on threads of this
+//! process and the guest driver on the main thread, announces the device in the registry, runs the
+//! workload and prints the workload's own figures as one JSON object per line on stdout (about
+//! once per second, and a last one with `"done": true`). SIGINT/SIGTERM stop it cleanly: in-flight
+//! requests complete, the registry record is removed.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use enlight_driver::disk::{Backing, DiskOptions, SyntheticDisk};
+use enlight_driver::registry::{self, DeviceRecord, Registration};
+use enlight_driver::settings::DeviceSettings;
+use enlight_driver::workload::{self, Limit, WorkloadSpec};
+
+use crate::signals;
+
+#[derive(Args, Debug)]
+pub struct DiskArgs {
+    /// Device name (unique in the runtime directory).
+    #[arg(long, default_value = "disk0")]
+    name: String,
+    /// Device id inside this process (the `dev` argument of the USDT probes).
+    #[arg(long, default_value_t = 0)]
+    dev_id: u32,
+    /// Backing file.
+    #[arg(long)]
+    backing: PathBuf,
+    /// Create (or extend) the backing file to this many MiB first.
+    #[arg(long, value_name = "MIB")]
+    create_mib: Option<u64>,
+    /// Registry directory [default: $ENLIGHT_RUNTIME_DIR or /run/enlight].
+    #[arg(long)]
+    runtime_dir: Option<PathBuf>,
+    /// Workload: comma-separated key=value: qd, bs (k/m suffixes), rw (read %), pattern
+    /// (random|sequential), ios or duration (10s, 500ms), seed.
+    #[arg(long, default_value = "qd=32,bs=4k,rw=70,pattern=random")]
+    workload: String,
+    /// Stop after this many seconds (overrides the workload's own limit).
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Wait up to SECS for a tracer (enlightd) to attach every probe before starting.
+    #[arg(long, value_name = "SECS")]
+    wait_for_probes: Option<f64>,
+    /// Ring data area per direction, bytes (a multiple of 4096).
+    #[arg(long)]
+    ring_bytes: Option<u32>,
+    /// Interrupt moderation: signal after this many completions...
+    #[arg(long)]
+    moderation_frames: Option<u32>,
+    /// ...or this many microseconds, whichever first.
+    #[arg(long)]
+    moderation_usecs: Option<u32>,
+    /// Completions reaped per polling pass.
+    #[arg(long)]
+    poll_budget: Option<u32>,
+    /// Host I/O worker threads.
+    #[arg(long, default_value_t = 4)]
+    workers: u32,
+}
+
+pub fn run(args: DiskArgs) -> Result<()> {
+    signals::install_stop_handlers().context("installing signal handlers")?;
+    let mut spec: WorkloadSpec = args.workload.parse()?;
+    if let Some(secs) = args.duration {
+        spec.limit = Limit::Duration(Duration::from_secs_f64(secs));
+    }
+    let defaults = DeviceSettings::default();
+    let settings = DeviceSettings {
+        ring_out_bytes: args.ring_bytes.unwrap_or(defaults.ring_out_bytes),
+        ring_in_bytes: args.ring_bytes.unwrap_or(defaults.ring_in_bytes),
+        moderation_frames: args.moderation_frames.unwrap_or(defaults.moderation_frames),
+        moderation_usecs: args.moderation_usecs.unwrap_or(defaults.moderation_usecs),
+        poll_budget: args.poll_budget.unwrap_or(defaults.poll_budget),
+    };
+    settings.validate()?;
+    if let Some(mib) = args.create_mib {
+        Backing::create(&args.backing, mib << 20)?;
+    }
+    let options = DiskOptions {
+        max_io_bytes: spec.block_size.next_multiple_of(4096).max(DiskOptions::default().max_io_bytes),
+        queue_slots: spec.queue_depth.max(1),
+        workers: args.workers,
+    };
+    let (mut vsc, vsp) = SyntheticDisk::start(&args.backing, settings, args.dev_id, options)
+        .with_context(|| format!("starting synthetic disk {}", args.name))?;
+
+    let runtime_dir = args.runtime_dir.unwrap_or_else(registry::runtime_dir);
+    let record = DeviceRecord {
+        name: args.name.clone(),
+        device: "disk".into(),
+        kind: "synthetic".into(),
+        dev_id: args.dev_id,
+        pid: std::process::id(),
+        exe: std::env::current_exe().context("locating this executable")?,
+        started_unix_ms: registry::now_unix_ms(),
+        settings,
+    };
+    let registration = Registration::register(&runtime_dir, &record)
+        .with_context(|| format!("registering in {}", runtime_dir.display()))?;
+
+    if let Some(secs) = args.wait_for_probes {
+        workload::wait_for_probes(args.dev_id, spec.queue_depth, Duration::from_secs_f64(secs))?;
+    }
+    let stdout = std::io::stdout();
+    let emit = |snapshot: &workload::WorkloadSnapshot| {
+        let mut out = stdout.lock();
+        // A closed pipe (the reader went away) is not a reason to stop the device.
+        let _ = serde_json::to_writer(&mut out, snapshot);
+        let _ = out.write_all(b"\n");
+        let _ = out.flush();
+    };
+    let report = workload::run(&mut vsc, &spec, signals::stop_flag(), emit)?;
+    emit(&report);
+    drop(registration);
+    vsp.stop().context("stopping the host service")?;
+    Ok(())
+}
