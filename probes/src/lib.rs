@@ -1,1 +1,575 @@
-//! placeholder
+//! enlight's eBPF probes: C programs (CO-RE, `src/bpf/enlight.bpf.c`) on the driver's USDT
+//! tracepoints, loaded with aya, and the Rust side that attaches them and reads their maps.
+//!
+//! - [`types`]: mirrors of the C structs shared with the programs, with size assertions (checked
+//!   against the object's BTF by a test).
+//! - [`hist`]: the log-linear latency buckets the programs count into.
+//! - [`usdt`]: parsing `.note.stapsdt` into sites (file offsets, semaphores, argument specs).
+//! - [`attach`]: every system call: uprobe perf events with semaphores, BPF links with cookies.
+//!
+//! The compiled object is committed (`src/bpf/enlight.bpf.o`, rebuilt and compared by
+//! `build-bpf.sh --check`), so building this crate needs no clang.
+
+pub mod attach;
+pub mod hist;
+pub mod types;
+pub mod usdt;
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap};
+use aya::programs::UProbe;
+use aya::Ebpf;
+
+use crate::attach::SiteLink;
+use crate::types::*;
+
+/// The compiled programs.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!("bpf/enlight.bpf.o");
+
+/// USDT provider the programs attach to.
+pub const PROVIDER: &str = "enlight";
+
+/// Probe name → program name, in attach order: `workload_start` is attached last, so a
+/// workload that waits for its semaphore knows every other site is live.
+pub const PROGRAMS: [(&str, &str); 5] = [
+    ("io_reap", "enlight_io_reap"),
+    ("signal", "enlight_signal"),
+    ("ring_full", "enlight_ring_full"),
+    ("irq_mask", "enlight_irq_mask"),
+    ("workload_start", "enlight_workload_start"),
+];
+
+/// What is missing for the probes to work; each message is one line saying how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    /// Neither root nor the capabilities.
+    #[error("enlight needs root or CAP_BPF+CAP_PERFMON to load eBPF programs: run it with sudo (or setcap cap_bpf,cap_perfmon+ep on the binary)")]
+    NotPrivileged,
+    /// No kernel BTF.
+    #[error("the kernel has no BTF (/sys/kernel/btf/vmlinux is missing): boot a kernel built with CONFIG_DEBUG_INFO_BTF=y")]
+    NoBtf,
+    /// No tracefs and it cannot be mounted.
+    #[error("tracefs is not mounted and mounting it failed ({0}): run 'mount -t tracefs nodev /sys/kernel/tracing'")]
+    NoTracefs(String),
+    /// No uprobe PMU.
+    #[error("the kernel has no uprobe PMU (/sys/bus/event_source/devices/uprobe): it needs CONFIG_UPROBE_EVENTS=y")]
+    NoUprobes,
+}
+
+/// Checks privileges and kernel features; mounts tracefs if it is missing.
+pub fn preflight() -> Result<(), PreflightError> {
+    const CAP_PERFMON: u64 = 1 << 38;
+    const CAP_BPF: u64 = 1 << 39;
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    let caps = attach::effective_caps();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root
+        && caps & CAP_SYS_ADMIN == 0
+        && caps & (CAP_BPF | CAP_PERFMON) != (CAP_BPF | CAP_PERFMON)
+    {
+        return Err(PreflightError::NotPrivileged);
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(PreflightError::NoBtf);
+    }
+    if !Path::new("/sys/kernel/tracing/events").exists() {
+        attach::mount_tracefs().map_err(|e| PreflightError::NoTracefs(e.to_string()))?;
+    }
+    if attach::uprobe_pmu_type().is_err() {
+        return Err(PreflightError::NoUprobes);
+    }
+    Ok(())
+}
+
+/// Errors of loading, attaching and reading.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The object did not load.
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program did not load (the verifier's log is in the message).
+    #[error("loading program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    /// A map is missing or unusable.
+    #[error("map {name}: {reason}")]
+    Map { name: &'static str, reason: String },
+    /// The executable's USDT notes could not be read.
+    #[error(transparent)]
+    Usdt(#[from] usdt::UsdtError),
+    /// The kernel refused an attachment.
+    #[error("attaching {probe} in pid {pid} ({exe}): {source}")]
+    Attach {
+        probe: String,
+        pid: u32,
+        exe: String,
+        source: std::io::Error,
+    },
+    /// Every spec slot is in use.
+    #[error("no free USDT spec slot ({USDT_MAX_SPECS} sites attached)")]
+    NoSpecSlot,
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> ProbeError {
+    move |e| ProbeError::Map {
+        name,
+        reason: e.to_string(),
+    }
+}
+
+/// What `attach_process` attached.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttachReport {
+    /// The executable the sites were read from.
+    pub exe: PathBuf,
+    /// Sites attached in all.
+    pub sites_attached: usize,
+    /// Sites attached per probe name.
+    pub sites_by_probe: BTreeMap<String, usize>,
+    /// Probes with a program but no site in the executable.
+    pub missing: Vec<String>,
+    /// Sites whose semaphore the kernel now maintains.
+    pub semaphores: usize,
+}
+
+/// (process, device, op).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IoKey {
+    pub pid: u32,
+    pub dev: u32,
+    pub op: u32,
+}
+
+/// Cumulative I/O counters of one (process, device, op).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IoStats {
+    pub ops: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    pub latency_sum_ns: u64,
+    /// (bucket index, count), sorted by index; see [`hist`].
+    pub buckets: Vec<(u32, u64)>,
+}
+
+/// (process, device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DevKey {
+    pub pid: u32,
+    pub dev: u32,
+}
+
+/// Cumulative signalling counters of one device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DevEvents {
+    pub doorbells: u64,
+    pub interrupts: u64,
+    pub ring_full_out: u64,
+    pub ring_full_in: u64,
+    pub irq_masked: u64,
+    pub irq_unmasked: u64,
+    pub workload_starts: u64,
+}
+
+/// The programs' own trouble counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Map updates that failed (map full): events lost.
+    pub events_lost: u64,
+    /// `io_reap` hits with more completions than one hit may carry.
+    pub batch_truncated: u64,
+    /// Failed reads of arguments or user memory.
+    pub read_failures: u64,
+    /// Hits with no argument spec.
+    pub no_spec: u64,
+}
+
+/// Everything the maps hold, summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub io: BTreeMap<IoKey, IoStats>,
+    pub events: BTreeMap<DevKey, DevEvents>,
+    pub health: Health,
+}
+
+struct Attached {
+    links: Vec<SiteLink>,
+    spec_ids: Vec<u32>,
+}
+
+/// The loaded programs and their attachments.
+pub struct Probes {
+    ebpf: Ebpf,
+    pmu_type: u32,
+    free_spec_ids: Vec<u32>,
+    attached: HashMap<u32, Attached>,
+}
+
+impl Probes {
+    /// Loads the embedded object and every program (nothing is attached yet).
+    pub fn load() -> Result<Probes, ProbeError> {
+        // The kernel accounts BPF memory by cgroup; raising the limit is only for old kernels.
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit with a valid struct; failure is fine (see above).
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+        let mut ebpf = aya::EbpfLoader::new().load(OBJECT)?;
+        for (_, name) in PROGRAMS {
+            let program = ebpf.program_mut(name).ok_or_else(|| ProbeError::Map {
+                name,
+                reason: "program missing from the object".into(),
+            })?;
+            let uprobe: &mut UProbe = program
+                .try_into()
+                .map_err(|source| ProbeError::Program { name, source })?;
+            uprobe
+                .load()
+                .map_err(|source| ProbeError::Program { name, source })?;
+        }
+        let pmu_type = attach::uprobe_pmu_type().map_err(|e| ProbeError::Attach {
+            probe: "uprobe PMU".into(),
+            pid: 0,
+            exe: String::new(),
+            source: e,
+        })?;
+        Ok(Probes {
+            ebpf,
+            pmu_type,
+            free_spec_ids: (0..USDT_MAX_SPECS).rev().collect(),
+            attached: HashMap::new(),
+        })
+    }
+
+    /// Attaches every program to every site of its probe in process `pid`. The sites are read
+    /// from `/proc/<pid>/exe` (the binary the process really runs, even if `exe` was replaced on
+    /// disk since); `exe` is used if that link cannot be read. Attaching a pid twice first
+    /// detaches it.
+    pub fn attach_process(&mut self, pid: u32, exe: &Path) -> Result<AttachReport, ProbeError> {
+        self.detach_links(pid);
+        let proc_exe = PathBuf::from(format!("/proc/{pid}/exe"));
+        let target = if std::fs::metadata(&proc_exe).is_ok() {
+            proc_exe
+        } else {
+            exe.to_path_buf()
+        };
+        let mut sites: Vec<usdt::Site> = usdt::sites(&target)?
+            .into_iter()
+            .filter(|s| s.provider == PROVIDER)
+            .collect();
+        let order = |name: &str| PROGRAMS.iter().position(|(p, _)| *p == name);
+        sites.retain(|s| order(&s.name).is_some());
+        sites.sort_by_key(|s| order(&s.name));
+        let mut report = AttachReport {
+            exe: exe.to_path_buf(),
+            ..Default::default()
+        };
+        let mut attached = Attached {
+            links: Vec::new(),
+            spec_ids: Vec::new(),
+        };
+        let result = (|| {
+            for site in &sites {
+                let (_, prog_name) = PROGRAMS[order(&site.name).expect("filtered")];
+                let id = self.free_spec_ids.pop().ok_or(ProbeError::NoSpecSlot)?;
+                attached.spec_ids.push(id);
+                {
+                    let map = self
+                        .ebpf
+                        .map_mut("usdt_specs")
+                        .ok_or_else(|| ProbeError::Map {
+                            name: "usdt_specs",
+                            reason: "missing".into(),
+                        })?;
+                    let mut specs: Array<&mut MapData, UsdtSpec> =
+                        Array::try_from(map).map_err(map_err("usdt_specs"))?;
+                    specs.set(id, site.spec, 0).map_err(map_err("usdt_specs"))?;
+                }
+                let program: &UProbe = self
+                    .ebpf
+                    .program(prog_name)
+                    .expect("loaded in load()")
+                    .try_into()
+                    .map_err(|source| ProbeError::Program {
+                        name: prog_name,
+                        source,
+                    })?;
+                let fd = program.fd().map_err(|source| ProbeError::Program {
+                    name: prog_name,
+                    source,
+                })?;
+                let link = attach::attach_site(
+                    fd.as_fd(),
+                    self.pmu_type,
+                    &target,
+                    pid,
+                    site.file_offset,
+                    site.semaphore_offset,
+                    id as u64,
+                )
+                .map_err(|source| ProbeError::Attach {
+                    probe: format!("{PROVIDER}:{}", site.name),
+                    pid,
+                    exe: exe.display().to_string(),
+                    source,
+                })?;
+                attached.links.push(link);
+                report.sites_attached += 1;
+                *report.sites_by_probe.entry(site.name.clone()).or_default() += 1;
+                if site.semaphore_offset != 0 {
+                    report.semaphores += 1;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Roll back: dropping the links detaches; the spec slots go back to the pool.
+            drop(attached.links);
+            self.free_spec_ids.extend(attached.spec_ids);
+            return Err(e);
+        }
+        report.missing = PROGRAMS
+            .iter()
+            .filter(|(p, _)| !report.sites_by_probe.contains_key(*p))
+            .map(|(p, _)| p.to_string())
+            .collect();
+        self.attached.insert(pid, attached);
+        Ok(report)
+    }
+
+    fn detach_links(&mut self, pid: u32) {
+        if let Some(a) = self.attached.remove(&pid) {
+            drop(a.links);
+            self.free_spec_ids.extend(a.spec_ids);
+        }
+    }
+
+    /// Detaches everything attached to `pid` and deletes its entries from every map.
+    pub fn detach_process(&mut self, pid: u32) {
+        self.detach_links(pid);
+        if let Some(map) = self.ebpf.map_mut("io_stats") {
+            if let Ok(mut m) = PerCpuHashMap::<&mut MapData, IoKeyRaw, IoStatsRaw>::try_from(map) {
+                let keys: Vec<IoKeyRaw> = m.keys().flatten().filter(|k| k.tgid == pid).collect();
+                for k in keys {
+                    let _ = m.remove(&k);
+                }
+            }
+        }
+        if let Some(map) = self.ebpf.map_mut("latency_hist") {
+            if let Ok(mut m) = PerCpuHashMap::<&mut MapData, HistKeyRaw, u64>::try_from(map) {
+                let keys: Vec<HistKeyRaw> = m.keys().flatten().filter(|k| k.tgid == pid).collect();
+                for k in keys {
+                    let _ = m.remove(&k);
+                }
+            }
+        }
+        if let Some(map) = self.ebpf.map_mut("dev_events") {
+            if let Ok(mut m) = PerCpuHashMap::<&mut MapData, DevKeyRaw, DevEventsRaw>::try_from(map)
+            {
+                let keys: Vec<DevKeyRaw> = m.keys().flatten().filter(|k| k.tgid == pid).collect();
+                for k in keys {
+                    let _ = m.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// Processes with attachments.
+    pub fn attached_pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self.attached.keys().copied().collect();
+        pids.sort_unstable();
+        pids
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, ProbeError> {
+        self.ebpf.map(name).ok_or_else(|| ProbeError::Map {
+            name,
+            reason: "missing".into(),
+        })
+    }
+
+    /// Reads every map, summing the per-CPU values.
+    pub fn snapshot(&self) -> Result<Snapshot, ProbeError> {
+        let mut snap = Snapshot::default();
+        let io = PerCpuHashMap::<&MapData, IoKeyRaw, IoStatsRaw>::try_from(self.map("io_stats")?)
+            .map_err(map_err("io_stats"))?;
+        for entry in io.iter() {
+            let (k, values) = entry.map_err(map_err("io_stats"))?;
+            let s = snap
+                .io
+                .entry(IoKey {
+                    pid: k.tgid,
+                    dev: k.dev,
+                    op: k.op,
+                })
+                .or_default();
+            for v in values.iter() {
+                s.ops += v.ops;
+                s.bytes += v.bytes;
+                s.errors += v.errors;
+                s.latency_sum_ns += v.latency_sum_ns;
+            }
+        }
+        let hist = PerCpuHashMap::<&MapData, HistKeyRaw, u64>::try_from(self.map("latency_hist")?)
+            .map_err(map_err("latency_hist"))?;
+        for entry in hist.iter() {
+            let (k, values) = entry.map_err(map_err("latency_hist"))?;
+            let count: u64 = values.iter().sum();
+            if count > 0 {
+                snap.io
+                    .entry(IoKey {
+                        pid: k.tgid,
+                        dev: k.dev,
+                        op: k.op,
+                    })
+                    .or_default()
+                    .buckets
+                    .push((k.bucket, count));
+            }
+        }
+        for s in snap.io.values_mut() {
+            s.buckets.sort_unstable();
+        }
+        let events =
+            PerCpuHashMap::<&MapData, DevKeyRaw, DevEventsRaw>::try_from(self.map("dev_events")?)
+                .map_err(map_err("dev_events"))?;
+        for entry in events.iter() {
+            let (k, values) = entry.map_err(map_err("dev_events"))?;
+            let e = snap
+                .events
+                .entry(DevKey {
+                    pid: k.tgid,
+                    dev: k.dev,
+                })
+                .or_default();
+            for v in values.iter() {
+                e.doorbells += v.doorbells;
+                e.interrupts += v.interrupts;
+                e.ring_full_out += v.ring_full_out;
+                e.ring_full_in += v.ring_full_in;
+                e.irq_masked += v.irq_masked;
+                e.irq_unmasked += v.irq_unmasked;
+                e.workload_starts += v.workload_starts;
+            }
+        }
+        let health = PerCpuArray::<&MapData, u64>::try_from(self.map("health")?)
+            .map_err(map_err("health"))?;
+        let sum = |i: u32| -> Result<u64, ProbeError> {
+            Ok(health.get(&i, 0).map_err(map_err("health"))?.iter().sum())
+        };
+        snap.health = Health {
+            events_lost: sum(HEALTH_MAP_FULL)?,
+            batch_truncated: sum(HEALTH_BATCH_TRUNCATED)?,
+            read_failures: sum(HEALTH_READ_FAILED)?,
+            no_spec: sum(HEALTH_NO_SPEC)?,
+        };
+        Ok(snap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `(size, member names with byte offsets)` of every struct in a raw `.BTF` section. A small
+    /// reader of the format (kernel Documentation/bpf/btf.rst), enough to compare layouts.
+    fn btf_structs(btf: &[u8]) -> HashMap<String, (usize, Vec<(String, usize)>)> {
+        let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        assert_eq!(u16::from_le_bytes([btf[0], btf[1]]), 0xeb9f, "BTF magic");
+        let hdr_len = u32_at(btf, 4) as usize;
+        let (type_off, type_len) = (u32_at(btf, 8) as usize, u32_at(btf, 12) as usize);
+        let str_off = u32_at(btf, 16) as usize;
+        let types = &btf[hdr_len + type_off..hdr_len + type_off + type_len];
+        let strings = &btf[hdr_len + str_off..];
+        let name = |off: u32| {
+            let s = &strings[off as usize..];
+            String::from_utf8_lossy(&s[..s.iter().position(|&b| b == 0).unwrap()]).into_owned()
+        };
+        let mut out = HashMap::new();
+        let mut at = 0;
+        while at < types.len() {
+            let (name_off, info, size) = (
+                u32_at(types, at),
+                u32_at(types, at + 4),
+                u32_at(types, at + 8),
+            );
+            let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
+            at += 12;
+            let extra = match kind {
+                1 | 14 | 17 => 4,             // INT, VAR, DECL_TAG
+                3 => 12,                      // ARRAY
+                4 | 5 | 15 | 19 => vlen * 12, // STRUCT, UNION, DATASEC, ENUM64
+                6 | 13 => vlen * 8,           // ENUM, FUNC_PROTO
+                _ => 0,                       // PTR, FWD, TYPEDEF, modifiers, FUNC, FLOAT, TYPE_TAG
+            };
+            if kind == 4 {
+                let members = (0..vlen)
+                    .map(|i| {
+                        let m = at + i * 12;
+                        (name(u32_at(types, m)), u32_at(types, m + 8) as usize / 8)
+                    })
+                    .collect();
+                out.insert(name(name_off), (size as usize, members));
+            }
+            at += extra;
+        }
+        out
+    }
+
+    fn btf_section(obj: &[u8]) -> &[u8] {
+        use object::{Object, ObjectSection};
+        let file = object::File::parse(obj).unwrap();
+        file.section_by_name(".BTF")
+            .expect(".BTF section")
+            .data()
+            .unwrap()
+    }
+
+    /// The Rust mirrors and the C structs in the shipped object agree on size and layout.
+    #[test]
+    fn shared_types_match_the_objects_btf() {
+        let structs = btf_structs(btf_section(OBJECT));
+        for (name, size) in SHARED_STRUCTS {
+            let (btf_size, _) = structs
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} not in the object's BTF"));
+            assert_eq!(*btf_size, size, "{name}");
+        }
+        let offsets = |name: &str| structs[name].1.iter().map(|(_, o)| *o).collect::<Vec<_>>();
+        use std::mem::offset_of;
+        assert_eq!(
+            offsets("enlight_io_key"),
+            [
+                offset_of!(IoKeyRaw, tgid),
+                offset_of!(IoKeyRaw, dev),
+                offset_of!(IoKeyRaw, op),
+                offset_of!(IoKeyRaw, pad)
+            ]
+        );
+        assert_eq!(
+            offsets("enlight_usdt_arg"),
+            [
+                offset_of!(UsdtArg, val_off),
+                offset_of!(UsdtArg, arg_type),
+                offset_of!(UsdtArg, reg_off),
+                offset_of!(UsdtArg, arg_signed),
+                offset_of!(UsdtArg, arg_bitshift)
+            ]
+        );
+        assert_eq!(
+            offsets("enlight_usdt_spec"),
+            [
+                offset_of!(UsdtSpec, args),
+                offset_of!(UsdtSpec, arg_cnt),
+                offset_of!(UsdtSpec, pad)
+            ]
+        );
+        assert_eq!(structs["enlight_dev_events"].1.len(), 7);
+    }
+}

@@ -1,0 +1,302 @@
+// SPDX-License-Identifier: (MIT OR Apache-2.0)
+/*
+ * enlight's eBPF programs on the driver's USDT tracepoints (provider "enlight", see
+ * docs/architecture.md). Everything is aggregated in the kernel: per-CPU hash maps of counters
+ * and of log-linear latency buckets, read by enlightd each interval. A hit costs one uprobe trap,
+ * so the latency path hangs off io_reap, which carries a whole batch of completions.
+ *
+ * USDT arguments are read the way libbpf's usdt.bpf.h reads them: the loader parses each site's
+ * argument string into an enlight_usdt_spec (same layout as libbpf's), stores it in usdt_specs
+ * under an id, and attaches the site with that id as the BPF cookie.
+ *
+ * Build: probes/build-bpf.sh (the object is committed; a check rebuilds and compares).
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "enlight.h"
+
+struct pt_regs;
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, ENLIGHT_USDT_MAX_SPECS);
+	__type(key, __u32);
+	__type(value, struct enlight_usdt_spec);
+} usdt_specs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct enlight_io_key);
+	__type(value, struct enlight_io_stats);
+} io_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct enlight_hist_key);
+	__type(value, __u64);
+} latency_hist SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct enlight_dev_key);
+	__type(value, struct enlight_dev_events);
+} dev_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, ENLIGHT_HEALTH_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} health SEC(".maps");
+
+static __always_inline void health_inc(__u32 which)
+{
+	__u64 *v = bpf_map_lookup_elem(&health, &which);
+	if (v)
+		*v += 1;
+}
+
+/* Reads USDT argument n of the site that fired, per its spec (as libbpf's bpf_usdt_arg). */
+static __always_inline int usdt_arg(struct pt_regs *ctx, __u32 n, __u64 *res)
+{
+	__u32 id = (__u32)bpf_get_attach_cookie(ctx);
+	struct enlight_usdt_spec *spec = bpf_map_lookup_elem(&usdt_specs, &id);
+	struct enlight_usdt_arg *arg;
+	__u64 val = 0;
+
+	if (!spec) {
+		health_inc(ENLIGHT_HEALTH_NO_SPEC);
+		return -1;
+	}
+	if (n >= ENLIGHT_USDT_MAX_ARGS || n >= spec->arg_cnt)
+		return -1;
+	arg = &spec->args[n];
+	switch (arg->arg_type) {
+	case ENLIGHT_USDT_ARG_CONST:
+		val = arg->val_off;
+		break;
+	case ENLIGHT_USDT_ARG_REG:
+		if (bpf_probe_read_kernel(&val, sizeof(val), (void *)ctx + arg->reg_off))
+			return -1;
+		break;
+	case ENLIGHT_USDT_ARG_REG_DEREF:
+		if (bpf_probe_read_kernel(&val, sizeof(val), (void *)ctx + arg->reg_off))
+			return -1;
+		if (bpf_probe_read_user(&val, sizeof(val), (void *)(val + arg->val_off)))
+			return -1;
+		break;
+	default:
+		return -1;
+	}
+	val <<= arg->arg_bitshift;
+	if (arg->arg_signed)
+		val = ((__s64)val) >> arg->arg_bitshift;
+	else
+		val = val >> arg->arg_bitshift;
+	*res = val;
+	return 0;
+}
+
+/* Log-linear bucket of a latency in ns; mirrored by probes/src/hist.rs. */
+static __always_inline __u32 bucket_of(__u64 v)
+{
+	__u32 msb = 0, k;
+	__u64 x = v, idx;
+
+	if (v < 2 * ENLIGHT_SUB_BUCKETS)
+		return (__u32)v;
+	if (x >> 32) { msb += 32; x >>= 32; }
+	if (x >> 16) { msb += 16; x >>= 16; }
+	if (x >> 8) { msb += 8; x >>= 8; }
+	if (x >> 4) { msb += 4; x >>= 4; }
+	if (x >> 2) { msb += 2; x >>= 2; }
+	if (x >> 1) { msb += 1; }
+	k = msb - 7;
+	idx = 2 * ENLIGHT_SUB_BUCKETS + (__u64)(k - 1) * ENLIGHT_SUB_BUCKETS + ((v >> k) - ENLIGHT_SUB_BUCKETS);
+	return idx > ENLIGHT_MAX_BUCKET ? ENLIGHT_MAX_BUCKET : (__u32)idx;
+}
+
+static __always_inline void count_latency(struct enlight_hist_key *key)
+{
+	__u64 one = 1, *v = bpf_map_lookup_elem(&latency_hist, key);
+
+	if (v) {
+		*v += 1;
+		return;
+	}
+	if (bpf_map_update_elem(&latency_hist, key, &one, BPF_NOEXIST) == 0)
+		return;
+	/* Another CPU created it meanwhile, or the map is full. */
+	v = bpf_map_lookup_elem(&latency_hist, key);
+	if (v)
+		*v += 1;
+	else
+		health_inc(ENLIGHT_HEALTH_MAP_FULL);
+}
+
+static __always_inline struct enlight_io_stats *io_stats_of(struct enlight_io_key *key)
+{
+	struct enlight_io_stats zero = {}, *s = bpf_map_lookup_elem(&io_stats, key);
+
+	if (s)
+		return s;
+	bpf_map_update_elem(&io_stats, key, &zero, BPF_NOEXIST);
+	s = bpf_map_lookup_elem(&io_stats, key);
+	if (!s)
+		health_inc(ENLIGHT_HEALTH_MAP_FULL);
+	return s;
+}
+
+static __always_inline struct enlight_dev_events *events_of(struct pt_regs *ctx, __u64 *dev)
+{
+	struct enlight_dev_key key = {};
+	struct enlight_dev_events zero = {}, *e;
+
+	if (usdt_arg(ctx, 0, dev)) {
+		health_inc(ENLIGHT_HEALTH_READ_FAILED);
+		return 0;
+	}
+	key.tgid = bpf_get_current_pid_tgid() >> 32;
+	key.dev = (__u32)*dev;
+	e = bpf_map_lookup_elem(&dev_events, &key);
+	if (e)
+		return e;
+	bpf_map_update_elem(&dev_events, &key, &zero, BPF_NOEXIST);
+	e = bpf_map_lookup_elem(&dev_events, &key);
+	if (!e)
+		health_inc(ENLIGHT_HEALTH_MAP_FULL);
+	return e;
+}
+
+/*
+ * Accounts one completion. A global (non-inlined) function, so the verifier checks it once
+ * rather than once per iteration of io_reap's loop, whose branches would otherwise multiply
+ * its states past the verifier's budget. Only scalars cross the call.
+ */
+__attribute__((noinline)) int enlight_account(__u64 tgid_dev, __u64 latency_ns, __u64 bytes_op_status)
+{
+	struct enlight_io_key ikey = {};
+	struct enlight_hist_key hkey = {};
+	struct enlight_io_stats *s;
+
+	ikey.tgid = hkey.tgid = (__u32)(tgid_dev >> 32);
+	ikey.dev = hkey.dev = (__u32)tgid_dev;
+	ikey.op = hkey.op = (__u32)(bytes_op_status >> 16) & 0xffff;
+	s = io_stats_of(&ikey);
+	if (s) {
+		s->ops += 1;
+		s->bytes += bytes_op_status >> 32;
+		s->latency_sum_ns += latency_ns;
+		if (bytes_op_status & 0xffff)
+			s->errors += 1;
+	}
+	hkey.bucket = bucket_of(latency_ns);
+	count_latency(&hkey);
+	return 0;
+}
+
+/* enlight:io_reap(dev, batch_ptr, count): one hit per reap pass. */
+SEC("uprobe")
+int enlight_io_reap(struct pt_regs *ctx)
+{
+	__u64 dev, ptr, count, tgid_dev;
+	struct enlight_completion c;
+
+	if (usdt_arg(ctx, 0, &dev) || usdt_arg(ctx, 1, &ptr) || usdt_arg(ctx, 2, &count)) {
+		health_inc(ENLIGHT_HEALTH_READ_FAILED);
+		return 0;
+	}
+	if (count > ENLIGHT_MAX_BATCH) {
+		health_inc(ENLIGHT_HEALTH_BATCH_TRUNCATED);
+		count = ENLIGHT_MAX_BATCH;
+	}
+	tgid_dev = (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (__u32)dev;
+	for (__u32 i = 0; i < ENLIGHT_MAX_BATCH; i++) {
+		if (i >= count)
+			break;
+		if (bpf_probe_read_user(&c, sizeof(c), (void *)(ptr + (__u64)i * sizeof(c)))) {
+			health_inc(ENLIGHT_HEALTH_READ_FAILED);
+			break;
+		}
+		enlight_account(tgid_dev, c.latency_ns,
+				((__u64)c.bytes << 32) | ((__u64)c.op << 16) | c.status);
+	}
+	return 0;
+}
+
+/* enlight:signal(dev, direction, ring_bytes_used) */
+SEC("uprobe")
+int enlight_signal(struct pt_regs *ctx)
+{
+	__u64 dev, direction;
+	struct enlight_dev_events *e = events_of(ctx, &dev);
+
+	if (!e)
+		return 0;
+	if (usdt_arg(ctx, 1, &direction)) {
+		health_inc(ENLIGHT_HEALTH_READ_FAILED);
+		return 0;
+	}
+	if (direction == 0)
+		e->doorbells += 1;
+	else
+		e->interrupts += 1;
+	return 0;
+}
+
+/* enlight:ring_full(dev, direction, needed_bytes) */
+SEC("uprobe")
+int enlight_ring_full(struct pt_regs *ctx)
+{
+	__u64 dev, direction;
+	struct enlight_dev_events *e = events_of(ctx, &dev);
+
+	if (!e)
+		return 0;
+	if (usdt_arg(ctx, 1, &direction)) {
+		health_inc(ENLIGHT_HEALTH_READ_FAILED);
+		return 0;
+	}
+	if (direction == 0)
+		e->ring_full_out += 1;
+	else
+		e->ring_full_in += 1;
+	return 0;
+}
+
+/* enlight:irq_mask(dev, masked) */
+SEC("uprobe")
+int enlight_irq_mask(struct pt_regs *ctx)
+{
+	__u64 dev, masked;
+	struct enlight_dev_events *e = events_of(ctx, &dev);
+
+	if (!e)
+		return 0;
+	if (usdt_arg(ctx, 1, &masked)) {
+		health_inc(ENLIGHT_HEALTH_READ_FAILED);
+		return 0;
+	}
+	if (masked)
+		e->irq_masked += 1;
+	else
+		e->irq_unmasked += 1;
+	return 0;
+}
+
+/* enlight:workload_start(dev, queue_depth) */
+SEC("uprobe")
+int enlight_workload_start(struct pt_regs *ctx)
+{
+	__u64 dev;
+	struct enlight_dev_events *e = events_of(ctx, &dev);
+
+	if (e)
+		e->workload_starts += 1;
+	return 0;
+}

@@ -1,0 +1,116 @@
+/* SPDX-License-Identifier: (MIT OR Apache-2.0) */
+/*
+ * Types shared between the eBPF programs (enlight.bpf.c) and the Rust loader
+ * (probes/src/types.rs). Every struct has a size assertion here and a mirror with the same
+ * assertion in Rust; a Rust test also checks each one against the BTF of the built object.
+ * Fixed-width fields only, explicit padding, no bools.
+ */
+#ifndef ENLIGHT_H
+#define ENLIGHT_H
+
+#ifndef __VMLINUX_TYPES
+typedef unsigned char __u8;
+typedef signed char __s8;
+typedef unsigned short __u16;
+typedef short __s16;
+typedef unsigned int __u32;
+typedef int __s32;
+typedef unsigned long long __u64;
+typedef long long __s64;
+#endif
+
+/* Most completions one io_reap hit carries (driver/src/trace.rs MAX_BATCH). */
+#define ENLIGHT_MAX_BATCH 256
+/* Log-linear latency buckets: exact below 256 ns, then 128 per power of two. */
+#define ENLIGHT_SUB_BUCKETS 128
+#define ENLIGHT_MAX_BUCKET 4607 /* the last bucket ends at 2^42 ns (about 73 minutes) */
+/* USDT argument specs: at most this many args per site, this many sites. */
+#define ENLIGHT_USDT_MAX_ARGS 12
+#define ENLIGHT_USDT_MAX_SPECS 1024
+
+/* What the driver passes to io_reap, one per completion. */
+struct enlight_completion {
+	__u64 latency_ns;
+	__u32 bytes;
+	__u16 op;
+	__u16 status;
+};
+
+/* Key of the per-op counters: one process, one device in it, one op. */
+struct enlight_io_key {
+	__u32 tgid;
+	__u32 dev;
+	__u32 op;
+	__u32 pad;
+};
+
+struct enlight_io_stats {
+	__u64 ops;
+	__u64 bytes;
+	__u64 errors;
+	__u64 latency_sum_ns;
+};
+
+/* Key of the latency histogram: a bucket of one (process, device, op). */
+struct enlight_hist_key {
+	__u32 tgid;
+	__u32 dev;
+	__u32 op;
+	__u32 bucket;
+};
+
+struct enlight_dev_key {
+	__u32 tgid;
+	__u32 dev;
+};
+
+struct enlight_dev_events {
+	__u64 doorbells;      /* signal, direction 0: guest -> host */
+	__u64 interrupts;     /* signal, direction 1: host -> guest */
+	__u64 ring_full_out;  /* ring_full, direction 0 */
+	__u64 ring_full_in;   /* ring_full, direction 1 */
+	__u64 irq_masked;     /* irq_mask(1) */
+	__u64 irq_unmasked;   /* irq_mask(0) */
+	__u64 workload_starts;
+};
+
+/* Indices of the health counters (a per-CPU array of __u64). */
+enum enlight_health {
+	ENLIGHT_HEALTH_MAP_FULL = 0,        /* a map update failed: events lost */
+	ENLIGHT_HEALTH_BATCH_TRUNCATED = 1, /* io_reap count above ENLIGHT_MAX_BATCH */
+	ENLIGHT_HEALTH_READ_FAILED = 2,     /* reading user memory or an argument failed */
+	ENLIGHT_HEALTH_NO_SPEC = 3,         /* a hit with no argument spec for its cookie */
+	ENLIGHT_HEALTH_COUNT = 4,
+};
+
+/* Where a USDT argument lives; the same layout as libbpf's usdt.bpf.h. */
+enum enlight_usdt_arg_type {
+	ENLIGHT_USDT_ARG_CONST = 0,    /* val_off is the value */
+	ENLIGHT_USDT_ARG_REG = 1,      /* the register at reg_off in pt_regs */
+	ENLIGHT_USDT_ARG_REG_DEREF = 2 /* user memory at register + val_off */
+};
+
+struct enlight_usdt_arg {
+	__u64 val_off;
+	__u32 arg_type;
+	__s16 reg_off;
+	__u8 arg_signed;
+	__s8 arg_bitshift; /* 64 - 8 * size: bits to clear (or sign-extend) */
+};
+
+struct enlight_usdt_spec {
+	struct enlight_usdt_arg args[ENLIGHT_USDT_MAX_ARGS];
+	__u32 arg_cnt;
+	__u32 pad;
+};
+
+_Static_assert(sizeof(struct enlight_completion) == 16, "enlight_completion");
+_Static_assert(sizeof(struct enlight_io_key) == 16, "enlight_io_key");
+_Static_assert(sizeof(struct enlight_io_stats) == 32, "enlight_io_stats");
+_Static_assert(sizeof(struct enlight_hist_key) == 16, "enlight_hist_key");
+_Static_assert(sizeof(struct enlight_dev_key) == 8, "enlight_dev_key");
+_Static_assert(sizeof(struct enlight_dev_events) == 56, "enlight_dev_events");
+_Static_assert(sizeof(struct enlight_usdt_arg) == 16, "enlight_usdt_arg");
+_Static_assert(sizeof(struct enlight_usdt_spec) == 200, "enlight_usdt_spec");
+
+#endif

@@ -1,0 +1,336 @@
+//! USDT sites of an executable: parsing `.note.stapsdt`, turning addresses into file offsets, and
+//! argument strings into specs the eBPF programs read (`enlight_usdt_spec`).
+//!
+//! Pure: reads bytes, makes no system call, so it is tested on this crate's own test binary.
+
+use std::path::Path;
+
+use object::{Object, ObjectSection, ObjectSegment};
+
+use crate::types::{
+    UsdtArg, UsdtSpec, USDT_ARG_CONST, USDT_ARG_REG, USDT_ARG_REG_DEREF, USDT_MAX_ARGS,
+};
+
+/// One probe site (every inlined copy of a probe has its own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Site {
+    /// Provider, e.g. `enlight`.
+    pub provider: String,
+    /// Probe name, e.g. `io_reap`.
+    pub name: String,
+    /// File offset of the probe's `nop`, where the uprobe goes.
+    pub file_offset: u64,
+    /// File offset of the semaphore (0 if the site has none).
+    pub semaphore_offset: u64,
+    /// The argument string, e.g. `-8@%rdi -8@%rsi`.
+    pub args: String,
+    /// The parsed arguments.
+    pub spec: UsdtSpec,
+}
+
+/// Why the sites could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum UsdtError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    /// Not an ELF file we understand.
+    #[error("{path}: not a readable ELF object: {reason}")]
+    Elf { path: String, reason: String },
+    /// A malformed note.
+    #[error("{path}: malformed .note.stapsdt entry: {reason}")]
+    BadNote { path: String, reason: String },
+    /// An argument we cannot express.
+    #[error("{path}: probe {probe}: unsupported USDT argument {arg:?}: {reason}")]
+    BadArg {
+        path: String,
+        probe: String,
+        arg: String,
+        reason: String,
+    },
+    /// An address outside every loadable segment.
+    #[error("{path}: probe {probe}: address {addr:#x} is not in any loadable segment")]
+    NoSegment {
+        path: String,
+        probe: String,
+        addr: u64,
+    },
+}
+
+/// Offset of an x86-64 register in `struct pt_regs`, for every name and width GNU as prints.
+fn pt_regs_offset(reg: &str) -> Option<i16> {
+    let off = match reg {
+        "r15" | "r15d" | "r15w" | "r15b" => 0,
+        "r14" | "r14d" | "r14w" | "r14b" => 8,
+        "r13" | "r13d" | "r13w" | "r13b" => 16,
+        "r12" | "r12d" | "r12w" | "r12b" => 24,
+        "rbp" | "ebp" | "bp" | "bpl" => 32,
+        "rbx" | "ebx" | "bx" | "bl" | "bh" => 40,
+        "r11" | "r11d" | "r11w" | "r11b" => 48,
+        "r10" | "r10d" | "r10w" | "r10b" => 56,
+        "r9" | "r9d" | "r9w" | "r9b" => 64,
+        "r8" | "r8d" | "r8w" | "r8b" => 72,
+        "rax" | "eax" | "ax" | "al" | "ah" => 80,
+        "rcx" | "ecx" | "cx" | "cl" | "ch" => 88,
+        "rdx" | "edx" | "dx" | "dl" | "dh" => 96,
+        "rsi" | "esi" | "si" | "sil" => 104,
+        "rdi" | "edi" | "di" | "dil" => 112,
+        "rip" | "eip" => 128,
+        "rsp" | "esp" | "sp" | "spl" => 152,
+        _ => return None,
+    };
+    Some(off)
+}
+
+/// Parses one `size@location` argument (`-8@%rdi`, `8@-16(%rbp)`, `4@$5`).
+pub fn parse_arg(arg: &str) -> Result<UsdtArg, String> {
+    let (size, loc) = arg.split_once('@').ok_or("no '@'")?;
+    let size: i32 = size.parse().map_err(|_| format!("bad size {size:?}"))?;
+    let bytes = size.unsigned_abs();
+    if ![1, 2, 4, 8].contains(&bytes) {
+        return Err(format!("size {size} is not 1, 2, 4 or 8"));
+    }
+    let mut spec = UsdtArg {
+        arg_signed: (size < 0) as u8,
+        arg_bitshift: (64 - 8 * bytes) as i8,
+        ..Default::default()
+    };
+    if let Some(imm) = loc.strip_prefix('$') {
+        spec.arg_type = USDT_ARG_CONST;
+        spec.val_off = imm
+            .parse::<i64>()
+            .map_err(|_| format!("bad constant {imm:?}"))? as u64;
+    } else if let Some(reg) = loc.strip_prefix('%') {
+        spec.arg_type = USDT_ARG_REG;
+        spec.reg_off = pt_regs_offset(reg).ok_or_else(|| format!("unknown register {reg:?}"))?;
+    } else if let Some((off, rest)) = loc.split_once('(') {
+        let reg = rest
+            .strip_suffix(')')
+            .and_then(|r| r.strip_prefix('%'))
+            .ok_or("bad memory operand")?;
+        if reg.contains(',') {
+            return Err("indexed memory operands are not supported".into());
+        }
+        spec.arg_type = USDT_ARG_REG_DEREF;
+        spec.reg_off = pt_regs_offset(reg).ok_or_else(|| format!("unknown register {reg:?}"))?;
+        spec.val_off = if off.is_empty() {
+            0
+        } else {
+            off.parse::<i64>()
+                .map_err(|_| format!("bad offset {off:?}"))? as u64
+        };
+    } else {
+        return Err("not a register, constant or memory operand".into());
+    }
+    Ok(spec)
+}
+
+/// Parses a whole argument string into a spec.
+pub fn parse_args(args: &str) -> Result<UsdtSpec, (String, String)> {
+    let mut spec = UsdtSpec::default();
+    for (i, arg) in args.split_whitespace().enumerate() {
+        if i >= USDT_MAX_ARGS {
+            return Err((
+                arg.to_string(),
+                format!("more than {USDT_MAX_ARGS} arguments"),
+            ));
+        }
+        spec.args[i] = parse_arg(arg).map_err(|reason| (arg.to_string(), reason))?;
+        spec.arg_cnt = i as u32 + 1;
+    }
+    Ok(spec)
+}
+
+fn cstr(data: &[u8], at: &mut usize) -> Option<String> {
+    let rest = data.get(*at..)?;
+    let end = rest.iter().position(|&b| b == 0)?;
+    *at += end + 1;
+    Some(String::from_utf8_lossy(&rest[..end]).into_owned())
+}
+
+/// Every USDT site in the ELF file at `path` (all providers).
+pub fn sites(path: &Path) -> Result<Vec<Site>, UsdtError> {
+    let p = path.display().to_string();
+    let data = std::fs::read(path).map_err(|source| UsdtError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    sites_in(&p, &data)
+}
+
+/// Every USDT site in the ELF image `data`; `path` is only used in errors.
+pub fn sites_in(path: &str, data: &[u8]) -> Result<Vec<Site>, UsdtError> {
+    let elf_err = |reason: String| UsdtError::Elf {
+        path: path.to_string(),
+        reason,
+    };
+    let file = object::File::parse(data).map_err(|e| elf_err(e.to_string()))?;
+    if !file.is_64() {
+        return Err(elf_err("only 64-bit objects are supported".into()));
+    }
+    let Some(notes) = file.section_by_name(".note.stapsdt") else {
+        return Ok(Vec::new());
+    };
+    let notes = notes.data().map_err(|e| elf_err(e.to_string()))?;
+    let base_section = file.section_by_name(".stapsdt.base").map(|s| s.address());
+    let segments: Vec<(u64, u64, u64)> = file
+        .segments()
+        .map(|s| {
+            let (offset, size) = s.file_range();
+            (s.address(), offset, size)
+        })
+        .collect();
+    let to_offset = |probe: &str, addr: u64| {
+        segments
+            .iter()
+            .find(|(va, _, size)| addr >= *va && addr < va + size)
+            .map(|(va, off, _)| addr - va + off)
+            .ok_or_else(|| UsdtError::NoSegment {
+                path: path.to_string(),
+                probe: probe.to_string(),
+                addr,
+            })
+    };
+    let bad = |reason: &str| UsdtError::BadNote {
+        path: path.to_string(),
+        reason: reason.to_string(),
+    };
+    let u32_at = |at: usize| -> Result<u32, UsdtError> {
+        Ok(u32::from_le_bytes(
+            notes
+                .get(at..at + 4)
+                .ok_or_else(|| bad("truncated header"))?
+                .try_into()
+                .expect("4"),
+        ))
+    };
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at + 12 <= notes.len() {
+        let (namesz, descsz, ty) = (
+            u32_at(at)? as usize,
+            u32_at(at + 4)? as usize,
+            u32_at(at + 8)?,
+        );
+        let name_at = at + 12;
+        let desc_at = name_at + namesz.next_multiple_of(4);
+        let next = desc_at + descsz.next_multiple_of(4);
+        if next > notes.len() {
+            return Err(bad("note runs past the section"));
+        }
+        at = next;
+        if ty != 3 || notes.get(name_at..name_at + namesz) != Some(b"stapsdt\0") {
+            continue;
+        }
+        let desc = &notes[desc_at..desc_at + descsz];
+        if desc.len() < 24 {
+            return Err(bad("descriptor shorter than three addresses"));
+        }
+        let word = |i: usize| u64::from_le_bytes(desc[i * 8..i * 8 + 8].try_into().expect("8"));
+        let (pc, note_base, semaphore) = (word(0), word(1), word(2));
+        let mut s = 24;
+        let provider = cstr(desc, &mut s).ok_or_else(|| bad("no provider"))?;
+        let name = cstr(desc, &mut s).ok_or_else(|| bad("no name"))?;
+        let args = cstr(desc, &mut s).unwrap_or_default();
+        // Prelink-style correction: the note records the .stapsdt.base address it was built with.
+        let delta = base_section.map(|b| b.wrapping_sub(note_base)).unwrap_or(0);
+        let pc = pc.wrapping_add(delta);
+        let semaphore = if semaphore == 0 {
+            0
+        } else {
+            semaphore.wrapping_add(delta)
+        };
+        let spec = parse_args(&args).map_err(|(arg, reason)| UsdtError::BadArg {
+            path: path.to_string(),
+            probe: format!("{provider}:{name}"),
+            arg,
+            reason,
+        })?;
+        let file_offset = to_offset(&name, pc)?;
+        let semaphore_offset = if semaphore == 0 {
+            0
+        } else {
+            to_offset(&name, semaphore)?
+        };
+        out.push(Site {
+            provider,
+            name,
+            file_offset,
+            semaphore_offset,
+            args,
+            spec,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_argument_forms() {
+        let a = parse_arg("-8@%rdi").unwrap();
+        assert_eq!(
+            (a.arg_type, a.reg_off, a.arg_signed, a.arg_bitshift),
+            (USDT_ARG_REG, 112, 1, 0)
+        );
+        let a = parse_arg("4@-16(%rbp)").unwrap();
+        assert_eq!(
+            (
+                a.arg_type,
+                a.reg_off,
+                a.val_off as i64,
+                a.arg_signed,
+                a.arg_bitshift
+            ),
+            (USDT_ARG_REG_DEREF, 32, -16, 0, 32)
+        );
+        let a = parse_arg("-2@$-5").unwrap();
+        assert_eq!(
+            (a.arg_type, a.val_off as i64, a.arg_bitshift),
+            (USDT_ARG_CONST, -5, 48)
+        );
+        let a = parse_arg("8@(%rax)").unwrap();
+        assert_eq!(
+            (a.arg_type, a.reg_off, a.val_off),
+            (USDT_ARG_REG_DEREF, 80, 0)
+        );
+        assert!(parse_arg("3@%rdi").is_err());
+        assert!(parse_arg("8@%xmm0").is_err());
+        assert!(parse_arg("8@8(%rax,%rbx,2)").is_err());
+        assert_eq!(parse_args("-8@%rdi -8@%rsi 8@$1").unwrap().arg_cnt, 3);
+    }
+
+    #[test]
+    fn finds_this_binarys_own_sites() {
+        // A site in this test binary, with a semaphore.
+        #[inline(never)]
+        fn fire(x: u64) -> bool {
+            probe::probe_lazy!(enlight_test, parse_me, x, x + 1)
+        }
+        assert!(!fire(1));
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let sites = sites(&exe).unwrap();
+        let site = sites
+            .iter()
+            .find(|s| s.provider == "enlight_test" && s.name == "parse_me")
+            .expect("site present");
+        assert_eq!(site.spec.arg_cnt, 2);
+        assert!(site.semaphore_offset != 0 && site.file_offset != 0);
+        // The byte at the site's file offset is the probe's nop.
+        let bytes = std::fs::read(&exe).unwrap();
+        assert_eq!(bytes[site.file_offset as usize], 0x90);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(matches!(
+            sites_in("x", b"not an elf"),
+            Err(UsdtError::Elf { .. })
+        ));
+    }
+}
