@@ -1,1 +1,292 @@
-//! placeholder
+//! enlightd: discovers synthetic devices, attaches the eBPF probes to their processes, turns the
+//! kernel-side counters into HDR histograms and serves them.
+//!
+//! - [`config`]: TOML + flags.
+//! - [`collector`]: the per-interval work (registry → attach → read maps → state), behind a
+//!   [`collector::ProbeSource`] so it is unit-tested with a fake.
+//! - [`metrics`]: Prometheus exposition of the state; [`api`]: the JSON views.
+//!
+//! [`Daemon::start`] loads the probes and starts the collector on its own thread (map reads are
+//! blocking system calls); [`Daemon::serve`] runs the HTTP server until a shutdown future
+//! resolves. [`DaemonHandle`] reads the same state in-process (`enlight demo` uses it).
+
+pub mod api;
+pub mod collector;
+pub mod config;
+pub mod metrics;
+#[doc(hidden)]
+pub mod testing;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use axum::extract::State as AxumState;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+
+pub use api::{DeviceView, HealthView, OpView};
+pub use collector::{Collector, ProbeSource, State};
+pub use config::{Config, ConfigError};
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Privileges or kernel features are missing.
+    #[error(transparent)]
+    Preflight(#[from] enlight_probes::PreflightError),
+    /// The probes did not load.
+    #[error(transparent)]
+    Probes(#[from] enlight_probes::ProbeError),
+    /// The HTTP server failed.
+    #[error("http server: {0}")]
+    Http(std::io::Error),
+    /// A thread could not be started.
+    #[error("starting the collector thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Read access to the daemon's state.
+#[derive(Clone)]
+pub struct DaemonHandle {
+    state: Arc<Mutex<State>>,
+}
+
+impl DaemonHandle {
+    /// Every device, as `/api/v1/devices` serves it.
+    pub fn devices(&self) -> Vec<DeviceView> {
+        api::devices(&self.state.lock().expect("state lock"))
+    }
+
+    /// The Prometheus exposition, as `/metrics` serves it.
+    pub fn render_metrics(&self) -> String {
+        metrics::render(&self.state.lock().expect("state lock"))
+    }
+
+    /// The daemon's own health.
+    pub fn health(&self) -> HealthView {
+        api::health(&self.state.lock().expect("state lock"))
+    }
+
+    /// Collector intervals completed so far.
+    pub fn ticks(&self) -> u64 {
+        self.state.lock().expect("state lock").ticks
+    }
+}
+
+/// A running collector.
+pub struct Daemon {
+    handle: DaemonHandle,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Checks privileges, loads the real probes and starts collecting.
+    pub fn start(config: Config) -> Result<Daemon, DaemonError> {
+        enlight_probes::preflight()?;
+        let probes = enlight_probes::Probes::load()?;
+        Daemon::start_with(config, probes)
+    }
+
+    /// Starts collecting from any probe source.
+    pub fn start_with<P: ProbeSource + 'static>(
+        config: Config,
+        probes: P,
+    ) -> Result<Daemon, DaemonError> {
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let interval = Duration::from_millis(config.interval_ms);
+        let mut collector = Collector::new(
+            probes,
+            config.runtime_dir.clone(),
+            Duration::from_secs(config.device_grace_secs),
+        );
+        let thread = {
+            let (state, stop) = (Arc::clone(&state), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name("enlightd-collector".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Acquire) {
+                        let started = std::time::Instant::now();
+                        {
+                            let mut st = state.lock().expect("state lock");
+                            collector.tick(&mut st);
+                        }
+                        // Sleep in short steps so shutdown is prompt.
+                        while started.elapsed() < interval && !stop.load(Ordering::Acquire) {
+                            std::thread::sleep(
+                                interval
+                                    .saturating_sub(started.elapsed())
+                                    .min(Duration::from_millis(50)),
+                            );
+                        }
+                    }
+                })
+                .map_err(DaemonError::Thread)?
+        };
+        Ok(Daemon {
+            handle: DaemonHandle { state },
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// A handle on the state.
+    pub fn handle(&self) -> DaemonHandle {
+        self.handle.clone()
+    }
+
+    /// Serves HTTP on `listener` until `shutdown` resolves, then stops the collector.
+    pub async fn serve(
+        mut self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), DaemonError> {
+        let result = axum::serve(listener, router(self.handle.clone()))
+            .with_graceful_shutdown(shutdown)
+            .await;
+        self.stop_collector();
+        result.map_err(DaemonError::Http)
+    }
+
+    fn stop_collector(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop_collector();
+    }
+}
+
+/// Runs the daemon with real probes: the whole of `enlightd` after flag parsing.
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    Daemon::start(config)?.serve(listener, shutdown).await
+}
+
+/// The HTTP routes.
+pub fn router(handle: DaemonHandle) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/metrics", get(metrics_handler))
+        .route("/api/v1/devices", get(devices_handler))
+        .route("/api/v1/health", get(health_handler))
+        .with_state(handle)
+}
+
+async fn index() -> &'static str {
+    "enlightd\n  /metrics         Prometheus exposition\n  /api/v1/devices  per-device figures (JSON)\n  /api/v1/health   the daemon's own health (JSON)\n"
+}
+
+async fn metrics_handler(AxumState(handle): AxumState<DaemonHandle>) -> Response {
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        handle.render_metrics(),
+    )
+        .into_response()
+}
+
+async fn devices_handler(AxumState(handle): AxumState<DaemonHandle>) -> Json<Vec<DeviceView>> {
+    Json(handle.devices())
+}
+
+async fn health_handler(AxumState(handle): AxumState<DaemonHandle>) -> Json<HealthView> {
+    Json(handle.health())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collector::tests::{io, record, FakeProbes};
+    use enlight_driver::registry::Registration;
+    use enlight_probes::IoKey;
+
+    #[test]
+    fn http_endpoints_serve_the_collected_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        let _reg = Registration::register(dir.path(), &record("disk0", me)).unwrap();
+        let fake = FakeProbes::default();
+        fake.snapshot.lock().unwrap().io.insert(
+            IoKey {
+                pid: me,
+                dev: 0,
+                op: 0,
+            },
+            io(1000, &[(20_000, 990), (90_000, 10)]),
+        );
+        let config = Config {
+            runtime_dir: dir.path().into(),
+            interval_ms: 50,
+            ..Config::default()
+        };
+        let daemon = Daemon::start_with(config, fake).unwrap();
+        let handle = daemon.handle();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = rt.spawn(daemon.serve(listener, async {
+            let _ = rx.await;
+        }));
+        while handle.ticks() < 2 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let get = |path: &str| ureq::get(&format!("http://{addr}{path}")).call();
+        let devices: Vec<DeviceView> =
+            serde_json::from_str(&get("/api/v1/devices").unwrap().into_string().unwrap()).unwrap();
+        assert_eq!(devices.len(), 1);
+        let d = &devices[0];
+        assert_eq!(
+            (d.name.as_str(), d.total.ops_total, d.attached),
+            ("disk0", 1000, true)
+        );
+        let p50 = d.total.p50_seconds.unwrap();
+        assert!((p50 - 20e-6).abs() / 20e-6 < 0.01, "{p50}");
+        let p999 = d.total.p999_seconds.unwrap();
+        assert!((p999 - 90e-6).abs() / 90e-6 < 0.01, "{p999}");
+        let metrics = get("/metrics").unwrap();
+        assert!(metrics
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"));
+        let text = metrics.into_string().unwrap();
+        assert!(text.contains(
+            "enlight_io_ops_total{device=\"disk0\",kind=\"synthetic\",op=\"read\"} 1000"
+        ));
+        testing::promtool_check(&text);
+        let health: HealthView =
+            serde_json::from_str(&get("/api/v1/health").unwrap().into_string().unwrap()).unwrap();
+        assert_eq!(health.devices_attached, 1);
+        assert!(matches!(get("/nope"), Err(ureq::Error::Status(404, _))));
+        assert!(matches!(
+            ureq::post(&format!("http://{addr}/metrics")).call(),
+            Err(ureq::Error::Status(405, _))
+        ));
+        tx.send(()).unwrap();
+        rt.block_on(server).unwrap().unwrap();
+    }
+}

@@ -1,0 +1,132 @@
+//! The HTTP side: `/metrics` (Prometheus), `/api/v1/devices` and `/api/v1/health` (JSON).
+
+use serde::{Deserialize, Serialize};
+
+use crate::collector::{op_name, DeviceState, OpFigures, State};
+
+/// One op of a device, or all ops together (`op = "all"`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OpView {
+    pub op: String,
+    pub ops_total: u64,
+    pub bytes_total: u64,
+    pub errors_total: u64,
+    pub ops_per_sec: f64,
+    pub bytes_per_sec: f64,
+    /// Latency percentiles in seconds, from the eBPF-fed HDR histogram (absent before any I/O).
+    pub p50_seconds: Option<f64>,
+    pub p90_seconds: Option<f64>,
+    pub p99_seconds: Option<f64>,
+    pub p999_seconds: Option<f64>,
+}
+
+/// One device, as `/api/v1/devices` serves it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceView {
+    pub name: String,
+    pub device: String,
+    pub kind: String,
+    pub pid: u32,
+    pub present: bool,
+    pub attached: bool,
+    pub attach_error: Option<String>,
+    pub settings: enlight_driver::settings::DeviceSettings,
+    /// Every op together.
+    pub total: OpView,
+    /// Per op.
+    pub ops: Vec<OpView>,
+    pub interrupts_total: u64,
+    pub interrupts_per_sec: f64,
+    pub doorbells_total: u64,
+    pub ring_full_out_total: u64,
+    pub ring_full_in_total: u64,
+    pub irq_masked_total: u64,
+}
+
+fn op_view(op: String, f: &OpFigures) -> OpView {
+    let h = f.histogram();
+    let q = |q: f64| (h.len() > 0).then(|| h.value_at_quantile(q) as f64 / 1e9);
+    OpView {
+        op,
+        ops_total: f.ops,
+        bytes_total: f.bytes,
+        errors_total: f.errors,
+        ops_per_sec: f.ops_per_sec,
+        bytes_per_sec: f.bytes_per_sec,
+        p50_seconds: q(0.5),
+        p90_seconds: q(0.9),
+        p99_seconds: q(0.99),
+        p999_seconds: q(0.999),
+    }
+}
+
+/// The view of one device.
+pub fn device_view(d: &DeviceState) -> DeviceView {
+    let mut all = OpFigures::default();
+    for f in d.ops.values() {
+        all.ops += f.ops;
+        all.bytes += f.bytes;
+        all.errors += f.errors;
+        all.latency_sum_ns += f.latency_sum_ns;
+        all.ops_per_sec += f.ops_per_sec;
+        all.bytes_per_sec += f.bytes_per_sec;
+        for (b, c) in &f.buckets {
+            *all.buckets.entry(*b).or_default() += c;
+        }
+    }
+    DeviceView {
+        name: d.record.name.clone(),
+        device: d.record.device.clone(),
+        kind: d.record.kind.clone(),
+        pid: d.record.pid,
+        present: d.present,
+        attached: d.attached,
+        attach_error: d.attach_error.clone(),
+        settings: d.record.settings,
+        total: op_view("all".into(), &all),
+        ops: d
+            .ops
+            .iter()
+            .map(|(op, f)| op_view(op_name(*op), f))
+            .collect(),
+        interrupts_total: d.events.interrupts,
+        interrupts_per_sec: d.interrupts_per_sec,
+        doorbells_total: d.events.doorbells,
+        ring_full_out_total: d.events.ring_full_out,
+        ring_full_in_total: d.events.ring_full_in,
+        irq_masked_total: d.events.irq_masked,
+    }
+}
+
+/// Every device.
+pub fn devices(state: &State) -> Vec<DeviceView> {
+    state.devices.values().map(device_view).collect()
+}
+
+/// The daemon's own health, as `/api/v1/health` serves it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HealthView {
+    pub devices: usize,
+    pub devices_attached: usize,
+    pub events_lost: u64,
+    pub errors: std::collections::BTreeMap<String, u64>,
+    pub recent_errors: Vec<String>,
+    pub ticks: u64,
+}
+
+/// The health view.
+pub fn health(state: &State) -> HealthView {
+    let h = &state.health;
+    HealthView {
+        devices: state.devices.values().filter(|d| d.present).count(),
+        devices_attached: state.devices.values().filter(|d| d.attached).count(),
+        events_lost: h.events_lost + h.batch_truncated + h.read_failures + h.no_spec,
+        errors: state
+            .errors
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect(),
+        recent_errors: state.recent_errors.clone(),
+        ticks: state.ticks,
+    }
+}

@@ -1,0 +1,155 @@
+//! `enlightd`: flags, configuration, preflight, then [`enlightd::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use enlightd::Config;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "enlightd",
+    version,
+    about = "enlight daemon: eBPF-fed latency histograms of synthetic devices, served to Prometheus"
+)]
+struct Flags {
+    /// TOML configuration file (unknown keys are rejected).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Address for /metrics and the JSON API [default: 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// Device registry directory [default: $ENLIGHT_RUNTIME_DIR or /run/enlight].
+    #[arg(long, value_name = "DIR")]
+    runtime_dir: Option<PathBuf>,
+    /// Collector interval in milliseconds [default: 1000].
+    #[arg(long, value_name = "MS")]
+    interval_ms: Option<u64>,
+    /// Load and attach everything it would, print a report, exit non-zero on any failure.
+    #[arg(long)]
+    check: bool,
+}
+
+fn config_from(flags: &Flags) -> Result<Config> {
+    let mut config = match &flags.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(l) = flags.listen {
+        config.listen = l;
+    }
+    if let Some(d) = &flags.runtime_dir {
+        config.runtime_dir = d.clone();
+    }
+    if let Some(i) = flags.interval_ms {
+        config.interval_ms = i;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// `--check`: every step on its own line; the first failure ends it.
+fn check(flags: &Flags) -> Result<()> {
+    let config = config_from(flags)?;
+    println!(
+        "ok   config ({})",
+        flags
+            .config
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "defaults".into())
+    );
+    enlight_probes::preflight()?;
+    println!("ok   privileges, kernel BTF, tracefs, uprobe PMU");
+    let mut probes = enlight_probes::Probes::load().context("loading the eBPF programs")?;
+    println!(
+        "ok   eBPF programs loaded and verified ({})",
+        enlight_probes::PROGRAMS.map(|(_, p)| p).join(", ")
+    );
+    let (records, errors) = enlight_driver::registry::list(&config.runtime_dir);
+    for e in &errors {
+        println!("FAIL registry: {e}");
+    }
+    println!(
+        "ok   registry {}: {} device(s)",
+        config.runtime_dir.display(),
+        records.len()
+    );
+    let mut failed = !errors.is_empty();
+    for r in &records {
+        match probes.attach_process(r.pid, &r.exe) {
+            Ok(report) if report.missing.is_empty() => {
+                println!(
+                    "ok   {} (pid {}): {} sites attached",
+                    r.name, r.pid, report.sites_attached
+                )
+            }
+            Ok(report) => {
+                failed = true;
+                println!(
+                    "FAIL {} (pid {}): no site for {}",
+                    r.name,
+                    r.pid,
+                    report.missing.join(", ")
+                );
+            }
+            Err(e) => {
+                failed = true;
+                println!("FAIL {} (pid {}): {e}", r.name, r.pid);
+            }
+        }
+        probes.detach_process(r.pid);
+    }
+    std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("binding {}", config.listen))?;
+    println!("ok   can listen on {}", config.listen);
+    anyhow::ensure!(!failed, "some checks failed");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let flags = Flags::parse();
+    let result = if flags.check {
+        check(&flags)
+    } else {
+        serve(&flags)
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("enlightd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(flags: &Flags) -> Result<()> {
+    let config = config_from(flags)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        log::info!(
+            "serving on http://{}/metrics, devices from {}",
+            config.listen,
+            config.runtime_dir.display()
+        );
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        enlightd::run(config, listener, shutdown).await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,93 @@
+//! `enlightd --check` as operators run it: the real binary, real probes (root needed; CI runs as
+//! root), a good and a bad configuration.
+
+use std::process::Command;
+
+fn enlightd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_enlightd"))
+}
+
+#[test]
+fn check_passes_on_a_good_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("enlightd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\nruntime_dir = \"{}\"\ninterval_ms = 500\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = enlightd()
+        .arg("--check")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("eBPF programs loaded and verified"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_fails_on_an_unknown_key_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("enlightd.toml");
+    std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\nintervall_ms = 500\n").unwrap();
+    let out = enlightd()
+        .arg("--check")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("intervall_ms") && stderr.contains("enlightd.toml"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
+}
+
+#[test]
+fn check_fails_on_a_bad_value() {
+    let out = enlightd()
+        .args(["--check", "--interval-ms", "5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interval_ms = 5"));
+}
+
+#[test]
+fn check_reports_a_device_it_cannot_attach_to() {
+    let dir = tempfile::tempdir().unwrap();
+    // A registered device whose process (this test, alive) has no enlight USDT sites.
+    let record = enlight_driver::registry::DeviceRecord {
+        name: "nosites".into(),
+        device: "disk".into(),
+        kind: "synthetic".into(),
+        dev_id: 0,
+        pid: std::process::id(),
+        exe: std::env::current_exe().unwrap(),
+        started_unix_ms: 0,
+        settings: Default::default(),
+    };
+    let _reg = enlight_driver::registry::Registration::register(dir.path(), &record).unwrap();
+    let out = enlightd()
+        .args(["--check", "--listen", "127.0.0.1:0", "--runtime-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("FAIL nosites"), "{stdout}");
+}
