@@ -82,7 +82,10 @@ pub fn run(args: DiskArgs) -> Result<()> {
         Backing::create(&args.backing, mib << 20)?;
     }
     let options = DiskOptions {
-        max_io_bytes: spec.block_size.next_multiple_of(4096).max(DiskOptions::default().max_io_bytes),
+        max_io_bytes: spec
+            .block_size
+            .next_multiple_of(4096)
+            .max(DiskOptions::default().max_io_bytes),
         queue_slots: spec.queue_depth.max(1),
         workers: args.workers,
     };
