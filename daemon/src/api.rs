@@ -45,7 +45,7 @@ pub struct DeviceView {
 
 fn op_view(op: String, f: &OpFigures) -> OpView {
     let h = f.histogram();
-    let q = |q: f64| (h.len() > 0).then(|| h.value_at_quantile(q) as f64 / 1e9);
+    let q = |q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1e9);
     OpView {
         op,
         ops_total: f.ops,

@@ -318,7 +318,7 @@ impl DiskVsc {
 
     /// Submits a write of `data` (a multiple of 512 bytes).
     pub fn submit_write(&mut self, lba: u64, data: &[u8]) -> Result<Submitted, DiskError> {
-        if data.len() % SECTOR as usize != 0 {
+        if !data.len().is_multiple_of(SECTOR as usize) {
             return Err(DiskError::Invalid(format!(
                 "write of {} bytes is not whole sectors",
                 data.len()
@@ -614,7 +614,7 @@ fn validate(req: &DiskRequest, capacity: u64, area_len: usize, max_io: u32) -> R
     if req.sectors == 0 || bytes != req.buf_len as u64 || req.buf_len > max_io || !in_area {
         return Err(libc::EINVAL as u32);
     }
-    if req.buf_offset % SLOT_ALIGN as u64 != 0 {
+    if !req.buf_offset.is_multiple_of(SLOT_ALIGN as u64) {
         return Err(libc::EINVAL as u32);
     }
     if !on_disk {
@@ -727,10 +727,9 @@ pub fn serve(
     dev: u32,
     settings: DeviceSettings,
     options: DiskOptions,
-    stop: Arc<AtomicBool>,
-    stats: Arc<VspStats>,
-    wake: Arc<OwnedFd>,
+    control: VspControl,
 ) -> Result<(), DiskError> {
+    let VspControl { stop, stats, wake } = control;
     let file = Arc::new(backing.file);
     let capacity = backing.capacity_sectors;
     let (job_tx, job_rx) = mpsc::channel::<Job>();
@@ -918,18 +917,46 @@ pub fn serve(
     result
 }
 
+/// How a host service is stopped and observed from outside its thread.
+#[derive(Clone)]
+pub struct VspControl {
+    stop: Arc<AtomicBool>,
+    stats: Arc<VspStats>,
+    wake: Arc<OwnedFd>,
+}
+
+impl VspControl {
+    /// A fresh control block (stop flag clear, counters zero).
+    pub fn new() -> Result<VspControl, DiskError> {
+        Ok(VspControl {
+            stop: Arc::new(AtomicBool::new(false)),
+            stats: Arc::new(VspStats::default()),
+            wake: wake_fd()?,
+        })
+    }
+
+    /// Asks the service to stop and wakes it.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        poke(&self.wake);
+    }
+
+    /// The service's counters.
+    pub fn stats(&self) -> &VspStats {
+        &self.stats
+    }
+}
+
 /// The host service running on threads of this process.
 pub struct VspHandle {
-    stop: Arc<AtomicBool>,
-    wake: Arc<OwnedFd>,
+    control: VspControl,
     thread: Option<JoinHandle<Result<(), DiskError>>>,
-    stats: Arc<VspStats>,
 }
 
 impl VspHandle {
     /// The service's counters.
     pub fn stats(&self) -> &VspStats {
-        &self.stats
+        self.control.stats()
     }
 
     /// Stops the service and returns how it ended.
@@ -938,8 +965,7 @@ impl VspHandle {
     }
 
     fn stop_inner(&mut self) -> Result<(), DiskError> {
-        self.stop.store(true, Ordering::Release);
-        poke(&self.wake);
+        self.control.request_stop();
         match self.thread.take() {
             Some(t) => t
                 .join()
@@ -969,7 +995,7 @@ impl SyntheticDisk {
     ) -> Result<(DiskVsc, VspHandle), DiskError> {
         settings.validate()?;
         if options.max_io_bytes == 0
-            || options.max_io_bytes as usize % SLOT_ALIGN != 0
+            || !(options.max_io_bytes as usize).is_multiple_of(SLOT_ALIGN)
             || options.queue_slots == 0
         {
             return Err(DiskError::Invalid(format!(
@@ -987,14 +1013,12 @@ impl SyntheticDisk {
         let (mut guest, mut host) = channel::create(&cfg)?;
         guest.rx.set_max_payload(MAX_PACKET_PAYLOAD);
         host.rx.set_max_payload(MAX_PACKET_PAYLOAD);
-        let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(VspStats::default());
-        let wake = wake_fd()?;
+        let control = VspControl::new()?;
         let thread = {
-            let (stop, stats, wake) = (Arc::clone(&stop), Arc::clone(&stats), Arc::clone(&wake));
+            let control = control.clone();
             std::thread::Builder::new()
                 .name(format!("vsp-disk{dev}"))
-                .spawn(move || serve(host, backing, dev, settings, options, stop, stats, wake))
+                .spawn(move || serve(host, backing, dev, settings, options, control))
                 .map_err(|e| DiskError::Backing {
                     path: "host service thread".into(),
                     source: e,
@@ -1004,10 +1028,8 @@ impl SyntheticDisk {
         Ok((
             vsc,
             VspHandle {
-                stop,
-                wake,
+                control,
                 thread: Some(thread),
-                stats,
             },
         ))
     }
@@ -1093,12 +1115,10 @@ mod tests {
             extra_bytes: 8192,
         })
         .unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(VspStats::default());
-        let wake = wake_fd().unwrap();
+        let control = VspControl::new().unwrap();
         let backing = Backing::open(f.path()).unwrap();
         let t = {
-            let (stop, stats, wake) = (stop.clone(), stats.clone(), wake.clone());
+            let control = control.clone();
             std::thread::spawn(move || {
                 serve(
                     host,
@@ -1106,9 +1126,7 @@ mod tests {
                     0,
                     DeviceSettings::default(),
                     small(),
-                    stop,
-                    stats,
-                    wake,
+                    control,
                 )
             })
         };
@@ -1178,7 +1196,7 @@ mod tests {
             }
         }
         assert!(statuses.iter().all(|(_, s)| *s != 0), "{statuses:?}");
-        assert_eq!(stats.errors.load(Ordering::Relaxed), 7);
+        assert_eq!(control.stats().errors.load(Ordering::Relaxed), 7);
         // Then a corrupt ring index: the service stops with a typed error instead of crashing.
         // SAFETY: test pokes the outbound ring's write_index (first word of the region).
         unsafe {
@@ -1187,7 +1205,7 @@ mod tests {
         guest.to_host.signal().unwrap();
         let r = t.join().unwrap();
         assert!(matches!(r, Err(DiskError::Ring(_))), "{r:?}");
-        stop.store(true, Ordering::Release);
+        control.request_stop();
     }
 
     #[test]
