@@ -409,6 +409,18 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn label_values_are_escaped_exactly() {
+        assert_eq!(escape(r"a\b"), r"a\\b");
+        assert_eq!(escape("say \"hi\"\nbye"), r#"say \"hi\"\nbye"#);
+        assert_eq!(
+            labels(&[("device", "d\"0"), ("op", "read")]),
+            r#"{device="d\"0",op="read"}"#
+        );
+        assert_eq!(fmt_f64(f64::INFINITY), "+Inf");
+        assert_eq!(fmt_f64(2.5e-6), "0.0000025");
+    }
+
     /// Debian's promtool, a parser nobody here wrote, accepts the exposition.
     #[test]
     fn promtool_accepts_the_exposition() {
