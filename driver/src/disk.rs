@@ -816,8 +816,9 @@ pub fn serve(
                 }
             }
             if host.rx.commit().signal_writer {
-                host.to_guest.signal()?;
+                // Count before signalling: a woken guest may read the counter at once.
                 stats.interrupts.fetch_add(1, Ordering::Relaxed);
+                host.to_guest.signal()?;
                 trace::signal(dev, DIR_HOST_TO_GUEST, 0);
             }
             // 2. Completions from the workers, in the order they finished.
@@ -861,8 +862,8 @@ pub fn serve(
                 moderation.owed_since = None;
                 if !host.tx.reader_masked() {
                     let used = host.tx.bytes_used()?;
-                    host.to_guest.signal()?;
                     stats.interrupts.fetch_add(1, Ordering::Relaxed);
+                    host.to_guest.signal()?;
                     trace::signal(dev, DIR_HOST_TO_GUEST, used);
                 }
             }
@@ -890,13 +891,15 @@ pub fn serve(
         ];
         let busy = host.rx.has_data().unwrap_or(true) || (!outq.is_empty() && !blocked_on_full);
         if !busy {
-            let ms = if timeout.is_zero() {
-                0
-            } else {
-                timeout.as_micros().div_ceil(1000).min(100) as i32
+            // ppoll, not poll: the moderation timer is in microseconds and poll's milliseconds
+            // would stretch a 50 us deadline to 1 ms.
+            let timeout = timeout.min(Duration::from_millis(100));
+            let ts = libc::timespec {
+                tv_sec: timeout.as_secs() as libc::time_t,
+                tv_nsec: timeout.subsec_nanos() as libc::c_long,
             };
-            // SAFETY: fds is a valid array of two pollfds.
-            unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+            // SAFETY: fds is a valid array of two pollfds, ts a valid timespec, no signal mask.
+            unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
             if fds[0].revents & libc::POLLIN != 0 {
                 host.from_guest.drain()?;
             }
