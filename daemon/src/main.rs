@@ -29,6 +29,9 @@ struct Flags {
     /// Load and attach everything it would, print a report, exit non-zero on any failure.
     #[arg(long)]
     check: bool,
+    /// More log output on stderr (-v debug, -vv trace); RUST_LOG still wins.
+    #[arg(short, action = clap::ArgAction::Count)]
+    verbose: u8,
 }
 
 fn config_from(flags: &Flags) -> Result<Config> {
@@ -109,8 +112,13 @@ fn check(flags: &Flags) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let flags = Flags::parse();
+    let level = match flags.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
     let result = if flags.check {
         check(&flags)
     } else {
