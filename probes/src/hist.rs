@@ -3,12 +3,12 @@
 //! Values below 256 ns have a bucket each. Above, every power of two `[2^m, 2^(m+1))` is split
 //! into 128 equal sub-buckets, so a bucket is never wider than 1/128 (0.8%) of its lower bound:
 //! enough to fill an HDR histogram with 2 significant digits without losing precision. The last
-//! bucket ([`MAX_BUCKET`]) ends at 2^42 ns (about 73 minutes) and also holds anything longer.
+//! bucket ([`MAX_BUCKET`]) starts at 2^34 ns (about 17 s) and also holds anything longer.
 
 /// Sub-buckets per power of two.
 pub const SUB_BUCKETS: u64 = 128;
 /// Highest bucket index.
-pub const MAX_BUCKET: u32 = 4607;
+pub const MAX_BUCKET: u32 = crate::types::BUCKETS as u32 - 1;
 
 /// Bucket of a latency in ns (exactly as the eBPF program computes it).
 pub fn bucket_index(v: u64) -> u32 {
@@ -33,7 +33,8 @@ pub fn bucket_low_ns(idx: u32) -> u64 {
     sub << k
 }
 
-/// Largest value in bucket `idx` (the last bucket is open-ended: `u64::MAX`).
+/// Largest value in bucket `idx` (the last bucket is open-ended: `u64::MAX`, so it never counts
+/// toward a finite histogram bound).
 pub fn bucket_high_ns(idx: u32) -> u64 {
     if idx >= MAX_BUCKET {
         return u64::MAX;

@@ -353,17 +353,9 @@ impl Probes {
     /// Detaches everything attached to `pid` and deletes its entries from every map.
     pub fn detach_process(&mut self, pid: u32) {
         self.detach_links(pid);
-        if let Some(map) = self.ebpf.map_mut("io_stats") {
-            if let Ok(mut m) = PerCpuHashMap::<&mut MapData, IoKeyRaw, IoStatsRaw>::try_from(map) {
+        if let Some(map) = self.ebpf.map_mut("io_hist") {
+            if let Ok(mut m) = PerCpuHashMap::<&mut MapData, IoKeyRaw, IoHistRaw>::try_from(map) {
                 let keys: Vec<IoKeyRaw> = m.keys().flatten().filter(|k| k.tgid == pid).collect();
-                for k in keys {
-                    let _ = m.remove(&k);
-                }
-            }
-        }
-        if let Some(map) = self.ebpf.map_mut("latency_hist") {
-            if let Ok(mut m) = PerCpuHashMap::<&mut MapData, HistKeyRaw, u64>::try_from(map) {
-                let keys: Vec<HistKeyRaw> = m.keys().flatten().filter(|k| k.tgid == pid).collect();
                 for k in keys {
                     let _ = m.remove(&k);
                 }
@@ -397,10 +389,11 @@ impl Probes {
     /// Reads every map, summing the per-CPU values.
     pub fn snapshot(&self) -> Result<Snapshot, ProbeError> {
         let mut snap = Snapshot::default();
-        let io = PerCpuHashMap::<&MapData, IoKeyRaw, IoStatsRaw>::try_from(self.map("io_stats")?)
-            .map_err(map_err("io_stats"))?;
+        let io = PerCpuHashMap::<&MapData, IoKeyRaw, IoHistRaw>::try_from(self.map("io_hist")?)
+            .map_err(map_err("io_hist"))?;
+        let mut buckets = vec![0u64; BUCKETS];
         for entry in io.iter() {
-            let (k, values) = entry.map_err(map_err("io_stats"))?;
+            let (k, values) = entry.map_err(map_err("io_hist"))?;
             let s = snap
                 .io
                 .entry(IoKey {
@@ -409,32 +402,22 @@ impl Probes {
                     op: k.op,
                 })
                 .or_default();
+            buckets.iter_mut().for_each(|b| *b = 0);
             for v in values.iter() {
-                s.ops += v.ops;
-                s.bytes += v.bytes;
-                s.errors += v.errors;
-                s.latency_sum_ns += v.latency_sum_ns;
+                s.ops += v.stats.ops;
+                s.bytes += v.stats.bytes;
+                s.errors += v.stats.errors;
+                s.latency_sum_ns += v.stats.latency_sum_ns;
+                for (sum, c) in buckets.iter_mut().zip(v.buckets.iter()) {
+                    *sum += c;
+                }
             }
-        }
-        let hist = PerCpuHashMap::<&MapData, HistKeyRaw, u64>::try_from(self.map("latency_hist")?)
-            .map_err(map_err("latency_hist"))?;
-        for entry in hist.iter() {
-            let (k, values) = entry.map_err(map_err("latency_hist"))?;
-            let count: u64 = values.iter().sum();
-            if count > 0 {
-                snap.io
-                    .entry(IoKey {
-                        pid: k.tgid,
-                        dev: k.dev,
-                        op: k.op,
-                    })
-                    .or_default()
-                    .buckets
-                    .push((k.bucket, count));
-            }
-        }
-        for s in snap.io.values_mut() {
-            s.buckets.sort_unstable();
+            s.buckets = buckets
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c > 0)
+                .map(|(i, c)| (i as u32, *c))
+                .collect();
         }
         let events =
             PerCpuHashMap::<&MapData, DevKeyRaw, DevEventsRaw>::try_from(self.map("dev_events")?)

@@ -38,14 +38,15 @@ pub struct IoStatsRaw {
     pub latency_sum_ns: u64,
 }
 
-/// `struct enlight_hist_key`.
+/// Latency buckets per (process, device, op) (`ENLIGHT_BUCKETS`).
+pub const BUCKETS: usize = 3584;
+
+/// `struct enlight_io_hist`: the counters and every latency bucket of one (process, device, op).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct HistKeyRaw {
-    pub tgid: u32,
-    pub dev: u32,
-    pub op: u32,
-    pub bucket: u32,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoHistRaw {
+    pub stats: IoStatsRaw,
+    pub buckets: [u64; BUCKETS],
 }
 
 /// `struct enlight_dev_key`.
@@ -110,7 +111,9 @@ pub const HEALTH_COUNT: u32 = 4;
 const _: () = assert!(std::mem::size_of::<Completion>() == 16);
 const _: () = assert!(std::mem::size_of::<IoKeyRaw>() == 16);
 const _: () = assert!(std::mem::size_of::<IoStatsRaw>() == 32);
-const _: () = assert!(std::mem::size_of::<HistKeyRaw>() == 16);
+const _: () = assert!(std::mem::size_of::<IoHistRaw>() == 32 + 8 * BUCKETS);
+// A per-CPU map value may not exceed 32 KiB.
+const _: () = assert!(std::mem::size_of::<IoHistRaw>() <= 32 * 1024);
 const _: () = assert!(std::mem::size_of::<DevKeyRaw>() == 8);
 const _: () = assert!(std::mem::size_of::<DevEventsRaw>() == 56);
 const _: () = assert!(std::mem::size_of::<UsdtArg>() == 16);
@@ -122,7 +125,7 @@ unsafe impl aya::Pod for IoKeyRaw {}
 // SAFETY: as above.
 unsafe impl aya::Pod for IoStatsRaw {}
 // SAFETY: as above.
-unsafe impl aya::Pod for HistKeyRaw {}
+unsafe impl aya::Pod for IoHistRaw {}
 // SAFETY: as above.
 unsafe impl aya::Pod for DevKeyRaw {}
 // SAFETY: as above.
@@ -134,7 +137,7 @@ unsafe impl aya::Pod for UsdtSpec {}
 pub const SHARED_STRUCTS: [(&str, usize); 7] = [
     ("enlight_io_key", std::mem::size_of::<IoKeyRaw>()),
     ("enlight_io_stats", std::mem::size_of::<IoStatsRaw>()),
-    ("enlight_hist_key", std::mem::size_of::<HistKeyRaw>()),
+    ("enlight_io_hist", std::mem::size_of::<IoHistRaw>()),
     ("enlight_dev_key", std::mem::size_of::<DevKeyRaw>()),
     ("enlight_dev_events", std::mem::size_of::<DevEventsRaw>()),
     ("enlight_usdt_arg", std::mem::size_of::<UsdtArg>()),

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: (MIT OR Apache-2.0)
 /*
  * enlight's eBPF programs on the driver's USDT tracepoints (provider "enlight", see
- * docs/architecture.md). Everything is aggregated in the kernel: per-CPU hash maps of counters
- * and of log-linear latency buckets, read by enlightd each interval. A hit costs one uprobe trap,
+ * docs/architecture.md). Everything is aggregated in the kernel: a per-CPU hash map holding, per
+ * (process, device, op), the counters and every log-linear latency bucket (one lookup per
+ * completion), and one of signalling counters per device, read by enlightd each interval. A hit costs one uprobe trap,
  * so the latency path hangs off io_reap, which carries a whole batch of completions.
  *
  * USDT arguments are read the way libbpf's usdt.bpf.h reads them: the loader parses each site's
@@ -28,17 +29,18 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 1024);
 	__type(key, struct enlight_io_key);
-	__type(value, struct enlight_io_stats);
-} io_stats SEC(".maps");
+	__type(value, struct enlight_io_hist);
+} io_hist SEC(".maps");
 
+/* One all-zero value, the template for new io_hist entries (too large for the BPF stack). */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct enlight_hist_key);
-	__type(value, __u64);
-} latency_hist SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct enlight_io_hist);
+} io_hist_zero SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
@@ -118,38 +120,25 @@ static __always_inline __u32 bucket_of(__u64 v)
 	if (x >> 1) { msb += 1; }
 	k = msb - 7;
 	idx = 2 * ENLIGHT_SUB_BUCKETS + (__u64)(k - 1) * ENLIGHT_SUB_BUCKETS + ((v >> k) - ENLIGHT_SUB_BUCKETS);
-	return idx > ENLIGHT_MAX_BUCKET ? ENLIGHT_MAX_BUCKET : (__u32)idx;
+	return idx >= ENLIGHT_BUCKETS ? ENLIGHT_BUCKETS - 1 : (__u32)idx;
 }
 
-static __always_inline void count_latency(struct enlight_hist_key *key)
+static __always_inline struct enlight_io_hist *io_hist_of(struct enlight_io_key *key)
 {
-	__u64 one = 1, *v = bpf_map_lookup_elem(&latency_hist, key);
+	__u32 zero_key = 0;
+	struct enlight_io_hist *h = bpf_map_lookup_elem(&io_hist, key), *zero;
 
-	if (v) {
-		*v += 1;
-		return;
-	}
-	if (bpf_map_update_elem(&latency_hist, key, &one, BPF_NOEXIST) == 0)
-		return;
-	/* Another CPU created it meanwhile, or the map is full. */
-	v = bpf_map_lookup_elem(&latency_hist, key);
-	if (v)
-		*v += 1;
-	else
+	if (h)
+		return h;
+	zero = bpf_map_lookup_elem(&io_hist_zero, &zero_key);
+	if (!zero)
+		return 0;
+	/* NOEXIST: if another CPU created it meanwhile, the lookup below finds theirs. */
+	bpf_map_update_elem(&io_hist, key, zero, BPF_NOEXIST);
+	h = bpf_map_lookup_elem(&io_hist, key);
+	if (!h)
 		health_inc(ENLIGHT_HEALTH_MAP_FULL);
-}
-
-static __always_inline struct enlight_io_stats *io_stats_of(struct enlight_io_key *key)
-{
-	struct enlight_io_stats zero = {}, *s = bpf_map_lookup_elem(&io_stats, key);
-
-	if (s)
-		return s;
-	bpf_map_update_elem(&io_stats, key, &zero, BPF_NOEXIST);
-	s = bpf_map_lookup_elem(&io_stats, key);
-	if (!s)
-		health_inc(ENLIGHT_HEALTH_MAP_FULL);
-	return s;
+	return h;
 }
 
 static __always_inline struct enlight_dev_events *events_of(struct pt_regs *ctx, __u64 *dev)
@@ -180,23 +169,25 @@ static __always_inline struct enlight_dev_events *events_of(struct pt_regs *ctx,
  */
 __attribute__((noinline)) int enlight_account(__u64 tgid_dev, __u64 latency_ns, __u64 bytes_op_status)
 {
-	struct enlight_io_key ikey = {};
-	struct enlight_hist_key hkey = {};
-	struct enlight_io_stats *s;
+	struct enlight_io_key key = {};
+	struct enlight_io_hist *h;
+	__u32 bucket;
 
-	ikey.tgid = hkey.tgid = (__u32)(tgid_dev >> 32);
-	ikey.dev = hkey.dev = (__u32)tgid_dev;
-	ikey.op = hkey.op = (__u32)(bytes_op_status >> 16) & 0xffff;
-	s = io_stats_of(&ikey);
-	if (s) {
-		s->ops += 1;
-		s->bytes += bytes_op_status >> 32;
-		s->latency_sum_ns += latency_ns;
-		if (bytes_op_status & 0xffff)
-			s->errors += 1;
-	}
-	hkey.bucket = bucket_of(latency_ns);
-	count_latency(&hkey);
+	key.tgid = (__u32)(tgid_dev >> 32);
+	key.dev = (__u32)tgid_dev;
+	key.op = (__u32)(bytes_op_status >> 16) & 0xffff;
+	h = io_hist_of(&key);
+	if (!h)
+		return 0;
+	h->stats.ops += 1;
+	h->stats.bytes += bytes_op_status >> 32;
+	h->stats.latency_sum_ns += latency_ns;
+	if (bytes_op_status & 0xffff)
+		h->stats.errors += 1;
+	bucket = bucket_of(latency_ns);
+	if (bucket >= ENLIGHT_BUCKETS)
+		bucket = ENLIGHT_BUCKETS - 1;
+	h->buckets[bucket] += 1;
 	return 0;
 }
 
