@@ -37,6 +37,8 @@ use crate::trace::{
     self, CompletionRecord, DIR_GUEST_TO_HOST, DIR_HOST_TO_GUEST, OP_FLUSH, OP_READ, OP_WRITE,
 };
 
+/// Longest a reaped completion waits before it is traced (`io_reap`).
+pub const TRACE_FLUSH: Duration = Duration::from_millis(1);
 /// Sector size of the synthetic disk.
 pub const SECTOR: u32 = 512;
 /// Largest packet payload either side of a disk channel accepts (requests are 32 bytes).
@@ -220,7 +222,9 @@ pub struct DiskVsc {
     free: Vec<u32>,
     masked: bool,
     buf: Vec<u8>,
+    /// Completions reaped and not yet traced (see [`DiskVsc::flush_trace`]).
     records: Vec<CompletionRecord>,
+    records_since: Option<Instant>,
 }
 
 impl DiskVsc {
@@ -243,7 +247,8 @@ impl DiskVsc {
             free: (0..n).rev().collect(),
             masked: false,
             buf: Vec::with_capacity(64),
-            records: Vec::with_capacity(settings.poll_budget as usize),
+            records: Vec::with_capacity(trace::MAX_BATCH),
+            records_since: None,
         }
     }
 
@@ -392,11 +397,26 @@ impl DiskVsc {
         }
     }
 
+    /// Fires `io_reap` with the completions accumulated since the last hit, if any.
+    ///
+    /// Completions are traced in batches rather than one hit per polling pass: a uprobe trap
+    /// costs about a microsecond, and at high rates a pass often reaps only a few completions.
+    /// A batch goes out when it reaches [`trace::MAX_BATCH`], when it is [`TRACE_FLUSH`] old,
+    /// and whenever the guest is about to sleep or the driver is dropped, so every completion is
+    /// traced exactly once and never later than that.
+    pub fn flush_trace(&mut self) {
+        if !self.records.is_empty() {
+            trace::io_reap(self.dev, &self.records);
+            self.records.clear();
+        }
+        self.records_since = None;
+    }
+
     /// One polling pass: reads up to `poll_budget` completions into `out`.
     fn pass(&mut self, out: &mut Vec<Completion>) -> Result<usize, DiskError> {
-        self.records.clear();
         let budget = self.settings.poll_budget as usize;
-        while self.records.len() < budget {
+        let mut reaped = 0;
+        while reaped < budget {
             let Some(h) = self.end.rx.read_into(&mut self.buf)? else {
                 break;
             };
@@ -428,12 +448,17 @@ impl DiskVsc {
             let latency_ns = now.saturating_sub(s.submit_ns);
             let status = c.status.min(u16::MAX as u32) as u16;
             trace::io_complete(self.dev, s.op, h.trans_id, c.bytes, latency_ns, status);
+            if self.records.len() == trace::MAX_BATCH {
+                self.flush_trace();
+            }
+            self.records_since.get_or_insert_with(Instant::now);
             self.records.push(CompletionRecord {
                 latency_ns,
                 bytes: c.bytes,
                 op: s.op,
                 status,
             });
+            reaped += 1;
             out.push(Completion {
                 tag: h.trans_id,
                 op: s.op,
@@ -446,10 +471,13 @@ impl DiskVsc {
             self.end.to_host.signal()?;
             trace::signal(self.dev, DIR_GUEST_TO_HOST, 0);
         }
-        if !self.records.is_empty() {
-            trace::io_reap(self.dev, &self.records);
+        if self
+            .records_since
+            .is_some_and(|t| t.elapsed() >= TRACE_FLUSH)
+        {
+            self.flush_trace();
         }
-        Ok(self.records.len())
+        Ok(reaped)
     }
 
     fn set_masked(&mut self, masked: bool) {
@@ -485,6 +513,8 @@ impl DiskVsc {
             if n > 0 {
                 return Ok(n);
             }
+            // Going idle: trace what was reaped before sleeping.
+            self.flush_trace();
             let now = Instant::now();
             if now >= deadline {
                 return Ok(0);
@@ -493,6 +523,12 @@ impl DiskVsc {
                 return Err(DiskError::PeerGone);
             }
         }
+    }
+}
+
+impl Drop for DiskVsc {
+    fn drop(&mut self) {
+        self.flush_trace();
     }
 }
 

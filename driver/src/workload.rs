@@ -345,6 +345,8 @@ pub fn run(
     let now = Instant::now();
     let dt = now.duration_since(last_tick).as_secs_f64().max(1e-9);
     let iops = (stats.snap.ops_total - ops_at_tick) as f64 / dt;
+    // Everything reaped is traced before the final figures are reported.
+    vsc.flush_trace();
     Ok(stats.snapshot(now.duration_since(start), iops, true))
 }
 
