@@ -513,8 +513,15 @@ impl DiskVsc {
             if n > 0 {
                 return Ok(n);
             }
-            // Going idle: trace what was reaped before sleeping.
-            self.flush_trace();
+            // Going idle with completions untraced for TRACE_FLUSH already: trace them now rather
+            // than after the sleep. Younger ones wait for the next pass, so a guest that sleeps
+            // every few completions does not pay a trap per sleep.
+            if self
+                .records_since
+                .is_some_and(|t| t.elapsed() >= TRACE_FLUSH)
+            {
+                self.flush_trace();
+            }
             let now = Instant::now();
             if now >= deadline {
                 return Ok(0);

@@ -252,6 +252,18 @@ impl Probes {
     /// disk since); `exe` is used if that link cannot be read. Attaching a pid twice first
     /// detaches it.
     pub fn attach_process(&mut self, pid: u32, exe: &Path) -> Result<AttachReport, ProbeError> {
+        let all: Vec<&str> = PROGRAMS.iter().map(|(p, _)| *p).collect();
+        self.attach_process_only(pid, exe, &all)
+    }
+
+    /// [`attach_process`](Self::attach_process) restricted to the probes named in `probes`
+    /// (names from [`PROGRAMS`]); the others are reported as missing.
+    pub fn attach_process_only(
+        &mut self,
+        pid: u32,
+        exe: &Path,
+        probes: &[&str],
+    ) -> Result<AttachReport, ProbeError> {
         self.detach_links(pid);
         let proc_exe = PathBuf::from(format!("/proc/{pid}/exe"));
         let target = if std::fs::metadata(&proc_exe).is_ok() {
@@ -264,7 +276,7 @@ impl Probes {
             .filter(|s| s.provider == PROVIDER)
             .collect();
         let order = |name: &str| PROGRAMS.iter().position(|(p, _)| *p == name);
-        sites.retain(|s| order(&s.name).is_some());
+        sites.retain(|s| order(&s.name).is_some() && probes.contains(&s.name.as_str()));
         sites.sort_by_key(|s| order(&s.name));
         let mut report = AttachReport {
             exe: exe.to_path_buf(),
@@ -419,6 +431,9 @@ impl Probes {
                 .map(|(i, c)| (i as u32, *c))
                 .collect();
         }
+        // io_reap creates a device's read and write entries up front (see enlight.bpf.c); an op
+        // that never completed is not reported.
+        snap.io.retain(|_, s| s.ops > 0);
         let events =
             PerCpuHashMap::<&MapData, DevKeyRaw, DevEventsRaw>::try_from(self.map("dev_events")?)
                 .map_err(map_err("dev_events"))?;
