@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine of this image: installs what the tests need (Debian
+# packages), prepares the kernel interfaces the probes use, and runs every check and test,
+# privileged eBPF tests included. Run as root (the eBPF tests load and attach real programs).
+set -euo pipefail
+# Tests that need promtool fail, rather than skip, when it is missing.
+export ENLIGHT_REQUIRE_PROMTOOL=1
+cd "$(dirname "$0")/.."
+
+step() { printf '\n=== %s\n' "$*"; }
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "test-all: run as root (the privileged eBPF tests load and attach real programs)" >&2
+    exit 1
+fi
+
+# Tools the tests use as independent checks, and clang for the probe reproducibility check.
+# clang/llvm/libbpf-dev/bpftool: rebuild probes/src/bpf/enlight.bpf.o and compare with the shipped one.
+# bpftrace: lists our USDT sites (interoperability). prometheus: promtool parses /metrics.
+packages=(clang llvm libbpf-dev bpftool bpftrace prometheus)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    step "apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+step "kernel interfaces"
+if [[ ! -d /sys/kernel/tracing/events ]]; then
+    mount -t tracefs nodev /sys/kernel/tracing
+fi
+test -r /sys/kernel/btf/vmlinux || { echo "kernel has no BTF (/sys/kernel/btf/vmlinux)" >&2; exit 1; }
+
+step "probe object matches its source"
+probes/build-bpf.sh --check
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test (unit, integration and privileged eBPF tests)"
+# One thread per test binary keeps the privileged tests (which attach uprobes and read shared
+# kernel maps) from timing each other out on a 2-core machine; binaries still build in parallel.
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked -- --test-threads=2 2>&1 | tee "$log"
+# One closing line for the whole suite (cargo prints one per test binary, the last of which is
+# often an empty doc-test run).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?/) p += $i; if ($(i+1) ~ /^failed;?/) f += $i; if ($(i+1) ~ /^ignored;?/) s += $i } }
+     END { printf "\nsuite: %d passed, %d failed, %d skipped\n", p, f, s; if (p == 0 || f > 0) exit 1 }' "$log"
