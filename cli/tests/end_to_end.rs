@@ -13,10 +13,18 @@ use enlightd::{Config, Daemon, DaemonHandle, DeviceView};
 
 const ENLIGHT: &str = env!("CARGO_BIN_EXE_enlight");
 
-fn require_privileges() {
+/// Serialises the tests that run a daemon: probes attach per executable, system-wide, so one
+/// test's daemon would enable the probe semaphores of another test's devices (same binary) and
+/// let them start before their own daemon is attached.
+static ONE_DAEMON_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn require_privileges() -> std::sync::MutexGuard<'static, ()> {
     if let Err(e) = enlight_probes::preflight() {
         panic!("privileged end-to-end test cannot run: {e}");
     }
+    ONE_DAEMON_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn start_daemon(runtime_dir: &Path) -> Daemon {
@@ -96,7 +104,7 @@ fn assert_close(what: &str, ebpf: f64, own: f64) {
 
 #[test]
 fn ebpf_counts_equal_the_workloads_own_and_percentiles_agree() {
-    require_privileges();
+    let _serial = require_privileges();
     let dir = tempfile::tempdir().unwrap();
     let daemon = start_daemon(dir.path());
     let handle = daemon.handle();
@@ -131,7 +139,7 @@ fn ebpf_counts_equal_the_workloads_own_and_percentiles_agree() {
 
 #[test]
 fn metrics_during_a_live_workload_pass_promtool_and_add_up() {
-    require_privileges();
+    let _serial = require_privileges();
     let dir = tempfile::tempdir().unwrap();
     let daemon = start_daemon(dir.path());
     let handle = daemon.handle();
@@ -174,7 +182,7 @@ fn metrics_during_a_live_workload_pass_promtool_and_add_up() {
 
 #[test]
 fn the_daemon_follows_devices_that_come_and_go() {
-    require_privileges();
+    let _serial = require_privileges();
     let dir = tempfile::tempdir().unwrap();
     let daemon = start_daemon(dir.path());
     let handle = daemon.handle();
@@ -215,7 +223,7 @@ fn bpftrace_lists_every_enlight_probe_of_the_binary() {
 
 #[test]
 fn demo_runs_and_leaves_nothing_behind() {
-    require_privileges();
+    let _serial = require_privileges();
     let before: Vec<_> = leftovers();
     let out = Command::new(ENLIGHT)
         .args([

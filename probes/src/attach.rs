@@ -33,13 +33,14 @@ pub fn uprobe_pmu_type() -> io::Result<u32> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad uprobe PMU type"))
 }
 
-/// Attaches `prog` at `file_offset` of `exe` for process `pid`, enabling the semaphore at
-/// `semaphore_offset` (0: none), with `cookie` readable by the program.
+/// Attaches `prog` at `file_offset` of `exe` for every process (system-wide: pid -1 on CPU 0,
+/// as libbpf does; the program runs on whichever CPU hits the site, and no per-task perf context
+/// is switched on context switches), enabling the semaphore at `semaphore_offset` (0: none) in
+/// every process that maps `exe`, with `cookie` readable by the program.
 pub fn attach_site(
     prog: BorrowedFd<'_>,
     pmu_type: u32,
     exe: &Path,
-    pid: u32,
     file_offset: u64,
     semaphore_offset: u64,
     cookie: u64,
@@ -58,8 +59,8 @@ pub fn attach_site(
         libc::syscall(
             libc::SYS_perf_event_open,
             attr.as_ptr(),
-            pid as libc::pid_t,
             -1,
+            0,
             -1,
             PERF_FLAG_FD_CLOEXEC,
         )
