@@ -336,10 +336,14 @@ pub unsafe fn ring_init(base: *mut u8, len: usize) -> Result<(), RingError> {
     Ok(())
 }
 
-/// Validates an index read from the peer; a violation marks the ring broken. A macro rather than a
-/// method so that it borrows only the `mem` and `broken` fields.
+/// Validates an index read from the peer, returning early with `Broken` if an earlier violation
+/// broke the ring and marking it broken on a new one. A macro rather than a method so that it
+/// borrows only the `mem` and `broken` fields.
 macro_rules! peer_index {
-    ($end:expr, $which:literal, $value:expr) => {
+    ($end:expr, $which:literal, $value:expr) => {{
+        if $end.broken {
+            return Err(RingError::Broken);
+        }
         match $end.mem.check_index($which, $value) {
             Ok(v) => v,
             Err(e) => {
@@ -347,7 +351,7 @@ macro_rules! peer_index {
                 return Err(e);
             }
         }
-    };
+    }};
 }
 
 fn align8(n: usize) -> usize {
@@ -385,22 +389,8 @@ impl RingWriter {
         // A writer taking over an existing ring (another process created it) resumes at the
         // published index, which must itself be valid.
         let published = writer.mem.control().write_index.load(Ordering::Acquire);
-        writer.write = writer.checked(|m| m.check_index("write", published))?;
+        writer.write = peer_index!(writer, "write", published);
         Ok(writer)
-    }
-
-    fn checked<T>(
-        &mut self,
-        f: impl FnOnce(&RingMem) -> Result<T, RingError>,
-    ) -> Result<T, RingError> {
-        if self.broken {
-            return Err(RingError::Broken);
-        }
-        let r = f(&self.mem);
-        if r.is_err() {
-            self.broken = true;
-        }
-        r
     }
 
     /// Size of the data area.
@@ -416,7 +406,7 @@ impl RingWriter {
     /// Free bytes now (a packet of `n` bytes plus trailer fits when this is strictly larger).
     pub fn free_bytes(&mut self) -> Result<u32, RingError> {
         let read = self.mem.control().read_index.load(Ordering::Acquire);
-        let read = self.checked(|m| m.check_index("read", read))?;
+        let read = peer_index!(self, "read", read);
         Ok(self.mem.free_bytes(self.write, read))
     }
 
@@ -539,7 +529,7 @@ impl RingWriter {
     /// Whether the reader has consumed everything written (the ring is empty).
     pub fn is_empty(&mut self) -> Result<bool, RingError> {
         let read = self.mem.control().read_index.load(Ordering::Acquire);
-        let read = self.checked(|m| m.check_index("read", read))?;
+        let read = peer_index!(self, "read", read);
         Ok(read == self.write)
     }
 
@@ -600,24 +590,10 @@ impl RingReader {
             stats: Arc::new(RingStats::default()),
         };
         let published = reader.mem.control().read_index.load(Ordering::Acquire);
-        let published = reader.checked(|m| m.check_index("read", published))?;
+        let published = peer_index!(reader, "read", published);
         reader.read = published;
         reader.published = published;
         Ok(reader)
-    }
-
-    fn checked<T>(
-        &mut self,
-        f: impl FnOnce(&RingMem) -> Result<T, RingError>,
-    ) -> Result<T, RingError> {
-        if self.broken {
-            return Err(RingError::Broken);
-        }
-        let r = f(&self.mem);
-        if r.is_err() {
-            self.broken = true;
-        }
-        r
     }
 
     /// Size of the data area.
@@ -638,7 +614,7 @@ impl RingReader {
 
     fn write_index(&mut self) -> Result<u32, RingError> {
         let write = self.mem.control().write_index.load(Ordering::Acquire);
-        self.checked(|m| m.check_index("write", write))
+        Ok(peer_index!(self, "write", write))
     }
 
     /// Bytes published by the writer and not yet read by us.
