@@ -64,15 +64,9 @@ fn op_view(op: String, f: &OpFigures) -> OpView {
 pub fn device_view(d: &DeviceState) -> DeviceView {
     let mut all = OpFigures::default();
     for f in d.ops.values() {
-        all.ops += f.ops;
-        all.bytes += f.bytes;
-        all.errors += f.errors;
-        all.latency_sum_ns += f.latency_sum_ns;
+        all.add(f);
         all.ops_per_sec += f.ops_per_sec;
         all.bytes_per_sec += f.bytes_per_sec;
-        for (b, c) in &f.buckets {
-            *all.buckets.entry(*b).or_default() += c;
-        }
     }
     DeviceView {
         name: d.record.name.clone(),

@@ -68,7 +68,8 @@ pub struct OpFigures {
 }
 
 impl OpFigures {
-    fn add(&mut self, other: &OpFigures) {
+    /// Adds another's counters and buckets (not its rates).
+    pub(crate) fn add(&mut self, other: &OpFigures) {
         self.ops += other.ops;
         self.bytes += other.bytes;
         self.errors += other.errors;
@@ -114,16 +115,6 @@ pub struct DeviceState {
     base_ops: BTreeMap<u32, OpFigures>,
     base_events: DevEvents,
     gone_since: Option<Instant>,
-}
-
-fn add_events(a: &mut DevEvents, b: &DevEvents) {
-    a.doorbells += b.doorbells;
-    a.interrupts += b.interrupts;
-    a.ring_full_out += b.ring_full_out;
-    a.ring_full_in += b.ring_full_in;
-    a.irq_masked += b.irq_masked;
-    a.irq_unmasked += b.irq_unmasked;
-    a.workload_starts += b.workload_starts;
 }
 
 /// Error kinds counted in `enlight_errors_total`.
@@ -350,7 +341,7 @@ fn apply_snapshot(state: &mut State, snap: &Snapshot, dt: f64) {
         }
         let mut events = dev.base_events;
         if let Some(e) = snap.events.get(&enlight_probes::DevKey { pid, dev: id }) {
-            add_events(&mut events, e);
+            events += e;
         }
         if dt > 0.0 {
             dev.interrupts_per_sec =

@@ -176,6 +176,32 @@ pub struct DevEvents {
     pub workload_starts: u64,
 }
 
+impl From<DevEventsRaw> for DevEvents {
+    fn from(v: DevEventsRaw) -> Self {
+        DevEvents {
+            doorbells: v.doorbells,
+            interrupts: v.interrupts,
+            ring_full_out: v.ring_full_out,
+            ring_full_in: v.ring_full_in,
+            irq_masked: v.irq_masked,
+            irq_unmasked: v.irq_unmasked,
+            workload_starts: v.workload_starts,
+        }
+    }
+}
+
+impl std::ops::AddAssign<&DevEvents> for DevEvents {
+    fn add_assign(&mut self, o: &DevEvents) {
+        self.doorbells += o.doorbells;
+        self.interrupts += o.interrupts;
+        self.ring_full_out += o.ring_full_out;
+        self.ring_full_in += o.ring_full_in;
+        self.irq_masked += o.irq_masked;
+        self.irq_unmasked += o.irq_unmasked;
+        self.workload_starts += o.workload_starts;
+    }
+}
+
 /// The programs' own trouble counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Health {
@@ -495,13 +521,7 @@ impl Probes {
                 })
                 .or_default();
             for v in values.iter() {
-                e.doorbells += v.doorbells;
-                e.interrupts += v.interrupts;
-                e.ring_full_out += v.ring_full_out;
-                e.ring_full_in += v.ring_full_in;
-                e.irq_masked += v.irq_masked;
-                e.irq_unmasked += v.irq_unmasked;
-                e.workload_starts += v.workload_starts;
+                *e += &DevEvents::from(*v);
             }
         }
         let health = PerCpuArray::<&MapData, u64>::try_from(self.map("health")?)
