@@ -263,64 +263,43 @@ int enlight_io_reap(struct pt_regs *ctx)
 	return 0;
 }
 
-/* enlight:signal(dev, direction, ring_bytes_used) */
-SEC("uprobe")
-int enlight_signal(struct pt_regs *ctx)
+/* Counts a device event in one of two counters, chosen by whether USDT argument 1 is zero. */
+static __always_inline int count_by_arg1(struct pt_regs *ctx, __u32 if_zero, __u32 if_nonzero)
 {
-	__u64 dev, direction;
+	__u64 dev, arg;
 	struct enlight_dev_events *e = events_of(ctx, &dev);
 
 	if (!e)
 		return 0;
-	if (usdt_arg(ctx, 1, &direction)) {
+	if (usdt_arg(ctx, 1, &arg)) {
 		health_inc(ENLIGHT_HEALTH_READ_FAILED);
 		return 0;
 	}
-	if (direction == 0)
-		e->doorbells += 1;
-	else
-		e->interrupts += 1;
+	*(__u64 *)((char *)e + (arg ? if_nonzero : if_zero)) += 1;
 	return 0;
 }
 
-/* enlight:ring_full(dev, direction, needed_bytes) */
+#define EVENT_FIELD(f) ((__u32)__builtin_offsetof(struct enlight_dev_events, f))
+
+/* enlight:signal(dev, direction, ring_bytes_used): direction 0 doorbell, 1 interrupt */
+SEC("uprobe")
+int enlight_signal(struct pt_regs *ctx)
+{
+	return count_by_arg1(ctx, EVENT_FIELD(doorbells), EVENT_FIELD(interrupts));
+}
+
+/* enlight:ring_full(dev, direction, needed_bytes): direction 0 outbound, 1 inbound */
 SEC("uprobe")
 int enlight_ring_full(struct pt_regs *ctx)
 {
-	__u64 dev, direction;
-	struct enlight_dev_events *e = events_of(ctx, &dev);
-
-	if (!e)
-		return 0;
-	if (usdt_arg(ctx, 1, &direction)) {
-		health_inc(ENLIGHT_HEALTH_READ_FAILED);
-		return 0;
-	}
-	if (direction == 0)
-		e->ring_full_out += 1;
-	else
-		e->ring_full_in += 1;
-	return 0;
+	return count_by_arg1(ctx, EVENT_FIELD(ring_full_out), EVENT_FIELD(ring_full_in));
 }
 
 /* enlight:irq_mask(dev, masked) */
 SEC("uprobe")
 int enlight_irq_mask(struct pt_regs *ctx)
 {
-	__u64 dev, masked;
-	struct enlight_dev_events *e = events_of(ctx, &dev);
-
-	if (!e)
-		return 0;
-	if (usdt_arg(ctx, 1, &masked)) {
-		health_inc(ENLIGHT_HEALTH_READ_FAILED);
-		return 0;
-	}
-	if (masked)
-		e->irq_masked += 1;
-	else
-		e->irq_unmasked += 1;
-	return 0;
+	return count_by_arg1(ctx, EVENT_FIELD(irq_unmasked), EVENT_FIELD(irq_masked));
 }
 
 /* enlight:workload_start(dev, queue_depth) */
