@@ -135,6 +135,8 @@ fn main() -> ExitCode {
 
 fn serve(flags: &Flags) -> Result<()> {
     let config = config_from(flags)?;
+    // Before anything is bound or logged, so a missing privilege is the only line printed.
+    enlight_probes::preflight()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

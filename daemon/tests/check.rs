@@ -107,3 +107,35 @@ fn check_reports_a_device_it_cannot_attach_to() {
     assert!(!out.status.success(), "{stdout}");
     assert!(stdout.contains("FAIL nosites"), "{stdout}");
 }
+
+/// Without privileges: one line saying what is missing and how to fix it, non-zero exit.
+/// (Runs the binary as `nobody` with every capability dropped, via util-linux's setpriv.)
+#[test]
+fn unprivileged_start_says_what_is_missing_in_one_line() {
+    if skip_unless_root("unprivileged_start_says_what_is_missing_in_one_line") {
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_enlightd"))
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .expect("setpriv (util-linux) runs the daemon unprivileged");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("enlightd:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("CAP_BPF") && lines[0].contains("root"),
+        "{stderr}"
+    );
+}
