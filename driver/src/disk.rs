@@ -951,9 +951,10 @@ pub fn serve(
                 // SAFETY: reading 8 bytes into a local from our non-blocking eventfd.
                 unsafe { libc::read(wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
             }
-        }
-        if host.from_guest.wait(Duration::ZERO)? == WaitResult::PeerGone {
-            break Ok(());
+            // Only when idle: a busy loop need not pay a poll per pass to learn the peer died.
+            if host.from_guest.wait(Duration::ZERO)? == WaitResult::PeerGone {
+                break Ok(());
+            }
         }
     };
     drop(job_tx);
