@@ -67,6 +67,14 @@ struct OverheadResult {
     median_without: f64,
     median_with: f64,
     cost_percent: f64,
+    /// Median over rounds of (IOPS with probes / IOPS without) of the same round.
+    paired_iops_ratio: f64,
+    /// CPU time of the whole process per completed I/O, ns, per run.
+    cpu_ns_per_io_without: Vec<f64>,
+    cpu_ns_per_io_with: Vec<f64>,
+    cpu_ns_per_io_idle_control: Vec<f64>,
+    /// Median over rounds of (CPU per I/O with probes / without) of the same round.
+    paired_cpu_ratio: f64,
     sites_attached: usize,
     /// Hits of the signal, ring_full and irq_mask probes per I/O (io_reap hits come on top).
     signal_traps_per_io: f64,
@@ -183,7 +191,26 @@ fn channel_throughput(payload: usize, secs: f64) -> Result<ChannelResult> {
     })
 }
 
-fn disk_run(backing: &std::path::Path, qd: u32, secs: f64) -> Result<workload::WorkloadSnapshot> {
+/// CPU time (user + system) this process has used so far, in ns: every thread of the disk (VSC,
+/// VSP, host workers) runs in this process, and the kernel charges a uprobe's trap and its BPF
+/// program to the thread that hit it, so the difference over a run is the whole cost of an I/O.
+fn process_cpu_ns() -> u64 {
+    // SAFETY: getrusage only writes into the zeroed struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a rusage struct.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1_000;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// One QD-`qd` run: the workload's report and the process's CPU time per completed I/O (ns).
+struct DiskRun {
+    report: workload::WorkloadSnapshot,
+    cpu_ns_per_io: f64,
+}
+
+fn disk_run(backing: &std::path::Path, qd: u32, secs: f64) -> Result<DiskRun> {
+    let cpu0 = process_cpu_ns();
     let (mut vsc, vsp) = SyntheticDisk::start(
         backing,
         DeviceSettings::default(),
@@ -203,7 +230,11 @@ fn disk_run(backing: &std::path::Path, qd: u32, secs: f64) -> Result<workload::W
     };
     let report = workload::run(&mut vsc, &spec, &AtomicBool::new(false), |_| {})?;
     vsp.stop()?;
-    Ok(report)
+    let cpu_ns_per_io = (process_cpu_ns() - cpu0) as f64 / report.ops_total.max(1) as f64;
+    Ok(DiskRun {
+        report,
+        cpu_ns_per_io,
+    })
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -254,7 +285,7 @@ fn main() -> Result<()> {
         let backing = make_backing(&args.dir, written)?;
         direct &= Backing::open(backing.path())?.direct();
         for qd in [1, 32] {
-            let r = disk_run(backing.path(), qd, args.secs)?;
+            let r = disk_run(backing.path(), qd, args.secs)?.report;
             disk.push(DiskResult {
                 backing: label,
                 queue_depth: qd,
@@ -275,17 +306,17 @@ fn main() -> Result<()> {
             // Rotate the order of the three configurations so drift and warm-up hit each alike.
             for k in 0..3 {
                 match (round + k) % 3 {
-                    0 => without.push(disk_run(backing.path(), 32, args.secs)?.iops_avg),
+                    0 => without.push(disk_run(backing.path(), 32, args.secs)?),
                     1 => {
                         // Control: attached, but only the probe that fires once per run.
                         probes.attach_process_only(pid, &exe, &["workload_start"])?;
-                        idle.push(disk_run(backing.path(), 32, args.secs)?.iops_avg);
+                        idle.push(disk_run(backing.path(), 32, args.secs)?);
                         probes.detach_process(pid);
                     }
                     _ => {
                         let report = probes.attach_process_only(pid, &exe, &all)?;
                         sites = report.sites_attached;
-                        with.push(disk_run(backing.path(), 32, args.secs)?.iops_avg);
+                        with.push(disk_run(backing.path(), 32, args.secs)?);
                         let snap = probes.snapshot()?;
                         ios += snap
                             .io
@@ -311,16 +342,34 @@ fn main() -> Result<()> {
                 }
             }
         }
-        let (mw, mo) = (median(&with), median(&without));
+        let iops = |v: &[DiskRun]| v.iter().map(|r| r.report.iops_avg).collect::<Vec<_>>();
+        let cpu = |v: &[DiskRun]| v.iter().map(|r| r.cpu_ns_per_io).collect::<Vec<_>>();
+        // Paired by round: the with/without runs of one round ran back to back, so their ratio
+        // cancels most of the drift that moves whole rounds.
+        let paired = |f: &dyn Fn(&DiskRun) -> f64| {
+            median(
+                &with
+                    .iter()
+                    .zip(&without)
+                    .map(|(w, o)| f(w) / f(o))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (mw, mo) = (median(&iops(&with)), median(&iops(&without)));
         overhead.push(OverheadResult {
             backing: label,
-            iops_without: without,
-            iops_with: with,
-            median_idle_control: median(&idle),
-            iops_idle_control: idle,
+            iops_without: iops(&without),
+            iops_with: iops(&with),
+            median_idle_control: median(&iops(&idle)),
+            iops_idle_control: iops(&idle),
             median_without: mo,
             median_with: mw,
             cost_percent: (1.0 - mw / mo) * 100.0,
+            paired_iops_ratio: paired(&|r| r.report.iops_avg),
+            cpu_ns_per_io_without: cpu(&without),
+            cpu_ns_per_io_with: cpu(&with),
+            cpu_ns_per_io_idle_control: cpu(&idle),
+            paired_cpu_ratio: paired(&|r| r.cpu_ns_per_io),
             sites_attached: sites,
             signal_traps_per_io: if ios > 0 {
                 traps as f64 / ios as f64
@@ -382,12 +431,12 @@ fn print_markdown(r: &Report) {
         }
     }
     if !r.overhead.is_empty() {
-        println!("\n| QD32, 4 KiB random read | backing file | median IOPS, probes detached | control: idle probe attached | all probes attached | with/without | cost | signal-probe hits per I/O |");
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("\n| QD32, 4 KiB random read | backing file | median IOPS, probes detached | control: idle probe attached | all probes attached | with/without (medians) | with/without (paired by round) | CPU per I/O with/without (paired) | signal-probe hits per I/O |");
+        println!("|---|---|---|---|---|---|---|---|---|");
     }
     for o in &r.overhead {
         println!(
-            "| {} sites | {} | {:.0} {:?} | {:.0} {:?} | {:.0} {:?} | {:.4} | {:.2}% | {:.3} |",
+            "| {} sites | {} | {:.0} {:?} | {:.0} {:?} | {:.0} {:?} | {:.4} ({:.2}% cost) | {:.4} | {:.4} ({:.0} vs {:.0} ns) | {:.3} |",
             o.sites_attached,
             o.backing,
             o.median_without,
@@ -401,6 +450,10 @@ fn print_markdown(r: &Report) {
             o.iops_with.iter().map(|v| v.round()).collect::<Vec<_>>(),
             o.median_with / o.median_without,
             o.cost_percent,
+            o.paired_iops_ratio,
+            o.paired_cpu_ratio,
+            median(&o.cpu_ns_per_io_with),
+            median(&o.cpu_ns_per_io_without),
             o.signal_traps_per_io
         );
     }
