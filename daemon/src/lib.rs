@@ -13,6 +13,7 @@
 pub mod api;
 pub mod collector;
 pub mod config;
+pub mod histograms;
 pub mod metrics;
 #[doc(hidden)]
 pub mod testing;
@@ -184,11 +185,16 @@ pub fn router(handle: DaemonHandle) -> Router {
         .route("/metrics", get(metrics_handler))
         .route("/api/v1/devices", get(devices_handler))
         .route("/api/v1/health", get(health_handler))
+        .route("/api/v1/histograms", get(histograms_handler))
+        .route(
+            "/api/v1/devices/{name}/histogram",
+            get(device_histogram_handler),
+        )
         .with_state(handle)
 }
 
 async fn index() -> &'static str {
-    "enlightd\n  /metrics         Prometheus exposition\n  /api/v1/devices  per-device figures (JSON)\n  /api/v1/health   the daemon's own health (JSON)\n"
+    "enlightd\n  /metrics         Prometheus exposition\n  /api/v1/devices  per-device figures (JSON)\n  /api/v1/health   the daemon's own health (JSON)\n  /api/v1/histograms  per-device latency buckets, cumulative (JSON)\n"
 }
 
 async fn metrics_handler(AxumState(handle): AxumState<DaemonHandle>) -> Response {
@@ -205,6 +211,29 @@ async fn metrics_handler(AxumState(handle): AxumState<DaemonHandle>) -> Response
 
 async fn devices_handler(AxumState(handle): AxumState<DaemonHandle>) -> Json<Vec<DeviceView>> {
     Json(handle.devices())
+}
+
+async fn histograms_handler(
+    AxumState(handle): AxumState<DaemonHandle>,
+) -> Json<Vec<histograms::DeviceHistogram>> {
+    Json(histograms::histograms(
+        &handle.state.lock().expect("state lock"),
+    ))
+}
+
+async fn device_histogram_handler(
+    AxumState(handle): AxumState<DaemonHandle>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    let state = handle.state.lock().expect("state lock");
+    match state.devices.get(&name) {
+        Some(d) => Json(histograms::device_histogram(d)).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": format!("no device {name:?}") })),
+        )
+            .into_response(),
+    }
 }
 
 async fn health_handler(AxumState(handle): AxumState<DaemonHandle>) -> Json<HealthView> {
@@ -285,6 +314,21 @@ mod tests {
         let health: HealthView =
             serde_json::from_str(&get("/api/v1/health").unwrap().into_string().unwrap()).unwrap();
         assert_eq!(health.devices_attached, 1);
+        let hists: Vec<histograms::DeviceHistogram> =
+            serde_json::from_str(&get("/api/v1/histograms").unwrap().into_string().unwrap())
+                .unwrap();
+        assert_eq!((hists.len(), hists[0].ops[0].count), (1, 1000));
+        let one: histograms::DeviceHistogram = serde_json::from_str(
+            &get("/api/v1/devices/disk0/histogram")
+                .unwrap()
+                .into_string()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(one, hists[0]);
+        assert!(
+            matches!(get("/api/v1/devices/nope/histogram"), Err(e) if matches!(*e, ureq::Error::Status(404, _)))
+        );
         assert!(matches!(get("/nope"), Err(e) if matches!(*e, ureq::Error::Status(404, _))));
         assert!(matches!(
             ureq::post(&format!("http://{addr}/metrics")).call(),
