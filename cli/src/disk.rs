@@ -102,6 +102,7 @@ pub fn run(args: DiskArgs) -> Result<()> {
         exe: std::env::current_exe().context("locating this executable")?,
         started_unix_ms: registry::now_unix_ms(),
         settings,
+        control: None,
     };
     let registration = Registration::register(&runtime_dir, &record)
         .with_context(|| format!("registering in {}", runtime_dir.display()))?;

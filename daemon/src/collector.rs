@@ -397,6 +397,7 @@ pub(crate) mod tests {
             exe: "/proc/self/exe".into(),
             started_unix_ms: 0,
             settings: DeviceSettings::default(),
+            control: None,
         }
     }
 

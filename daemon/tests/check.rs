@@ -96,6 +96,7 @@ fn check_reports_a_device_it_cannot_attach_to() {
         exe: std::env::current_exe().unwrap(),
         started_unix_ms: 0,
         settings: Default::default(),
+        control: None,
     };
     let _reg = enlight_driver::registry::Registration::register(dir.path(), &record).unwrap();
     let out = enlightd()

@@ -7,14 +7,20 @@
 //!   two threads or handed to another process over a Unix socket.
 //! - [`disk`]: a storvsc-like synthetic disk: the guest driver (VSC) and the host service (VSP).
 //! - [`workload`]: a closed-loop workload generator with its own counts and percentiles.
+//! - [`emulated`]: register-level device models (an IDE disk in PIO mode) whose every register
+//!   access traps to the model, the baseline the synthetic devices are compared against.
 //! - [`trace`]: USDT tracepoints (provider `enlight`), the contract with `probes/`.
 //! - [`registry`]: the runtime directory where running devices announce themselves to enlightd.
-//! - [`settings`]: every tunable knob of a device, in one place.
+//! - [`settings`]: every tunable knob of a device, in one place, and the live copy the data path
+//!   reads.
+//! - [`control`]: the per-device control socket that changes those knobs while I/O runs.
 //!
 //! The cross-crate contracts are written down in `docs/architecture.md`.
 
 pub mod channel;
+pub mod control;
 pub mod disk;
+pub mod emulated;
 pub mod registry;
 pub mod ring;
 pub mod settings;

@@ -35,8 +35,11 @@ pub struct DeviceRecord {
     pub exe: PathBuf,
     /// When the device started (Unix time, ms).
     pub started_unix_ms: u64,
-    /// Current settings.
+    /// Current settings (rewritten on every change applied through the control socket).
     pub settings: DeviceSettings,
+    /// The device's control socket (contract 4), if it serves one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<PathBuf>,
 }
 
 /// Registry errors.
@@ -203,6 +206,7 @@ mod tests {
             exe: "/bin/true".into(),
             started_unix_ms: now_unix_ms(),
             settings: DeviceSettings::default(),
+            control: None,
         }
     }
 

@@ -1,8 +1,10 @@
 //! Every tunable knob of a synthetic device, in one place.
 //!
-//! The ring sizes, the host's interrupt moderation and the guest's polling budget. They are plain
-//! configuration for now; live tuning will change them through this type, so every consumer reads
-//! them from here rather than keeping its own copy.
+//! The ring sizes, the host's interrupt moderation and the guest's polling budget. A device keeps
+//! the values in force in a [`LiveSettings`] (one atomic per knob), which its data path reads on
+//! every pass and its control socket (`crate::control`) changes while I/O runs.
+
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -113,6 +115,131 @@ impl DeviceSettings {
     }
 }
 
+/// One knob, with its code in the `settings_change` USDT probe (contract 4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u32)]
+pub enum Knob {
+    /// `ring_out_bytes`, code 0.
+    RingOutBytes = 0,
+    /// `ring_in_bytes`, code 1.
+    RingInBytes = 1,
+    /// `moderation_frames`, code 2.
+    ModerationFrames = 2,
+    /// `moderation_usecs`, code 3.
+    ModerationUsecs = 3,
+    /// `poll_budget`, code 4.
+    PollBudget = 4,
+}
+
+impl Knob {
+    /// Every knob, in code order.
+    pub const ALL: [Knob; 5] = [
+        Knob::RingOutBytes,
+        Knob::RingInBytes,
+        Knob::ModerationFrames,
+        Knob::ModerationUsecs,
+        Knob::PollBudget,
+    ];
+
+    /// The field name in [`DeviceSettings`] (and on the control socket, and the `knob` label).
+    pub fn name(self) -> &'static str {
+        match self {
+            Knob::RingOutBytes => "ring_out_bytes",
+            Knob::RingInBytes => "ring_in_bytes",
+            Knob::ModerationFrames => "moderation_frames",
+            Knob::ModerationUsecs => "moderation_usecs",
+            Knob::PollBudget => "poll_budget",
+        }
+    }
+
+    /// The knob with this probe code.
+    pub fn from_code(code: u32) -> Option<Knob> {
+        Knob::ALL.get(code as usize).copied()
+    }
+
+    /// The knob with this field name.
+    pub fn from_name(name: &str) -> Option<Knob> {
+        Knob::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The knob's value in `s`.
+    pub fn get(self, s: &DeviceSettings) -> u32 {
+        match self {
+            Knob::RingOutBytes => s.ring_out_bytes,
+            Knob::RingInBytes => s.ring_in_bytes,
+            Knob::ModerationFrames => s.moderation_frames,
+            Knob::ModerationUsecs => s.moderation_usecs,
+            Knob::PollBudget => s.poll_budget,
+        }
+    }
+
+    /// Sets the knob's value in `s`.
+    pub fn set(self, s: &mut DeviceSettings, value: u32) {
+        match self {
+            Knob::RingOutBytes => s.ring_out_bytes = value,
+            Knob::RingInBytes => s.ring_in_bytes = value,
+            Knob::ModerationFrames => s.moderation_frames = value,
+            Knob::ModerationUsecs => s.moderation_usecs = value,
+            Knob::PollBudget => s.poll_budget = value,
+        }
+    }
+}
+
+impl DeviceSettings {
+    /// The knobs whose values differ between `self` and `other`, with (self's, other's) value.
+    pub fn diff(&self, other: &DeviceSettings) -> Vec<(Knob, u32, u32)> {
+        Knob::ALL
+            .into_iter()
+            .filter(|k| k.get(self) != k.get(other))
+            .map(|k| (k, k.get(self), k.get(other)))
+            .collect()
+    }
+}
+
+/// The settings in force on a running device: one atomic per knob, read by the data path on
+/// every pass (a relaxed load each) and written by the control path. A reader may see a change
+/// of two knobs half applied for one pass; each knob on its own is always a valid value.
+#[derive(Debug)]
+pub struct LiveSettings {
+    knobs: [AtomicU32; 5],
+}
+
+impl LiveSettings {
+    /// Live settings starting at `s`.
+    pub fn new(s: DeviceSettings) -> LiveSettings {
+        LiveSettings {
+            knobs: Knob::ALL.map(|k| AtomicU32::new(k.get(&s))),
+        }
+    }
+
+    /// One knob's value in force.
+    #[inline]
+    pub fn get(&self, knob: Knob) -> u32 {
+        self.knobs[knob as usize].load(Ordering::Relaxed)
+    }
+
+    /// Puts one knob's value in force.
+    pub fn set(&self, knob: Knob, value: u32) {
+        self.knobs[knob as usize].store(value, Ordering::Relaxed);
+    }
+
+    /// Every knob's value in force.
+    pub fn load(&self) -> DeviceSettings {
+        let mut s = DeviceSettings::default();
+        for k in Knob::ALL {
+            k.set(&mut s, self.get(k));
+        }
+        s
+    }
+
+    /// Puts every knob of `s` in force.
+    pub fn store(&self, s: &DeviceSettings) {
+        for k in Knob::ALL {
+            self.set(k, k.get(s));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +268,30 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(bad.validate().unwrap_err().knob, "poll_budget");
+    }
+
+    #[test]
+    fn knobs_have_contract_codes_and_names() {
+        for (i, k) in Knob::ALL.into_iter().enumerate() {
+            assert_eq!(k as usize, i);
+            assert_eq!(Knob::from_code(i as u32), Some(k));
+            assert_eq!(Knob::from_name(k.name()), Some(k));
+        }
+        assert_eq!(Knob::from_code(5), None);
+        let a = DeviceSettings::default();
+        let b = DeviceSettings {
+            poll_budget: 7,
+            moderation_usecs: 9,
+            ..a
+        };
+        assert_eq!(
+            a.diff(&b),
+            vec![(Knob::ModerationUsecs, 50, 9), (Knob::PollBudget, 64, 7)]
+        );
+        let live = LiveSettings::new(a);
+        live.store(&b);
+        assert_eq!(live.load(), b);
+        live.set(Knob::RingInBytes, 8192);
+        assert_eq!(live.get(Knob::RingInBytes), 8192);
     }
 }

@@ -45,7 +45,7 @@ const _: () = assert!(std::mem::offset_of!(CompletionRecord, op) == 12);
 const _: () = assert!(std::mem::offset_of!(CompletionRecord, status) == 14);
 
 /// Name of every probe, in the order of contract 1.
-pub const PROBE_NAMES: [&str; 7] = [
+pub const PROBE_NAMES: [&str; 8] = [
     "io_submit",
     "io_complete",
     "io_reap",
@@ -53,6 +53,7 @@ pub const PROBE_NAMES: [&str; 7] = [
     "irq_mask",
     "ring_full",
     "workload_start",
+    "settings_change",
 ];
 
 /// The VSC wrote a request packet into the outbound ring.
@@ -107,6 +108,22 @@ pub fn ring_full(dev: u32, direction: u32, needed_bytes: u32) {
 #[inline(always)]
 pub fn workload_start(dev: u32, queue_depth: u32) -> bool {
     probe::probe_lazy!(enlight, workload_start, dev, queue_depth)
+}
+
+/// A change of one knob was applied through the control socket (contract 4): `knob` is the
+/// [`Knob`](crate::settings::Knob) code (0 ring_out_bytes, 1 ring_in_bytes, 2 moderation_frames,
+/// 3 moderation_usecs, 4 poll_budget), `old` and `new` its values. One hit per changed knob.
+#[inline(always)]
+pub fn settings_change(dev: u32, knob: u32, old: u32, new: u32) {
+    probe::probe_lazy!(enlight, settings_change, dev, knob, old, new);
+}
+
+/// An emulated device trapped `count` register accesses since its last `trap` hit (contract 5).
+/// Fired once per traced completion batch, not per access: a uprobe hit costs about as much as
+/// the thread transport's hand-off it would count.
+#[inline(always)]
+pub fn trap(dev: u32, count: u64) {
+    probe::probe_lazy!(enlight, trap, dev, count);
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds (the clock every probe argument uses).
