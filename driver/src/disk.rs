@@ -625,6 +625,12 @@ impl Backing {
     pub fn direct(&self) -> bool {
         self.direct
     }
+
+    /// The open file (for device models that do their own positioned I/O; with `O_DIRECT`,
+    /// buffers and offsets must be 512-byte aligned).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
 }
 
 struct Job {

@@ -1,0 +1,231 @@
+//! The closed-loop workload on an emulated disk, with the same spec, figures and tracepoints as
+//! the synthetic disk's ([`crate::workload`]), so the two kinds are measured the same way.
+//!
+//! An IDE channel has no command queue: a queue depth of `qd` means `qd` requests are submitted
+//! together (one `io_submit` each, one submit time) and the device serves them one after another;
+//! each one's latency runs from that submit time to its own completion, so it includes the wait
+//! behind the others, as it would for a guest whose block layer queues in front of the device.
+//!
+//! Completions are traced in batches (`io_reap`, up to 256, at the latest 1 ms after the oldest),
+//! and each batch is followed by one `trap(dev, n)` hit carrying the register accesses trapped
+//! since the previous one.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use super::{BlockTransport, EmulatedError};
+use crate::disk::SECTOR;
+use crate::trace::{self, CompletionRecord, OP_READ, OP_WRITE};
+use crate::workload::{Limit, Pattern, WorkloadSnapshot, WorkloadSpec};
+
+/// Traces completions in batches and the traps behind them.
+struct Tracer {
+    dev: u32,
+    records: Vec<CompletionRecord>,
+    since: Option<Instant>,
+    traps_traced: u64,
+}
+
+impl Tracer {
+    fn push(&mut self, r: CompletionRecord) {
+        self.since.get_or_insert_with(Instant::now);
+        self.records.push(r);
+    }
+
+    fn maybe_flush(&mut self, traps_now: u64) {
+        let old = self
+            .since
+            .is_some_and(|t| t.elapsed() >= crate::disk::TRACE_FLUSH);
+        if self.records.len() >= trace::MAX_BATCH || old {
+            self.flush(traps_now);
+        }
+    }
+
+    fn flush(&mut self, traps_now: u64) {
+        if !self.records.is_empty() {
+            trace::io_reap(self.dev, &self.records);
+            self.records.clear();
+        }
+        self.since = None;
+        if traps_now > self.traps_traced {
+            trace::trap(self.dev, traps_now - self.traps_traced);
+            self.traps_traced = traps_now;
+        }
+    }
+}
+
+/// Figures only this workload has (beyond [`WorkloadSnapshot`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrapFigures {
+    /// Register accesses trapped during the run (transport's count).
+    pub traps: u64,
+    /// VM exits during the run (0 without a VM).
+    pub vm_exits: u64,
+}
+
+/// Runs `spec` on `dev` until its limit or `stop`; `on_interval` gets cumulative figures about
+/// once per second. Returns the final figures and the traps the run took.
+pub fn run(
+    dev: &mut dyn BlockTransport,
+    dev_id: u32,
+    spec: &WorkloadSpec,
+    stop: &AtomicBool,
+    mut on_interval: impl FnMut(&WorkloadSnapshot),
+) -> Result<(WorkloadSnapshot, TrapFigures), EmulatedError> {
+    let sectors = spec.block_size / SECTOR;
+    let blocks = dev.capacity_sectors() / sectors.max(1) as u64;
+    if blocks == 0 || spec.block_size > dev.max_io_bytes() || sectors == 0 {
+        return Err(EmulatedError::Invalid(format!(
+            "block size {} on a disk of {} sectors with {}-byte maximum I/O",
+            spec.block_size,
+            dev.capacity_sectors(),
+            dev.max_io_bytes()
+        )));
+    }
+    let qd = spec.queue_depth.max(1) as usize;
+    let traps0 = dev.traps();
+    let exits0 = dev.vm_exits();
+    let mut tracer = Tracer {
+        dev: dev_id,
+        records: Vec::with_capacity(trace::MAX_BATCH),
+        since: None,
+        traps_traced: traps0,
+    };
+    trace::workload_start(dev_id, qd as u32);
+    let mut rng = SmallRng::seed_from_u64(spec.seed);
+    let mut next_block = 0u64;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 2).expect("HDR");
+    let mut snap = WorkloadSnapshot::default();
+    let mut buf = vec![0u8; spec.block_size as usize];
+    let mut submitted = 0u64;
+    let start = Instant::now();
+    let mut last_tick = start;
+    let mut ops_at_tick = 0u64;
+    let limit_reached = |submitted: u64| match spec.limit {
+        Limit::Ios(n) => submitted >= n,
+        Limit::Duration(d) => start.elapsed() >= d,
+        Limit::Unbounded => false,
+    };
+    let mut batch: Vec<(u16, u64, u64)> = Vec::with_capacity(qd);
+    while !stop.load(Ordering::Relaxed) && !limit_reached(submitted) {
+        batch.clear();
+        let submit_ns = trace::monotonic_ns();
+        while batch.len() < qd && !limit_reached(submitted) {
+            let block = match spec.pattern {
+                Pattern::Random => rng.gen_range(0..blocks),
+                Pattern::Sequential => {
+                    let b = next_block;
+                    next_block = (next_block + 1) % blocks;
+                    b
+                }
+            };
+            let op = if rng.gen_range(0..100u8) < spec.read_percent {
+                OP_READ
+            } else {
+                OP_WRITE
+            };
+            let tag = submitted;
+            trace::io_submit(dev_id, op, tag, spec.block_size, submit_ns);
+            batch.push((op, block * sectors as u64, tag));
+            submitted += 1;
+        }
+        for &(op, lba, tag) in &batch {
+            if op == OP_WRITE {
+                buf.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, b)| *b = (i as u64 ^ tag) as u8);
+            }
+            let status = match dev.io(op, lba, &mut buf) {
+                Ok(()) => 0u16,
+                Err(EmulatedError::Device { .. }) => libc::EIO as u16,
+                Err(e) => return Err(e),
+            };
+            let latency_ns = trace::monotonic_ns().saturating_sub(submit_ns);
+            trace::io_complete(dev_id, op, tag, spec.block_size, latency_ns, status);
+            tracer.push(CompletionRecord {
+                latency_ns,
+                bytes: spec.block_size,
+                op,
+                status,
+            });
+            snap.ops_total += 1;
+            if status != 0 {
+                snap.errors += 1;
+            }
+            if op == OP_READ {
+                snap.reads += 1;
+                snap.read_bytes += spec.block_size as u64;
+            } else {
+                snap.writes += 1;
+                snap.write_bytes += spec.block_size as u64;
+            }
+            hist.saturating_record(latency_ns.max(1));
+        }
+        tracer.maybe_flush(dev.traps());
+        let now = Instant::now();
+        if now.duration_since(last_tick) >= Duration::from_secs(1) {
+            let iops =
+                (snap.ops_total - ops_at_tick) as f64 / now.duration_since(last_tick).as_secs_f64();
+            ops_at_tick = snap.ops_total;
+            last_tick = now;
+            fill(&mut snap, &hist, now.duration_since(start), iops, false);
+            on_interval(&snap);
+        }
+    }
+    tracer.flush(dev.traps());
+    let now = Instant::now();
+    let iops = (snap.ops_total - ops_at_tick) as f64
+        / now.duration_since(last_tick).as_secs_f64().max(1e-9);
+    fill(&mut snap, &hist, now.duration_since(start), iops, true);
+    Ok((
+        snap,
+        TrapFigures {
+            traps: dev.traps() - traps0,
+            vm_exits: dev.vm_exits() - exits0,
+        },
+    ))
+}
+
+fn fill(s: &mut WorkloadSnapshot, h: &Histogram<u64>, elapsed: Duration, iops: f64, done: bool) {
+    s.elapsed_s = elapsed.as_secs_f64();
+    s.iops_interval = iops;
+    s.iops_avg = if s.elapsed_s > 0.0 {
+        s.ops_total as f64 / s.elapsed_s
+    } else {
+        0.0
+    };
+    s.p50_ns = h.value_at_quantile(0.50);
+    s.p90_ns = h.value_at_quantile(0.90);
+    s.p99_ns = h.value_at_quantile(0.99);
+    s.p999_ns = h.value_at_quantile(0.999);
+    s.max_ns = h.max();
+    s.done = done;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emulated::ThreadIdeDisk;
+
+    #[test]
+    fn exact_count_mix_and_traps_per_io() {
+        let f = tempfile::NamedTempFile::new_in(std::env::temp_dir()).unwrap();
+        std::fs::write(f.path(), vec![0u8; 1 << 20]).unwrap();
+        let mut d = ThreadIdeDisk::open(f.path(), "W").unwrap();
+        let spec: WorkloadSpec = "qd=4,bs=1k,rw=50,ios=200".parse().unwrap();
+        let (r, t) = run(&mut d, 0, &spec, &AtomicBool::new(false), |_| {}).unwrap();
+        assert_eq!(r.ops_total, 200);
+        assert_eq!(r.reads + r.writes, 200);
+        assert_eq!(r.errors, 0);
+        // A 2-sector request: 6 task-file writes, 2 x (status + 256 data), a final status.
+        assert_eq!(t.traps, 200 * (6 + 2 * 257 + 1));
+        assert_eq!(t.vm_exits, 0);
+        let model = d.stop().unwrap();
+        assert_eq!(model.sectors_read + model.sectors_written, 400);
+        assert!(r.p50_ns > 0 && r.p50_ns <= r.p99_ns && r.done);
+    }
+}
