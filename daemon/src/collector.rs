@@ -110,10 +110,13 @@ pub struct DeviceState {
     pub events: DevEvents,
     /// Host → guest signals per second over the last interval.
     pub interrupts_per_sec: f64,
+    /// Register accesses an emulated device trapped (`trap` probe), cumulative.
+    pub traps: u64,
     /// Figures of earlier instances (processes) of this device, added to the current ones so
     /// counters never go backwards.
     base_ops: BTreeMap<u32, OpFigures>,
     base_events: DevEvents,
+    base_traps: u64,
     gone_since: Option<Instant>,
 }
 
@@ -195,8 +198,10 @@ impl<P: ProbeSource> Collector<P> {
                 ops: BTreeMap::new(),
                 events: DevEvents::default(),
                 interrupts_per_sec: 0.0,
+                traps: 0,
                 base_ops: BTreeMap::new(),
                 base_events: DevEvents::default(),
+                base_traps: 0,
                 gone_since: None,
             });
             if dev.record.pid != record.pid {
@@ -208,6 +213,7 @@ impl<P: ProbeSource> Collector<P> {
                     dev.base_ops.insert(*op, f);
                 }
                 dev.base_events = dev.events;
+                dev.base_traps = dev.traps;
                 dev.attached = false;
                 dev.attach_error = None;
             }
@@ -348,6 +354,12 @@ fn apply_snapshot(state: &mut State, snap: &Snapshot, dt: f64) {
                 events.interrupts.saturating_sub(dev.events.interrupts) as f64 / dt;
         }
         dev.events = events;
+        dev.traps = dev.base_traps
+            + snap
+                .traps
+                .get(&enlight_probes::DevKey { pid, dev: id })
+                .copied()
+                .unwrap_or(0);
     }
 }
 

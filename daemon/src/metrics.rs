@@ -157,6 +157,15 @@ pub fn render(state: &State) -> String {
     }
     header(
         &mut out,
+        "enlight_traps_total",
+        "counter",
+        "Register accesses an emulated device trapped to its device model (0 for synthetic devices).",
+    );
+    for d in devices() {
+        let _ = writeln!(out, "enlight_traps_total{} {}", dev_labels(d), d.traps);
+    }
+    header(
+        &mut out,
         "enlight_doorbells_total",
         "counter",
         "Guest-to-host signals (doorbells) sent.",

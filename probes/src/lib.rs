@@ -34,11 +34,12 @@ pub const PROVIDER: &str = "enlight";
 
 /// Probe name → program name, in attach order: `workload_start` is attached last, so a
 /// workload that waits for its semaphore knows every other site is live.
-pub const PROGRAMS: [(&str, &str); 5] = [
+pub const PROGRAMS: [(&str, &str); 6] = [
     ("io_reap", "enlight_io_reap"),
     ("signal", "enlight_signal"),
     ("ring_full", "enlight_ring_full"),
     ("irq_mask", "enlight_irq_mask"),
+    ("trap", "enlight_trap"),
     ("workload_start", "enlight_workload_start"),
 ];
 
@@ -220,6 +221,8 @@ pub struct Health {
 pub struct Snapshot {
     pub io: BTreeMap<IoKey, IoStats>,
     pub events: BTreeMap<DevKey, DevEvents>,
+    /// Register accesses trapped by emulated devices (sum of `trap`'s counts).
+    pub traps: BTreeMap<DevKey, u64>,
     pub health: Health,
 }
 
@@ -447,6 +450,14 @@ impl Probes {
                 }
             }
         }
+        if let Some(map) = self.ebpf.map_mut("dev_traps") {
+            if let Ok(mut m) = PerCpuHashMap::<&mut MapData, DevKeyRaw, u64>::try_from(map) {
+                let keys: Vec<DevKeyRaw> = m.keys().flatten().filter(|k| !keep(k.tgid)).collect();
+                for k in keys {
+                    let _ = m.remove(&k);
+                }
+            }
+        }
         if let Some(map) = self.ebpf.map_mut("dev_events") {
             if let Ok(mut m) = PerCpuHashMap::<&mut MapData, DevKeyRaw, DevEventsRaw>::try_from(map)
             {
@@ -523,6 +534,18 @@ impl Probes {
             for v in values.iter() {
                 *e += &DevEvents::from(*v);
             }
+        }
+        let traps = PerCpuHashMap::<&MapData, DevKeyRaw, u64>::try_from(self.map("dev_traps")?)
+            .map_err(map_err("dev_traps"))?;
+        for entry in traps.iter() {
+            let (k, values) = entry.map_err(map_err("dev_traps"))?;
+            *snap
+                .traps
+                .entry(DevKey {
+                    pid: k.tgid,
+                    dev: k.dev,
+                })
+                .or_default() += values.iter().sum::<u64>();
         }
         let health = PerCpuArray::<&MapData, u64>::try_from(self.map("health")?)
             .map_err(map_err("health"))?;

@@ -27,6 +27,10 @@ fn irq_mask(dev: u32, masked: u32) -> bool {
     probe::probe_lazy!(enlight, irq_mask, dev, masked)
 }
 #[inline(never)]
+fn trap(dev: u32, count: u64) -> bool {
+    probe::probe_lazy!(enlight, trap, dev, count)
+}
+#[inline(never)]
 fn workload_start(dev: u32) -> bool {
     probe::probe_lazy!(enlight, workload_start, dev, 32u32)
 }
@@ -88,6 +92,11 @@ fn counts_from_our_own_sites_are_exact() {
         irq_mask(7, 1);
         irq_mask(7, 0);
     }
+    // Trap counts are summed, not counted: 100 hits of 1..=100 accesses.
+    for n in 1..=100u64 {
+        trap(7, n);
+    }
+    trap(9, 1 << 40);
 
     let snap = probes.snapshot().expect("snapshot");
     for op in 0..2u32 {
@@ -107,6 +116,8 @@ fn counts_from_our_own_sites_are_exact() {
     assert_eq!((e.ring_full_out, e.ring_full_in), (1, 3));
     assert_eq!((e.irq_masked, e.irq_unmasked), (5, 5));
     assert_eq!(e.workload_starts, 1);
+    assert_eq!(snap.traps[&DevKey { pid, dev: 7 }], 5050);
+    assert_eq!(snap.traps[&DevKey { pid, dev: 9 }], 1 << 40);
     assert_eq!(snap.health.events_lost, 0);
     assert_eq!(snap.health.read_failures, 0);
     assert_eq!(snap.health.no_spec, 0);
@@ -133,6 +144,7 @@ fn counts_from_our_own_sites_are_exact() {
     let snap = probes.snapshot().unwrap();
     assert!(snap.io.keys().all(|k| k.pid != pid));
     assert!(snap.events.keys().all(|k| k.pid != pid));
+    assert!(snap.traps.keys().all(|k| k.pid != pid));
 }
 
 #[test]
@@ -154,6 +166,7 @@ fn bpftrace_lists_the_same_sites() {
         "signal",
         "ring_full",
         "irq_mask",
+        "trap",
         "workload_start",
     ] {
         assert!(

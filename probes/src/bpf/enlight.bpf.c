@@ -49,6 +49,14 @@ struct {
 	__type(value, struct enlight_dev_events);
 } dev_events SEC(".maps");
 
+/* Register accesses emulated devices trapped, per (process, device): the sum of trap's counts. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct enlight_dev_key);
+	__type(value, __u64);
+} dev_traps SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, ENLIGHT_HEALTH_COUNT);
@@ -311,5 +319,34 @@ int enlight_workload_start(struct pt_regs *ctx)
 
 	if (e)
 		e->workload_starts += 1;
+	return 0;
+}
+
+/* enlight:trap(dev, count): an emulated device trapped count register accesses since its last hit */
+SEC("uprobe")
+int enlight_trap(struct pt_regs *ctx)
+{
+	struct enlight_dev_key key = {};
+	__u64 dev, count, *v;
+
+	if (usdt_arg(ctx, 0, &dev) || usdt_arg(ctx, 1, &count)) {
+		health_inc(ENLIGHT_HEALTH_READ_FAILED);
+		return 0;
+	}
+	key.tgid = bpf_get_current_pid_tgid() >> 32;
+	key.dev = (__u32)dev;
+	v = bpf_map_lookup_elem(&dev_traps, &key);
+	if (v) {
+		*v += count;
+		return 0;
+	}
+	if (bpf_map_update_elem(&dev_traps, &key, &count, BPF_NOEXIST)) {
+		/* Another CPU created it meanwhile: add to theirs (per-CPU, so ours is separate). */
+		v = bpf_map_lookup_elem(&dev_traps, &key);
+		if (v)
+			*v += count;
+		else
+			health_inc(ENLIGHT_HEALTH_MAP_FULL);
+	}
 	return 0;
 }
