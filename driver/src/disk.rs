@@ -14,6 +14,14 @@
 //! first (re-checking the mask first). The guest reaps NAPI-style: while a pass fills its whole
 //! `poll_budget` it stays in polling mode with `interrupt_mask` set; a short pass unmasks,
 //! re-checks for completions that raced in, and sleeps on the channel's eventfd.
+//!
+//! Every knob can change while I/O runs ([`live`]): both loops read moderation and the polling
+//! budget from [`DiskLive`] on every pass, and a ring resize switches both ends to a new channel
+//! between two I/Os (see [`live`] for how).
+
+mod live;
+
+pub use live::{DiskLive, ResizeReport, RESIZE_RUN_TIMEOUT, RESIZE_START_TIMEOUT};
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -32,7 +40,7 @@ use crate::channel::{
 use crate::ring::{
     RingError, WriteOutcome, FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION, PACKET_TYPE_INBAND,
 };
-use crate::settings::DeviceSettings;
+use crate::settings::{DeviceSettings, Knob};
 use crate::trace::{
     self, CompletionRecord, DIR_GUEST_TO_HOST, DIR_HOST_TO_GUEST, OP_FLUSH, OP_READ, OP_WRITE,
 };
@@ -45,6 +53,13 @@ pub const SECTOR: u32 = 512;
 pub const MAX_PACKET_PAYLOAD: u32 = 256;
 /// Alignment of every data slot in the shared area (enough for `O_DIRECT`).
 pub const SLOT_ALIGN: usize = 4096;
+/// Op code of the in-band request that moves the host to a new channel (a ring resize); it is
+/// sent with the tag [`SWITCH_TAG`], which no I/O request can have.
+pub const OP_SWITCH_CHANNEL: u16 = 0x100;
+/// Tag of the channel switch request and its acknowledgement.
+pub const SWITCH_TAG: u64 = u64::MAX;
+/// Longest the guest waits for the host to acknowledge a channel switch.
+const SWITCH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A request, as the payload of an inband packet.
 #[repr(C)]
@@ -215,7 +230,9 @@ struct Slot {
 pub struct DiskVsc {
     end: GuestEnd,
     dev: u32,
-    settings: DeviceSettings,
+    live: Arc<DiskLive>,
+    /// Submissions are held for a ring resize since this instant.
+    quiesce_since: Option<Instant>,
     max_io: u32,
     capacity_sectors: u64,
     slots: Vec<Slot>,
@@ -228,7 +245,8 @@ pub struct DiskVsc {
 }
 
 impl DiskVsc {
-    /// A driver over `end`, for a disk of `capacity_sectors`.
+    /// A driver over `end`, for a disk of `capacity_sectors`, with its own live settings and no
+    /// host service attached (no ring resizes).
     pub fn new(
         end: GuestEnd,
         dev: u32,
@@ -236,11 +254,29 @@ impl DiskVsc {
         max_io: u32,
         capacity_sectors: u64,
     ) -> Self {
+        DiskVsc::with_live(
+            end,
+            dev,
+            Arc::new(DiskLive::new(settings)),
+            max_io,
+            capacity_sectors,
+        )
+    }
+
+    /// A driver over `end` whose knobs are `live` (shared with its host service and control).
+    pub fn with_live(
+        end: GuestEnd,
+        dev: u32,
+        live: Arc<DiskLive>,
+        max_io: u32,
+        capacity_sectors: u64,
+    ) -> Self {
         let n = (end.extra.len() / max_io as usize) as u32;
         DiskVsc {
             end,
             dev,
-            settings,
+            live,
+            quiesce_since: None,
             max_io,
             capacity_sectors,
             slots: vec![Slot::default(); n as usize],
@@ -277,9 +313,145 @@ impl DiskVsc {
         self.dev
     }
 
-    /// The settings the driver runs with.
+    /// The settings in force.
     pub fn settings(&self) -> DeviceSettings {
-        self.settings
+        self.live.current()
+    }
+
+    /// The live state shared with the host service: serve it with
+    /// [`ControlServer`](crate::control::ControlServer) to tune the disk while it runs.
+    pub fn live(&self) -> Arc<DiskLive> {
+        Arc::clone(&self.live)
+    }
+
+    /// The ring sizes of the channel in use (outbound, inbound).
+    pub fn ring_sizes(&self) -> (usize, usize) {
+        (
+            self.end.config.out_ring_bytes,
+            self.end.config.in_ring_bytes,
+        )
+    }
+
+    fn resize_requested(&self) -> bool {
+        self.quiesce_since.is_some() || self.live.resize_pending.load(Ordering::Acquire)
+    }
+
+    /// At a point with nothing in flight: performs a posted ring resize, if any. A failure
+    /// before the host was told leaves the old channel in use and is reported to the requester;
+    /// one after (the host broke the switch protocol or died) breaks the device like any other
+    /// channel error.
+    fn resize_if_requested(&mut self) -> Result<(), DiskError> {
+        let since = self.quiesce_since.take().unwrap_or_else(Instant::now);
+        let Some((out, inb)) = self.live.take_request() else {
+            return Ok(());
+        };
+        let drained = Instant::now();
+        let from = (
+            self.end.config.out_ring_bytes as u32,
+            self.end.config.in_ring_bytes as u32,
+        );
+        match self.switch_channel(out, inb)? {
+            Ok(()) => {
+                let report = ResizeReport {
+                    from,
+                    to: (out, inb),
+                    drain_ns: drained.duration_since(since).as_nanos() as u64,
+                    switch_ns: drained.elapsed().as_nanos() as u64,
+                };
+                log::info!("disk {}: rings resized: {report:?}", self.dev);
+                self.live.finish_resize(Ok(report));
+            }
+            Err(e) => self.live.finish_resize(Err(e)),
+        }
+        Ok(())
+    }
+
+    /// Moves both ends to a new channel with rings of `out`/`inb` bytes. Outer error: fatal;
+    /// inner: the switch did not happen and the old channel stays in use.
+    fn switch_channel(&mut self, out: u32, inb: u32) -> Result<Result<(), String>, DiskError> {
+        debug_assert_eq!(self.outstanding(), 0);
+        let cfg = ChannelConfig {
+            out_ring_bytes: out as usize,
+            in_ring_bytes: inb as usize,
+            extra_bytes: self.end.config.extra_bytes,
+        };
+        let (mut guest, mut host) = match channel::create(&cfg) {
+            Ok(ends) => ends,
+            Err(e) => return Ok(Err(format!("creating the new channel: {e}"))),
+        };
+        guest.rx.set_max_payload(MAX_PACKET_PAYLOAD);
+        host.rx.set_max_payload(MAX_PACKET_PAYLOAD);
+        // Slots keep their data: a completed read's buffer stays readable until the slot is
+        // reused (`read_completed`).
+        let len = self.end.extra.len().min(guest.extra.len());
+        // SAFETY: both areas are at least `len` bytes and mapped while the ends live; nothing is
+        // in flight, so the host touches neither, and the new area is not shared with anyone yet.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.end.extra.as_ptr(), guest.extra.as_ptr(), len)
+        };
+        // Leave polling on the old ring; the new one starts unmasked.
+        self.set_masked(false);
+        *self.live.handover.lock().expect("hand-over lock") = Some(host);
+        let req = DiskRequest {
+            op: OP_SWITCH_CHANNEL,
+            ..Default::default()
+        };
+        let deadline = Instant::now() + SWITCH_ACK_TIMEOUT;
+        let timed_out = || {
+            DiskError::Protocol(format!(
+                "the host did not take the channel switch within {SWITCH_ACK_TIMEOUT:?}"
+            ))
+        };
+        loop {
+            match self.end.tx.try_write(
+                PACKET_TYPE_INBAND,
+                FLAG_COMPLETION_REQUESTED,
+                SWITCH_TAG,
+                &[&req.encode()],
+            )? {
+                WriteOutcome::Written { .. } => break,
+                WriteOutcome::Full { .. } if Instant::now() < deadline => {
+                    if self.end.from_host.wait(Duration::from_millis(1))? == WaitResult::PeerGone {
+                        return Err(DiskError::PeerGone);
+                    }
+                }
+                WriteOutcome::Full { .. } => return Err(timed_out()),
+            }
+        }
+        // Always signal: the host may be asleep whatever the ring's state.
+        self.end.to_host.signal()?;
+        trace::signal(self.dev, DIR_GUEST_TO_HOST, 0);
+        let status = loop {
+            if let Some(h) = self.end.rx.read_into(&mut self.buf)? {
+                let c = DiskCompletion::decode(&self.buf);
+                match (h.ty, h.trans_id, c) {
+                    (PACKET_TYPE_COMPLETION, SWITCH_TAG, Some(c)) => break c.status,
+                    _ => {
+                        return Err(DiskError::Protocol(format!(
+                            "packet type {} tag {:#x} while waiting for the channel switch",
+                            h.ty, h.trans_id
+                        )))
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(timed_out());
+            }
+            if self.end.from_host.wait(deadline - now)? == WaitResult::PeerGone {
+                return Err(DiskError::PeerGone);
+            }
+        };
+        self.end.rx.commit();
+        if status != 0 {
+            // The host refused and stays on the old channel: so do we.
+            self.live.handover.lock().expect("hand-over lock").take();
+            return Ok(Err(format!(
+                "the host refused the channel switch (status {status})"
+            )));
+        }
+        self.end = guest;
+        Ok(Ok(()))
     }
 
     fn slot_offset(&self, slot: u32) -> usize {
@@ -351,6 +523,11 @@ impl DiskVsc {
                 self.max_io
             )));
         }
+        if self.resize_requested() {
+            // Hold new requests until the ring resize is done; the caller reaps meanwhile.
+            self.quiesce_since.get_or_insert_with(Instant::now);
+            return Ok(Submitted::RingFull);
+        }
         let Some(&slot) = self.free.last() else {
             return Err(DiskError::QueueFull(self.slots.len()));
         };
@@ -412,9 +589,8 @@ impl DiskVsc {
         self.records_since = None;
     }
 
-    /// One polling pass: reads up to `poll_budget` completions into `out`.
-    fn pass(&mut self, out: &mut Vec<Completion>) -> Result<usize, DiskError> {
-        let budget = self.settings.poll_budget as usize;
+    /// One polling pass: reads up to `budget` completions into `out`.
+    fn pass(&mut self, out: &mut Vec<Completion>, budget: usize) -> Result<usize, DiskError> {
         let mut reaped = 0;
         while reaped < budget {
             let Some(h) = self.end.rx.read_into(&mut self.buf)? else {
@@ -497,8 +673,18 @@ impl DiskVsc {
     ) -> Result<usize, DiskError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let n = self.pass(out)?;
-            if n == self.settings.poll_budget as usize {
+            if self.resize_requested() {
+                self.quiesce_since.get_or_insert_with(Instant::now);
+                if self.outstanding() == 0 {
+                    self.resize_if_requested()?;
+                    // Back to the caller at once: it has requests to submit on the new rings.
+                    return Ok(0);
+                }
+            }
+            // Read once per pass: the control socket may change it at any time.
+            let budget = self.live.knob(Knob::PollBudget).max(1) as usize;
+            let n = self.pass(out, budget)?;
+            if n == budget {
                 // Busy: keep polling with interrupts masked.
                 self.set_masked(true);
                 return Ok(n);
@@ -636,6 +822,8 @@ impl Backing {
 struct Job {
     tag: u64,
     req: DiskRequest,
+    /// The shared area of the channel the request came on (a resize replaces it).
+    area: SharedArea,
 }
 
 struct Done {
@@ -770,15 +958,23 @@ impl Moderation {
 
 /// Serves the host end of a disk channel from `backing` until `stop` is set or the guest's
 /// process is gone. Returns an error when the guest breaks the ring protocol.
+///
+/// Moderation is read from `control`'s live settings on every pass. A channel switch request
+/// (a ring resize, see [`live`]) moves the service to the host end the guest put in the
+/// hand-over slot of the same [`DiskLive`].
 pub fn serve(
     mut host: HostEnd,
     backing: Backing,
     dev: u32,
-    settings: DeviceSettings,
     options: DiskOptions,
     control: VspControl,
 ) -> Result<(), DiskError> {
-    let VspControl { stop, stats, wake } = control;
+    let VspControl {
+        stop,
+        stats,
+        wake,
+        live,
+    } = control;
     let file = Arc::new(backing.file);
     let capacity = backing.capacity_sectors;
     let (job_tx, job_rx) = mpsc::channel::<Job>();
@@ -786,11 +982,10 @@ pub fn serve(
     let (done_tx, done_rx) = mpsc::channel::<Done>();
     let mut workers = Vec::new();
     for i in 0..options.workers.max(1) {
-        let (job_rx, done_tx, file, area, wake) = (
+        let (job_rx, done_tx, file, wake) = (
             Arc::clone(&job_rx),
             done_tx.clone(),
             Arc::clone(&file),
-            host.extra.clone(),
             Arc::clone(&wake),
         );
         workers.push(
@@ -801,7 +996,7 @@ pub fn serve(
                         Ok(job) => job,
                         Err(_) => return,
                     };
-                    let completion = do_io(&file, &area, &job.req);
+                    let completion = do_io(&file, &job.area, &job.req);
                     if done_tx
                         .send(Done {
                             tag: job.tag,
@@ -822,11 +1017,13 @@ pub fn serve(
     drop(done_tx);
 
     let mut moderation = Moderation {
-        frames: settings.moderation_frames.max(1),
-        usecs: settings.moderation_usecs,
+        frames: live.knob(Knob::ModerationFrames).max(1),
+        usecs: live.knob(Knob::ModerationUsecs),
         owed_since: None,
         since_owed: 0,
     };
+    // Requests handed to the workers and not yet back.
+    let mut in_flight = 0usize;
     let mut outq: VecDeque<Done> = VecDeque::new();
     let mut buf = Vec::with_capacity(64);
     let mut blocked_on_full = false;
@@ -834,27 +1031,61 @@ pub fn serve(
         if stop.load(Ordering::Acquire) {
             break Ok(());
         }
+        // Read once per pass: the control socket may change them at any time.
+        moderation.frames = live.knob(Knob::ModerationFrames).max(1);
+        moderation.usecs = live.knob(Knob::ModerationUsecs);
         // 1. Requests from the guest.
         let step: Result<(), DiskError> = (|| {
             while let Some(h) = host.rx.read_into(&mut buf)? {
-                stats.requests.fetch_add(1, Ordering::Relaxed);
                 let req = if h.ty == PACKET_TYPE_INBAND {
                     DiskRequest::decode(&buf)
                 } else {
                     None
                 };
+                if h.trans_id == SWITCH_TAG && req.is_some_and(|r| r.op == OP_SWITCH_CHANNEL) {
+                    // Everything earlier is read; it must all be completed too.
+                    let idle = in_flight == 0 && outq.is_empty();
+                    let next = if idle {
+                        live.handover.lock().expect("hand-over lock").take()
+                    } else {
+                        None
+                    };
+                    let status = match (&next, idle) {
+                        (Some(_), _) => 0,
+                        (None, false) => libc::EBUSY as u32,
+                        (None, true) => libc::EPROTO as u32,
+                    };
+                    write_switch_ack(&mut host, status)?;
+                    stats.interrupts.fetch_add(1, Ordering::Relaxed);
+                    host.to_guest.signal()?;
+                    trace::signal(dev, DIR_HOST_TO_GUEST, 0);
+                    if let Some(next) = next {
+                        host.rx.commit();
+                        host = next;
+                        moderation.owed_since = None;
+                        blocked_on_full = false;
+                    } else {
+                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                stats.requests.fetch_add(1, Ordering::Relaxed);
                 let verdict = match req {
                     Some(req) => validate(&req, capacity, host.extra.len(), options.max_io_bytes)
                         .map(|_| req),
                     None => Err(libc::EPROTO as u32),
                 };
                 match verdict {
-                    Ok(req) => job_tx
-                        .send(Job {
-                            tag: h.trans_id,
-                            req,
-                        })
-                        .expect("workers outlive the loop"),
+                    Ok(req) => {
+                        in_flight += 1;
+                        job_tx
+                            .send(Job {
+                                tag: h.trans_id,
+                                req,
+                                area: host.extra.clone(),
+                            })
+                            .expect("workers outlive the loop")
+                    }
                     Err(status) => {
                         stats.errors.fetch_add(1, Ordering::Relaxed);
                         outq.push_back(Done {
@@ -872,6 +1103,7 @@ pub fn serve(
             }
             // 2. Completions from the workers, in the order they finished.
             while let Ok(done) = done_rx.try_recv() {
+                in_flight -= 1;
                 if done.completion.status != 0 {
                     stats.errors.fetch_add(1, Ordering::Relaxed);
                 }
@@ -970,22 +1202,58 @@ pub fn serve(
     result
 }
 
-/// How a host service is stopped and observed from outside its thread.
+/// Writes the acknowledgement of a channel switch request into the (old) inbound ring. The
+/// guest is reading that ring while it waits, so room appears soon if there is none.
+fn write_switch_ack(host: &mut HostEnd, status: u32) -> Result<(), DiskError> {
+    let deadline = Instant::now() + SWITCH_ACK_TIMEOUT;
+    let ack = DiskCompletion { status, bytes: 0 };
+    loop {
+        match host
+            .tx
+            .try_write(PACKET_TYPE_COMPLETION, 0, SWITCH_TAG, &[&ack.encode()])?
+        {
+            WriteOutcome::Written { .. } => return Ok(()),
+            WriteOutcome::Full { .. } if Instant::now() < deadline => {
+                host.to_guest.signal()?;
+                host.from_guest.wait(Duration::from_millis(1))?;
+            }
+            WriteOutcome::Full { .. } => {
+                return Err(DiskError::Protocol(
+                    "the guest never made room for the channel switch acknowledgement".into(),
+                ))
+            }
+        }
+    }
+}
+
+/// How a host service is stopped, observed and tuned from outside its thread.
 #[derive(Clone)]
 pub struct VspControl {
     stop: Arc<AtomicBool>,
     stats: Arc<VspStats>,
     wake: Arc<OwnedFd>,
+    live: Arc<DiskLive>,
 }
 
 impl VspControl {
-    /// A fresh control block (stop flag clear, counters zero).
+    /// A fresh control block (stop flag clear, counters zero, default settings).
     pub fn new() -> Result<VspControl, DiskError> {
+        VspControl::with_settings(DeviceSettings::default())
+    }
+
+    /// A fresh control block whose live settings start at `settings`.
+    pub fn with_settings(settings: DeviceSettings) -> Result<VspControl, DiskError> {
         Ok(VspControl {
             stop: Arc::new(AtomicBool::new(false)),
             stats: Arc::new(VspStats::default()),
             wake: wake_fd()?,
+            live: Arc::new(DiskLive::new(settings)),
         })
+    }
+
+    /// The live settings the service reads (shared with the guest driver and the control socket).
+    pub fn live(&self) -> &Arc<DiskLive> {
+        &self.live
     }
 
     /// Asks the service to stop and wakes it.
@@ -1066,18 +1334,21 @@ impl SyntheticDisk {
         let (mut guest, mut host) = channel::create(&cfg)?;
         guest.rx.set_max_payload(MAX_PACKET_PAYLOAD);
         host.rx.set_max_payload(MAX_PACKET_PAYLOAD);
-        let control = VspControl::new()?;
+        let control = VspControl::with_settings(settings)?;
+        // The service runs in this process, so it takes channel hand-overs (ring resizes).
+        control.live.host_attached.store(true, Ordering::Release);
+        let live = Arc::clone(&control.live);
         let thread = {
             let control = control.clone();
             std::thread::Builder::new()
                 .name(format!("vsp-disk{dev}"))
-                .spawn(move || serve(host, backing, dev, settings, options, control))
+                .spawn(move || serve(host, backing, dev, options, control))
                 .map_err(|e| DiskError::Backing {
                     path: "host service thread".into(),
                     source: e,
                 })?
         };
-        let vsc = DiskVsc::new(guest, dev, settings, options.max_io_bytes, capacity);
+        let vsc = DiskVsc::with_live(guest, dev, live, options.max_io_bytes, capacity);
         Ok((
             vsc,
             VspHandle {
@@ -1172,16 +1443,7 @@ mod tests {
         let backing = Backing::open(f.path()).unwrap();
         let t = {
             let control = control.clone();
-            std::thread::spawn(move || {
-                serve(
-                    host,
-                    backing,
-                    0,
-                    DeviceSettings::default(),
-                    small(),
-                    control,
-                )
-            })
+            std::thread::spawn(move || serve(host, backing, 0, small(), control))
         };
         let bad = [
             DiskRequest {
