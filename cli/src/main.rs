@@ -5,10 +5,12 @@
 //! - `enlight disk` is a device process: a synthetic disk (VSC and VSP threads over a VMBus-style
 //!   channel) driven by the workload generator, announced in the device registry so that enlightd
 //!   finds it. It prints one JSON line per second with the workload's own figures.
+//! - `enlight top` watches a running enlightd in the terminal (crate `enlight-tui`).
 
 mod demo;
 mod disk;
 mod signals;
+mod top;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -30,6 +32,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run one synthetic disk device process with a workload (what `demo` starts).
     Disk(disk::DiskArgs),
+    /// Watch a running enlightd live in the terminal: devices, latency histograms, the tuner.
+    Top(top::TopArgs),
 }
 
 fn main() -> Result<()> {
@@ -38,5 +42,6 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Disk(args) => disk::run(args),
+        Command::Top(args) => top::run(args),
     }
 }

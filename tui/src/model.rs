@@ -1,0 +1,170 @@
+//! What enlightd's JSON API serves, as `enlight top` reads it. Kept apart from the daemon's own
+//! types on purpose: every field a newer or older daemon may lack has a default, so the TUI works
+//! against any daemon of the same API version (e.g. one without the tuner: `tuner` is `None`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One op of a device, or every op together (`op = "all"`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct OpView {
+    pub op: String,
+    pub ops_total: u64,
+    pub bytes_total: u64,
+    pub errors_total: u64,
+    pub ops_per_sec: f64,
+    pub bytes_per_sec: f64,
+    pub p50_seconds: Option<f64>,
+    pub p90_seconds: Option<f64>,
+    pub p99_seconds: Option<f64>,
+    pub p999_seconds: Option<f64>,
+}
+
+/// A device's settings (the knobs the tuner turns). Unknown knobs are kept and ignored.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Settings {
+    pub ring_out_bytes: Option<u64>,
+    pub ring_in_bytes: Option<u64>,
+    pub moderation_frames: Option<u64>,
+    pub moderation_usecs: Option<u64>,
+    pub poll_budget: Option<u64>,
+}
+
+/// One tuner decision (contract 6).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Decision {
+    pub ts_unix_ms: u64,
+    pub device: String,
+    /// `change`, `revert` or `recommend`.
+    pub action: String,
+    pub from: Option<Settings>,
+    pub to: Option<Settings>,
+    pub reason: String,
+    pub objective_value: Option<f64>,
+}
+
+/// The tuner's state for one device (contract 6).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TunerView {
+    /// `off`, `auto` or `dry_run`.
+    pub mode: String,
+    /// `latency`, `throughput` or `balanced`.
+    pub objective: String,
+    /// `idle`, `exploring`, `converged`, `pinned` or `frozen`.
+    pub state: String,
+    pub pinned: bool,
+    pub last_decision: Option<Decision>,
+    pub recommendation: Option<Settings>,
+}
+
+/// One device, as `/api/v1/devices` serves it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct DeviceView {
+    pub name: String,
+    /// `disk` or `nic`.
+    pub device: String,
+    /// `synthetic`, `emulated` or `kernel`.
+    pub kind: String,
+    pub pid: u32,
+    pub present: bool,
+    pub attached: bool,
+    pub attach_error: Option<String>,
+    pub settings: Settings,
+    pub total: OpView,
+    pub ops: Vec<OpView>,
+    pub interrupts_total: u64,
+    pub interrupts_per_sec: f64,
+    pub doorbells_total: u64,
+    pub ring_full_out_total: u64,
+    pub ring_full_in_total: u64,
+    pub irq_masked_total: u64,
+    /// `None` when no tuner runs for the device (or the daemon has none).
+    pub tuner: Option<TunerView>,
+}
+
+/// The daemon's own health (`/api/v1/health`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct HealthView {
+    pub devices: usize,
+    pub devices_attached: usize,
+    pub events_lost: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub recent_errors: Vec<String>,
+    pub ticks: u64,
+}
+
+/// One op's cumulative latency histogram (`/api/v1/histograms`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct OpHistogram {
+    pub op: String,
+    pub count: u64,
+    /// `[low_ns, high_ns, count]`, ascending, non-empty buckets only.
+    pub buckets: Vec<[u64; 3]>,
+}
+
+/// One device's histograms.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct DeviceHistogram {
+    pub device: String,
+    pub kind: String,
+    pub ops: Vec<OpHistogram>,
+}
+
+/// Everything one poll of the daemon returns.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Poll {
+    pub devices: Vec<DeviceView>,
+    pub health: HealthView,
+    pub histograms: Vec<DeviceHistogram>,
+    /// Recent tuner decisions (newest last); empty when the daemon has no tuner API.
+    pub decisions: Vec<Decision>,
+    /// Whether the daemon serves the tuner API at all.
+    pub tuner_api: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_without_tuner_reads_as_none_and_a_contract_6_tuner_parses() {
+        let plain = r#"{"name":"disk0","device":"disk","kind":"synthetic","pid":1,"present":true,
+            "attached":true,"attach_error":null,"settings":{"ring_out_bytes":262144,
+            "ring_in_bytes":262144,"moderation_frames":8,"moderation_usecs":50,"poll_budget":64},
+            "total":{"op":"all","ops_total":5,"bytes_total":20480,"errors_total":0,
+            "ops_per_sec":1.0,"bytes_per_sec":4096.0,"p50_seconds":1e-5,"p90_seconds":null,
+            "p99_seconds":null,"p999_seconds":null},"ops":[],"interrupts_total":3,
+            "interrupts_per_sec":0.5,"doorbells_total":4,"ring_full_out_total":0,
+            "ring_full_in_total":0,"irq_masked_total":0}"#;
+        let d: DeviceView = serde_json::from_str(plain).unwrap();
+        assert_eq!(d.tuner, None);
+        assert_eq!(d.settings.moderation_usecs, Some(50));
+        let with_null: DeviceView = serde_json::from_str(r#"{"name":"x","tuner":null}"#).unwrap();
+        assert_eq!(with_null.tuner, None);
+        let tuned: DeviceView = serde_json::from_str(
+            r#"{"name":"x","kind":"emulated","tuner":{"mode":"auto","objective":"latency",
+            "state":"pinned","pinned":true,"recommendation":null,
+            "last_decision":{"ts_unix_ms":5,"device":"x","action":"revert",
+              "from":{"moderation_frames":16},"to":{"moderation_frames":8},
+              "reason":"p99 rose 30%","objective_value":null}}}"#,
+        )
+        .unwrap();
+        let t = tuned.tuner.unwrap();
+        assert!(t.pinned);
+        let last = t.last_decision.unwrap();
+        assert_eq!(
+            (last.action.as_str(), last.reason.as_str()),
+            ("revert", "p99 rose 30%")
+        );
+        assert_eq!(last.to.unwrap().moderation_frames, Some(8));
+    }
+}
