@@ -15,6 +15,7 @@ pub mod collector;
 pub mod config;
 pub mod histograms;
 pub mod metrics;
+pub mod tuner;
 #[doc(hidden)]
 pub mod testing;
 

@@ -1,0 +1,440 @@
+//! Properties of the decision function, against a simulated device (no I/O).
+
+use super::*;
+use crate::tuner::window::Window;
+use enlight_probes::hist::bucket_index;
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+
+/// A closed-loop device whose figures are a function of its settings plus noise: service time
+/// `service_ns` at queue depth `qd`; moderation delays completions until `frames` are owed or
+/// `usecs` pass; each interrupt costs `irq_cost_ns` of the shared CPU.
+#[derive(Clone, Copy, Debug)]
+struct SimDevice {
+    qd: f64,
+    service_ns: f64,
+    irq_cost_ns: f64,
+    noise: f64,
+}
+
+struct Figures {
+    ops_per_sec: f64,
+    p50_ns: f64,
+    p99_ns: f64,
+    interrupts_per_op: f64,
+}
+
+impl SimDevice {
+    fn figures(&self, s: &DeviceSettings) -> Figures {
+        let gap = self.service_ns / self.qd;
+        let frames_ns = (s.moderation_frames.saturating_sub(1)) as f64 * gap;
+        let delay = if s.moderation_frames <= 1 {
+            0.0
+        } else {
+            frames_ns.min(s.moderation_usecs as f64 * 1e3)
+        };
+        let per_irq = if delay == 0.0 {
+            1.0
+        } else {
+            (delay / gap + 1.0).min(s.moderation_frames as f64)
+        };
+        let interrupts_per_op = 1.0 / per_irq;
+        let budget_ns = 300.0 * ((s.poll_budget as f64 / 64.0).log2()).abs();
+        let latency = self.service_ns + delay + budget_ns;
+        let per_op = gap + interrupts_per_op * self.irq_cost_ns;
+        Figures {
+            ops_per_sec: 1e9 / per_op,
+            p50_ns: latency,
+            p99_ns: latency * 1.5,
+            interrupts_per_op,
+        }
+    }
+
+    fn window(&self, s: &DeviceSettings, dt: f64, rng: &mut impl Rng, worse: f64) -> Window {
+        let f = self.figures(s);
+        let mut n = || 1.0 + self.noise * (rng.gen::<f64>() * 2.0 - 1.0) * 1.7;
+        let ops = (f.ops_per_sec / worse * dt * n()).max(0.0) as u64;
+        let p50 = f.p50_ns * worse * n();
+        let p99 = f.p99_ns * worse * n();
+        let tail = ops / 50;
+        let mut w = Window {
+            duration_s: dt,
+            ops,
+            bytes: ops * 4096,
+            interrupts: (ops as f64 * f.interrupts_per_op * worse.min(1.0 / f.interrupts_per_op))
+                as u64,
+            ring_full: 0,
+            buckets: Default::default(),
+        };
+        *w.buckets.entry(bucket_index(p50 as u64)).or_default() += ops - tail;
+        *w.buckets.entry(bucket_index(p99 as u64)).or_default() += tail;
+        w
+    }
+}
+
+fn low_rate() -> SimDevice {
+    SimDevice {
+        qd: 1.0,
+        service_ns: 20_000.0,
+        irq_cost_ns: 3_000.0,
+        noise: 0.02,
+    }
+}
+
+fn high_qd() -> SimDevice {
+    SimDevice {
+        qd: 32.0,
+        service_ns: 200_000.0,
+        irq_cost_ns: 4_000.0,
+        noise: 0.02,
+    }
+}
+
+fn policy(objective: Objective) -> Policy {
+    Policy {
+        mode: TunerMode::Auto,
+        objective,
+        slo_p99_ns: 5_000_000,
+        pinned: false,
+    }
+}
+
+struct Run {
+    outcomes: Vec<(u64, Outcome, DeviceSettings)>,
+    last: DeviceSettings,
+}
+
+/// Runs a tuner against a device for `steps` ticks of `tick_ms`; `worse(step, settings)` injects
+/// a regression factor.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    tuner: &mut DeviceTuner,
+    dev: SimDevice,
+    start: DeviceSettings,
+    bounds: &Bounds,
+    steps: usize,
+    tick_ms: u64,
+    seed: u64,
+    mut worse: impl FnMut(usize, &DeviceSettings) -> f64,
+) -> Run {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut current = start;
+    let mut outcomes = Vec::new();
+    for i in 0..steps {
+        let now = (i as u64 + 1) * tick_ms;
+        let w = dev.window(&current, tick_ms as f64 / 1e3, &mut rng, worse(i, &current));
+        if let Some(o) = tuner.step(now, &current, bounds, &w) {
+            let from = current;
+            if o.action != Action::Recommend {
+                current = o.to;
+                tuner.applied(current);
+            }
+            outcomes.push((now, o, from));
+        }
+    }
+    Run {
+        outcomes,
+        last: current,
+    }
+}
+
+fn objective_strategy() -> impl Strategy<Value = Objective> {
+    prop_oneof![
+        Just(Objective::Latency),
+        Just(Objective::Throughput),
+        Just(Objective::Balanced)
+    ]
+}
+
+fn bounds_strategy() -> impl Strategy<Value = Bounds> {
+    (
+        1u32..16,
+        0u32..64,
+        0u32..300,
+        1u32..64,
+        0u32..1000,
+        0u32..40,
+        1u32..300,
+    )
+        .prop_map(|(flo, fspan, fhi, ulo_raw, uspan, blo, bspan)| {
+            let fhi = (flo + fspan).max(flo + fhi % 64);
+            let ulo = ulo_raw % 40;
+            let uhi = ulo + uspan;
+            let blo = blo.max(1);
+            let bhi = blo + bspan;
+            Bounds {
+                ring_bytes: (8192, 1 << 20),
+                ring_page: 4096,
+                moderation_frames: (flo, fhi),
+                moderation_usecs: (ulo, uhi),
+                poll_budget: (blo, bhi),
+            }
+        })
+}
+
+fn clamp_into(s: DeviceSettings, b: &Bounds) -> DeviceSettings {
+    let c = |v: u32, (lo, hi): (u32, u32)| v.clamp(lo, hi);
+    DeviceSettings {
+        ring_out_bytes: c(s.ring_out_bytes, b.ring_bytes),
+        ring_in_bytes: c(s.ring_in_bytes, b.ring_bytes),
+        moderation_frames: c(s.moderation_frames, b.moderation_frames),
+        moderation_usecs: c(s.moderation_usecs, b.moderation_usecs),
+        poll_budget: c(s.poll_budget, b.poll_budget),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn bounds_are_always_respected(
+        bounds in bounds_strategy(),
+        objective in objective_strategy(),
+        qd in 1u32..64,
+        noise in 0.0f64..0.3,
+        seed in any::<u64>(),
+    ) {
+        let dev = SimDevice { qd: qd as f64, service_ns: 50_000.0, irq_cost_ns: 3_000.0, noise };
+        let start = clamp_into(DeviceSettings::default(), &bounds);
+        prop_assume!(bounds.contains(&start));
+        let mut t = DeviceTuner::new(policy(objective), TunerParams::default());
+        let r = run(&mut t, dev, start, &bounds, 300, 500, seed, |_, _| 1.0);
+        for (_, o, _) in &r.outcomes {
+            prop_assert!(bounds.contains(&o.to), "{:?} outside {:?}", o.to, bounds);
+        }
+    }
+
+    #[test]
+    fn a_stationary_workload_converges_and_stays_put(
+        objective in objective_strategy(),
+        high in any::<bool>(),
+        noise in 0.0f64..0.04,
+        seed in any::<u64>(),
+    ) {
+        let dev = SimDevice { noise, ..if high { high_qd() } else { low_rate() } };
+        let mut t = DeviceTuner::new(policy(objective), TunerParams::default());
+        let r = run(&mut t, dev, DeviceSettings::default(), &Bounds::default(), 600, 500, seed, |_, _| 1.0);
+        let late: Vec<_> = r.outcomes.iter().filter(|(now, _, _)| *now > 150_000).collect();
+        prop_assert!(late.is_empty(), "changes after 150 s of a stationary workload: {late:?}");
+        prop_assert_eq!(t.state(), TunerState::Converged);
+    }
+
+    #[test]
+    fn an_injected_regression_is_reverted(
+        objective in objective_strategy(),
+        factor in 1.3f64..3.0,
+        seed in any::<u64>(),
+    ) {
+        // Every candidate the tuner tries is made `factor` times worse: each trial must end in a
+        // revert to the settings before it, and the device must end where it started.
+        let start = DeviceSettings::default();
+        let mut t = DeviceTuner::new(policy(objective), TunerParams::default());
+        let r = run(&mut t, high_qd(), start, &Bounds::default(), 200, 500, seed,
+            |_, s| if *s == start { 1.0 } else { factor });
+        prop_assert!(!r.outcomes.is_empty());
+        for pair in r.outcomes.chunks(2) {
+            prop_assert_eq!(pair[0].1.action, Action::Change);
+            if let Some(second) = pair.get(1) {
+                prop_assert_eq!(second.1.action, Action::Revert, "{}", second.1.reason);
+                prop_assert_eq!(second.1.to, start);
+            }
+        }
+        prop_assert_eq!(r.last, start);
+        prop_assert_eq!(t.state(), TunerState::Converged);
+    }
+
+    #[test]
+    fn at_most_one_change_per_interval(
+        objective in objective_strategy(),
+        tick_ms in 50u64..1500,
+        interval_ms in 100u64..5000,
+        noise in 0.0f64..0.5,
+        seed in any::<u64>(),
+    ) {
+        let params = TunerParams { min_change_interval_ms: interval_ms, ..TunerParams::default() };
+        let dev = SimDevice { noise, ..high_qd() };
+        let mut t = DeviceTuner::new(policy(objective), params);
+        let r = run(&mut t, dev, DeviceSettings::default(), &Bounds::default(), 400, tick_ms, seed, |_, _| 1.0);
+        for pair in r.outcomes.windows(2) {
+            prop_assert!(pair[1].0 - pair[0].0 >= interval_ms,
+                "changes at {} and {} ms with a {} ms interval", pair[0].0, pair[1].0, interval_ms);
+        }
+    }
+
+    #[test]
+    fn pinned_never_changes_and_dry_run_never_applies(
+        objective in objective_strategy(),
+        noise in 0.0f64..0.3,
+        seed in any::<u64>(),
+    ) {
+        let mut pinned = DeviceTuner::new(Policy { pinned: true, ..policy(objective) }, TunerParams::default());
+        let r = run(&mut pinned, low_rate(), DeviceSettings::default(), &Bounds::default(), 200, 500, seed, |_, _| 1.0);
+        prop_assert!(r.outcomes.is_empty());
+        prop_assert_eq!(pinned.state(), TunerState::Pinned);
+
+        let dev = SimDevice { noise, ..low_rate() };
+        let mut dry = DeviceTuner::new(Policy { mode: TunerMode::DryRun, ..policy(objective) }, TunerParams::default());
+        let r = run(&mut dry, dev, DeviceSettings::default(), &Bounds::default(), 200, 500, seed, |_, _| 1.0);
+        prop_assert!(!r.outcomes.is_empty(), "a dry run still recommends");
+        for (_, o, from) in &r.outcomes {
+            prop_assert_eq!(o.action, Action::Recommend);
+            prop_assert_eq!(*from, DeviceSettings::default());
+        }
+        prop_assert_eq!(r.last, DeviceSettings::default());
+        prop_assert_eq!(dry.recommendation(), Some(r.outcomes.last().unwrap().1.to));
+    }
+}
+
+/// Best value of the objective over a grid of the simulated device, and the tuner's.
+fn best_on_grid(dev: &SimDevice, objective: Objective) -> f64 {
+    let mut best = f64::NEG_INFINITY;
+    for f in crate::tuner::FRAMES_LADDER {
+        for u in crate::tuner::USECS_LADDER {
+            let s = DeviceSettings {
+                moderation_frames: f,
+                moderation_usecs: u,
+                ..DeviceSettings::default()
+            };
+            best = best.max(score(dev, &s, objective));
+        }
+    }
+    best
+}
+
+fn score(dev: &SimDevice, s: &DeviceSettings, objective: Objective) -> f64 {
+    let f = dev.figures(s);
+    match objective {
+        Objective::Latency => -f.p99_ns,
+        Objective::Throughput => f.ops_per_sec,
+        Objective::Balanced => -f.interrupts_per_op,
+    }
+}
+
+#[test]
+fn the_tuner_finds_the_simulated_optimum_within_30_seconds() {
+    for (dev, objective) in [
+        (low_rate(), Objective::Latency),
+        (high_qd(), Objective::Throughput),
+    ] {
+        let mut t = DeviceTuner::new(policy(objective), TunerParams::default());
+        let r = run(
+            &mut t,
+            dev,
+            DeviceSettings::default(),
+            &Bounds::default(),
+            60,
+            500,
+            7,
+            |_, _| 1.0,
+        );
+        let (got, best) = (
+            score(&dev, &r.last, objective),
+            best_on_grid(&dev, objective),
+        );
+        let (default, _) = (score(&dev, &DeviceSettings::default(), objective), ());
+        let frac = if objective == Objective::Latency {
+            best / got
+        } else {
+            got / best
+        };
+        assert!(
+            frac >= 0.95,
+            "{objective:?}: reached {got} vs best {best} (default {default}) with {:?}",
+            r.outcomes
+                .iter()
+                .map(|(_, o, _)| &o.reason)
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn a_change_from_outside_restarts_from_what_the_device_reports() {
+    let mut t = DeviceTuner::new(policy(Objective::Latency), TunerParams::default());
+    let dev = low_rate();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
+    let b = Bounds::default();
+    let s = DeviceSettings::default();
+    assert!(t
+        .step(500, &s, &b, &dev.window(&s, 0.5, &mut rng, 1.0))
+        .is_none());
+    assert_eq!(t.recommendation(), Some(s));
+    let other = DeviceSettings {
+        moderation_frames: 1,
+        ..s
+    };
+    t.step(1000, &other, &b, &dev.window(&other, 0.5, &mut rng, 1.0));
+    assert_eq!(t.recommendation(), Some(other));
+    let mut changed = None;
+    for i in 3..40 {
+        if let Some(o) = t.step(i * 500, &other, &b, &dev.window(&other, 0.5, &mut rng, 1.0)) {
+            changed = Some(o);
+            break;
+        }
+    }
+    let o = changed.expect("the tuner explores from the new settings");
+    assert!(
+        o.reason.contains("settings changed outside the tuner"),
+        "{}",
+        o.reason
+    );
+    assert_eq!(
+        o.to.moderation_frames, 1,
+        "moves start from what the device reports"
+    );
+}
+
+#[test]
+fn repeated_apply_failures_freeze_the_device() {
+    let mut t = DeviceTuner::new(policy(Objective::Latency), TunerParams::default());
+    let dev = low_rate();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
+    let (b, s) = (Bounds::default(), DeviceSettings::default());
+    let mut failures = 0;
+    for i in 1..200u64 {
+        if t.step(i * 500, &s, &b, &dev.window(&s, 0.5, &mut rng, 1.0))
+            .is_some()
+        {
+            t.apply_failed("busy");
+            failures += 1;
+        }
+    }
+    assert_eq!(failures, 3);
+    assert_eq!(t.state(), TunerState::Frozen);
+}
+
+#[test]
+fn a_phase_change_after_convergence_re_explores() {
+    let mut t = DeviceTuner::new(policy(Objective::Latency), TunerParams::default());
+    let dev_a = low_rate();
+    let dev_b = SimDevice {
+        service_ns: 80_000.0,
+        ..high_qd()
+    };
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+    let b = Bounds::default();
+    let mut current = DeviceSettings::default();
+    let mut reasons = Vec::new();
+    for i in 1..400u64 {
+        let dev = if i < 200 { dev_a } else { dev_b };
+        if i == 199 {
+            assert_eq!(t.state(), TunerState::Converged);
+        }
+        if let Some(o) = t.step(
+            i * 500,
+            &current,
+            &b,
+            &dev.window(&current, 0.5, &mut rng, 1.0),
+        ) {
+            current = o.to;
+            t.applied(current);
+            reasons.push((i, o.reason));
+        }
+    }
+    assert!(
+        reasons
+            .iter()
+            .any(|(i, r)| *i > 200 && r.contains("phase change")),
+        "{reasons:?}"
+    );
+}

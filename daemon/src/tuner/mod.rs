@@ -1,0 +1,373 @@
+//! The auto-tuner: picks each device's ring size, interrupt moderation and polling budget from
+//! the eBPF-fed latency histograms, and applies them through the device's control interface.
+//!
+//! The parts, from pure to effectful:
+//! - [`window`]: one interval's deltas of the cumulative counters and latency buckets.
+//! - [`measure`]: a settings point's windows together, and the statistics that decide whether
+//!   one point is better than another with confidence (not from a single sample).
+//! - [`decide`]: [`decide::DeviceTuner`], the pure decision function: (policy, current settings,
+//!   bounds, window, time) → a change, a revert, a recommendation or nothing, with a reason. No
+//!   I/O, no clock: everything it knows comes in as arguments, so it is property-tested.
+//! - [`dim`] and [`Static`]: the baselines the benchmark compares it with (a controller after
+//!   Linux's `lib/dim`, and static defaults).
+//! - [`backend`]: how settings are read and applied ([`backend::SettingsBackend`]); synthetic
+//!   devices through their control socket, kernel devices later through ethtool/sysfs.
+//! - [`audit`]: the JSON-lines audit log; [`shell`]: the async loop in enlightd that ticks with
+//!   the collector, feeds windows to the tuners, applies and records every decision.
+//! - [`config`]: the `[tuner]` section of enlightd's TOML.
+
+pub mod decide;
+pub mod dim;
+pub mod measure;
+pub mod window;
+
+use enlight_driver::settings::{DeviceSettings, SettingsLimits};
+use serde::{Deserialize, Serialize};
+
+pub use decide::{DeviceTuner, TunerParams};
+pub use window::{Cumulative, Window};
+
+/// What the tuner optimises for a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Lowest p99 latency while throughput stays within 5% of the best seen.
+    Latency,
+    /// Highest ops/s with p99 under the SLO.
+    Throughput,
+    /// Fewest interrupts per op with p99 under the SLO.
+    #[default]
+    Balanced,
+}
+
+impl Objective {
+    /// The name used in config, API and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Objective::Latency => "latency",
+            Objective::Throughput => "throughput",
+            Objective::Balanced => "balanced",
+        }
+    }
+}
+
+/// Whether the tuner acts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TunerMode {
+    /// No tuner for the device.
+    #[default]
+    Off,
+    /// Decide and apply.
+    Auto,
+    /// Decide and recommend; never apply.
+    DryRun,
+}
+
+/// Where a device's tuner is (contract 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TunerState {
+    /// Measuring the current settings, nothing under trial.
+    Idle,
+    /// Trying a candidate setting.
+    Exploring,
+    /// No neighbour of the current settings is better: parked, watching for a phase change.
+    Converged,
+    /// Pinned by the operator: measured, never changed.
+    Pinned,
+    /// Stopped by the tuner itself after repeated failures to apply a change.
+    Frozen,
+}
+
+/// What a decision does (contract 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Apply new settings.
+    Change,
+    /// Go back to settings that were better.
+    Revert,
+    /// Dry run: what would be applied.
+    Recommend,
+}
+
+/// One recorded decision (contract 6; also one line of the audit log).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub ts_unix_ms: u64,
+    pub device: String,
+    pub action: Action,
+    pub from: DeviceSettings,
+    pub to: DeviceSettings,
+    pub reason: String,
+    /// The objective's value measured at `from` (ops/s, p99 seconds or interrupts per op).
+    pub objective_value: Option<f64>,
+}
+
+/// The tuner's part of a device in `/api/v1/devices` (contract 6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TunerView {
+    pub mode: TunerMode,
+    pub objective: Objective,
+    pub state: TunerState,
+    pub pinned: bool,
+    pub last_decision: Option<Decision>,
+    pub recommendation: Option<DeviceSettings>,
+}
+
+/// The range of each knob a device accepts (from its control interface).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bounds {
+    pub ring_bytes: (u32, u32),
+    pub ring_page: u32,
+    pub moderation_frames: (u32, u32),
+    pub moderation_usecs: (u32, u32),
+    pub poll_budget: (u32, u32),
+}
+
+impl Default for Bounds {
+    /// The synthetic devices' limits ([`SettingsLimits`]).
+    fn default() -> Self {
+        Bounds {
+            ring_bytes: (SettingsLimits::RING_MIN, SettingsLimits::RING_MAX),
+            ring_page: enlight_driver::ring::PAGE_SIZE as u32,
+            moderation_frames: (
+                *SettingsLimits::FRAMES.start(),
+                *SettingsLimits::FRAMES.end(),
+            ),
+            moderation_usecs: (*SettingsLimits::USECS.start(), *SettingsLimits::USECS.end()),
+            poll_budget: (
+                *SettingsLimits::BUDGET.start(),
+                *SettingsLimits::BUDGET.end(),
+            ),
+        }
+    }
+}
+
+impl Bounds {
+    /// Whether every knob of `s` is within these bounds.
+    pub fn contains(&self, s: &DeviceSettings) -> bool {
+        let within = |v: u32, (lo, hi): (u32, u32)| (lo..=hi).contains(&v);
+        within(s.ring_out_bytes, self.ring_bytes)
+            && within(s.ring_in_bytes, self.ring_bytes)
+            && s.ring_out_bytes.is_multiple_of(self.ring_page.max(1))
+            && s.ring_in_bytes.is_multiple_of(self.ring_page.max(1))
+            && within(s.moderation_frames, self.moderation_frames)
+            && within(s.moderation_usecs, self.moderation_usecs)
+            && within(s.poll_budget, self.poll_budget)
+    }
+}
+
+/// A knob the tuner moves. The two ring directions move together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Knob {
+    /// Frames and microseconds together (more or less coalescing): on a device where either
+    /// alone is capped by the other, only moving both shows an effect.
+    Moderation,
+    ModerationUsecs,
+    ModerationFrames,
+    PollBudget,
+    RingBytes,
+}
+
+/// Up or down a knob's ladder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Up,
+    Down,
+}
+
+impl Direction {
+    /// The other way.
+    pub fn flip(self) -> Direction {
+        match self {
+            Direction::Up => Direction::Down,
+            Direction::Down => Direction::Up,
+        }
+    }
+}
+
+/// Moderation delays tried, microseconds.
+pub const USECS_LADDER: [u32; 8] = [0, 5, 10, 20, 50, 100, 200, 500];
+/// Moderation frame counts tried.
+pub const FRAMES_LADDER: [u32; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+/// Polling budgets tried.
+pub const BUDGET_LADDER: [u32; 8] = [4, 8, 16, 32, 64, 128, 256, 512];
+/// Ring sizes tried, in 4 KiB pages.
+pub const RING_LADDER_PAGES: [u32; 8] = [4, 8, 16, 32, 64, 128, 256, 512];
+
+impl Knob {
+    /// The knob's name (as in `DeviceSettings`; the ring as `ring_bytes`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Knob::Moderation => "moderation",
+            Knob::ModerationUsecs => "moderation_usecs",
+            Knob::ModerationFrames => "moderation_frames",
+            Knob::PollBudget => "poll_budget",
+            Knob::RingBytes => "ring_bytes",
+        }
+    }
+
+    /// The knob's value in `s` (the ring: the larger direction).
+    pub fn get(self, s: &DeviceSettings) -> u32 {
+        match self {
+            Knob::ModerationUsecs => s.moderation_usecs,
+            Knob::ModerationFrames | Knob::Moderation => s.moderation_frames,
+            Knob::PollBudget => s.poll_budget,
+            Knob::RingBytes => s.ring_out_bytes.max(s.ring_in_bytes),
+        }
+    }
+
+    fn set(self, s: &mut DeviceSettings, v: u32) {
+        match self {
+            Knob::ModerationUsecs => s.moderation_usecs = v,
+            Knob::ModerationFrames | Knob::Moderation => s.moderation_frames = v,
+            Knob::PollBudget => s.poll_budget = v,
+            Knob::RingBytes => {
+                s.ring_out_bytes = v;
+                s.ring_in_bytes = v;
+            }
+        }
+    }
+
+    fn ladder(self, b: &Bounds) -> (Vec<u32>, (u32, u32)) {
+        match self {
+            Knob::ModerationUsecs => (USECS_LADDER.to_vec(), b.moderation_usecs),
+            Knob::ModerationFrames | Knob::Moderation => {
+                (FRAMES_LADDER.to_vec(), b.moderation_frames)
+            }
+            Knob::PollBudget => (BUDGET_LADDER.to_vec(), b.poll_budget),
+            Knob::RingBytes => (
+                RING_LADDER_PAGES
+                    .iter()
+                    .map(|p| p * 4096)
+                    .filter(|v| v.is_multiple_of(b.ring_page.max(1)))
+                    .collect(),
+                b.ring_bytes,
+            ),
+        }
+    }
+
+    /// `s` with this knob up to `n` rungs up or down (as far as the ladder and `b` allow), or
+    /// `None` when not even one rung lies that way.
+    pub fn step_n(
+        self,
+        s: &DeviceSettings,
+        dir: Direction,
+        n: u32,
+        b: &Bounds,
+    ) -> Option<DeviceSettings> {
+        let mut out = self.step(s, dir, b)?;
+        for _ in 1..n {
+            match self.step(&out, dir, b) {
+                Some(next) => out = next,
+                None => break,
+            }
+        }
+        Some(out)
+    }
+
+    /// `s` with this knob one rung up or down its ladder, or `None` when no rung within `b` lies
+    /// that way. Values between rungs step to the nearest rung in the direction.
+    pub fn step(self, s: &DeviceSettings, dir: Direction, b: &Bounds) -> Option<DeviceSettings> {
+        if self == Knob::Moderation {
+            let frames = Knob::ModerationFrames.step(s, dir, b);
+            let both = Knob::ModerationUsecs.step(frames.as_ref().unwrap_or(s), dir, b);
+            return both.or(frames);
+        }
+        let (ladder, (lo, hi)) = self.ladder(b);
+        let cur = self.get(s);
+        let next = match dir {
+            Direction::Up => ladder.iter().copied().find(|&v| v > cur),
+            Direction::Down => ladder.iter().rev().copied().find(|&v| v < cur),
+        }?;
+        if !(lo..=hi).contains(&next) {
+            return None;
+        }
+        let mut out = *s;
+        self.set(&mut out, next);
+        b.contains(&out).then_some(out)
+    }
+}
+
+/// A controller the benchmark can run: given the settings in force, the device's bounds and the
+/// last window, maybe new settings with a reason. The tuner, DIM and static all implement it.
+pub trait Controller {
+    /// Short name for reports and the `controller` label.
+    fn name(&self) -> &'static str;
+    /// One interval's decision; `now_ms` is a monotonic clock in milliseconds.
+    fn step(
+        &mut self,
+        now_ms: u64,
+        current: &DeviceSettings,
+        bounds: &Bounds,
+        window: &Window,
+    ) -> Option<decide::Outcome>;
+}
+
+/// The static-defaults baseline: never changes anything.
+#[derive(Debug, Default)]
+pub struct Static;
+
+impl Controller for Static {
+    fn name(&self) -> &'static str {
+        "static"
+    }
+    fn step(
+        &mut self,
+        _: u64,
+        _: &DeviceSettings,
+        _: &Bounds,
+        _: &Window,
+    ) -> Option<decide::Outcome> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_walk_the_ladder_within_bounds() {
+        let b = Bounds::default();
+        let s = DeviceSettings::default();
+        let up = Knob::ModerationFrames.step(&s, Direction::Up, &b).unwrap();
+        assert_eq!(up.moderation_frames, 16);
+        let down = Knob::ModerationUsecs.step(&s, Direction::Down, &b).unwrap();
+        assert_eq!(down.moderation_usecs, 20);
+        let odd = DeviceSettings {
+            moderation_usecs: 33,
+            ..s
+        };
+        assert_eq!(
+            Knob::ModerationUsecs
+                .step(&odd, Direction::Up, &b)
+                .unwrap()
+                .moderation_usecs,
+            50
+        );
+        let zero = DeviceSettings {
+            moderation_usecs: 0,
+            ..s
+        };
+        assert!(Knob::ModerationUsecs
+            .step(&zero, Direction::Down, &b)
+            .is_none());
+        let tight = Bounds {
+            moderation_frames: (1, 8),
+            ..b
+        };
+        assert!(Knob::ModerationFrames
+            .step(&s, Direction::Up, &tight)
+            .is_none());
+        let ring = Knob::RingBytes.step(&s, Direction::Up, &b).unwrap();
+        assert_eq!(
+            (ring.ring_out_bytes, ring.ring_in_bytes),
+            (128 * 4096, 128 * 4096)
+        );
+    }
+}
