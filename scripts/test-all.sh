@@ -17,7 +17,8 @@ fi
 # Tools the tests use as independent checks, and clang for the probe reproducibility check.
 # clang/llvm/libbpf-dev/bpftool: rebuild probes/src/bpf/enlight.bpf.o and compare with the shipped one.
 # bpftrace: lists our USDT sites (interoperability). prometheus: promtool parses /metrics.
-packages=(clang llvm libbpf-dev bpftool bpftrace prometheus)
+# tmux: runs `enlight top` in a real terminal and reads its screen back (cli/tests/top_tmux.rs).
+packages=(clang llvm libbpf-dev bpftool bpftrace prometheus tmux)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

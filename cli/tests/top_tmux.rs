@@ -1,0 +1,378 @@
+//! `enlight top` for real: in a tmux pane, against a live enlightd (in this process, real eBPF
+//! probes) watching a live `enlight disk` workload. The screen is read back with
+//! `tmux capture-pane`: real figures appear, the daemon is stopped (the TUI says so), restarted
+//! on the same port (the TUI reconnects), and after quitting, and after a panic, the terminal is
+//! back in cooked mode (`stty` in the same pane). Needs root and tmux (scripts/test-all.sh
+//! installs it); without them these tests fail with the reason.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use enlightd::{Config, Daemon, DaemonHandle};
+
+const ENLIGHT: &str = env!("CARGO_BIN_EXE_enlight");
+
+/// A private tmux server (its own socket), killed on drop even when the test fails.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn start(command: &str) -> Tmux {
+        let socket = format!("enlight-top-test-{}-{}", std::process::id(), rand_suffix());
+        let t = Tmux { socket };
+        let out = t
+            .cmd()
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                "top",
+                "-x",
+                "100",
+                "-y",
+                "30",
+                command,
+            ])
+            .output()
+            .unwrap_or_else(|e| panic!("tmux is needed (apt-get install tmux): {e}"));
+        assert!(
+            out.status.success(),
+            "tmux: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("tmux");
+        c.args(["-L", &self.socket]);
+        c
+    }
+
+    fn screen(&self) -> String {
+        let out = self
+            .cmd()
+            .args(["capture-pane", "-p", "-t", "top"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let ok = self
+            .cmd()
+            .args(["send-keys", "-t", "top"])
+            .args(keys)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "tmux send-keys {keys:?}");
+    }
+
+    /// Waits until `pred` holds for the screen; panics with the last screen otherwise.
+    fn wait_for(&self, what: &str, secs: u64, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.screen();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; screen:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd().arg("kill-server").status();
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        % 1_000_000_007
+}
+
+/// After the TUI exits, the pane runs `stty -a`: in cooked mode `icanon` and `echo` are on.
+fn shell_after(top_args: &str) -> String {
+    format!(
+        "{ENLIGHT} top {top_args}; echo TOP-EXITED=$?; stty -a | tr ' ;' '\\n\\n' | grep -xE -- '-?(icanon|echo)' | tr '\\n' ' '; echo; sleep 60"
+    )
+}
+
+/// Whether the pane shows the exit status and the `stty` line after it.
+fn exited(screen: &str) -> bool {
+    screen
+        .lines()
+        .skip_while(|l| !l.starts_with("TOP-EXITED="))
+        .nth(1)
+        .is_some_and(|l| l.contains("icanon"))
+}
+
+fn assert_cooked(screen: &str) {
+    let line = screen
+        .lines()
+        .skip_while(|l| !l.starts_with("TOP-EXITED="))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no stty line:\n{screen}"));
+    let modes: Vec<&str> = line.split_whitespace().collect();
+    assert!(
+        modes.contains(&"icanon") && modes.contains(&"echo"),
+        "terminal left in raw mode: {line:?}\n{screen}"
+    );
+}
+
+/// The daemon serving HTTP on a fixed port, in this process, stoppable and restartable.
+struct LiveDaemon {
+    rt: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<Result<(), enlightd::DaemonError>>>,
+    handle: DaemonHandle,
+}
+
+impl LiveDaemon {
+    fn start(runtime_dir: &Path, port: u16) -> LiveDaemon {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let config = Config {
+            runtime_dir: runtime_dir.into(),
+            interval_ms: 200,
+            device_grace_secs: 600,
+            ..Config::default()
+        };
+        let daemon = Daemon::start(config).expect("start enlightd");
+        let handle = daemon.handle();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
+            .expect("bind the daemon's port");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = rt.spawn(daemon.serve(listener, async {
+            let _ = rx.await;
+        }));
+        LiveDaemon {
+            rt,
+            stop: Some(tx),
+            server: Some(server),
+            handle,
+        }
+    }
+
+    fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let server = self.server.take().unwrap();
+        self.rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(10), server).await })
+            .expect("daemon stops within 10 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Parses a latency as `enlight top` prints it (`850ns`, `12.3us`, `1.25ms`, `2.00s`) into ns.
+fn parse_latency(s: &str) -> Option<f64> {
+    let split = s.find(|c: char| c.is_ascii_alphabetic())?;
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.parse().ok()?;
+    Some(match unit {
+        "ns" => v,
+        "us" => v * 1e3,
+        "ms" => v * 1e6,
+        "s" => v * 1e9,
+        _ => return None,
+    })
+}
+
+fn parse_count(s: &str) -> Option<f64> {
+    let (num, mul) = match s.chars().last()? {
+        'k' => (&s[..s.len() - 1], 1e3),
+        'M' => (&s[..s.len() - 1], 1e6),
+        _ => (s, 1.0),
+    };
+    Some(num.parse::<f64>().ok()? * mul)
+}
+
+#[test]
+fn top_shows_live_figures_survives_a_daemon_restart_and_restores_the_terminal() {
+    if let Err(e) = enlight_probes::preflight() {
+        panic!("privileged end-to-end test cannot run: {e}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let daemon = LiveDaemon::start(dir.path(), port);
+    let _disk = KillOnDrop(
+        Command::new(ENLIGHT)
+            .args([
+                "disk",
+                "--name",
+                "top0",
+                "--workload",
+                "qd=8,bs=4k,rw=70,pattern=random,duration=90s",
+                "--wait-for-probes",
+                "30",
+                "--create-mib",
+                "32",
+            ])
+            .arg("--backing")
+            .arg(dir.path().join("top0.img"))
+            .arg("--runtime-dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn enlight disk"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while daemon
+        .handle
+        .devices()
+        .iter()
+        .all(|d| d.total.ops_total == 0)
+    {
+        assert!(Instant::now() < deadline, "no I/O seen by eBPF");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let tmux = Tmux::start(&shell_after(&format!(
+        "--daemon 127.0.0.1:{port} --interval-ms 200"
+    )));
+    // The device row with real figures: ops/s and a p50 near what the daemon itself reports.
+    let screen = tmux.wait_for("a device row with figures", 20, |s| {
+        s.contains("● connected")
+            && s.lines().any(|l| {
+                l.starts_with("top0 ")
+                    && l.split_whitespace()
+                        .nth(2)
+                        .and_then(parse_count)
+                        .unwrap_or(0.0)
+                        > 0.0
+                    && l.split_whitespace()
+                        .nth(4)
+                        .and_then(parse_latency)
+                        .is_some()
+            })
+    });
+    let row: Vec<&str> = screen
+        .lines()
+        .find(|l| l.starts_with("top0 "))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let d = daemon
+        .handle
+        .devices()
+        .into_iter()
+        .find(|d| d.name == "top0")
+        .unwrap();
+    assert_eq!(row[1], "synth", "{screen}");
+    let ops_per_sec = parse_count(row[2]).unwrap();
+    let p50 = parse_latency(row[4]).unwrap();
+    let daemon_p50 = d.total.p50_seconds.unwrap() * 1e9;
+    assert!(
+        ops_per_sec > 100.0 && (0.33..3.0).contains(&(p50 / daemon_p50)),
+        "TUI ops/s {ops_per_sec} p50 {p50} ns vs daemon p50 {daemon_p50} ns\n{screen}"
+    );
+    for p in [row[5], row[6]] {
+        assert!(parse_latency(p).unwrap() >= p50, "{screen}");
+    }
+    assert_eq!(row[8], "256K", "ring size: {screen}");
+    assert_eq!(*row.last().unwrap(), tuner_column(&d), "{screen}");
+
+    // The device view: histogram with markers, the chart.
+    tmux.keys(&["Enter"]);
+    let screen = tmux.wait_for("the device view", 10, |s| {
+        s.contains("latency, last") && s.contains("^p50") && s.contains("over the last 120s")
+    });
+    assert!(screen.contains("top0  disk/synthetic"), "{screen}");
+
+    // The daemon goes away: the TUI says so and keeps the last figures.
+    daemon.stop();
+    let screen = tmux.wait_for("DISCONNECTED", 10, |s| s.contains("DISCONNECTED"));
+    assert!(screen.contains("top0  disk/synthetic"), "{screen}");
+    // ... and comes back on the same port: the TUI reconnects by itself.
+    let daemon = LiveDaemon::start(dir.path(), port);
+    tmux.wait_for("reconnected", 20, |s| {
+        s.contains("● connected") && s.contains("latency, last") && !s.contains("DISCONNECTED")
+    });
+    tmux.keys(&["Escape"]);
+    tmux.wait_for("the list with live figures after the restart", 20, |s| {
+        s.lines().any(|l| {
+            l.starts_with("top0 ")
+                && l.split_whitespace()
+                    .nth(2)
+                    .and_then(parse_count)
+                    .unwrap_or(0.0)
+                    > 0.0
+        })
+    });
+    assert!(daemon.handle.devices().iter().any(|d| d.name == "top0"));
+
+    // Quit: the pane's shell is back in cooked mode and the TUI's screen is gone.
+    tmux.keys(&["q"]);
+    let screen = tmux.wait_for("the TUI to exit", 10, exited);
+    assert!(screen.contains("TOP-EXITED=0"), "{screen}");
+    assert!(
+        !screen.contains("enlight top"),
+        "alternate screen left: {screen}"
+    );
+    assert_cooked(&screen);
+    daemon.stop();
+}
+
+fn tuner_column(d: &enlightd::DeviceView) -> String {
+    // Reads the daemon's own JSON: with no tuner the TUI shows n/a.
+    let v = serde_json::to_value(d).unwrap();
+    match v.get("tuner") {
+        None | Some(serde_json::Value::Null) => "n/a".into(),
+        Some(t) if t["pinned"] == true => "pinned".into(),
+        Some(t) if t["mode"] == "off" => "off".into(),
+        Some(t) => t["state"].as_str().unwrap_or_default().to_string(),
+    }
+}
+
+#[test]
+fn a_panic_in_top_restores_the_terminal() {
+    // No daemon at all: the TUI shows it is disconnected, then panics on purpose.
+    let port = free_port();
+    let tmux = Tmux::start(&shell_after(&format!(
+        "--daemon 127.0.0.1:{port} --panic-after-secs 2"
+    )));
+    tmux.wait_for("disconnected", 10, |s| s.contains("DISCONNECTED"));
+    let screen = tmux.wait_for("the TUI to exit", 15, exited);
+    assert!(
+        screen.contains("TOP-EXITED=101"),
+        "panics exit 101: {screen}"
+    );
+    assert!(
+        screen.contains("--panic-after reached"),
+        "panic message readable: {screen}"
+    );
+    assert_cooked(&screen);
+}
