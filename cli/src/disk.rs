@@ -5,13 +5,19 @@
 //! workload and prints the workload's own figures as one JSON object per line on stdout (about
 //! once per second, and a last one with `"done": true`). SIGINT/SIGTERM stop it cleanly: in-flight
 //! requests complete, the registry record is removed.
+//!
+//! The device serves its control socket (`<runtime dir>/control/<name>.sock`, contract 4) for
+//! its whole life: every knob can change while the workload runs, and each applied change
+//! rewrites the registry record with the settings now in force.
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use enlight_driver::control::{self, ControlServer};
 use enlight_driver::disk::{Backing, DiskOptions, SyntheticDisk};
 use enlight_driver::registry::{self, DeviceRecord, Registration};
 use enlight_driver::settings::DeviceSettings;
@@ -93,6 +99,7 @@ pub fn run(args: DiskArgs) -> Result<()> {
         .with_context(|| format!("starting synthetic disk {}", args.name))?;
 
     let runtime_dir = args.runtime_dir.unwrap_or_else(registry::runtime_dir);
+    let control_path = control::socket_path(&runtime_dir, &args.name);
     let record = DeviceRecord {
         name: args.name.clone(),
         device: "disk".into(),
@@ -102,10 +109,25 @@ pub fn run(args: DiskArgs) -> Result<()> {
         exe: std::env::current_exe().context("locating this executable")?,
         started_unix_ms: registry::now_unix_ms(),
         settings,
-        control: None,
+        control: Some(control_path.clone()),
     };
     let registration = Registration::register(&runtime_dir, &record)
         .with_context(|| format!("registering in {}", runtime_dir.display()))?;
+    let registered = Arc::new(Mutex::new((record, registration)));
+    let on_change = {
+        let registered = Arc::clone(&registered);
+        Box::new(move |now: &DeviceSettings| {
+            let mut guard = registered.lock().expect("registration lock");
+            let (record, registration) = &mut *guard;
+            record.settings = *now;
+            if let Err(e) = registration.update(record) {
+                log::warn!("rewriting the registry record: {e}");
+            }
+        })
+    };
+    let control_server =
+        ControlServer::start(&control_path, vsc.live(), args.dev_id, Some(on_change))
+            .with_context(|| format!("serving the control socket {}", control_path.display()))?;
 
     if let Some(secs) = args.wait_for_probes {
         workload::wait_for_probes(args.dev_id, spec.queue_depth, Duration::from_secs_f64(secs))?;
@@ -120,7 +142,8 @@ pub fn run(args: DiskArgs) -> Result<()> {
     };
     let report = workload::run(&mut vsc, &spec, signals::stop_flag(), emit)?;
     emit(&report);
-    drop(registration);
+    drop(control_server);
+    drop(registered);
     vsp.stop().context("stopping the host service")?;
     Ok(())
 }

@@ -112,11 +112,15 @@ pub struct DeviceState {
     pub interrupts_per_sec: f64,
     /// Register accesses an emulated device trapped (`trap` probe), cumulative.
     pub traps: u64,
+    /// Settings changes applied through the device's control socket, by knob code
+    /// (`settings_change` probe), cumulative.
+    pub settings_changes: BTreeMap<u32, u64>,
     /// Figures of earlier instances (processes) of this device, added to the current ones so
     /// counters never go backwards.
     base_ops: BTreeMap<u32, OpFigures>,
     base_events: DevEvents,
     base_traps: u64,
+    base_settings_changes: BTreeMap<u32, u64>,
     gone_since: Option<Instant>,
 }
 
@@ -199,9 +203,11 @@ impl<P: ProbeSource> Collector<P> {
                 events: DevEvents::default(),
                 interrupts_per_sec: 0.0,
                 traps: 0,
+                settings_changes: BTreeMap::new(),
                 base_ops: BTreeMap::new(),
                 base_events: DevEvents::default(),
                 base_traps: 0,
+                base_settings_changes: BTreeMap::new(),
                 gone_since: None,
             });
             if dev.record.pid != record.pid {
@@ -214,9 +220,12 @@ impl<P: ProbeSource> Collector<P> {
                 }
                 dev.base_events = dev.events;
                 dev.base_traps = dev.traps;
+                dev.base_settings_changes = dev.settings_changes.clone();
                 dev.attached = false;
                 dev.attach_error = None;
             }
+            // Re-read every tick: a device rewrites its record when its settings change, so the
+            // settings gauges and the API follow it live.
             dev.record = record;
             dev.present = true;
             dev.gone_since = None;
@@ -360,6 +369,21 @@ fn apply_snapshot(state: &mut State, snap: &Snapshot, dt: f64) {
                 .get(&enlight_probes::DevKey { pid, dev: id })
                 .copied()
                 .unwrap_or(0);
+        let mut changes = dev.base_settings_changes.clone();
+        for (key, n) in snap.settings_changes.range(
+            enlight_probes::KnobKey {
+                pid,
+                dev: id,
+                knob: 0,
+            }..=enlight_probes::KnobKey {
+                pid,
+                dev: id,
+                knob: u32::MAX,
+            },
+        ) {
+            *changes.entry(key.knob).or_default() += n;
+        }
+        dev.settings_changes = changes;
     }
 }
 
@@ -507,6 +531,37 @@ pub(crate) mod tests {
         assert_eq!(d.record.pid, other);
         assert_eq!(d.ops[&1].ops, 45, "old instance's 40 plus the new one's 5");
         assert_eq!(d.ops[&1].buckets.values().sum::<u64>(), 45);
+    }
+
+    #[test]
+    fn settings_and_their_change_counts_follow_the_device_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        let fake = FakeProbes::default();
+        let mut r = record("live0", me);
+        let reg = Registration::register(dir.path(), &r).unwrap();
+        let mut c = Collector::new(fake.clone(), dir.path().into(), Duration::from_secs(60));
+        let mut state = State::default();
+        c.tick(&mut state);
+        assert_eq!(
+            state.devices["live0"].record.settings,
+            DeviceSettings::default()
+        );
+        // The device applies a change: it rewrites its record and fires settings_change.
+        r.settings.poll_budget = 8;
+        reg.update(&r).unwrap();
+        fake.snapshot.lock().unwrap().settings_changes.insert(
+            enlight_probes::KnobKey {
+                pid: me,
+                dev: 0,
+                knob: 4,
+            },
+            1,
+        );
+        c.tick(&mut state);
+        let d = &state.devices["live0"];
+        assert_eq!(d.record.settings.poll_budget, 8);
+        assert_eq!(d.settings_changes.get(&4), Some(&1));
     }
 
     #[test]

@@ -166,6 +166,23 @@ pub fn render(state: &State) -> String {
     }
     header(
         &mut out,
+        "enlight_settings_changes_total",
+        "counter",
+        "Settings changes applied through the device's control socket, by knob (settings_change probe).",
+    );
+    for d in devices() {
+        for knob in enlight_driver::settings::Knob::ALL {
+            let l = labels(&[
+                ("device", &d.record.name),
+                ("kind", &d.record.kind),
+                ("knob", knob.name()),
+            ]);
+            let v = d.settings_changes.get(&(knob as u32)).copied().unwrap_or(0);
+            let _ = writeln!(out, "enlight_settings_changes_total{l} {v}");
+        }
+    }
+    header(
+        &mut out,
         "enlight_doorbells_total",
         "counter",
         "Guest-to-host signals (doorbells) sent.",
@@ -372,6 +389,14 @@ mod tests {
         r.name = "disk_0".into();
         r.kind = "synth\"etic".into(); // exercises label escaping
         let reg = Registration::register(dir.path(), &r).unwrap();
+        fake.snapshot.lock().unwrap().settings_changes.insert(
+            enlight_probes::KnobKey {
+                pid: me,
+                dev: 0,
+                knob: 4,
+            },
+            3,
+        );
         fake.snapshot.lock().unwrap().io.insert(
             IoKey {
                 pid: me,
@@ -413,6 +438,12 @@ mod tests {
             "enlight_io_ops_total{device=\"disk_0\",kind=\"synth\\\"etic\",op=\"read\"} 10"
         ));
         assert!(text.contains("enlight_errors_total{kind=\"attach\"} 0"));
+        assert!(text.contains(
+            "enlight_settings_changes_total{device=\"disk_0\",kind=\"synth\\\"etic\",knob=\"poll_budget\"} 3"
+        ));
+        assert!(text.contains(
+            "enlight_settings_changes_total{device=\"disk_0\",kind=\"synth\\\"etic\",knob=\"ring_out_bytes\"} 0"
+        ));
         assert!(text.contains(
             "enlight_probe_attached{device=\"disk_0\",kind=\"synth\\\"etic\",probe=\"io_reap\"} 1"
         ));

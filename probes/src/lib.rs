@@ -34,12 +34,13 @@ pub const PROVIDER: &str = "enlight";
 
 /// Probe name → program name, in attach order: `workload_start` is attached last, so a
 /// workload that waits for its semaphore knows every other site is live.
-pub const PROGRAMS: [(&str, &str); 6] = [
+pub const PROGRAMS: [(&str, &str); 7] = [
     ("io_reap", "enlight_io_reap"),
     ("signal", "enlight_signal"),
     ("ring_full", "enlight_ring_full"),
     ("irq_mask", "enlight_irq_mask"),
     ("trap", "enlight_trap"),
+    ("settings_change", "enlight_settings_change"),
     ("workload_start", "enlight_workload_start"),
 ];
 
@@ -147,6 +148,14 @@ pub struct IoKey {
     pub op: u32,
 }
 
+/// (process, device, knob): the key of the settings-change counts (knob codes of contract 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KnobKey {
+    pub pid: u32,
+    pub dev: u32,
+    pub knob: u32,
+}
+
 /// Cumulative I/O counters of one (process, device, op).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IoStats {
@@ -223,6 +232,8 @@ pub struct Snapshot {
     pub events: BTreeMap<DevKey, DevEvents>,
     /// Register accesses trapped by emulated devices (sum of `trap`'s counts).
     pub traps: BTreeMap<DevKey, u64>,
+    /// Settings changes applied through control sockets (`settings_change` hits).
+    pub settings_changes: BTreeMap<KnobKey, u64>,
     pub health: Health,
 }
 
@@ -458,6 +469,14 @@ impl Probes {
                 }
             }
         }
+        if let Some(map) = self.ebpf.map_mut("settings_changes") {
+            if let Ok(mut m) = PerCpuHashMap::<&mut MapData, KnobKeyRaw, u64>::try_from(map) {
+                let keys: Vec<KnobKeyRaw> = m.keys().flatten().filter(|k| !keep(k.tgid)).collect();
+                for k in keys {
+                    let _ = m.remove(&k);
+                }
+            }
+        }
         if let Some(map) = self.ebpf.map_mut("dev_events") {
             if let Ok(mut m) = PerCpuHashMap::<&mut MapData, DevKeyRaw, DevEventsRaw>::try_from(map)
             {
@@ -544,6 +563,20 @@ impl Probes {
                 .entry(DevKey {
                     pid: k.tgid,
                     dev: k.dev,
+                })
+                .or_default() += values.iter().sum::<u64>();
+        }
+        let changes =
+            PerCpuHashMap::<&MapData, KnobKeyRaw, u64>::try_from(self.map("settings_changes")?)
+                .map_err(map_err("settings_changes"))?;
+        for entry in changes.iter() {
+            let (k, values) = entry.map_err(map_err("settings_changes"))?;
+            *snap
+                .settings_changes
+                .entry(KnobKey {
+                    pid: k.tgid,
+                    dev: k.dev,
+                    knob: k.knob,
                 })
                 .or_default() += values.iter().sum::<u64>();
         }
@@ -639,6 +672,15 @@ mod tests {
                 offset_of!(IoKeyRaw, dev),
                 offset_of!(IoKeyRaw, op),
                 offset_of!(IoKeyRaw, pad)
+            ]
+        );
+        assert_eq!(
+            offsets("enlight_knob_key"),
+            [
+                offset_of!(KnobKeyRaw, tgid),
+                offset_of!(KnobKeyRaw, dev),
+                offset_of!(KnobKeyRaw, knob),
+                offset_of!(KnobKeyRaw, pad)
             ]
         );
         assert_eq!(

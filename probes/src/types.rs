@@ -57,6 +57,16 @@ pub struct DevKeyRaw {
     pub dev: u32,
 }
 
+/// `struct enlight_knob_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KnobKeyRaw {
+    pub tgid: u32,
+    pub dev: u32,
+    pub knob: u32,
+    pub pad: u32,
+}
+
 /// `struct enlight_dev_events`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -116,6 +126,7 @@ const _: () = assert!(std::mem::size_of::<IoHistRaw>() == 32 + 8 * BUCKETS);
 const _: () = assert!(std::mem::size_of::<IoHistRaw>() <= 32 * 1024);
 const _: () = assert!(std::mem::size_of::<DevKeyRaw>() == 8);
 const _: () = assert!(std::mem::size_of::<DevEventsRaw>() == 56);
+const _: () = assert!(std::mem::size_of::<KnobKeyRaw>() == 16);
 const _: () = assert!(std::mem::size_of::<UsdtArg>() == 16);
 const _: () = assert!(std::mem::size_of::<UsdtSpec>() == 200);
 
@@ -131,15 +142,18 @@ unsafe impl aya::Pod for DevKeyRaw {}
 // SAFETY: as above.
 unsafe impl aya::Pod for DevEventsRaw {}
 // SAFETY: as above.
+unsafe impl aya::Pod for KnobKeyRaw {}
+// SAFETY: as above.
 unsafe impl aya::Pod for UsdtSpec {}
 
 /// `(name, size)` of every shared struct, as the BTF check compares them.
-pub const SHARED_STRUCTS: [(&str, usize); 7] = [
+pub const SHARED_STRUCTS: [(&str, usize); 8] = [
     ("enlight_io_key", std::mem::size_of::<IoKeyRaw>()),
     ("enlight_io_stats", std::mem::size_of::<IoStatsRaw>()),
     ("enlight_io_hist", std::mem::size_of::<IoHistRaw>()),
     ("enlight_dev_key", std::mem::size_of::<DevKeyRaw>()),
     ("enlight_dev_events", std::mem::size_of::<DevEventsRaw>()),
+    ("enlight_knob_key", std::mem::size_of::<KnobKeyRaw>()),
     ("enlight_usdt_arg", std::mem::size_of::<UsdtArg>()),
     ("enlight_usdt_spec", std::mem::size_of::<UsdtSpec>()),
 ];

@@ -57,6 +57,14 @@ struct {
 	__type(value, __u64);
 } dev_traps SEC(".maps");
 
+/* Settings changes applied through a device's control socket, per (process, device, knob). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct enlight_knob_key);
+	__type(value, __u64);
+} settings_changes SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, ENLIGHT_HEALTH_COUNT);
@@ -345,6 +353,36 @@ int enlight_trap(struct pt_regs *ctx)
 		v = bpf_map_lookup_elem(&dev_traps, &key);
 		if (v)
 			*v += count;
+		else
+			health_inc(ENLIGHT_HEALTH_MAP_FULL);
+	}
+	return 0;
+}
+
+/* enlight:settings_change(dev, knob, old, new): one hit per knob a control-socket change set */
+SEC("uprobe")
+int enlight_settings_change(struct pt_regs *ctx)
+{
+	struct enlight_knob_key key = {};
+	__u64 dev, knob, one = 1, *v;
+
+	if (usdt_arg(ctx, 0, &dev) || usdt_arg(ctx, 1, &knob)) {
+		health_inc(ENLIGHT_HEALTH_READ_FAILED);
+		return 0;
+	}
+	key.tgid = bpf_get_current_pid_tgid() >> 32;
+	key.dev = (__u32)dev;
+	key.knob = (__u32)knob;
+	v = bpf_map_lookup_elem(&settings_changes, &key);
+	if (v) {
+		*v += 1;
+		return 0;
+	}
+	if (bpf_map_update_elem(&settings_changes, &key, &one, BPF_NOEXIST)) {
+		/* Another CPU created it meanwhile: count in ours (per-CPU values are separate). */
+		v = bpf_map_lookup_elem(&settings_changes, &key);
+		if (v)
+			*v += 1;
 		else
 			health_inc(ENLIGHT_HEALTH_MAP_FULL);
 	}

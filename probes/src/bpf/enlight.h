@@ -73,6 +73,16 @@ struct enlight_dev_events {
 	__u64 workload_starts;
 };
 
+/* Key of the settings-change counters: one process, one device in it, one knob (the knob codes
+ * of the settings_change probe: 0 ring_out_bytes, 1 ring_in_bytes, 2 moderation_frames,
+ * 3 moderation_usecs, 4 poll_budget). */
+struct enlight_knob_key {
+	__u32 tgid;
+	__u32 dev;
+	__u32 knob;
+	__u32 pad;
+};
+
 /* Indices of the health counters (a per-CPU array of __u64). */
 enum enlight_health {
 	ENLIGHT_HEALTH_MAP_FULL = 0,        /* a map update failed: events lost */
@@ -109,6 +119,7 @@ _Static_assert(sizeof(struct enlight_io_stats) == 32, "enlight_io_stats");
 _Static_assert(sizeof(struct enlight_io_hist) == 32 + 8 * ENLIGHT_BUCKETS, "enlight_io_hist");
 _Static_assert(sizeof(struct enlight_dev_key) == 8, "enlight_dev_key");
 _Static_assert(sizeof(struct enlight_dev_events) == 56, "enlight_dev_events");
+_Static_assert(sizeof(struct enlight_knob_key) == 16, "enlight_knob_key");
 _Static_assert(sizeof(struct enlight_usdt_arg) == 16, "enlight_usdt_arg");
 _Static_assert(sizeof(struct enlight_usdt_spec) == 200, "enlight_usdt_spec");
 
