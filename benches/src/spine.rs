@@ -227,6 +227,7 @@ fn disk_run(backing: &std::path::Path, qd: u32, secs: f64) -> Result<DiskRun> {
         read_percent: 100,
         limit: Limit::Duration(Duration::from_secs_f64(secs)),
         seed: 42,
+        ..WorkloadSpec::default()
     };
     let report = workload::run(&mut vsc, &spec, &AtomicBool::new(false), |_| {})?;
     vsp.stop()?;

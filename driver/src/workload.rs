@@ -5,6 +5,11 @@
 //! completed and its own latency histogram (HDR, 2 significant digits), independent of any probe:
 //! the figures enlightd derives from eBPF are checked against these.
 //!
+//! Beyond a closed loop it can cap the rate (`rate=`: an open-loop arrival schedule, still at
+//! most `qd` in flight), alternate on and off (`burst=on:off`), mix two block sizes (`mix=`), and
+//! run several phases one after another on the same device ([`Plan`]: specs joined by `;`, each
+//! with its own `duration`), which is how the tuner's benchmark changes a workload mid-run.
+//!
 //! Latency is the `latency_ns` of each [`Completion`] the driver hands back (reap time minus
 //! submit time, taken by the driver), so the workload and the `io_reap` tracepoint see the same
 //! per-request values through two independent aggregation paths.
@@ -57,6 +62,14 @@ pub struct WorkloadSpec {
     pub limit: Limit,
     /// Seed of the random generator (offsets and the read/write choice).
     pub seed: u64,
+    /// Submissions per second (open loop, at most `queue_depth` in flight); 0 = closed loop.
+    pub rate_iops: u32,
+    /// A second block size, used by `mix_percent` percent of the I/Os (0 = none).
+    pub mix_block_size: u32,
+    /// Percentage of I/Os at `mix_block_size`.
+    pub mix_percent: u8,
+    /// On/off bursts: submit for the first duration, pause for the second, repeat.
+    pub burst: Option<(Duration, Duration)>,
 }
 
 impl Default for WorkloadSpec {
@@ -68,13 +81,17 @@ impl Default for WorkloadSpec {
             read_percent: 70,
             limit: Limit::Unbounded,
             seed: 1,
+            rate_iops: 0,
+            mix_block_size: 0,
+            mix_percent: 0,
+            burst: None,
         }
     }
 }
 
 /// A malformed workload description.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("bad workload {spec:?}: {reason} (expected e.g. \"qd=32,bs=4k,rw=70,pattern=random,ios=100000\")")]
+#[error("bad workload {spec:?}: {reason} (expected e.g. \"qd=32,bs=4k,rw=70,pattern=random,ios=100000\"; also rate=IOPS, mix=64k:30, burst=100ms:100ms, phases joined by ';')")]
 pub struct SpecError {
     spec: String,
     reason: String,
@@ -110,7 +127,8 @@ impl FromStr for WorkloadSpec {
 
     /// Parses `key=value` pairs separated by commas: `qd`, `bs` (bytes, `k`/`m` suffixes), `rw`
     /// (read percentage), `pattern` (`random`|`sequential`), `ios` or `duration` (`10s`, `500ms`),
-    /// `seed`. Unspecified keys keep their defaults.
+    /// `seed`, `rate` (IOPS, open loop), `mix` (`SIZE:PERCENT`: that share of I/Os at a second
+    /// block size), `burst` (`ON:OFF` durations). Unspecified keys keep their defaults.
     fn from_str(s: &str) -> Result<Self, SpecError> {
         let err = |reason: String| SpecError {
             spec: s.to_string(),
@@ -148,6 +166,28 @@ impl FromStr for WorkloadSpec {
                 }
                 "duration" => spec.limit = Limit::Duration(parse_duration(v).ok_or_else(bad)?),
                 "seed" => spec.seed = v.parse().map_err(|_| bad())?,
+                "rate" => {
+                    spec.rate_iops = v
+                        .parse()
+                        .ok()
+                        .filter(|r| *r <= 10_000_000)
+                        .ok_or_else(bad)?
+                }
+                "mix" => {
+                    let (size, pct) = v.split_once(':').ok_or_else(bad)?;
+                    spec.mix_block_size = parse_size(size)
+                        .filter(|b| *b > 0 && *b % SECTOR as u64 == 0 && *b <= 16 << 20)
+                        .ok_or_else(bad)? as u32;
+                    spec.mix_percent = pct.parse().ok().filter(|p| *p <= 100).ok_or_else(bad)?;
+                }
+                "burst" => {
+                    let (on, off) = v.split_once(':').ok_or_else(bad)?;
+                    let on = parse_duration(on)
+                        .filter(|d| !d.is_zero())
+                        .ok_or_else(bad)?;
+                    let off = parse_duration(off).ok_or_else(bad)?;
+                    spec.burst = Some((on, off));
+                }
                 other => return Err(err(format!("unknown key {other:?}"))),
             }
         }
@@ -269,52 +309,222 @@ pub fn wait_for_probes(dev: u32, queue_depth: u32, timeout: Duration) -> Result<
     Ok(())
 }
 
+impl WorkloadSpec {
+    /// The largest I/O this spec submits.
+    pub fn max_block_size(&self) -> u32 {
+        if self.mix_percent > 0 {
+            self.block_size.max(self.mix_block_size)
+        } else {
+            self.block_size
+        }
+    }
+}
+
+/// Workload phases run one after another on the same device: specs joined by `;`, every phase
+/// but the last with an `ios` or `duration` limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The phases, in order.
+    pub phases: Vec<WorkloadSpec>,
+}
+
+impl FromStr for Plan {
+    type Err = SpecError;
+
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let parts: Vec<&str> = s.split(';').collect();
+        let mut phases = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            let spec: WorkloadSpec = part.parse()?;
+            if i + 1 < parts.len() && spec.limit == Limit::Unbounded {
+                return Err(SpecError {
+                    spec: s.to_string(),
+                    reason: format!(
+                        "phase {} has no ios or duration, so later phases never run",
+                        i + 1
+                    ),
+                });
+            }
+            phases.push(spec);
+        }
+        Ok(Plan { phases })
+    }
+}
+
+impl Plan {
+    /// The largest queue depth of any phase.
+    pub fn max_queue_depth(&self) -> u32 {
+        self.phases.iter().map(|p| p.queue_depth).max().unwrap_or(1)
+    }
+
+    /// The largest I/O of any phase.
+    pub fn max_block_size(&self) -> u32 {
+        self.phases
+            .iter()
+            .map(|p| p.max_block_size())
+            .max()
+            .unwrap_or(SECTOR)
+    }
+
+    /// Replaces the last phase's limit (`enlight disk --duration`).
+    pub fn limit_last(&mut self, limit: Limit) {
+        if let Some(p) = self.phases.last_mut() {
+            p.limit = limit;
+        }
+    }
+}
+
+/// Once-per-second reporting state shared by the phases of a run.
+struct Progress {
+    start: Instant,
+    last_tick: Instant,
+    ops_at_tick: u64,
+}
+
 /// Runs `spec` on `vsc` until its limit or `stop`, calling `on_interval` about once per second
 /// with cumulative figures. Returns the final figures.
 pub fn run(
     vsc: &mut DiskVsc,
     spec: &WorkloadSpec,
     stop: &AtomicBool,
+    on_interval: impl FnMut(&WorkloadSnapshot),
+) -> Result<WorkloadSnapshot, WorkloadError> {
+    run_plan(
+        vsc,
+        &Plan {
+            phases: vec![*spec],
+        },
+        stop,
+        on_interval,
+    )
+}
+
+/// Runs every phase of `plan` in turn (figures cumulative over the phases) until the last ends
+/// or `stop` is set.
+pub fn run_plan(
+    vsc: &mut DiskVsc,
+    plan: &Plan,
+    stop: &AtomicBool,
     mut on_interval: impl FnMut(&WorkloadSnapshot),
 ) -> Result<WorkloadSnapshot, WorkloadError> {
-    let blocks = vsc.capacity_sectors() / (spec.block_size / SECTOR) as u64;
-    if blocks == 0 || spec.block_size > vsc.max_io_bytes() {
+    for spec in &plan.phases {
+        check_fits(vsc, spec)?;
+    }
+    let start = Instant::now();
+    let mut stats = Stats::new();
+    let mut progress = Progress {
+        start,
+        last_tick: start,
+        ops_at_tick: 0,
+    };
+    for (i, spec) in plan.phases.iter().enumerate() {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        run_phase(
+            vsc,
+            spec,
+            i == 0,
+            stop,
+            &mut stats,
+            &mut progress,
+            &mut on_interval,
+        )?;
+    }
+    let now = Instant::now();
+    let dt = now
+        .duration_since(progress.last_tick)
+        .as_secs_f64()
+        .max(1e-9);
+    let iops = (stats.snap.ops_total - progress.ops_at_tick) as f64 / dt;
+    // Everything reaped is traced before the final figures are reported.
+    vsc.flush_trace();
+    Ok(stats.snapshot(now.duration_since(start), iops, true))
+}
+
+fn check_fits(vsc: &DiskVsc, spec: &WorkloadSpec) -> Result<(), WorkloadError> {
+    let biggest = spec.max_block_size();
+    let blocks = vsc.capacity_sectors() / (biggest / SECTOR).max(1) as u64;
+    if blocks == 0 || biggest > vsc.max_io_bytes() {
         return Err(WorkloadError::DoesNotFit(format!(
             "block size {} on a disk of {} sectors with {}-byte maximum I/O",
-            spec.block_size,
+            biggest,
             vsc.capacity_sectors(),
             vsc.max_io_bytes()
         )));
     }
+    Ok(())
+}
+
+fn run_phase(
+    vsc: &mut DiskVsc,
+    spec: &WorkloadSpec,
+    first: bool,
+    stop: &AtomicBool,
+    stats: &mut Stats,
+    progress: &mut Progress,
+    on_interval: &mut impl FnMut(&WorkloadSnapshot),
+) -> Result<(), WorkloadError> {
     let queue_depth = (spec.queue_depth as usize).min(vsc.queue_slots());
-    let sectors = spec.block_size / SECTOR;
-    trace::workload_start(vsc.dev_id(), queue_depth as u32);
+    if first {
+        trace::workload_start(vsc.dev_id(), queue_depth as u32);
+    }
+    let capacity = vsc.capacity_sectors();
     let mut rng = SmallRng::seed_from_u64(spec.seed);
-    let mut next_block = 0u64;
-    let mut stats = Stats::new();
+    let mut next_sector = 0u64;
     let mut submitted = 0u64;
     let mut completions: Vec<Completion> = Vec::with_capacity(queue_depth);
-    let start = Instant::now();
-    let mut last_tick = start;
-    let mut ops_at_tick = 0u64;
+    let phase_start = Instant::now();
+    let gap = (spec.rate_iops > 0).then(|| Duration::from_secs_f64(1.0 / spec.rate_iops as f64));
+    let mut next_due = phase_start;
     let limit_reached = |submitted: u64, now: Instant| match spec.limit {
         Limit::Ios(n) => submitted >= n,
-        Limit::Duration(d) => now.duration_since(start) >= d,
+        Limit::Duration(d) => now.duration_since(phase_start) >= d,
         Limit::Unbounded => false,
     };
+    // Whether bursts are on at `now`, and how long until they turn on if not.
+    let burst_state = |now: Instant| -> (bool, Duration) {
+        match spec.burst {
+            None => (true, Duration::ZERO),
+            Some((on, off)) => {
+                let period = (on + off).as_nanos().max(1);
+                let t = now.duration_since(phase_start).as_nanos() % period;
+                if t < on.as_nanos() {
+                    (true, Duration::ZERO)
+                } else {
+                    (false, Duration::from_nanos((period - t) as u64))
+                }
+            }
+        }
+    };
     loop {
-        let stopping = stop.load(Ordering::Relaxed) || limit_reached(submitted, Instant::now());
+        let now = Instant::now();
+        let stopping = stop.load(Ordering::Relaxed) || limit_reached(submitted, now);
         if stopping && vsc.outstanding() == 0 {
             break;
         }
-        if !stopping {
+        let (on, until_on) = burst_state(now);
+        if !stopping && on {
             while vsc.outstanding() < queue_depth && !limit_reached(submitted, Instant::now()) {
-                let block = match spec.pattern {
-                    Pattern::Random => rng.gen_range(0..blocks),
+                if gap.is_some() && Instant::now() < next_due {
+                    break;
+                }
+                let bs = if spec.mix_percent > 0 && rng.gen_range(0..100u8) < spec.mix_percent {
+                    spec.mix_block_size
+                } else {
+                    spec.block_size
+                };
+                let sectors = bs / SECTOR;
+                let blocks = capacity / sectors as u64;
+                let lba = match spec.pattern {
+                    Pattern::Random => rng.gen_range(0..blocks) * sectors as u64,
                     Pattern::Sequential => {
-                        let b = next_block;
-                        next_block = (next_block + 1) % blocks;
-                        b
+                        if next_sector + sectors as u64 > capacity {
+                            next_sector = 0;
+                        }
+                        let l = next_sector;
+                        next_sector += sectors as u64;
+                        l
                     }
                 };
                 let op = if rng.gen_range(0..100u8) < spec.read_percent {
@@ -322,32 +532,52 @@ pub fn run(
                 } else {
                     OP_WRITE
                 };
-                match vsc.submit(op, block * sectors as u64, sectors)? {
-                    Submitted::Queued(_) => submitted += 1,
+                match vsc.submit(op, lba, sectors)? {
+                    Submitted::Queued(_) => {
+                        submitted += 1;
+                        if let Some(gap) = gap {
+                            next_due += gap;
+                            // Behind by more than 10 ms (the queue was full): do not burst to
+                            // catch up, keep the rate from here.
+                            let now = Instant::now();
+                            if next_due + Duration::from_millis(10) < now {
+                                next_due = now;
+                            }
+                        }
+                    }
                     Submitted::RingFull => break,
                 }
             }
+        } else if !on {
+            next_due = now + until_on;
+        }
+        let mut timeout = Duration::from_millis(100);
+        if !on {
+            timeout = timeout.min(until_on);
+        } else if gap.is_some() && vsc.outstanding() < queue_depth {
+            timeout = timeout.min(next_due.saturating_duration_since(Instant::now()));
         }
         completions.clear();
-        vsc.reap(&mut completions, Duration::from_millis(100))?;
+        if vsc.outstanding() == 0 {
+            if !stopping {
+                std::thread::sleep(timeout);
+            }
+        } else {
+            vsc.reap(&mut completions, timeout)?;
+        }
         for c in &completions {
             stats.record(c);
         }
         let now = Instant::now();
-        if now.duration_since(last_tick) >= Duration::from_secs(1) {
-            let dt = now.duration_since(last_tick).as_secs_f64();
-            let iops = (stats.snap.ops_total - ops_at_tick) as f64 / dt;
-            ops_at_tick = stats.snap.ops_total;
-            last_tick = now;
-            on_interval(&stats.snapshot(now.duration_since(start), iops, false));
+        if now.duration_since(progress.last_tick) >= Duration::from_secs(1) {
+            let dt = now.duration_since(progress.last_tick).as_secs_f64();
+            let iops = (stats.snap.ops_total - progress.ops_at_tick) as f64 / dt;
+            progress.ops_at_tick = stats.snap.ops_total;
+            progress.last_tick = now;
+            on_interval(&stats.snapshot(now.duration_since(progress.start), iops, false));
         }
     }
-    let now = Instant::now();
-    let dt = now.duration_since(last_tick).as_secs_f64().max(1e-9);
-    let iops = (stats.snap.ops_total - ops_at_tick) as f64 / dt;
-    // Everything reaped is traced before the final figures are reported.
-    vsc.flush_trace();
-    Ok(stats.snapshot(now.duration_since(start), iops, true))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -369,7 +599,8 @@ mod tests {
                 block_size: 16384,
                 read_percent: 100,
                 limit: Limit::Ios(500),
-                seed: 7
+                seed: 7,
+                ..WorkloadSpec::default()
             }
         );
         assert_eq!(
@@ -437,6 +668,62 @@ mod tests {
             assert!(r.ops_total > 0);
         });
         assert_eq!(vsc.outstanding(), 0);
+    }
+
+    #[test]
+    fn parses_rates_mixes_bursts_and_phases() {
+        let s: WorkloadSpec = "qd=4,rate=2000,mix=64k:30,burst=100ms:50ms"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (s.rate_iops, s.mix_block_size, s.mix_percent),
+            (2000, 65536, 30)
+        );
+        assert_eq!(
+            s.burst,
+            Some((Duration::from_millis(100), Duration::from_millis(50)))
+        );
+        assert_eq!(s.max_block_size(), 65536);
+        assert!("mix=64k".parse::<WorkloadSpec>().is_err());
+        assert!("burst=0s:1s".parse::<WorkloadSpec>().is_err());
+        let p: Plan = "qd=1,duration=2s;qd=32,bs=16k".parse().unwrap();
+        assert_eq!(
+            (p.phases.len(), p.max_queue_depth(), p.max_block_size()),
+            (2, 32, 16384)
+        );
+        let e = "qd=1;qd=2".parse::<Plan>().unwrap_err().to_string();
+        assert!(e.contains("phase 1"), "{e}");
+    }
+
+    #[test]
+    fn a_rate_caps_submissions() {
+        let (_f, mut vsc, _vsp) = disk();
+        let spec: WorkloadSpec = "qd=8,rate=2000,duration=500ms".parse().unwrap();
+        let r = run(&mut vsc, &spec, &AtomicBool::new(false), |_| {}).unwrap();
+        // 2000/s for 0.5 s: 1000 submissions (the first is due at once).
+        assert!((990..=1010).contains(&r.ops_total), "{}", r.ops_total);
+    }
+
+    #[test]
+    fn bursts_pause_and_mixed_sizes_mix() {
+        let (_f, mut vsc, _vsp) = disk();
+        let spec: WorkloadSpec = "qd=4,rate=4000,burst=100ms:100ms,duration=1s,mix=16k:25,rw=100"
+            .parse()
+            .unwrap();
+        let r = run(&mut vsc, &spec, &AtomicBool::new(false), |_| {}).unwrap();
+        // On half the time at 4000/s: about 2000, far from the 4000 of a steady second.
+        assert!((1700..=2300).contains(&r.ops_total), "{}", r.ops_total);
+        let big = (r.read_bytes - r.ops_total * 4096) / (16384 - 4096);
+        let share = big as f64 / r.ops_total as f64;
+        assert!((0.18..0.32).contains(&share), "{share}");
+    }
+
+    #[test]
+    fn phases_run_in_order_on_one_device() {
+        let (_f, mut vsc, _vsp) = disk();
+        let plan: Plan = "qd=2,ios=500,rw=100;qd=8,ios=300,rw=0".parse().unwrap();
+        let r = run_plan(&mut vsc, &plan, &AtomicBool::new(false), |_| {}).unwrap();
+        assert_eq!((r.ops_total, r.reads, r.writes), (800, 500, 300));
     }
 
     #[test]
