@@ -5,10 +5,13 @@
 //! - `enlight disk` is a device process: a synthetic disk (VSC and VSP threads over a VMBus-style
 //!   channel) driven by the workload generator, announced in the device registry so that enlightd
 //!   finds it. It prints one JSON line per second with the workload's own figures.
+//! - `enlight emulated-disk` is the same for an emulated IDE disk (kind `emulated`): every
+//!   register access traps to the device model, through a thread hand-off or a real KVM exit.
 //! - `enlight top` watches a running enlightd in the terminal (crate `enlight-tui`).
 
 mod demo;
 mod disk;
+mod emulated;
 mod signals;
 mod top;
 
@@ -32,6 +35,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run one synthetic disk device process with a workload (what `demo` starts).
     Disk(disk::DiskArgs),
+    /// Run one emulated IDE disk device process (register-level model, a trap per register
+    /// access, over the thread or the KVM transport) with a workload.
+    EmulatedDisk(emulated::EmulatedDiskArgs),
     /// Watch a running enlightd live in the terminal: devices, latency histograms, the tuner.
     Top(top::TopArgs),
 }
@@ -42,6 +48,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Disk(args) => disk::run(args),
+        Command::EmulatedDisk(args) => emulated::run(args),
         Command::Top(args) => top::run(args),
     }
 }

@@ -41,6 +41,9 @@ pub struct DeviceView {
     pub ring_full_out_total: u64,
     pub ring_full_in_total: u64,
     pub irq_masked_total: u64,
+    /// Register accesses an emulated device trapped (`trap` probe); 0 for synthetic devices.
+    #[serde(default)]
+    pub traps_total: u64,
 }
 
 fn op_view(op: String, f: &OpFigures) -> OpView {
@@ -89,6 +92,7 @@ pub fn device_view(d: &DeviceState) -> DeviceView {
         ring_full_out_total: d.events.ring_full_out,
         ring_full_in_total: d.events.ring_full_in,
         irq_masked_total: d.events.irq_masked,
+        traps_total: d.traps,
     }
 }
 

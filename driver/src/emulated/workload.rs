@@ -67,14 +67,14 @@ pub struct TrapFigures {
     pub vm_exits: u64,
 }
 
-/// Runs `spec` on `dev` until its limit or `stop`; `on_interval` gets cumulative figures about
-/// once per second. Returns the final figures and the traps the run took.
+/// Runs `spec` on `dev` until its limit or `stop`; `on_interval` gets cumulative figures (and
+/// the traps so far) about once per second. Returns the final figures and the traps the run took.
 pub fn run(
     dev: &mut dyn BlockTransport,
     dev_id: u32,
     spec: &WorkloadSpec,
     stop: &AtomicBool,
-    mut on_interval: impl FnMut(&WorkloadSnapshot),
+    mut on_interval: impl FnMut(&WorkloadSnapshot, TrapFigures),
 ) -> Result<(WorkloadSnapshot, TrapFigures), EmulatedError> {
     let sectors = spec.block_size / SECTOR;
     let blocks = dev.capacity_sectors() / sectors.max(1) as u64;
@@ -173,7 +173,13 @@ pub fn run(
             ops_at_tick = snap.ops_total;
             last_tick = now;
             fill(&mut snap, &hist, now.duration_since(start), iops, false);
-            on_interval(&snap);
+            on_interval(
+                &snap,
+                TrapFigures {
+                    traps: dev.traps() - traps0,
+                    vm_exits: dev.vm_exits() - exits0,
+                },
+            );
         }
     }
     tracer.flush(dev.traps());
@@ -217,7 +223,7 @@ mod tests {
         std::fs::write(f.path(), vec![0u8; 1 << 20]).unwrap();
         let mut d = ThreadIdeDisk::open(f.path(), "W").unwrap();
         let spec: WorkloadSpec = "qd=4,bs=1k,rw=50,ios=200".parse().unwrap();
-        let (r, t) = run(&mut d, 0, &spec, &AtomicBool::new(false), |_| {}).unwrap();
+        let (r, t) = run(&mut d, 0, &spec, &AtomicBool::new(false), |_, _| {}).unwrap();
         assert_eq!(r.ops_total, 200);
         assert_eq!(r.reads + r.writes, 200);
         assert_eq!(r.errors, 0);

@@ -1,0 +1,154 @@
+//! `enlight emulated-disk`: one emulated IDE disk device process.
+//!
+//! The register-level IDE model (enlight_driver::emulated) over a backing file, driven by the
+//! polling ATA PIO driver through a trap transport: `thread` (a hand-off to the model's thread
+//! per register access) or `kvm` (a tiny guest driver in a real VM whose `in`/`out` instructions
+//! exit to the model; `auto` uses KVM when it works and says why not otherwise). Registered as
+//! `kind: "emulated"` so enlightd observes it; prints the workload's figures plus the trap and
+//! VM-exit counts as one JSON object per line, like `enlight disk`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use enlight_driver::disk::Backing;
+use enlight_driver::emulated::{self, BlockTransport, ThreadIdeDisk, TransportKind};
+use enlight_driver::registry::{self, DeviceRecord, Registration};
+use enlight_driver::settings::DeviceSettings;
+use enlight_driver::workload::{self, Limit, WorkloadSnapshot, WorkloadSpec};
+use serde::Serialize;
+
+use crate::signals;
+
+#[derive(Args, Debug)]
+pub struct EmulatedDiskArgs {
+    /// Device name (unique in the runtime directory).
+    #[arg(long, default_value = "emu0")]
+    name: String,
+    /// Device id inside this process (the `dev` argument of the USDT probes).
+    #[arg(long, default_value_t = 0)]
+    dev_id: u32,
+    /// Backing file.
+    #[arg(long)]
+    backing: PathBuf,
+    /// Create (or extend) the backing file to this many MiB first.
+    #[arg(long, value_name = "MIB")]
+    create_mib: Option<u64>,
+    /// Registry directory [default: $ENLIGHT_RUNTIME_DIR or /run/enlight].
+    #[arg(long)]
+    runtime_dir: Option<PathBuf>,
+    /// Workload, as for `enlight disk` (qd requests are submitted together and served one after
+    /// another: an IDE channel has no queue). Block size at most 128k.
+    #[arg(long, default_value = "qd=1,bs=4k,rw=70,pattern=random")]
+    workload: String,
+    /// Stop after this many seconds (overrides the workload's own limit).
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Wait up to SECS for a tracer (enlightd) to attach every probe before starting.
+    #[arg(long, value_name = "SECS")]
+    wait_for_probes: Option<f64>,
+    /// How register accesses reach the model: thread, kvm, or auto (kvm when it works).
+    #[arg(long, default_value = "thread")]
+    transport: String,
+}
+
+/// One output line: the workload's figures plus the traps behind them.
+#[derive(Serialize)]
+struct Line<'a> {
+    #[serde(flatten)]
+    workload: &'a WorkloadSnapshot,
+    transport: TransportKind,
+    traps: u64,
+    vm_exits: u64,
+}
+
+/// Opens the emulated disk on the transport asked for.
+pub fn open_disk(
+    backing: &std::path::Path,
+    serial: &str,
+    transport: &str,
+) -> Result<Box<dyn BlockTransport>> {
+    let kind = match transport {
+        "auto" => match enlight_vmm::detect() {
+            Ok(()) => TransportKind::Kvm,
+            Err(reason) => {
+                eprintln!(
+                    "enlight: KVM transport unavailable ({reason}); using the thread transport"
+                );
+                TransportKind::Thread
+            }
+        },
+        other => other.parse().map_err(anyhow::Error::msg)?,
+    };
+    Ok(match kind {
+        TransportKind::Thread => Box::new(ThreadIdeDisk::open(backing, serial)?),
+        TransportKind::Kvm => Box::new(
+            enlight_vmm::KvmIdeDisk::open(backing, serial).context("starting the KVM transport")?,
+        ),
+    })
+}
+
+pub fn run(args: EmulatedDiskArgs) -> Result<()> {
+    signals::install_stop_handlers().context("installing signal handlers")?;
+    let mut spec: WorkloadSpec = args.workload.parse()?;
+    if let Some(secs) = args.duration {
+        spec.limit = Limit::Duration(Duration::from_secs_f64(secs));
+    }
+    if spec.block_size > emulated::MAX_IO_BYTES {
+        bail!(
+            "block size {} is above the emulated disk's {}-byte maximum",
+            spec.block_size,
+            emulated::MAX_IO_BYTES
+        );
+    }
+    if let Some(mib) = args.create_mib {
+        Backing::create(&args.backing, mib << 20)?;
+    }
+    let mut disk = open_disk(&args.backing, &args.name, &args.transport)
+        .with_context(|| format!("starting emulated disk {}", args.name))?;
+
+    let runtime_dir = args.runtime_dir.unwrap_or_else(registry::runtime_dir);
+    let record = DeviceRecord {
+        name: args.name.clone(),
+        device: "disk".into(),
+        kind: "emulated".into(),
+        dev_id: args.dev_id,
+        pid: std::process::id(),
+        exe: std::env::current_exe().context("locating this executable")?,
+        started_unix_ms: registry::now_unix_ms(),
+        // No rings and no moderation: the record carries the defaults, which nothing reads.
+        settings: DeviceSettings::default(),
+        control: None,
+    };
+    let registration = Registration::register(&runtime_dir, &record)
+        .with_context(|| format!("registering in {}", runtime_dir.display()))?;
+    if let Some(secs) = args.wait_for_probes {
+        workload::wait_for_probes(args.dev_id, spec.queue_depth, Duration::from_secs_f64(secs))?;
+    }
+    let transport = disk.transport();
+    let stdout = std::io::stdout();
+    let emit = |w: &WorkloadSnapshot, traps: u64, vm_exits: u64| {
+        let mut out = stdout.lock();
+        let line = Line {
+            workload: w,
+            transport,
+            traps,
+            vm_exits,
+        };
+        // A closed pipe (the reader went away) is not a reason to stop the device.
+        let _ = serde_json::to_writer(&mut out, &line);
+        let _ = out.write_all(b"\n");
+        let _ = out.flush();
+    };
+    let (report, traps) = {
+        let d: &mut dyn BlockTransport = disk.as_mut();
+        emulated::workload::run(d, args.dev_id, &spec, signals::stop_flag(), |w, t| {
+            emit(w, t.traps, t.vm_exits)
+        })?
+    };
+    emit(&report, traps.traps, traps.vm_exits);
+    drop(registration);
+    Ok(())
+}
