@@ -21,7 +21,7 @@ use enlight_driver::control::{self, ControlServer};
 use enlight_driver::disk::{Backing, DiskOptions, SyntheticDisk};
 use enlight_driver::registry::{self, DeviceRecord, Registration};
 use enlight_driver::settings::DeviceSettings;
-use enlight_driver::workload::{self, Limit, WorkloadSpec};
+use enlight_driver::workload::{self, Limit};
 
 use crate::signals;
 
@@ -43,7 +43,9 @@ pub struct DiskArgs {
     #[arg(long)]
     runtime_dir: Option<PathBuf>,
     /// Workload: comma-separated key=value: qd, bs (k/m suffixes), rw (read %), pattern
-    /// (random|sequential), ios or duration (10s, 500ms), seed.
+    /// (random|sequential), ios or duration (10s, 500ms), seed, rate (IOPS, open loop), mix
+    /// (SIZE:PERCENT at a second block size), burst (ON:OFF). Phases run in turn: join specs
+    /// with ';' (every phase but the last needs ios or duration).
     #[arg(long, default_value = "qd=32,bs=4k,rw=70,pattern=random")]
     workload: String,
     /// Stop after this many seconds (overrides the workload's own limit).
@@ -71,9 +73,9 @@ pub struct DiskArgs {
 
 pub fn run(args: DiskArgs) -> Result<()> {
     signals::install_stop_handlers().context("installing signal handlers")?;
-    let mut spec: WorkloadSpec = args.workload.parse()?;
+    let mut plan: workload::Plan = args.workload.parse()?;
     if let Some(secs) = args.duration {
-        spec.limit = Limit::Duration(Duration::from_secs_f64(secs));
+        plan.limit_last(Limit::Duration(Duration::from_secs_f64(secs)));
     }
     let defaults = DeviceSettings::default();
     let settings = DeviceSettings {
@@ -88,11 +90,11 @@ pub fn run(args: DiskArgs) -> Result<()> {
         Backing::create(&args.backing, mib << 20)?;
     }
     let options = DiskOptions {
-        max_io_bytes: spec
-            .block_size
+        max_io_bytes: plan
+            .max_block_size()
             .next_multiple_of(4096)
             .max(DiskOptions::default().max_io_bytes),
-        queue_slots: spec.queue_depth.max(1),
+        queue_slots: plan.max_queue_depth().max(1),
         workers: args.workers,
     };
     let (mut vsc, vsp) = SyntheticDisk::start(&args.backing, settings, args.dev_id, options)
@@ -130,7 +132,11 @@ pub fn run(args: DiskArgs) -> Result<()> {
             .with_context(|| format!("serving the control socket {}", control_path.display()))?;
 
     if let Some(secs) = args.wait_for_probes {
-        workload::wait_for_probes(args.dev_id, spec.queue_depth, Duration::from_secs_f64(secs))?;
+        workload::wait_for_probes(
+            args.dev_id,
+            plan.max_queue_depth(),
+            Duration::from_secs_f64(secs),
+        )?;
     }
     let stdout = std::io::stdout();
     let emit = |snapshot: &workload::WorkloadSnapshot| {
@@ -140,7 +146,7 @@ pub fn run(args: DiskArgs) -> Result<()> {
         let _ = out.write_all(b"\n");
         let _ = out.flush();
     };
-    let report = workload::run(&mut vsc, &spec, signals::stop_flag(), emit)?;
+    let report = workload::run_plan(&mut vsc, &plan, signals::stop_flag(), emit)?;
     emit(&report);
     drop(control_server);
     drop(registered);
