@@ -98,6 +98,89 @@ pub fn attach_site(
     })
 }
 
+/// Attaches `prog` to the classic tracepoint with tracefs id `tracepoint_id` (every CPU, as
+/// libbpf does: the program hangs off the tracepoint, not off the perf event's CPU), with
+/// `cookie` readable by the program through `bpf_get_attach_cookie`. aya 0.14's tracepoint
+/// attach cannot pass a cookie.
+pub fn attach_tracepoint(
+    prog: BorrowedFd<'_>,
+    tracepoint_id: u32,
+    cookie: u64,
+) -> io::Result<SiteLink> {
+    const PERF_TYPE_TRACEPOINT: u64 = 2;
+    let mut attr = [0u64; PERF_ATTR_SIZE as usize / 8];
+    attr[0] = PERF_TYPE_TRACEPOINT | (PERF_ATTR_SIZE as u64) << 32;
+    attr[1] = tracepoint_id as u64;
+    // sample_period 1 (word 2); every other field zero: enabled, no sampling.
+    attr[2] = 1;
+    // SAFETY: attr is a valid perf_event_attr of the size it declares.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            attr.as_ptr(),
+            -1,
+            0,
+            -1,
+            PERF_FLAG_FD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd returned by the kernel, owned by nobody else.
+    let perf = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut battr = [0u32; 16];
+    battr[0] = prog.as_raw_fd() as u32;
+    battr[1] = perf.as_raw_fd() as u32;
+    battr[2] = BPF_PERF_EVENT;
+    battr[4] = cookie as u32;
+    battr[5] = (cookie >> 32) as u32;
+    // SAFETY: battr is a zero-padded bpf_attr of the size we pass.
+    let link = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            battr.as_ptr(),
+            std::mem::size_of_val(&battr) as u32,
+        )
+    };
+    if link < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd returned by the kernel.
+    let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
+    Ok(SiteLink {
+        _link: link,
+        _perf: perf,
+    })
+}
+
+/// Invocations of a program the kernel skipped because the same program was already running on
+/// that CPU (an interrupt arrived while it ran): `recursion_misses` of `struct bpf_prog_info`.
+pub fn prog_recursion_misses(prog: BorrowedFd<'_>) -> io::Result<u64> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // struct bpf_prog_info up to verified_insns (kernel 5.16+); recursion_misses at byte 208.
+    let mut info = [0u64; 29];
+    let attr: [u64; 2] = [
+        prog.as_raw_fd() as u32 as u64 | ((std::mem::size_of_val(&info) as u64) << 32),
+        info.as_mut_ptr() as u64,
+    ];
+    // SAFETY: attr is a bpf_attr (bpf_fd, info_len, info pointer) naming a buffer of info_len
+    // bytes that lives across the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr) as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info[208 / 8])
+}
+
 /// Effective capabilities of this process (`CapEff` in /proc/self/status).
 pub fn effective_caps() -> u64 {
     std::fs::read_to_string("/proc/self/status")

@@ -5,6 +5,8 @@
 //!   against the object's BTF by a test).
 //! - [`hist`]: the log-linear latency buckets the programs count into.
 //! - [`usdt`]: parsing `.note.stapsdt` into sites (file offsets, semaphores, argument specs).
+//! - [`kernel`]: the kernel-device programs (`src/bpf/kernel.bpf.c`): block, NIC, IRQ, KVM and
+//!   Hyper-V tracepoints, attached where they exist.
 //! - [`attach`]: every system call: uprobe perf events with semaphores, BPF links with cookies.
 //!
 //! The compiled object is committed (`src/bpf/enlight.bpf.o`, rebuilt and compared by
@@ -12,6 +14,7 @@
 
 pub mod attach;
 pub mod hist;
+pub mod kernel;
 pub mod types;
 pub mod usdt;
 
@@ -596,12 +599,12 @@ impl Probes {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// `(size, member names with byte offsets)` of every struct in a raw `.BTF` section. A small
     /// reader of the format (kernel Documentation/bpf/btf.rst), enough to compare layouts.
-    fn btf_structs(btf: &[u8]) -> HashMap<String, (usize, Vec<(String, usize)>)> {
+    pub(crate) fn btf_structs(btf: &[u8]) -> HashMap<String, (usize, Vec<(String, usize)>)> {
         let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
         assert_eq!(u16::from_le_bytes([btf[0], btf[1]]), 0xeb9f, "BTF magic");
         let hdr_len = u32_at(btf, 4) as usize;
@@ -644,7 +647,7 @@ mod tests {
         out
     }
 
-    fn btf_section(obj: &[u8]) -> &[u8] {
+    pub(crate) fn btf_section(obj: &[u8]) -> &[u8] {
         use object::{Object, ObjectSection};
         let file = object::File::parse(obj).unwrap();
         file.section_by_name(".BTF")

@@ -1,0 +1,384 @@
+// SPDX-License-Identifier: (MIT OR Apache-2.0)
+/*
+ * enlight's eBPF programs on the running kernel's own devices (docs/kernel.md): block request
+ * latency per disk, per-NIC packet counts and NAPI poll sizes, IRQ counts, KVM exits per VMM
+ * thread, and a generic event counter (hyperv:vmbus_* where the kernel has them). Everything is
+ * aggregated in per-CPU maps the daemon reads each interval; nothing goes through a ring buffer.
+ *
+ * Block, net, NAPI and IRQ programs are BTF tracepoints (tp_btf): they get the tracepoint's real
+ * arguments (struct request *, struct sk_buff *, ...) and read them through CO-RE relocations
+ * (kernel.h). The KVM programs are classic tracepoints whose field offsets the loader reads from
+ * tracefs (KVM is often a module).
+ *
+ * Build: probes/build-bpf.sh (the object is committed; a check rebuilds and compares).
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "kernel.h"
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
+
+/* Issue time of each request in flight, by its address. LRU: a request the kernel frees without
+ * completing (it should not happen) cannot fill the map. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, __u64);
+} blk_start SEC(".maps");
+
+/* Per (0, dev_t, op): counters and every latency bucket, as the USDT programs' io_hist. Not
+ * preallocated: a value is 28.7 KB per CPU and only a few disks exist. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 512);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct enlight_io_key);
+	__type(value, struct enlight_io_hist);
+} blk_hist SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct enlight_io_hist);
+} blk_hist_zero SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct enlight_nic_key);
+	__type(value, struct enlight_nic_stats);
+} nic_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct enlight_nic_stats);
+} nic_stats_zero SEC(".maps");
+
+/* Handler invocations per IRQ number. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u64);
+} irq_counts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct enlight_kvm_key);
+	__type(value, __u64);
+} kvm_counts SEC(".maps");
+
+/* Field offsets of the KVM tracepoints (enum enlight_kvm_field), set by the loader. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, ENLIGHT_KVM_FIELDS);
+	__type(key, __u32);
+	__type(value, __u32);
+} kvm_fields SEC(".maps");
+
+/* Hits per tracepoint, by its tracefs event id (the attach cookie). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u64);
+} event_counts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, ENLIGHT_KHEALTH_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} kernel_health SEC(".maps");
+
+static __always_inline void health_inc(__u32 which)
+{
+	__u64 *v = bpf_map_lookup_elem(&kernel_health, &which);
+	if (v)
+		*v += 1;
+}
+
+/* Log-linear bucket of a latency in ns: the same scheme as enlight.bpf.c's bucket_of and
+ * probes/src/hist.rs (exact below 256 ns, 128 sub-buckets per power of two). */
+static __always_inline __u32 bucket_of(__u64 v)
+{
+	__u32 msb = 0, k;
+	__u64 x = v, idx;
+
+	if (v < 2 * ENLIGHT_SUB_BUCKETS)
+		return (__u32)v;
+	if (x >> 32) { msb += 32; x >>= 32; }
+	if (x >> 16) { msb += 16; x >>= 16; }
+	if (x >> 8) { msb += 8; x >>= 8; }
+	if (x >> 4) { msb += 4; x >>= 4; }
+	if (x >> 2) { msb += 2; x >>= 2; }
+	if (x >> 1) { msb += 1; }
+	k = msb - 7;
+	idx = 2 * ENLIGHT_SUB_BUCKETS + (__u64)(k - 1) * ENLIGHT_SUB_BUCKETS + ((v >> k) - ENLIGHT_SUB_BUCKETS);
+	return idx >= ENLIGHT_BUCKETS ? ENLIGHT_BUCKETS - 1 : (__u32)idx;
+}
+
+/* Looks up key in a per-CPU map, creating it from the all-zero template if absent. */
+static __always_inline void *lookup_or_zero(void *map, void *key, void *zero_map)
+{
+	__u32 zero_key = 0;
+	void *v = bpf_map_lookup_elem(map, key), *zero;
+
+	if (v)
+		return v;
+	zero = bpf_map_lookup_elem(zero_map, &zero_key);
+	if (!zero)
+		return 0;
+	/* NOEXIST: if another CPU created it meanwhile, the lookup below finds theirs. */
+	bpf_map_update_elem(map, key, zero, BPF_NOEXIST);
+	v = bpf_map_lookup_elem(map, key);
+	if (!v)
+		health_inc(ENLIGHT_KHEALTH_MAP_FULL);
+	return v;
+}
+
+/* block:block_rq_issue(struct request *rq): the driver gets the request. */
+SEC("tp_btf/block_rq_issue")
+int BPF_PROG(enlight_blk_issue, struct request *rq)
+{
+	__u64 key = (__u64)rq, now = bpf_ktime_get_ns();
+
+	bpf_map_update_elem(&blk_start, &key, &now, BPF_ANY);
+	return 0;
+}
+
+static __always_inline __u32 op_of(unsigned int cmd_flags)
+{
+	switch (cmd_flags & 0xff) { /* REQ_OP_MASK */
+	case 0: return 0; /* REQ_OP_READ */
+	case 1: return 1; /* REQ_OP_WRITE */
+	case 2: return 2; /* REQ_OP_FLUSH */
+	case 3:           /* REQ_OP_DISCARD */
+	case 5:           /* REQ_OP_SECURE_ERASE */
+	case 9:           /* REQ_OP_WRITE_ZEROES */
+		return ENLIGHT_KOP_DISCARD;
+	default: return ENLIGHT_KOP_OTHER;
+	}
+}
+
+/*
+ * block:block_rq_complete(struct request *rq, blk_status_t error, unsigned int nr_bytes): the
+ * driver completed nr_bytes of the request. A request completed in parts fires once per part;
+ * it counts as one op, with its latency, when the last part (nr_bytes covering what is left)
+ * completes.
+ */
+SEC("tp_btf/block_rq_complete")
+int BPF_PROG(enlight_blk_complete, struct request *rq, int error, unsigned int nr_bytes)
+{
+	__u64 key = (__u64)rq, *start, latency;
+	struct enlight_io_key hkey = {};
+	struct enlight_io_hist *h;
+	struct gendisk *disk;
+	__u32 bucket;
+
+	start = bpf_map_lookup_elem(&blk_start, &key);
+	if (!start) {
+		health_inc(ENLIGHT_KHEALTH_NO_START);
+		return 0;
+	}
+	latency = bpf_ktime_get_ns() - *start;
+	disk = BPF_CORE_READ(rq, q, disk);
+	if (!disk) {
+		health_inc(ENLIGHT_KHEALTH_READ_FAILED);
+		return 0;
+	}
+	/* The kernel's dev_t encoding: major << 20 | minor. */
+	hkey.dev = ((__u32)BPF_CORE_READ(disk, major) << 20) | (__u32)BPF_CORE_READ(disk, first_minor);
+	hkey.op = op_of(BPF_CORE_READ(rq, cmd_flags));
+	h = lookup_or_zero(&blk_hist, &hkey, &blk_hist_zero);
+	if (!h)
+		return 0;
+	h->stats.bytes += nr_bytes;
+	if (nr_bytes < BPF_CORE_READ(rq, __data_len))
+		return 0; /* more parts to come */
+	bpf_map_delete_elem(&blk_start, &key);
+	h->stats.ops += 1;
+	h->stats.latency_sum_ns += latency;
+	if (error)
+		h->stats.errors += 1;
+	bucket = bucket_of(latency);
+	if (bucket < ENLIGHT_BUCKETS)
+		h->buckets[bucket] += 1;
+	return 0;
+}
+
+static __always_inline struct enlight_nic_stats *nic_of(struct net_device *dev)
+{
+	struct enlight_nic_key key = {};
+
+	if (!dev)
+		return 0;
+	key.netns = BPF_CORE_READ(dev, nd_net.net, ns.inum);
+	key.ifindex = BPF_CORE_READ(dev, ifindex);
+	return lookup_or_zero(&nic_stats, &key, &nic_stats_zero);
+}
+
+/* net:net_dev_xmit(skb, rc, dev, skb_len): the driver took (rc 0) or refused a packet. */
+SEC("tp_btf/net_dev_xmit")
+int BPF_PROG(enlight_net_xmit, struct sk_buff *skb, int rc, struct net_device *dev, unsigned int len)
+{
+	struct enlight_nic_stats *s = nic_of(dev);
+
+	if (!s)
+		return 0;
+	if (rc == 0) {
+		s->tx_packets += 1;
+		s->tx_bytes += len;
+	} else {
+		s->tx_errors += 1;
+	}
+	return 0;
+}
+
+/* net:netif_receive_skb(skb): the stack receives a packet from skb->dev. */
+SEC("tp_btf/netif_receive_skb")
+int BPF_PROG(enlight_net_receive, struct sk_buff *skb)
+{
+	struct enlight_nic_stats *s = nic_of(BPF_CORE_READ(skb, dev));
+
+	if (!s)
+		return 0;
+	s->rx_packets += 1;
+	s->rx_bytes += BPF_CORE_READ(skb, len);
+	return 0;
+}
+
+/* napi:napi_poll(napi, work, budget): one poll of a NIC queue handled `work` packets. */
+SEC("tp_btf/napi_poll")
+int BPF_PROG(enlight_napi_poll, struct napi_struct *napi, int work, int budget)
+{
+	struct enlight_nic_stats *s = nic_of(BPF_CORE_READ(napi, dev));
+	__u32 slot;
+
+	if (!s)
+		return 0;
+	s->napi_polls += 1;
+	if (work > 0)
+		s->napi_work += work;
+	if (work >= budget)
+		s->napi_budget_exhausted += 1;
+	slot = work < 0 ? 0 : (__u32)work;
+	if (slot >= ENLIGHT_NAPI_SLOTS)
+		slot = ENLIGHT_NAPI_SLOTS - 1;
+	s->napi_work_hist[slot] += 1;
+	return 0;
+}
+
+/* irq:irq_handler_entry(irq, action): one handler of an IRQ runs. */
+SEC("tp_btf/irq_handler_entry")
+int BPF_PROG(enlight_irq_entry, int irq)
+{
+	__u32 key = (__u32)irq;
+	__u64 one = 1, *v = bpf_map_lookup_elem(&irq_counts, &key);
+
+	if (v) {
+		*v += 1;
+		return 0;
+	}
+	if (bpf_map_update_elem(&irq_counts, &key, &one, BPF_NOEXIST)) {
+		/* Another CPU created it: count there. */
+		v = bpf_map_lookup_elem(&irq_counts, &key);
+		if (v)
+			*v += 1;
+		else
+			health_inc(ENLIGHT_KHEALTH_MAP_FULL);
+	}
+	return 0;
+}
+
+/* A 32-bit field of a classic tracepoint record, at the offset the loader stored. */
+static __always_inline __u32 kvm_field(void *ctx, __u32 which)
+{
+	__u32 *off = bpf_map_lookup_elem(&kvm_fields, &which), v = 0;
+
+	if (!off || *off == ENLIGHT_FIELD_ABSENT || *off > 4096)
+		return 0;
+	if (bpf_probe_read_kernel(&v, sizeof(v), ctx + *off))
+		health_inc(ENLIGHT_KHEALTH_READ_FAILED);
+	return v;
+}
+
+static __always_inline int kvm_count(__u32 event, __u32 isa, __u32 reason)
+{
+	__u64 id = bpf_get_current_pid_tgid(), one = 1, *v;
+	struct enlight_kvm_key key = {};
+
+	key.tgid = id >> 32;
+	key.tid = (__u32)id;
+	key.event = event;
+	key.isa = isa;
+	key.reason = reason;
+	v = bpf_map_lookup_elem(&kvm_counts, &key);
+	if (v) {
+		*v += 1;
+		return 0;
+	}
+	if (bpf_map_update_elem(&kvm_counts, &key, &one, BPF_NOEXIST)) {
+		v = bpf_map_lookup_elem(&kvm_counts, &key);
+		if (v)
+			*v += 1;
+		else
+			health_inc(ENLIGHT_KHEALTH_MAP_FULL);
+	}
+	return 0;
+}
+
+/* kvm:kvm_exit: a vCPU left the guest; counted per VMM thread and exit reason. */
+SEC("tracepoint/kvm/kvm_exit")
+int enlight_kvm_exit(void *ctx)
+{
+	return kvm_count(ENLIGHT_KVM_EXIT, kvm_field(ctx, ENLIGHT_KVM_EXIT_ISA),
+			 kvm_field(ctx, ENLIGHT_KVM_EXIT_REASON));
+}
+
+/* kvm:kvm_pio: a port I/O exit, by direction. */
+SEC("tracepoint/kvm/kvm_pio")
+int enlight_kvm_pio(void *ctx)
+{
+	return kvm_count(ENLIGHT_KVM_PIO, 0, kvm_field(ctx, ENLIGHT_KVM_PIO_RW));
+}
+
+/* kvm:kvm_mmio: an MMIO access KVM handled or passed on, by type. */
+SEC("tracepoint/kvm/kvm_mmio")
+int enlight_kvm_mmio(void *ctx)
+{
+	return kvm_count(ENLIGHT_KVM_MMIO, 0, kvm_field(ctx, ENLIGHT_KVM_MMIO_TYPE));
+}
+
+/* Any classic tracepoint (hyperv:vmbus_* where present): counts hits by the attach cookie, which
+ * the loader sets to the event's tracefs id, so one program serves every event it is attached
+ * to. (The record's own common_type is not there: the kernel overwrites the first 8 bytes of
+ * what a tracepoint program sees with a pt_regs pointer.) */
+SEC("tracepoint/any/any")
+int enlight_count_event(void *ctx)
+{
+	__u32 key = (__u32)bpf_get_attach_cookie(ctx);
+	__u64 one = 1, *v;
+
+	v = bpf_map_lookup_elem(&event_counts, &key);
+	if (v) {
+		*v += 1;
+		return 0;
+	}
+	if (bpf_map_update_elem(&event_counts, &key, &one, BPF_NOEXIST)) {
+		v = bpf_map_lookup_elem(&event_counts, &key);
+		if (v)
+			*v += 1;
+		else
+			health_inc(ENLIGHT_KHEALTH_MAP_FULL);
+	}
+	return 0;
+}

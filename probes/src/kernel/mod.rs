@@ -1,0 +1,792 @@
+//! Probes on the running kernel's own devices (`src/bpf/kernel.bpf.c`, a separate object from the
+//! USDT programs): block request latency per disk, per-NIC packets and NAPI poll sizes, IRQ
+//! counts, KVM exits per VMM thread, and `hyperv:vmbus_*` events where the kernel has them.
+//!
+//! [`KernelProbes::load`] attaches what exists and reports what does not: every probe gets a
+//! [`ProbeStatus`] (attached, or why not), and only an object that does not load at all is an
+//! error. A missing tracepoint (no KVM, not a Hyper-V guest, an old kernel) costs that probe and
+//! nothing else.
+
+pub mod kvm;
+pub mod tracefs;
+pub mod types;
+
+use std::collections::BTreeMap;
+
+use aya::maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray, PerCpuHashMap};
+use aya::programs::{BtfTracePoint, TracePoint};
+use aya::{Btf, Ebpf};
+
+use std::os::fd::AsFd;
+
+use crate::attach::SiteLink;
+use crate::types::{IoHistRaw, IoKeyRaw, BUCKETS};
+use crate::IoStats;
+use tracefs::Catalog;
+use types::*;
+
+/// The compiled kernel-device programs.
+pub static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/kernel.bpf.o");
+
+/// How a program attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attach {
+    /// A BTF tracepoint (`tp_btf`): typed arguments, CO-RE reads.
+    Btf,
+    /// A classic tracepoint (fields at offsets from tracefs).
+    Classic,
+}
+
+/// Groups of probes that can be switched on and off together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Group {
+    /// Block request latency (issue → complete).
+    Block,
+    /// Packets per interface (xmit, receive).
+    Net,
+    /// NAPI poll sizes.
+    Napi,
+    /// IRQ handler counts.
+    Irq,
+    /// KVM exits, PIO and MMIO per VMM thread.
+    Kvm,
+    /// `hyperv:vmbus_*` event counts.
+    Hyperv,
+}
+
+/// `(probe name, program, how, group)` of every fixed probe. `hyperv:vmbus_*` events are found
+/// at load time (their set varies between kernels) and all share `enlight_count_event`.
+const PROBES: [(&str, &str, Attach, Group); 9] = [
+    (
+        "block:block_rq_issue",
+        "enlight_blk_issue",
+        Attach::Btf,
+        Group::Block,
+    ),
+    (
+        "block:block_rq_complete",
+        "enlight_blk_complete",
+        Attach::Btf,
+        Group::Block,
+    ),
+    (
+        "net:net_dev_xmit",
+        "enlight_net_xmit",
+        Attach::Btf,
+        Group::Net,
+    ),
+    (
+        "net:netif_receive_skb",
+        "enlight_net_receive",
+        Attach::Btf,
+        Group::Net,
+    ),
+    (
+        "napi:napi_poll",
+        "enlight_napi_poll",
+        Attach::Btf,
+        Group::Napi,
+    ),
+    (
+        "irq:irq_handler_entry",
+        "enlight_irq_entry",
+        Attach::Btf,
+        Group::Irq,
+    ),
+    (
+        "kvm:kvm_exit",
+        "enlight_kvm_exit",
+        Attach::Classic,
+        Group::Kvm,
+    ),
+    (
+        "kvm:kvm_pio",
+        "enlight_kvm_pio",
+        Attach::Classic,
+        Group::Kvm,
+    ),
+    (
+        "kvm:kvm_mmio",
+        "enlight_kvm_mmio",
+        Attach::Classic,
+        Group::Kvm,
+    ),
+];
+
+/// The program counting any classic tracepoint's hits by event id.
+const EVENT_COUNTER: &str = "enlight_count_event";
+/// The status key of the Hyper-V events when the kernel has none.
+pub const HYPERV_PROBE: &str = "hyperv:vmbus_*";
+
+/// Which probe groups to attach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection(pub Vec<Group>);
+
+impl Default for Selection {
+    /// Every group.
+    fn default() -> Self {
+        Selection(vec![
+            Group::Block,
+            Group::Net,
+            Group::Napi,
+            Group::Irq,
+            Group::Kvm,
+            Group::Hyperv,
+        ])
+    }
+}
+
+impl Selection {
+    fn has(&self, g: Group) -> bool {
+        self.0.contains(&g)
+    }
+}
+
+/// Whether one probe is attached, and why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeStatus {
+    /// The group the probe belongs to.
+    pub group: Group,
+    /// Whether its program is attached.
+    pub attached: bool,
+    /// Why it is not (absent tracepoint, the kernel refused, not selected).
+    pub reason: Option<String>,
+}
+
+/// The object itself did not load; every other failure is a [`ProbeStatus`].
+#[derive(Debug, thiserror::Error)]
+pub enum KernelProbeError {
+    /// The object (maps) did not load.
+    #[error("loading the kernel-device eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A tracepoint could not be attached.
+    #[error("attaching {probe}: {reason}")]
+    Attach { probe: String, reason: String },
+    /// A map is missing or unusable.
+    #[error("kernel probe map {name}: {reason}")]
+    Map { name: &'static str, reason: String },
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> KernelProbeError {
+    move |e| KernelProbeError::Map {
+        name,
+        reason: e.to_string(),
+    }
+}
+
+/// (disk, op): the disk by its kernel `dev_t` (`major << 20 | minor`, [`dev_major`]/[`dev_minor`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BlockKey {
+    pub dev: u32,
+    pub op: u32,
+}
+
+/// Major number of a kernel `dev_t`.
+pub fn dev_major(dev: u32) -> u32 {
+    dev >> 20
+}
+
+/// Minor number of a kernel `dev_t`.
+pub fn dev_minor(dev: u32) -> u32 {
+    dev & 0xfffff
+}
+
+/// The kernel `dev_t` of `major:minor`.
+pub fn make_dev(major: u32, minor: u32) -> u32 {
+    (major << 20) | (minor & 0xfffff)
+}
+
+/// A network interface: its namespace (inode of `/proc/<pid>/ns/net`) and ifindex in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NicKey {
+    pub netns: u32,
+    pub ifindex: u32,
+}
+
+/// Cumulative counters of one interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicStats {
+    /// Packets the driver accepted for transmission.
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Packets the driver refused (`net_dev_xmit` with rc != 0).
+    pub tx_errors: u64,
+    /// Packets the stack received from the interface.
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// NAPI polls and the packets they handled.
+    pub napi_polls: u64,
+    pub napi_work: u64,
+    /// Polls that used their whole budget.
+    pub napi_budget_exhausted: u64,
+    /// Polls by packets handled: index n = n packets, the last index = 64 or more.
+    pub napi_work_hist: Vec<u64>,
+}
+
+impl Default for NicStats {
+    fn default() -> Self {
+        NicStats {
+            tx_packets: 0,
+            tx_bytes: 0,
+            tx_errors: 0,
+            rx_packets: 0,
+            rx_bytes: 0,
+            napi_polls: 0,
+            napi_work: 0,
+            napi_budget_exhausted: 0,
+            napi_work_hist: vec![0; NAPI_SLOTS],
+        }
+    }
+}
+
+impl NicStats {
+    fn add_raw(&mut self, v: &NicStatsRaw) {
+        self.tx_packets += v.tx_packets;
+        self.tx_bytes += v.tx_bytes;
+        self.tx_errors += v.tx_errors;
+        self.rx_packets += v.rx_packets;
+        self.rx_bytes += v.rx_bytes;
+        self.napi_polls += v.napi_polls;
+        self.napi_work += v.napi_work;
+        self.napi_budget_exhausted += v.napi_budget_exhausted;
+        for (sum, c) in self.napi_work_hist.iter_mut().zip(v.napi_work_hist.iter()) {
+            *sum += c;
+        }
+    }
+}
+
+/// One KVM counter: a VMM thread, the event, and its reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KvmKey {
+    /// Process (VMM).
+    pub pid: u32,
+    /// Thread (a vCPU thread, normally).
+    pub tid: u32,
+    /// [`types::KVM_EXIT`], [`types::KVM_PIO`] or [`types::KVM_MMIO`].
+    pub event: u32,
+    /// `kvm_exit`'s isa (1 VMX, 2 SVM), 0 for the others.
+    pub isa: u32,
+    /// Exit reason, PIO direction (0 in, 1 out) or MMIO type (0 unsatisfied read, 1 read, 2 write).
+    pub reason: u32,
+}
+
+/// The programs' own trouble counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelHealth {
+    /// Map updates that failed (map full): events lost.
+    pub events_lost: u64,
+    /// Block completions whose issue was never seen (in flight at attach time, or evicted).
+    pub completions_without_issue: u64,
+    /// Failed kernel memory reads.
+    pub read_failures: u64,
+}
+
+/// Everything the kernel-device maps hold, summed over CPUs; cumulative since load.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelSnapshot {
+    /// Block requests per (disk, op), with log-linear latency buckets ([`crate::hist`]).
+    pub disks: BTreeMap<BlockKey, IoStats>,
+    /// Per interface.
+    pub nics: BTreeMap<NicKey, NicStats>,
+    /// Handler invocations per IRQ number (once per handler of a shared IRQ).
+    pub irqs: BTreeMap<u32, u64>,
+    /// KVM events per thread and reason.
+    pub kvm: BTreeMap<KvmKey, u64>,
+    /// Hits of each generically counted event, by `category:name`.
+    pub events: BTreeMap<String, u64>,
+    pub health: KernelHealth,
+}
+
+impl KernelSnapshot {
+    /// `kvm:kvm_exit` counts per process (VMM) and exit reason name, summed over its threads.
+    pub fn kvm_exits(&self) -> BTreeMap<u32, BTreeMap<String, u64>> {
+        let mut out: BTreeMap<u32, BTreeMap<String, u64>> = BTreeMap::new();
+        for (k, n) in self.kvm.iter().filter(|(k, _)| k.event == KVM_EXIT) {
+            *out.entry(k.pid)
+                .or_default()
+                .entry(kvm::exit_reason_name(k.isa, k.reason))
+                .or_default() += n;
+        }
+        out
+    }
+}
+
+/// The loaded kernel-device programs and their attachments. Dropping it detaches everything.
+pub struct KernelProbes {
+    /// Perf-event links of the event counter (dropped before the programs: field order).
+    links: Vec<SiteLink>,
+    ebpf: Ebpf,
+    status: BTreeMap<String, ProbeStatus>,
+    /// Event id → `category:name` for the generic counter.
+    event_names: BTreeMap<u32, String>,
+}
+
+impl KernelProbes {
+    /// Loads the object and attaches every selected probe whose tracepoint the kernel has,
+    /// looking tracepoints up in the real tracefs.
+    pub fn load(selection: &Selection) -> Result<KernelProbes, KernelProbeError> {
+        KernelProbes::load_with(selection, &tracefs::Tracefs::default())
+    }
+
+    /// [`load`](Self::load), asking `catalog` which tracepoints exist (what a test may fake);
+    /// everything else (BTF, the kernel's verdict, attaching) is real.
+    pub fn load_with(
+        selection: &Selection,
+        catalog: &dyn Catalog,
+    ) -> Result<KernelProbes, KernelProbeError> {
+        // The kernel accounts BPF memory by cgroup; raising the limit is only for old kernels.
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit with a valid struct; failure is fine (see above).
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+        let mut ebpf = aya::EbpfLoader::new().load(KERNEL_OBJECT)?;
+        let mut status = BTreeMap::new();
+        let mut event_names = BTreeMap::new();
+        let btf = Btf::from_sys_fs().map_err(|e| e.to_string());
+        set_kvm_fields(&mut ebpf, catalog)?;
+        for (probe, program, how, group) in PROBES {
+            let probe_status = if !selection.has(group) {
+                ProbeStatus {
+                    group,
+                    attached: false,
+                    reason: Some("not selected".into()),
+                }
+            } else {
+                let (category, name) = probe.split_once(':').expect("category:name");
+                let result = if !catalog.exists(category, name) {
+                    Err(format!("tracepoint {probe} does not exist in this kernel"))
+                } else {
+                    attach_one(&mut ebpf, program, how, category, name, btf.as_ref())
+                };
+                match result {
+                    Ok(()) => ProbeStatus {
+                        group,
+                        attached: true,
+                        reason: None,
+                    },
+                    Err(reason) => {
+                        log::info!("kernel probe {probe} not attached: {reason}");
+                        ProbeStatus {
+                            group,
+                            attached: false,
+                            reason: Some(reason),
+                        }
+                    }
+                }
+            };
+            status.insert(probe.to_string(), probe_status);
+        }
+        let mut links = Vec::new();
+        attach_hyperv(
+            &mut ebpf,
+            selection,
+            catalog,
+            &mut status,
+            &mut event_names,
+            &mut links,
+        );
+        Ok(KernelProbes {
+            links,
+            ebpf,
+            status,
+            event_names,
+        })
+    }
+
+    /// Counts the hits of any classic tracepoint (`category:name`) in
+    /// [`KernelSnapshot::events`], with the program the Hyper-V events use: for ad-hoc
+    /// counting, and to test that program where no Hyper-V tracepoint exists.
+    pub fn attach_event_counter(
+        &mut self,
+        category: &str,
+        name: &str,
+    ) -> Result<(), KernelProbeError> {
+        let probe = format!("{category}:{name}");
+        let id = attach_counter(
+            &mut self.ebpf,
+            &mut self.links,
+            &tracefs::Tracefs::default(),
+            category,
+            name,
+        )
+        .map_err(|reason| KernelProbeError::Attach {
+            probe: probe.clone(),
+            reason,
+        })?;
+        self.event_names.insert(id, probe);
+        Ok(())
+    }
+
+    /// Every probe's status, by `category:name`.
+    pub fn status(&self) -> &BTreeMap<String, ProbeStatus> {
+        &self.status
+    }
+
+    /// Whether every probe of `group` that exists here is attached (and at least one is).
+    pub fn group_attached(&self, group: Group) -> bool {
+        let mut any = false;
+        for s in self.status.values().filter(|s| s.group == group) {
+            if !s.attached {
+                return false;
+            }
+            any = true;
+        }
+        any
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, KernelProbeError> {
+        self.ebpf.map(name).ok_or_else(|| KernelProbeError::Map {
+            name,
+            reason: "missing".into(),
+        })
+    }
+
+    /// Reads every map, summing the per-CPU values.
+    pub fn snapshot(&self) -> Result<KernelSnapshot, KernelProbeError> {
+        let mut snap = KernelSnapshot::default();
+        let blk = PerCpuHashMap::<&MapData, IoKeyRaw, IoHistRaw>::try_from(self.map("blk_hist")?)
+            .map_err(map_err("blk_hist"))?;
+        let mut buckets = vec![0u64; BUCKETS];
+        for entry in blk.iter() {
+            let (k, values) = entry.map_err(map_err("blk_hist"))?;
+            let s = snap
+                .disks
+                .entry(BlockKey {
+                    dev: k.dev,
+                    op: k.op,
+                })
+                .or_default();
+            buckets.iter_mut().for_each(|b| *b = 0);
+            for v in values.iter() {
+                s.ops += v.stats.ops;
+                s.bytes += v.stats.bytes;
+                s.errors += v.stats.errors;
+                s.latency_sum_ns += v.stats.latency_sum_ns;
+                for (sum, c) in buckets.iter_mut().zip(v.buckets.iter()) {
+                    *sum += c;
+                }
+            }
+            s.buckets = buckets
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c > 0)
+                .map(|(i, c)| (i as u32, *c))
+                .collect();
+        }
+        let nics =
+            PerCpuHashMap::<&MapData, NicKeyRaw, NicStatsRaw>::try_from(self.map("nic_stats")?)
+                .map_err(map_err("nic_stats"))?;
+        for entry in nics.iter() {
+            let (k, values) = entry.map_err(map_err("nic_stats"))?;
+            let s = snap
+                .nics
+                .entry(NicKey {
+                    netns: k.netns,
+                    ifindex: k.ifindex,
+                })
+                .or_default();
+            for v in values.iter() {
+                s.add_raw(v);
+            }
+        }
+        let irqs = PerCpuHashMap::<&MapData, u32, u64>::try_from(self.map("irq_counts")?)
+            .map_err(map_err("irq_counts"))?;
+        for entry in irqs.iter() {
+            let (irq, values) = entry.map_err(map_err("irq_counts"))?;
+            *snap.irqs.entry(irq).or_default() += values.iter().sum::<u64>();
+        }
+        let kvm = PerCpuHashMap::<&MapData, KvmKeyRaw, u64>::try_from(self.map("kvm_counts")?)
+            .map_err(map_err("kvm_counts"))?;
+        for entry in kvm.iter() {
+            let (k, values) = entry.map_err(map_err("kvm_counts"))?;
+            *snap
+                .kvm
+                .entry(KvmKey {
+                    pid: k.tgid,
+                    tid: k.tid,
+                    event: k.event,
+                    isa: k.isa,
+                    reason: k.reason,
+                })
+                .or_default() += values.iter().sum::<u64>();
+        }
+        let events = PerCpuHashMap::<&MapData, u32, u64>::try_from(self.map("event_counts")?)
+            .map_err(map_err("event_counts"))?;
+        for entry in events.iter() {
+            let (id, values) = entry.map_err(map_err("event_counts"))?;
+            let name = self
+                .event_names
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| format!("event_{id}"));
+            *snap.events.entry(name).or_default() += values.iter().sum::<u64>();
+        }
+        let health = PerCpuArray::<&MapData, u64>::try_from(self.map("kernel_health")?)
+            .map_err(map_err("kernel_health"))?;
+        let sum = |i: u32| -> Result<u64, KernelProbeError> {
+            Ok(health
+                .get(&i, 0)
+                .map_err(map_err("kernel_health"))?
+                .iter()
+                .sum())
+        };
+        snap.health = KernelHealth {
+            events_lost: sum(KHEALTH_MAP_FULL)?,
+            completions_without_issue: sum(KHEALTH_NO_START)?,
+            read_failures: sum(KHEALTH_READ_FAILED)?,
+        };
+        Ok(snap)
+    }
+
+    /// `kvm:kvm_exit` counts per process (VMM pid) and exit reason, cumulative since load: what
+    /// a KVM transport reports as its exits.
+    pub fn kvm_exits(&self) -> Result<BTreeMap<u32, BTreeMap<String, u64>>, KernelProbeError> {
+        Ok(self.snapshot()?.kvm_exits())
+    }
+
+    /// Invocations the kernel skipped per attached program, because the same program was
+    /// already running on that CPU (an interrupt arrived while it ran). Events are lost this way
+    /// and only this way when the maps have room; tests bound their differences with it.
+    pub fn recursion_misses(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for (name, program) in self.ebpf.programs() {
+            let fd = match program.fd() {
+                Ok(fd) => fd,
+                Err(_) => continue, // not loaded
+            };
+            if let Ok(n) = crate::attach::prog_recursion_misses(fd.as_fd()) {
+                out.insert(name.to_string(), n);
+            }
+        }
+        out
+    }
+
+    /// Number of requests whose issue time is held (in flight, as the programs see them).
+    pub fn blk_in_flight(&self) -> Result<usize, KernelProbeError> {
+        let m = AyaHashMap::<&MapData, u64, u64>::try_from(self.map("blk_start")?)
+            .map_err(map_err("blk_start"))?;
+        Ok(m.keys().flatten().count())
+    }
+}
+
+/// Tells the KVM programs where their fields are (from the tracefs formats).
+fn set_kvm_fields(ebpf: &mut Ebpf, catalog: &dyn Catalog) -> Result<(), KernelProbeError> {
+    let offset = |event: &str, field: &str| {
+        catalog
+            .format("kvm", event)
+            .and_then(|f| tracefs::field_offset(&f, field))
+            .unwrap_or(FIELD_ABSENT)
+    };
+    let fields = [
+        (KVM_EXIT_REASON, offset("kvm_exit", "exit_reason")),
+        (KVM_EXIT_ISA, offset("kvm_exit", "isa")),
+        (KVM_PIO_RW, offset("kvm_pio", "rw")),
+        (KVM_MMIO_TYPE, offset("kvm_mmio", "type")),
+    ];
+    let map = ebpf
+        .map_mut("kvm_fields")
+        .ok_or_else(|| KernelProbeError::Map {
+            name: "kvm_fields",
+            reason: "missing".into(),
+        })?;
+    let mut array: Array<&mut MapData, u32> =
+        Array::try_from(map).map_err(map_err("kvm_fields"))?;
+    for (index, off) in fields {
+        array.set(index, off, 0).map_err(map_err("kvm_fields"))?;
+    }
+    Ok(())
+}
+
+/// Attaches the event counter to every `hyperv:vmbus_*` event the catalog lists.
+fn attach_hyperv(
+    ebpf: &mut Ebpf,
+    selection: &Selection,
+    catalog: &dyn Catalog,
+    status: &mut BTreeMap<String, ProbeStatus>,
+    event_names: &mut BTreeMap<u32, String>,
+    links: &mut Vec<SiteLink>,
+) {
+    let events: Vec<String> = catalog
+        .events("hyperv")
+        .into_iter()
+        .filter(|e| e.starts_with("vmbus_"))
+        .collect();
+    if !selection.has(Group::Hyperv) {
+        status.insert(
+            HYPERV_PROBE.into(),
+            ProbeStatus {
+                group: Group::Hyperv,
+                attached: false,
+                reason: Some("not selected".into()),
+            },
+        );
+        return;
+    }
+    if events.is_empty() {
+        status.insert(
+            HYPERV_PROBE.into(),
+            ProbeStatus {
+                group: Group::Hyperv,
+                attached: false,
+                reason: Some(
+                    "this kernel has no hyperv:vmbus_* tracepoints (not a Hyper-V guest, or hv_vmbus not loaded)"
+                        .into(),
+                ),
+            },
+        );
+        return;
+    }
+    for event in events {
+        let probe = format!("hyperv:{event}");
+        let result = attach_counter(ebpf, links, catalog, "hyperv", &event);
+        if let Ok(id) = &result {
+            event_names.insert(*id, probe.clone());
+        }
+        status.insert(
+            probe,
+            ProbeStatus {
+                group: Group::Hyperv,
+                attached: result.is_ok(),
+                reason: result.err().map(|e| format!("hyperv:{event}: {e}")),
+            },
+        );
+    }
+}
+
+/// Attaches the generic event counter to a classic tracepoint, loading it first if needed; the
+/// attach cookie is the event's tracefs id, which the program counts by. Returns the id.
+fn attach_counter(
+    ebpf: &mut Ebpf,
+    links: &mut Vec<SiteLink>,
+    catalog: &dyn Catalog,
+    category: &str,
+    name: &str,
+) -> Result<u32, String> {
+    let id = catalog
+        .id(category, name)
+        .ok_or_else(|| format!("{category}:{name} has no id in tracefs (no such tracepoint)"))?;
+    let program: &mut TracePoint = ebpf
+        .program_mut(EVENT_COUNTER)
+        .ok_or("program enlight_count_event missing from the object")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    if program.fd().is_err() {
+        program
+            .load()
+            .map_err(|e| format!("the kernel refused {EVENT_COUNTER}: {}", verifier_tail(&e)))?;
+    }
+    let fd = program.fd().map_err(|e| e.to_string())?;
+    let link = crate::attach::attach_tracepoint(fd.as_fd(), id, id as u64)
+        .map_err(|e| format!("attaching {category}:{name}: {e}"))?;
+    links.push(link);
+    Ok(id)
+}
+
+/// Loads and attaches one fixed probe's program.
+fn attach_one(
+    ebpf: &mut Ebpf,
+    program: &str,
+    how: Attach,
+    category: &str,
+    name: &str,
+    btf: Result<&Btf, &String>,
+) -> Result<(), String> {
+    let prog = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("program {program} missing from the object"))?;
+    match how {
+        Attach::Btf => {
+            let btf = btf.map_err(|e| format!("no kernel BTF: {e}"))?;
+            let p: &mut BtfTracePoint = prog.try_into().map_err(|e| format!("{e}"))?;
+            p.load(name, btf)
+                .map_err(|e| format!("the kernel refused {program}: {}", verifier_tail(&e)))?;
+            p.attach().map_err(|e| format!("attaching: {e}"))?;
+        }
+        Attach::Classic => {
+            let p: &mut TracePoint = prog.try_into().map_err(|e| format!("{e}"))?;
+            p.load()
+                .map_err(|e| format!("the kernel refused {program}: {}", verifier_tail(&e)))?;
+            p.attach(category, name)
+                .map_err(|e| format!("attaching: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// A program error with at most the last lines of a verifier log, to keep statuses readable.
+fn verifier_tail(e: &aya::programs::ProgramError) -> String {
+    let text = format!("{e:#}");
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() <= 6 {
+        return text;
+    }
+    format!("{} ... {}", lines[0], lines[lines.len() - 4..].join(" | "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_t_encoding_round_trips() {
+        let d = make_dev(7, 3);
+        assert_eq!((dev_major(d), dev_minor(d)), (7, 3));
+        assert_eq!(make_dev(259, 0x12345), (259 << 20) | 0x12345);
+    }
+
+    #[test]
+    fn shared_types_match_the_objects_btf() {
+        let structs = crate::tests::btf_structs(crate::tests::btf_section(KERNEL_OBJECT));
+        for (name, size) in SHARED_STRUCTS {
+            let (btf_size, _) = structs
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} not in the kernel object's BTF"));
+            assert_eq!(*btf_size, size, "{name}");
+        }
+        use std::mem::offset_of;
+        let offsets = |name: &str| structs[name].1.iter().map(|(_, o)| *o).collect::<Vec<_>>();
+        assert_eq!(
+            offsets("enlight_kvm_key"),
+            [
+                offset_of!(KvmKeyRaw, tgid),
+                offset_of!(KvmKeyRaw, tid),
+                offset_of!(KvmKeyRaw, event),
+                offset_of!(KvmKeyRaw, isa),
+                offset_of!(KvmKeyRaw, reason),
+                offset_of!(KvmKeyRaw, pad)
+            ]
+        );
+        assert_eq!(
+            offsets("enlight_nic_stats")[8],
+            offset_of!(NicStatsRaw, napi_work_hist)
+        );
+        // The io_hist value is the USDT programs' type, so the daemon's histogram code applies.
+        assert_eq!(
+            structs["enlight_io_hist"].0,
+            std::mem::size_of::<IoHistRaw>()
+        );
+    }
+
+    #[test]
+    fn kvm_exits_sum_threads_per_process_and_name_reasons() {
+        let mut snap = KernelSnapshot::default();
+        let key = |tid, event, reason| KvmKey {
+            pid: 100,
+            tid,
+            event,
+            isa: kvm::ISA_VMX,
+            reason,
+        };
+        snap.kvm.insert(key(101, KVM_EXIT, 30), 5);
+        snap.kvm.insert(key(102, KVM_EXIT, 30), 7);
+        snap.kvm.insert(key(102, KVM_EXIT, 48), 1);
+        snap.kvm.insert(key(102, KVM_PIO, 1), 12);
+        let exits = snap.kvm_exits();
+        assert_eq!(exits.len(), 1);
+        assert_eq!(exits[&100]["IO_INSTRUCTION"], 12);
+        assert_eq!(exits[&100]["EPT_VIOLATION"], 1);
+        assert_eq!(exits[&100].len(), 2, "PIO events are not exits");
+    }
+}
