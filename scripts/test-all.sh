@@ -23,6 +23,9 @@ missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
+# node and npm: the dashboard schema check (dashboards/schema). The image ships Node.js; a
+# machine without it gets Debian's.
+command -v npm >/dev/null || missing+=(nodejs npm)
 if ((${#missing[@]})); then
     step "apt-get install ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -38,6 +41,9 @@ test -r /sys/kernel/btf/vmlinux || { echo "kernel has no BTF (/sys/kernel/btf/vm
 
 step "probe object matches its source"
 probes/build-bpf.sh --check
+
+step "Grafana dashboards against @grafana/schema"
+(cd dashboards/schema && npm ci --no-audit --no-fund --loglevel=error && node check.mjs)
 
 step "cargo fmt --check"
 cargo fmt --all --check

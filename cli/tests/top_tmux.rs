@@ -5,11 +5,12 @@
 //! back in cooked mode (`stty` in the same pane). Needs root and tmux (scripts/test-all.sh
 //! installs it); without them these tests fail with the reason.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use enlightd::{Config, Daemon, DaemonHandle};
+use support::{free_port, spawn_disk, wait_for_io, LiveDaemon};
 
 const ENLIGHT: &str = env!("CARGO_BIN_EXE_enlight");
 
@@ -131,72 +132,6 @@ fn assert_cooked(screen: &str) {
     );
 }
 
-/// The daemon serving HTTP on a fixed port, in this process, stoppable and restartable.
-struct LiveDaemon {
-    rt: tokio::runtime::Runtime,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<Result<(), enlightd::DaemonError>>>,
-    handle: DaemonHandle,
-}
-
-impl LiveDaemon {
-    fn start(runtime_dir: &Path, port: u16) -> LiveDaemon {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let config = Config {
-            runtime_dir: runtime_dir.into(),
-            interval_ms: 200,
-            device_grace_secs: 600,
-            ..Config::default()
-        };
-        let daemon = Daemon::start(config).expect("start enlightd");
-        let handle = daemon.handle();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
-            .expect("bind the daemon's port");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = rt.spawn(daemon.serve(listener, async {
-            let _ = rx.await;
-        }));
-        LiveDaemon {
-            rt,
-            stop: Some(tx),
-            server: Some(server),
-            handle,
-        }
-    }
-
-    fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        let server = self.server.take().unwrap();
-        self.rt
-            .block_on(async { tokio::time::timeout(Duration::from_secs(10), server).await })
-            .expect("daemon stops within 10 s")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Parses a latency as `enlight top` prints it (`850ns`, `12.3us`, `1.25ms`, `2.00s`) into ns.
 fn parse_latency(s: &str) -> Option<f64> {
     let split = s.find(|c: char| c.is_ascii_alphabetic())?;
@@ -228,37 +163,13 @@ fn top_shows_live_figures_survives_a_daemon_restart_and_restores_the_terminal() 
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let daemon = LiveDaemon::start(dir.path(), port);
-    let _disk = KillOnDrop(
-        Command::new(ENLIGHT)
-            .args([
-                "disk",
-                "--name",
-                "top0",
-                "--workload",
-                "qd=8,bs=4k,rw=70,pattern=random,duration=90s",
-                "--wait-for-probes",
-                "30",
-                "--create-mib",
-                "32",
-            ])
-            .arg("--backing")
-            .arg(dir.path().join("top0.img"))
-            .arg("--runtime-dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn enlight disk"),
+    let _disk = spawn_disk(
+        ENLIGHT,
+        dir.path(),
+        "top0",
+        "qd=8,bs=4k,rw=70,pattern=random,duration=90s",
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while daemon
-        .handle
-        .devices()
-        .iter()
-        .all(|d| d.total.ops_total == 0)
-    {
-        assert!(Instant::now() < deadline, "no I/O seen by eBPF");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_io(&daemon.handle, "top0");
 
     let tmux = Tmux::start(&shell_after(&format!(
         "--daemon 127.0.0.1:{port} --interval-ms 200"
