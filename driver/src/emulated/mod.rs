@@ -15,6 +15,8 @@
 
 pub mod ata;
 pub mod ide;
+pub mod ne2000;
+pub mod ne2k;
 pub mod pio;
 pub mod workload;
 
