@@ -14,6 +14,7 @@ pub mod api;
 pub mod collector;
 pub mod config;
 pub mod histograms;
+pub mod kernel;
 pub mod metrics;
 pub mod tuner;
 #[doc(hidden)]

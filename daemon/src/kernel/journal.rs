@@ -1,0 +1,299 @@
+//! The journal of kernel settings enlight changed, with each knob's original value, persisted
+//! under the runtime directory (`<runtime dir>/kernel/originals.json`) *before* the change is
+//! made: a daemon killed mid-change leaves a journal from which `enlight restore` puts the
+//! originals back. The first original of a knob is kept however many times it changes later.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// What a knob belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Target {
+    /// A NIC, in the network namespace at `netns` (a `/run/netns/<name>` or `/proc/<pid>/ns/net`
+    /// path; `None`: the daemon's own).
+    Nic {
+        iface: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        netns: Option<PathBuf>,
+    },
+    /// A block device's queue.
+    Block { disk: String },
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Nic { iface, netns: None } => write!(f, "nic {iface}"),
+            Target::Nic {
+                iface,
+                netns: Some(ns),
+            } => write!(f, "nic {iface} (netns {})", ns.display()),
+            Target::Block { disk } => write!(f, "disk {disk}"),
+        }
+    }
+}
+
+/// A knob's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum KnobValue {
+    Bool(bool),
+    U32(u32),
+}
+
+impl std::fmt::Display for KnobValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KnobValue::Bool(b) => write!(f, "{}", if *b { "on" } else { "off" }),
+            KnobValue::U32(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// One changed knob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub target: Target,
+    pub knob: String,
+    /// The value before enlight first changed it.
+    pub original: KnobValue,
+    /// The value enlight last set (`None` while the change is being made).
+    pub applied: Option<KnobValue>,
+    /// When the original was recorded (Unix ms).
+    pub recorded_unix_ms: u64,
+}
+
+/// The journal file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// Reading or writing it failed.
+    #[error("kernel settings journal {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// It exists but does not parse: it is left alone (it may hold the only record of the
+    /// originals), and nothing is changed until someone looks at it.
+    #[error("kernel settings journal {path} is corrupt ({message}); it is kept as is: fix or remove it by hand")]
+    Corrupt { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct File {
+    entries: Vec<Entry>,
+}
+
+/// The journal, loaded.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    entries: Vec<Entry>,
+}
+
+/// Where the journal of `runtime_dir` lives.
+pub fn journal_path(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("kernel").join("originals.json")
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Journal {
+    /// Loads the journal of `runtime_dir` (empty if there is none yet).
+    pub fn open(runtime_dir: &Path) -> Result<Journal, JournalError> {
+        let path = journal_path(runtime_dir);
+        let entries = match std::fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice::<File>(&bytes)
+                    .map_err(|e| JournalError::Corrupt {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?
+                    .entries
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => return Err(JournalError::Io { path, source }),
+        };
+        Ok(Journal { path, entries })
+    }
+
+    /// Every entry.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The recorded original of a knob, if enlight changed it.
+    pub fn original(&self, target: &Target, knob: &str) -> Option<KnobValue> {
+        self.entries
+            .iter()
+            .find(|e| &e.target == target && e.knob == knob)
+            .map(|e| e.original)
+    }
+
+    /// Records `original` for a knob about to change (unless an earlier original is already
+    /// recorded) and writes the journal to disk before returning.
+    pub fn record_original(
+        &mut self,
+        target: &Target,
+        knob: &str,
+        original: KnobValue,
+    ) -> Result<(), JournalError> {
+        if self.original(target, knob).is_none() {
+            self.entries.push(Entry {
+                target: target.clone(),
+                knob: knob.into(),
+                original,
+                applied: None,
+                recorded_unix_ms: now_ms(),
+            });
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// Notes the value a knob now has.
+    pub fn note_applied(
+        &mut self,
+        target: &Target,
+        knob: &str,
+        value: KnobValue,
+    ) -> Result<(), JournalError> {
+        if let Some(e) = self
+            .entries
+            .iter_mut()
+            .find(|e| &e.target == target && e.knob == knob)
+        {
+            e.applied = Some(value);
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// Drops a knob (its original is back in force).
+    pub fn forget(&mut self, target: &Target, knob: &str) -> Result<(), JournalError> {
+        let before = self.entries.len();
+        self.entries
+            .retain(|e| !(&e.target == target && e.knob == knob));
+        if self.entries.len() != before {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the journal atomically (temporary file, fsync, rename, fsync of the directory);
+    /// an empty journal removes the file.
+    fn save(&self) -> Result<(), JournalError> {
+        let io = |source| JournalError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let dir = self.path.parent().expect("journal path has a parent");
+        if self.entries.is_empty() {
+            match std::fs::remove_file(&self.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(e)),
+            }
+            return Ok(());
+        }
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let tmp = self.path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(&File {
+            entries: self.entries.clone(),
+        })
+        .expect("journal serializes");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(&text).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nic(iface: &str) -> Target {
+        Target::Nic {
+            iface: iface.into(),
+            netns: None,
+        }
+    }
+
+    #[test]
+    fn the_first_original_is_kept_and_survives_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        assert!(j.entries().is_empty());
+        j.record_original(&nic("eth9"), "rx_frames", KnobValue::U32(1))
+            .unwrap();
+        j.note_applied(&nic("eth9"), "rx_frames", KnobValue::U32(16))
+            .unwrap();
+        // A second change of the same knob does not overwrite the original.
+        j.record_original(&nic("eth9"), "rx_frames", KnobValue::U32(16))
+            .unwrap();
+        j.record_original(
+            &Target::Block {
+                disk: "loop7".into(),
+            },
+            "read_ahead_kb",
+            KnobValue::U32(128),
+        )
+        .unwrap();
+        j.record_original(&nic("eth9"), "adaptive_rx", KnobValue::Bool(false))
+            .unwrap();
+        drop(j);
+        // As if the daemon had been killed: a new process reads what is on disk.
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.entries().len(), 3);
+        assert_eq!(
+            j.original(&nic("eth9"), "rx_frames"),
+            Some(KnobValue::U32(1))
+        );
+        assert_eq!(j.entries()[0].applied, Some(KnobValue::U32(16)));
+        assert_eq!(
+            j.original(&nic("eth9"), "adaptive_rx"),
+            Some(KnobValue::Bool(false))
+        );
+    }
+
+    #[test]
+    fn forgetting_everything_removes_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.record_original(&nic("eth9"), "rx_usecs", KnobValue::U32(0))
+            .unwrap();
+        assert!(journal_path(dir.path()).exists());
+        j.forget(&nic("eth9"), "rx_usecs").unwrap();
+        assert!(!journal_path(dir.path()).exists());
+    }
+
+    #[test]
+    fn a_corrupt_journal_is_an_error_and_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = journal_path(dir.path());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"{\"entries\": [ {\"tar").unwrap();
+        let e = Journal::open(dir.path()).unwrap_err();
+        assert!(matches!(e, JournalError::Corrupt { .. }), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"entries\": [ {\"tar");
+    }
+}

@@ -1,0 +1,246 @@
+//! Privileged: tunes real kernel devices the test creates (a tap and a veth pair in namespaces
+//! of our own, a loop device over a temporary file) through the ethtool netlink API and sysfs,
+//! checks every change with an independent reader (the `ethtool` tool, sysfs), and puts the
+//! originals back from the journal. The machine's own NIC is only read. Needs root; CI runs as
+//! root, so the tests fail loudly without it.
+
+#[path = "../../probes/tests/support/mod.rs"]
+mod support;
+
+use std::path::PathBuf;
+
+use enlightd::kernel::blockq::BlockQueueError;
+use enlightd::kernel::ethtool::{Ethtool, EthtoolError, NicPatch};
+use enlightd::kernel::journal::{Journal, KnobValue, Target};
+use enlightd::kernel::tune::{KernelTuner, TuneError};
+use support::*;
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "privileged tuning test: run as root (CI does)"
+    );
+}
+
+/// A field of `ethtool -g/-c` output, e.g. ("RX:", second occurrence) or "rx-frames:".
+fn ethtool_field(text: &str, key: &str, nth: usize) -> String {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix(key))
+        .nth(nth)
+        .unwrap_or_else(|| panic!("{key} in {text}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn eth0_reads_through_netlink_as_the_ethtool_tool_reports_it() {
+    require_root();
+    let Some(iface) = ["eth0"]
+        .into_iter()
+        .find(|i| std::path::Path::new(&format!("/sys/class/net/{i}")).exists())
+    else {
+        panic!("this test reads eth0's settings (never writes them); no eth0 here");
+    };
+    let mut ethtool = Ethtool::open().expect("ethtool netlink");
+    let rings = ethtool.rings(iface).expect("rings");
+    let g = run("ethtool", &["-g", iface]);
+    // Pre-set maximums first, then current settings.
+    assert_eq!(rings.rx_max.to_string(), ethtool_field(&g, "RX:", 0));
+    assert_eq!(rings.tx_max.to_string(), ethtool_field(&g, "TX:", 0));
+    assert_eq!(rings.rx.to_string(), ethtool_field(&g, "RX:", 1));
+    assert_eq!(rings.tx.to_string(), ethtool_field(&g, "TX:", 1));
+    let c = ethtool.coalesce(iface).expect("coalescing");
+    let text = run("ethtool", &["-c", iface]);
+    for (key, ours) in [
+        ("rx-frames:", c.rx_frames),
+        ("rx-usecs:", c.rx_usecs),
+        ("tx-frames:", c.tx_frames),
+        ("tx-usecs:", c.tx_usecs),
+    ] {
+        let theirs = ethtool_field(&text, key, 0);
+        match ours {
+            Some(v) => assert_eq!(v.to_string(), theirs, "{key}"),
+            None => assert_eq!(theirs, "n/a", "{key}"),
+        }
+    }
+    assert_eq!(enlightd::kernel::ethtool::driver_name(iface), "virtio_net");
+}
+
+#[test]
+fn tap_coalescing_is_set_journalled_and_restored_after_a_crash() {
+    require_root();
+    let ns = NetNs::new("enl-ktune-tap");
+    ns.exec(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]);
+    ns.exec(&["ip", "link", "set", "dev", "tap0", "up"]);
+    let netns = PathBuf::from(format!("/run/netns/{}", ns.name));
+    let runtime = tempfile::tempdir().unwrap();
+    let before = ns.exec(&["ethtool", "-c", "tap0"]);
+    let original: u32 = ethtool_field(&before, "rx-frames:", 0).parse().unwrap();
+
+    let mut tuner = KernelTuner::open(runtime.path()).unwrap();
+    let want = if original == 16 { 8 } else { 16 };
+    let after = tuner
+        .set_nic(
+            "tap0",
+            Some(&netns),
+            &NicPatch {
+                rx_frames: Some(want),
+                ..Default::default()
+            },
+        )
+        .expect("tun supports rx-frames");
+    assert_eq!(after.coalesce.unwrap().rx_frames, Some(want));
+    // The ethtool tool sees the change.
+    let text = ns.exec(&["ethtool", "-c", "tap0"]);
+    assert_eq!(ethtool_field(&text, "rx-frames:", 0), want.to_string());
+
+    // A knob tun lacks: a typed error naming the driver, and nothing is journalled for it.
+    let e = tuner
+        .set_nic(
+            "tap0",
+            Some(&netns),
+            &NicPatch {
+                rx_usecs: Some(50),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&e, TuneError::Ethtool(EthtoolError::Unsupported { driver, .. }) if driver == "tun"),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("not supported by driver tun"), "{e}");
+    // Rings: tun has none.
+    let e = tuner
+        .set_nic(
+            "tap0",
+            Some(&netns),
+            &NicPatch {
+                rx_ring: Some(64),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("not supported by driver tun"), "{e}");
+
+    // The daemon "dies" here: nothing restores; the journal on disk has the original.
+    drop(tuner);
+    let journal = Journal::open(runtime.path()).unwrap();
+    let target = Target::Nic {
+        iface: "tap0".into(),
+        netns: Some(netns.clone()),
+    };
+    assert_eq!(
+        journal.original(&target, "rx_frames"),
+        Some(KnobValue::U32(original))
+    );
+    assert_eq!(journal.entries().len(), 1, "{:?}", journal.entries());
+
+    // `enlight restore` (the same call) in a fresh process puts it back and empties the journal.
+    let report = KernelTuner::open(runtime.path()).unwrap().restore();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(report.restored.len(), 1);
+    let text = ns.exec(&["ethtool", "-c", "tap0"]);
+    assert_eq!(ethtool_field(&text, "rx-frames:", 0), original.to_string());
+    assert!(Journal::open(runtime.path()).unwrap().entries().is_empty());
+}
+
+#[test]
+fn veth_lacks_rings_and_coalescing_and_says_so() {
+    require_root();
+    let pair = VethPair::new("enl-ktune-");
+    let netns = PathBuf::from(format!("/run/netns/{}", pair.ns_a.name));
+    let runtime = tempfile::tempdir().unwrap();
+    let mut tuner = KernelTuner::open(runtime.path()).unwrap();
+    let settings = KernelTuner::nic_settings("a", Some(&netns)).unwrap();
+    assert_eq!(settings.rings, None, "veth has no rings");
+    for patch in [
+        NicPatch {
+            rx_ring: Some(256),
+            ..Default::default()
+        },
+        NicPatch {
+            rx_usecs: Some(10),
+            ..Default::default()
+        },
+    ] {
+        let e = tuner.set_nic("a", Some(&netns), &patch).unwrap_err();
+        assert!(
+            e.to_string().contains("not supported by driver veth"),
+            "{e}"
+        );
+    }
+    assert!(tuner.journal().entries().is_empty());
+    // An interface that does not exist.
+    let e = tuner
+        .set_nic(
+            "nosuch0",
+            Some(&netns),
+            &NicPatch {
+                rx_frames: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, TuneError::Ethtool(EthtoolError::NoSuchDevice(_))),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn loop_queue_settings_are_set_checked_and_restored() {
+    require_root();
+    let disk = LoopDevice::new(8);
+    let name = disk.name();
+    let sysfs = |knob: &str| -> u32 {
+        std::fs::read_to_string(format!("/sys/block/{name}/queue/{knob}"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let runtime = tempfile::tempdir().unwrap();
+    let mut tuner = KernelTuner::open(runtime.path()).unwrap();
+    let (ra0, aff0, nm0) = (
+        sysfs("read_ahead_kb"),
+        sysfs("rq_affinity"),
+        sysfs("nomerges"),
+    );
+    let ra = if ra0 == 512 { 256 } else { 512 };
+    assert_eq!(tuner.set_block(&name, "read_ahead_kb", ra).unwrap(), ra);
+    assert_eq!(sysfs("read_ahead_kb"), ra);
+    let aff = if aff0 == 2 { 1 } else { 2 };
+    tuner.set_block(&name, "rq_affinity", aff).unwrap();
+    assert_eq!(sysfs("rq_affinity"), aff);
+    // Changed twice: the journal keeps the first original.
+    tuner.set_block(&name, "read_ahead_kb", 64).unwrap();
+    tuner
+        .set_block(&name, "nomerges", if nm0 == 0 { 1 } else { 0 })
+        .unwrap();
+    // Out of range: refused before anything is written or journalled.
+    let e = tuner.set_block(&name, "rq_affinity", 7).unwrap_err();
+    assert!(
+        matches!(e, TuneError::BlockQueue(BlockQueueError::OutOfRange { .. })),
+        "{e:?}"
+    );
+    let max_hw = sysfs("max_hw_sectors_kb");
+    let e = tuner
+        .set_block(&name, "max_sectors_kb", max_hw + 1)
+        .unwrap_err();
+    assert!(e.to_string().contains("out of range"), "{e}");
+    assert_eq!(tuner.journal().entries().len(), 3);
+    let report = tuner.restore();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(report.restored.len(), 3);
+    assert_eq!(
+        (
+            sysfs("read_ahead_kb"),
+            sysfs("rq_affinity"),
+            sysfs("nomerges")
+        ),
+        (ra0, aff0, nm0)
+    );
+}
