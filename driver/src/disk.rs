@@ -524,9 +524,15 @@ impl DiskVsc {
             )));
         }
         if self.resize_requested() {
-            // Hold new requests until the ring resize is done; the caller reaps meanwhile.
-            self.quiesce_since.get_or_insert_with(Instant::now);
-            return Ok(Submitted::RingFull);
+            if self.outstanding() > 0 {
+                // Hold new requests until the in-flight ones are back; the caller reaps
+                // meanwhile.
+                self.quiesce_since.get_or_insert_with(Instant::now);
+                return Ok(Submitted::RingFull);
+            }
+            // Nothing in flight: switch rings now, then submit on the new ones. (Callers that
+            // do not reap with nothing outstanding still get their resize.)
+            self.resize_if_requested()?;
         }
         let Some(&slot) = self.free.last() else {
             return Err(DiskError::QueueFull(self.slots.len()));

@@ -261,3 +261,104 @@ fn a_resize_with_no_io_running_is_refused_and_changes_nothing() {
     );
     drop(vsc);
 }
+
+/// The real workload generator through resizes: its own count equals what it asked for, what
+/// the host received, and nothing failed.
+#[test]
+fn the_workload_generators_count_survives_resizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("disk.img");
+    enlight_driver::disk::Backing::create(&backing, 16 << 20).unwrap();
+    let (mut vsc, vsp) = SyntheticDisk::start(
+        &backing,
+        DeviceSettings::default(),
+        0,
+        DiskOptions {
+            max_io_bytes: 128 << 10,
+            queue_slots: 32,
+            workers: 4,
+        },
+    )
+    .unwrap();
+    let sock = socket_path(dir.path(), "gen");
+    let _server = ControlServer::start(&sock, vsc.live(), 0, None).unwrap();
+    let done = AtomicBool::new(false);
+    let spec: enlight_driver::workload::WorkloadSpec =
+        "qd=32,bs=4k,rw=70,ios=30000".parse().unwrap();
+    let (report, changes) = std::thread::scope(|s| {
+        let changer = s.spawn(|| {
+            let mut c = ControlClient::connect(&sock).unwrap();
+            let mut changes = 0;
+            for ring in [8192u32, 1 << 20, 16384, 256 << 10, 8192, 64 << 10] {
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
+                c.set(SettingsPatch {
+                    ring_out_bytes: Some(ring),
+                    ring_in_bytes: Some(ring),
+                    ..Default::default()
+                })
+                .unwrap();
+                changes += 1;
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            changes
+        });
+        let r = enlight_driver::workload::run(&mut vsc, &spec, &AtomicBool::new(false), |_| {})
+            .unwrap();
+        done.store(true, Ordering::SeqCst);
+        (r, changer.join().unwrap())
+    });
+    assert_eq!(report.ops_total, 30_000);
+    assert_eq!(report.errors, 0);
+    assert_eq!(vsp.stats().requests.load(Ordering::Relaxed), 30_000);
+    assert!(
+        changes >= 2,
+        "only {changes} resizes happened during the run"
+    );
+    assert_eq!(vsc.live().resizes(), changes);
+}
+
+/// Moderation changed while I/O runs takes effect: at most one interrupt per 1024 completions
+/// (plus the 100 ms timer), then one per completion when frames drop to 1.
+#[test]
+fn moderation_changes_take_effect_while_io_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("disk.img");
+    enlight_driver::disk::Backing::create(&backing, 8 << 20).unwrap();
+    let start = DeviceSettings {
+        moderation_frames: 1024,
+        moderation_usecs: 100_000,
+        ..DeviceSettings::default()
+    };
+    let (mut vsc, vsp) = SyntheticDisk::start(&backing, start, 0, DiskOptions::default()).unwrap();
+    let sock = socket_path(dir.path(), "mod");
+    let _server = ControlServer::start(&sock, vsc.live(), 0, None).unwrap();
+    let mut c = ControlClient::connect(&sock).unwrap();
+    // QD1: every completion leaves the guest idle, waiting for an interrupt.
+    let spec: enlight_driver::workload::WorkloadSpec = "qd=1,bs=4k,ios=20".parse().unwrap();
+    let interrupts = || vsp.stats().interrupts.load(Ordering::Relaxed);
+    let t = Instant::now();
+    enlight_driver::workload::run(&mut vsc, &spec, &AtomicBool::new(false), |_| {}).unwrap();
+    let slow = interrupts();
+    // Only the 100 ms timer wakes the guest: about one interrupt per 100 ms.
+    assert!(
+        slow <= t.elapsed().as_millis() as u64 / 100 + 2,
+        "{slow} interrupts"
+    );
+    c.set(SettingsPatch {
+        moderation_frames: Some(1),
+        moderation_usecs: Some(0),
+        ..Default::default()
+    })
+    .unwrap();
+    let spec: enlight_driver::workload::WorkloadSpec = "qd=1,bs=4k,ios=300".parse().unwrap();
+    let t = Instant::now();
+    enlight_driver::workload::run(&mut vsc, &spec, &AtomicBool::new(false), |_| {}).unwrap();
+    let fast = interrupts() - slow;
+    assert!(
+        fast >= 290,
+        "{fast} interrupts for 300 completions at frames=1"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
