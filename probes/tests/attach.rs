@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use enlight_probes::hist::bucket_index;
 use enlight_probes::types::Completion;
-use enlight_probes::{preflight, DevKey, IoKey, Probes};
+use enlight_probes::{preflight, DevKey, IoKey, KnobKey, Probes};
 
 // Sites with the provider, names and argument order of the driver's tracepoints (contract 1).
 #[inline(never)]
@@ -29,6 +29,10 @@ fn irq_mask(dev: u32, masked: u32) -> bool {
 #[inline(never)]
 fn trap(dev: u32, count: u64) -> bool {
     probe::probe_lazy!(enlight, trap, dev, count)
+}
+#[inline(never)]
+fn settings_change(dev: u32, knob: u32, old: u32, new: u32) -> bool {
+    probe::probe_lazy!(enlight, settings_change, dev, knob, old, new)
 }
 #[inline(never)]
 fn workload_start(dev: u32) -> bool {
@@ -97,6 +101,12 @@ fn counts_from_our_own_sites_are_exact() {
         trap(7, n);
     }
     trap(9, 1 << 40);
+    // Settings changes are counted per knob, whatever the values.
+    for i in 0..7u32 {
+        settings_change(7, 4, i, i + 1);
+    }
+    settings_change(7, 0, 8192, 1 << 20);
+    settings_change(9, 2, 8, 1);
 
     let snap = probes.snapshot().expect("snapshot");
     for op in 0..2u32 {
@@ -118,6 +128,9 @@ fn counts_from_our_own_sites_are_exact() {
     assert_eq!(e.workload_starts, 1);
     assert_eq!(snap.traps[&DevKey { pid, dev: 7 }], 5050);
     assert_eq!(snap.traps[&DevKey { pid, dev: 9 }], 1 << 40);
+    let changes = |dev, knob| snap.settings_changes[&KnobKey { pid, dev, knob }];
+    assert_eq!((changes(7, 4), changes(7, 0), changes(9, 2)), (7, 1, 1));
+    assert_eq!(snap.settings_changes.len(), 3);
     assert_eq!(snap.health.events_lost, 0);
     assert_eq!(snap.health.read_failures, 0);
     assert_eq!(snap.health.no_spec, 0);
