@@ -350,7 +350,16 @@ impl DiskVsc {
             self.end.config.out_ring_bytes as u32,
             self.end.config.in_ring_bytes as u32,
         );
-        match self.switch_channel(out, inb)? {
+        let switched = match self.switch_channel(out, inb) {
+            Ok(r) => r,
+            Err(fatal) => {
+                // The channel is broken: tell the requester rather than leave it waiting.
+                self.live
+                    .finish_resize(Err(format!("the channel broke during the switch: {fatal}")));
+                return Err(fatal);
+            }
+        };
+        match switched {
             Ok(()) => {
                 let report = ResizeReport {
                     from,
@@ -1527,6 +1536,57 @@ mod tests {
         let r = t.join().unwrap();
         assert!(matches!(r, Err(DiskError::Ring(_))), "{r:?}");
         control.request_stop();
+    }
+
+    /// A switch request the host cannot honour (nothing offered in the hand-over slot) is
+    /// refused with EPROTO and the host keeps serving the old channel.
+    #[test]
+    fn an_unoffered_channel_switch_is_refused_and_serving_goes_on() {
+        let f = backing_with_pattern(16);
+        let (mut guest, host) = channel::create(&ChannelConfig {
+            out_ring_bytes: 8192,
+            in_ring_bytes: 8192,
+            extra_bytes: 8192,
+        })
+        .unwrap();
+        let control = VspControl::new().unwrap();
+        let backing = Backing::open(f.path()).unwrap();
+        let t = {
+            let control = control.clone();
+            std::thread::spawn(move || serve(host, backing, 0, small(), control))
+        };
+        let switch = DiskRequest {
+            op: OP_SWITCH_CHANNEL,
+            ..Default::default()
+        };
+        let read = DiskRequest {
+            op: OP_READ,
+            sectors: 1,
+            buf_len: 512,
+            ..Default::default()
+        };
+        guest
+            .tx
+            .try_write(PACKET_TYPE_INBAND, 1, SWITCH_TAG, &[&switch.encode()])
+            .unwrap();
+        guest
+            .tx
+            .try_write(PACKET_TYPE_INBAND, 1, 5, &[&read.encode()])
+            .unwrap();
+        guest.to_host.signal().unwrap();
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match guest.rx.read_into(&mut buf).unwrap() {
+                Some(h) => got.push((h.trans_id, DiskCompletion::decode(&buf).unwrap().status)),
+                None => {
+                    guest.from_host.wait(Duration::from_millis(50)).unwrap();
+                }
+            }
+        }
+        assert_eq!(got, vec![(SWITCH_TAG, libc::EPROTO as u32), (5, 0)]);
+        control.request_stop();
+        t.join().unwrap().unwrap();
     }
 
     #[test]
