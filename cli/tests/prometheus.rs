@@ -253,7 +253,40 @@ fn every_dashboard_and_rule_expression_returns_data_from_a_live_daemon() {
         "prom0",
         &format!("qd=16,bs=4k,rw=70,pattern=random,duration={run_secs}s"),
     );
+    // An emulated disk too, when this build has one (contract 5), so that the emulated vs
+    // enlightened panels compare two kinds.
+    let emulated = Command::new(ENLIGHT)
+        .args(["emulated-disk", "--help"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let _emu = emulated.then(|| {
+        KillOnDrop(
+            Command::new(ENLIGHT)
+                .args(["emulated-disk", "--name", "emu0", "--create-mib", "16"])
+                .args([
+                    "--wait-for-probes",
+                    "30",
+                    "--duration",
+                    &run_secs.to_string(),
+                ])
+                .args(["--workload", "qd=1,bs=4k,rw=70,pattern=random"])
+                .arg("--backing")
+                .arg(dir.path().join("emu0.img"))
+                .arg("--runtime-dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("spawn enlight emulated-disk"),
+        )
+    });
     wait_for_io(&daemon.handle, "prom0");
+    if emulated {
+        wait_for_io(&daemon.handle, "emu0");
+    } else {
+        eprintln!("prometheus test: this build has no `enlight emulated-disk`; comparing one kind");
+    }
     let prom = Prometheus::start(dir.path(), port);
     let started = Instant::now();
 
@@ -262,21 +295,25 @@ fn every_dashboard_and_rule_expression_returns_data_from_a_live_daemon() {
     let socket = enlight_driver::control::socket_path(dir.path(), "prom0");
     let mut control = enlight_driver::control::ControlClient::connect(&socket)
         .unwrap_or_else(|e| panic!("control socket {}: {e}", socket.display()));
-    std::thread::sleep(Duration::from_secs(4));
     let (before, _, _) = control.get().unwrap();
     let patch = |frames: u32| enlight_driver::control::SettingsPatch {
         moderation_frames: Some(frames),
         ..Default::default()
     };
+    let sleep_until = |secs: u64| {
+        while started.elapsed() < Duration::from_secs(secs) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // Moderation doubled half-way through the run and restored 5 s before the end, so the
+    // annotation's 1m window at the end sees a change however long the run.
+    let end = 12 + snapshot_secs;
+    sleep_until(4 + snapshot_secs / 2);
     control.set(patch(before.moderation_frames * 2)).unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    sleep_until(end - 5);
     control.set(patch(before.moderation_frames)).unwrap();
-
     // Enough samples for every rate window and the 1m recording rules.
-    let collect = Duration::from_secs(12 + snapshot_secs);
-    while started.elapsed() < collect {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    sleep_until(end);
     let metrics = daemon.handle.render_metrics();
     let target = prom.api("/api/v1/targets", &[]);
     assert_eq!(
@@ -321,6 +358,23 @@ fn every_dashboard_and_rule_expression_returns_data_from_a_live_daemon() {
         }
     }
     assert!(checked >= 25, "only {checked} dashboard queries found");
+    if emulated {
+        // The comparison row shows both kinds.
+        for (what, expr) in dashboard_queries(&dashboard) {
+            if what.contains("by kind") {
+                let kinds: std::collections::BTreeSet<String> = prom
+                    .query(&substitute(&expr))
+                    .iter()
+                    .filter_map(|r| r["metric"]["kind"].as_str().map(String::from))
+                    .collect();
+                if !(kinds.contains("synthetic") && kinds.contains("emulated")) {
+                    failures.push(format!(
+                        "{what}: kinds {kinds:?}, want synthetic and emulated"
+                    ));
+                }
+            }
+        }
+    }
 
     // The rules, as Prometheus loaded them: healthy, and each returns data (an alert's
     // condition side, since a healthy system fires none; the recorded series themselves).
