@@ -176,8 +176,8 @@ struct Move {
     stride: u32,
 }
 
-/// Largest stride: a move that made no measurable difference is retried two, then four rungs
-/// away, so flat stretches of a knob's ladder do not stop the search.
+/// Largest stride: a move that made no measurable difference is retried once, four rungs away,
+/// so flat stretches of a knob's ladder do not stop the search.
 const MAX_STRIDE: u32 = 4;
 
 /// The order in which moves are tried, per objective.
@@ -642,7 +642,7 @@ impl DeviceTuner {
                 }
                 if verdict == Some(Cmp::Same) && mv.stride < MAX_STRIDE {
                     self.queue.push_front(Move {
-                        stride: mv.stride * 2,
+                        stride: MAX_STRIDE,
                         ..mv
                     });
                 }

@@ -16,9 +16,13 @@
 //!   the collector, feeds windows to the tuners, applies and records every decision.
 //! - [`config`]: the `[tuner]` section of enlightd's TOML.
 
+pub mod audit;
+pub mod backend;
+pub mod config;
 pub mod decide;
 pub mod dim;
 pub mod measure;
+pub mod shell;
 pub mod window;
 
 use enlight_driver::settings::{DeviceSettings, SettingsLimits};

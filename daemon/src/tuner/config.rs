@@ -1,0 +1,185 @@
+//! The `[tuner]` section of enlightd's TOML. Every table rejects unknown keys by name.
+//!
+//! ```toml
+//! [tuner]
+//! mode = "auto"                 # off | auto | dry_run (default off)
+//! objective = "balanced"        # latency | throughput | balanced
+//! slo_p99_us = 5000             # p99 SLO for throughput and balanced
+//! min_change_interval_ms = 1000 # at most one change per interval
+//! audit_log = "/var/log/enlight/tuner.jsonl"   # default: <runtime_dir>/tuner-audit.jsonl
+//!
+//! [tuner.devices.disk0]         # per device: any of mode, objective, slo_p99_us, pinned
+//! objective = "latency"
+//! pinned = false
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::decide::{Policy, TunerParams};
+use super::{Objective, TunerMode};
+
+/// The tuner's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunerConfig {
+    /// Mode of every device without its own.
+    pub mode: TunerMode,
+    /// Objective of every device without its own.
+    pub objective: Objective,
+    /// p99 SLO in microseconds (throughput and balanced objectives).
+    pub slo_p99_us: u64,
+    /// At most one change per this many milliseconds (per device).
+    pub min_change_interval_ms: u64,
+    /// Windows measured per settings point.
+    pub trial_windows: u32,
+    /// Windows discarded after a change.
+    pub settle_windows: u32,
+    /// Smallest improvement acted on, percent.
+    pub min_improvement_pct: u32,
+    /// Relative change (percent) of ops/s or bytes per op that marks a new workload phase.
+    pub phase_change_pct: u32,
+    /// JSON-lines audit log; default `<runtime_dir>/tuner-audit.jsonl`.
+    pub audit_log: Option<PathBuf>,
+    /// Decisions kept in memory for `/api/v1/tuner/decisions`.
+    pub decisions_kept: usize,
+    /// Per-device overrides, by device name.
+    pub devices: BTreeMap<String, DeviceTunerConfig>,
+}
+
+/// One device's overrides.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeviceTunerConfig {
+    pub mode: Option<TunerMode>,
+    pub objective: Option<Objective>,
+    pub slo_p99_us: Option<u64>,
+    /// Start pinned (the API can unpin).
+    pub pinned: bool,
+}
+
+impl Default for TunerConfig {
+    fn default() -> Self {
+        let p = TunerParams::default();
+        TunerConfig {
+            mode: TunerMode::Off,
+            objective: Objective::Balanced,
+            slo_p99_us: 5_000,
+            min_change_interval_ms: p.min_change_interval_ms,
+            trial_windows: p.trial_windows,
+            settle_windows: p.settle_windows,
+            min_improvement_pct: (p.min_improvement * 100.0).round() as u32,
+            phase_change_pct: (p.phase_change * 100.0).round() as u32,
+            audit_log: None,
+            decisions_kept: 1000,
+            devices: BTreeMap::new(),
+        }
+    }
+}
+
+impl TunerConfig {
+    /// The decision function's parameters.
+    pub fn params(&self) -> TunerParams {
+        TunerParams {
+            min_change_interval_ms: self.min_change_interval_ms,
+            trial_windows: self.trial_windows,
+            max_trial_windows: self
+                .trial_windows
+                .max(TunerParams::default().max_trial_windows),
+            settle_windows: self.settle_windows,
+            min_improvement: self.min_improvement_pct as f64 / 100.0,
+            phase_change: self.phase_change_pct as f64 / 100.0,
+            ..TunerParams::default()
+        }
+    }
+
+    /// The policy of device `name`.
+    pub fn policy(&self, name: &str) -> Policy {
+        let d = self.devices.get(name).cloned().unwrap_or_default();
+        Policy {
+            mode: d.mode.unwrap_or(self.mode),
+            objective: d.objective.unwrap_or(self.objective),
+            slo_p99_ns: d.slo_p99_us.unwrap_or(self.slo_p99_us).saturating_mul(1000),
+            pinned: d.pinned,
+        }
+    }
+
+    /// Whether any device may be tuned (or recommended for).
+    pub fn any_enabled(&self) -> bool {
+        self.mode != TunerMode::Off
+            || self
+                .devices
+                .values()
+                .any(|d| d.mode.is_some_and(|m| m != TunerMode::Off))
+    }
+
+    /// The audit log's path.
+    pub fn audit_path(&self, runtime_dir: &Path) -> PathBuf {
+        self.audit_log
+            .clone()
+            .unwrap_or_else(|| runtime_dir.join("tuner-audit.jsonl"))
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), String> {
+        self.params()
+            .validate()
+            .map_err(|e| format!("[tuner] {e}"))?;
+        if !(1..=10_000_000).contains(&self.slo_p99_us) {
+            return Err(format!(
+                "[tuner] slo_p99_us = {} is outside 1..=10000000",
+                self.slo_p99_us
+            ));
+        }
+        for (name, d) in &self.devices {
+            if let Some(slo) = d.slo_p99_us.filter(|s| !(1..=10_000_000).contains(s)) {
+                return Err(format!(
+                    "[tuner.devices.{name}] slo_p99_us = {slo} is outside 1..=10000000"
+                ));
+            }
+        }
+        if self.decisions_kept == 0 || self.decisions_kept > 1_000_000 {
+            return Err(format!(
+                "[tuner] decisions_kept = {} is outside 1..=1000000",
+                self.decisions_kept
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_and_devices_are_read_and_unknown_keys_named() {
+        let c: TunerConfig = toml::from_str(
+            "mode = \"dry_run\"\nslo_p99_us = 800\n[devices.disk0]\nobjective = \"latency\"\npinned = true\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let p = c.policy("disk0");
+        assert_eq!(
+            (p.mode, p.objective, p.slo_p99_ns, p.pinned),
+            (TunerMode::DryRun, Objective::Latency, 800_000, true)
+        );
+        assert_eq!(c.policy("other").objective, Objective::Balanced);
+        let e = toml::from_str::<TunerConfig>("objectiv = \"latency\"").unwrap_err();
+        assert!(e.to_string().contains("objectiv"), "{e}");
+        let e = toml::from_str::<TunerConfig>("[devices.d]\npin = true").unwrap_err();
+        assert!(e.to_string().contains("pin"), "{e}");
+        let e = toml::from_str::<TunerConfig>("objective = \"fast\"").unwrap_err();
+        assert!(e.to_string().contains("fast"), "{e}");
+        let bad = TunerConfig {
+            min_change_interval_ms: 10,
+            ..TunerConfig::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .contains("min_change_interval_ms"));
+    }
+}

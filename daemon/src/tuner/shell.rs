@@ -1,0 +1,437 @@
+//! The async shell around the decision function: it follows the collector's ticks, turns each
+//! device's cumulative eBPF counters into windows, asks the device's [`DeviceTuner`], applies
+//! through the device's [`SettingsBackend`], and records every decision (audit log, the
+//! decisions list of the API, counters for `/metrics`).
+//!
+//! What it does not do: keep settings anywhere but in the device. Each tick it reads the
+//! settings in force from the device itself, so a restarted enlightd resumes from what the
+//! devices report (and a device whose enlightd died simply keeps its last settings).
+//!
+//! The blocking parts (control sockets) run on tokio's blocking pool; the decisions are the pure
+//! function's. [`Shell::tick`] is synchronous, so tests drive it directly or through [`run`]
+//! with tokio's paused clock.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write;
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use std::time::{Duration, Instant};
+
+use enlight_driver::registry::DeviceRecord;
+
+use super::audit::AuditLog;
+use super::backend::{BackendFactory, SettingsBackend};
+use super::config::TunerConfig;
+use super::window::{Cumulative, Window};
+use super::{Action, Decision, DeviceTuner, TunerMode, TunerView};
+use crate::collector::State;
+
+/// The tuner's state that the HTTP side reads (and pins write), and the collector's clock.
+#[derive(Default)]
+pub struct TunerShared {
+    public: Mutex<Public>,
+    tick: Mutex<Option<(u64, Instant)>>,
+}
+
+#[derive(Default)]
+struct Public {
+    enabled: bool,
+    views: BTreeMap<String, TunerView>,
+    kinds: BTreeMap<String, String>,
+    decisions: VecDeque<Decision>,
+    decisions_kept: usize,
+    changes: BTreeMap<String, u64>,
+    reverts: BTreeMap<String, u64>,
+    objective: BTreeMap<String, f64>,
+    pins: BTreeMap<String, bool>,
+    audit_errors: u64,
+}
+
+impl TunerShared {
+    /// Called by the collector after each tick: the tick number and when its maps were read.
+    pub fn note_tick(&self, ticks: u64) {
+        self.note_tick_at(ticks, Instant::now());
+    }
+
+    /// [`note_tick`](Self::note_tick) with an explicit time (tests).
+    pub fn note_tick_at(&self, ticks: u64, at: Instant) {
+        *self.tick.lock().expect("tick lock") = Some((ticks, at));
+    }
+
+    fn last_tick(&self) -> Option<(u64, Instant)> {
+        *self.tick.lock().expect("tick lock")
+    }
+
+    /// Whether a tuner runs at all.
+    pub fn enabled(&self) -> bool {
+        self.public.lock().expect("tuner lock").enabled
+    }
+
+    /// The tuner's view of a device (`None` when no tuner runs for it).
+    pub fn view(&self, device: &str) -> Option<TunerView> {
+        self.public
+            .lock()
+            .expect("tuner lock")
+            .views
+            .get(device)
+            .cloned()
+    }
+
+    /// Recorded decisions, newest last, optionally of one device, at most `limit`.
+    pub fn decisions(&self, device: Option<&str>, limit: usize) -> Vec<Decision> {
+        let p = self.public.lock().expect("tuner lock");
+        let mut v: Vec<Decision> = p
+            .decisions
+            .iter()
+            .filter(|d| device.is_none_or(|n| d.device == n))
+            .cloned()
+            .collect();
+        let skip = v.len().saturating_sub(limit);
+        v.drain(..skip);
+        v
+    }
+
+    /// Pins or unpins a device; effective from the tuner's next tick (and shown at once).
+    pub fn set_pinned(&self, device: &str, pinned: bool) {
+        let mut p = self.public.lock().expect("tuner lock");
+        p.pins.insert(device.to_string(), pinned);
+        if let Some(v) = p.views.get_mut(device) {
+            v.pinned = pinned;
+        }
+    }
+
+    fn pins(&self) -> BTreeMap<String, bool> {
+        self.public.lock().expect("tuner lock").pins.clone()
+    }
+
+    /// Appends the `enlight_tuner_*` families (only when a tuner runs).
+    pub fn render_metrics(&self, out: &mut String) {
+        let p = self.public.lock().expect("tuner lock");
+        if !p.enabled {
+            return;
+        }
+        let label = |d: &str| {
+            format!(
+                "device=\"{}\",kind=\"{}\"",
+                crate::metrics::escape(d),
+                crate::metrics::escape(p.kinds.get(d).map(String::as_str).unwrap_or(""))
+            )
+        };
+        let families: [(&str, &str, &str); 4] = [
+            (
+                "enlight_tuner_changes_total",
+                "counter",
+                "Settings changes the tuner applied (reverts included).",
+            ),
+            (
+                "enlight_tuner_reverts_total",
+                "counter",
+                "Changes the tuner undid because they were not better or regressed.",
+            ),
+            (
+                "enlight_tuner_pinned",
+                "gauge",
+                "1 when the device is pinned (the tuner measures but never changes it).",
+            ),
+            (
+                "enlight_tuner_objective",
+                "gauge",
+                "The value the tuner optimises at the current settings: ops/s (throughput), p99 seconds (latency) or interrupts per op (balanced).",
+            ),
+        ];
+        for (name, kind, help) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (dev, view) in &p.views {
+                let l = label(dev);
+                let value = match name {
+                    "enlight_tuner_changes_total" => {
+                        let _ = writeln!(
+                            out,
+                            "{name}{{{l},controller=\"enlight\"}} {}",
+                            p.changes.get(dev).copied().unwrap_or(0)
+                        );
+                        continue;
+                    }
+                    "enlight_tuner_reverts_total" => {
+                        p.reverts.get(dev).copied().unwrap_or(0) as f64
+                    }
+                    "enlight_tuner_pinned" => view.pinned as u8 as f64,
+                    _ => match p.objective.get(dev) {
+                        Some(v) => *v,
+                        None => continue,
+                    },
+                };
+                let _ = writeln!(out, "{name}{{{l}}} {value}");
+            }
+        }
+    }
+}
+
+/// What the shell needs of one device each tick.
+#[derive(Debug, Clone)]
+pub struct DeviceSample {
+    pub record: DeviceRecord,
+    pub cumulative: Cumulative,
+}
+
+/// The samples of every present, attached registry device.
+pub fn samples(state: &State) -> Vec<DeviceSample> {
+    state
+        .devices
+        .values()
+        .filter(|d| d.present && d.attached)
+        .map(|d| DeviceSample {
+            record: d.record.clone(),
+            cumulative: Cumulative::from_figures(d.ops.values(), &d.events),
+        })
+        .collect()
+}
+
+struct Slot {
+    tuner: DeviceTuner,
+    backend: Option<Box<dyn SettingsBackend>>,
+    pid: u32,
+    prev: Option<(Cumulative, Instant)>,
+    pinned_by_api: Option<bool>,
+}
+
+/// The tuner's loop state.
+pub struct Shell {
+    config: TunerConfig,
+    factory: Box<dyn BackendFactory>,
+    slots: BTreeMap<String, Slot>,
+    audit: Option<AuditLog>,
+    shared: Arc<TunerShared>,
+    last_tick_seen: Option<u64>,
+}
+
+impl Shell {
+    /// A shell with `config`, opening the audit log (a failure is logged and counted, and
+    /// tuning goes on without it).
+    pub fn new(
+        config: TunerConfig,
+        runtime_dir: &Path,
+        factory: Box<dyn BackendFactory>,
+        shared: Arc<TunerShared>,
+    ) -> Shell {
+        let path = config.audit_path(runtime_dir);
+        let audit = match AuditLog::open(&path) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                log::error!("tuner audit log {}: {e}", path.display());
+                shared.public.lock().expect("tuner lock").audit_errors += 1;
+                None
+            }
+        };
+        {
+            let mut p = shared.public.lock().expect("tuner lock");
+            p.enabled = config.any_enabled();
+            p.decisions_kept = config.decisions_kept;
+        }
+        Shell {
+            config,
+            factory,
+            slots: BTreeMap::new(),
+            audit,
+            shared,
+            last_tick_seen: None,
+        }
+    }
+
+    /// One tick: the samples read at `at` (the collector's clock), `now_ms` on the tuner's
+    /// clock. Returns the decisions made.
+    pub fn tick(&mut self, at: Instant, now_ms: u64, samples: Vec<DeviceSample>) -> Vec<Decision> {
+        let pins = self.shared.pins();
+        let params = self.config.params();
+        let mut decisions = Vec::new();
+        let mut views = BTreeMap::new();
+        let mut seen = Vec::new();
+        for sample in samples {
+            let name = sample.record.name.clone();
+            let mut policy = self.config.policy(&name);
+            if policy.mode == TunerMode::Off {
+                continue;
+            }
+            seen.push(name.clone());
+            let api_pin = pins.get(&name).copied();
+            policy.pinned = api_pin.unwrap_or(policy.pinned);
+            let slot = self.slots.entry(name.clone()).or_insert_with(|| Slot {
+                tuner: DeviceTuner::new(policy, params),
+                backend: None,
+                pid: sample.record.pid,
+                prev: None,
+                pinned_by_api: None,
+            });
+            if slot.pid != sample.record.pid {
+                // A new process serves the device: start over from what it reports.
+                *slot = Slot {
+                    tuner: DeviceTuner::new(policy, params),
+                    backend: None,
+                    pid: sample.record.pid,
+                    prev: None,
+                    pinned_by_api: None,
+                };
+            }
+            if slot.pinned_by_api == Some(true) && api_pin == Some(false) {
+                slot.tuner.unfreeze();
+            }
+            slot.pinned_by_api = api_pin;
+            slot.tuner.set_pinned(policy.pinned);
+            if slot.backend.is_none() {
+                match self.factory.open(&sample.record) {
+                    None => continue,
+                    Some(Err(e)) => {
+                        log::warn!("tuner: {name}: {e}");
+                        continue;
+                    }
+                    Some(Ok(b)) => slot.backend = Some(b),
+                }
+            }
+            let backend = slot.backend.as_mut().expect("opened above");
+            let (current, bounds) = match backend.get() {
+                Ok(v) => v,
+                Err(e) => {
+                    log::warn!("tuner: {name}: reading settings: {e}");
+                    slot.backend = None;
+                    continue;
+                }
+            };
+            let window = match &slot.prev {
+                Some((prev, prev_at)) if at > *prev_at => Some(Window::between(
+                    prev,
+                    &sample.cumulative,
+                    at.duration_since(*prev_at).as_secs_f64(),
+                )),
+                _ => None,
+            };
+            slot.prev = Some((sample.cumulative.clone(), at));
+            if let Some(window) = window {
+                if let Some(o) = slot.tuner.step(now_ms, &current, &bounds, &window) {
+                    let mut d = Decision {
+                        ts_unix_ms: enlight_driver::registry::now_unix_ms(),
+                        device: name.clone(),
+                        action: o.action,
+                        from: current,
+                        to: o.to,
+                        reason: o.reason,
+                        objective_value: o.objective_value,
+                    };
+                    if o.action != Action::Recommend {
+                        match backend.apply(&current, &o.to) {
+                            Ok(in_force) => {
+                                slot.tuner.applied(in_force);
+                                d.to = in_force;
+                                let mut p = self.shared.public.lock().expect("tuner lock");
+                                *p.changes.entry(name.clone()).or_default() += 1;
+                                if o.action == Action::Revert {
+                                    *p.reverts.entry(name.clone()).or_default() += 1;
+                                }
+                            }
+                            Err(e) => {
+                                slot.tuner.apply_failed(&e.to_string());
+                                d.reason.push_str(&format!("; applying failed: {e}"));
+                                d.to = current;
+                            }
+                        }
+                    }
+                    decisions.push(d);
+                }
+            }
+            views.insert(
+                name.clone(),
+                (
+                    TunerView {
+                        mode: policy.mode,
+                        objective: policy.objective,
+                        state: slot.tuner.state(),
+                        pinned: policy.pinned,
+                        last_decision: None,
+                        recommendation: slot.tuner.recommendation(),
+                    },
+                    sample.record.kind.clone(),
+                    slot.tuner.objective_value(),
+                ),
+            );
+        }
+        self.slots.retain(|name, _| seen.contains(name));
+        for d in &decisions {
+            log::info!("tuner: {} {:?}: {}", d.device, d.action, d.reason);
+            if let Some(a) = &mut self.audit {
+                if let Err(e) = a.record(d) {
+                    log::error!("tuner audit log {}: {e}", a.path().display());
+                    self.shared.public.lock().expect("tuner lock").audit_errors += 1;
+                }
+            }
+        }
+        let mut p = self.shared.public.lock().expect("tuner lock");
+        for d in &decisions {
+            p.decisions.push_back(d.clone());
+        }
+        while p.decisions.len() > p.decisions_kept.max(1) {
+            p.decisions.pop_front();
+        }
+        let last: BTreeMap<String, Decision> = p
+            .decisions
+            .iter()
+            .map(|d| (d.device.clone(), d.clone()))
+            .collect();
+        p.views.clear();
+        p.objective.clear();
+        for (name, (mut view, kind, value)) in views {
+            view.last_decision = last.get(&name).cloned();
+            p.kinds.insert(name.clone(), kind);
+            if let Some(v) = value {
+                p.objective.insert(name.clone(), v);
+            }
+            p.views.insert(name, view);
+        }
+        decisions
+    }
+}
+
+/// Runs the shell until `shutdown` resolves: looks for a new collector tick every `poll`, and
+/// on one, takes the samples (`source`, e.g. [`samples`] of the collector's state) and ticks the
+/// shell on the blocking pool.
+pub async fn run(
+    mut shell: Shell,
+    mut source: impl FnMut() -> Vec<DeviceSample>,
+    poll: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let start = tokio::time::Instant::now();
+    let mut ticker = tokio::time::interval(poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = ticker.tick() => {}
+        }
+        let Some((ticks, at)) = shell.shared.last_tick() else {
+            continue;
+        };
+        if shell.last_tick_seen == Some(ticks) {
+            continue;
+        }
+        shell.last_tick_seen = Some(ticks);
+        let samples = source();
+        let now_ms = start.elapsed().as_millis() as u64;
+        shell = match tokio::task::spawn_blocking(move || {
+            shell.tick(at, now_ms, samples);
+            shell
+        })
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("the tuner stopped: {e}");
+                return;
+            }
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests;

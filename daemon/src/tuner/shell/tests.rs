@@ -1,0 +1,244 @@
+//! The shell against a fake device and backend, on tokio's paused clock.
+
+use super::*;
+use crate::tuner::backend::BackendError;
+use crate::tuner::{Bounds, Objective, TunerState};
+use enlight_driver::settings::DeviceSettings;
+use enlight_probes::hist::bucket_index;
+
+/// A device whose latency grows with moderation delay; it records every change applied.
+#[derive(Default)]
+struct FakeDevice {
+    settings: Option<DeviceSettings>,
+    applied: Vec<(u64, DeviceSettings)>,
+}
+
+type Shared = Arc<Mutex<FakeDevice>>;
+
+struct FakeBackend {
+    dev: Shared,
+    clock: tokio::time::Instant,
+}
+
+impl SettingsBackend for FakeBackend {
+    fn get(&mut self) -> Result<(DeviceSettings, Bounds), BackendError> {
+        let d = self.dev.lock().unwrap();
+        Ok((d.settings.unwrap_or_default(), Bounds::default()))
+    }
+    fn apply(
+        &mut self,
+        _from: &DeviceSettings,
+        to: &DeviceSettings,
+    ) -> Result<DeviceSettings, BackendError> {
+        let mut d = self.dev.lock().unwrap();
+        d.settings = Some(*to);
+        let t = self.clock.elapsed().as_millis() as u64;
+        d.applied.push((t, *to));
+        Ok(*to)
+    }
+}
+
+struct FakeFactory(Shared, tokio::time::Instant);
+
+impl BackendFactory for FakeFactory {
+    fn open(
+        &self,
+        _record: &DeviceRecord,
+    ) -> Option<Result<Box<dyn SettingsBackend>, BackendError>> {
+        Some(Ok(Box::new(FakeBackend {
+            dev: Arc::clone(&self.0),
+            clock: self.1,
+        })))
+    }
+}
+
+fn record() -> DeviceRecord {
+    DeviceRecord {
+        name: "disk0".into(),
+        device: "disk".into(),
+        kind: "synthetic".into(),
+        dev_id: 0,
+        pid: 4242,
+        exe: "/bin/true".into(),
+        started_unix_ms: 0,
+        settings: DeviceSettings::default(),
+        control: None,
+    }
+}
+
+/// 1000 completions per 0.5 s at 20 us plus the moderation delay a lone completion waits.
+fn window_at(s: &DeviceSettings, c: &mut Cumulative, k: u64) {
+    let delay_ns = if s.moderation_frames > 1 {
+        s.moderation_usecs as u64 * 1000
+    } else {
+        0
+    };
+    let lat = 20_000 + delay_ns + (k % 7) * 300;
+    c.ops += 1000;
+    c.bytes += 1000 * 4096;
+    c.interrupts += if delay_ns == 0 { 1000 } else { 500 };
+    *c.buckets.entry(bucket_index(lat)).or_default() += 990;
+    *c.buckets.entry(bucket_index(lat * 2)).or_default() += 10;
+}
+
+struct Rig {
+    dev: Shared,
+    shared: Arc<TunerShared>,
+    audit: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Runs the shell for `secs` of paused time with a fake collector ticking every 500 ms.
+async fn run_rig(config: TunerConfig, start: Option<DeviceSettings>, pin: bool, secs: u64) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let config = TunerConfig {
+        audit_log: Some(audit.clone()),
+        ..config
+    };
+    let dev: Shared = Arc::new(Mutex::new(FakeDevice {
+        settings: start,
+        applied: Vec::new(),
+    }));
+    let clock = tokio::time::Instant::now();
+    let shared = Arc::new(TunerShared::default());
+    if pin {
+        shared.set_pinned("disk0", true);
+    }
+    let shell = Shell::new(
+        config,
+        dir.path(),
+        Box::new(FakeFactory(Arc::clone(&dev), clock)),
+        Arc::clone(&shared),
+    );
+    let cumulative = Arc::new(Mutex::new(Cumulative::default()));
+    let source = {
+        let cumulative = Arc::clone(&cumulative);
+        move || {
+            vec![DeviceSample {
+                record: record(),
+                cumulative: cumulative.lock().unwrap().clone(),
+            }]
+        }
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(run(shell, source, Duration::from_millis(100), async {
+        let _ = rx.await;
+    }));
+    // The fake collector: a window every 500 ms at the settings in force.
+    let base = Instant::now();
+    for k in 1..=(secs * 2) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let s = dev.lock().unwrap().settings.unwrap_or_default();
+        window_at(&s, &mut cumulative.lock().unwrap(), k);
+        shared.note_tick_at(k, base + Duration::from_millis(500 * k));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.send(()).unwrap();
+    task.await.unwrap();
+    Rig {
+        dev,
+        shared,
+        audit,
+        _dir: dir,
+    }
+}
+
+fn latency_config(mode: TunerMode) -> TunerConfig {
+    TunerConfig {
+        mode,
+        objective: Objective::Latency,
+        ..TunerConfig::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn changes_go_through_the_backend_at_most_one_per_interval_and_are_recorded() {
+    let rig = run_rig(latency_config(TunerMode::Auto), None, false, 90).await;
+    let applied = rig.dev.lock().unwrap().applied.clone();
+    assert!(!applied.is_empty(), "the tuner changed something");
+    for pair in applied.windows(2) {
+        assert!(pair[1].0 - pair[0].0 >= 1000, "{applied:?}");
+    }
+    for (_, s) in &applied {
+        assert!(Bounds::default().contains(s));
+    }
+    // It found the latency optimum: no moderation delay for a lone completion.
+    let last = applied.last().unwrap().1;
+    assert!(
+        last.moderation_frames == 1 || last.moderation_usecs == 0,
+        "{last:?}"
+    );
+    let decisions = rig.shared.decisions(Some("disk0"), 1000);
+    assert_eq!(
+        decisions.len(),
+        applied.len(),
+        "every applied change is a decision"
+    );
+    assert_eq!(crate::tuner::audit::read(&rig.audit).unwrap(), decisions);
+    assert_eq!(rig.shared.decisions(None, 2).len(), 2);
+    let view = rig.shared.view("disk0").unwrap();
+    assert_eq!(view.state, TunerState::Converged);
+    assert_eq!(view.last_decision.as_ref(), decisions.last());
+    let mut text = String::new();
+    rig.shared.render_metrics(&mut text);
+    assert!(
+        text.contains(&format!(
+            "enlight_tuner_changes_total{{device=\"disk0\",kind=\"synthetic\",controller=\"enlight\"}} {}",
+            applied.len()
+        )),
+        "{text}"
+    );
+    assert!(text.contains("enlight_tuner_pinned{device=\"disk0\",kind=\"synthetic\"} 0"));
+    crate::testing::promtool_check(&text);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pinned_devices_and_dry_runs_are_never_changed() {
+    let rig = run_rig(latency_config(TunerMode::Auto), None, true, 30).await;
+    assert!(rig.dev.lock().unwrap().applied.is_empty());
+    assert_eq!(rig.shared.view("disk0").unwrap().state, TunerState::Pinned);
+    assert!(rig.shared.decisions(None, 100).is_empty());
+
+    let rig = run_rig(latency_config(TunerMode::DryRun), None, false, 30).await;
+    assert!(rig.dev.lock().unwrap().applied.is_empty());
+    let decisions = rig.shared.decisions(None, 100);
+    assert!(!decisions.is_empty());
+    assert!(decisions.iter().all(|d| d.action == Action::Recommend));
+    let view = rig.shared.view("disk0").unwrap();
+    assert_eq!(view.mode, TunerMode::DryRun);
+    assert_eq!(view.recommendation, Some(decisions.last().unwrap().to));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_shell_resumes_from_what_the_device_reports() {
+    // As if an earlier enlightd had changed the device and died: it kept its settings.
+    let left = DeviceSettings {
+        moderation_frames: 4,
+        moderation_usecs: 20,
+        poll_budget: 32,
+        ..DeviceSettings::default()
+    };
+    let rig = run_rig(latency_config(TunerMode::Auto), Some(left), false, 10).await;
+    let first = rig
+        .shared
+        .decisions(None, 100)
+        .into_iter()
+        .next()
+        .expect("a decision");
+    assert_eq!(
+        first.from, left,
+        "the first decision starts from the device's settings"
+    );
+    assert!(
+        first
+            .reason
+            .contains("started from the settings the device reports"),
+        "{}",
+        first.reason
+    );
+    assert_eq!(
+        first.to.poll_budget, 32,
+        "knobs it did not move stay as the device had them"
+    );
+}
