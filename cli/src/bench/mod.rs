@@ -1,0 +1,38 @@
+//! `enlight bench`: benchmarks that need the whole system (device processes, the eBPF probes,
+//! the control socket) and report ratios measured side by side in one run.
+//!
+//! - `enlight bench tune` ([`tune`]): every tuning controller (static defaults, a DIM-style
+//!   controller after Linux's lib/dim, enlight's tuner) on every scenario, against an oracle
+//!   that sweeps the settings grid per workload phase.
+//! - `enlight bench compare` ([`compare`]): emulated against enlightened devices, side by side,
+//!   with traps and VM exits per I/O measured by the probes.
+
+pub mod compare;
+pub mod tune;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Compare the tuner with static defaults, a DIM-style controller and an oracle on the
+    /// synthetic disk (needs root: the real probes measure every run).
+    Tune(tune::TuneBenchArgs),
+    /// Emulated against enlightened I/O: disk (emulated IDE over threads and KVM, synthetic)
+    /// by I/O size and queue depth, and the emulated NIC's ping and iperf3; observed by the eBPF
+    /// probes (needs root). Writes compare.json, compare.md and compare.png.
+    Compare(compare::CompareArgs),
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args.command {
+        BenchCommand::Tune(a) => tune::run(a),
+        BenchCommand::Compare(a) => compare::run(a),
+    }
+}

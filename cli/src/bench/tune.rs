@@ -1,0 +1,528 @@
+//! `enlight bench tune`: every tuning controller on every scenario, on the real synthetic disk
+//! with the real probes, against an oracle.
+//!
+//! For each scenario (a workload plan of one or more phases and an objective):
+//! - the **oracle** sweeps the settings grid ([`grid`]) once per phase: one device process runs
+//!   that phase's workload and the grid points are put in force one after another through the
+//!   control socket, each settled and then measured from the eBPF windows; the best point by the
+//!   scenario's objective ([`score::best`]) is the oracle's value for that phase;
+//! - each **controller** (static defaults, DIM, enlight's tuner) runs the whole plan on a fresh
+//!   device process, deciding every tick from the eBPF window and applying through the control
+//!   socket.
+//!
+//! Reported per scenario, phase and controller: the objective over the last part of the phase
+//! (from [`EVAL_FROM_S`] s after the phase start, quick: 60% of the phase) as a fraction of the
+//! oracle's, the time after which the objective stays at 95% of the oracle's (`t95`: the
+//! earliest tick from which the rest of the phase, merged, reaches 95%), the time of the last
+//! change, the number of changes and the most changes within any 1 s. Markdown, JSON and a PNG
+//! go to `--out`.
+
+mod device;
+mod report;
+pub mod score;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use enlight_driver::settings::DeviceSettings;
+use enlightd::tuner::backend::SettingsBackend;
+use enlightd::tuner::decide::{Policy, TunerParams};
+use enlightd::tuner::dim::Dim;
+use enlightd::tuner::window::Window;
+use enlightd::tuner::{Action, Controller, DeviceTuner, Objective, Static, TunerMode};
+use serde::{Deserialize, Serialize};
+
+use self::device::Harness;
+use self::score::Figures;
+
+/// In a full run, a phase's objective is judged from this many seconds after its start.
+pub const EVAL_FROM_S: f64 = 30.0;
+
+#[derive(Args, Debug)]
+pub struct TuneBenchArgs {
+    /// Short phases and a small grid (a few minutes instead of about twenty).
+    #[arg(long)]
+    quick: bool,
+    /// Run only these scenarios (by name; repeatable).
+    #[arg(long = "scenario", value_name = "NAME")]
+    scenarios: Vec<String>,
+    /// Where tune.md, tune.json and tune.png go (tune-quick.* with --quick).
+    #[arg(long, default_value = "benches/results")]
+    out: PathBuf,
+    /// Controller tick, milliseconds.
+    #[arg(long, default_value_t = 500)]
+    tick_ms: u64,
+}
+
+/// A workload scenario.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Scenario {
+    pub name: String,
+    pub description: String,
+    /// One workload spec per phase (without duration).
+    pub phases: Vec<String>,
+    pub objective: Objective,
+    pub slo_us: u64,
+}
+
+/// The disk scenarios.
+pub fn scenarios() -> Vec<Scenario> {
+    let s = |name: &str, description: &str, phases: &[&str], objective, slo_us| Scenario {
+        name: name.into(),
+        description: description.into(),
+        phases: phases.iter().map(|p| p.to_string()).collect(),
+        objective,
+        slo_us,
+    };
+    vec![
+        s(
+            "steady-throughput",
+            "closed loop, QD 32, 4 KiB random, 70% reads",
+            &["qd=32,bs=4k,rw=70"],
+            Objective::Throughput,
+            5_000,
+        ),
+        s(
+            "low-rate-latency",
+            "open loop at 2000 IOPS, at most 4 in flight, 4 KiB random",
+            &["qd=4,bs=4k,rw=70,rate=2000"],
+            Objective::Latency,
+            5_000,
+        ),
+        s(
+            "bursty",
+            "QD 32 for 200 ms, idle for 300 ms, repeated",
+            &["qd=32,bs=4k,rw=70,burst=200ms:300ms"],
+            Objective::Balanced,
+            2_000,
+        ),
+        s(
+            "phase-change",
+            "2000 IOPS at QD <= 4, then closed loop at QD 32",
+            &["qd=4,bs=4k,rw=70,rate=2000", "qd=32,bs=4k,rw=70"],
+            Objective::Latency,
+            5_000,
+        ),
+        s(
+            "mixed-sizes",
+            "closed loop, QD 16, 70% 4 KiB and 30% 64 KiB",
+            &["qd=16,bs=4k,mix=64k:30,rw=70"],
+            Objective::Throughput,
+            10_000,
+        ),
+    ]
+}
+
+/// The oracle's settings grid (ring sizes stay at their default: no disk scenario fills them).
+pub fn grid(quick: bool) -> Vec<DeviceSettings> {
+    let (frames, usecs, budgets): (&[u32], &[u32], &[u32]) = if quick {
+        (&[1, 8, 64], &[0, 50, 200], &[64])
+    } else {
+        (&[1, 8, 64], &[0, 20, 100, 500], &[16, 64, 256])
+    };
+    let mut out = Vec::new();
+    for &f in frames {
+        for &u in usecs {
+            for &b in budgets {
+                out.push(DeviceSettings {
+                    moderation_frames: f,
+                    moderation_usecs: u,
+                    poll_budget: b,
+                    ..DeviceSettings::default()
+                });
+            }
+        }
+    }
+    out
+}
+
+/// One tick of a controller's run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Point {
+    /// Seconds since the workload started (end of the window).
+    pub t: f64,
+    pub phase: usize,
+    /// The settings in force during the window.
+    pub settings: DeviceSettings,
+    pub figures: Option<Figures>,
+    /// The reason, when the controller changed something at the end of this window.
+    pub change: Option<String>,
+    #[serde(skip)]
+    pub window: Window,
+}
+
+/// A controller's result on one phase.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PhaseScore {
+    pub figures: Option<Figures>,
+    pub fraction: Option<f64>,
+    pub t95_s: Option<f64>,
+    pub last_change_s: Option<f64>,
+    pub changes: usize,
+}
+
+/// One controller on one scenario.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControllerRun {
+    pub controller: String,
+    pub points: Vec<Point>,
+    pub phases: Vec<PhaseScore>,
+    pub changes: usize,
+    pub max_changes_in_1s: usize,
+    pub workload_ops: Option<u64>,
+    pub ebpf_ops: u64,
+}
+
+/// The oracle's sweep of one phase.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PhaseOracle {
+    pub spec: String,
+    pub grid: Vec<(DeviceSettings, Option<Figures>)>,
+    pub best_settings: Option<DeviceSettings>,
+    pub best: Option<Figures>,
+}
+
+/// Everything about one scenario.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScenarioResult {
+    pub scenario: Scenario,
+    pub phase_s: f64,
+    pub eval_from_s: f64,
+    pub oracle: Vec<PhaseOracle>,
+    pub runs: Vec<ControllerRun>,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub quick: bool,
+    pub machine: String,
+    pub kernel: String,
+    pub started_unix_ms: u64,
+    pub tick_ms: u64,
+    pub tuner_params: TunerParams,
+    pub scenarios: Vec<ScenarioResult>,
+}
+
+fn tuner_for(s: &Scenario) -> DeviceTuner {
+    DeviceTuner::new(
+        Policy {
+            mode: TunerMode::Auto,
+            objective: s.objective,
+            slo_p99_ns: s.slo_us * 1000,
+            pinned: false,
+        },
+        TunerParams::default(),
+    )
+}
+
+fn plan(phases: &[String], phase_s: f64) -> String {
+    phases
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{p},duration={phase_s}s,seed={}", i + 1))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+fn sleep_until(t: Instant) {
+    let now = Instant::now();
+    if t > now {
+        std::thread::sleep(t - now);
+    }
+}
+
+/// The oracle's sweep of one phase's workload.
+fn sweep(h: &mut Harness, spec: &str, grid: &[DeviceSettings], quick: bool) -> Result<PhaseOracle> {
+    let (settle, measure) = if quick {
+        (Duration::from_millis(500), Duration::from_millis(1000))
+    } else {
+        (Duration::from_millis(500), Duration::from_millis(1500))
+    };
+    let total = (settle + measure).as_secs_f64() * grid.len() as f64 + 3.0;
+    let mut dev = h.start(&format!("{spec},duration={total:.0}s,seed=1"))?;
+    // Let the workload start before the first point.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut out = Vec::new();
+    let (mut current, _) = dev.get()?;
+    for point in grid {
+        current = dev
+            .backend
+            .apply(&current, point)
+            .with_context(|| format!("putting {point:?} in force"))?;
+        std::thread::sleep(settle);
+        let c0 = h.cumulative(dev.pid)?;
+        let t0 = Instant::now();
+        std::thread::sleep(measure);
+        let c1 = h.cumulative(dev.pid)?;
+        let w = Window::between(&c0, &c1, t0.elapsed().as_secs_f64());
+        out.push((*point, score::merge([&w])));
+    }
+    h.finish(dev)?;
+    Ok(PhaseOracle {
+        spec: spec.to_string(),
+        grid: out,
+        best_settings: None,
+        best: None,
+    })
+}
+
+/// One controller on one scenario's whole plan.
+fn run_controller(
+    h: &mut Harness,
+    s: &Scenario,
+    phase_s: f64,
+    ctl: &mut dyn Controller,
+    tick: Duration,
+) -> Result<ControllerRun> {
+    let mut dev = h.start(&plan(&s.phases, phase_s))?;
+    let (mut current, bounds) = dev.get()?;
+    let t0 = Instant::now();
+    let mut prev = h.cumulative(dev.pid)?;
+    let mut prev_t = t0;
+    let mut next = t0 + tick;
+    let mut points = Vec::new();
+    loop {
+        sleep_until(next);
+        next += tick;
+        let exited = dev.exited()?;
+        let now = Instant::now();
+        let cum = h.cumulative(dev.pid)?;
+        let window = Window::between(&prev, &cum, now.duration_since(prev_t).as_secs_f64());
+        prev = cum;
+        prev_t = now;
+        let t = now.duration_since(t0).as_secs_f64();
+        let phase = ((t - 1e-9) / phase_s).floor().max(0.0) as usize;
+        if exited || phase >= s.phases.len() {
+            break;
+        }
+        if let Ok((reported, _)) = dev.get() {
+            current = reported;
+        }
+        let during = current;
+        let mut change = None;
+        let now_ms = now.duration_since(t0).as_millis() as u64;
+        if let Some(o) = ctl.step(now_ms, &current, &bounds, &window) {
+            if o.action != Action::Recommend {
+                match dev.backend.apply(&current, &o.to) {
+                    Ok(in_force) => {
+                        current = in_force;
+                        change = Some(o.reason);
+                    }
+                    Err(e) => log::warn!("{}: applying {:?}: {e}", ctl.name(), o.to),
+                }
+            }
+        }
+        points.push(Point {
+            t,
+            phase,
+            settings: during,
+            figures: score::merge([&window]),
+            change,
+            window,
+        });
+    }
+    let (final_report, ebpf_ops) = h.finish(dev)?;
+    let change_times: Vec<f64> = points
+        .iter()
+        .filter(|p| p.change.is_some())
+        .map(|p| p.t)
+        .collect();
+    let max_changes_in_1s = change_times
+        .iter()
+        .map(|&t0| {
+            change_times
+                .iter()
+                .filter(|&&t| t >= t0 && t < t0 + 1.0)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    Ok(ControllerRun {
+        controller: ctl.name().to_string(),
+        changes: change_times.len(),
+        max_changes_in_1s,
+        points,
+        phases: Vec::new(),
+        workload_ops: final_report.map(|r| r.ops_total),
+        ebpf_ops,
+    })
+}
+
+/// Scores a run's phases against the oracle.
+fn score_run(
+    run: &mut ControllerRun,
+    s: &Scenario,
+    oracle: &[PhaseOracle],
+    phase_s: f64,
+    eval_from: f64,
+) {
+    let slo = s.slo_us as f64;
+    run.phases = oracle
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let start = i as f64 * phase_s;
+            let in_phase: Vec<&Point> = run.points.iter().filter(|p| p.phase == i).collect();
+            let eval: Vec<&Window> = in_phase
+                .iter()
+                .filter(|p| p.t - start > eval_from)
+                .map(|p| &p.window)
+                .collect();
+            let figures = score::merge(eval.iter().copied());
+            let fraction = match (&figures, &o.best) {
+                (Some(f), Some(b)) => Some(score::fraction(s.objective, slo, f, b)),
+                _ => None,
+            };
+            // The earliest tick from which the rest of the phase reaches 95% of the oracle.
+            let t95_s = o.best.and_then(|best| {
+                (0..in_phase.len()).find_map(|k| {
+                    let rest = score::merge(in_phase[k..].iter().map(|p| &p.window))?;
+                    (score::fraction(s.objective, slo, &rest, &best) >= 0.95)
+                        .then(|| (in_phase[k].t - start - 0.0).max(0.0))
+                })
+            });
+            let changes: Vec<f64> = in_phase
+                .iter()
+                .filter(|p| p.change.is_some())
+                .map(|p| p.t - start)
+                .collect();
+            PhaseScore {
+                figures,
+                fraction,
+                t95_s,
+                last_change_s: changes.last().copied(),
+                changes: changes.len(),
+            }
+        })
+        .collect();
+}
+
+fn machine() -> (String, String) {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    (format!("{cpu}, {cpus} CPUs"), kernel)
+}
+
+pub fn run(args: TuneBenchArgs) -> Result<()> {
+    let all = scenarios();
+    for name in &args.scenarios {
+        anyhow::ensure!(
+            all.iter().any(|s| &s.name == name),
+            "unknown scenario {name:?} (known: {})",
+            all.iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let chosen: Vec<Scenario> = all
+        .into_iter()
+        .filter(|s| args.scenarios.is_empty() || args.scenarios.contains(&s.name))
+        .collect();
+    let (phase_s, eval_from) = if args.quick {
+        (20.0, 12.0)
+    } else {
+        (45.0, EVAL_FROM_S)
+    };
+    let tick = Duration::from_millis(args.tick_ms.max(50));
+    let grid = grid(args.quick);
+    let mut h = Harness::new()?;
+    let (machine, kernel) = machine();
+    let mut report = Report {
+        quick: args.quick,
+        machine,
+        kernel,
+        started_unix_ms: enlight_driver::registry::now_unix_ms(),
+        tick_ms: tick.as_millis() as u64,
+        tuner_params: TunerParams::default(),
+        scenarios: Vec::new(),
+    };
+    for s in &chosen {
+        eprintln!(
+            "== {} ({}): oracle sweep of {} points per phase",
+            s.name,
+            s.description,
+            grid.len()
+        );
+        let mut oracle = Vec::new();
+        for spec in &s.phases {
+            let mut o = sweep(&mut h, spec, &grid, args.quick)?;
+            let pts: Vec<Figures> = o.grid.iter().filter_map(|(_, f)| *f).collect();
+            let settings: Vec<DeviceSettings> = o
+                .grid
+                .iter()
+                .filter(|(_, f)| f.is_some())
+                .map(|(s, _)| *s)
+                .collect();
+            if let Some((i, best)) = score::best(s.objective, s.slo_us as f64, &pts) {
+                o.best = Some(best);
+                o.best_settings = Some(settings[i]);
+                eprintln!(
+                    "   oracle {spec}: {:?} -> {:.0} ops/s, p99 {:.0} us, {:.3} irq/op",
+                    settings[i], best.ops_per_sec, best.p99_us, best.interrupts_per_op
+                );
+            }
+            oracle.push(o);
+        }
+        let mut runs = Vec::new();
+        let mut controllers: Vec<Box<dyn Controller>> = vec![
+            Box::new(Static),
+            Box::new(Dim::default()),
+            Box::new(tuner_for(s)),
+        ];
+        for ctl in controllers.iter_mut() {
+            let mut run = run_controller(&mut h, s, phase_s, ctl.as_mut(), tick)?;
+            score_run(&mut run, s, &oracle, phase_s, eval_from);
+            eprintln!(
+                "   {:8} fractions {:?}, changes {}, t95 {:?}",
+                run.controller,
+                run.phases
+                    .iter()
+                    .map(|p| p.fraction.map(|f| (f * 1000.0).round() / 1000.0))
+                    .collect::<Vec<_>>(),
+                run.changes,
+                run.phases.iter().map(|p| p.t95_s).collect::<Vec<_>>()
+            );
+            runs.push(run);
+        }
+        report.scenarios.push(ScenarioResult {
+            scenario: s.clone(),
+            phase_s,
+            eval_from_s: eval_from,
+            oracle,
+            runs,
+        });
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let stem = if args.quick { "tune-quick" } else { "tune" };
+    let md = report::markdown(&report);
+    std::fs::write(args.out.join(format!("{stem}.md")), &md)?;
+    std::fs::write(
+        args.out.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    match report::png(&report, &args.out.join(format!("{stem}.png"))) {
+        Ok(()) => {}
+        Err(e) => eprintln!("warning: no PNG: {e:#}"),
+    }
+    println!("{md}");
+    eprintln!("wrote {}/{stem}.{{md,json,png}}", args.out.display());
+    Ok(())
+}
