@@ -120,3 +120,95 @@ pub fn spawn_pin(client: Client, device: String, pin: bool, start: Instant, tx: 
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::{Action, App};
+    use crate::testing::FakeDaemon;
+    use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+    use std::sync::mpsc;
+
+    /// The whole data path without a terminal: the collector polls a fake daemon, the app takes
+    /// the events, `p` asks to pin, the pin request posts and its answer comes back.
+    #[test]
+    fn collector_events_drive_the_app_and_pin_round_trips() {
+        let fake = FakeDaemon::start();
+        let client = Client::new(&fake.addr());
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let start = Instant::now();
+        let collector = spawn_collector(
+            client.clone(),
+            Duration::from_millis(50),
+            start,
+            tx.clone(),
+            Arc::clone(&stop),
+        )
+        .unwrap();
+        let mut app = App::new(client.base());
+        for _ in 0..3 {
+            let e = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            assert!(matches!(e, Event::Update { .. }), "{e:?}");
+            app.on_event(e);
+        }
+        assert_eq!(app.devices.len(), 2);
+        assert!(app.tuner_api);
+        assert_eq!(app.decisions_for("disk0").len(), 1);
+        let action = app.on_event(Event::Key(KeyEvent::new(
+            KeyCode::Char('p'),
+            KeyModifiers::NONE,
+        )));
+        assert_eq!(
+            action,
+            Some(Action::SetPinned {
+                device: "disk0".into(),
+                pin: true
+            })
+        );
+        spawn_pin(client.clone(), "disk0".into(), true, start, tx.clone());
+        let mut pinned_seen = false;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let e = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            let is_pin = matches!(e, Event::PinResult { .. });
+            app.on_event(e);
+            if is_pin {
+                assert_eq!(app.status.as_ref().unwrap().0, "tuner pinned for disk0");
+            }
+            // The next polls show the device pinned.
+            if app.devices[0].tuner.as_ref().is_some_and(|t| t.pinned) {
+                pinned_seen = true;
+                break;
+            }
+        }
+        assert!(pinned_seen);
+        assert_eq!(fake.requests(), vec!["POST /api/v1/devices/disk0/pin"]);
+        stop.store(true, Ordering::Release);
+        collector.join().unwrap();
+    }
+
+    #[test]
+    fn a_dead_daemon_sends_disconnected_and_the_collector_keeps_trying() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let collector = spawn_collector(
+            Client::new(&format!("127.0.0.1:{port}")),
+            Duration::from_millis(20),
+            Instant::now(),
+            tx,
+            Arc::clone(&stop),
+        )
+        .unwrap();
+        for _ in 0..3 {
+            let e = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            assert!(matches!(e, Event::Disconnected { .. }), "{e:?}");
+        }
+        stop.store(true, Ordering::Release);
+        collector.join().unwrap();
+    }
+}

@@ -547,9 +547,21 @@ fn render_device(app: &App, name: &str, area: Rect, buf: &mut Buffer) {
     render_decisions(app, d, decisions, buf);
 }
 
+/// `b / a` with enough digits to tell small ratios apart: `40.2x`, `1.35x`, `0.0018x`.
 fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     match (a, b) {
-        (Some(a), Some(b)) if a > 0.0 => format!("{:.2}x", b / a),
+        (Some(a), Some(b)) if a > 0.0 => {
+            let r = b / a;
+            if r >= 10.0 {
+                format!("{r:.1}x")
+            } else if r >= 0.1 || r == 0.0 {
+                format!("{r:.2}x")
+            } else {
+                // Two significant digits.
+                let digits = (-r.log10().floor()) as usize + 1;
+                format!("{r:.digits$}x")
+            }
+        }
         _ => "-".into(),
     }
 }
@@ -935,6 +947,10 @@ mod tests {
             "ring_out 4096→8192, poll_budget 64→32"
         );
         assert_eq!(settings_diff(None, Some(&b)), "");
+        assert_eq!(ratio(Some(2.0), Some(80.5)), "40.2x");
+        assert_eq!(ratio(Some(1.0), Some(1.354)), "1.35x");
+        assert_eq!(ratio(Some(28_400.0), Some(50.0)), "0.0018x");
+        assert_eq!(ratio(Some(0.0), Some(1.0)), "-");
         assert_eq!(clock(1_764_000_000_000), "16:00:00");
     }
 }
