@@ -18,7 +18,9 @@ fi
 # clang/llvm/libbpf-dev/bpftool: rebuild probes/src/bpf/enlight.bpf.o and compare with the shipped one.
 # bpftrace: lists our USDT sites (interoperability). prometheus: promtool parses /metrics.
 # tmux: runs `enlight top` in a real terminal and reads its screen back (cli/tests/top_tmux.rs).
-packages=(clang llvm libbpf-dev bpftool bpftrace prometheus tmux)
+# iproute2, iputils-ping, iperf3: traffic through the emulated NIC's namespaces; bpftrace also
+# counts kvm:kvm_pio independently (cli/tests/emulated.rs). fonts-dejavu-core: bench charts.
+packages=(clang llvm libbpf-dev bpftool bpftrace prometheus tmux iproute2 iputils-ping iperf3 fonts-dejavu-core)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
