@@ -223,6 +223,32 @@ fn top_shows_live_figures_survives_a_daemon_restart_and_restores_the_terminal() 
     });
     assert!(screen.contains("top0  disk/synthetic"), "{screen}");
 
+    // Pin and unpin through the daemon's API (contract 6), when a tuner runs for the device;
+    // otherwise the TUI says there is none.
+    let tuner_of = |handle: &enlightd::DaemonHandle| {
+        let d = handle
+            .devices()
+            .into_iter()
+            .find(|d| d.name == "top0")
+            .unwrap();
+        serde_json::to_value(&d).unwrap()["tuner"].clone()
+    };
+    if tuner_of(&daemon.handle).is_object() {
+        for (pin, word) in [(true, "pinned"), (false, "unpinned")] {
+            tmux.keys(&["p"]);
+            tmux.wait_for(word, 10, |s| s.contains(&format!("tuner {word} for top0")));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while tuner_of(&daemon.handle)["pinned"] != pin {
+                assert!(Instant::now() < deadline, "daemon's tuner not {word}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    } else {
+        tmux.keys(&["p"]);
+        tmux.wait_for("no tuner", 10, |s| s.contains("no tuner runs for top0"));
+        assert!(screen.contains("tuner: n/a"), "{screen}");
+    }
+
     // The daemon goes away: the TUI says so and keeps the last figures.
     daemon.stop();
     let screen = tmux.wait_for("DISCONNECTED", 10, |s| s.contains("DISCONNECTED"));
