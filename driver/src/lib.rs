@@ -14,6 +14,9 @@
 //! - [`settings`]: every tunable knob of a device, in one place, and the live copy the data path
 //!   reads.
 //! - [`control`]: the per-device control socket that changes those knobs while I/O runs.
+//! - [`nic`]: a netvsc-like synthetic NIC (send/receive buffers over the channel) and
+//!   [`nic::NicBridge`], which runs it between two network namespaces.
+//! - [`netns`]: network namespaces and tap devices enlight creates and removes.
 //!
 //! The cross-crate contracts are written down in `docs/architecture.md`.
 
@@ -21,6 +24,8 @@ pub mod channel;
 pub mod control;
 pub mod disk;
 pub mod emulated;
+pub mod netns;
+pub mod nic;
 pub mod registry;
 pub mod ring;
 pub mod settings;

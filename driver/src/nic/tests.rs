@@ -1,0 +1,717 @@
+//! NIC unit tests: traffic through the rings between socket-pair backends, receive-buffer
+//! exhaustion, moderation, and a hostile peer on either side.
+
+use super::*;
+use crate::channel::ChannelConfig;
+use crate::ring::PACKET_TYPE_GPADL;
+
+fn frame(i: u32, len: usize) -> Vec<u8> {
+    let mut f: Vec<u8> = (0..len)
+        .map(|k| (k as u32).wrapping_mul(7).wrapping_add(i) as u8)
+        .collect();
+    f[..4].copy_from_slice(&i.to_le_bytes());
+    f
+}
+
+fn knobs(s: &DeviceSettings) -> Arc<NicKnobs> {
+    Arc::new(NicKnobs::new(s))
+}
+
+/// Receives one frame from `pipe`, waiting up to 5 s.
+fn recv_wait(pipe: &mut FramePipe) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = vec![0u8; 70_000];
+    loop {
+        if let Some(n) = pipe.recv_frame(&mut buf).unwrap() {
+            return buf[..n].to_vec();
+        }
+        assert!(Instant::now() < deadline, "no frame within 5 s");
+        let mut fds = [pollfd(pipe.raw_fd())];
+        sleep_on(&mut fds, Duration::from_millis(50)).unwrap();
+    }
+}
+
+#[test]
+fn codecs_round_trip_and_reject_short_input() {
+    let rx = RxPacket {
+        section: 7,
+        len: 1514,
+        host_rx_ns: 123_456_789,
+    };
+    assert_eq!(RxPacket::decode(&rx.encode()), Some(rx));
+    assert_eq!(RxPacket::decode(&rx.encode()[..20]), None);
+    let tx = TxRequest {
+        section: 3,
+        len: 60,
+    };
+    assert_eq!(
+        GuestMessage::decode(&tx.encode()),
+        Some(GuestMessage::Tx(tx))
+    );
+    let post = RxPost { first: 1, count: 9 };
+    assert_eq!(
+        GuestMessage::decode(&post.encode()),
+        Some(GuestMessage::RxPost(post))
+    );
+    assert_eq!(
+        GuestMessage::decode(&[9, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0]),
+        None
+    );
+    assert_eq!(GuestMessage::decode(b"ab"), None);
+    let c = NicCompletion { status: 5, len: 9 };
+    assert_eq!(NicCompletion::decode(&c.encode()), Some(c));
+    assert_eq!(NicCompletion::decode(&[1, 2, 3]), None);
+    // An rx message is not a guest message, and vice versa.
+    assert_eq!(GuestMessage::decode(&rx.encode()), None);
+    assert_eq!(RxPacket::decode(&tx.encode()), None);
+}
+
+#[test]
+fn options_are_checked() {
+    NicOptions::default().validate().unwrap();
+    assert!(NicOptions {
+        section_bytes: 100,
+        ..Default::default()
+    }
+    .validate()
+    .is_err());
+    assert!(NicOptions {
+        recv_sections: 0,
+        ..Default::default()
+    }
+    .validate()
+    .is_err());
+    assert_eq!(NicOptions::for_mtu(1500).section_bytes, 2048);
+    assert_eq!(NicOptions::for_mtu(9000).section_bytes, 9024);
+    assert_eq!(NicOptions::default().extra_bytes(), 768 * 2048);
+}
+
+#[test]
+fn frames_cross_the_rings_intact_both_ways() {
+    let (mut guest_outer, guest_inner) = FramePipe::pair().unwrap();
+    let (mut host_outer, host_inner) = FramePipe::pair().unwrap();
+    let settings = DeviceSettings {
+        ring_out_bytes: 8192,
+        ring_in_bytes: 8192,
+        ..Default::default()
+    };
+    let opts = NicOptions {
+        section_bytes: 2048,
+        send_sections: 16,
+        recv_sections: 16,
+    };
+    let nic = SyntheticNic::start(guest_inner, host_inner, 0, settings, opts).unwrap();
+    let total = 600u32;
+    let (mut tx_bytes, mut rx_bytes) = (0u64, 0u64);
+    for i in 0..total {
+        let len = 14 + (i as usize * 37) % 2034;
+        let out = frame(i, len);
+        guest_outer.send_frame(&out).unwrap();
+        assert_eq!(recv_wait(&mut host_outer), out, "tx frame {i}");
+        tx_bytes += len as u64;
+        let back = frame(i ^ 0xffff, 2048 - len + 14);
+        host_outer.send_frame(&back).unwrap();
+        assert_eq!(recv_wait(&mut guest_outer), back, "rx frame {i}");
+        rx_bytes += back.len() as u64;
+    }
+    // Counters are updated before the frame moves on, but tx completions may still be on their
+    // way back: wait for them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while nic.counters().tx_completions < total as u64 {
+        assert!(Instant::now() < deadline, "{:?}", nic.counters());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let c = nic.stop().unwrap();
+    assert_eq!(
+        (c.tx_completions, c.tx_bytes, c.tx_errors, c.host_tx_frames),
+        (total as u64, tx_bytes, 0, total as u64)
+    );
+    assert_eq!(
+        (c.rx_packets, c.rx_bytes, c.host_rx_frames, c.guest_errors),
+        (total as u64, rx_bytes, total as u64, 0)
+    );
+    assert!(c.interrupts > 0 && c.doorbells > 0, "{c:?}");
+}
+
+#[test]
+fn a_burst_larger_than_the_buffers_and_rings_arrives_whole_and_in_order() {
+    let (mut guest_outer, guest_inner) = FramePipe::pair().unwrap();
+    let (mut host_outer, host_inner) = FramePipe::pair().unwrap();
+    // Small rings and buffers: the burst must wait for sections and ring space many times.
+    let settings = DeviceSettings {
+        ring_out_bytes: 8192,
+        ring_in_bytes: 8192,
+        moderation_frames: 4,
+        moderation_usecs: 20,
+        poll_budget: 8,
+    };
+    let opts = NicOptions {
+        section_bytes: 256,
+        send_sections: 4,
+        recv_sections: 4,
+    };
+    let nic = SyntheticNic::start(guest_inner, host_inner, 0, settings, opts).unwrap();
+    let total = 2000u32;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 512];
+    let mut sent = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < total as usize {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {total} arrived: {:?}",
+            got.len(),
+            nic.counters()
+        );
+        // Bursts of up to 64 (the sender waits when its socket is full).
+        for _ in 0..64.min(total - sent) {
+            host_outer
+                .send_frame(&frame(sent, 60 + sent as usize % 190))
+                .unwrap();
+            sent += 1;
+        }
+        let before = got.len();
+        while let Some(n) = guest_outer.recv_frame(&mut buf).unwrap() {
+            got.push(buf[..n].to_vec());
+        }
+        if got.len() == before {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    for (i, f) in got.iter().enumerate() {
+        assert_eq!(f, &frame(i as u32, 60 + i % 190), "frame {i}");
+    }
+    let c = nic.stop().unwrap();
+    assert_eq!(c.rx_packets, total as u64);
+    assert!(c.rx_buffer_exhausted > 0, "{c:?}");
+}
+
+fn raw_channel(opts: &NicOptions) -> (GuestEnd, HostEnd) {
+    channel::create(&ChannelConfig {
+        out_ring_bytes: 8192,
+        in_ring_bytes: 8192,
+        extra_bytes: opts.extra_bytes(),
+    })
+    .unwrap()
+}
+
+fn small_opts() -> NicOptions {
+    NicOptions {
+        section_bytes: 256,
+        send_sections: 4,
+        recv_sections: 4,
+    }
+}
+
+/// Packets the host wrote into the inbound ring, read by a test acting as the guest.
+fn inbound(guest: &mut GuestEnd) -> Vec<(PacketHeaderCopy, Vec<u8>)> {
+    let mut v = Vec::new();
+    while let Some((h, p)) = guest.rx.read().unwrap() {
+        v.push((
+            PacketHeaderCopy {
+                ty: h.ty,
+                flags: h.flags,
+                trans_id: h.trans_id,
+            },
+            p,
+        ));
+    }
+    guest.rx.commit();
+    v
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PacketHeaderCopy {
+    ty: u16,
+    flags: u16,
+    trans_id: u64,
+}
+
+#[test]
+fn receive_buffer_exhaustion_stops_the_host_until_sections_return() {
+    let opts = small_opts();
+    let (mut guest, host) = raw_channel(&opts);
+    let (mut outer, inner) = FramePipe::pair().unwrap();
+    let stats = Arc::new(NicHostStats::default());
+    let mut vsp = NicVsp::new(
+        host,
+        inner,
+        0,
+        opts,
+        knobs(&DeviceSettings::default()),
+        Arc::clone(&stats),
+    )
+    .unwrap();
+    guest
+        .tx
+        .try_write(
+            PACKET_TYPE_INBAND,
+            0,
+            0,
+            &[&RxPost { first: 0, count: 4 }.encode()],
+        )
+        .unwrap();
+    for i in 0..10 {
+        outer.send_frame(&frame(i, 100)).unwrap();
+    }
+    for _ in 0..5 {
+        vsp.poll_once(-1, Duration::from_millis(1)).unwrap();
+    }
+    let got = inbound(&mut guest);
+    assert_eq!(got.len(), 4, "one frame per posted section, no more");
+    let mut sections = Vec::new();
+    for (i, (h, p)) in got.iter().enumerate() {
+        assert_eq!(h.ty, PACKET_TYPE_TRANSFER_PAGES);
+        assert_eq!(h.flags, FLAG_COMPLETION_REQUESTED);
+        let rx = RxPacket::decode(p).unwrap();
+        let mut data = vec![0u8; rx.len as usize];
+        guest
+            .extra
+            .read_at(opts.recv_offset(rx.section), &mut data)
+            .unwrap();
+        assert_eq!(data, frame(i as u32, 100));
+        sections.push((h.trans_id, rx.section));
+    }
+    assert_eq!(stats.rx_frames.load(Ordering::Relaxed), 4);
+    assert_eq!(stats.rx_buffer_exhausted.load(Ordering::Relaxed), 1);
+    assert_eq!(vsp.posted_sections(), 0);
+    // Return two sections: exactly two more frames (the next in order) arrive.
+    for &(trans_id, _) in &sections[..2] {
+        guest
+            .tx
+            .try_write(
+                PACKET_TYPE_COMPLETION,
+                0,
+                trans_id,
+                &[&NicCompletion::default().encode()],
+            )
+            .unwrap();
+    }
+    for _ in 0..5 {
+        vsp.poll_once(-1, Duration::from_millis(1)).unwrap();
+    }
+    let got = inbound(&mut guest);
+    assert_eq!(got.len(), 2);
+    for (k, (_, p)) in got.iter().enumerate() {
+        let rx = RxPacket::decode(p).unwrap();
+        let mut data = vec![0u8; rx.len as usize];
+        guest
+            .extra
+            .read_at(opts.recv_offset(rx.section), &mut data)
+            .unwrap();
+        assert_eq!(data, frame(4 + k as u32, 100));
+    }
+    // Returning a section twice is the guest's error, counted, and posts nothing.
+    guest
+        .tx
+        .try_write(
+            PACKET_TYPE_COMPLETION,
+            0,
+            sections[0].0,
+            &[&NicCompletion::default().encode()],
+        )
+        .unwrap();
+    vsp.poll_once(-1, Duration::from_millis(1)).unwrap();
+    assert_eq!(stats.guest_errors.load(Ordering::Relaxed), 1);
+    assert_eq!(vsp.posted_sections(), 0);
+    assert!(inbound(&mut guest).is_empty());
+}
+
+#[test]
+fn hostile_guest_messages_get_error_completions_and_break_nothing() {
+    let opts = small_opts();
+    let (mut guest, host) = raw_channel(&opts);
+    let (mut outer, inner) = FramePipe::pair().unwrap();
+    let stats = Arc::new(NicHostStats::default());
+    let mut vsp = NicVsp::new(
+        host,
+        inner,
+        0,
+        opts,
+        knobs(&DeviceSettings::default()),
+        Arc::clone(&stats),
+    )
+    .unwrap();
+    let bad_tx = [
+        TxRequest {
+            section: 4,
+            len: 60,
+        },
+        TxRequest {
+            section: u32::MAX,
+            len: 60,
+        },
+        TxRequest { section: 0, len: 0 },
+        TxRequest {
+            section: 0,
+            len: 257,
+        },
+    ];
+    let mut expect = Vec::new();
+    for (i, req) in bad_tx.iter().enumerate() {
+        guest
+            .tx
+            .try_write(
+                PACKET_TYPE_INBAND,
+                FLAG_COMPLETION_REQUESTED,
+                i as u64,
+                &[&req.encode()],
+            )
+            .unwrap();
+        expect.push((i as u64, libc::EINVAL as u32));
+    }
+    let mut unknown = TxRequest {
+        section: 0,
+        len: 60,
+    }
+    .encode();
+    unknown[0] = 77;
+    for (id, ty, payload) in [
+        (10u64, PACKET_TYPE_INBAND, &unknown[..]),
+        (11, PACKET_TYPE_INBAND, b"abc"),
+        (12, PACKET_TYPE_GPADL, &unknown[..]),
+    ] {
+        guest
+            .tx
+            .try_write(ty, FLAG_COMPLETION_REQUESTED, id, &[payload])
+            .unwrap();
+        expect.push((id, libc::EPROTO as u32));
+    }
+    for post in [
+        RxPost {
+            first: u32::MAX,
+            count: 2,
+        },
+        RxPost { first: 3, count: 2 },
+        RxPost { first: 0, count: 2 },
+        RxPost { first: 1, count: 1 },
+    ] {
+        guest
+            .tx
+            .try_write(PACKET_TYPE_INBAND, 0, 0, &[&post.encode()])
+            .unwrap();
+    }
+    guest
+        .tx
+        .try_write(
+            PACKET_TYPE_COMPLETION,
+            0,
+            0xdead_0000_0001,
+            &[&NicCompletion::default().encode()],
+        )
+        .unwrap();
+    vsp.poll_once(-1, Duration::from_millis(1)).unwrap();
+    let got: Vec<(u64, u32)> = inbound(&mut guest)
+        .into_iter()
+        .map(|(h, p)| {
+            assert_eq!(h.ty, PACKET_TYPE_COMPLETION);
+            (h.trans_id, NicCompletion::decode(&p).unwrap().status)
+        })
+        .collect();
+    assert_eq!(got, expect);
+    // 7 bad requests, 2 bad posts, 1 duplicate post, 1 unknown return.
+    assert_eq!(stats.guest_errors.load(Ordering::Relaxed), 11);
+    assert_eq!(vsp.posted_sections(), 2, "only the good post counts");
+    // The service still works: a good frame goes out.
+    let good = frame(5, 60);
+    guest.extra.write_at(opts.send_offset(1), &good).unwrap();
+    guest
+        .tx
+        .try_write(
+            PACKET_TYPE_INBAND,
+            FLAG_COMPLETION_REQUESTED,
+            99,
+            &[&TxRequest {
+                section: 1,
+                len: 60,
+            }
+            .encode()],
+        )
+        .unwrap();
+    vsp.poll_once(-1, Duration::from_millis(1)).unwrap();
+    assert_eq!(recv_wait(&mut outer), good);
+    let (h, p) = inbound(&mut guest).pop().unwrap();
+    assert_eq!(
+        (h.trans_id, NicCompletion::decode(&p).unwrap()),
+        (99, NicCompletion { status: 0, len: 60 })
+    );
+    // A payload over the message limit breaks the ring: a typed error, no panic.
+    guest
+        .tx
+        .try_write(PACKET_TYPE_INBAND, 0, 1, &[&[0u8; 200]])
+        .unwrap();
+    let err = vsp.poll_once(-1, Duration::from_millis(1)).unwrap_err();
+    assert!(
+        matches!(err, NicError::Ring(RingError::PayloadTooLarge { .. })),
+        "{err}"
+    );
+    assert!(matches!(
+        vsp.poll_once(-1, Duration::ZERO),
+        Err(NicError::Ring(RingError::Broken))
+    ));
+}
+
+#[test]
+fn a_corrupt_ring_index_from_the_guest_is_a_typed_error() {
+    let opts = small_opts();
+    let (guest, host) = raw_channel(&opts);
+    let (_outer, inner) = FramePipe::pair().unwrap();
+    let mut vsp = NicVsp::new(
+        host,
+        inner,
+        0,
+        opts,
+        knobs(&DeviceSettings::default()),
+        Arc::default(),
+    )
+    .unwrap();
+    // SAFETY: the test pokes the outbound ring's write_index, the first word of the region,
+    // which starts two control pages and both 8 KiB data areas before the extra area.
+    unsafe { (guest.extra.as_ptr().sub(2 * 4096 + 8192 + 8192) as *mut u32).write_volatile(12345) };
+    let err = vsp.poll_once(-1, Duration::ZERO).unwrap_err();
+    assert!(matches!(err, NicError::Ring(_)), "{err}");
+}
+
+/// A guest driver over a raw host end, with its initial post already read by the "host".
+fn guest_with_raw_host() -> (NicVsc<FramePipe>, HostEnd, FramePipe) {
+    let opts = small_opts();
+    let (guest, mut host) = raw_channel(&opts);
+    let (outer, inner) = FramePipe::pair().unwrap();
+    let mut vsc = NicVsc::new(
+        guest,
+        inner,
+        0,
+        opts,
+        knobs(&DeviceSettings::default()),
+        Arc::default(),
+    )
+    .unwrap();
+    assert!(vsc.poll_once(-1, Duration::ZERO).unwrap(), "posts at once");
+    let (h, p) = host.rx.read().unwrap().unwrap();
+    host.rx.commit();
+    assert_eq!(h.ty, PACKET_TYPE_INBAND);
+    assert_eq!(
+        GuestMessage::decode(&p),
+        Some(GuestMessage::RxPost(RxPost { first: 0, count: 4 }))
+    );
+    (vsc, host, outer)
+}
+
+fn rx_packet(host: &mut HostEnd, trans_id: u64, section: u32, len: u32) {
+    let p = RxPacket {
+        section,
+        len,
+        host_rx_ns: trace::monotonic_ns(),
+    };
+    host.tx
+        .try_write(
+            PACKET_TYPE_TRANSFER_PAGES,
+            FLAG_COMPLETION_REQUESTED,
+            trans_id,
+            &[&p.encode()],
+        )
+        .unwrap();
+}
+
+fn expect_protocol_error(vsc: &mut NicVsc<FramePipe>, needle: &str) {
+    let err = vsc.poll_once(-1, Duration::ZERO).unwrap_err();
+    assert!(
+        matches!(err, NicError::Protocol(ref m) if m.contains(needle)),
+        "{err} (wanted {needle:?})"
+    );
+}
+
+#[test]
+fn a_good_rx_packet_is_delivered_and_its_section_returned() {
+    let (mut vsc, mut host, mut outer) = guest_with_raw_host();
+    let f = frame(1, 200);
+    host.extra
+        .write_at(small_opts().recv_offset(2), &f)
+        .unwrap();
+    rx_packet(&mut host, 0x5_0000_0002, 2, 200);
+    assert!(vsc.poll_once(-1, Duration::ZERO).unwrap());
+    assert_eq!(recv_wait(&mut outer), f);
+    let (h, p) = host.rx.read().unwrap().unwrap();
+    assert_eq!(
+        (h.ty, h.trans_id, NicCompletion::decode(&p)),
+        (
+            PACKET_TYPE_COMPLETION,
+            0x5_0000_0002,
+            Some(NicCompletion::default())
+        )
+    );
+}
+
+#[test]
+fn hostile_host_packets_break_the_guest_with_typed_errors() {
+    // A completion for a tag never sent.
+    let (mut vsc, mut host, _outer) = guest_with_raw_host();
+    host.tx
+        .try_write(
+            PACKET_TYPE_COMPLETION,
+            0,
+            0xdead_0000_0001,
+            &[&NicCompletion::default().encode()],
+        )
+        .unwrap();
+    expect_protocol_error(&mut vsc, "unknown");
+
+    // A completion reporting more bytes than the frame had.
+    let (mut vsc, mut host, mut outer) = guest_with_raw_host();
+    outer.send_frame(&frame(0, 60)).unwrap();
+    assert!(vsc.poll_once(-1, Duration::ZERO).unwrap());
+    let (h, _) = host.rx.read().unwrap().unwrap();
+    host.tx
+        .try_write(
+            PACKET_TYPE_COMPLETION,
+            0,
+            h.trans_id,
+            &[&NicCompletion { status: 0, len: 61 }.encode()],
+        )
+        .unwrap();
+    expect_protocol_error(&mut vsc, "61 bytes");
+
+    // Rx packets naming a section outside the buffer, a frame longer than a section, and a
+    // section the guest holds already (the same one twice).
+    for (section, len, needle) in [
+        (4u32, 60u32, "does not own"),
+        (u32::MAX, 60, "does not own"),
+        (0, 257, "sections hold 256"),
+        (0, 3, "rx frame of 3 bytes"),
+    ] {
+        let (mut vsc, mut host, _outer) = guest_with_raw_host();
+        rx_packet(&mut host, 1, section, len);
+        expect_protocol_error(&mut vsc, needle);
+    }
+    let (mut vsc, mut host, _outer) = guest_with_raw_host();
+    rx_packet(&mut host, 1, 0, 60);
+    rx_packet(&mut host, 2, 0, 60);
+    expect_protocol_error(&mut vsc, "does not own");
+
+    // A short rx payload and an unexpected packet type.
+    let (mut vsc, mut host, _outer) = guest_with_raw_host();
+    host.tx
+        .try_write(PACKET_TYPE_TRANSFER_PAGES, 0, 1, &[b"short"])
+        .unwrap();
+    expect_protocol_error(&mut vsc, "malformed rx packet");
+    let (mut vsc, mut host, _outer) = guest_with_raw_host();
+    host.tx
+        .try_write(PACKET_TYPE_INBAND, 0, 1, &[&[0u8; 16]])
+        .unwrap();
+    expect_protocol_error(&mut vsc, "packet type 6");
+
+    // An oversized payload and a corrupt index break the ring.
+    let (mut vsc, mut host, _outer) = guest_with_raw_host();
+    host.tx
+        .try_write(PACKET_TYPE_COMPLETION, 0, 1, &[&[0u8; 100]])
+        .unwrap();
+    let err = vsc.poll_once(-1, Duration::ZERO).unwrap_err();
+    assert!(
+        matches!(err, NicError::Ring(RingError::PayloadTooLarge { .. })),
+        "{err}"
+    );
+    let (mut vsc, host, _outer) = guest_with_raw_host();
+    // SAFETY: the test pokes the inbound ring's write_index, the first word of its control
+    // page, which starts one control page and one 8 KiB data area before the extra area.
+    unsafe { (host.extra.as_ptr().sub(4096 + 8192) as *mut u32).write_volatile(4) };
+    let err = vsc.poll_once(-1, Duration::ZERO).unwrap_err();
+    assert!(matches!(err, NicError::Ring(_)), "{err}");
+}
+
+#[test]
+fn moderation_bounds_interrupts_by_frames() {
+    let (mut guest_outer, guest_inner) = FramePipe::pair().unwrap();
+    let (mut host_outer, host_inner) = FramePipe::pair().unwrap();
+    // Drain the guest's side as a stack would.
+    let drain = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 2048];
+        let mut n = 0u64;
+        while n < 3000 {
+            match guest_outer.recv_frame(&mut buf).unwrap() {
+                Some(_) => n += 1,
+                None => std::thread::sleep(Duration::from_micros(100)),
+            }
+        }
+    });
+    let settings = DeviceSettings {
+        moderation_frames: 8,
+        moderation_usecs: 100_000,
+        poll_budget: 64,
+        ..Default::default()
+    };
+    let nic =
+        SyntheticNic::start(guest_inner, host_inner, 0, settings, NicOptions::default()).unwrap();
+    let t0 = Instant::now();
+    let total = 3000u64;
+    let mut sent = 0u64;
+    while sent < total {
+        match host_outer.send_frame(&frame(sent as u32, 64)) {
+            Ok(()) => sent += 1,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_micros(100))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nic.counters().rx_packets < total {
+        assert!(Instant::now() < deadline, "{:?}", nic.counters());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drain.join().unwrap();
+    let c = nic.stop().unwrap();
+    // At most one interrupt per 8 packets, plus the ones the 100 ms timer may fire.
+    let timer_allowance = t0.elapsed().as_millis() as u64 / 100 + 2;
+    assert!(
+        c.interrupts <= total / 8 + timer_allowance,
+        "{} interrupts for {total} packets",
+        c.interrupts
+    );
+}
+
+#[test]
+fn moderation_timer_delivers_a_lone_frame() {
+    let (mut guest_outer, guest_inner) = FramePipe::pair().unwrap();
+    let (mut host_outer, host_inner) = FramePipe::pair().unwrap();
+    let settings = DeviceSettings {
+        moderation_frames: 64,
+        moderation_usecs: 200,
+        ..Default::default()
+    };
+    let nic =
+        SyntheticNic::start(guest_inner, host_inner, 0, settings, NicOptions::default()).unwrap();
+    // Let the guest go idle (asleep, interrupts unmasked) first.
+    std::thread::sleep(Duration::from_millis(50));
+    let f = frame(9, 80);
+    host_outer.send_frame(&f).unwrap();
+    // Only the timer can wake the guest: 64 frames will never accumulate.
+    assert_eq!(recv_wait(&mut guest_outer), f);
+    let c = nic.stop().unwrap();
+    assert!(c.interrupts >= 1, "{c:?}");
+}
+
+#[test]
+fn knobs_change_live_but_ring_sizes_do_not() {
+    let s = DeviceSettings::default();
+    let k = NicKnobs::new(&s);
+    let changed = DeviceSettings {
+        moderation_frames: 2,
+        poll_budget: 16,
+        ..s
+    };
+    k.apply(&changed).unwrap();
+    assert_eq!(k.settings(), changed);
+    assert!(k
+        .apply(&DeviceSettings {
+            ring_in_bytes: 8192,
+            ..s
+        })
+        .is_err());
+    assert!(k
+        .apply(&DeviceSettings {
+            poll_budget: 0,
+            ..s
+        })
+        .is_err());
+    assert_eq!(k.settings(), changed);
+}
