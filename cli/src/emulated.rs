@@ -152,3 +152,121 @@ pub fn run(args: EmulatedDiskArgs) -> Result<()> {
     drop(registration);
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct EmulatedNicArgs {
+    /// Device name (unique in the runtime directory; at most 22 of [A-Za-z0-9_] for the
+    /// namespace names).
+    #[arg(long, default_value = "emunic0")]
+    name: String,
+    /// Device id inside this process (the `dev` argument of the USDT probes).
+    #[arg(long, default_value_t = 0)]
+    dev_id: u32,
+    /// Registry directory [default: $ENLIGHT_RUNTIME_DIR or /run/enlight].
+    #[arg(long)]
+    runtime_dir: Option<PathBuf>,
+    /// Stop after this many seconds (else at SIGINT/SIGTERM).
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Wait up to SECS for a tracer (enlightd) to attach every probe before carrying frames.
+    #[arg(long, value_name = "SECS")]
+    wait_for_probes: Option<f64>,
+}
+
+/// The first line `enlight emulated-nic` prints: where to send traffic.
+#[derive(Serialize, serde::Deserialize, Debug)]
+pub struct NicEndpoints {
+    pub guest_netns: String,
+    pub host_netns: String,
+    pub guest_ip: String,
+    pub host_ip: String,
+}
+
+/// `enlight emulated-nic`: an NE2000 between two namespaces it creates (and removes on exit).
+pub fn run_nic(args: EmulatedNicArgs) -> Result<()> {
+    use enlight_driver::emulated::nic;
+    use enlight_driver::netns::{NetPair, GUEST_IP, HOST_IP};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    signals::install_stop_handlers().context("installing signal handlers")?;
+    let pair = NetPair::create(&args.name, 1500)
+        .with_context(|| format!("creating the namespaces of {}", args.name))?;
+    let endpoints = NicEndpoints {
+        guest_netns: pair.guest.name().to_string(),
+        host_netns: pair.host.name().to_string(),
+        guest_ip: GUEST_IP.to_string(),
+        host_ip: HOST_IP.to_string(),
+    };
+    let (guest_tap, host_tap, namespaces) = pair.split();
+    let runtime_dir = args.runtime_dir.unwrap_or_else(registry::runtime_dir);
+    let record = DeviceRecord {
+        name: args.name.clone(),
+        device: "nic".into(),
+        kind: "emulated".into(),
+        dev_id: args.dev_id,
+        pid: std::process::id(),
+        exe: std::env::current_exe().context("locating this executable")?,
+        started_unix_ms: registry::now_unix_ms(),
+        settings: DeviceSettings::default(),
+        control: None,
+    };
+    let registration = Registration::register(&runtime_dir, &record)
+        .with_context(|| format!("registering in {}", runtime_dir.display()))?;
+    if let Some(secs) = args.wait_for_probes {
+        workload::wait_for_probes(args.dev_id, 1, Duration::from_secs_f64(secs))?;
+    }
+    fn print(v: &impl Serialize) {
+        let mut out = std::io::stdout().lock();
+        // A closed pipe (the reader went away) is not a reason to stop the device.
+        let _ = serde_json::to_writer(&mut out, v);
+        let _ = out.write_all(b"\n");
+        let _ = out.flush();
+    }
+    print(&endpoints);
+    // The NIC stops at a signal or at the deadline, whichever first.
+    let stop = AtomicBool::new(false);
+    let deadline = args
+        .duration
+        .map(|s| std::time::Instant::now() + Duration::from_secs_f64(s));
+    let (figures, model) = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                if signals::stop_flag().load(Ordering::Relaxed)
+                    || deadline.is_some_and(|d| std::time::Instant::now() >= d)
+                {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let r = nic::serve(
+            guest_tap,
+            host_tap,
+            [0x02, 0x00, 0x00, 0x0e, 0x20, args.dev_id as u8],
+            args.dev_id,
+            &stop,
+            print,
+        );
+        stop.store(true, Ordering::Relaxed);
+        r
+    })?;
+    #[derive(Serialize)]
+    struct Final {
+        #[serde(flatten)]
+        figures: nic::NicFigures,
+        model_tx_frames: u64,
+        model_rx_frames: u64,
+        model_rx_refused: u64,
+        done: bool,
+    }
+    print(&Final {
+        figures,
+        model_tx_frames: model.tx_frames,
+        model_rx_frames: model.rx_frames,
+        model_rx_refused: model.rx_refused,
+        done: true,
+    });
+    drop(registration);
+    drop(namespaces);
+    Ok(())
+}

@@ -9,6 +9,7 @@
 //!   register access traps to the device model, through a thread hand-off or a real KVM exit.
 //! - `enlight top` watches a running enlightd in the terminal (crate `enlight-tui`).
 
+mod bench;
 mod demo;
 mod disk;
 mod emulated;
@@ -38,8 +39,13 @@ enum Command {
     /// Run one emulated IDE disk device process (register-level model, a trap per register
     /// access, over the thread or the KVM transport) with a workload.
     EmulatedDisk(emulated::EmulatedDiskArgs),
+    /// Run one emulated NE2000 NIC between two network namespaces it creates (and removes),
+    /// every register access trapping to the model; ping/iperf3 between them go through it.
+    EmulatedNic(emulated::EmulatedNicArgs),
     /// Watch a running enlightd live in the terminal: devices, latency histograms, the tuner.
     Top(top::TopArgs),
+    /// Benchmarks of the whole system (`enlight bench tune`).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -49,6 +55,8 @@ fn main() -> Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Disk(args) => disk::run(args),
         Command::EmulatedDisk(args) => emulated::run(args),
+        Command::EmulatedNic(args) => emulated::run_nic(args),
         Command::Top(args) => top::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

@@ -220,3 +220,80 @@ fn emulated_disk_on_kvm_counts_agree_with_the_kernels_tracepoints() {
         assert!(exits >= vm_exits, "kvm_exit {exits} < VMM exits {vm_exits}");
     }
 }
+
+#[test]
+fn emulated_nic_carries_ping_and_is_observed() {
+    let _serial = require_privileges();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon(dir.path());
+    let handle = daemon.handle();
+    let mut child = Command::new(ENLIGHT)
+        .args([
+            "emulated-nic",
+            "--name",
+            "enic0",
+            "--wait-for-probes",
+            "30",
+            "--duration",
+            "60",
+        ])
+        .arg("--runtime-dir")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn enlight emulated-nic");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let ends: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let ping = Command::new("ip")
+        .args(["netns", "exec", ends["host_netns"].as_str().unwrap()])
+        .args(["ping", "-c", "10", "-i", "0.05", "-W", "5", "-s", "1000"])
+        .arg(ends["guest_ip"].as_str().unwrap())
+        .output()
+        .expect("ping");
+    let text = String::from_utf8_lossy(&ping.stdout);
+    assert!(
+        ping.status.success() && text.contains("10 received"),
+        "ping through the emulated NIC:\n{text}"
+    );
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let last = out
+        .lines()
+        .map_while(Result::ok)
+        .last()
+        .expect("final figures");
+    assert!(child.wait().unwrap().success());
+    let report: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(report["done"], true);
+    settle(&handle, 3);
+    let d = handle
+        .devices()
+        .into_iter()
+        .find(|d| d.name == "enic0")
+        .expect("enlightd saw the NIC");
+    assert_eq!((d.device.as_str(), d.kind.as_str()), ("nic", "emulated"));
+    let op = |name: &str| {
+        d.ops
+            .iter()
+            .find(|o| o.op == name)
+            .map(|o| o.ops_total)
+            .unwrap_or(0)
+    };
+    // Ten echo requests came in and ten replies went out (plus ARP), each counted once.
+    assert_eq!(op("tx"), u(&report, "tx_frames"));
+    assert_eq!(op("rx"), u(&report, "rx_frames"));
+    assert!(op("tx") >= 10 && op("rx") >= 10, "{d:?}");
+    assert_eq!(d.traps_total, u(&report, "traps"));
+    // A 1028-byte echo frame is 514 data-port accesses each way, at least.
+    assert!(d.traps_total >= 20 * 514, "{}", d.traps_total);
+    let listed = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    assert!(
+        !String::from_utf8_lossy(&listed.stdout).contains(ends["guest_netns"].as_str().unwrap()),
+        "namespaces removed on exit"
+    );
+}

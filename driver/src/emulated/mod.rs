@@ -17,6 +17,7 @@ pub mod ata;
 pub mod ide;
 pub mod ne2000;
 pub mod ne2k;
+pub mod nic;
 pub mod pio;
 pub mod workload;
 

@@ -1,0 +1,468 @@
+//! The emulated NIC end to end: a guest network stack (the kernel in the "guest" namespace,
+//! behind its tap) whose frames go through the NE2000 driver, register by register, to the
+//! NE2000 model, whose wire is the tap in the "host" namespace; and back.
+//!
+//! Threads, as in QEMU with a tap backend:
+//! - the caller's thread is the guest: it waits on its tap and on the card's interrupt, and runs
+//!   the driver ([`Ne2kDriver`]) whose every register access is a synchronous hand-off to
+//! - the device-model thread ([`ThreadBus`]), which owns nothing but the hand-off; the model
+//!   lives behind a mutex (QEMU's big lock) shared with
+//! - the backend's reader thread, which waits on the host tap and, while the receive ring has
+//!   room, places arriving frames in it ([`Ne2000::receive`]) and raises the interrupt (an
+//!   eventfd the guest waits on).
+//!
+//! Traced like the synthetic devices: `io_submit`/`io_complete` per frame and `io_reap` in
+//! batches with op `tx` (guest tap → card → host tap; latency from the frame leaving the guest
+//! stack to the card reporting it sent) and `rx` (host tap → card → guest tap; latency from the
+//! frame entering the card's ring to the guest stack receiving it), plus `trap` per batch.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::ne2000::{self, Ne2000, NetBackend, NicCounters};
+use super::ne2k::Ne2kDriver;
+use super::pio::{PioBus, PioDevice, ThreadBus};
+use super::EmulatedError;
+use crate::netns::Tap;
+use crate::trace::{self, CompletionRecord, OP_RX, OP_TX};
+
+/// I/O base of the card (the classic ISA NE2000 address).
+pub const IO_BASE: u16 = 0x300;
+
+/// The host tap as the card's wire.
+struct TapWire(Arc<Tap>);
+
+impl NetBackend for TapWire {
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.0.write_frame(frame)
+    }
+}
+
+/// The card and what the backend reader shares with it.
+struct Card {
+    nic: Ne2000<TapWire>,
+    /// Arrival times of the frames in the receive ring, oldest first (for rx latency only).
+    arrivals: VecDeque<u64>,
+}
+
+struct Shared {
+    card: Mutex<Card>,
+    /// Signalled when the guest moves BNRY (ring room may have appeared).
+    room: Condvar,
+}
+
+/// The model side of the hand-off: one lock per access, as QEMU takes its lock per exit.
+struct SharedCard(Arc<Shared>);
+
+impl PioDevice for SharedCard {
+    fn pio_read(&mut self, port: u16, size: u8) -> u32 {
+        let mut c = self.0.card.lock().unwrap_or_else(|p| p.into_inner());
+        c.nic.pio_read(port.wrapping_sub(IO_BASE), size)
+    }
+
+    fn pio_write(&mut self, port: u16, size: u8, value: u32) {
+        let offset = port.wrapping_sub(IO_BASE);
+        let mut c = self.0.card.lock().unwrap_or_else(|p| p.into_inner());
+        c.nic.pio_write(offset, size, value);
+        drop(c);
+        if offset == ne2000::BNRY {
+            self.0.room.notify_all();
+        }
+    }
+}
+
+/// Totals of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NicFigures {
+    /// Frames the guest sent (through the card to the host tap).
+    pub tx_frames: u64,
+    /// Their bytes.
+    pub tx_bytes: u64,
+    /// Frames the guest received (from the host tap through the card).
+    pub rx_frames: u64,
+    /// Their bytes.
+    pub rx_bytes: u64,
+    /// Register accesses trapped (the transport's count, the card's set-up included).
+    pub traps: u64,
+    /// Frames the driver failed to send.
+    pub tx_errors: u64,
+    /// Receive headers that made no sense.
+    pub rx_errors: u64,
+}
+
+fn eventfd() -> Result<OwnedFd, EmulatedError> {
+    // SAFETY: plain syscall; the result is checked before it is wrapped.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(EmulatedError::Transport(format!(
+            "eventfd: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: fd is a new descriptor owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn efd_signal(fd: &OwnedFd) {
+    let one = 1u64;
+    // SAFETY: writes 8 bytes from a local to our eventfd.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+fn efd_drain(fd: &OwnedFd) {
+    let mut v = 0u64;
+    // SAFETY: reads 8 bytes into a local from our (non-blocking) eventfd.
+    unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+}
+
+/// Waits until one of `fds` is readable or `timeout` passes; returns their readiness.
+fn wait_readable<const N: usize>(fds: [i32; N], timeout: Duration) -> [bool; N] {
+    let mut p = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    // SAFETY: poll on an array of N pollfds we own.
+    let n = unsafe {
+        libc::poll(
+            p.as_mut_ptr(),
+            N as libc::nfds_t,
+            timeout.as_millis() as i32,
+        )
+    };
+    if n <= 0 {
+        return [false; N];
+    }
+    p.map(|q| q.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0)
+}
+
+/// The backend reader: host tap → card, while the ring has room.
+fn backend_reader(shared: Arc<Shared>, wire: Arc<Tap>, irq: Arc<OwnedFd>, stop: Arc<AtomicBool>) {
+    let mut buf = vec![0u8; 65536];
+    while !stop.load(Ordering::Relaxed) {
+        wait_readable([wire.raw_fd()], Duration::from_millis(50));
+        let mut raised = false;
+        let mut card = shared.card.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if !card.nic.can_receive() {
+                // Leave frames in the tap's queue until the guest frees ring pages.
+                if raised {
+                    efd_signal(&irq);
+                    raised = false;
+                }
+                card = shared
+                    .room
+                    .wait_timeout(card, Duration::from_millis(20))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                continue;
+            }
+            match wire.read_frame(&mut buf) {
+                Ok(Some(n)) => {
+                    if card.nic.receive(&buf[..n]) {
+                        card.arrivals.push_back(trace::monotonic_ns());
+                        raised = true;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log::warn!("emulated NIC: reading the host tap: {e}");
+                    break;
+                }
+            }
+        }
+        drop(card);
+        if raised {
+            efd_signal(&irq);
+        }
+    }
+}
+
+/// Batches completions for `io_reap` and traps for `trap`.
+struct Tracer {
+    dev: u32,
+    records: Vec<CompletionRecord>,
+    since: Option<Instant>,
+    traps_traced: u64,
+}
+
+impl Tracer {
+    fn push(&mut self, r: CompletionRecord) {
+        self.since.get_or_insert_with(Instant::now);
+        self.records.push(r);
+        if self.records.len() >= trace::MAX_BATCH {
+            trace::io_reap(self.dev, &self.records);
+            self.records.clear();
+            self.since = None;
+        }
+    }
+
+    fn flush(&mut self, traps_now: u64, force: bool) {
+        let old = self
+            .since
+            .is_some_and(|t| t.elapsed() >= crate::disk::TRACE_FLUSH);
+        if !(force || old) {
+            return;
+        }
+        if !self.records.is_empty() {
+            trace::io_reap(self.dev, &self.records);
+            self.records.clear();
+        }
+        self.since = None;
+        if traps_now > self.traps_traced {
+            trace::trap(self.dev, traps_now - self.traps_traced);
+            self.traps_traced = traps_now;
+        }
+    }
+}
+
+/// Runs the emulated NIC between `guest_tap` and `host_tap` until `stop`; `on_interval` gets the
+/// totals about once per second. The model's own counters come back with the totals.
+pub fn serve(
+    guest_tap: Tap,
+    host_tap: Tap,
+    mac: [u8; 6],
+    dev_id: u32,
+    stop: &AtomicBool,
+    mut on_interval: impl FnMut(&NicFigures),
+) -> Result<(NicFigures, NicCounters), EmulatedError> {
+    let wire = Arc::new(host_tap);
+    let shared = Arc::new(Shared {
+        card: Mutex::new(Card {
+            nic: Ne2000::new(mac, TapWire(wire.clone())),
+            arrivals: VecDeque::new(),
+        }),
+        room: Condvar::new(),
+    });
+    let irq = Arc::new(eventfd()?);
+    let reader_stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (shared, wire, irq, s) = (
+            shared.clone(),
+            wire.clone(),
+            irq.clone(),
+            reader_stop.clone(),
+        );
+        std::thread::Builder::new()
+            .name("ne2k-backend".into())
+            .spawn(move || backend_reader(shared, wire, irq, s))
+            .map_err(|e| EmulatedError::Transport(format!("spawning the backend reader: {e}")))?
+    };
+    let bus = ThreadBus::spawn(SharedCard(shared.clone()), "ne2k-model")
+        .map_err(|e| EmulatedError::Transport(format!("spawning the model thread: {e}")))?;
+    let result = guest_loop(
+        bus,
+        &guest_tap,
+        &irq,
+        &shared,
+        dev_id,
+        stop,
+        &mut on_interval,
+    );
+    reader_stop.store(true, Ordering::Relaxed);
+    shared.room.notify_all();
+    let _ = reader.join();
+    let counters = shared
+        .card
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .nic
+        .counters();
+    result.map(|f| (f, counters))
+}
+
+fn guest_loop(
+    bus: ThreadBus<SharedCard>,
+    guest_tap: &Tap,
+    irq: &OwnedFd,
+    shared: &Shared,
+    dev_id: u32,
+    stop: &AtomicBool,
+    on_interval: &mut impl FnMut(&NicFigures),
+) -> Result<NicFigures, EmulatedError> {
+    let mut driver = Ne2kDriver::new(bus, IO_BASE)?;
+    let mut figures = NicFigures::default();
+    let mut tracer = Tracer {
+        dev: dev_id,
+        records: Vec::with_capacity(trace::MAX_BATCH),
+        since: None,
+        // The card's set-up trapped too: counted from the first access.
+        traps_traced: 0,
+    };
+    let mut frame = vec![0u8; 65536];
+    let mut tag = 0u64;
+    let mut last_tick = Instant::now();
+    trace::workload_start(dev_id, 1);
+    while !stop.load(Ordering::Relaxed) {
+        let [tx_ready, irq_ready] = wait_readable(
+            [guest_tap.raw_fd(), irq.as_raw_fd()],
+            Duration::from_millis(1),
+        );
+        if irq_ready {
+            efd_drain(irq);
+        }
+        // Receive first (the card's ring is small), then send what the guest stack queued.
+        let mut delivered = Vec::new();
+        driver.receive(|f| {
+            let _ = guest_tap.write_frame(f);
+            delivered.push(f.len());
+        })?;
+        if !delivered.is_empty() {
+            let now = trace::monotonic_ns();
+            let mut card = shared.card.lock().unwrap_or_else(|p| p.into_inner());
+            for len in delivered {
+                let arrived = card.arrivals.pop_front().unwrap_or(now);
+                tag += 1;
+                trace::io_submit(dev_id, OP_RX, tag, len as u32, arrived);
+                trace::io_complete(dev_id, OP_RX, tag, len as u32, now - arrived, 0);
+                tracer.push(CompletionRecord {
+                    latency_ns: now - arrived,
+                    bytes: len as u32,
+                    op: OP_RX,
+                    status: 0,
+                });
+                figures.rx_frames += 1;
+                figures.rx_bytes += len as u64;
+            }
+        }
+        if tx_ready {
+            // A bounded burst, so received frames are not starved.
+            for _ in 0..64 {
+                let Some(n) = guest_tap
+                    .read_frame(&mut frame)
+                    .map_err(|e| EmulatedError::Transport(format!("guest tap: {e}")))?
+                else {
+                    break;
+                };
+                let start = trace::monotonic_ns();
+                tag += 1;
+                trace::io_submit(dev_id, OP_TX, tag, n as u32, start);
+                let status = match driver.send(&frame[..n.min(ne2000::MAX_FRAME)]) {
+                    Ok(()) => 0u16,
+                    Err(EmulatedError::Device { .. }) => {
+                        figures.tx_errors += 1;
+                        libc::EIO as u16
+                    }
+                    Err(e) => return Err(e),
+                };
+                let latency = trace::monotonic_ns() - start;
+                trace::io_complete(dev_id, OP_TX, tag, n as u32, latency, status);
+                tracer.push(CompletionRecord {
+                    latency_ns: latency,
+                    bytes: n as u32,
+                    op: OP_TX,
+                    status,
+                });
+                figures.tx_frames += 1;
+                figures.tx_bytes += n as u64;
+            }
+        }
+        figures.traps = driver.bus().traps();
+        figures.rx_errors = driver.rx_errors;
+        tracer.flush(driver.bus().traps(), false);
+        if last_tick.elapsed() >= Duration::from_secs(1) {
+            last_tick = Instant::now();
+            on_interval(&figures);
+        }
+    }
+    tracer.flush(driver.bus().traps(), true);
+    figures.traps = driver.bus().traps();
+    Ok(figures)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netns::{NetPair, HOST_IP};
+
+    fn root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    #[test]
+    fn a_datagram_crosses_the_emulated_nic_intact_both_ways() {
+        assert!(
+            root(),
+            "this test creates network namespaces and taps: run it as root"
+        );
+        let pair = NetPair::create("emunic", 1500).unwrap();
+        let (guest_tap, host_tap, ns) = pair.split();
+        let stop = Arc::new(AtomicBool::new(false));
+        let runner = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                serve(
+                    guest_tap,
+                    host_tap,
+                    [2, 0, 0, 0x0e, 0x20, 1],
+                    0,
+                    &stop,
+                    |_| {},
+                )
+            })
+        };
+        let payload: Vec<u8> = (0..1400u32).map(|i| (i * 11 % 256) as u8).collect();
+        // Host side: a UDP echo server for one datagram.
+        let server = ns
+            .host
+            .in_namespace(|| {
+                std::net::UdpSocket::bind((HOST_IP, 7777)).map_err(|e| crate::netns::NetError::Os {
+                    what: "bind".into(),
+                    source: e,
+                })
+            })
+            .unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let echo = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            let (n, from) = server.recv_from(&mut buf).unwrap();
+            server.send_to(&buf[..n], from).unwrap();
+            buf[..n].to_vec()
+        });
+        let sent = payload.clone();
+        let back = ns
+            .guest
+            .in_namespace(move || {
+                let err = |e| crate::netns::NetError::Os {
+                    what: "udp".into(),
+                    source: e,
+                };
+                let s = std::net::UdpSocket::bind(("0.0.0.0", 0)).map_err(err)?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))
+                    .map_err(err)?;
+                s.send_to(&sent, (HOST_IP, 7777)).map_err(err)?;
+                let mut buf = [0u8; 2048];
+                let n = s.recv(&mut buf).map_err(err)?;
+                Ok(buf[..n].to_vec())
+            })
+            .unwrap();
+        let arrived = echo.join().unwrap();
+        assert_eq!(arrived, payload, "guest → host intact");
+        assert_eq!(back, payload, "host → guest intact");
+        stop.store(true, Ordering::Relaxed);
+        let (figures, model) = runner.join().unwrap().unwrap();
+        // ARP request and reply, the datagram and its echo, at least.
+        assert!(
+            figures.tx_frames >= 2 && figures.rx_frames >= 2,
+            "{figures:?}"
+        );
+        assert_eq!(model.tx_frames, figures.tx_frames);
+        assert_eq!(model.rx_frames, figures.rx_frames);
+        // Every byte crossed the data port: at least half a trap per byte moved.
+        assert!(figures.traps * 2 >= figures.tx_bytes + figures.rx_bytes);
+        assert_eq!(
+            model.accesses, figures.traps,
+            "every access reached the model"
+        );
+        drop(ns);
+    }
+}
