@@ -12,9 +12,9 @@ use enlight_driver::settings::DeviceSettings;
 
 fn require_root_and_tools() {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+        euid, 0,
         "the NIC bridge test needs root (it creates network namespaces and taps)"
     );
     for tool in ["ip", "ping"] {
