@@ -7,12 +7,15 @@
 //!   finds it. It prints one JSON line per second with the workload's own figures.
 //! - `enlight emulated-disk` is the same for an emulated IDE disk (kind `emulated`): every
 //!   register access traps to the device model, through a thread hand-off or a real KVM exit.
+//! - `enlight nic` is a device process for the synthetic NIC: guest and host sides on taps in two
+//!   network namespaces it creates, so real traffic (ping, iperf3) crosses the rings.
 //! - `enlight top` watches a running enlightd in the terminal (crate `enlight-tui`).
 
 mod bench;
 mod demo;
 mod disk;
 mod emulated;
+mod nic;
 mod signals;
 mod top;
 
@@ -42,6 +45,9 @@ enum Command {
     /// Run one emulated NE2000 NIC between two network namespaces it creates (and removes),
     /// every register access trapping to the model; ping/iperf3 between them go through it.
     EmulatedNic(emulated::EmulatedNicArgs),
+    /// Run one synthetic (netvsc-like) NIC between two network namespaces it creates (and
+    /// removes); ping/iperf3 between them go through its rings.
+    Nic(nic::NicArgs),
     /// Watch a running enlightd live in the terminal: devices, latency histograms, the tuner.
     Top(top::TopArgs),
     /// Benchmarks of the whole system (`enlight bench tune`).
@@ -56,6 +62,7 @@ fn main() -> Result<()> {
         Command::Disk(args) => disk::run(args),
         Command::EmulatedDisk(args) => emulated::run(args),
         Command::EmulatedNic(args) => emulated::run_nic(args),
+        Command::Nic(args) => nic::run(args),
         Command::Top(args) => top::run(args),
         Command::Bench(args) => bench::run(args),
     }

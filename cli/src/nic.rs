@@ -1,0 +1,275 @@
+//! `enlight nic`: one synthetic NIC device process between two network namespaces.
+//!
+//! Creates a "guest" and a "host" namespace with a tap in each (removing the leftovers of runs
+//! that were killed first), runs the NIC's guest driver on the guest tap and its host service on
+//! the host tap, serves the control socket (moderation and polling budget are live-tunable),
+//! announces the device in the registry (device `nic`, kind `synthetic`) and prints JSON lines:
+//! first `{"event":"ready",...}` with the namespaces and addresses, then the NIC's own counters
+//! about once per second, and a last line with `"done": true`. SIGINT/SIGTERM (or `--duration`)
+//! stop it; the taps and namespaces are removed on the way out.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use enlight_driver::control::{self, ControlServer, Tunable};
+use enlight_driver::netns::{self, NetPair};
+use enlight_driver::nic::{NicBridge, NicCounters, NicOptions};
+use enlight_driver::registry::{self, DeviceRecord, Registration};
+use enlight_driver::settings::DeviceSettings;
+use enlight_driver::workload;
+use serde::Serialize;
+
+use crate::signals;
+
+#[derive(Args, Debug)]
+pub struct NicArgs {
+    /// Device name (unique in the runtime directory).
+    #[arg(long, default_value = "nic0")]
+    name: String,
+    /// Device id inside this process (the `dev` argument of the USDT probes).
+    #[arg(long, default_value_t = 0)]
+    dev_id: u32,
+    /// Registry directory [default: $ENLIGHT_RUNTIME_DIR or /run/enlight].
+    #[arg(long)]
+    runtime_dir: Option<PathBuf>,
+    /// Stop after this many seconds (default: run until SIGINT/SIGTERM).
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Wait up to SECS for a tracer (enlightd) to attach every probe before announcing "ready".
+    #[arg(long, value_name = "SECS")]
+    wait_for_probes: Option<f64>,
+    /// MTU of both taps.
+    #[arg(long, default_value_t = 1500)]
+    mtu: u32,
+    /// Ring data area per direction, bytes (a multiple of 4096; fixed while the NIC runs).
+    #[arg(long)]
+    ring_bytes: Option<u32>,
+    /// Interrupt moderation: signal after this many packets...
+    #[arg(long)]
+    moderation_frames: Option<u32>,
+    /// ...or this many microseconds, whichever first.
+    #[arg(long)]
+    moderation_usecs: Option<u32>,
+    /// Packets the guest reaps per polling pass.
+    #[arg(long)]
+    poll_budget: Option<u32>,
+    /// Send buffer sections (tx frames in flight).
+    #[arg(long, default_value_t = NicOptions::default().send_sections)]
+    send_sections: u32,
+    /// Receive buffer sections (rx frames the guest has not returned).
+    #[arg(long, default_value_t = NicOptions::default().recv_sections)]
+    recv_sections: u32,
+    /// Only remove the namespaces left behind by killed runs, then exit.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+/// The first line: where to send traffic.
+#[derive(Serialize)]
+struct Ready<'a> {
+    event: &'static str,
+    name: &'a str,
+    guest_netns: &'a str,
+    host_netns: &'a str,
+    guest_if: &'a str,
+    host_if: &'a str,
+    guest_ip: String,
+    host_ip: String,
+    mtu: u32,
+    removed_leftovers: Vec<String>,
+}
+
+/// One line per second and a last one.
+#[derive(Serialize)]
+struct Report {
+    elapsed_secs: f64,
+    /// Rates over the last interval.
+    tx_pps: f64,
+    rx_pps: f64,
+    tx_bits_per_sec: f64,
+    rx_bits_per_sec: f64,
+    counters: NicCounters,
+    settings: DeviceSettings,
+    done: bool,
+}
+
+/// A namespace label from a device name: `[A-Za-z0-9_]`, at most 16 characters.
+fn label_of(name: &str) -> String {
+    let l: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .take(16)
+        .collect();
+    if l.is_empty() {
+        "nic".into()
+    } else {
+        l
+    }
+}
+
+pub fn run(args: NicArgs) -> Result<()> {
+    if args.cleanup {
+        let removed = netns::remove_leftovers()?;
+        println!("{}", serde_json::json!({ "removed_leftovers": removed }));
+        return Ok(());
+    }
+    signals::install_stop_handlers().context("installing signal handlers")?;
+    let defaults = DeviceSettings::default();
+    let settings = DeviceSettings {
+        ring_out_bytes: args.ring_bytes.unwrap_or(defaults.ring_out_bytes),
+        ring_in_bytes: args.ring_bytes.unwrap_or(defaults.ring_in_bytes),
+        moderation_frames: args.moderation_frames.unwrap_or(defaults.moderation_frames),
+        moderation_usecs: args.moderation_usecs.unwrap_or(defaults.moderation_usecs),
+        poll_budget: args.poll_budget.unwrap_or(defaults.poll_budget),
+    };
+    settings.validate()?;
+    let options = NicOptions {
+        send_sections: args.send_sections,
+        recv_sections: args.recv_sections,
+        ..NicOptions::for_mtu(args.mtu)
+    };
+    options.validate()?;
+
+    let removed = netns::remove_leftovers().context("removing leftovers of killed runs")?;
+    let bridge = NicBridge::start(
+        &label_of(&args.name),
+        args.dev_id,
+        settings,
+        options,
+        args.mtu,
+    )
+    .with_context(|| format!("starting synthetic NIC {}", args.name))?;
+
+    let runtime_dir = args.runtime_dir.unwrap_or_else(registry::runtime_dir);
+    let socket = control::socket_path(&runtime_dir, &args.name);
+    let record = DeviceRecord {
+        name: args.name.clone(),
+        device: "nic".into(),
+        kind: "synthetic".into(),
+        dev_id: args.dev_id,
+        pid: std::process::id(),
+        exe: std::env::current_exe().context("locating this executable")?,
+        started_unix_ms: registry::now_unix_ms(),
+        settings,
+        control: Some(socket.clone()),
+    };
+    let registration = Arc::new(
+        Registration::register(&runtime_dir, &record)
+            .with_context(|| format!("registering in {}", runtime_dir.display()))?,
+    );
+    let on_change = {
+        let (registration, record) = (Arc::clone(&registration), record.clone());
+        Box::new(move |s: &DeviceSettings| {
+            let record = DeviceRecord {
+                settings: *s,
+                ..record.clone()
+            };
+            if let Err(e) = registration.update(&record) {
+                log::warn!("updating the registry record: {e}");
+            }
+        })
+    };
+    let knobs: Arc<dyn Tunable> = bridge.nic().knobs().clone();
+    let control = ControlServer::start(&socket, knobs, args.dev_id, Some(on_change))
+        .with_context(|| format!("serving {}", socket.display()))?;
+
+    if let Some(secs) = args.wait_for_probes {
+        workload::wait_for_probes(args.dev_id, 0, Duration::from_secs_f64(secs))?;
+    }
+    let emit = |line: &dyn erased::Line| {
+        let mut out = std::io::stdout().lock();
+        // A closed pipe (the reader went away) is not a reason to stop the device.
+        let _ = out.write_all(line.json().as_bytes());
+        let _ = out.write_all(b"\n");
+        let _ = out.flush();
+    };
+    emit(&Ready {
+        event: "ready",
+        name: &args.name,
+        guest_netns: bridge.guest_ns().name(),
+        host_netns: bridge.host_ns().name(),
+        guest_if: NetPair::GUEST_IF,
+        host_if: NetPair::HOST_IF,
+        guest_ip: netns::GUEST_IP.to_string(),
+        host_ip: netns::HOST_IP.to_string(),
+        mtu: bridge.mtu(),
+        removed_leftovers: removed,
+    });
+
+    let start = Instant::now();
+    let deadline = args.duration.map(|s| start + Duration::from_secs_f64(s));
+    let mut last = (Instant::now(), bridge.nic().counters());
+    let report = |now: Instant,
+                  c: NicCounters,
+                  prev: &(Instant, NicCounters),
+                  settings: DeviceSettings,
+                  done| {
+        let dt = now.duration_since(prev.0).as_secs_f64().max(1e-9);
+        Report {
+            elapsed_secs: now.duration_since(start).as_secs_f64(),
+            tx_pps: (c.tx_completions - prev.1.tx_completions) as f64 / dt,
+            rx_pps: (c.rx_packets - prev.1.rx_packets) as f64 / dt,
+            tx_bits_per_sec: (c.tx_bytes - prev.1.tx_bytes) as f64 * 8.0 / dt,
+            rx_bits_per_sec: (c.rx_bytes - prev.1.rx_bytes) as f64 * 8.0 / dt,
+            counters: c,
+            settings,
+            done,
+        }
+    };
+    let mut failed = false;
+    while !signals::stop_flag().load(std::sync::atomic::Ordering::SeqCst)
+        && deadline.is_none_or(|d| Instant::now() < d)
+    {
+        if bridge.nic().failed() {
+            failed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let now = Instant::now();
+        if now.duration_since(last.0) >= Duration::from_secs(1) {
+            let c = bridge.nic().counters();
+            emit(&report(now, c, &last, bridge.nic().settings(), false));
+            last = (now, c);
+        }
+    }
+    drop(control);
+    let settings_now = bridge.nic().settings();
+    let result = bridge.stop();
+    drop(registration);
+    let counters = result.context("the NIC stopped with an error")?;
+    if failed {
+        bail!("the NIC stopped on its own");
+    }
+    emit(&report(Instant::now(), counters, &last, settings_now, true));
+    Ok(())
+}
+
+/// Serializing the two line types through one closure.
+mod erased {
+    pub trait Line {
+        fn json(&self) -> String;
+    }
+
+    impl<T: serde::Serialize> Line for T {
+        fn json(&self) -> String {
+            serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_namespace_safe() {
+        assert_eq!(label_of("nic0"), "nic0");
+        assert_eq!(label_of("my-nic.1"), "my_nic_1");
+        assert_eq!(label_of(""), "nic");
+        assert_eq!(label_of("a_very_long_device_name_x").len(), 16);
+    }
+}
