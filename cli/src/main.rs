@@ -16,6 +16,7 @@ mod demo;
 mod disk;
 mod emulated;
 mod nic;
+mod restore;
 mod signals;
 mod top;
 
@@ -52,6 +53,9 @@ enum Command {
     Top(top::TopArgs),
     /// Benchmarks of the whole system (`enlight bench tune`).
     Bench(bench::BenchArgs),
+    /// Put back every kernel device setting enlight changed (from the journal enlightd keeps
+    /// in the runtime directory).
+    Restore(restore::RestoreArgs),
 }
 
 fn main() -> Result<()> {
@@ -65,5 +69,6 @@ fn main() -> Result<()> {
         Command::Nic(args) => nic::run(args),
         Command::Top(args) => top::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Restore(args) => restore::run(args),
     }
 }

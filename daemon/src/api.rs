@@ -44,6 +44,17 @@ pub struct DeviceView {
     /// Register accesses an emulated device trapped (`trap` probe); 0 for synthetic devices.
     #[serde(default)]
     pub traps_total: u64,
+    /// The tuner's state for this device (contract 6); `null` when no tuner runs for it.
+    #[serde(default)]
+    pub tuner: Option<crate::tuner::TunerView>,
+    /// A kernel device's driver (`virtio_blk`, `hv_netvsc`, `e1000`, `loop`, ...); absent for
+    /// registry devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// A kernel device's details: driver class, queues, IRQs, NAPI figures, ring, coalescing or
+    /// block queue settings, and whether enlight may change it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<crate::kernel::KernelInfo>,
 }
 
 fn op_view(op: String, f: &OpFigures) -> OpView {
@@ -93,6 +104,9 @@ pub fn device_view(d: &DeviceState) -> DeviceView {
         ring_full_in_total: d.events.ring_full_in,
         irq_masked_total: d.events.irq_masked,
         traps_total: d.traps,
+        tuner: None,
+        driver: d.kernel.as_ref().map(|k| k.driver.clone()),
+        kernel: d.kernel.clone(),
     }
 }
 
@@ -110,6 +124,9 @@ pub struct HealthView {
     pub errors: std::collections::BTreeMap<String, u64>,
     pub recent_errors: Vec<String>,
     pub ticks: u64,
+    /// The kernel probes: which are attached (and why not), KVM exits per VMM, Hyper-V events.
+    #[serde(default)]
+    pub kernel: crate::kernel::KernelState,
 }
 
 /// The health view.
@@ -126,5 +143,6 @@ pub fn health(state: &State) -> HealthView {
             .collect(),
         recent_errors: state.recent_errors.clone(),
         ticks: state.ticks,
+        kernel: state.kernel.clone(),
     }
 }

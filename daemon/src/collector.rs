@@ -115,6 +115,10 @@ pub struct DeviceState {
     /// Settings changes applied through the device's control socket, by knob code
     /// (`settings_change` probe), cumulative.
     pub settings_changes: BTreeMap<u32, u64>,
+    /// A device of the running kernel (kind `kernel`): its driver, class and tuning state.
+    /// `None` for registry devices. Kernel devices are kept by [`crate::kernel::collector`];
+    /// this collector leaves them alone.
+    pub kernel: Option<crate::kernel::KernelInfo>,
     /// Figures of earlier instances (processes) of this device, added to the current ones so
     /// counters never go backwards.
     base_ops: BTreeMap<u32, OpFigures>,
@@ -122,6 +126,30 @@ pub struct DeviceState {
     base_traps: u64,
     base_settings_changes: BTreeMap<u32, u64>,
     gone_since: Option<Instant>,
+}
+
+impl DeviceState {
+    /// A device just seen, with no figures yet.
+    pub fn new(record: DeviceRecord) -> DeviceState {
+        DeviceState {
+            record,
+            present: true,
+            attached: false,
+            sites_by_probe: BTreeMap::new(),
+            attach_error: None,
+            ops: BTreeMap::new(),
+            events: DevEvents::default(),
+            interrupts_per_sec: 0.0,
+            traps: 0,
+            settings_changes: BTreeMap::new(),
+            kernel: None,
+            base_ops: BTreeMap::new(),
+            base_events: DevEvents::default(),
+            base_traps: 0,
+            base_settings_changes: BTreeMap::new(),
+            gone_since: None,
+        }
+    }
 }
 
 /// Error kinds counted in `enlight_errors_total`.
@@ -142,6 +170,9 @@ pub struct State {
     pub last_tick: Duration,
     /// Last few error messages (newest last), for /api/v1/health.
     pub recent_errors: Vec<String>,
+    /// The kernel probes' state (attached probes, KVM exits), kept by
+    /// [`crate::kernel::collector`].
+    pub kernel: crate::kernel::KernelState,
 }
 
 impl State {
@@ -193,23 +224,7 @@ impl<P: ProbeSource> Collector<P> {
         let live: BTreeSet<String> = records.iter().map(|r| r.name.clone()).collect();
         for record in records {
             let entry = state.devices.entry(record.name.clone());
-            let dev = entry.or_insert_with(|| DeviceState {
-                record: record.clone(),
-                present: true,
-                attached: false,
-                sites_by_probe: BTreeMap::new(),
-                attach_error: None,
-                ops: BTreeMap::new(),
-                events: DevEvents::default(),
-                interrupts_per_sec: 0.0,
-                traps: 0,
-                settings_changes: BTreeMap::new(),
-                base_ops: BTreeMap::new(),
-                base_events: DevEvents::default(),
-                base_traps: 0,
-                base_settings_changes: BTreeMap::new(),
-                gone_since: None,
-            });
+            let dev = entry.or_insert_with(|| DeviceState::new(record.clone()));
             if dev.record.pid != record.pid {
                 // A new process serves this device: carry the old totals forward.
                 for (op, f) in &dev.ops {
@@ -231,7 +246,7 @@ impl<P: ProbeSource> Collector<P> {
             dev.gone_since = None;
         }
         for (name, dev) in state.devices.iter_mut() {
-            if !live.contains(name) && dev.present {
+            if !live.contains(name) && dev.present && dev.kernel.is_none() {
                 dev.present = false;
                 dev.gone_since = Some(started);
             }
@@ -240,7 +255,8 @@ impl<P: ProbeSource> Collector<P> {
         // 2. Attach to processes we have not attached to yet.
         let mut to_attach: BTreeMap<u32, PathBuf> = BTreeMap::new();
         for dev in state.devices.values() {
-            if dev.present && !self.attached_pids.contains(&dev.record.pid) {
+            if dev.present && dev.kernel.is_none() && !self.attached_pids.contains(&dev.record.pid)
+            {
                 to_attach.insert(dev.record.pid, dev.record.exe.clone());
             }
         }
@@ -318,7 +334,7 @@ impl<P: ProbeSource> Collector<P> {
 fn apply_snapshot(state: &mut State, snap: &Snapshot, dt: f64) {
     state.health = snap.health;
     for dev in state.devices.values_mut() {
-        if !dev.attached {
+        if !dev.attached || dev.kernel.is_some() {
             continue;
         }
         let (pid, id) = (dev.record.pid, dev.record.dev_id);

@@ -18,6 +18,10 @@ pub struct Config {
     pub interval_ms: u64,
     /// How long a vanished device's final figures stay on /metrics, in seconds.
     pub device_grace_secs: u64,
+    /// The tuner (`[tuner]`, docs/tuner.md).
+    pub tuner: crate::tuner::config::TunerConfig,
+    /// The running kernel's own devices (`[kernel]`, docs/kernel.md).
+    pub kernel: crate::kernel::KernelConfig,
 }
 
 impl Default for Config {
@@ -27,6 +31,8 @@ impl Default for Config {
             runtime_dir: enlight_driver::registry::runtime_dir(),
             interval_ms: 1000,
             device_grace_secs: 30,
+            tuner: crate::tuner::config::TunerConfig::default(),
+            kernel: crate::kernel::KernelConfig::default(),
         }
     }
 }
@@ -88,6 +94,7 @@ impl Config {
                 self.device_grace_secs
             )));
         }
+        self.tuner.validate().map_err(ConfigError::Invalid)?;
         if self.runtime_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid("runtime_dir is empty".into()));
         }
@@ -113,6 +120,18 @@ mod tests {
         assert_eq!(c.interval_ms, 200);
         assert_eq!(c.runtime_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.listen.port(), 0);
+    }
+
+    #[test]
+    fn the_kernel_section_is_read_and_checked() {
+        let c = Config::parse("[kernel]\nenabled = true\ntune = [\"eth1\"]\ndry_run = false\n").unwrap();
+        assert!(c.kernel.enabled && !c.kernel.dry_run);
+        assert_eq!(c.kernel.tune, ["eth1"]);
+        assert!(c.kernel.restore_on_exit, "default");
+        let d = Config::default();
+        assert!(!d.kernel.enabled && d.kernel.dry_run, "opt-in, and recommend-only by default");
+        let e = Config::parse("[kernel]\ntunes = [\"eth1\"]\n").unwrap_err();
+        assert!(e.to_string().contains("tunes"), "{e}");
     }
 
     #[test]

@@ -57,17 +57,29 @@ pub enum DaemonError {
 #[derive(Clone)]
 pub struct DaemonHandle {
     state: Arc<Mutex<State>>,
+    tuner: Arc<tuner::shell::TunerShared>,
 }
 
 impl DaemonHandle {
     /// Every device, as `/api/v1/devices` serves it.
     pub fn devices(&self) -> Vec<DeviceView> {
-        api::devices(&self.state.lock().expect("state lock"))
+        let mut devices = api::devices(&self.state.lock().expect("state lock"));
+        for d in &mut devices {
+            d.tuner = self.tuner.view(&d.name);
+        }
+        devices
+    }
+
+    /// The tuner's shared state (decisions, pins).
+    pub fn tuner(&self) -> &tuner::shell::TunerShared {
+        &self.tuner
     }
 
     /// The Prometheus exposition, as `/metrics` serves it.
     pub fn render_metrics(&self) -> String {
-        metrics::render(&self.state.lock().expect("state lock"))
+        let mut text = metrics::render(&self.state.lock().expect("state lock"));
+        self.tuner.render_metrics(&mut text);
+        text
     }
 
     /// The daemon's own health.
@@ -86,6 +98,9 @@ pub struct Daemon {
     handle: DaemonHandle,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// The tuner's configuration, runtime directory and collector interval, started by
+    /// [`Daemon::serve`] when any device is to be tuned.
+    tuner: (tuner::config::TunerConfig, std::path::PathBuf, Duration),
 }
 
 impl Daemon {
@@ -93,7 +108,8 @@ impl Daemon {
     pub fn start(config: Config) -> Result<Daemon, DaemonError> {
         enlight_probes::preflight()?;
         let probes = enlight_probes::Probes::load()?;
-        Daemon::start_with(config, probes)
+        let kernel = kernel::collector::start(&config);
+        Daemon::start_full(config, probes, kernel)
     }
 
     /// Starts collecting from any probe source.
@@ -101,9 +117,19 @@ impl Daemon {
         config: Config,
         probes: P,
     ) -> Result<Daemon, DaemonError> {
+        Daemon::start_full(config, probes, None)
+    }
+
+    /// Starts collecting from any probe source, and from the kernel's devices if given.
+    pub fn start_full<P: ProbeSource + 'static>(
+        config: Config,
+        probes: P,
+        mut kernel: Option<kernel::collector::RealKernelCollector>,
+    ) -> Result<Daemon, DaemonError> {
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let interval = Duration::from_millis(config.interval_ms);
+        let tuner_shared = Arc::new(tuner::shell::TunerShared::default());
         let mut collector = Collector::new(
             probes,
             config.runtime_dir.clone(),
@@ -111,6 +137,7 @@ impl Daemon {
         );
         let thread = {
             let (state, stop) = (Arc::clone(&state), Arc::clone(&stop));
+            let tuner_shared = Arc::clone(&tuner_shared);
             std::thread::Builder::new()
                 .name("enlightd-collector".into())
                 .spawn(move || {
@@ -119,6 +146,10 @@ impl Daemon {
                         {
                             let mut st = state.lock().expect("state lock");
                             collector.tick(&mut st);
+                            if let Some(k) = kernel.as_mut() {
+                                k.tick(&mut st);
+                            }
+                            tuner_shared.note_tick(st.ticks);
                         }
                         // Sleep in short steps so shutdown is prompt.
                         while started.elapsed() < interval && !stop.load(Ordering::Acquire) {
@@ -133,9 +164,13 @@ impl Daemon {
                 .map_err(DaemonError::Thread)?
         };
         Ok(Daemon {
-            handle: DaemonHandle { state },
+            handle: DaemonHandle {
+                state,
+                tuner: tuner_shared,
+            },
             stop,
             thread: Some(thread),
+            tuner: (config.tuner.clone(), config.runtime_dir.clone(), interval),
         })
     }
 
@@ -150,11 +185,44 @@ impl Daemon {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), DaemonError> {
+        let (tuner_stop, tuner_task) = self.start_tuner();
         let result = axum::serve(listener, router(self.handle.clone()))
             .with_graceful_shutdown(shutdown)
             .await;
+        if let (Some(stop), Some(task)) = (tuner_stop, tuner_task) {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
         self.stop_collector();
         result.map_err(DaemonError::Http)
+    }
+
+    /// Starts the tuner's shell (docs/tuner.md) if any device is to be tuned or recommended for.
+    #[allow(clippy::type_complexity)]
+    fn start_tuner(
+        &self,
+    ) -> (
+        Option<tokio::sync::oneshot::Sender<()>>,
+        Option<tokio::task::JoinHandle<()>>,
+    ) {
+        let (config, runtime_dir, interval) = self.tuner.clone();
+        if !config.any_enabled() {
+            return (None, None);
+        }
+        let shell = tuner::shell::Shell::new(
+            config,
+            &runtime_dir,
+            Box::new(tuner::backend::ControlSocketFactory),
+            Arc::clone(&self.handle.tuner),
+        );
+        let state = Arc::clone(&self.handle.state);
+        let source = move || tuner::shell::samples(&state.lock().expect("state lock"));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let poll = (interval / 5).max(Duration::from_millis(10));
+        let task = tokio::spawn(tuner::shell::run(shell, source, poll, async {
+            let _ = rx.await;
+        }));
+        (Some(tx), Some(task))
     }
 
     fn stop_collector(&mut self) {
@@ -191,6 +259,15 @@ pub fn router(handle: DaemonHandle) -> Router {
         .route(
             "/api/v1/devices/{name}/histogram",
             get(device_histogram_handler),
+        )
+        .route("/api/v1/tuner/decisions", get(tuner_decisions_handler))
+        .route(
+            "/api/v1/devices/{name}/pin",
+            axum::routing::post(tuner_pin_handler),
+        )
+        .route(
+            "/api/v1/devices/{name}/unpin",
+            axum::routing::post(tuner_unpin_handler),
         )
         .with_state(handle)
 }
@@ -240,6 +317,56 @@ async fn device_histogram_handler(
 
 async fn health_handler(AxumState(handle): AxumState<DaemonHandle>) -> Json<HealthView> {
     Json(handle.health())
+}
+
+/// `?device=NAME&limit=N` of `/api/v1/tuner/decisions`.
+#[derive(serde::Deserialize)]
+struct DecisionsQuery {
+    device: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn tuner_decisions_handler(
+    AxumState(handle): AxumState<DaemonHandle>,
+    axum::extract::Query(q): axum::extract::Query<DecisionsQuery>,
+) -> Json<Vec<tuner::Decision>> {
+    Json(
+        handle
+            .tuner
+            .decisions(q.device.as_deref(), q.limit.unwrap_or(100)),
+    )
+}
+
+fn tuner_pin(handle: &DaemonHandle, name: &str, pinned: bool) -> Response {
+    if !handle
+        .state
+        .lock()
+        .expect("state lock")
+        .devices
+        .contains_key(name)
+    {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": format!("no device {name:?}")})),
+        )
+            .into_response();
+    }
+    handle.tuner.set_pinned(name, pinned);
+    Json(serde_json::json!({"device": name, "pinned": pinned})).into_response()
+}
+
+async fn tuner_pin_handler(
+    AxumState(handle): AxumState<DaemonHandle>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    tuner_pin(&handle, &name, true)
+}
+
+async fn tuner_unpin_handler(
+    AxumState(handle): AxumState<DaemonHandle>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    tuner_pin(&handle, &name, false)
 }
 
 #[cfg(test)]

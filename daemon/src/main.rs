@@ -26,9 +26,19 @@ struct Flags {
     /// Collector interval in milliseconds [default: 1000].
     #[arg(long, value_name = "MS")]
     interval_ms: Option<u64>,
+    /// Also observe the running kernel's own disks and NICs (as `[kernel] enabled = true`).
+    #[arg(long)]
+    kernel: bool,
     /// Load and attach everything it would, print a report, exit non-zero on any failure.
     #[arg(long)]
     check: bool,
+    /// Tune every device with a control interface (the tuner's mode `auto`; docs/tuner.md).
+    #[arg(long, conflicts_with = "dry_run")]
+    tune: bool,
+    /// Run the tuner but only recommend: never change a device (overrides every per-device mode
+    /// but `off`). Recommendations: `enlight tune --dry-run`, /api/v1/devices, the audit log.
+    #[arg(long)]
+    dry_run: bool,
     /// More log output on stderr (-v debug, -vv trace); RUST_LOG still wins.
     #[arg(short, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -47,6 +57,21 @@ fn config_from(flags: &Flags) -> Result<Config> {
     }
     if let Some(i) = flags.interval_ms {
         config.interval_ms = i;
+    }
+    if flags.tune {
+        config.tuner.mode = enlightd::tuner::TunerMode::Auto;
+    }
+    if flags.dry_run {
+        use enlightd::tuner::TunerMode;
+        config.tuner.mode = TunerMode::DryRun;
+        for d in config.tuner.devices.values_mut() {
+            if d.mode.is_some_and(|m| m != TunerMode::Off) {
+                d.mode = Some(TunerMode::DryRun);
+            }
+        }
+    }
+    if flags.kernel {
+        config.kernel.enabled = true;
     }
     config.validate()?;
     Ok(config)
@@ -103,6 +128,28 @@ fn check(flags: &Flags) -> Result<()> {
             }
         }
         probes.detach_process(r.pid);
+    }
+    if config.kernel.enabled {
+        // A missing tracepoint is reported, not a failure: the daemon runs without it.
+        let kernel = enlight_probes::kernel::KernelProbes::load(&Default::default())
+            .context("loading the kernel-device eBPF programs")?;
+        for (probe, s) in kernel.status() {
+            match &s.reason {
+                None => println!("ok   kernel probe {probe} attached"),
+                Some(why) => println!("skip kernel probe {probe}: {why}"),
+            }
+        }
+        let devices = enlightd::kernel::discovery::discover(&config.kernel.sysfs);
+        for d in &devices {
+            println!(
+                "ok   kernel {} {} (driver {}, {}, {} queue(s))",
+                d.device,
+                d.name,
+                d.driver,
+                d.class.name(),
+                d.queues
+            );
+        }
     }
     std::net::TcpListener::bind(config.listen)
         .with_context(|| format!("binding {}", config.listen))?;

@@ -300,7 +300,8 @@ pub fn render(state: &State) -> String {
         "gauge",
         "Whether the probe is attached to the device's process (1) or not (0).",
     );
-    for d in devices() {
+    // Kernel devices have no USDT probes: the kernel probes' lines follow, once each.
+    for d in devices().filter(|d| d.kernel.is_none()) {
         for (probe, _) in enlight_probes::PROGRAMS {
             let attached = d.attached && d.sites_by_probe.get(probe).copied().unwrap_or(0) > 0;
             let l = labels(&[
@@ -311,6 +312,7 @@ pub fn render(state: &State) -> String {
             let _ = writeln!(out, "enlight_probe_attached{l} {}", attached as u8);
         }
     }
+    crate::kernel::metrics::probe_attached_lines(&mut out, state);
     header(
         &mut out,
         "enlight_probe_events_lost_total",
@@ -369,6 +371,8 @@ pub fn render(state: &State) -> String {
         "enlight_collector_tick_seconds {}",
         fmt_f64(state.last_tick.as_secs_f64())
     );
+    // The driver label of kernel devices, and the kernel-only families.
+    crate::kernel::metrics::finish(&mut out, state);
     out
 }
 

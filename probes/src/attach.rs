@@ -155,11 +155,23 @@ pub fn attach_tracepoint(
     })
 }
 
-/// Invocations of a program the kernel skipped because the same program was already running on
-/// that CPU (an interrupt arrived while it ran): `recursion_misses` of `struct bpf_prog_info`.
-pub fn prog_recursion_misses(prog: BorrowedFd<'_>) -> io::Result<u64> {
+/// A program's run statistics from `struct bpf_prog_info`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProgStats {
+    /// Time spent in the program, ns (counted only while `kernel.bpf_stats_enabled` is 1).
+    pub run_time_ns: u64,
+    /// Runs (counted only while `kernel.bpf_stats_enabled` is 1).
+    pub run_cnt: u64,
+    /// Runs the kernel skipped because the same program was already running on that CPU (an
+    /// interrupt arrived while it ran). Always counted.
+    pub recursion_misses: u64,
+}
+
+/// `run_time_ns`, `run_cnt` and `recursion_misses` of a loaded program (kernel 5.12+).
+pub fn prog_stats(prog: BorrowedFd<'_>) -> io::Result<ProgStats> {
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    // struct bpf_prog_info up to verified_insns (kernel 5.16+); recursion_misses at byte 208.
+    // struct bpf_prog_info up to verified_insns: run_time_ns at byte 192, run_cnt at 200,
+    // recursion_misses at 208.
     let mut info = [0u64; 29];
     let attr: [u64; 2] = [
         prog.as_raw_fd() as u32 as u64 | ((std::mem::size_of_val(&info) as u64) << 32),
@@ -178,7 +190,11 @@ pub fn prog_recursion_misses(prog: BorrowedFd<'_>) -> io::Result<u64> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(info[208 / 8])
+    Ok(ProgStats {
+        run_time_ns: info[192 / 8],
+        run_cnt: info[200 / 8],
+        recursion_misses: info[208 / 8],
+    })
 }
 
 /// Effective capabilities of this process (`CapEff` in /proc/self/status).

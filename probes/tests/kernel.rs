@@ -85,6 +85,7 @@ fn block_latency_and_counts_agree_with_fio_and_diskstats() {
     let before = probes.snapshot().unwrap();
     let misses0 = probes.recursion_misses();
     let stats0 = diskstats(&disk.name());
+    let ms0 = diskstats_ms(&disk.name());
 
     let report = fio(&[
         "--name=enlight-kernel-test",
@@ -102,11 +103,14 @@ fn block_latency_and_counts_agree_with_fio_and_diskstats() {
     let after = probes.snapshot().unwrap();
     let misses1 = probes.recursion_misses();
     let stats1 = diskstats(&disk.name());
+    let ms1 = diskstats_ms(&disk.name());
     // The one way the programs lose a request: the kernel skips a program that an interrupt
     // re-enters on the same CPU (counted per program), or an issue so skipped leaves its
     // completion without a start (counted by the program).
     let lost = |p: &str| misses1[p] - misses0[p];
-    let lost_bound = lost("enlight_blk_complete") + lost("enlight_blk_issue");
+    let lost_bound = lost("enlight_blk_complete")
+        + lost("enlight_blk_issue")
+        + (after.health.completions_without_issue - before.health.completions_without_issue);
     eprintln!("recursion misses in the window: {lost_bound}");
 
     for (op, code, field) in [("read", 0u32, 0usize), ("write", 1, 1)] {
@@ -135,22 +139,32 @@ fn block_latency_and_counts_agree_with_fio_and_diskstats() {
             "{op}: {ops} ops; p50 probe [{p50_lo}, {p50_hi}] ns vs fio clat {fio_p50} ns; p99 probe {p99_lo} ns vs fio {fio_p99} ns"
         );
         // fio's completion latency spans the whole pread/pwrite system call; the probes time
-        // the request from its issue to the driver to its completion, which is inside it. So
-        // the probe's percentile is below fio's (fio rounds to its own buckets, up to ~2%
-        // coarse above 1 us), and the system call's own path (entry, bio setup, wake-up,
-        // return) is a few microseconds on top: at most 25 us + 40% here, measured at
-        // 3-10 us on this machine.
+        // the request from its issue to the driver to its completion, which is inside it, so
+        // the probe's percentiles are below fio's (which it rounds to its own buckets, within
+        // 2% above 1 us). How far below depends on the system call's own path and on how soon
+        // fio is woken (on this busy 2-core machine: 10-100 us), so fio gives no lower bound;
+        // the kernel's own time accounting does, below.
         assert!(
             p50_lo as f64 <= fio_p50 as f64 * 1.03,
             "{op}: probe p50 {p50_lo} above fio's {fio_p50}"
         );
         assert!(
-            p50_hi as f64 >= fio_p50 as f64 * 0.6 - 25_000.0,
-            "{op}: probe p50 {p50_hi} too far below fio's {fio_p50}"
-        );
-        assert!(
             p99_lo as f64 <= fio_p99 as f64 * 1.03,
             "{op}: probe p99 {p99_lo} above fio's {fio_p99}"
+        );
+        // /proc/diskstats adds up, per request, completion minus allocation time (reported in
+        // ms, truncated); the probes' issue-to-completion time is inside that interval, and
+        // allocation to issue takes a few microseconds at depth 1.
+        let sum_ms = (a.latency_sum_ns - b.map_or(0, |s| s.latency_sum_ns)) as f64 / 1e6;
+        let kernel_ms = [ms1.0 - ms0.0, ms1.1 - ms0.1][field] as f64;
+        eprintln!("{op}: latency sum {sum_ms:.1} ms, /proc/diskstats {kernel_ms} ms");
+        assert!(
+            sum_ms <= kernel_ms + 1.0,
+            "{op}: probe latency sum {sum_ms} ms above the kernel's {kernel_ms} ms"
+        );
+        assert!(
+            sum_ms >= kernel_ms * 0.8 - 1.0,
+            "{op}: probe latency sum {sum_ms} ms far below the kernel's {kernel_ms} ms"
         );
     }
     assert_eq!(after.health.events_lost, 0);

@@ -94,6 +94,13 @@ pub fn classify(driver: &str) -> DriverClass {
         "ublk",
         "null_blk",
         "netdevsim",
+        "ifb",
+        "team",
+        "vrf",
+        "geneve",
+        "gre",
+        "sit",
+        "ipip",
     ];
     if PARAVIRTUAL.contains(&driver) {
         DriverClass::Paravirtual

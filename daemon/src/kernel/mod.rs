@@ -4,7 +4,101 @@
 //! See docs/kernel.md.
 
 pub mod blockq;
+pub mod collector;
 pub mod discovery;
 pub mod ethtool;
 pub mod journal;
+pub mod metrics;
 pub mod tune;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use discovery::DriverClass;
+
+/// `[kernel]` in enlightd's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KernelConfig {
+    /// Observe the kernel's own devices: load the kernel probes and list devices from sysfs.
+    pub enabled: bool,
+    /// Devices enlight may change (by kernel name: `eth1`, `vdb`). Any other device only gets
+    /// recommendations.
+    pub tune: Vec<String>,
+    /// Recommend only, even for the devices in `tune` (the default: changing a production
+    /// machine's devices is opt-in twice).
+    pub dry_run: bool,
+    /// Put every original setting back when enlightd shuts down cleanly.
+    pub restore_on_exit: bool,
+    /// Where sysfs is mounted.
+    pub sysfs: std::path::PathBuf,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        KernelConfig {
+            enabled: false,
+            tune: Vec::new(),
+            dry_run: true,
+            restore_on_exit: true,
+            sysfs: "/sys".into(),
+        }
+    }
+}
+
+/// What a kernel device's [`crate::collector::DeviceState`] carries beyond the common figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KernelInfo {
+    /// The driver (`virtio_blk`, `hv_netvsc`, `e1000`, `loop`, ...): the `driver` label.
+    pub driver: String,
+    /// Paravirtual, emulated or virtual.
+    pub class: DriverClass,
+    /// Hardware queues.
+    pub queues: u32,
+    /// The IRQs whose handlers serve it.
+    pub irqs: Vec<u32>,
+    /// NAPI polls (NICs), cumulative.
+    pub napi_polls: u64,
+    /// Packets those polls handled.
+    pub napi_packets: u64,
+    /// Polls that used their whole budget.
+    pub napi_budget_exhausted: u64,
+    /// Mean packets per poll over the last interval (0 without polls).
+    pub napi_batch_mean: f64,
+    /// Ring sizes and coalescing (NICs whose driver has them).
+    pub nic: Option<ethtool::NicSettings>,
+    /// Block queue settings (disks), knob → value.
+    pub block_queue: BTreeMap<String, u32>,
+    /// Whether enlight may change it (`apply`) or only recommends (`recommend`), and why.
+    pub tuning: String,
+}
+
+/// One kernel probe's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeView {
+    pub probe: String,
+    pub attached: bool,
+    pub reason: Option<String>,
+}
+
+/// The kernel side of the daemon's state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KernelState {
+    /// Whether the kernel probes are loaded at all (`None`: disabled by configuration).
+    pub probes_loaded: Option<bool>,
+    /// Why they are not, if they are not.
+    pub load_error: Option<String>,
+    /// Every kernel probe's status.
+    pub probes: Vec<ProbeView>,
+    /// `kvm:kvm_exit` counts per process (VMM pid) and reason, cumulative.
+    pub kvm_exits: BTreeMap<u32, BTreeMap<String, u64>>,
+    /// Hits of generically counted events (`hyperv:vmbus_*`), cumulative.
+    pub events: BTreeMap<String, u64>,
+    /// The programs' own trouble counters.
+    pub events_lost: u64,
+    pub completions_without_issue: u64,
+    /// Program runs the kernel skipped because the program was already running on that CPU
+    /// (an interrupt arrived while it ran): the one way events are lost with room in the maps.
+    pub recursion_misses: u64,
+}

@@ -546,21 +546,29 @@ impl KernelProbes {
         Ok(self.snapshot()?.kvm_exits())
     }
 
-    /// Invocations the kernel skipped per attached program, because the same program was
-    /// already running on that CPU (an interrupt arrived while it ran). Events are lost this way
-    /// and only this way when the maps have room; tests bound their differences with it.
-    pub fn recursion_misses(&self) -> BTreeMap<String, u64> {
+    /// Run statistics of every loaded program, by program name (run time and count only while
+    /// `kernel.bpf_stats_enabled` is 1; recursion misses always).
+    pub fn program_stats(&self) -> BTreeMap<String, crate::attach::ProgStats> {
         let mut out = BTreeMap::new();
         for (name, program) in self.ebpf.programs() {
-            let fd = match program.fd() {
-                Ok(fd) => fd,
-                Err(_) => continue, // not loaded
+            let Ok(fd) = program.fd() else {
+                continue; // not loaded
             };
-            if let Ok(n) = crate::attach::prog_recursion_misses(fd.as_fd()) {
-                out.insert(name.to_string(), n);
+            if let Ok(s) = crate::attach::prog_stats(fd.as_fd()) {
+                out.insert(name.to_string(), s);
             }
         }
         out
+    }
+
+    /// Invocations the kernel skipped per loaded program, because the same program was already
+    /// running on that CPU (an interrupt arrived while it ran). Events are lost this way and
+    /// only this way when the maps have room; tests bound their differences with it.
+    pub fn recursion_misses(&self) -> BTreeMap<String, u64> {
+        self.program_stats()
+            .into_iter()
+            .map(|(name, s)| (name, s.recursion_misses))
+            .collect()
     }
 
     /// Number of requests whose issue time is held (in flight, as the programs see them).

@@ -77,6 +77,20 @@ impl Drop for LoopDevice {
     }
 }
 
+/// Milliseconds spent on completed (reads, writes) of a block device in /proc/diskstats: the
+/// sum over requests of completion time minus allocation time, truncated to ms.
+pub fn diskstats_ms(name: &str) -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/diskstats").unwrap();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(2) == Some(&name) {
+            let n = |i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+            return (n(6), n(10));
+        }
+    }
+    panic!("{name} not in /proc/diskstats");
+}
+
 /// `(reads completed, writes completed, flushes completed)` of a block device in /proc/diskstats.
 pub fn diskstats(name: &str) -> (u64, u64, u64) {
     let text = std::fs::read_to_string("/proc/diskstats").unwrap();
