@@ -1,0 +1,340 @@
+//! The synthetic NIC with real traffic (privileged): `enlight nic` between two network namespaces,
+//! `ping` and `iperf3` through its rings, enlightd's eBPF counts against the NIC's own counters
+//! and the kernel's counters of both taps, and nothing left behind (also after SIGKILL).
+//! Needs root, iproute2, iputils-ping and iperf3 (scripts/test-all.sh installs them); without
+//! them these tests fail with the reason rather than skip.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use enlight_driver::netns::{LinkStats, NETNS_RUN_DIR};
+use enlight_driver::nic::NicCounters;
+use enlightd::{Config, Daemon, DaemonHandle};
+use serde_json::Value;
+
+const ENLIGHT: &str = env!("CARGO_BIN_EXE_enlight");
+
+/// One daemon (and one NIC process) at a time: probes attach per executable, system-wide.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn require_privileges() -> std::sync::MutexGuard<'static, ()> {
+    if let Err(e) = enlight_probes::preflight() {
+        panic!("privileged NIC test cannot run: {e}");
+    }
+    for tool in ["ip", "ping", "iperf3"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "{tool} is needed (scripts/test-all.sh installs iproute2 iputils-ping iperf3)"
+        );
+    }
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A running `enlight nic` with its stdout lines arriving on a channel; killed if dropped.
+struct NicProcess {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    ready: Value,
+}
+
+impl NicProcess {
+    fn spawn(runtime_dir: &Path, name: &str, extra: &[&str]) -> NicProcess {
+        let mut child = Command::new(ENLIGHT)
+            .args(["nic", "--name", name])
+            .arg("--runtime-dir")
+            .arg(runtime_dir)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn enlight nic");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = lines
+            .recv_timeout(Duration::from_secs(40))
+            .expect("enlight nic printed its ready line");
+        let ready: Value = serde_json::from_str(&first).unwrap();
+        assert_eq!(ready["event"], "ready", "{first}");
+        NicProcess {
+            child,
+            lines,
+            ready,
+        }
+    }
+
+    fn netns(&self, side: &str) -> String {
+        self.ready[format!("{side}_netns")]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// SIGTERM, then the last line's counters.
+    fn stop(mut self) -> NicCounters {
+        // SAFETY: kill(2) on our own child's pid, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "enlight nic exited with {status}");
+        let last = self.lines.iter().last().expect("a final line");
+        let v: Value = serde_json::from_str(&last).unwrap();
+        assert_eq!(v["done"], true, "{last}");
+        serde_json::from_value(v["counters"].clone()).unwrap()
+    }
+}
+
+impl Drop for NicProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn netns_exists(name: &str) -> bool {
+    Path::new(NETNS_RUN_DIR).join(name).exists()
+}
+
+fn in_netns(ns: &str, program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, program]).args(args);
+    c
+}
+
+fn tap_stats(ns: &str, dev: &str) -> LinkStats {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-s", "-j", "link", "show", "dev", dev])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    LinkStats::parse_ip_json(&String::from_utf8_lossy(&out.stdout)).unwrap()
+}
+
+/// Pings the host side from the guest namespace; returns the average RTT in ms.
+fn ping(guest_ns: &str, host_ip: &str, count: u32) -> f64 {
+    let out = in_netns(
+        guest_ns,
+        "ping",
+        &[
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.01",
+            "-W",
+            "2",
+            "-q",
+            host_ip,
+        ],
+    )
+    .output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ping failed:\n{text}");
+    assert!(
+        text.contains(&format!("{count} received")),
+        "ping lost packets:\n{text}"
+    );
+    // "rtt min/avg/max/mdev = 0.101/0.150/0.300/0.020 ms"
+    let rtt = text
+        .lines()
+        .find(|l| l.contains("min/avg/max"))
+        .and_then(|l| l.split('=').nth(1))
+        .and_then(|v| v.trim().split('/').nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no rtt in ping output:\n{text}"));
+    rtt
+}
+
+/// Runs iperf3 TCP from the guest namespace to a server in the host namespace for `secs`;
+/// returns the receiver's bits per second.
+fn iperf3(guest_ns: &str, host_ns: &str, host_ip: &str, secs: u32) -> f64 {
+    let mut server = in_netns(
+        host_ns,
+        "iperf3",
+        &["-s", "-1", "-B", host_ip, "-p", "5201"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let out = in_netns(
+            guest_ns,
+            "iperf3",
+            &["-c", host_ip, "-p", "5201", "-t", &secs.to_string(), "-J"],
+        )
+        .output()
+        .unwrap();
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        // The server may not be listening yet.
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = server.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "iperf3 failed:\n{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no sum_received in\n{text}"))
+}
+
+fn settle(handle: &DaemonHandle, n: u64) {
+    let target = handle.ticks() + n;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while handle.ticks() < target {
+        assert!(Instant::now() < deadline, "collector stalled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn ping_and_iperf3_cross_the_rings_and_every_count_agrees() {
+    let _serial = require_privileges();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(Config {
+        runtime_dir: dir.path().into(),
+        interval_ms: 100,
+        device_grace_secs: 600,
+        ..Config::default()
+    })
+    .expect("start enlightd");
+    let handle = daemon.handle();
+    let nic = NicProcess::spawn(
+        dir.path(),
+        "nic0",
+        &["--wait-for-probes", "30", "--duration", "120"],
+    );
+    let (guest_ns, host_ns) = (nic.netns("guest"), nic.netns("host"));
+    let host_ip = nic.ready["host_ip"].as_str().unwrap().to_string();
+    let guest_if = nic.ready["guest_if"].as_str().unwrap().to_string();
+    let host_if = nic.ready["host_if"].as_str().unwrap().to_string();
+    assert!(netns_exists(&guest_ns) && netns_exists(&host_ns));
+
+    let rtt_ms = ping(&guest_ns, &host_ip, 50);
+    let bps = iperf3(&guest_ns, &host_ns, &host_ip, 3);
+    println!(
+        "synthetic NIC: ping avg RTT {rtt_ms:.3} ms, iperf3 TCP {:.3} Gbit/s",
+        bps / 1e9
+    );
+    assert!(bps > 1e6, "iperf3 moved {bps} bit/s");
+
+    // Quiet now (IPv6 is off in both namespaces, nothing else talks): the taps' counters stand.
+    std::thread::sleep(Duration::from_millis(500));
+    let guest_tap = tap_stats(&guest_ns, &guest_if);
+    let host_tap = tap_stats(&host_ns, &host_if);
+    let c = nic.stop();
+    println!("NIC counters: {c:?}\nguest tap: {guest_tap:?}\nhost tap: {host_tap:?}");
+    assert!(
+        !netns_exists(&guest_ns) && !netns_exists(&host_ns),
+        "namespaces removed on exit"
+    );
+    assert_eq!(
+        (c.tx_errors, c.guest_errors, c.rx_deliver_errors),
+        (0, 0, 0)
+    );
+
+    // The kernel's view of both taps: every frame the guest stack sent was read by the guest
+    // driver and completed, every frame the host service wrote was received by the host stack,
+    // and the other way round.
+    assert_eq!(guest_tap.tx_packets, c.tx_completions + c.tx_dropped);
+    assert_eq!(host_tap.rx_packets, c.host_tx_frames);
+    assert_eq!(c.host_tx_frames, c.tx_completions);
+    assert_eq!(host_tap.tx_packets, c.host_rx_frames + c.host_rx_dropped);
+    assert_eq!(guest_tap.rx_packets, c.rx_packets);
+    assert_eq!(c.host_rx_frames, c.rx_packets);
+    assert_eq!(guest_tap.rx_bytes, c.rx_bytes);
+    assert_eq!(host_tap.rx_bytes, c.tx_bytes);
+
+    // enlightd's eBPF counts: exactly the NIC's own, per op.
+    settle(&handle, 3);
+    let d = handle
+        .devices()
+        .into_iter()
+        .find(|d| d.name == "nic0")
+        .expect("enlightd knows nic0");
+    assert_eq!((d.device.as_str(), d.kind.as_str()), ("nic", "synthetic"));
+    let op = |name: &str| {
+        d.ops
+            .iter()
+            .find(|o| o.op == name)
+            .unwrap_or_else(|| panic!("no op {name} in {:?}", d.ops))
+            .clone()
+    };
+    let (tx, rx) = (op("tx"), op("rx"));
+    assert_eq!(
+        (tx.ops_total, tx.bytes_total, tx.errors_total),
+        (c.tx_completions, c.tx_bytes, 0)
+    );
+    assert_eq!(
+        (rx.ops_total, rx.bytes_total, rx.errors_total),
+        (c.rx_packets, c.rx_bytes, 0)
+    );
+    assert!(
+        c.tx_completions > 1000 && c.rx_packets > 1000,
+        "iperf3 made traffic: {c:?}"
+    );
+    assert!(rx.p50_seconds.is_some() && tx.p99_seconds.is_some());
+    assert_eq!(d.interrupts_total, c.interrupts);
+    // The guest's first doorbell announces its receive buffer when the NIC starts, before
+    // enlightd attaches (the device waits for the probes only before traffic may flow).
+    assert_eq!(d.doorbells_total, c.doorbells - 1);
+    assert_eq!(handle.health().events_lost, 0);
+}
+
+#[test]
+fn a_killed_nic_leaves_namespaces_that_the_next_run_removes() {
+    let _serial = require_privileges();
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = NicProcess::spawn(dir.path(), "killed", &[]);
+    let names = [first.netns("guest"), first.netns("host")];
+    assert!(names.iter().all(|n| netns_exists(n)));
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    assert!(
+        names.iter().all(|n| netns_exists(n)),
+        "SIGKILL leaves the namespaces behind"
+    );
+    // The next run removes them before it makes its own, and removes its own on exit.
+    let second = NicProcess::spawn(dir.path(), "killed", &["--duration", "1"]);
+    let removed: Vec<String> =
+        serde_json::from_value(second.ready["removed_leftovers"].clone()).unwrap();
+    for n in &names {
+        assert!(removed.contains(n), "{n} not in {removed:?}");
+        assert!(!netns_exists(n), "{n} still exists");
+    }
+    let mine = [second.netns("guest"), second.netns("host")];
+    let c = second.stop_after_duration();
+    assert_eq!(c.tx_completions + c.rx_packets, 0, "no traffic was made");
+    assert!(
+        mine.iter().all(|n| !netns_exists(n)),
+        "{mine:?} left behind"
+    );
+}
+
+impl NicProcess {
+    /// Waits for a `--duration` run to end; returns the last line's counters.
+    fn stop_after_duration(mut self) -> NicCounters {
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "enlight nic exited with {status}");
+        let last = self.lines.iter().last().expect("a final line");
+        let v: Value = serde_json::from_str(&last).unwrap();
+        assert_eq!(v["done"], true, "{last}");
+        serde_json::from_value(v["counters"].clone()).unwrap()
+    }
+}
