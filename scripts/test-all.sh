@@ -20,7 +20,9 @@ fi
 # tmux: runs `enlight top` in a real terminal and reads its screen back (cli/tests/top_tmux.rs).
 # iproute2, iputils-ping, iperf3: traffic through the emulated NIC's namespaces; bpftrace also
 # counts kvm:kvm_pio independently (cli/tests/emulated.rs). fonts-dejavu-core: bench charts.
-packages=(clang llvm libbpf-dev bpftool bpftrace prometheus tmux iproute2 iputils-ping iperf3 fonts-dejavu-core)
+# fio, ethtool: the kernel-device tests' independent checks (fio's latency and op counts on a
+# loop device; ethtool -g/-c against our netlink reads and writes).
+packages=(clang llvm libbpf-dev bpftool bpftrace prometheus tmux iproute2 iputils-ping iperf3 fonts-dejavu-core fio ethtool)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
