@@ -101,6 +101,8 @@ pub struct Daemon {
     /// The tuner's configuration, runtime directory and collector interval, started by
     /// [`Daemon::serve`] when any device is to be tuned.
     tuner: (tuner::config::TunerConfig, std::path::PathBuf, Duration),
+    /// `[kernel]`: which kernel devices the tuner may change.
+    kernel_config: kernel::KernelConfig,
 }
 
 impl Daemon {
@@ -171,6 +173,7 @@ impl Daemon {
             stop,
             thread: Some(thread),
             tuner: (config.tuner.clone(), config.runtime_dir.clone(), interval),
+            kernel_config: config.kernel.clone(),
         })
     }
 
@@ -212,7 +215,11 @@ impl Daemon {
         let shell = tuner::shell::Shell::new(
             config,
             &runtime_dir,
-            Box::new(tuner::backend::ControlSocketFactory),
+            // Kernel NICs through ethtool (journalled, policy-checked), the rest by socket.
+            Box::new(kernel::backend::KernelAwareFactory::new(
+                self.kernel_config.clone(),
+                runtime_dir.clone(),
+            )),
             Arc::clone(&self.handle.tuner),
         );
         let state = Arc::clone(&self.handle.state);

@@ -244,3 +244,43 @@ fn loop_queue_settings_are_set_checked_and_restored() {
         (ra0, aff0, nm0)
     );
 }
+
+#[test]
+fn the_tuners_backend_changes_a_kernel_nics_coalescing_through_the_journal() {
+    use enlightd::kernel::backend::KernelNicBackend;
+    use enlightd::kernel::tune::Permission;
+    use enlightd::tuner::backend::SettingsBackend;
+    require_root();
+    let ns = NetNs::new("enl-ktune-backend");
+    ns.exec(&["ip", "tuntap", "add", "dev", "tap1", "mode", "tap"]);
+    ns.exec(&["ip", "link", "set", "dev", "tap1", "up"]);
+    let netns = PathBuf::from(format!("/run/netns/{}", ns.name));
+    let runtime = tempfile::tempdir().unwrap();
+    let mut backend =
+        KernelNicBackend::open("tap1", Some(&netns), Permission::Apply, runtime.path()).unwrap();
+    let (from, bounds) = backend.get().unwrap();
+    let original: u32 = ethtool_field(&ns.exec(&["ethtool", "-c", "tap1"]), "rx-frames:", 0)
+        .parse()
+        .unwrap();
+    assert_eq!(from.moderation_frames, original);
+    assert_eq!(
+        bounds.moderation_usecs.0, bounds.moderation_usecs.1,
+        "tun has no rx-usecs: pinned"
+    );
+    let to = enlight_driver::settings::DeviceSettings {
+        moderation_frames: if original == 32 { 16 } else { 32 },
+        ..from
+    };
+    let now = backend.apply(&from, &to).unwrap();
+    assert_eq!(now.moderation_frames, to.moderation_frames);
+    assert_eq!(
+        ethtool_field(&ns.exec(&["ethtool", "-c", "tap1"]), "rx-frames:", 0),
+        to.moderation_frames.to_string()
+    );
+    let report = KernelTuner::open(runtime.path()).unwrap().restore();
+    assert_eq!(report.restored.len(), 1, "{:?}", report.failed);
+    assert_eq!(
+        ethtool_field(&ns.exec(&["ethtool", "-c", "tap1"]), "rx-frames:", 0),
+        original.to_string()
+    );
+}

@@ -3,6 +3,7 @@
 //! queue settings for block devices) with a persisted journal of every original value.
 //! See docs/kernel.md.
 
+pub mod backend;
 pub mod blockq;
 pub mod collector;
 pub mod discovery;
