@@ -338,3 +338,45 @@ impl NicProcess {
         serde_json::from_value(v["counters"].clone()).unwrap()
     }
 }
+
+#[test]
+fn the_control_socket_tunes_moderation_live_and_refuses_ring_sizes() {
+    use enlight_driver::control::{ControlClient, ControlError, SettingsPatch};
+    let _serial = require_privileges();
+    let dir = tempfile::tempdir().unwrap();
+    let nic = NicProcess::spawn(dir.path(), "tuned", &["--duration", "60"]);
+    let socket = enlight_driver::control::socket_path(dir.path(), "tuned");
+    let mut client = ControlClient::connect(&socket).unwrap();
+    let (before, _, generation) = client.get().unwrap();
+    let after = client
+        .set(SettingsPatch {
+            moderation_frames: Some(1),
+            moderation_usecs: Some(0),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        (after.moderation_frames, after.moderation_usecs),
+        (1, 0),
+        "{before:?} -> {after:?}"
+    );
+    let (now, _, generation_now) = client.get().unwrap();
+    assert_eq!((now, generation_now), (after, generation + 1));
+    let err = client
+        .set(SettingsPatch {
+            ring_in_bytes: Some(before.ring_in_bytes * 2),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(matches!(err, ControlError::Unsupported(_)), "{err}");
+    // The registry record follows, and traffic still flows with the new settings.
+    let record: Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("devices").join("tuned.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["settings"]["moderation_frames"], 1);
+    assert_eq!(record["device"], "nic");
+    ping(&nic.netns("guest"), "10.77.0.2", 5);
+    let c = nic.stop();
+    assert!(c.rx_packets >= 5, "{c:?}");
+}
