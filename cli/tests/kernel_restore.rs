@@ -14,11 +14,8 @@ use support::LoopDevice;
 #[test]
 fn enlight_restore_puts_back_what_a_dead_daemon_changed() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "privileged test: run as root (CI does)"
-    );
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "privileged test: run as root (CI does)");
     let disk = LoopDevice::new(8);
     let name = disk.name();
     let knob = |k: &str| -> u32 {

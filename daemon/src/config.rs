@@ -124,12 +124,16 @@ mod tests {
 
     #[test]
     fn the_kernel_section_is_read_and_checked() {
-        let c = Config::parse("[kernel]\nenabled = true\ntune = [\"eth1\"]\ndry_run = false\n").unwrap();
+        let c = Config::parse("[kernel]\nenabled = true\ntune = [\"eth1\"]\ndry_run = false\n")
+            .unwrap();
         assert!(c.kernel.enabled && !c.kernel.dry_run);
         assert_eq!(c.kernel.tune, ["eth1"]);
         assert!(c.kernel.restore_on_exit, "default");
         let d = Config::default();
-        assert!(!d.kernel.enabled && d.kernel.dry_run, "opt-in, and recommend-only by default");
+        assert!(
+            !d.kernel.enabled && d.kernel.dry_run,
+            "opt-in, and recommend-only by default"
+        );
         let e = Config::parse("[kernel]\ntunes = [\"eth1\"]\n").unwrap_err();
         assert!(e.to_string().contains("tunes"), "{e}");
     }

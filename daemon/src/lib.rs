@@ -16,9 +16,9 @@ pub mod config;
 pub mod histograms;
 pub mod kernel;
 pub mod metrics;
-pub mod tuner;
 #[doc(hidden)]
 pub mod testing;
+pub mod tuner;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};

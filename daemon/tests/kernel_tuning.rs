@@ -17,11 +17,8 @@ use support::*;
 
 fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "privileged tuning test: run as root (CI does)"
-    );
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "privileged tuning test: run as root (CI does)");
 }
 
 /// A field of `ethtool -g/-c` output, e.g. ("RX:", second occurrence) or "rx-frames:".

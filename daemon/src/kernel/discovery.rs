@@ -329,7 +329,7 @@ mod tests {
                 "virtio_blk",
                 DriverClass::Paravirtual,
                 2,
-                Some((254 << 20) | 0)
+                Some(enlight_probes::kernel::make_dev(254, 0))
             )
         );
         assert_eq!(found[0].driver, "loop");
