@@ -295,6 +295,22 @@ fn ping_and_iperf3_cross_the_rings_and_every_count_agrees() {
     // enlightd attaches (the device waits for the probes only before traffic may flow).
     assert_eq!(d.doorbells_total, c.doorbells - 1);
     assert_eq!(handle.health().events_lost, 0);
+    // The same figures on /metrics, which promtool accepts.
+    let text = handle.render_metrics();
+    enlightd::testing::promtool_check(&text);
+    for needle in [
+        format!(
+            "enlight_io_ops_total{{device=\"nic0\",kind=\"synthetic\",op=\"tx\"}} {}",
+            c.tx_completions
+        ),
+        format!(
+            "enlight_io_ops_total{{device=\"nic0\",kind=\"synthetic\",op=\"rx\"}} {}",
+            c.rx_packets
+        ),
+        "enlight_io_latency_seconds_bucket{device=\"nic0\",kind=\"synthetic\",op=\"rx\",le=\"+Inf\"}".to_string(),
+    ] {
+        assert!(text.contains(&needle), "missing {needle} in\n{text}");
+    }
 }
 
 #[test]
