@@ -39,7 +39,8 @@ pub struct DiskArgs {
     /// Create (or extend) the backing file to this many MiB first.
     #[arg(long, value_name = "MIB")]
     create_mib: Option<u64>,
-    /// Registry directory [default: $ENLIGHT_RUNTIME_DIR or /run/enlight].
+    /// Runtime directory: the registry record goes to <DIR>/devices/<name>.json, the control
+    /// socket to <DIR>/control/<name>.sock [default: $ENLIGHT_RUNTIME_DIR or /run/enlight].
     #[arg(long)]
     runtime_dir: Option<PathBuf>,
     /// Workload: comma-separated key=value: qd, bs (k/m suffixes), rw (read %), pattern
