@@ -19,6 +19,7 @@ mod nic;
 mod restore;
 mod signals;
 mod top;
+mod tune;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -53,6 +54,8 @@ enum Command {
     Top(top::TopArgs),
     /// Benchmarks of the whole system (`enlight bench tune`).
     Bench(bench::BenchArgs),
+    /// Print the tuner's recommendations for the running devices (asks enlightd).
+    Tune(tune::TuneArgs),
     /// Put back every kernel device setting enlight changed (from the journal enlightd keeps
     /// in the runtime directory).
     Restore(restore::RestoreArgs),
@@ -69,6 +72,7 @@ fn main() -> Result<()> {
         Command::Nic(args) => nic::run(args),
         Command::Top(args) => top::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Tune(args) => tune::run(args),
         Command::Restore(args) => restore::run(args),
     }
 }

@@ -2,10 +2,12 @@
 //! whether another point differs from it with confidence.
 //!
 //! Decisions never rest on one window. A point keeps each window's figures (ops/s, p99,
-//! interrupts per op) and their merged histogram; two points differ in a metric when the means
-//! of the per-window values differ by more than `z` standard errors of the difference (Welch)
-//! *and* by more than a relative margin. Per-window p99s count only from windows with enough
-//! completions for the 99th percentile to rest on several samples.
+//! interrupts per op) and their merged histogram. Rates (ops/s, interrupts per op) differ when
+//! the means of the per-window values differ by more than `z` standard errors of the difference
+//! (Welch) *and* by more than a relative margin. The p99 is compared on the merged histograms
+//! ([`compare_p99`]): a per-window p99 rests on a handful of tail samples and swings by
+//! multiples on a busy machine, while a binomial test on the tail of thousands of completions
+//! does not.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -96,6 +98,34 @@ pub fn compare(a: &[f64], b: &[f64], margin: f64, z: f64) -> Cmp {
     }
 }
 
+/// Compares the p99 of `b` with `a`'s from their merged histograms, with a binomial test on the
+/// tail: if `b`'s p99 were `a`'s, about 1% of `b`'s completions would lie above `a`'s p99
+/// bucket; "lower" needs significantly fewer than that (by `z` standard deviations, counting
+/// completions in groups of `cluster`, since stalls delay neighbours together) and a p99 lower
+/// by more than `margin`; "higher" is the same test the other way round.
+pub fn compare_p99(a: &Measurement, b: &Measurement, margin: f64, z: f64, cluster: f64) -> Cmp {
+    let (Some(qa), Some(qb)) = (a.p99_bucket(), b.p99_bucket()) else {
+        return Cmp::Same;
+    };
+    let mid = enlight_probes::hist::bucket_mid_ns;
+    let tail_below = |m: &Measurement, above: u32| {
+        let n: u64 = m.buckets.values().sum();
+        let k: u64 = m.buckets.range(above + 1..).map(|(_, c)| c).sum();
+        let (n, k) = (n as f64 / cluster, k as f64 / cluster);
+        let expected = 0.01 * n;
+        let sd = (n * 0.01 * 0.99).sqrt().max(1e-9);
+        (expected - k) / sd > z
+    };
+    let (va, vb) = (mid(qa) as f64, mid(qb) as f64);
+    if vb < va * (1.0 - margin) && tail_below(b, qa) {
+        Cmp::Lower
+    } else if vb > va * (1.0 + margin) && tail_below(a, qb) {
+        Cmp::Higher
+    } else {
+        Cmp::Same
+    }
+}
+
 impl Cmp {
     /// The same comparison with "lower" and "higher" swapped (for metrics where lower is better:
     /// the result then reads "Higher" = better).
@@ -173,6 +203,20 @@ impl Measurement {
         quantile_ns(&self.buckets, 0.99)
     }
 
+    /// The bucket holding the merged histogram's p99.
+    pub fn p99_bucket(&self) -> Option<u32> {
+        let total: u64 = self.buckets.values().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((0.99 * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        self.buckets.iter().find_map(|(b, n)| {
+            seen += n;
+            (seen >= rank).then_some(*b)
+        })
+    }
+
     /// The value the objective optimises, in its own units: ops/s (throughput), p99 in seconds
     /// (latency), interrupts per op (balanced).
     pub fn objective_value(&self, objective: Objective) -> Option<f64> {
@@ -211,6 +255,33 @@ mod tests {
         assert_eq!(compare(&d, &e, 0.03, 2.0), Cmp::Same);
         // One value is never enough.
         assert_eq!(compare(&a, &[500.0], 0.03, 2.0), Cmp::Same);
+    }
+
+    #[test]
+    fn p99s_are_compared_on_the_merged_tails() {
+        let m = |lat_tail: u64, n: u64| {
+            let mut m = Measurement::default();
+            let mut w = Window::uniform(1.0, n - n / 50, 20_000, 0);
+            *w.buckets
+                .entry(enlight_probes::hist::bucket_index(lat_tail))
+                .or_default() += n / 50;
+            w.ops = n;
+            m.push(&w, 100, 8);
+            m
+        };
+        // 2% of completions at the tail: p99 is the tail value.
+        let (slow, fast) = (m(400_000, 5000), m(100_000, 5000));
+        assert_eq!(compare_p99(&slow, &fast, 0.03, 2.0, 1.0), Cmp::Lower);
+        assert_eq!(compare_p99(&fast, &slow, 0.03, 2.0, 1.0), Cmp::Higher);
+        assert_eq!(
+            compare_p99(&slow, &m(400_000, 5000), 0.03, 2.0, 1.0),
+            Cmp::Same
+        );
+        // Too few completions to tell.
+        assert_eq!(
+            compare_p99(&m(400_000, 100), &m(100_000, 100), 0.03, 2.0, 1.0),
+            Cmp::Same
+        );
     }
 
     #[test]

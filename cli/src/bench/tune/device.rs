@@ -38,12 +38,13 @@ pub struct Device {
 
 impl Harness {
     /// Checks privileges, loads the probes, creates a 256 MiB backing file in a temporary
-    /// directory (under `/var/tmp`, a disk rather than memory where the system has one).
+    /// directory in `/dev/shm` (memory) where there is one: what is compared is the channel's
+    /// signalling and moderation, which a real disk's millisecond variance would drown.
     pub fn new() -> Result<Harness> {
         enlight_probes::preflight()?;
         let probes = Probes::load().context("loading the eBPF programs")?;
-        let base = if Path::new("/var/tmp").is_dir() {
-            PathBuf::from("/var/tmp")
+        let base = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
         } else {
             std::env::temp_dir()
         };
@@ -52,12 +53,21 @@ impl Harness {
             .tempdir_in(base)?;
         let backing = dir.path().join("disk.img");
         enlight_driver::disk::Backing::create(&backing, 256 << 20)?;
+        // Keep the executable attached for the whole run through this process (which fires no
+        // probe): detaching the last process of an executable unregisters its uprobes, and a
+        // device started right after could have its USDT semaphores decremented by that late
+        // unregistration and never see `workload_start` enabled.
+        let exe = std::env::current_exe().context("locating this executable")?;
+        let mut probes = probes;
+        probes
+            .attach_process(std::process::id(), &exe)
+            .context("attaching the probes to this executable")?;
         Ok(Harness {
             probes,
             runtime: dir.path().join("run"),
             backing,
             _dir: dir,
-            exe: std::env::current_exe().context("locating this executable")?,
+            exe,
         })
     }
 
@@ -121,6 +131,19 @@ impl Harness {
         self.probes
             .attach_process(pid, &record.exe)
             .context("attaching the probes")?;
+        // The run's clock starts when the workload does.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // Attaching a pid forgets its counts so far (the workload may have started already,
+            // the executable being attached through this process): wait for completions.
+            if self.cumulative(pid)?.ops > 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the workload of pid {pid} did not start within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         Ok(Device {
             child,
             pid,

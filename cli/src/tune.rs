@@ -1,0 +1,137 @@
+//! `enlight tune --dry-run`: what the tuner recommends for each running device.
+//!
+//! It asks a running enlightd (`/api/v1/devices`, contract 6) rather than measuring by itself:
+//! a recommendation rests on many windows measured at known settings, which only the daemon
+//! that watches the device all along has. Start enlightd with `--dry-run` (recommend only) or
+//! `--tune` (apply); in auto mode the recommendation is the best settings the tuner knows.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use enlight_driver::settings::DeviceSettings;
+use enlightd::DeviceView;
+
+#[derive(Args, Debug)]
+pub struct TuneArgs {
+    /// Print recommendations only (the only mode: applying is enlightd's job, `enlightd --tune`).
+    #[arg(long, required = true)]
+    dry_run: bool,
+    /// enlightd's address.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    addr: String,
+    /// Only this device.
+    #[arg(long)]
+    device: Option<String>,
+}
+
+fn settings_line(s: &DeviceSettings) -> String {
+    format!(
+        "ring {}/{} B, moderation {} frames or {} us, poll budget {}",
+        s.ring_out_bytes, s.ring_in_bytes, s.moderation_frames, s.moderation_usecs, s.poll_budget
+    )
+}
+
+/// The report for a list of devices (pure, tested).
+pub fn render(devices: &[DeviceView], only: Option<&str>) -> Result<String> {
+    let mut out = String::new();
+    let mut tuned = 0;
+    for d in devices.iter().filter(|d| only.is_none_or(|n| d.name == n)) {
+        let Some(t) = &d.tuner else {
+            out.push_str(&format!(
+                "{} ({} {}): no tuner runs for this device\n",
+                d.name, d.kind, d.device
+            ));
+            continue;
+        };
+        tuned += 1;
+        out.push_str(&format!(
+            "{} ({} {}): mode {:?}, objective {}, state {:?}{}\n  current:     {}\n",
+            d.name,
+            d.kind,
+            d.device,
+            t.mode,
+            t.objective.name(),
+            t.state,
+            if t.pinned { ", pinned" } else { "" },
+            settings_line(&d.settings)
+        ));
+        match &t.recommendation {
+            Some(r) if *r != d.settings => {
+                out.push_str(&format!("  recommended: {}\n", settings_line(r)))
+            }
+            Some(_) => out.push_str("  recommended: keep the current settings\n"),
+            None => out.push_str("  recommended: nothing yet (still measuring)\n"),
+        }
+        if let Some(dec) = &t.last_decision {
+            out.push_str(&format!(
+                "  last decision ({:?}): {}\n",
+                dec.action, dec.reason
+            ));
+        }
+    }
+    if let Some(n) = only {
+        if !devices.iter().any(|d| d.name == n) {
+            bail!("enlightd knows no device {n:?}");
+        }
+    }
+    if tuned == 0 {
+        out.push_str(
+            "no device has a tuner: start enlightd with --dry-run (recommend) or --tune (apply), or set [tuner] mode\n",
+        );
+    }
+    Ok(out)
+}
+
+pub fn run(args: TuneArgs) -> Result<()> {
+    debug_assert!(args.dry_run);
+    let url = format!("http://{}/api/v1/devices", args.addr);
+    let body = ureq::get(&url)
+        .call()
+        .with_context(|| format!("asking enlightd at {url} (is it running?)"))?
+        .into_string()?;
+    let devices: Vec<DeviceView> =
+        serde_json::from_str(&body).with_context(|| format!("reading {url}"))?;
+    print!("{}", render(&devices, args.device.as_deref())?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use enlightd::tuner::{Objective, TunerMode, TunerState, TunerView};
+
+    #[test]
+    fn recommendations_are_printed_per_device() {
+        let json = r#"[{"name":"disk0","device":"disk","kind":"synthetic","pid":1,"present":true,
+            "attached":true,"attach_error":null,
+            "settings":{"ring_out_bytes":262144,"ring_in_bytes":262144,"moderation_frames":8,
+                        "moderation_usecs":50,"poll_budget":64},
+            "total":{"op":"all","ops_total":0,"bytes_total":0,"errors_total":0,"ops_per_sec":0.0,
+                     "bytes_per_sec":0.0,"p50_seconds":null,"p90_seconds":null,"p99_seconds":null,
+                     "p999_seconds":null},
+            "ops":[],"interrupts_total":0,"interrupts_per_sec":0.0,"doorbells_total":0,
+            "ring_full_out_total":0,"ring_full_in_total":0,"irq_masked_total":0}]"#;
+        let mut devices: Vec<DeviceView> = serde_json::from_str(json).unwrap();
+        let text = render(&devices, None).unwrap();
+        assert!(
+            text.contains("no tuner runs") && text.contains("no device has a tuner"),
+            "{text}"
+        );
+        devices[0].tuner = Some(TunerView {
+            mode: TunerMode::DryRun,
+            objective: Objective::Latency,
+            state: TunerState::Idle,
+            pinned: false,
+            last_decision: None,
+            recommendation: Some(DeviceSettings {
+                moderation_usecs: 20,
+                ..devices[0].settings
+            }),
+        });
+        let text = render(&devices, Some("disk0")).unwrap();
+        assert!(
+            text.contains("recommended: ring 262144/262144 B, moderation 8 frames or 20 us"),
+            "{text}"
+        );
+        assert!(render(&devices, Some("nope")).is_err());
+    }
+}
