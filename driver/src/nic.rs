@@ -46,8 +46,8 @@ use serde::{Deserialize, Serialize};
 use crate::channel::{self, ChannelConfig, ChannelError, GuestEnd, HostEnd};
 use crate::netns::{NetError, NetNamespaces, NetPair, Netns, Tap};
 use crate::ring::{
-    RingError, RingWriter, WriteOutcome, FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION,
-    PACKET_TYPE_INBAND, PACKET_TYPE_TRANSFER_PAGES, PAGE_SIZE,
+    RingError, WriteOutcome, FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION, PACKET_TYPE_INBAND,
+    PACKET_TYPE_TRANSFER_PAGES, PAGE_SIZE,
 };
 use crate::settings::{DeviceSettings, SettingsError};
 use crate::trace::{self, CompletionRecord, DIR_GUEST_TO_HOST, DIR_HOST_TO_GUEST, OP_RX, OP_TX};
@@ -1673,11 +1673,6 @@ impl NicBridge {
         drop(namespaces);
         counters
     }
-}
-
-/// Bytes of ring a packet with `payload` bytes takes (descriptor, padded payload, trailer).
-pub fn ring_bytes_per_packet(payload: usize) -> usize {
-    RingWriter::packet_space(payload)
 }
 
 #[cfg(test)]
