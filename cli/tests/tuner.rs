@@ -1,0 +1,253 @@
+//! Privileged end-to-end test of the tuner: a real `enlight disk` with its control socket, a
+//! real enlightd with the eBPF probes and the tuner on, the decisions checked against what the
+//! device itself reports, the audit log, /metrics and the API; then enlightd is stopped and
+//! started again and must resume from the device's settings. Needs root; fails loudly without.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use enlight_driver::control::ControlClient;
+use enlight_driver::settings::DeviceSettings;
+use enlightd::tuner::config::TunerConfig;
+use enlightd::tuner::{Action, Decision, Objective, TunerMode, TunerState};
+use enlightd::{Config, Daemon, DeviceView};
+
+const ENLIGHT: &str = env!("CARGO_BIN_EXE_enlight");
+
+struct Server {
+    addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), enlightd::DaemonError>>>,
+}
+
+fn start(rt: &tokio::runtime::Runtime, config: Config) -> Server {
+    let daemon = Daemon::start(config).expect("start enlightd");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = rt.spawn(daemon.serve(listener, async {
+        let _ = rx.await;
+    }));
+    Server {
+        addr,
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
+impl Server {
+    fn get(&self, path: &str) -> String {
+        ureq::get(&format!("http://{}{path}", self.addr))
+            .call()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .into_string()
+            .unwrap()
+    }
+
+    fn decisions(&self) -> Vec<Decision> {
+        serde_json::from_str(&self.get("/api/v1/tuner/decisions?device=tune0&limit=1000")).unwrap()
+    }
+
+    fn wait_for_decision(&self, what: &str) -> Vec<Decision> {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let d = self.decisions();
+            if d.iter().any(|d| d.action != Action::Recommend) {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no tuner change within 40 s ({what})"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop(mut self, rt: &tokio::runtime::Runtime) {
+        let _ = self.stop.take().unwrap().send(());
+        rt.block_on(self.task.take().unwrap()).unwrap().unwrap();
+    }
+}
+
+fn spawn_disk(dir: &Path) -> Child {
+    Command::new(ENLIGHT)
+        .args([
+            "disk",
+            "--name",
+            "tune0",
+            "--workload",
+            "qd=4,bs=4k,rw=70,rate=2000",
+            "--duration",
+            "120",
+            "--wait-for-probes",
+            "30",
+            "--create-mib",
+            "32",
+        ])
+        .arg("--backing")
+        .arg(dir.join("tune0.img"))
+        .arg("--runtime-dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn enlight disk")
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_socket(path: &Path) -> ControlClient {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(c) = ControlClient::connect(path) {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no control socket at {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn enlightd_tunes_a_live_disk_through_its_socket_records_it_and_resumes_after_a_restart() {
+    if let Err(e) = enlight_probes::preflight() {
+        panic!("privileged tuner test cannot run: {e}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let config = Config {
+        runtime_dir: dir.path().into(),
+        interval_ms: 250,
+        device_grace_secs: 60,
+        tuner: TunerConfig {
+            mode: TunerMode::Auto,
+            objective: Objective::Latency,
+            min_change_interval_ms: 500,
+            audit_log: Some(audit.clone()),
+            ..TunerConfig::default()
+        },
+        ..Config::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let device = KillOnDrop(spawn_disk(dir.path()));
+    let mut client = wait_for_socket(&dir.path().join("control/tune0.sock"));
+    let (before, _, generation0) = client.get().unwrap();
+    assert_eq!(before, DeviceSettings::default());
+
+    let first = start(&rt, config.clone());
+    let decisions = first.wait_for_decision("first enlightd");
+    let change = decisions
+        .iter()
+        .find(|d| d.action == Action::Change)
+        .unwrap();
+    assert_eq!(change.from, DeviceSettings::default());
+    assert!(
+        change.reason.contains("latency objective"),
+        "{}",
+        change.reason
+    );
+
+    // Pin it, so that what we read next stays put; unknown devices are 404.
+    let pin: serde_json::Value = serde_json::from_str(
+        &ureq::post(&format!("http://{}/api/v1/devices/tune0/pin", first.addr))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(pin, serde_json::json!({"device": "tune0", "pinned": true}));
+    assert!(matches!(
+        ureq::post(&format!("http://{}/api/v1/devices/nope/pin", first.addr)).call(),
+        Err(ureq::Error::Status(404, _))
+    ));
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // What the tuner says it applied is what the device reports, and what its record says.
+    let decisions = first.decisions();
+    let applied: Vec<&Decision> = decisions
+        .iter()
+        .filter(|d| d.action != Action::Recommend)
+        .collect();
+    let (now, _, generation) = client.get().unwrap();
+    assert_eq!(now, applied.last().unwrap().to, "{decisions:#?}");
+    assert_eq!(
+        generation - generation0,
+        applied.len() as u64,
+        "one device generation per applied decision"
+    );
+    let (records, _) = enlight_driver::registry::list(dir.path());
+    assert_eq!(records[0].settings, now);
+
+    // Recorded: audit log (one line per decision), API, metrics.
+    let logged = enlightd::tuner::audit::read(&audit).unwrap();
+    assert_eq!(logged, decisions);
+    let devices: Vec<DeviceView> = serde_json::from_str(&first.get("/api/v1/devices")).unwrap();
+    let view = devices[0].tuner.clone().expect("a tuner view");
+    assert_eq!(
+        (view.mode, view.pinned, view.state),
+        (TunerMode::Auto, true, TunerState::Pinned)
+    );
+    assert_eq!(devices[0].settings, now);
+    let metrics = first.get("/metrics");
+    let expect = format!(
+        "enlight_tuner_changes_total{{device=\"tune0\",kind=\"synthetic\",controller=\"enlight\"}} {}",
+        applied.len()
+    );
+    assert!(metrics.contains(&expect), "{expect} not in:\n{metrics}");
+    assert!(metrics.contains("enlight_tuner_pinned{device=\"tune0\",kind=\"synthetic\"} 1"));
+    assert!(metrics.contains("enlight_settings_changes_total{device=\"tune0\""));
+    enlightd::testing::promtool_check(&metrics);
+
+    // `enlight tune --dry-run` prints what the daemon recommends.
+    let out = Command::new(ENLIGHT)
+        .args(["tune", "--dry-run", "--addr", &first.addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("tune0 (synthetic disk): mode Auto, objective latency"),
+        "{text}"
+    );
+
+    // enlightd goes away: the device keeps working with its last settings.
+    first.stop(&rt);
+    std::thread::sleep(Duration::from_millis(500));
+    let (kept, _, _) = client.get().unwrap();
+    assert_eq!(kept, now);
+
+    // A new enlightd resumes from what the device reports, not from defaults.
+    let second = start(&rt, config);
+    let decisions = second.wait_for_decision("second enlightd");
+    let first_decision = decisions
+        .iter()
+        .find(|d| d.action != Action::Recommend)
+        .unwrap();
+    assert_eq!(first_decision.from, kept, "{first_decision:#?}");
+    assert!(
+        first_decision
+            .reason
+            .contains("started from the settings the device reports"),
+        "{}",
+        first_decision.reason
+    );
+    second.stop(&rt);
+    drop(device);
+}
