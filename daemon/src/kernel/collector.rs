@@ -239,6 +239,8 @@ impl<S: KernelSource> KernelCollector<S> {
         };
         let snap = snap.unwrap_or_default();
         state.kernel.kvm_exits = snap.kvm_exits();
+        state.kernel.kvm_pio = snap.kvm_event_counts(enlight_probes::kernel::types::KVM_PIO);
+        state.kernel.kvm_mmio = snap.kvm_event_counts(enlight_probes::kernel::types::KVM_MMIO);
         state.kernel.events = snap.events.clone();
         state.kernel.events_lost = snap.health.events_lost;
         state.kernel.completions_without_issue = snap.health.completions_without_issue;

@@ -255,6 +255,30 @@ fn render_kernel(out: &mut String, state: &State) {
             }
         }
     }
+    for (name, help, counts) in [
+        (
+            "enlight_kvm_pio_total",
+            "Port I/O exits (kvm:kvm_pio) of the process serving a device.",
+            &state.kernel.kvm_pio,
+        ),
+        (
+            "enlight_kvm_mmio_total",
+            "MMIO accesses (kvm:kvm_mmio) of the process serving a device.",
+            &state.kernel.kvm_mmio,
+        ),
+    ] {
+        header(out, name, "counter", help);
+        for d in state
+            .devices
+            .values()
+            .filter(|d| d.kernel.is_none() && d.record.pid != 0)
+        {
+            if let Some(n) = counts.get(&d.record.pid) {
+                let l = labels(&[("device", &d.record.name), ("kind", &d.record.kind)]);
+                let _ = writeln!(out, "{name}{l} {n}");
+            }
+        }
+    }
     header(
         out,
         "enlight_kernel_events_total",

@@ -94,6 +94,9 @@ pub struct KernelState {
     pub probes: Vec<ProbeView>,
     /// `kvm:kvm_exit` counts per process (VMM pid) and reason, cumulative.
     pub kvm_exits: BTreeMap<u32, BTreeMap<String, u64>>,
+    /// `kvm:kvm_pio` and `kvm:kvm_mmio` counts per process (VMM pid), cumulative.
+    pub kvm_pio: BTreeMap<u32, u64>,
+    pub kvm_mmio: BTreeMap<u32, u64>,
     /// Hits of generically counted events (`hyperv:vmbus_*`), cumulative.
     pub events: BTreeMap<String, u64>,
     /// The programs' own trouble counters.

@@ -311,6 +311,18 @@ impl KernelSnapshot {
     }
 }
 
+impl KernelSnapshot {
+    /// Counts of one KVM event ([`types::KVM_EXIT`], [`types::KVM_PIO`], [`types::KVM_MMIO`])
+    /// per process, summed over its threads and reasons.
+    pub fn kvm_event_counts(&self, event: u32) -> BTreeMap<u32, u64> {
+        let mut out: BTreeMap<u32, u64> = BTreeMap::new();
+        for (k, n) in self.kvm.iter().filter(|(k, _)| k.event == event) {
+            *out.entry(k.pid).or_default() += n;
+        }
+        out
+    }
+}
+
 /// The loaded kernel-device programs and their attachments. Dropping it detaches everything.
 pub struct KernelProbes {
     /// Perf-event links of the event counter (dropped before the programs: field order).
@@ -796,5 +808,8 @@ mod tests {
         assert_eq!(exits[&100]["IO_INSTRUCTION"], 12);
         assert_eq!(exits[&100]["EPT_VIOLATION"], 1);
         assert_eq!(exits[&100].len(), 2, "PIO events are not exits");
+        assert_eq!(snap.kvm_event_counts(KVM_PIO)[&100], 12);
+        assert_eq!(snap.kvm_event_counts(KVM_EXIT)[&100], 13);
+        assert!(snap.kvm_event_counts(KVM_MMIO).is_empty());
     }
 }
