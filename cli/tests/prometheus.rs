@@ -7,9 +7,7 @@
 //! return data; every metric the dashboard names must exist on /metrics; and `promtool check
 //! config`, `promtool check rules` and `promtool test rules` pass on the shipped files.
 //!
-//! Metrics that other parts of enlight have yet to export are listed in [`AWAITED`]: an
-//! expression naming one is reported and skipped while the metric is absent from /metrics, and
-//! checked like every other as soon as it appears.
+//! The tuner runs in dry run, so its series (contract 6) exist and are checked like the rest.
 //!
 //! Set `ENLIGHT_DASHBOARD_SNAPSHOT=path.json` to also save range queries of the main panels
 //! (for dashboards/render.py), and `ENLIGHT_DASHBOARD_SNAPSHOT_SECS` to collect for longer.
@@ -24,14 +22,6 @@ use serde_json::Value;
 use support::{free_port, spawn_disk, wait_for_io, KillOnDrop, LiveDaemon};
 
 const ENLIGHT: &str = env!("CARGO_BIN_EXE_enlight");
-
-/// Metrics the dashboards or rules use that another part of enlight is still adding, and who.
-const AWAITED: &[(&str, &str)] = &[
-    ("enlight_tuner_changes_total", "the tuner (contract 6)"),
-    ("enlight_tuner_reverts_total", "the tuner (contract 6)"),
-    ("enlight_tuner_objective", "the tuner (contract 6)"),
-    ("enlight_tuner_pinned", "the tuner (contract 6)"),
-];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -241,7 +231,9 @@ fn every_dashboard_and_rule_expression_returns_data_from_a_live_daemon() {
     }
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let daemon = LiveDaemon::start(dir.path(), port);
+    // The tuner in dry run: its series exist (and it recommends) while the test alone changes
+    // the settings.
+    let daemon = LiveDaemon::start_tuned(dir.path(), port, enlightd::tuner::TunerMode::DryRun);
     let snapshot_secs: u64 = std::env::var("ENLIGHT_DASHBOARD_SNAPSHOT_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -326,24 +318,14 @@ fn every_dashboard_and_rule_expression_returns_data_from_a_live_daemon() {
     )
     .unwrap();
     let mut checked = 0;
-    let mut awaited = Vec::new();
     let mut failures = Vec::new();
-    let awaited_metric = |expr: &str| {
-        metric_names(expr)
-            .into_iter()
-            .find(|m| AWAITED.iter().any(|(a, _)| a == m) && !exposed(&metrics, m))
-    };
 
     // The dashboard: every metric it names is on /metrics; every query returns data.
     for (what, expr) in dashboard_queries(&dashboard) {
         for m in metric_names(&expr) {
-            if !exposed(&metrics, &m) && awaited_metric(&expr).is_none() {
+            if !exposed(&metrics, &m) {
                 failures.push(format!("{what}: metric {m} is not on /metrics"));
             }
-        }
-        if let Some(m) = awaited_metric(&expr) {
-            awaited.push(format!("{what}: {expr} (waits for {m})"));
-            continue;
         }
         // The tuner may change nothing in a short run: its annotation's series must exist.
         let expr = if expr.contains("enlight_tuner_changes_total") {
@@ -386,10 +368,6 @@ fn every_dashboard_and_rule_expression_returns_data_from_a_live_daemon() {
             let name = rule["name"].as_str().unwrap();
             let query = rule["query"].as_str().unwrap();
             assert_eq!(rule["health"], "ok", "rule {name}: {rule}");
-            if let Some(m) = awaited_metric(query) {
-                awaited.push(format!("rule {name}: {query} (waits for {m})"));
-                continue;
-            }
             for m in metric_names(query) {
                 if !exposed(&metrics, &m) {
                     failures.push(format!("rule {name}: metric {m} is not on /metrics"));
@@ -414,9 +392,6 @@ fn every_dashboard_and_rule_expression_returns_data_from_a_live_daemon() {
         }
     }
     assert_eq!(n_rules, 9, "rules loaded: {rules}");
-    for a in &awaited {
-        eprintln!("prometheus test: skipped while its metric is absent: {a}");
-    }
     assert!(
         failures.is_empty(),
         "{} failures:\n{}",

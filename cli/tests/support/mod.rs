@@ -18,17 +18,27 @@ pub struct LiveDaemon {
 
 impl LiveDaemon {
     pub fn start(runtime_dir: &Path, port: u16) -> LiveDaemon {
+        LiveDaemon::start_tuned(runtime_dir, port, enlightd::tuner::TunerMode::Off)
+    }
+
+    /// As [`LiveDaemon::start`], with the tuner in `mode` for every device.
+    pub fn start_tuned(
+        runtime_dir: &Path,
+        port: u16,
+        mode: enlightd::tuner::TunerMode,
+    ) -> LiveDaemon {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
-        let config = Config {
+        let mut config = Config {
             runtime_dir: runtime_dir.into(),
             interval_ms: 200,
             device_grace_secs: 600,
             ..Config::default()
         };
+        config.tuner.mode = mode;
         let daemon = Daemon::start(config).expect("start enlightd");
         let handle = daemon.handle();
         let listener = rt
