@@ -59,6 +59,10 @@ pub struct DiskRun {
     pub cpu_us_per_io: f64,
     /// Register accesses trapped per I/O, from the `trap` probe (eBPF).
     pub traps_per_io: f64,
+    /// Doorbells plus interrupts (eventfd signals) per I/O, from the `signal` probe (eBPF):
+    /// what a synthetic device pays instead of traps.
+    #[serde(default)]
+    pub signals_per_io: f64,
     /// VM exits per I/O from the kernel's tracepoints (eBPF on kvm:*), KVM runs only.
     pub exits_per_io: Option<f64>,
     /// Which tracepoints `exits_per_io` counts.
@@ -290,6 +294,7 @@ impl Bench {
             p999_us: us(v.total.p999_seconds),
             cpu_us_per_io: per(done.cpu_s * 1e6),
             traps_per_io: per(v.traps_total as f64),
+            signals_per_io: per((v.doorbells_total + v.interrupts_total) as f64),
             ..Default::default()
         };
         if transport == "kvm" {
@@ -574,14 +579,14 @@ pub fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         o,
-        "| disk | transport | I/O size | QD | IOPS | MB/s | p50 µs | p99 µs | p99.9 µs | CPU µs/I/O | traps/I/O | exits/I/O |"
+        "| disk | transport | I/O size | QD | IOPS | MB/s | p50 µs | p99 µs | p99.9 µs | CPU µs/I/O | traps/I/O | exits/I/O | signals/I/O |"
     );
-    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for d in &r.disk {
         if let Some(why) = &d.skipped {
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {} | skipped: {why} |||||||| ",
+                "| {} | {} | {} | {} | skipped: {why} ||||||||| ",
                 d.kind,
                 d.transport,
                 human_size(d.block_size),
@@ -592,7 +597,7 @@ pub fn markdown(r: &Report) -> String {
         let _ =
             writeln!(
             o,
-            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {:.2} |",
             d.kind,
             d.transport,
             human_size(d.block_size),
@@ -604,7 +609,8 @@ pub fn markdown(r: &Report) -> String {
             d.p999_us,
             d.cpu_us_per_io,
             d.traps_per_io,
-            d.exits_per_io.map(|e| format!("{e:.1}")).unwrap_or_else(|| "-".into())
+            d.exits_per_io.map(|e| format!("{e:.1}")).unwrap_or_else(|| "-".into()),
+            d.signals_per_io
         );
     }
     let _ = writeln!(
@@ -672,9 +678,11 @@ pub fn png(r: &Report, path: &Path) -> Result<()> {
     type Metric = fn(&DiskRun) -> f64;
     let panel_specs: [(&str, &str, Metric); 2] = [
         ("Throughput at QD 1", "MB/s", |d| d.mb_per_s),
-        ("Traps per I/O (eBPF)", "register accesses trapped", |d| {
-            d.traps_per_io
-        }),
+        (
+            "Traps per I/O (eBPF; thread = KVM; synthetic 0, on the floor)",
+            "register accesses trapped",
+            |d| d.traps_per_io,
+        ),
     ];
     for (area, (title, ylabel, f)) in panels.iter().zip(panel_specs) {
         let ys: Vec<f64> = series
