@@ -215,9 +215,11 @@ impl Waiter {
                 events: libc::POLLIN,
                 revents: 0,
             },
+            // Only hang-up counts: the socket may also carry data (a ring resize hands a new
+            // host end over it), which must not read as the peer leaving.
             libc::pollfd {
                 fd: -1,
-                events: libc::POLLIN | libc::POLLRDHUP,
+                events: libc::POLLRDHUP,
                 revents: 0,
             },
         ];
@@ -241,7 +243,7 @@ impl Waiter {
             self.drain()?;
             return Ok(WaitResult::Signalled);
         }
-        if fds[1].revents != 0 {
+        if fds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
             return Ok(WaitResult::PeerGone);
         }
         Ok(WaitResult::TimedOut)

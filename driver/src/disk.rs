@@ -398,9 +398,14 @@ impl DiskVsc {
         unsafe {
             std::ptr::copy_nonoverlapping(self.end.extra.as_ptr(), guest.extra.as_ptr(), len)
         };
+        if let Err(e) = self.live.watch_peer(&mut guest) {
+            return Ok(Err(format!("watching the host on the new channel: {e}")));
+        }
         // Leave polling on the old ring; the new one starts unmasked.
         self.set_masked(false);
-        *self.live.handover.lock().expect("hand-over lock") = Some(host);
+        if let Err(e) = self.live.offer(host) {
+            return Ok(Err(format!("handing the new channel to the host: {e}")));
+        }
         let req = DiskRequest {
             op: OP_SWITCH_CHANNEL,
             ..Default::default()
@@ -454,7 +459,7 @@ impl DiskVsc {
         self.end.rx.commit();
         if status != 0 {
             // The host refused and stays on the old channel: so do we.
-            self.live.handover.lock().expect("hand-over lock").take();
+            self.live.withdraw();
             return Ok(Err(format!(
                 "the host refused the channel switch (status {status})"
             )));
@@ -1060,11 +1065,8 @@ pub fn serve(
                 if h.trans_id == SWITCH_TAG && req.is_some_and(|r| r.op == OP_SWITCH_CHANNEL) {
                     // Everything earlier is read; it must all be completed too.
                     let idle = in_flight == 0 && outq.is_empty();
-                    let next = if idle {
-                        live.handover.lock().expect("hand-over lock").take()
-                    } else {
-                        None
-                    };
+                    // Always taken (an offer over a socket must not linger), used only if idle.
+                    let next = live.take_offer().filter(|_| idle);
                     let status = match (&next, idle) {
                         (Some(_), _) => 0,
                         (None, false) => libc::EBUSY as u32,

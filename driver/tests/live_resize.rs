@@ -362,3 +362,131 @@ fn moderation_changes_take_effect_while_io_runs() {
     );
     assert!(t.elapsed() < Duration::from_secs(5));
 }
+
+/// The host service half of `resizes_work_with_the_host_service_in_another_process`: runs when
+/// the test binary is re-executed with ENLIGHT_VSP_CHILD set to "<socket fd>:<backing path>".
+#[test]
+fn vsp_child_role() {
+    use std::os::fd::FromRawFd;
+    let Ok(arg) = std::env::var("ENLIGHT_VSP_CHILD") else {
+        return;
+    };
+    let (fd, path) = arg.split_once(':').unwrap();
+    // SAFETY: the parent passed this inherited, open socket fd to us and nobody else uses it.
+    let sock = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd.parse().unwrap()) };
+    let mut host = enlight_driver::channel::receive_host_end(&sock).unwrap();
+    host.rx
+        .set_max_payload(enlight_driver::disk::MAX_PACKET_PAYLOAD);
+    let control = enlight_driver::disk::VspControl::new().unwrap();
+    control.live().set_handover_socket(sock);
+    let backing = enlight_driver::disk::Backing::open(std::path::Path::new(path)).unwrap();
+    // Serves until the guest's process closes the socket.
+    enlight_driver::disk::serve(host, backing, 0, cross_process_options(), control).unwrap();
+}
+
+fn cross_process_options() -> DiskOptions {
+    DiskOptions {
+        max_io_bytes: 16384,
+        queue_slots: 32,
+        workers: 2,
+    }
+}
+
+/// The same in-band switch with the VSP in another process: the new host end travels over the
+/// channel's hand-off socket instead of the in-process slot.
+#[test]
+fn resizes_work_with_the_host_service_in_another_process() {
+    use std::os::fd::AsRawFd;
+    if std::env::var("ENLIGHT_VSP_CHILD").is_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("disk.img");
+    enlight_driver::disk::Backing::create(&backing, 8 << 20).unwrap();
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    // Let the child inherit its end: clear CLOEXEC on it.
+    // SAFETY: fcntl on a socket we own.
+    unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) };
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "vsp_child_role",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            "ENLIGHT_VSP_CHILD",
+            format!("{}:{}", theirs.as_raw_fd(), backing.display()),
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(theirs);
+    let options = cross_process_options();
+    let settings = DeviceSettings::default();
+    let cfg = enlight_driver::channel::ChannelConfig {
+        out_ring_bytes: settings.ring_out_bytes as usize,
+        in_ring_bytes: settings.ring_in_bytes as usize,
+        extra_bytes: (options.max_io_bytes * options.queue_slots) as usize,
+    };
+    let handover = ours.try_clone().unwrap();
+    let mut guest = enlight_driver::channel::create_for_peer(&cfg, ours).unwrap();
+    guest
+        .rx
+        .set_max_payload(enlight_driver::disk::MAX_PACKET_PAYLOAD);
+    let live = Arc::new(enlight_driver::disk::DiskLive::new(settings));
+    live.set_handover_socket(handover);
+    let mut vsc = enlight_driver::disk::DiskVsc::with_live(
+        guest,
+        0,
+        live.clone(),
+        options.max_io_bytes,
+        (8 << 20) / 512,
+    );
+    let sock = socket_path(dir.path(), "xproc");
+    let _server = ControlServer::start(&sock, live.clone(), 0, None).unwrap();
+    let spec: enlight_driver::workload::WorkloadSpec =
+        "qd=32,bs=4k,rw=70,ios=20000".parse().unwrap();
+    let done = AtomicBool::new(false);
+    let (report, changes) = std::thread::scope(|s| {
+        let changer = s.spawn(|| {
+            let mut c = ControlClient::connect(&sock).unwrap();
+            let mut changes = 0u64;
+            for ring in [8192u32, 1 << 20, 16384, 128 << 10] {
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
+                let now = c
+                    .set(SettingsPatch {
+                        ring_out_bytes: Some(ring),
+                        ring_in_bytes: Some(ring),
+                        ..Default::default()
+                    })
+                    .unwrap();
+                assert_eq!((now.ring_out_bytes, now.ring_in_bytes), (ring, ring));
+                changes += 1;
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            changes
+        });
+        let r = enlight_driver::workload::run(&mut vsc, &spec, &AtomicBool::new(false), |_| {})
+            .unwrap();
+        done.store(true, Ordering::SeqCst);
+        (r, changer.join().unwrap())
+    });
+    assert_eq!(report.ops_total, 20_000);
+    assert_eq!(report.errors, 0);
+    assert!(
+        changes >= 2,
+        "only {changes} resizes happened during the run"
+    );
+    assert_eq!(live.resizes(), changes);
+    // The guest goes away: the host process sees it on the socket and exits cleanly.
+    drop(vsc);
+    drop(_server);
+    drop(live);
+    assert!(
+        child.wait().unwrap().success(),
+        "host service process failed"
+    );
+}

@@ -13,11 +13,12 @@
 //! the new channel; the VSC resumes on the new channel when it reads the acknowledgement. No
 //! request is in flight during the switch, so none can be lost, duplicated or reordered.
 
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::channel::HostEnd;
+use crate::channel::{self, ChannelError, HostEnd};
 use crate::control::{ControlError, Limits, Tunable};
 use crate::settings::{DeviceSettings, Knob, LiveSettings};
 
@@ -63,6 +64,9 @@ pub struct DiskLive {
     pub(crate) resize_pending: AtomicBool,
     /// The new host end during a switch, from the VSC to the VSP (both in this process).
     pub(crate) handover: Mutex<Option<HostEnd>>,
+    /// When the VSP runs in another process: the hand-off socket the new host end travels on
+    /// (memfd and eventfds as `SCM_RIGHTS`), set on both sides.
+    pub(crate) handover_socket: Mutex<Option<UnixStream>>,
     /// A host service in this process takes hand-overs (ring resizes are possible).
     pub(crate) host_attached: AtomicBool,
     last_resize: Mutex<Option<ResizeReport>>,
@@ -88,6 +92,7 @@ impl DiskLive {
             resize_done: Condvar::new(),
             resize_pending: AtomicBool::new(false),
             handover: Mutex::new(None),
+            handover_socket: Mutex::new(None),
             host_attached: AtomicBool::new(false),
             last_resize: Mutex::new(None),
             resizes: AtomicU64::new(0),
@@ -104,6 +109,60 @@ impl DiskLive {
     #[inline]
     pub fn knob(&self, knob: Knob) -> u32 {
         self.settings.get(knob)
+    }
+
+    /// Hands new host ends over `sock` (the channel's hand-off socket to the host service's
+    /// process) instead of within this process. Set it on the guest's side, where it also
+    /// enables ring resizes, and on the host service's side.
+    pub fn set_handover_socket(&self, sock: UnixStream) {
+        *self.handover_socket.lock().expect("hand-over lock") = Some(sock);
+        self.host_attached.store(true, Ordering::Release);
+    }
+
+    /// Guest side: offers `host` to the host service (in this process or over the socket).
+    pub(crate) fn offer(&self, host: HostEnd) -> Result<(), ChannelError> {
+        match &*self.handover_socket.lock().expect("hand-over lock") {
+            Some(sock) => host.send_to(sock),
+            None => {
+                *self.handover.lock().expect("hand-over lock") = Some(host);
+                Ok(())
+            }
+        }
+    }
+
+    /// Guest side: withdraws an offer the host refused (an in-process one; one sent over the
+    /// socket was consumed by the host, which refused it).
+    pub(crate) fn withdraw(&self) {
+        self.handover.lock().expect("hand-over lock").take();
+    }
+
+    /// Host side: takes the offered host end. Over a socket, the offer is always read (so a
+    /// refused one does not linger for the next switch), waiting at most a second for it.
+    pub(crate) fn take_offer(&self) -> Option<HostEnd> {
+        if let Some(sock) = &*self.handover_socket.lock().expect("hand-over lock") {
+            let _ = sock.set_read_timeout(Some(Duration::from_secs(1)));
+            let end = channel::receive_host_end(sock);
+            let _ = sock.set_read_timeout(None);
+            return match end {
+                Ok(end) => Some(end),
+                Err(e) => {
+                    log::warn!("channel switch: no usable host end from the guest: {e}");
+                    None
+                }
+            };
+        }
+        self.handover.lock().expect("hand-over lock").take()
+    }
+
+    /// The guest end sees the host's liveness on the hand-off socket, if there is one.
+    pub(crate) fn watch_peer(
+        &self,
+        guest: &mut crate::channel::GuestEnd,
+    ) -> Result<(), ChannelError> {
+        match &*self.handover_socket.lock().expect("hand-over lock") {
+            Some(sock) => guest.watch_peer(sock),
+            None => Ok(()),
+        }
     }
 
     /// Ring resizes completed.
