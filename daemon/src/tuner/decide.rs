@@ -588,7 +588,12 @@ impl DeviceTuner {
                 }
                 m.push(window, min_ops, cap);
                 let (done, abandoned) = (ready(&self.params, m), m.len() >= cap);
-                if !done && !abandoned {
+                // A candidate already significantly worse after two windows is not measured
+                // further: most moves are bad, and each bad window costs the workload.
+                let early = (!done && !abandoned && m.len() >= 2).then(|| m.clone());
+                let early_worse =
+                    early.is_some_and(|m| self.better(&self.incumbent_m, &m).0 == Cmp::Lower);
+                if !done && !abandoned && !early_worse {
                     return None;
                 }
                 if !self.rate_ok(now_ms) {
@@ -605,7 +610,10 @@ impl DeviceTuner {
                 let bpo_b = m.mean(Metric::BytesPerOp).unwrap_or(0.0);
                 let shifted =
                     bpo_a > 0.0 && ((bpo_b - bpo_a) / bpo_a).abs() > self.params.phase_change;
-                let (verdict, why) = if !done {
+                let (verdict, why) = if early_worse {
+                    let (c, why) = self.better(&self.incumbent_m, &m);
+                    (Some(c), format!("{why}, after {} windows", m.len()))
+                } else if !done {
                     (
                         None,
                         "not enough samples for a p99 in the trial".to_string(),

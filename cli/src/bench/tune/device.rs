@@ -126,8 +126,16 @@ impl Harness {
             .control
             .clone()
             .context("the device record names no control socket")?;
-        let backend = ControlBackend::connect(&control)
-            .with_context(|| format!("connecting to {}", control.display()))?;
+        // The record is written just before the socket is bound: retry for a while.
+        let backend = loop {
+            match ControlBackend::connect(&control) {
+                Ok(b) => break b,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e).with_context(|| format!("connecting to {}", control.display()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
         self.probes
             .attach_process(pid, &record.exe)
             .context("attaching the probes")?;
