@@ -256,10 +256,11 @@ fn summary_lines(app: &App, d: &DeviceView) -> Vec<Line<'static>> {
     let f = app.figures(&d.name);
     let [p50, p99, p999] = f.as_ref().map(|f| f.percentiles).unwrap_or([None; 3]);
     let ops: Vec<&str> = d.ops.iter().map(|o| o.op.as_str()).collect();
+    // Only the unusual states: an attached, present device is the normal case.
     let state = match (d.present, d.attached) {
-        (false, _) => "gone",
-        (true, true) => "attached",
-        (true, false) => "not attached",
+        (false, _) => "gone  ",
+        (true, true) => "",
+        (true, false) => "not attached  ",
     };
     let ops_per_sec = f.as_ref().map_or(0.0, |f| f.ops_per_sec);
     let irq = f.as_ref().map_or(0.0, |f| f.interrupts_per_sec);
@@ -287,7 +288,7 @@ fn summary_lines(app: &App, d: &DeviceView) -> Vec<Line<'static>> {
         Line::from(vec![
             Span::styled(d.name.clone(), BOLD),
             Span::raw(format!(
-                "  {}/{}  pid {}  ops {}  {}  ",
+                "  {}/{}  pid {}  {}  {}",
                 d.device,
                 d.kind,
                 d.pid,
@@ -481,7 +482,7 @@ fn decision_line(d: &Decision) -> Line<'static> {
     Line::from(vec![
         Span::styled(clock(d.ts_unix_ms), DIM),
         Span::raw(" "),
-        Span::styled(format!("{:<9}", d.action), Style::new().fg(color)),
+        Span::styled(format!("{:<10}", d.action), Style::new().fg(color)),
         Span::raw(if diff.is_empty() {
             String::new()
         } else {
@@ -503,7 +504,17 @@ fn render_decisions(app: &App, d: &DeviceView, area: Rect, buf: &mut Buffer) {
             decisions.push(last);
         }
     }
-    let lines: Vec<Line> = if decisions.is_empty() {
+    // A dry-run tuner's standing advice, when it differs from what is in force.
+    let advice = d
+        .tuner
+        .as_ref()
+        .and_then(|t| t.recommendation.as_ref())
+        .map(|r| settings_diff(Some(&d.settings), Some(r)))
+        .filter(|diff| !diff.is_empty())
+        .map(|diff| Line::styled(format!("recommends: {diff}"), Style::new().fg(Color::Cyan)));
+    let room = (inner.height as usize).saturating_sub(advice.is_some() as usize);
+    let mut lines: Vec<Line> = advice.into_iter().collect();
+    lines.extend(if decisions.is_empty() {
         vec![Line::styled(
             match (&d.tuner, app.tuner_api) {
                 (None, _) => "tuner: n/a (no tuner runs for this device)",
@@ -515,10 +526,10 @@ fn render_decisions(app: &App, d: &DeviceView, area: Rect, buf: &mut Buffer) {
         decisions
             .iter()
             .rev()
-            .take(inner.height as usize)
+            .take(room)
             .map(|d| decision_line(d))
             .collect()
-    };
+    });
     Paragraph::new(lines).render(inner, buf);
 }
 
@@ -539,9 +550,8 @@ fn render_device(app: &App, name: &str, area: Rect, buf: &mut Buffer) {
         Constraint::Length(decisions_h),
     ])
     .areas(area);
-    Paragraph::new(summary_lines(app, d))
-        .wrap(Wrap { trim: true })
-        .render(summary, buf);
+    // Not wrapped: a long line is cut at the edge rather than pushing the next ones out.
+    Paragraph::new(summary_lines(app, d)).render(summary, buf);
     render_histogram(app, name, None, hist, buf);
     render_chart(app, name, chart, buf);
     render_decisions(app, d, decisions, buf);
@@ -782,7 +792,7 @@ mod tests {
         assert_eq!(
             &s[1..4],
             &[
-                "disk0  disk/synthetic  pid 42  ops read  attached  tuner: auto latency converged",
+                "disk0  disk/synthetic  pid 42  read  tuner: auto latency converged",
                 "ops/s 1000  MB/s 4.1  p50 10.0us p99 10.0us p999 100us",
                 "irq/s 250  irq/op 0.25  ring out/in 256K/256K  moderation 8f/50us  budget 64",
             ],
@@ -817,9 +827,32 @@ mod tests {
         );
         assert_eq!(
             s[20],
-            "│16:00:00 change   mod_frames 16→8: p99 fell 12% at 8 frames                   │"
+            "│16:00:00 change    mod_frames 16→8: p99 fell 12% at 8 frames                  │"
         );
         assert!(s[23].starts_with("↑↓ device  esc back  p pin/unpin"));
+    }
+
+    #[test]
+    fn a_dry_run_recommendation_shows_above_the_decisions() {
+        let mut app = sample_app();
+        let advice = Settings {
+            moderation_frames: Some(16),
+            ..app.devices[0].settings.clone()
+        };
+        if let Some(t) = app.devices[0].tuner.as_mut() {
+            t.mode = "dry_run".into();
+            t.recommendation = Some(advice);
+        }
+        key(&mut app, KeyCode::Enter);
+        let s = screen(&app, 80, 24);
+        assert_eq!(
+            &s[20..22],
+            &[
+                "│recommends: mod_frames 8→16                                                   │",
+                "│16:00:00 change    mod_frames 16→8: p99 fell 12% at 8 frames                  │",
+            ],
+            "{s:#?}"
+        );
     }
 
     #[test]
