@@ -103,34 +103,44 @@ pub fn run(args: DiskArgs) -> Result<()> {
 
     let runtime_dir = args.runtime_dir.unwrap_or_else(registry::runtime_dir);
     let control_path = control::socket_path(&runtime_dir, &args.name);
-    let record = DeviceRecord {
-        name: args.name.clone(),
-        device: "disk".into(),
-        kind: "synthetic".into(),
-        dev_id: args.dev_id,
-        pid: std::process::id(),
-        exe: std::env::current_exe().context("locating this executable")?,
-        started_unix_ms: registry::now_unix_ms(),
-        settings,
-        control: Some(control_path.clone()),
-    };
-    let registration = Registration::register(&runtime_dir, &record)
-        .with_context(|| format!("registering in {}", runtime_dir.display()))?;
-    let registered = Arc::new(Mutex::new((record, registration)));
+    // The socket is bound before the record that names it is written, so a client that finds
+    // the record can connect at once. A change applied before the record exists is not lost:
+    // the record is written under the same lock, with the settings in force then.
+    type Registered = Option<(DeviceRecord, Registration)>;
+    let registered: Arc<Mutex<Registered>> = Arc::new(Mutex::new(None));
     let on_change = {
         let registered = Arc::clone(&registered);
         Box::new(move |now: &DeviceSettings| {
             let mut guard = registered.lock().expect("registration lock");
-            let (record, registration) = &mut *guard;
-            record.settings = *now;
-            if let Err(e) = registration.update(record) {
-                log::warn!("rewriting the registry record: {e}");
+            if let Some((record, registration)) = &mut *guard {
+                record.settings = *now;
+                if let Err(e) = registration.update(record) {
+                    log::warn!("rewriting the registry record: {e}");
+                }
             }
         })
     };
+    let live = vsc.live();
     let control_server =
-        ControlServer::start(&control_path, vsc.live(), args.dev_id, Some(on_change))
+        ControlServer::start(&control_path, live.clone(), args.dev_id, Some(on_change))
             .with_context(|| format!("serving the control socket {}", control_path.display()))?;
+    {
+        let mut guard = registered.lock().expect("registration lock");
+        let record = DeviceRecord {
+            name: args.name.clone(),
+            device: "disk".into(),
+            kind: "synthetic".into(),
+            dev_id: args.dev_id,
+            pid: std::process::id(),
+            exe: std::env::current_exe().context("locating this executable")?,
+            started_unix_ms: registry::now_unix_ms(),
+            settings: live.current(),
+            control: Some(control_path.clone()),
+        };
+        let registration = Registration::register(&runtime_dir, &record)
+            .with_context(|| format!("registering in {}", runtime_dir.display()))?;
+        *guard = Some((record, registration));
+    }
 
     if let Some(secs) = args.wait_for_probes {
         workload::wait_for_probes(
