@@ -74,6 +74,27 @@ impl Harness {
     /// Starts `enlight disk` with workload `plan`, waits for its registry record, attaches the
     /// probes (which lets its workload start) and connects to its control socket.
     pub fn start(&mut self, plan: &str) -> Result<Device> {
+        let mut last = None;
+        for attempt in 1..=4 {
+            match self.start_once(plan) {
+                Ok(d) => return Ok(d),
+                Err(e) => {
+                    eprintln!("   device start {attempt} failed: {e:#}; retrying");
+                    last = Some(e);
+                    // Re-register the executable's uprobes from scratch.
+                    let me = std::process::id();
+                    self.probes.detach_process(me);
+                    std::thread::sleep(Duration::from_millis(300));
+                    self.probes
+                        .attach_process(me, &self.exe)
+                        .context("re-attaching the probes to this executable")?;
+                }
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    fn start_once(&mut self, plan: &str) -> Result<Device> {
         let mut child = Command::new(&self.exe)
             .arg("disk")
             .args([
@@ -82,7 +103,7 @@ impl Harness {
                 "--workload",
                 plan,
                 "--wait-for-probes",
-                "20",
+                "8",
             ])
             .arg("--backing")
             .arg(&self.backing)
@@ -140,7 +161,7 @@ impl Harness {
             .attach_process(pid, &record.exe)
             .context("attaching the probes")?;
         // The run's clock starts when the workload does.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(8);
         loop {
             // Attaching a pid forgets its counts so far (the workload may have started already,
             // the executable being attached through this process): wait for completions.
@@ -148,7 +169,11 @@ impl Harness {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("the workload of pid {pid} did not start within 10 s");
+                // SAFETY: killing our own child by its pid.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                let _ = child.wait();
+                self.probes.detach_process(pid);
+                bail!("the workload of pid {pid} did not start within 8 s");
             }
             std::thread::sleep(Duration::from_millis(5));
         }
