@@ -4,8 +4,10 @@
 //! polling ATA PIO driver through a trap transport: `thread` (a hand-off to the model's thread
 //! per register access) or `kvm` (a tiny guest driver in a real VM whose `in`/`out` instructions
 //! exit to the model; `auto` uses KVM when it works and says why not otherwise). Registered as
-//! `kind: "emulated"` so enlightd observes it; prints the workload's figures plus the trap and
-//! VM-exit counts as one JSON object per line, like `enlight disk`.
+//! `kind: "emulated"` so enlightd observes it. `--device ring` runs the enlightened counterpart
+//! on KVM instead (a descriptor ring with one ioeventfd doorbell per batch, `kind: "synthetic"`).
+//! Prints the workload's figures plus the trap and VM-exit counts as one JSON object per line,
+//! like `enlight disk`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -52,6 +54,11 @@ pub struct EmulatedDiskArgs {
     /// How register accesses reach the model: thread, kvm, or auto (kvm when it works).
     #[arg(long, default_value = "thread")]
     transport: String,
+    /// The device: `ide` (the emulated IDE disk, kind "emulated") or `ring` (its enlightened
+    /// counterpart on KVM: a descriptor ring in guest memory and one ioeventfd doorbell per
+    /// batch, kind "synthetic"; needs `--transport kvm`).
+    #[arg(long, default_value = "ide")]
+    device: String,
 }
 
 /// One output line: the workload's figures plus the traps behind them.
@@ -106,19 +113,37 @@ pub fn run(args: EmulatedDiskArgs) -> Result<()> {
     if let Some(mib) = args.create_mib {
         Backing::create(&args.backing, mib << 20)?;
     }
-    let mut disk = open_disk(&args.backing, &args.name, &args.transport)
-        .with_context(|| format!("starting emulated disk {}", args.name))?;
+    let (mut disk, kind): (Box<dyn BlockTransport>, &str) = match args.device.as_str() {
+        "ide" => (
+            open_disk(&args.backing, &args.name, &args.transport)
+                .with_context(|| format!("starting emulated disk {}", args.name))?,
+            "emulated",
+        ),
+        "ring" => {
+            if args.transport != "kvm" {
+                bail!("--device ring runs on --transport kvm (the thread-transport enlightened disk is `enlight disk`)");
+            }
+            (
+                Box::new(
+                    enlight_vmm::ring::KvmRingDisk::open(&args.backing, args.dev_id)
+                        .context("starting the ring disk on KVM")?,
+                ),
+                "synthetic",
+            )
+        }
+        other => bail!("unknown --device {other:?} (ide or ring)"),
+    };
 
     let runtime_dir = args.runtime_dir.unwrap_or_else(registry::runtime_dir);
     let record = DeviceRecord {
         name: args.name.clone(),
         device: "disk".into(),
-        kind: "emulated".into(),
+        kind: kind.into(),
         dev_id: args.dev_id,
         pid: std::process::id(),
         exe: std::env::current_exe().context("locating this executable")?,
         started_unix_ms: registry::now_unix_ms(),
-        // No rings and no moderation: the record carries the defaults, which nothing reads.
+        // No VMBus rings and no moderation: the record carries the defaults, which nothing reads.
         settings: DeviceSettings::default(),
         control: None,
     };

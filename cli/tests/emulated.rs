@@ -297,3 +297,57 @@ fn emulated_nic_carries_ping_and_is_observed() {
         "namespaces removed on exit"
     );
 }
+
+#[test]
+fn ring_disk_on_kvm_takes_one_doorbell_and_one_exit_per_batch() {
+    if let Err(reason) = enlight_vmm::detect() {
+        eprintln!("SKIPPED ring_disk_on_kvm_takes_one_doorbell_and_one_exit_per_batch: KVM unavailable: {reason}");
+        return;
+    }
+    let _serial = require_privileges();
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(ENLIGHT)
+        .args([
+            "emulated-disk",
+            "--name",
+            "ring0",
+            "--device",
+            "ring",
+            "--transport",
+            "kvm",
+            "--workload",
+            "qd=8,bs=4k,rw=70,ios=800,seed=3",
+            "--wait-for-probes",
+            "30",
+            "--create-mib",
+            "8",
+        ])
+        .arg("--backing")
+        .arg(dir.path().join("ring0.img"))
+        .arg("--runtime-dir")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn enlight emulated-disk --device ring");
+    let counter = KvmCounter::start(child.id());
+    let daemon = start_daemon(dir.path());
+    let handle = daemon.handle();
+    let report = final_report(child);
+    let (pio, mmio, _exits) = counter.stop();
+    settle(&handle, 3);
+    let d = handle
+        .devices()
+        .into_iter()
+        .find(|d| d.name == "ring0")
+        .expect("enlightd saw the device");
+    assert_eq!(d.kind, "synthetic");
+    assert_eq!(d.total.ops_total, 800);
+    // 100 batches of 8: one doorbell each (the signal probe) and one exit to the VMM each.
+    assert_eq!(u(&report, "vm_exits"), 100);
+    assert_eq!(u(&report, "traps"), 100);
+    assert_eq!(d.doorbells_total, 100);
+    assert_eq!(pio, 0, "no port I/O at all");
+    // kvm_mmio sees the doorbells (handled in the kernel by the ioeventfd) and the done-writes,
+    // plus the detect() probe guest's one if bpftrace was attached before it ran.
+    assert!(mmio == 200 || mmio == 201, "kvm:kvm_mmio {mmio}");
+}

@@ -160,6 +160,70 @@ impl Asm {
             .bytes(&imm.to_le_bytes())
     }
 
+    /// `mov edx, eax`.
+    pub fn mov_edx_eax(&mut self) -> &mut Self {
+        self.bytes(&[0x89, 0xC2])
+    }
+
+    /// `and edx, imm8` (sign-extended).
+    pub fn and_edx(&mut self, imm: i8) -> &mut Self {
+        self.bytes(&[0x83, 0xE2, imm as u8])
+    }
+
+    /// `shl edx, imm8`.
+    pub fn shl_edx(&mut self, n: u8) -> &mut Self {
+        self.bytes(&[0xC1, 0xE2, n])
+    }
+
+    /// `add edx, imm32`.
+    pub fn add_edx(&mut self, imm: u32) -> &mut Self {
+        self.bytes(&[0x81, 0xC2]).bytes(&imm.to_le_bytes())
+    }
+
+    /// `mov rdi, [rsi + disp8]`.
+    pub fn load_rdi_rsi(&mut self, disp: i8) -> &mut Self {
+        self.bytes(&[0x48, 0x8B, 0x7E, disp as u8])
+    }
+
+    /// `mov [rdx + disp8], rdi`.
+    pub fn store_rdi_rdx(&mut self, disp: i8) -> &mut Self {
+        self.bytes(&[0x48, 0x89, 0x7A, disp as u8])
+    }
+
+    /// `add esi, imm8`.
+    pub fn add_esi(&mut self, imm: i8) -> &mut Self {
+        self.bytes(&[0x83, 0xC6, imm as u8])
+    }
+
+    /// `inc eax`.
+    pub fn inc_eax(&mut self) -> &mut Self {
+        self.bytes(&[0xFF, 0xC0])
+    }
+
+    /// `mov r32, [abs32]` (eax or edx).
+    pub fn load_abs(&mut self, r: R32, addr: u32) -> &mut Self {
+        assert!(addr < 0x8000_0000, "absolute address must sign-extend");
+        self.bytes(&[0x8B, 0x04 | (r as u8) << 3, 0x25])
+            .bytes(&addr.to_le_bytes())
+    }
+
+    /// `mov [abs32], r32`.
+    pub fn store_abs_reg(&mut self, r: R32, addr: u32) -> &mut Self {
+        assert!(addr < 0x8000_0000, "absolute address must sign-extend");
+        self.bytes(&[0x89, 0x04 | (r as u8) << 3, 0x25])
+            .bytes(&addr.to_le_bytes())
+    }
+
+    /// `cmp edx, eax`.
+    pub fn cmp_edx_eax(&mut self) -> &mut Self {
+        self.bytes(&[0x39, 0xC2])
+    }
+
+    /// `pause`.
+    pub fn pause(&mut self) -> &mut Self {
+        self.bytes(&[0xF3, 0x90])
+    }
+
     fn rel32(&mut self, opcode: &[u8], target: &'static str) -> &mut Self {
         self.bytes(opcode);
         self.fixups.push((self.code.len(), target));
@@ -236,5 +300,38 @@ mod tests {
             &[0xC7, 0x04, 0x25, 0, 0, 0, 0x30, 1, 0, 0, 0]
         );
         assert_eq!(code[jnz_end + 11], 0xE9);
+    }
+
+    #[test]
+    fn ring_instructions_match_the_manual() {
+        let mut a = Asm::new(0);
+        a.mov_edx_eax()
+            .and_edx(63)
+            .shl_edx(5)
+            .add_edx(0x20000)
+            .load_rdi_rsi(8)
+            .store_rdi_rdx(24)
+            .add_esi(32)
+            .inc_eax()
+            .load_abs(R32::Edx, 0x1F040)
+            .store_abs_reg(R32::Eax, 0x1F000)
+            .cmp_edx_eax()
+            .pause();
+        let expected: Vec<u8> = [
+            &[0x89, 0xC2][..],                           // mov edx, eax
+            &[0x83, 0xE2, 0x3F],                         // and edx, 63
+            &[0xC1, 0xE2, 0x05],                         // shl edx, 5
+            &[0x81, 0xC2, 0x00, 0x00, 0x02, 0x00],       // add edx, 0x20000
+            &[0x48, 0x8B, 0x7E, 0x08],                   // mov rdi, [rsi+8]
+            &[0x48, 0x89, 0x7A, 0x18],                   // mov [rdx+24], rdi
+            &[0x83, 0xC6, 0x20],                         // add esi, 32
+            &[0xFF, 0xC0],                               // inc eax
+            &[0x8B, 0x14, 0x25, 0x40, 0xF0, 0x01, 0x00], // mov edx, [0x1f040]
+            &[0x89, 0x04, 0x25, 0x00, 0xF0, 0x01, 0x00], // mov [0x1f000], eax
+            &[0x39, 0xC2],                               // cmp edx, eax
+            &[0xF3, 0x90],                               // pause
+        ]
+        .concat();
+        assert_eq!(a.finish(), expected);
     }
 }

@@ -13,10 +13,13 @@
 //! - [`asm`]: the instruction encoder for the guest programs.
 //! - [`machine`]: guest memory, page tables, GDT/TSS, vCPU registers, the run loop.
 //! - [`KvmIdeDisk`]: the emulated IDE disk on this transport ([`BlockTransport`]).
+//! - [`ring::KvmRingDisk`]: the enlightened counterpart: a descriptor ring in guest memory and
+//!   one ioeventfd doorbell per batch.
 //! - [`detect`]: whether KVM works here, with the reason when it does not.
 
 pub mod asm;
 pub mod machine;
+pub mod ring;
 
 use std::path::Path;
 use std::sync::OnceLock;

@@ -8,7 +8,8 @@
 //! mapped by the page tables but backed by no memory slot, so a write there is an MMIO exit.
 
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
-use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::VmmError;
 
@@ -253,6 +254,26 @@ impl Machine {
         Ok(())
     }
 
+    /// An eventfd KVM signals, in the kernel and without an exit to this process, when the
+    /// guest writes 4 bytes at `gpa` (an ioeventfd: the doorbell of a paravirtual device).
+    pub fn register_ioeventfd(&self, gpa: u64) -> Result<EventFd, VmmError> {
+        let fd = EventFd::new(libc::EFD_CLOEXEC)
+            .map_err(|e| VmmError::Guest(format!("eventfd for the doorbell: {e}")))?;
+        self.vm
+            .register_ioevent(&fd, &IoEventAddress::Mmio(gpa), NoDatamatch)
+            .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        Ok(fd)
+    }
+
+    /// A handle on guest memory for another thread (a device's service thread), which reads and
+    /// writes it while the vCPU runs.
+    ///
+    /// # Safety
+    /// The handle must not be used after this Machine is dropped (its memory is unmapped then).
+    pub unsafe fn guest_mem(&self) -> GuestMem {
+        GuestMem { base: self.mem }
+    }
+
     /// Runs until the next exit; port accesses are left unserved (an `in` reads 0).
     pub fn run(&mut self) -> Result<Exit, VmmError> {
         self.run_with(|_, _, _| {})
@@ -301,5 +322,57 @@ impl Drop for Machine {
         }
         // SAFETY: the mapping made in new(); the vCPU and the VM that used it are closed.
         unsafe { libc::munmap(self.mem as *mut libc::c_void, MEM_SIZE) };
+    }
+}
+
+/// Guest memory as another thread sees it: bounds-checked copies and volatile 32-bit accesses
+/// (the guest reads and writes the same bytes concurrently; x86 keeps stores in order, and the
+/// fences keep the compiler from reordering around the index accesses).
+#[derive(Clone, Copy)]
+pub struct GuestMem {
+    base: *mut u8,
+}
+
+// SAFETY: a raw view of the guest mapping; Machine::guest_mem's contract keeps it from outliving
+// the mapping, and every access is bounds-checked against MEM_SIZE.
+unsafe impl Send for GuestMem {}
+// SAFETY: as above; concurrent accesses are volatile or plain byte copies of guest data, which
+// the guest protocol (indices published after the data) orders.
+unsafe impl Sync for GuestMem {}
+
+impl GuestMem {
+    fn check(gpa: u64, len: usize) -> Option<usize> {
+        let at = usize::try_from(gpa).ok()?;
+        (at.checked_add(len)? <= MEM_SIZE).then_some(at)
+    }
+
+    /// Reads a u32 the guest may be writing; `None` outside guest memory.
+    pub fn read_u32(&self, gpa: u64) -> Option<u32> {
+        let at = Self::check(gpa, 4)?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        // SAFETY: in bounds (checked), u32-sized; unaligned reads are fine on x86 via read_unaligned.
+        let v = unsafe { std::ptr::read_volatile(self.base.add(at) as *const [u8; 4]) };
+        Some(u32::from_le_bytes(v))
+    }
+
+    /// Writes a u32 the guest may be reading (after every earlier write, as a publish).
+    pub fn write_u32(&self, gpa: u64, v: u32) -> Option<()> {
+        let at = Self::check(gpa, 4)?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        // SAFETY: in bounds (checked).
+        unsafe { std::ptr::write_volatile(self.base.add(at) as *mut [u8; 4], v.to_le_bytes()) };
+        Some(())
+    }
+
+    /// The raw bytes at `gpa` (for positioned file I/O straight into guest memory).
+    ///
+    /// # Safety
+    /// The guest must not touch these bytes while the slice lives (the device protocol hands
+    /// the buffer to the host until it completes the request), nobody else may hold a slice of
+    /// them, and the slice must not outlive the Machine.
+    pub unsafe fn slice_mut<'a>(self, gpa: u64, len: usize) -> Option<&'a mut [u8]> {
+        let at = Self::check(gpa, len)?;
+        // SAFETY: in bounds (checked); exclusivity is the caller's promise.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.base.add(at), len) })
     }
 }

@@ -75,7 +75,22 @@ pub enum EmulatedError {
     Transport(String),
 }
 
-/// A disk reached through trapped register accesses, whatever carries the traps.
+/// One request of a batch handed to [`BlockTransport::io_batch`].
+pub struct BatchIo<'a> {
+    /// Op code.
+    pub op: u16,
+    /// First sector.
+    pub lba: u64,
+    /// Data: filled by a read, sent by a write.
+    pub buf: &'a mut [u8],
+    /// Set by the transport: 0 or an errno (the device reported an error).
+    pub status: u16,
+    /// Set by the transport: when the request completed (`CLOCK_MONOTONIC` ns).
+    pub done_ns: u64,
+}
+
+/// A disk reached through trapped register accesses (or, for the paravirtual ring on KVM, a
+/// doorbell), whatever carries them.
 pub trait BlockTransport {
     /// Which transport this is.
     fn transport(&self) -> TransportKind;
@@ -91,6 +106,20 @@ pub trait BlockTransport {
     /// VM exits the VMM handled so far (0 for transports without a VM).
     fn vm_exits(&self) -> u64 {
         0
+    }
+    /// Runs a batch of requests. A register-level device serves them one after another (the
+    /// default); a ring-based one submits them together. A device error is the request's
+    /// status; a transport failure is the error.
+    fn io_batch(&mut self, batch: &mut [BatchIo<'_>]) -> Result<(), EmulatedError> {
+        for b in batch.iter_mut() {
+            b.status = match self.io(b.op, b.lba, b.buf) {
+                Ok(()) => 0,
+                Err(EmulatedError::Device { .. }) => libc::EIO as u16,
+                Err(e) => return Err(e),
+            };
+            b.done_ns = crate::trace::monotonic_ns();
+        }
+        Ok(())
     }
 }
 

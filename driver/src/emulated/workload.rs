@@ -17,7 +17,7 @@ use hdrhistogram::Histogram;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use super::{BlockTransport, EmulatedError};
+use super::{BatchIo, BlockTransport, EmulatedError};
 use crate::disk::SECTOR;
 use crate::trace::{self, CompletionRecord, OP_READ, OP_WRITE};
 use crate::workload::{Limit, Pattern, WorkloadSnapshot, WorkloadSpec};
@@ -100,7 +100,7 @@ pub fn run(
     let mut next_block = 0u64;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 2).expect("HDR");
     let mut snap = WorkloadSnapshot::default();
-    let mut buf = vec![0u8; spec.block_size as usize];
+    let mut bufs = vec![vec![0u8; spec.block_size as usize]; qd];
     let mut submitted = 0u64;
     let start = Instant::now();
     let mut last_tick = start;
@@ -133,18 +133,28 @@ pub fn run(
             batch.push((op, block * sectors as u64, tag));
             submitted += 1;
         }
-        for &(op, lba, tag) in &batch {
-            if op == OP_WRITE {
-                buf.iter_mut()
-                    .enumerate()
-                    .for_each(|(i, b)| *b = (i as u64 ^ tag) as u8);
-            }
-            let status = match dev.io(op, lba, &mut buf) {
-                Ok(()) => 0u16,
-                Err(EmulatedError::Device { .. }) => libc::EIO as u16,
-                Err(e) => return Err(e),
-            };
-            let latency_ns = trace::monotonic_ns().saturating_sub(submit_ns);
+        let mut ios: Vec<BatchIo<'_>> = batch
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(&(op, lba, tag), buf)| {
+                if op == OP_WRITE {
+                    buf.iter_mut()
+                        .enumerate()
+                        .for_each(|(i, b)| *b = (i as u64 ^ tag) as u8);
+                }
+                BatchIo {
+                    op,
+                    lba,
+                    buf: buf.as_mut_slice(),
+                    status: 0,
+                    done_ns: 0,
+                }
+            })
+            .collect();
+        dev.io_batch(&mut ios)?;
+        for (io, &(op, _, tag)) in ios.iter().zip(&batch) {
+            let status = io.status;
+            let latency_ns = io.done_ns.saturating_sub(submit_ns);
             trace::io_complete(dev_id, op, tag, spec.block_size, latency_ns, status);
             tracer.push(CompletionRecord {
                 latency_ns,
