@@ -74,8 +74,9 @@ fn enlightd_serves_a_loop_device_as_a_kernel_device() {
     let ops =
         |d: &DeviceView, op: &str| d.ops.iter().find(|o| o.op == op).map_or(0, |o| o.ops_total);
     let base = device(&handle, &name).unwrap();
-    let lost =
-        |h: &enlightd::HealthView| h.kernel.completions_without_issue + h.kernel.recursion_misses;
+    let lost = |h: &enlightd::HealthView| {
+        h.kernel.completions_without_issue + h.kernel.recursion_misses + h.kernel.events_lost
+    };
     let lost0 = lost(&handle.health());
     let stats0 = diskstats(&name);
     let ms0 = diskstats_ms(&name);
@@ -112,17 +113,26 @@ fn enlightd_serves_a_loop_device_as_a_kernel_device() {
     assert_eq!(proc_reads, fio_reads, "/proc/diskstats vs fio");
     // Every read, less those the kernel did not let the programs see (it counts them: an issue
     // or completion program re-entered on one CPU by an interrupt is skipped).
-    wait_for("the daemon to see every read", || {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
         let lost = lost(&handle.health()) - lost0;
-        device(&handle, &name)
-            .is_some_and(|d| ops(&d, "read") - ops(&base, "read") + lost >= proc_reads)
-    });
+        let seen = device(&handle, &name).map_or(0, |d| ops(&d, "read") - ops(&base, "read"));
+        // Plus the small shortfall probes/tests/kernel.rs describes: 2 + 0.1%.
+        if seen + lost + 2 + proc_reads / 1000 >= proc_reads {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon saw {seen} of {proc_reads} reads with {lost} counted losses"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let d = device(&handle, &name).unwrap();
     let reads = ops(&d, "read") - ops(&base, "read");
     let lost = lost(&handle.health()) - lost0;
     eprintln!("daemon {reads} reads, /proc/diskstats {proc_reads}, fio {fio_reads}, lost (counted) {lost}");
     assert!(
-        reads <= proc_reads && proc_reads - reads <= lost,
+        reads <= proc_reads && proc_reads - reads <= lost + 2 + proc_reads / 1000,
         "daemon {reads} vs /proc/diskstats {proc_reads}, {lost} counted losses"
     );
     // Latency, two ways. (1) The kernel's own time accounting: /proc/diskstats adds up, per

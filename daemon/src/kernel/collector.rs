@@ -26,6 +26,8 @@ pub trait KernelSource: Send {
     fn recursion_misses(&self) -> u64 {
         0
     }
+    /// Creates a disk's counters ahead of its first request (kernel `dev_t`).
+    fn prepare_disk(&mut self, _dev: u32) {}
 }
 
 impl KernelSource for KernelProbes {
@@ -44,6 +46,11 @@ impl KernelSource for KernelProbes {
     }
     fn recursion_misses(&self) -> u64 {
         KernelProbes::recursion_misses(self).values().sum()
+    }
+    fn prepare_disk(&mut self, dev: u32) {
+        if let Err(e) = KernelProbes::prepare_disk(self, dev) {
+            log::warn!("{e}");
+        }
     }
 }
 
@@ -178,6 +185,8 @@ pub struct KernelCollector<S: KernelSource> {
     gone: BTreeMap<String, Instant>,
     last_tick: Option<Instant>,
     last_napi: BTreeMap<String, (u64, u64)>,
+    /// Disks whose counters exist (`KernelSource::prepare_disk`).
+    prepared: BTreeSet<u32>,
 }
 
 /// Our own network namespace's inode, what the NIC probes key interfaces by.
@@ -211,6 +220,7 @@ impl<S: KernelSource> KernelCollector<S> {
             gone: BTreeMap::new(),
             last_tick: None,
             last_napi: BTreeMap::new(),
+            prepared: BTreeSet::new(),
         }
     }
 
@@ -257,6 +267,13 @@ impl<S: KernelSource> KernelCollector<S> {
         let (block_ok, net_ok) = (attached("block:"), attached("net:"));
 
         let devices = discovery::discover(&self.sysfs);
+        if let Some(source) = self.source.as_mut() {
+            for dev in devices.iter().filter_map(|d| d.dev) {
+                if self.prepared.insert(dev) {
+                    source.prepare_disk(dev);
+                }
+            }
+        }
         let actions = irq_actions(&self.sysfs);
         let queues = BlockQueues::at(&self.sysfs);
         let mut seen = BTreeSet::new();

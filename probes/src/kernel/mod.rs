@@ -458,34 +458,33 @@ impl KernelProbes {
     /// Reads every map, summing the per-CPU values.
     pub fn snapshot(&self) -> Result<KernelSnapshot, KernelProbeError> {
         let mut snap = KernelSnapshot::default();
-        let blk = PerCpuHashMap::<&MapData, IoKeyRaw, IoHistRaw>::try_from(self.map("blk_hist")?)
+        let blk = AyaHashMap::<&MapData, IoKeyRaw, IoHistRaw>::try_from(self.map("blk_hist")?)
             .map_err(map_err("blk_hist"))?;
-        let mut buckets = vec![0u64; BUCKETS];
         for entry in blk.iter() {
-            let (k, values) = entry.map_err(map_err("blk_hist"))?;
-            let s = snap
-                .disks
-                .entry(BlockKey {
+            let (k, v) = entry.map_err(map_err("blk_hist"))?;
+            // Entries created ahead (prepare_disk) for ops that never completed are left out.
+            if v.stats.ops == 0 && v.stats.bytes == 0 {
+                continue;
+            }
+            snap.disks.insert(
+                BlockKey {
                     dev: k.dev,
                     op: k.op,
-                })
-                .or_default();
-            buckets.iter_mut().for_each(|b| *b = 0);
-            for v in values.iter() {
-                s.ops += v.stats.ops;
-                s.bytes += v.stats.bytes;
-                s.errors += v.stats.errors;
-                s.latency_sum_ns += v.stats.latency_sum_ns;
-                for (sum, c) in buckets.iter_mut().zip(v.buckets.iter()) {
-                    *sum += c;
-                }
-            }
-            s.buckets = buckets
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| **c > 0)
-                .map(|(i, c)| (i as u32, *c))
-                .collect();
+                },
+                IoStats {
+                    ops: v.stats.ops,
+                    bytes: v.stats.bytes,
+                    errors: v.stats.errors,
+                    latency_sum_ns: v.stats.latency_sum_ns,
+                    buckets: v
+                        .buckets
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| **c > 0)
+                        .map(|(i, c)| (i as u32, *c))
+                        .collect(),
+                },
+            );
         }
         let nics =
             PerCpuHashMap::<&MapData, NicKeyRaw, NicStatsRaw>::try_from(self.map("nic_stats")?)
@@ -581,6 +580,48 @@ impl KernelProbes {
             .into_iter()
             .map(|(name, s)| (name, s.recursion_misses))
             .collect()
+    }
+
+    /// Creates the all-zero counters of disk `dev` (a kernel `dev_t`) for every op, from user
+    /// space, so the programs only look them up (a program creates a missing entry itself, from
+    /// the preallocated pool; creating them ahead keeps that off the completion path). Entries
+    /// that exist are left as they are.
+    pub fn prepare_disk(&mut self, dev: u32) -> Result<(), KernelProbeError> {
+        let map = self
+            .ebpf
+            .map_mut("blk_hist")
+            .ok_or_else(|| KernelProbeError::Map {
+                name: "blk_hist",
+                reason: "missing".into(),
+            })?;
+        let mut hist = AyaHashMap::<&mut MapData, IoKeyRaw, IoHistRaw>::try_from(map)
+            .map_err(map_err("blk_hist"))?;
+        let zero = IoHistRaw {
+            stats: Default::default(),
+            buckets: [0; BUCKETS],
+        };
+        for op in [0, 1, 2, OP_DISCARD, OP_OTHER] {
+            let key = IoKeyRaw {
+                tgid: 0,
+                dev,
+                op,
+                pad: 0,
+            };
+            const BPF_NOEXIST: u64 = 1;
+            match hist.insert(key, zero, BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(aya::maps::MapError::SyscallError(e)) => {
+                    return Err(KernelProbeError::Map {
+                        name: "blk_hist",
+                        reason: format!("creating the counters of dev {dev:#x}: {}", e.io_error),
+                    })
+                }
+                Err(e) => return Err(map_err("blk_hist")(e)),
+            }
+        }
+        Ok(())
     }
 
     /// Number of requests whose issue time is held (in flight, as the programs see them).
