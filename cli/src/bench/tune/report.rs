@@ -39,13 +39,17 @@ pub fn markdown(r: &Report) -> String {
     let first = r.scenarios.first();
     let _ = writeln!(
         o,
-        "Machine: {}; kernel {}; tick {} ms; phases of {} s, judged from {} s after each phase start; oracle grid of {} points per phase.\n",
+        "Machine: {}; kernel {}; tick {} ms; phases of {} s, judged from {} s after each phase start; oracle: a grid of {} points per phase, the {} best re-measured for twice as long, the best of those.\n",
         r.machine,
         r.kernel,
         r.tick_ms,
         first.map(|s| s.phase_s).unwrap_or(0.0),
         first.map(|s| s.eval_from_s).unwrap_or(0.0),
-        first.and_then(|s| s.oracle.first()).map(|o| o.grid.len()).unwrap_or(0)
+        first
+            .and_then(|s| s.oracle.first())
+            .map(|o| o.grid.len())
+            .unwrap_or(0),
+        super::FINALISTS
     );
     let _ = writeln!(
         o,
