@@ -178,7 +178,7 @@ fn top_shows_live_figures_survives_a_daemon_restart_and_restores_the_terminal() 
         "--daemon 127.0.0.1:{port} --interval-ms 200"
     )));
     // The device row with real figures: ops/s and a p50 near what the daemon itself reports.
-    let screen = tmux.wait_for("a device row with figures", 20, |s| {
+    let screen = tmux.wait_for("a device row with figures", 30, |s| {
         s.contains("● connected")
             && s.lines().any(|l| {
                 l.starts_with("top0 ")
@@ -229,7 +229,7 @@ fn top_shows_live_figures_survives_a_daemon_restart_and_restores_the_terminal() 
 
     // The device view: histogram with markers, the chart.
     tmux.keys(&["Enter"]);
-    let screen = tmux.wait_for("the device view", 10, |s| {
+    let screen = tmux.wait_for("the device view", 30, |s| {
         s.contains("latency, last") && s.contains("^p50") && s.contains("over the last 120s")
     });
     assert!(screen.contains("top0  disk/synthetic"), "{screen}");
@@ -246,28 +246,28 @@ fn top_shows_live_figures_survives_a_daemon_restart_and_restores_the_terminal() 
     };
     for (pin, word) in [(true, "pinned"), (false, "unpinned")] {
         tmux.keys(&["p"]);
-        tmux.wait_for(word, 10, |s| s.contains(&format!("tuner {word} for top0")));
+        tmux.wait_for(word, 30, |s| s.contains(&format!("tuner {word} for top0")));
         let deadline = Instant::now() + Duration::from_secs(5);
         while pinned(&daemon.handle) != pin {
             assert!(Instant::now() < deadline, "daemon's tuner not {word}");
             std::thread::sleep(Duration::from_millis(50));
         }
         if pin {
-            tmux.wait_for("(pinned) in the summary", 10, |s| s.contains("(pinned)"));
+            tmux.wait_for("(pinned) in the summary", 30, |s| s.contains("(pinned)"));
         }
     }
 
     // The daemon goes away: the TUI says so and keeps the last figures.
     daemon.stop();
-    let screen = tmux.wait_for("DISCONNECTED", 10, |s| s.contains("DISCONNECTED"));
+    let screen = tmux.wait_for("DISCONNECTED", 30, |s| s.contains("DISCONNECTED"));
     assert!(screen.contains("top0  disk/synthetic"), "{screen}");
     // ... and comes back on the same port: the TUI reconnects by itself.
     let daemon = LiveDaemon::start_tuned(dir.path(), port, TunerMode::DryRun);
-    tmux.wait_for("reconnected", 20, |s| {
+    tmux.wait_for("reconnected", 30, |s| {
         s.contains("● connected") && s.contains("latency, last") && !s.contains("DISCONNECTED")
     });
     tmux.keys(&["Escape"]);
-    tmux.wait_for("the list with live figures after the restart", 20, |s| {
+    tmux.wait_for("the list with live figures after the restart", 30, |s| {
         s.lines().any(|l| {
             l.starts_with("top0 ")
                 && l.split_whitespace()
@@ -281,7 +281,7 @@ fn top_shows_live_figures_survives_a_daemon_restart_and_restores_the_terminal() 
 
     // Quit: the pane's shell is back in cooked mode and the TUI's screen is gone.
     tmux.keys(&["q"]);
-    let screen = tmux.wait_for("the TUI to exit", 10, exited);
+    let screen = tmux.wait_for("the TUI to exit", 30, exited);
     assert!(screen.contains("TOP-EXITED=0"), "{screen}");
     assert!(
         !screen.contains("enlight top"),
@@ -309,8 +309,8 @@ fn a_panic_in_top_restores_the_terminal() {
     let tmux = Tmux::start(&shell_after(&format!(
         "--daemon 127.0.0.1:{port} --panic-after-secs 2"
     )));
-    tmux.wait_for("disconnected", 10, |s| s.contains("DISCONNECTED"));
-    let screen = tmux.wait_for("the TUI to exit", 15, exited);
+    tmux.wait_for("disconnected", 30, |s| s.contains("DISCONNECTED"));
+    let screen = tmux.wait_for("the TUI to exit", 30, exited);
     assert!(
         screen.contains("TOP-EXITED=101"),
         "panics exit 101: {screen}"
