@@ -88,6 +88,9 @@ pub struct NicRun {
     pub frames: u64,
     /// Register accesses trapped per frame (eBPF).
     pub traps_per_frame: f64,
+    /// Doorbells plus interrupts per frame (eBPF `signal`).
+    #[serde(default)]
+    pub signals_per_frame: f64,
     /// Device process CPU per frame, µs.
     pub cpu_us_per_frame: f64,
 }
@@ -315,16 +318,22 @@ impl Bench {
         Ok(run)
     }
 
-    fn nic_run(&self, pings: u32) -> Result<NicRun> {
-        let name = "cmp_emunic";
+    /// `kind` "emulated" runs `enlight emulated-nic`, "synthetic" `enlight nic`; both print
+    /// their namespaces and addresses first.
+    fn nic_run(&self, kind: &str, pings: u32) -> Result<NicRun> {
+        let (name, subcommand) = if kind == "synthetic" {
+            ("cmp_nic", "nic")
+        } else {
+            ("cmp_emunic", "emulated-nic")
+        };
         self.wait_detached()?;
         let mut child = Command::new(&self.exe)
-            .args(["emulated-nic", "--name", name, "--wait-for-probes", "30"])
+            .args([subcommand, "--name", name, "--wait-for-probes", "30"])
             .arg("--runtime-dir")
             .arg(self.dir.path())
             .stdout(Stdio::piped())
             .spawn()
-            .context("spawning enlight emulated-nic")?;
+            .with_context(|| format!("spawning enlight {subcommand}"))?;
         let pid = child.id();
         let mut out = BufReader::new(child.stdout.take().expect("piped"));
         let mut first = String::new();
@@ -403,8 +412,13 @@ impl Bench {
         let v = self.view(name)?;
         let frames = v.total.ops_total;
         Ok(NicRun {
-            kind: "emulated".into(),
+            kind: kind.into(),
             transport: "thread".into(),
+            signals_per_frame: if frames > 0 {
+                (v.doorbells_total + v.interrupts_total) as f64 / frames as f64
+            } else {
+                0.0
+            },
             skipped: None,
             iperf3_mbit_s: bps / 1e6,
             ping_p50_us: q(0.5),
@@ -546,14 +560,11 @@ pub fn run(args: CompareArgs) -> Result<()> {
             }
         }
     }
-    eprintln!("compare: NIC emulated/thread (ping, iperf3)");
-    report
-        .nic
-        .push(bench.nic_run(if args.quick { 50 } else { 200 })?);
-    report.notes.push(
-        "the synthetic NIC is compared once it has a device process of its own (not in this build)"
-            .into(),
-    );
+    for kind in ["emulated", "synthetic"] {
+        eprintln!("compare: NIC {kind}/thread (ping, iperf3)");
+        let run = bench.nic_run(kind, if args.quick { 50 } else { 200 })?;
+        report.nic.push(run);
+    }
     std::fs::create_dir_all(&args.out)?;
     let json = args.out.join("compare.json");
     std::fs::write(&json, serde_json::to_vec_pretty(&report)?)?;
@@ -627,13 +638,13 @@ pub fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         o,
-        "\n| NIC | transport | iperf3 Mbit/s | ping p50 µs | ping p99 µs | ping max µs | frames | traps/frame | CPU µs/frame |"
+        "\n| NIC | transport | iperf3 Mbit/s | ping p50 µs | ping p99 µs | ping max µs | frames | traps/frame | signals/frame | CPU µs/frame |"
     );
-    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|");
     for n in &r.nic {
         let _ = writeln!(
             o,
-            "| {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.1} |",
+            "| {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.2} | {:.1} |",
             n.kind,
             n.transport,
             n.iperf3_mbit_s,
@@ -642,6 +653,7 @@ pub fn markdown(r: &Report) -> String {
             n.ping_max_us,
             n.frames,
             n.traps_per_frame,
+            n.signals_per_frame,
             n.cpu_us_per_frame
         );
     }
