@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use enlight_driver::control::{self, ControlServer, Tunable};
 use enlight_driver::netns::{self, NetPair};
-use enlight_driver::nic::{NicBridge, NicCounters, NicOptions};
+use enlight_driver::nic::{LatencyFigures, NicBridge, NicCounters, NicOptions};
 use enlight_driver::registry::{self, DeviceRecord, Registration};
 use enlight_driver::settings::DeviceSettings;
 use enlight_driver::workload;
@@ -93,6 +93,10 @@ struct Report {
     tx_bits_per_sec: f64,
     rx_bits_per_sec: f64,
     counters: NicCounters,
+    /// The guest's own latency figures since the start (tx: submit to completion; rx: host
+    /// receive to guest reap), over the completions traced so far.
+    tx_latency: LatencyFigures,
+    rx_latency: LatencyFigures,
     settings: DeviceSettings,
     done: bool,
 }
@@ -206,6 +210,7 @@ pub fn run(args: NicArgs) -> Result<()> {
     let report = |now: Instant,
                   c: NicCounters,
                   prev: &(Instant, NicCounters),
+                  (tx_latency, rx_latency): (LatencyFigures, LatencyFigures),
                   settings: DeviceSettings,
                   done| {
         let dt = now.duration_since(prev.0).as_secs_f64().max(1e-9);
@@ -216,6 +221,8 @@ pub fn run(args: NicArgs) -> Result<()> {
             tx_bits_per_sec: (c.tx_bytes - prev.1.tx_bytes) as f64 * 8.0 / dt,
             rx_bits_per_sec: (c.rx_bytes - prev.1.rx_bytes) as f64 * 8.0 / dt,
             counters: c,
+            tx_latency,
+            rx_latency,
             settings,
             done,
         }
@@ -232,19 +239,33 @@ pub fn run(args: NicArgs) -> Result<()> {
         let now = Instant::now();
         if now.duration_since(last.0) >= Duration::from_secs(1) {
             let c = bridge.nic().counters();
-            emit(&report(now, c, &last, bridge.nic().settings(), false));
+            emit(&report(
+                now,
+                c,
+                &last,
+                bridge.nic().latency(),
+                bridge.nic().settings(),
+                false,
+            ));
             last = (now, c);
         }
     }
     drop(control);
     let settings_now = bridge.nic().settings();
-    let result = bridge.stop();
+    let result = bridge.stop_with_latency();
     drop(registration);
-    let counters = result.context("the NIC stopped with an error")?;
+    let (counters, latency) = result.context("the NIC stopped with an error")?;
     if failed {
         bail!("the NIC stopped on its own");
     }
-    emit(&report(Instant::now(), counters, &last, settings_now, true));
+    emit(&report(
+        Instant::now(),
+        counters,
+        &last,
+        latency,
+        settings_now,
+        true,
+    ));
     Ok(())
 }
 

@@ -508,6 +508,67 @@ impl crate::control::Tunable for NicKnobs {
     }
 }
 
+/// Latency percentiles of one direction, from the NIC's own HDR histogram (2 significant
+/// digits), over exactly the completions traced with `io_reap`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencyFigures {
+    /// Completions recorded.
+    pub count: u64,
+    /// Median, ns.
+    pub p50_ns: u64,
+    /// 90th percentile, ns.
+    pub p90_ns: u64,
+    /// 99th percentile, ns.
+    pub p99_ns: u64,
+    /// 99.9th percentile, ns.
+    pub p999_ns: u64,
+    /// Largest, ns.
+    pub max_ns: u64,
+}
+
+/// The guest's own latency histograms: tx (submit to reaped completion) and rx (host receive to
+/// guest reap). Filled when a batch is traced, so they hold the same samples as eBPF's.
+#[derive(Debug)]
+pub struct NicLatency {
+    hists: std::sync::Mutex<[hdrhistogram::Histogram<u64>; 2]>,
+}
+
+impl Default for NicLatency {
+    fn default() -> Self {
+        let h = || {
+            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000_000, 2)
+                .expect("valid HDR bounds")
+        };
+        NicLatency {
+            hists: std::sync::Mutex::new([h(), h()]),
+        }
+    }
+}
+
+impl NicLatency {
+    fn record(&self, batch: &[CompletionRecord]) {
+        let mut h = self.hists.lock().unwrap_or_else(|p| p.into_inner());
+        for r in batch {
+            let i = (r.op == OP_RX) as usize;
+            h[i].saturating_record(r.latency_ns.max(1));
+        }
+    }
+
+    /// (tx, rx) figures now.
+    pub fn figures(&self) -> (LatencyFigures, LatencyFigures) {
+        let h = self.hists.lock().unwrap_or_else(|p| p.into_inner());
+        let f = |h: &hdrhistogram::Histogram<u64>| LatencyFigures {
+            count: h.len(),
+            p50_ns: h.value_at_quantile(0.50),
+            p90_ns: h.value_at_quantile(0.90),
+            p99_ns: h.value_at_quantile(0.99),
+            p999_ns: h.value_at_quantile(0.999),
+            max_ns: h.max(),
+        };
+        (f(&h[0]), f(&h[1]))
+    }
+}
+
 /// Counters of the guest driver (updated as it goes; read them from any thread).
 #[derive(Debug, Default)]
 pub struct NicGuestStats {
@@ -529,6 +590,8 @@ pub struct NicGuestStats {
     pub doorbells: AtomicU64,
     /// Writes that found the outbound ring full.
     pub ring_full: AtomicU64,
+    /// Latency histograms of the traced completions.
+    pub latency: NicLatency,
 }
 
 /// Counters of the host service.
@@ -735,6 +798,7 @@ impl<F: FrameIo> NicVsc<F> {
     pub fn flush_trace(&mut self) {
         if !self.records.is_empty() {
             trace::io_reap(self.dev, &self.records);
+            self.stats.latency.record(&self.records);
             self.records.clear();
         }
         self.records_since = None;
@@ -1538,6 +1602,12 @@ impl NicHandle {
         NicCounters::read(&self.guest_stats, &self.host_stats)
     }
 
+    /// The guest's own (tx, rx) latency figures over the completions traced so far (all of them
+    /// once the NIC has stopped).
+    pub fn latency(&self) -> (LatencyFigures, LatencyFigures) {
+        self.guest_stats.latency.figures()
+    }
+
     /// The live knobs (moderation and budget can change while the NIC runs).
     pub fn knobs(&self) -> &Arc<NicKnobs> {
         &self.knobs
@@ -1566,9 +1636,16 @@ impl NicHandle {
 
     /// Stops both sides (the guest traces what it reaped) and returns the final counters, or
     /// the first error either side stopped with.
-    pub fn stop(mut self) -> Result<NicCounters, NicError> {
+    pub fn stop(self) -> Result<NicCounters, NicError> {
+        Ok(self.stop_with_latency()?.0)
+    }
+
+    /// Like [`stop`](Self::stop), with the final (tx, rx) latency figures.
+    pub fn stop_with_latency(
+        mut self,
+    ) -> Result<(NicCounters, (LatencyFigures, LatencyFigures)), NicError> {
         self.stop_inner()?;
-        Ok(self.counters())
+        Ok((self.counters(), self.latency()))
     }
 
     fn stop_inner(&mut self) -> Result<(), NicError> {
@@ -1666,12 +1743,19 @@ impl NicBridge {
 
     /// Stops the NIC and removes the taps and namespaces; returns the final counters.
     pub fn stop(self) -> Result<NicCounters, NicError> {
+        Ok(self.stop_with_latency()?.0)
+    }
+
+    /// Like [`stop`](Self::stop), with the guest's final (tx, rx) latency figures.
+    pub fn stop_with_latency(
+        self,
+    ) -> Result<(NicCounters, (LatencyFigures, LatencyFigures)), NicError> {
         let NicBridge {
             nic, namespaces, ..
         } = self;
-        let counters = nic.stop();
+        let result = nic.stop_with_latency();
         drop(namespaces);
-        counters
+        result
     }
 }
 
