@@ -280,7 +280,7 @@ pub fn router(handle: DaemonHandle) -> Router {
 }
 
 async fn index() -> &'static str {
-    "enlightd\n  /metrics         Prometheus exposition\n  /api/v1/devices  per-device figures (JSON)\n  /api/v1/health   the daemon's own health (JSON)\n  /api/v1/histograms  per-device latency buckets, cumulative (JSON)\n"
+    "enlightd\n  /metrics         Prometheus exposition\n  /api/v1/devices  per-device figures (JSON)\n  /api/v1/health   the daemon's own health (JSON)\n  /api/v1/histograms  per-device latency buckets, cumulative (JSON)\n  /api/v1/tuner/decisions?device=NAME&limit=N  the tuner's decisions (JSON)\n  POST /api/v1/devices/NAME/pin, /unpin  pin a device against the tuner\n"
 }
 
 async fn metrics_handler(AxumState(handle): AxumState<DaemonHandle>) -> Response {

@@ -43,7 +43,7 @@ pub const EVAL_FROM_S: f64 = 30.0;
 
 #[derive(Args, Debug)]
 pub struct TuneBenchArgs {
-    /// Short phases and a small grid (a few minutes instead of about twenty).
+    /// Short phases and a small grid (about 7 minutes instead of about 25).
     #[arg(long)]
     quick: bool,
     /// Run only these scenarios (by name; repeatable).

@@ -173,6 +173,21 @@ mod tests {
         assert!(e.to_string().contains("pin"), "{e}");
         let e = toml::from_str::<TunerConfig>("objective = \"fast\"").unwrap_err();
         assert!(e.to_string().contains("fast"), "{e}");
+        // Inside enlightd's config: the section is read and its unknown keys named too.
+        let c = crate::Config::parse(
+            "[tuner]\nmode = \"auto\"\n[tuner.devices.nic0]\nmode = \"off\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.tuner.policy("disk0").mode, TunerMode::Auto);
+        assert_eq!(c.tuner.policy("nic0").mode, TunerMode::Off);
+        let e = crate::Config::parse("[tuner]\nslo_p99 = 5")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("slo_p99"), "{e}");
+        let e = crate::Config::parse("[tuner]\nmin_change_interval_ms = 5")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("min_change_interval_ms"), "{e}");
         let bad = TunerConfig {
             min_change_interval_ms: 10,
             ..TunerConfig::default()
