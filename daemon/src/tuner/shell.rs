@@ -274,7 +274,8 @@ impl Shell {
                     pinned_by_api: None,
                 };
             }
-            if slot.pinned_by_api == Some(true) && api_pin == Some(false) {
+            // An unpin (a new request: not what the last tick saw) also clears a freeze.
+            if api_pin == Some(false) && slot.pinned_by_api != Some(false) {
                 slot.tuner.unfreeze();
             }
             slot.pinned_by_api = api_pin;
