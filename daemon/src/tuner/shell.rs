@@ -45,7 +45,9 @@ struct Public {
     changes: BTreeMap<String, u64>,
     reverts: BTreeMap<String, u64>,
     objective: BTreeMap<String, f64>,
-    pins: BTreeMap<String, bool>,
+    /// Pin requests: pinned, and a sequence number (every request counts, repeats too).
+    pins: BTreeMap<String, (bool, u64)>,
+    pin_requests: u64,
     audit_errors: u64,
 }
 
@@ -96,13 +98,15 @@ impl TunerShared {
     /// Pins or unpins a device; effective from the tuner's next tick (and shown at once).
     pub fn set_pinned(&self, device: &str, pinned: bool) {
         let mut p = self.public.lock().expect("tuner lock");
-        p.pins.insert(device.to_string(), pinned);
+        p.pin_requests += 1;
+        let seq = p.pin_requests;
+        p.pins.insert(device.to_string(), (pinned, seq));
         if let Some(v) = p.views.get_mut(device) {
             v.pinned = pinned;
         }
     }
 
-    fn pins(&self) -> BTreeMap<String, bool> {
+    fn pins(&self) -> BTreeMap<String, (bool, u64)> {
         self.public.lock().expect("tuner lock").pins.clone()
     }
 
@@ -194,7 +198,8 @@ struct Slot {
     backend: Option<Box<dyn SettingsBackend>>,
     pid: u32,
     prev: Option<(Cumulative, Instant)>,
-    pinned_by_api: Option<bool>,
+    /// The last pin request applied (its sequence number).
+    pin_seen: u64,
 }
 
 /// The tuner's loop state.
@@ -256,13 +261,13 @@ impl Shell {
             }
             seen.push(name.clone());
             let api_pin = pins.get(&name).copied();
-            policy.pinned = api_pin.unwrap_or(policy.pinned);
+            policy.pinned = api_pin.map(|(p, _)| p).unwrap_or(policy.pinned);
             let slot = self.slots.entry(name.clone()).or_insert_with(|| Slot {
                 tuner: DeviceTuner::new(policy, params),
                 backend: None,
                 pid: sample.record.pid,
                 prev: None,
-                pinned_by_api: None,
+                pin_seen: 0,
             });
             if slot.pid != sample.record.pid {
                 // A new process serves the device: start over from what it reports.
@@ -271,14 +276,16 @@ impl Shell {
                     backend: None,
                     pid: sample.record.pid,
                     prev: None,
-                    pinned_by_api: None,
+                    pin_seen: 0,
                 };
             }
-            // An unpin (a new request: not what the last tick saw) also clears a freeze.
-            if api_pin == Some(false) && slot.pinned_by_api != Some(false) {
-                slot.tuner.unfreeze();
+            // Every unpin request (even a repeated one) also clears a freeze.
+            if let Some((pinned, seq)) = api_pin {
+                if !pinned && seq != slot.pin_seen {
+                    slot.tuner.unfreeze();
+                }
+                slot.pin_seen = seq;
             }
-            slot.pinned_by_api = api_pin;
             slot.tuner.set_pinned(policy.pinned);
             if slot.backend.is_none() {
                 match self.factory.open(&sample.record) {

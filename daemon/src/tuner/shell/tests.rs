@@ -11,6 +11,8 @@ use enlight_probes::hist::bucket_index;
 struct FakeDevice {
     settings: Option<DeviceSettings>,
     applied: Vec<(u64, DeviceSettings)>,
+    /// Refuse every change, as a busy device would.
+    refuse: bool,
 }
 
 type Shared = Arc<Mutex<FakeDevice>>;
@@ -31,6 +33,12 @@ impl SettingsBackend for FakeBackend {
         to: &DeviceSettings,
     ) -> Result<DeviceSettings, BackendError> {
         let mut d = self.dev.lock().unwrap();
+        if d.refuse {
+            return Err(BackendError::Rejected {
+                kind: "busy".into(),
+                message: "another change is in progress".into(),
+            });
+        }
         d.settings = Some(*to);
         let t = self.clock.elapsed().as_millis() as u64;
         d.applied.push((t, *to));
@@ -90,6 +98,16 @@ struct Rig {
 
 /// Runs the shell for `secs` of paused time with a fake collector ticking every 500 ms.
 async fn run_rig(config: TunerConfig, start: Option<DeviceSettings>, pin: bool, secs: u64) -> Rig {
+    run_rig_with(config, start, pin, secs, false).await
+}
+
+async fn run_rig_with(
+    config: TunerConfig,
+    start: Option<DeviceSettings>,
+    pin: bool,
+    secs: u64,
+    refuse: bool,
+) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.jsonl");
     let config = TunerConfig {
@@ -99,6 +117,7 @@ async fn run_rig(config: TunerConfig, start: Option<DeviceSettings>, pin: bool, 
     let dev: Shared = Arc::new(Mutex::new(FakeDevice {
         settings: start,
         applied: Vec::new(),
+        refuse,
     }));
     let clock = tokio::time::Instant::now();
     let shared = Arc::new(TunerShared::default());
@@ -241,4 +260,25 @@ async fn a_restarted_shell_resumes_from_what_the_device_reports() {
         first.to.poll_budget, 32,
         "knobs it did not move stay as the device had them"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn refused_changes_are_recorded_and_freeze_the_device() {
+    let rig = run_rig_with(latency_config(TunerMode::Auto), None, false, 60, true).await;
+    let decisions = rig.shared.decisions(None, 100);
+    assert_eq!(
+        decisions.len(),
+        3,
+        "three failures, then frozen: {decisions:#?}"
+    );
+    for d in &decisions {
+        assert!(d.reason.contains("applying failed: busy"), "{}", d.reason);
+        assert_eq!(d.to, d.from, "nothing changed");
+    }
+    assert_eq!(rig.shared.view("disk0").unwrap().state, TunerState::Frozen);
+    let mut text = String::new();
+    rig.shared.render_metrics(&mut text);
+    assert!(text.contains(
+        "enlight_tuner_changes_total{device=\"disk0\",kind=\"synthetic\",controller=\"enlight\"} 0"
+    ));
 }
