@@ -34,6 +34,18 @@ fn start_daemon(runtime_dir: &Path) -> Daemon {
     .expect("start enlightd")
 }
 
+/// A daemon that also runs its kernel probes (KVM PIO/MMIO counts per VMM process).
+fn start_daemon_with_kernel_probes(runtime_dir: &Path) -> Daemon {
+    let mut config = Config {
+        runtime_dir: runtime_dir.into(),
+        interval_ms: 100,
+        device_grace_secs: 600,
+        ..Config::default()
+    };
+    config.kernel.enabled = true;
+    Daemon::start(config).expect("start enlightd with kernel probes")
+}
+
 fn spawn_emulated(dir: &Path, name: &str, transport: &str, workload: &str) -> Child {
     Command::new(ENLIGHT)
         .args([
@@ -186,7 +198,7 @@ fn emulated_disk_on_kvm_counts_agree_with_the_kernels_tracepoints() {
     let child = spawn_emulated(dir.path(), "emuk", "kvm", "qd=2,bs=1k,rw=50,ios=60,seed=9");
     // The device waits for its probes, so bpftrace is attached before the first I/O.
     let counter = KvmCounter::start(child.id());
-    let daemon = start_daemon(dir.path());
+    let daemon = start_daemon_with_kernel_probes(dir.path());
     let handle = daemon.handle();
     let report = final_report(child);
     let (pio, mmio, exits) = counter.stop();
@@ -219,6 +231,10 @@ fn emulated_disk_on_kvm_counts_agree_with_the_kernels_tracepoints() {
     } else {
         assert!(exits >= vm_exits, "kvm_exit {exits} < VMM exits {vm_exits}");
     }
+    // enlightd's own kernel probes put the same PIO count on /metrics for the device.
+    let text = handle.render_metrics();
+    let line = format!("enlight_kvm_pio_total{{device=\"emuk\",kind=\"emulated\"}} {traps}");
+    assert!(text.contains(&line), "missing {line} in\n{text}");
 }
 
 #[test]
