@@ -1,9 +1,16 @@
 //! NIC unit tests: traffic through the rings between socket-pair backends, receive-buffer
 //! exhaustion, moderation, and a hostile peer on either side.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use super::*;
-use crate::channel::ChannelConfig;
-use crate::ring::PACKET_TYPE_GPADL;
+use crate::channel::{ChannelConfig, GuestEnd, HostEnd};
+use crate::ring::{
+    FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION, PACKET_TYPE_GPADL, PACKET_TYPE_INBAND,
+    PACKET_TYPE_TRANSFER_PAGES,
+};
+use crate::trace;
 
 fn frame(i: u32, len: usize) -> Vec<u8> {
     let mut f: Vec<u8> = (0..len)

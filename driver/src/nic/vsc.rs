@@ -1,0 +1,460 @@
+//! The guest's NIC driver (VSC).
+
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::proto::{NicCompletion, RxPacket, RxPost, TxRequest, ETH_HLEN, MAX_MESSAGE};
+use super::{
+    io_err, pollfd, sleep_on, FrameIo, NicError, NicGuestStats, NicKnobs, NicOptions, HOST_PASS,
+    TRACE_FLUSH,
+};
+use crate::channel::GuestEnd;
+use crate::ring::{
+    WriteOutcome, FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION, PACKET_TYPE_INBAND,
+    PACKET_TYPE_TRANSFER_PAGES,
+};
+use crate::trace::{self, CompletionRecord, DIR_GUEST_TO_HOST, OP_RX, OP_TX};
+
+#[derive(Clone, Copy, Default)]
+struct TxSlot {
+    busy: bool,
+    generation: u32,
+    len: u32,
+    submit_ns: u64,
+}
+
+/// The guest's NIC driver: frames from its backend go out through the send buffer, frames the
+/// host puts in the receive buffer go to its backend.
+pub struct NicVsc<F: FrameIo> {
+    end: GuestEnd,
+    io: F,
+    dev: u32,
+    opts: NicOptions,
+    knobs: Arc<NicKnobs>,
+    stats: Arc<NicGuestStats>,
+    tx_slots: Vec<TxSlot>,
+    tx_free: Vec<u32>,
+    /// A frame read from the backend whose tx request found the ring full: (section, len).
+    pending_tx: Option<(u32, u32)>,
+    /// Receive sections the host owns.
+    rx_posted: Vec<bool>,
+    /// Sections to return (trans_id, section): the completions not yet in the ring.
+    returns: VecDeque<(u64, u32)>,
+    /// The initial post of every receive section, until it is in the ring.
+    post_pending: bool,
+    out_full: bool,
+    masked: bool,
+    msg: Vec<u8>,
+    frame: Vec<u8>,
+    records: Vec<CompletionRecord>,
+    records_since: Option<Instant>,
+}
+
+impl<F: FrameIo> NicVsc<F> {
+    /// A driver over `end` (whose extra area is laid out by `opts`) with frames from and to `io`.
+    pub fn new(
+        end: GuestEnd,
+        io: F,
+        dev: u32,
+        opts: NicOptions,
+        knobs: Arc<NicKnobs>,
+        stats: Arc<NicGuestStats>,
+    ) -> Result<Self, NicError> {
+        opts.validate()?;
+        if end.extra.len() < opts.extra_bytes() {
+            return Err(NicError::Invalid(format!(
+                "shared area of {} bytes is smaller than the {} the buffers need",
+                end.extra.len(),
+                opts.extra_bytes()
+            )));
+        }
+        let mut end = end;
+        end.rx.set_max_payload(MAX_MESSAGE);
+        Ok(NicVsc {
+            end,
+            io,
+            dev,
+            opts,
+            knobs,
+            stats,
+            tx_slots: vec![TxSlot::default(); opts.send_sections as usize],
+            tx_free: (0..opts.send_sections).rev().collect(),
+            pending_tx: None,
+            rx_posted: vec![false; opts.recv_sections as usize],
+            returns: VecDeque::new(),
+            post_pending: true,
+            out_full: false,
+            masked: false,
+            msg: Vec::with_capacity(MAX_MESSAGE as usize),
+            frame: vec![0; opts.section_bytes as usize + 1],
+            records: Vec::with_capacity(trace::MAX_BATCH),
+            records_since: None,
+        })
+    }
+
+    /// Tx frames in flight.
+    pub fn tx_outstanding(&self) -> usize {
+        self.tx_slots.len() - self.tx_free.len() + self.pending_tx.is_some() as usize
+    }
+
+    /// Fires `io_reap` with the completions gathered since the last hit, if any (see
+    /// `DiskVsc::flush_trace`: every completion is traced exactly once).
+    pub fn flush_trace(&mut self) {
+        if !self.records.is_empty() {
+            trace::io_reap(self.dev, &self.records);
+            self.stats.latency.record(&self.records);
+            self.records.clear();
+        }
+        self.records_since = None;
+    }
+
+    fn record(&mut self, rec: CompletionRecord) {
+        if self.records.len() == trace::MAX_BATCH {
+            self.flush_trace();
+        }
+        self.records_since.get_or_insert_with(Instant::now);
+        self.records.push(rec);
+    }
+
+    fn doorbell(&mut self, bytes_used: u32) -> Result<(), NicError> {
+        self.stats.doorbells.fetch_add(1, Ordering::Relaxed);
+        self.end.to_host.signal()?;
+        trace::signal(self.dev, DIR_GUEST_TO_HOST, bytes_used);
+        Ok(())
+    }
+
+    /// Writes one packet into the outbound ring; `Ok(Some(signal_bytes))` when written (with the
+    /// ring's fill if the host must be signalled), `Ok(None)` when the ring is full.
+    fn write_out(
+        &mut self,
+        ty: u16,
+        flags: u16,
+        trans_id: u64,
+        payload: &[u8],
+    ) -> Result<Option<Option<u32>>, NicError> {
+        match self.end.tx.try_write(ty, flags, trans_id, &[payload])? {
+            WriteOutcome::Written { signal, bytes_used } => {
+                self.out_full = false;
+                Ok(Some(signal.then_some(bytes_used)))
+            }
+            WriteOutcome::Full { needed } => {
+                if !self.out_full {
+                    self.out_full = true;
+                    self.stats.ring_full.fetch_add(1, Ordering::Relaxed);
+                    trace::ring_full(self.dev, DIR_GUEST_TO_HOST, needed);
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Posts receive sections and returns reaped ones; returns how many packets it wrote.
+    fn flush_returns(&mut self) -> Result<usize, NicError> {
+        let mut written = 0;
+        let mut ring_signal = None;
+        if self.post_pending {
+            let post = RxPost {
+                first: 0,
+                count: self.opts.recv_sections,
+            };
+            match self.write_out(PACKET_TYPE_INBAND, 0, 0, &post.encode())? {
+                Some(sig) => {
+                    self.post_pending = false;
+                    self.rx_posted.iter_mut().for_each(|p| *p = true);
+                    ring_signal = ring_signal.or(sig);
+                    written += 1;
+                }
+                None => return Ok(0),
+            }
+        }
+        while let Some(&(trans_id, section)) = self.returns.front() {
+            let done = NicCompletion::default().encode();
+            match self.write_out(PACKET_TYPE_COMPLETION, 0, trans_id, &done)? {
+                Some(sig) => {
+                    self.returns.pop_front();
+                    self.rx_posted[section as usize] = true;
+                    ring_signal = ring_signal.or(sig);
+                    written += 1;
+                }
+                None => break,
+            }
+        }
+        if let Some(used) = ring_signal {
+            self.doorbell(used)?;
+        }
+        Ok(written)
+    }
+
+    /// Moves frames from the backend into the send buffer and the ring; returns how many.
+    fn pump_tx(&mut self) -> Result<usize, NicError> {
+        let mut sent = 0;
+        let mut dropped = 0;
+        let mut ring_signal = None;
+        // Bounded, so that a backend that keeps yielding bad frames cannot starve the rest.
+        while sent + dropped < HOST_PASS {
+            let (section, len) = match self.pending_tx {
+                Some(p) => p,
+                None => {
+                    let Some(&section) = self.tx_free.last() else {
+                        break;
+                    };
+                    if self.out_full {
+                        break;
+                    }
+                    let Some(n) = self
+                        .io
+                        .recv_frame(&mut self.frame)
+                        .map_err(io_err("reading the guest backend"))?
+                    else {
+                        break;
+                    };
+                    if n > self.opts.section_bytes as usize || n < ETH_HLEN as usize {
+                        self.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                        dropped += 1;
+                        continue;
+                    }
+                    self.tx_free.pop();
+                    self.end
+                        .extra
+                        .write_at(self.opts.send_offset(section), &self.frame[..n])
+                        .ok_or_else(|| NicError::Invalid("send section outside the area".into()))?;
+                    (section, n as u32)
+                }
+            };
+            let slot = &self.tx_slots[section as usize];
+            let generation = slot.generation.wrapping_add(1);
+            let tag = (generation as u64) << 32 | section as u64;
+            let req = TxRequest { section, len };
+            let submit_ns = trace::monotonic_ns();
+            match self.write_out(
+                PACKET_TYPE_INBAND,
+                FLAG_COMPLETION_REQUESTED,
+                tag,
+                &req.encode(),
+            )? {
+                Some(sig) => {
+                    self.pending_tx = None;
+                    self.tx_slots[section as usize] = TxSlot {
+                        busy: true,
+                        generation,
+                        len,
+                        submit_ns,
+                    };
+                    trace::io_submit(self.dev, OP_TX, tag, len, submit_ns);
+                    ring_signal = ring_signal.or(sig);
+                    sent += 1;
+                }
+                None => {
+                    self.pending_tx = Some((section, len));
+                    break;
+                }
+            }
+        }
+        if let Some(used) = ring_signal {
+            self.doorbell(used)?;
+        }
+        Ok(sent)
+    }
+
+    fn tx_completion(&mut self, trans_id: u64, now: u64) -> Result<(), NicError> {
+        let c = NicCompletion::decode(&self.msg).ok_or_else(|| {
+            NicError::Protocol(format!("tx completion payload of {} bytes", self.msg.len()))
+        })?;
+        let section = (trans_id & 0xffff_ffff) as usize;
+        let slot = self
+            .tx_slots
+            .get(section)
+            .copied()
+            .filter(|s| s.busy && s.generation == (trans_id >> 32) as u32)
+            .ok_or_else(|| {
+                NicError::Protocol(format!(
+                    "completion for unknown or finished tag {trans_id:#x}"
+                ))
+            })?;
+        if c.len > slot.len || (c.status == 0 && c.len != slot.len) {
+            return Err(NicError::Protocol(format!(
+                "completion reports {} bytes for a {}-byte frame",
+                c.len, slot.len
+            )));
+        }
+        self.tx_slots[section].busy = false;
+        self.tx_free.push(section as u32);
+        let latency_ns = now.saturating_sub(slot.submit_ns);
+        let status = c.status.min(u16::MAX as u32) as u16;
+        self.stats.tx_completions.fetch_add(1, Ordering::Relaxed);
+        if c.status == 0 {
+            self.stats
+                .tx_bytes
+                .fetch_add(c.len as u64, Ordering::Relaxed);
+        } else {
+            self.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        trace::io_complete(self.dev, OP_TX, trans_id, c.len, latency_ns, status);
+        self.record(CompletionRecord {
+            latency_ns,
+            bytes: c.len,
+            op: OP_TX,
+            status,
+        });
+        Ok(())
+    }
+
+    fn rx_packet(&mut self, trans_id: u64, now: u64) -> Result<(), NicError> {
+        let p = RxPacket::decode(&self.msg).ok_or_else(|| {
+            NicError::Protocol(format!("malformed rx packet of {} bytes", self.msg.len()))
+        })?;
+        if !self
+            .rx_posted
+            .get(p.section as usize)
+            .copied()
+            .unwrap_or(false)
+        {
+            return Err(NicError::Protocol(format!(
+                "rx packet in section {} which the host does not own",
+                p.section
+            )));
+        }
+        if p.len < ETH_HLEN || p.len > self.opts.section_bytes {
+            return Err(NicError::Protocol(format!(
+                "rx frame of {} bytes (sections hold {})",
+                p.len, self.opts.section_bytes
+            )));
+        }
+        self.rx_posted[p.section as usize] = false;
+        let frame = &mut self.frame[..p.len as usize];
+        self.end
+            .extra
+            .read_at(self.opts.recv_offset(p.section), frame)
+            .ok_or_else(|| NicError::Invalid("receive section outside the area".into()))?;
+        let status = match self.io.send_frame(frame) {
+            Ok(()) => 0,
+            Err(e) => {
+                self.stats.rx_deliver_errors.fetch_add(1, Ordering::Relaxed);
+                e.raw_os_error().unwrap_or(libc::EIO).min(u16::MAX as i32) as u16
+            }
+        };
+        self.returns.push_back((trans_id, p.section));
+        let latency_ns = now.saturating_sub(p.host_rx_ns);
+        self.stats.rx_packets.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .rx_bytes
+            .fetch_add(p.len as u64, Ordering::Relaxed);
+        trace::io_complete(self.dev, OP_RX, trans_id, p.len, latency_ns, status);
+        self.record(CompletionRecord {
+            latency_ns,
+            bytes: p.len,
+            op: OP_RX,
+            status,
+        });
+        Ok(())
+    }
+
+    /// One polling pass: handles up to `poll_budget` packets from the host.
+    fn reap_pass(&mut self) -> Result<usize, NicError> {
+        let budget = self.knobs.budget();
+        let mut reaped = 0;
+        while reaped < budget {
+            let Some(h) = self.end.rx.read_into(&mut self.msg)? else {
+                break;
+            };
+            let now = trace::monotonic_ns();
+            match h.ty {
+                PACKET_TYPE_COMPLETION => self.tx_completion(h.trans_id, now)?,
+                PACKET_TYPE_TRANSFER_PAGES => self.rx_packet(h.trans_id, now)?,
+                ty => {
+                    return Err(NicError::Protocol(format!(
+                        "packet type {ty} from the host"
+                    )))
+                }
+            }
+            reaped += 1;
+        }
+        if self.end.rx.commit().signal_writer {
+            self.doorbell(0)?;
+        }
+        if self
+            .records_since
+            .is_some_and(|t| t.elapsed() >= TRACE_FLUSH)
+        {
+            self.flush_trace();
+        }
+        Ok(reaped)
+    }
+
+    fn set_masked(&mut self, masked: bool) {
+        if self.masked != masked {
+            self.end.rx.set_interrupt_mask(masked);
+            self.masked = masked;
+            trace::irq_mask(self.dev, masked);
+        }
+    }
+
+    /// One turn of the driver: reap (NAPI-like), return and post receive sections, send frames;
+    /// when there was nothing to do, sleep until the host signals, a frame waits in the backend,
+    /// `wake_fd` is readable, or `timeout`. Returns whether it did any work.
+    pub fn poll_once(&mut self, wake_fd: RawFd, timeout: Duration) -> Result<bool, NicError> {
+        let n = self.reap_pass()?;
+        let returned = self.flush_returns()?;
+        let sent = self.pump_tx()?;
+        if n == self.knobs.budget() {
+            self.set_masked(true);
+            return Ok(true);
+        }
+        if self.masked {
+            self.set_masked(false);
+            // Lost-wake-up guard: a packet written while we were masked raised no signal.
+            if self.end.rx.has_data()? {
+                return Ok(true);
+            }
+        }
+        if n + returned + sent > 0 {
+            return Ok(true);
+        }
+        let flush_in = match self.records_since {
+            Some(t) => {
+                let age = t.elapsed();
+                if age >= TRACE_FLUSH {
+                    self.flush_trace();
+                    timeout
+                } else {
+                    timeout.min(TRACE_FLUSH - age)
+                }
+            }
+            None => timeout,
+        };
+        let can_tx = self.pending_tx.is_none() && !self.tx_free.is_empty() && !self.out_full;
+        let mut fds = [
+            pollfd(self.end.from_host.raw_fd()),
+            pollfd(if can_tx { self.io.raw_fd() } else { -1 }),
+            pollfd(wake_fd),
+        ];
+        sleep_on(&mut fds, flush_in)?;
+        if fds[0].revents & libc::POLLIN != 0 {
+            self.end.from_host.drain()?;
+        }
+        Ok(false)
+    }
+
+    /// Runs until `stop` is set (then traces what is left) or an error.
+    pub fn run(&mut self, stop: &AtomicBool, wake_fd: RawFd) -> Result<(), NicError> {
+        let result = loop {
+            if stop.load(Ordering::Acquire) {
+                break Ok(());
+            }
+            if let Err(e) = self.poll_once(wake_fd, Duration::from_millis(100)) {
+                break Err(e);
+            }
+        };
+        self.flush_trace();
+        result
+    }
+}
+
+impl<F: FrameIo> Drop for NicVsc<F> {
+    fn drop(&mut self) {
+        self.flush_trace();
+    }
+}

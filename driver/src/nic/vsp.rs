@@ -1,0 +1,370 @@
+//! The host's NIC service (VSP).
+
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::proto::{
+    GuestMessage, NicCompletion, RxPacket, RxPost, TxRequest, ETH_HLEN, MAX_MESSAGE,
+};
+use super::{
+    io_err, pollfd, sleep_on, FrameIo, NicError, NicHostStats, NicKnobs, NicOptions, HOST_PASS,
+};
+use crate::channel::HostEnd;
+use crate::ring::{
+    WriteOutcome, FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION, PACKET_TYPE_INBAND,
+    PACKET_TYPE_TRANSFER_PAGES,
+};
+use crate::trace::{self, DIR_HOST_TO_GUEST};
+
+/// Moderation state of the host → guest path (as the disk's).
+struct Moderation {
+    owed_since: Option<Instant>,
+    since_owed: u32,
+}
+
+/// State of one receive section, as the host sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RxSection {
+    /// Not posted by the guest.
+    Guest,
+    /// Posted: the host may fill it.
+    Posted,
+    /// Filled and sent in the rx packet with this generation; the guest has not returned it.
+    InFlight(u32),
+}
+
+/// The host's NIC service: tx frames from the guest go to its backend, frames from its backend go
+/// into the guest's receive buffer.
+pub struct NicVsp<F: FrameIo> {
+    end: HostEnd,
+    io: F,
+    dev: u32,
+    opts: NicOptions,
+    knobs: Arc<NicKnobs>,
+    stats: Arc<NicHostStats>,
+    rx: Vec<RxSection>,
+    generation: Vec<u32>,
+    posted: VecDeque<u32>,
+    /// Packets for the inbound ring that found it full: (type, flags, trans_id, payload, len).
+    outq: VecDeque<(u16, u16, u64, [u8; 24], usize)>,
+    blocked_on_full: bool,
+    moderation: Moderation,
+    msg: Vec<u8>,
+    frame: Vec<u8>,
+}
+
+impl<F: FrameIo> NicVsp<F> {
+    /// A service over `end` (extra area laid out by `opts`) with frames from and to `io`.
+    pub fn new(
+        end: HostEnd,
+        io: F,
+        dev: u32,
+        opts: NicOptions,
+        knobs: Arc<NicKnobs>,
+        stats: Arc<NicHostStats>,
+    ) -> Result<Self, NicError> {
+        opts.validate()?;
+        if end.extra.len() < opts.extra_bytes() {
+            return Err(NicError::Invalid(format!(
+                "shared area of {} bytes is smaller than the {} the buffers need",
+                end.extra.len(),
+                opts.extra_bytes()
+            )));
+        }
+        let mut end = end;
+        end.rx.set_max_payload(MAX_MESSAGE);
+        Ok(NicVsp {
+            end,
+            io,
+            dev,
+            opts,
+            knobs,
+            stats,
+            rx: vec![RxSection::Guest; opts.recv_sections as usize],
+            generation: vec![0; opts.recv_sections as usize],
+            posted: VecDeque::with_capacity(opts.recv_sections as usize),
+            outq: VecDeque::new(),
+            blocked_on_full: false,
+            moderation: Moderation {
+                owed_since: None,
+                since_owed: 0,
+            },
+            msg: Vec::with_capacity(MAX_MESSAGE as usize),
+            frame: vec![0; opts.section_bytes as usize + 1],
+        })
+    }
+
+    /// Receive sections the host may fill now.
+    pub fn posted_sections(&self) -> usize {
+        self.posted.len()
+    }
+
+    fn guest_error(&self, what: std::fmt::Arguments) {
+        self.stats.guest_errors.fetch_add(1, Ordering::Relaxed);
+        log::debug!("nic{}: malformed message from the guest: {what}", self.dev);
+    }
+
+    fn complete_tx(&mut self, trans_id: u64, flags: u16, c: NicCompletion) {
+        if c.status != 0 {
+            self.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if flags & FLAG_COMPLETION_REQUESTED != 0 {
+            let mut p = [0u8; 24];
+            p[..8].copy_from_slice(&c.encode());
+            self.outq
+                .push_back((PACKET_TYPE_COMPLETION, 0, trans_id, p, 8));
+        }
+    }
+
+    fn handle_tx(&mut self, trans_id: u64, flags: u16, req: TxRequest) {
+        if req.section >= self.opts.send_sections
+            || req.len < ETH_HLEN
+            || req.len > self.opts.section_bytes
+        {
+            self.guest_error(format_args!("{req:?}"));
+            let c = NicCompletion {
+                status: libc::EINVAL as u32,
+                len: 0,
+            };
+            return self.complete_tx(trans_id, flags, c);
+        }
+        let frame = &mut self.frame[..req.len as usize];
+        if self
+            .end
+            .extra
+            .read_at(self.opts.send_offset(req.section), frame)
+            .is_none()
+        {
+            let c = NicCompletion {
+                status: libc::EINVAL as u32,
+                len: 0,
+            };
+            return self.complete_tx(trans_id, flags, c);
+        }
+        let c = match self.io.send_frame(frame) {
+            Ok(()) => {
+                self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                NicCompletion {
+                    status: 0,
+                    len: req.len,
+                }
+            }
+            Err(e) => NicCompletion {
+                status: e.raw_os_error().unwrap_or(libc::EIO) as u32,
+                len: 0,
+            },
+        };
+        self.complete_tx(trans_id, flags, c);
+    }
+
+    fn handle_post(&mut self, post: RxPost) {
+        let end = post.first.checked_add(post.count);
+        if end.is_none_or(|e| e > self.opts.recv_sections) {
+            return self.guest_error(format_args!("{post:?} outside the receive buffer"));
+        }
+        for s in post.first..post.first + post.count {
+            if self.rx[s as usize] == RxSection::Guest {
+                self.rx[s as usize] = RxSection::Posted;
+                self.posted.push_back(s);
+            } else {
+                self.guest_error(format_args!("section {s} posted twice"));
+            }
+        }
+    }
+
+    fn handle_return(&mut self, trans_id: u64) {
+        let section = (trans_id & 0xffff_ffff) as usize;
+        let generation = (trans_id >> 32) as u32;
+        match self.rx.get(section) {
+            Some(RxSection::InFlight(g)) if *g == generation => {
+                self.rx[section] = RxSection::Posted;
+                self.posted.push_back(section as u32);
+            }
+            _ => self.guest_error(format_args!("return of unknown rx {trans_id:#x}")),
+        }
+    }
+
+    /// Handles up to one pass of the guest's packets; returns how many.
+    fn guest_pass(&mut self) -> Result<usize, NicError> {
+        let mut n = 0;
+        while n < HOST_PASS {
+            let Some(h) = self.end.rx.read_into(&mut self.msg)? else {
+                break;
+            };
+            n += 1;
+            match (h.ty, GuestMessage::decode(&self.msg)) {
+                (PACKET_TYPE_INBAND, Some(GuestMessage::Tx(req))) => {
+                    self.handle_tx(h.trans_id, h.flags, req)
+                }
+                (PACKET_TYPE_INBAND, Some(GuestMessage::RxPost(post))) => self.handle_post(post),
+                (PACKET_TYPE_COMPLETION, _) => self.handle_return(h.trans_id),
+                (ty, _) => {
+                    self.guest_error(format_args!("packet type {ty}, {} bytes", self.msg.len()));
+                    let c = NicCompletion {
+                        status: libc::EPROTO as u32,
+                        len: 0,
+                    };
+                    self.complete_tx(h.trans_id, h.flags, c);
+                }
+            }
+        }
+        if self.end.rx.commit().signal_writer {
+            self.interrupt(0)?;
+        }
+        Ok(n)
+    }
+
+    fn interrupt(&mut self, used: u32) -> Result<(), NicError> {
+        // Count before signalling: a woken guest may read the counter at once.
+        self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
+        self.end.to_guest.signal()?;
+        trace::signal(self.dev, DIR_HOST_TO_GUEST, used);
+        Ok(())
+    }
+
+    /// Reads frames from the backend into posted sections; returns how many.
+    fn backend_pass(&mut self) -> Result<usize, NicError> {
+        let mut n = 0;
+        while n < HOST_PASS && self.outq.is_empty() && !self.posted.is_empty() {
+            let Some(len) = self
+                .io
+                .recv_frame(&mut self.frame)
+                .map_err(io_err("reading the host backend"))?
+            else {
+                break;
+            };
+            let host_rx_ns = trace::monotonic_ns();
+            if len < ETH_HLEN as usize || len > self.opts.section_bytes as usize {
+                self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+                continue;
+            }
+            let section = self.posted.pop_front().expect("checked non-empty");
+            self.end
+                .extra
+                .write_at(self.opts.recv_offset(section), &self.frame[..len])
+                .ok_or_else(|| NicError::Invalid("receive section outside the area".into()))?;
+            let generation = self.generation[section as usize].wrapping_add(1);
+            self.generation[section as usize] = generation;
+            self.rx[section as usize] = RxSection::InFlight(generation);
+            let p = RxPacket {
+                section,
+                len: len as u32,
+                host_rx_ns,
+            };
+            self.outq.push_back((
+                PACKET_TYPE_TRANSFER_PAGES,
+                FLAG_COMPLETION_REQUESTED,
+                (generation as u64) << 32 | section as u64,
+                p.encode(),
+                24,
+            ));
+            self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+            if self.posted.is_empty() {
+                self.stats
+                    .rx_buffer_exhausted
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            n += 1;
+            self.write_inbound()?;
+        }
+        Ok(n)
+    }
+
+    /// Writes queued packets into the inbound ring; returns how many.
+    fn write_inbound(&mut self) -> Result<usize, NicError> {
+        let mut n = 0;
+        while let Some((ty, flags, trans_id, payload, len)) = self.outq.front().copied() {
+            match self
+                .end
+                .tx
+                .try_write(ty, flags, trans_id, &[&payload[..len]])?
+            {
+                WriteOutcome::Written { signal, .. } => {
+                    self.outq.pop_front();
+                    self.blocked_on_full = false;
+                    if signal && self.moderation.owed_since.is_none() {
+                        self.moderation.owed_since = Some(Instant::now());
+                        self.moderation.since_owed = 0;
+                    }
+                    if self.moderation.owed_since.is_some() {
+                        self.moderation.since_owed += 1;
+                    }
+                    n += 1;
+                }
+                WriteOutcome::Full { needed } => {
+                    if !self.blocked_on_full {
+                        self.stats.ring_full.fetch_add(1, Ordering::Relaxed);
+                        trace::ring_full(self.dev, DIR_HOST_TO_GUEST, needed);
+                        self.blocked_on_full = true;
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn moderation_deadline(&self) -> Option<Instant> {
+        let usecs = self.knobs.moderation_usecs.load(Ordering::Relaxed);
+        self.moderation
+            .owed_since
+            .map(|t| t + Duration::from_micros(usecs as u64))
+    }
+
+    fn moderate(&mut self) -> Result<(), NicError> {
+        let frames = self.knobs.moderation_frames.load(Ordering::Relaxed).max(1);
+        let due = self.moderation.owed_since.is_some()
+            && (self.moderation.since_owed >= frames
+                || self
+                    .moderation_deadline()
+                    .is_some_and(|d| Instant::now() >= d));
+        if due {
+            self.moderation.owed_since = None;
+            if !self.end.tx.reader_masked() {
+                let used = self.end.tx.bytes_used()?;
+                self.interrupt(used)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One turn of the service; sleeps when there was nothing to do (until the guest signals, a
+    /// frame waits in the backend while a section is posted, `wake_fd` is readable, the
+    /// moderation timer, or `timeout`). Returns whether it did any work.
+    pub fn poll_once(&mut self, wake_fd: RawFd, timeout: Duration) -> Result<bool, NicError> {
+        let from_guest = self.guest_pass()?;
+        let written = self.write_inbound()?;
+        let received = self.backend_pass()?;
+        self.moderate()?;
+        if from_guest + written + received > 0 || self.end.rx.has_data()? {
+            return Ok(true);
+        }
+        let timeout = match self.moderation_deadline() {
+            Some(d) => timeout.min(d.saturating_duration_since(Instant::now())),
+            None => timeout,
+        };
+        let can_rx = self.outq.is_empty() && !self.posted.is_empty();
+        let mut fds = [
+            pollfd(self.end.from_guest.raw_fd()),
+            pollfd(if can_rx { self.io.raw_fd() } else { -1 }),
+            pollfd(wake_fd),
+        ];
+        sleep_on(&mut fds, timeout)?;
+        if fds[0].revents & libc::POLLIN != 0 {
+            self.end.from_guest.drain()?;
+        }
+        Ok(false)
+    }
+
+    /// Runs until `stop` is set or the guest breaks the ring.
+    pub fn run(&mut self, stop: &AtomicBool, wake_fd: RawFd) -> Result<(), NicError> {
+        while !stop.load(Ordering::Acquire) {
+            self.poll_once(wake_fd, Duration::from_millis(100))?;
+        }
+        Ok(())
+    }
+}
