@@ -86,14 +86,20 @@ fn check_reports_a_device_it_cannot_attach_to() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // A registered device whose process (this test, alive) has no enlight USDT sites.
+    // A registered device whose process is alive but has no enlight USDT sites: `sleep`, not
+    // this test (which links the driver and so carries its sites).
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("starting sleep");
+    let sleep_exe = std::fs::read_link(format!("/proc/{}/exe", sleeper.id())).unwrap();
     let record = enlight_driver::registry::DeviceRecord {
         name: "nosites".into(),
         device: "disk".into(),
         kind: "synthetic".into(),
         dev_id: 0,
-        pid: std::process::id(),
-        exe: std::env::current_exe().unwrap(),
+        pid: sleeper.id(),
+        exe: sleep_exe,
         started_unix_ms: 0,
         settings: Default::default(),
         control: None,
@@ -104,6 +110,8 @@ fn check_reports_a_device_it_cannot_attach_to() {
         .arg(dir.path())
         .output()
         .unwrap();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
     assert!(stdout.contains("FAIL nosites"), "{stdout}");

@@ -45,7 +45,7 @@ const _: () = assert!(std::mem::offset_of!(CompletionRecord, op) == 12);
 const _: () = assert!(std::mem::offset_of!(CompletionRecord, status) == 14);
 
 /// Name of every probe, in the order of contract 1.
-pub const PROBE_NAMES: [&str; 8] = [
+pub const PROBE_NAMES: [&str; 9] = [
     "io_submit",
     "io_complete",
     "io_reap",
@@ -54,6 +54,7 @@ pub const PROBE_NAMES: [&str; 8] = [
     "ring_full",
     "workload_start",
     "settings_change",
+    "trap",
 ];
 
 /// The VSC wrote a request packet into the outbound ring.
