@@ -5,6 +5,9 @@
 //! directory so it finds exactly that device, and prints one line per second: IOPS and
 //! p50/p99/p999 as the eBPF-fed histograms see them next to the workload's own figures. Stops on
 //! Ctrl-C or after `--duration`, and removes everything it created.
+//!
+//! The tuner runs too (`--tune auto` by default): each decision it takes on the disk is printed
+//! under the summary line as it happens, with the settings it changed and its reason.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -31,6 +34,17 @@ pub struct DemoArgs {
     /// Size of the temporary backing file in MiB.
     #[arg(long, default_value_t = 256)]
     size_mib: u64,
+    /// The tuner: `auto` changes the disk's settings live through its control socket,
+    /// `dry-run` only recommends, `off` runs none.
+    #[arg(long, value_enum, default_value_t = DemoTuner::Auto)]
+    tune: DemoTuner,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DemoTuner {
+    Off,
+    DryRun,
+    Auto,
 }
 
 /// Latest figures reported by the device process (its workload's own counts).
@@ -68,10 +82,15 @@ async fn run_async(args: DemoArgs) -> Result<()> {
         })?;
     let metrics_addr = listener.local_addr()?;
 
-    let config = enlightd::Config {
+    let mut config = enlightd::Config {
         runtime_dir: runtime_dir.clone(),
         interval_ms: 1000,
         ..enlightd::Config::default()
+    };
+    config.tuner.mode = match args.tune {
+        DemoTuner::Off => enlightd::tuner::TunerMode::Off,
+        DemoTuner::DryRun => enlightd::tuner::TunerMode::DryRun,
+        DemoTuner::Auto => enlightd::tuner::TunerMode::Auto,
     };
     let daemon = enlightd::Daemon::start(config).context("starting enlightd")?;
     let handle = daemon.handle();
@@ -99,6 +118,7 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let mut interrupted = false;
+    let mut last_decision_ms = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -110,10 +130,20 @@ async fn run_async(args: DemoArgs) -> Result<()> {
             break;
         }
         let workload = feed.lock().expect("feed lock").latest.clone();
+        let devices = handle.devices();
         println!(
             "{}",
-            summary_line(started.elapsed(), &handle.devices(), workload.as_ref())
+            summary_line(started.elapsed(), &devices, workload.as_ref())
         );
+        let decision = devices
+            .iter()
+            .find(|d| d.name == "disk0")
+            .and_then(|d| d.tuner.as_ref())
+            .and_then(|t| t.last_decision.as_ref());
+        if let Some(d) = decision.filter(|d| d.ts_unix_ms != last_decision_ms) {
+            last_decision_ms = d.ts_unix_ms;
+            println!("{}", decision_line(d));
+        }
     }
 
     // Stop the device first so its final figures reach the maps, then give the daemon one more
@@ -195,6 +225,41 @@ fn stop_device(child: &mut Child) -> Result<()> {
         bail!("device process exited with {status}");
     }
     Ok(())
+}
+
+/// One tuner decision: what it did, to which knobs, and why.
+fn decision_line(d: &enlightd::tuner::Decision) -> String {
+    let (f, t) = (&d.from, &d.to);
+    let mut changed = Vec::new();
+    for (knob, old, new) in [
+        ("ring_out_bytes", f.ring_out_bytes, t.ring_out_bytes),
+        ("ring_in_bytes", f.ring_in_bytes, t.ring_in_bytes),
+        (
+            "moderation_frames",
+            f.moderation_frames,
+            t.moderation_frames,
+        ),
+        ("moderation_usecs", f.moderation_usecs, t.moderation_usecs),
+        ("poll_budget", f.poll_budget, t.poll_budget),
+    ] {
+        if old != new {
+            changed.push(format!("{knob} {old}->{new}"));
+        }
+    }
+    let action = match d.action {
+        enlightd::tuner::Action::Change => "change",
+        enlightd::tuner::Action::Revert => "revert",
+        enlightd::tuner::Action::Recommend => "recommend",
+    };
+    format!(
+        "       tuner: {action} {} ({})",
+        if changed.is_empty() {
+            "nothing".to_string()
+        } else {
+            changed.join(", ")
+        },
+        d.reason
+    )
 }
 
 fn summary_header() -> String {

@@ -1,7 +1,8 @@
 //! `enlight`: the command line.
 //!
 //! - `enlight demo` runs the main job end to end: a synthetic disk on a temporary backing file, a
-//!   workload, and enlightd (in this process) with the eBPF probes attached to the device process.
+//!   workload, and enlightd (in this process) with the eBPF probes attached to the device process
+//!   and the tuner changing the disk's settings live.
 //! - `enlight disk` is a device process: a synthetic disk (VSC and VSP threads over a VMBus-style
 //!   channel) driven by the workload generator, announced in the device registry so that enlightd
 //!   finds it. It prints one JSON line per second with the workload's own figures.
@@ -9,7 +10,10 @@
 //!   register access traps to the device model, through a thread hand-off or a real KVM exit.
 //! - `enlight nic` is a device process for the synthetic NIC: guest and host sides on taps in two
 //!   network namespaces it creates, so real traffic (ping, iperf3) crosses the rings.
+//! - `enlight emulated-nic` runs an emulated NE2000 between two namespaces it creates.
 //! - `enlight top` watches a running enlightd in the terminal (crate `enlight-tui`).
+//! - `enlight tune --dry-run` prints the tuner's recommendations; `enlight restore` puts back the
+//!   kernel device settings enlight changed; `enlight bench tune|compare` are the benchmarks.
 
 mod bench;
 mod demo;
@@ -52,7 +56,7 @@ enum Command {
     Nic(nic::NicArgs),
     /// Watch a running enlightd live in the terminal: devices, latency histograms, the tuner.
     Top(top::TopArgs),
-    /// Benchmarks of the whole system (`enlight bench tune`).
+    /// Benchmarks of the whole system (`enlight bench tune`, `enlight bench compare`).
     Bench(bench::BenchArgs),
     /// Print the tuner's recommendations for the running devices (asks enlightd).
     Tune(tune::TuneArgs),

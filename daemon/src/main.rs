@@ -11,7 +11,7 @@ use enlightd::Config;
 #[command(
     name = "enlightd",
     version,
-    about = "enlight daemon: eBPF-fed latency histograms of synthetic devices, served to Prometheus"
+    about = "enlight daemon: eBPF-fed latency histograms of synthetic, emulated and kernel devices, served to Prometheus and a JSON API, and a live tuner of their rings and interrupt moderation"
 )]
 struct Flags {
     /// TOML configuration file (unknown keys are rejected).
