@@ -15,6 +15,7 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include "enlight.h"
+#include "bucket.h"
 
 struct pt_regs;
 
@@ -118,25 +119,6 @@ static __always_inline int usdt_arg(struct pt_regs *ctx, __u32 n, __u64 *res)
 		val = val >> arg->arg_bitshift;
 	*res = val;
 	return 0;
-}
-
-/* Log-linear bucket of a latency in ns; mirrored by probes/src/hist.rs. */
-static __always_inline __u32 bucket_of(__u64 v)
-{
-	__u32 msb = 0, k;
-	__u64 x = v, idx;
-
-	if (v < 2 * ENLIGHT_SUB_BUCKETS)
-		return (__u32)v;
-	if (x >> 32) { msb += 32; x >>= 32; }
-	if (x >> 16) { msb += 16; x >>= 16; }
-	if (x >> 8) { msb += 8; x >>= 8; }
-	if (x >> 4) { msb += 4; x >>= 4; }
-	if (x >> 2) { msb += 2; x >>= 2; }
-	if (x >> 1) { msb += 1; }
-	k = msb - 7;
-	idx = 2 * ENLIGHT_SUB_BUCKETS + (__u64)(k - 1) * ENLIGHT_SUB_BUCKETS + ((v >> k) - ENLIGHT_SUB_BUCKETS);
-	return idx >= ENLIGHT_BUCKETS ? ENLIGHT_BUCKETS - 1 : (__u32)idx;
 }
 
 static __always_inline struct enlight_io_hist *io_hist_of(struct enlight_io_key *key)

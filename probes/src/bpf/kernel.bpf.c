@@ -17,6 +17,7 @@
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 #include "kernel.h"
+#include "bucket.h"
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
@@ -106,26 +107,6 @@ static __always_inline void health_inc(__u32 which)
 	__u64 *v = bpf_map_lookup_elem(&kernel_health, &which);
 	if (v)
 		*v += 1;
-}
-
-/* Log-linear bucket of a latency in ns: the same scheme as enlight.bpf.c's bucket_of and
- * probes/src/hist.rs (exact below 256 ns, 128 sub-buckets per power of two). */
-static __always_inline __u32 bucket_of(__u64 v)
-{
-	__u32 msb = 0, k;
-	__u64 x = v, idx;
-
-	if (v < 2 * ENLIGHT_SUB_BUCKETS)
-		return (__u32)v;
-	if (x >> 32) { msb += 32; x >>= 32; }
-	if (x >> 16) { msb += 16; x >>= 16; }
-	if (x >> 8) { msb += 8; x >>= 8; }
-	if (x >> 4) { msb += 4; x >>= 4; }
-	if (x >> 2) { msb += 2; x >>= 2; }
-	if (x >> 1) { msb += 1; }
-	k = msb - 7;
-	idx = 2 * ENLIGHT_SUB_BUCKETS + (__u64)(k - 1) * ENLIGHT_SUB_BUCKETS + ((v >> k) - ENLIGHT_SUB_BUCKETS);
-	return idx >= ENLIGHT_BUCKETS ? ENLIGHT_BUCKETS - 1 : (__u32)idx;
 }
 
 /* Looks up key in a per-CPU map, creating it from the all-zero template if absent. */
