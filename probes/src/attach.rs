@@ -54,48 +54,8 @@ pub fn attach_site(
     attr[1] = semaphore_offset << PERF_UPROBE_REF_CTR_OFFSET_SHIFT;
     attr[7] = path.as_ptr() as u64;
     attr[8] = file_offset;
-    // SAFETY: attr is a valid perf_event_attr of the size it declares; `path` outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_perf_event_open,
-            attr.as_ptr(),
-            -1,
-            0,
-            -1,
-            PERF_FLAG_FD_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd returned by the kernel, owned by nobody else.
-    let perf = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // union bpf_attr for BPF_LINK_CREATE: prog_fd, target_fd, attach_type, flags, then
-    // perf_event.bpf_cookie at byte 16.
-    let mut battr = [0u32; 16];
-    battr[0] = prog.as_raw_fd() as u32;
-    battr[1] = perf.as_raw_fd() as u32;
-    battr[2] = BPF_PERF_EVENT;
-    battr[4] = cookie as u32;
-    battr[5] = (cookie >> 32) as u32;
-    // SAFETY: battr is a zero-padded bpf_attr of the size we pass.
-    let link = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            battr.as_ptr(),
-            std::mem::size_of_val(&battr) as u32,
-        )
-    };
-    if link < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd returned by the kernel.
-    let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
-    Ok(SiteLink {
-        _link: link,
-        _perf: perf,
-    })
+    // `path` outlives the call, which is all the kernel needs of the pointer in config1.
+    open_and_link(prog, &attr, cookie)
 }
 
 /// Attaches `prog` to the classic tracepoint with tracefs id `tracepoint_id` (every CPU, as
@@ -113,7 +73,18 @@ pub fn attach_tracepoint(
     attr[1] = tracepoint_id as u64;
     // sample_period 1 (word 2); every other field zero: enabled, no sampling.
     attr[2] = 1;
-    // SAFETY: attr is a valid perf_event_attr of the size it declares.
+    open_and_link(prog, &attr, cookie)
+}
+
+/// Opens the perf event `attr` describes (every process, the event's CPU 0, close-on-exec) and
+/// links `prog` to it with `cookie` readable through `bpf_get_attach_cookie`.
+fn open_and_link(
+    prog: BorrowedFd<'_>,
+    attr: &[u64; PERF_ATTR_SIZE as usize / 8],
+    cookie: u64,
+) -> io::Result<SiteLink> {
+    // SAFETY: attr is a valid perf_event_attr of the size it declares; any pointer in it (the
+    // uprobe path) is kept alive by the caller for the duration of the call.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_perf_event_open,
@@ -129,6 +100,8 @@ pub fn attach_tracepoint(
     }
     // SAFETY: a fresh fd returned by the kernel, owned by nobody else.
     let perf = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // union bpf_attr for BPF_LINK_CREATE: prog_fd, target_fd, attach_type, flags, then
+    // perf_event.bpf_cookie at byte 16.
     let mut battr = [0u32; 16];
     battr[0] = prog.as_raw_fd() as u32;
     battr[1] = perf.as_raw_fd() as u32;
