@@ -227,39 +227,14 @@ fn stop_device(child: &mut Child) -> Result<()> {
     Ok(())
 }
 
-/// One tuner decision: what it did, to which knobs, and why.
+/// One tuner decision, as the tuner states it (the knobs it moved and why).
 fn decision_line(d: &enlightd::tuner::Decision) -> String {
-    let (f, t) = (&d.from, &d.to);
-    let mut changed = Vec::new();
-    for (knob, old, new) in [
-        ("ring_out_bytes", f.ring_out_bytes, t.ring_out_bytes),
-        ("ring_in_bytes", f.ring_in_bytes, t.ring_in_bytes),
-        (
-            "moderation_frames",
-            f.moderation_frames,
-            t.moderation_frames,
-        ),
-        ("moderation_usecs", f.moderation_usecs, t.moderation_usecs),
-        ("poll_budget", f.poll_budget, t.poll_budget),
-    ] {
-        if old != new {
-            changed.push(format!("{knob} {old}->{new}"));
-        }
-    }
     let action = match d.action {
         enlightd::tuner::Action::Change => "change",
         enlightd::tuner::Action::Revert => "revert",
         enlightd::tuner::Action::Recommend => "recommend",
     };
-    format!(
-        "       tuner: {action} {} ({})",
-        if changed.is_empty() {
-            "nothing".to_string()
-        } else {
-            changed.join(", ")
-        },
-        d.reason
-    )
+    format!("       tuner {action}: {}", d.reason)
 }
 
 fn summary_header() -> String {

@@ -301,7 +301,13 @@ impl Shell {
             let (current, bounds) = match backend.get() {
                 Ok(v) => v,
                 Err(e) => {
-                    log::warn!("tuner: {name}: reading settings: {e}");
+                    // A device that exited since the collector last read the registry is not a
+                    // fault: it leaves the registry at the next tick.
+                    if std::path::Path::new(&format!("/proc/{}", sample.record.pid)).exists() {
+                        log::warn!("tuner: {name}: reading settings: {e}");
+                    } else {
+                        log::debug!("tuner: {name}: the device process has exited: {e}");
+                    }
                     slot.backend = None;
                     continue;
                 }
