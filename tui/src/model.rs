@@ -71,6 +71,8 @@ pub struct DeviceView {
     pub device: String,
     /// `synthetic`, `emulated` or `kernel`.
     pub kind: String,
+    /// The kernel driver (`virtio_blk`, `loop`, ...) of a `kernel` device; `None` otherwise.
+    pub driver: Option<String>,
     pub pid: u32,
     pub present: bool,
     pub attached: bool,

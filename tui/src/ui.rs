@@ -288,9 +288,13 @@ fn summary_lines(app: &App, d: &DeviceView) -> Vec<Line<'static>> {
         Line::from(vec![
             Span::styled(d.name.clone(), BOLD),
             Span::raw(format!(
-                "  {}/{}  pid {}  {}  {}",
+                "  {}/{}{}  pid {}  {}  {}",
                 d.device,
                 d.kind,
+                d.driver
+                    .as_deref()
+                    .map(|drv| format!(" ({drv})"))
+                    .unwrap_or_default(),
                 d.pid,
                 if ops.is_empty() {
                     "-".into()
@@ -852,6 +856,20 @@ mod tests {
                 "│16:00:00 change    mod_frames 16→8: p99 fell 12% at 8 frames                  │",
             ],
             "{s:#?}"
+        );
+    }
+
+    #[test]
+    fn a_kernel_device_shows_its_driver() {
+        let mut app = sample_app();
+        app.devices[0].kind = "kernel".into();
+        app.devices[0].driver = Some("virtio_blk".into());
+        key(&mut app, KeyCode::Enter);
+        let s = screen(&app, 80, 24);
+        assert!(
+            s[1].contains("disk/kernel (virtio_blk)  pid 42"),
+            "{}",
+            s[1]
         );
     }
 
