@@ -161,7 +161,27 @@ pub fn sites(path: &Path) -> Result<Vec<Site>, UsdtError> {
     sites_in(&p, &data)
 }
 
-/// Every USDT site in the ELF image `data`; `path` is only used in errors.
+/// A loadable segment: where it is mapped and where it lies in the file.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    vaddr: u64,
+    offset: u64,
+    size: u64,
+    executable: bool,
+}
+
+/// The file offset of virtual address `addr`, if a segment (an executable one, if `code`) maps
+/// it.
+fn file_offset(segments: &[Segment], addr: u64, code: bool) -> Option<u64> {
+    segments
+        .iter()
+        .filter(|s| s.executable || !code)
+        .find(|s| addr >= s.vaddr && addr - s.vaddr < s.size)
+        .map(|s| addr - s.vaddr + s.offset)
+}
+
+/// Every USDT site in the ELF image `data` whose code the linker kept; `path` is only used in
+/// errors.
 pub fn sites_in(path: &str, data: &[u8]) -> Result<Vec<Site>, UsdtError> {
     let elf_err = |reason: String| UsdtError::Elf {
         path: path.to_string(),
@@ -176,23 +196,28 @@ pub fn sites_in(path: &str, data: &[u8]) -> Result<Vec<Site>, UsdtError> {
     };
     let notes = notes.data().map_err(|e| elf_err(e.to_string()))?;
     let base_section = file.section_by_name(".stapsdt.base").map(|s| s.address());
-    let segments: Vec<(u64, u64, u64)> = file
+    let segments: Vec<Segment> = file
         .segments()
         .map(|s| {
             let (offset, size) = s.file_range();
-            (s.address(), offset, size)
+            let executable = match s.flags() {
+                object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
+                _ => false,
+            };
+            Segment {
+                vaddr: s.address(),
+                offset,
+                size,
+                executable,
+            }
         })
         .collect();
     let to_offset = |probe: &str, addr: u64| {
-        segments
-            .iter()
-            .find(|(va, _, size)| addr >= *va && addr < va + size)
-            .map(|(va, off, _)| addr - va + off)
-            .ok_or_else(|| UsdtError::NoSegment {
-                path: path.to_string(),
-                probe: probe.to_string(),
-                addr,
-            })
+        file_offset(&segments, addr, false).ok_or_else(|| UsdtError::NoSegment {
+            path: path.to_string(),
+            probe: probe.to_string(),
+            addr,
+        })
     };
     let bad = |reason: &str| UsdtError::BadNote {
         path: path.to_string(),
@@ -249,7 +274,13 @@ pub fn sites_in(path: &str, data: &[u8]) -> Result<Vec<Site>, UsdtError> {
             arg,
             reason,
         })?;
-        let file_offset = to_offset(&name, pc)?;
+        // A note whose site is in no executable segment belongs to code the linker discarded
+        // (--gc-sections keeps the note, with the dead function's address resolved to 0 plus
+        // the site's offset): it can never fire, and the kernel refuses a uprobe there.
+        let Some(file_offset) = file_offset(&segments, pc, true) else {
+            log::debug!("{path}: {provider}:{name} at {pc:#x} is in discarded code, skipped");
+            continue;
+        };
         let semaphore_offset = if semaphore == 0 {
             0
         } else {
@@ -324,6 +355,39 @@ mod tests {
         // The byte at the site's file offset is the probe's nop.
         let bytes = std::fs::read(&exe).unwrap();
         assert_eq!(bytes[site.file_offset as usize], 0x90);
+    }
+
+    #[test]
+    fn a_site_in_discarded_code_has_no_offset() {
+        // The layout of a typical PIE: headers and read-only data, then text, then data.
+        let segs = [
+            Segment {
+                vaddr: 0,
+                offset: 0,
+                size: 0x6000,
+                executable: false,
+            },
+            Segment {
+                vaddr: 0x7000,
+                offset: 0x6000,
+                size: 0x9000,
+                executable: true,
+            },
+            Segment {
+                vaddr: 0x11000,
+                offset: 0xf000,
+                size: 0x1000,
+                executable: false,
+            },
+        ];
+        // A site in text maps into the file; one the linker discarded (address 0 + offset)
+        // lands in the headers, which are no code.
+        assert_eq!(file_offset(&segs, 0x7010, true), Some(0x6010));
+        assert_eq!(file_offset(&segs, 0xa4, true), None);
+        // A semaphore lives in data, which is fine for a data address.
+        assert_eq!(file_offset(&segs, 0x11008, false), Some(0xf008));
+        assert_eq!(file_offset(&segs, 0x11008, true), None);
+        assert_eq!(file_offset(&segs, 0x20000, false), None);
     }
 
     #[test]
