@@ -71,13 +71,9 @@ struct Line<'a> {
     vm_exits: u64,
 }
 
-/// Opens the emulated disk on the transport asked for.
-pub fn open_disk(
-    backing: &std::path::Path,
-    serial: &str,
-    transport: &str,
-) -> Result<Box<dyn BlockTransport>> {
-    let kind = match transport {
+/// `thread`, `kvm`, or `auto`: KVM when it works, else threads with the reason on stderr.
+pub fn resolve_transport(transport: &str) -> Result<TransportKind> {
+    Ok(match transport {
         "auto" => match enlight_vmm::detect() {
             Ok(()) => TransportKind::Kvm,
             Err(reason) => {
@@ -88,7 +84,16 @@ pub fn open_disk(
             }
         },
         other => other.parse().map_err(anyhow::Error::msg)?,
-    };
+    })
+}
+
+/// Opens the emulated disk on the transport asked for.
+pub fn open_disk(
+    backing: &std::path::Path,
+    serial: &str,
+    transport: &str,
+) -> Result<Box<dyn BlockTransport>> {
+    let kind = resolve_transport(transport)?;
     Ok(match kind {
         TransportKind::Thread => Box::new(ThreadIdeDisk::open(backing, serial)?),
         TransportKind::Kvm => Box::new(
@@ -196,6 +201,11 @@ pub struct EmulatedNicArgs {
     /// Wait up to SECS for a tracer (enlightd) to attach every probe before carrying frames.
     #[arg(long, value_name = "SECS")]
     wait_for_probes: Option<f64>,
+    /// How the guest driver's register accesses reach the NE2000 model: thread (a hand-off to
+    /// the model's thread per access), kvm (a guest program in a real VM whose `in`/`out`
+    /// instructions exit to the model), or auto (kvm when it works, with the reason otherwise).
+    #[arg(long, default_value = "thread")]
+    transport: String,
 }
 
 /// The first line `enlight emulated-nic` prints: where to send traffic.
@@ -214,6 +224,13 @@ pub fn run_nic(args: EmulatedNicArgs) -> Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     signals::install_stop_handlers().context("installing signal handlers")?;
+    let transport = resolve_transport(&args.transport)?;
+    if transport == TransportKind::Kvm {
+        // Fail before creating anything when KVM was asked for and does not work.
+        enlight_vmm::detect().map_err(|reason| {
+            anyhow::anyhow!("starting the KVM transport: KVM unavailable: {reason}")
+        })?;
+    }
     let pair = NetPair::create(&args.name, 1500)
         .with_context(|| format!("creating the namespaces of {}", args.name))?;
     let endpoints = NicEndpoints {
@@ -264,14 +281,21 @@ pub fn run_nic(args: EmulatedNicArgs) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        let r = nic::serve(
-            guest_tap,
-            host_tap,
-            [0x02, 0x00, 0x00, 0x0e, 0x20, args.dev_id as u8],
-            args.dev_id,
-            &stop,
-            print,
-        );
+        let mac = [0x02, 0x00, 0x00, 0x0e, 0x20, args.dev_id as u8];
+        let r = match transport {
+            TransportKind::Thread => {
+                nic::serve(guest_tap, host_tap, mac, args.dev_id, &stop, print)
+            }
+            TransportKind::Kvm => nic::serve_with(
+                guest_tap,
+                host_tap,
+                mac,
+                args.dev_id,
+                &stop,
+                print,
+                enlight_vmm::nic::KvmNe2kGuest::new,
+            ),
+        };
         stop.store(true, Ordering::Relaxed);
         r
     })?;
@@ -282,6 +306,8 @@ pub fn run_nic(args: EmulatedNicArgs) -> Result<()> {
         model_tx_frames: u64,
         model_rx_frames: u64,
         model_rx_refused: u64,
+        model_accesses: u64,
+        transport: TransportKind,
         done: bool,
     }
     print(&Final {
@@ -289,6 +315,8 @@ pub fn run_nic(args: EmulatedNicArgs) -> Result<()> {
         model_tx_frames: model.tx_frames,
         model_rx_frames: model.rx_frames,
         model_rx_refused: model.rx_refused,
+        model_accesses: model.accesses,
+        transport,
         done: true,
     });
     drop(registration);

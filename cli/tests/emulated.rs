@@ -367,3 +367,105 @@ fn ring_disk_on_kvm_takes_one_doorbell_and_one_exit_per_batch() {
     // plus the detect() probe guest's one if bpftrace was attached before it ran.
     assert!(mmio == 200 || mmio == 201, "kvm:kvm_mmio {mmio}");
 }
+
+#[test]
+fn emulated_nic_on_kvm_carries_ping_with_pio_exits_matching_kvm_pio() {
+    if let Err(reason) = enlight_vmm::detect() {
+        eprintln!("SKIPPED emulated_nic_on_kvm_carries_ping_with_pio_exits_matching_kvm_pio: KVM unavailable: {reason}");
+        return;
+    }
+    let _serial = require_privileges();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(ENLIGHT)
+        .args([
+            "emulated-nic",
+            "--name",
+            "enick",
+            "--transport",
+            "kvm",
+            "--wait-for-probes",
+            "30",
+            "--duration",
+            "60",
+        ])
+        .arg("--runtime-dir")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn enlight emulated-nic --transport kvm");
+    // The device waits for enlightd's probes before its guest touches the card, so bpftrace
+    // (started first) sees every port-I/O exit.
+    let counter = KvmCounter::start(child.id());
+    let daemon = start_daemon_with_kernel_probes(dir.path());
+    let handle = daemon.handle();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let ends: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let ping = Command::new("ip")
+        .args(["netns", "exec", ends["host_netns"].as_str().unwrap()])
+        .args(["ping", "-c", "10", "-i", "0.05", "-W", "5", "-s", "1000"])
+        .arg(ends["guest_ip"].as_str().unwrap())
+        .output()
+        .expect("ping");
+    let text = String::from_utf8_lossy(&ping.stdout);
+    assert!(
+        ping.status.success() && text.contains("10 received"),
+        "ping through the NE2000 on KVM:\n{text}"
+    );
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let last = out
+        .lines()
+        .map_while(Result::ok)
+        .last()
+        .expect("final figures");
+    assert!(child.wait().unwrap().success());
+    let (pio, mmio, _exits) = counter.stop();
+    let report: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(report["done"], true);
+    assert_eq!(report["transport"], "kvm");
+    settle(&handle, 3);
+    let d = handle
+        .devices()
+        .into_iter()
+        .find(|d| d.name == "enick")
+        .expect("enlightd saw the NIC");
+    assert_eq!((d.device.as_str(), d.kind.as_str()), ("nic", "emulated"));
+    let op = |name: &str| {
+        d.ops
+            .iter()
+            .find(|o| o.op == name)
+            .map(|o| o.ops_total)
+            .unwrap_or(0)
+    };
+    assert_eq!(op("tx"), u(&report, "tx_frames"), "eBPF tx vs the device");
+    assert_eq!(op("rx"), u(&report, "rx_frames"), "eBPF rx vs the device");
+    assert!(op("tx") >= 10 && op("rx") >= 10, "{d:?}");
+    let traps = u(&report, "traps");
+    assert_eq!(d.traps_total, traps, "eBPF's sum of trap hits");
+    // The kernel's count of port-I/O exits equals the VMM's, and every one reached the model.
+    assert_eq!(pio, traps, "kvm:kvm_pio vs the VMM's PIO exits");
+    assert_eq!(u(&report, "model_accesses"), traps);
+    // A 1028-byte echo frame is 514 data-port accesses each way, at least.
+    assert!(traps >= 20 * 514, "{traps}");
+    // The other exits are the guest's done-writes (one per command), each a kvm_mmio, plus the
+    // detect() probe guest's one if bpftrace was attached before the device process ran it.
+    let done_writes = u(&report, "vm_exits") - traps;
+    assert!(done_writes >= 20, "{done_writes}");
+    assert!(
+        mmio == done_writes || mmio == done_writes + 1,
+        "kvm:kvm_mmio {mmio} vs the VMM's {done_writes} done-writes"
+    );
+    let text = handle.render_metrics();
+    let line = format!("enlight_kvm_pio_total{{device=\"enick\",kind=\"emulated\"}} {traps}");
+    assert!(text.contains(&line), "missing {line} in\n{text}");
+    let listed = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    assert!(
+        !String::from_utf8_lossy(&listed.stdout).contains(ends["guest_netns"].as_str().unwrap()),
+        "namespaces removed on exit"
+    );
+}

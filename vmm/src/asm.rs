@@ -142,6 +142,11 @@ impl Asm {
         self.bytes(&[0x66, 0x8B, 0x07])
     }
 
+    /// `mov eax, [rdi]`.
+    pub fn load_eax_rdi(&mut self) -> &mut Self {
+        self.bytes(&[0x8B, 0x07])
+    }
+
     /// `add rdi, imm8`.
     pub fn add_rdi(&mut self, imm: i8) -> &mut Self {
         self.bytes(&[0x48, 0x83, 0xC7, imm as u8])
@@ -316,7 +321,8 @@ mod tests {
             .load_abs(R32::Edx, 0x1F040)
             .store_abs_reg(R32::Eax, 0x1F000)
             .cmp_edx_eax()
-            .pause();
+            .pause()
+            .load_eax_rdi();
         let expected: Vec<u8> = [
             &[0x89, 0xC2][..],                           // mov edx, eax
             &[0x83, 0xE2, 0x3F],                         // and edx, 63
@@ -330,6 +336,7 @@ mod tests {
             &[0x89, 0x04, 0x25, 0x00, 0xF0, 0x01, 0x00], // mov [0x1f000], eax
             &[0x39, 0xC2],                               // cmp edx, eax
             &[0xF3, 0x90],                               // pause
+            &[0x8B, 0x07],                               // mov eax, [rdi]
         ]
         .concat();
         assert_eq!(a.finish(), expected);

@@ -15,10 +15,12 @@
 //! - [`KvmIdeDisk`]: the emulated IDE disk on this transport ([`BlockTransport`]).
 //! - [`ring::KvmRingDisk`]: the enlightened counterpart: a descriptor ring in guest memory and
 //!   one ioeventfd doorbell per batch.
+//! - [`nic::KvmNe2kGuest`]: the emulated NE2000 NIC's guest driver on this transport.
 //! - [`detect`]: whether KVM works here, with the reason when it does not.
 
 pub mod asm;
 pub mod machine;
+pub mod nic;
 pub mod ring;
 
 use std::path::Path;

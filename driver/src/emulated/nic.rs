@@ -48,14 +48,16 @@ struct Card {
     arrivals: VecDeque<u64>,
 }
 
-struct Shared {
+/// The card as the guest's transport and the backend reader share it.
+pub struct Shared {
     card: Mutex<Card>,
     /// Signalled when the guest moves BNRY (ring room may have appeared).
     room: Condvar,
 }
 
-/// The model side of the hand-off: one lock per access, as QEMU takes its lock per exit.
-struct SharedCard(Arc<Shared>);
+/// The model side of the hand-off: one lock per access, as QEMU takes its lock per exit. The
+/// KVM transport's vCPU thread serves its port-I/O exits with it too.
+pub struct SharedCard(Arc<Shared>);
 
 impl PioDevice for SharedCard {
     fn pio_read(&mut self, port: u16, size: u8) -> u32 {
@@ -71,6 +73,38 @@ impl PioDevice for SharedCard {
         if offset == ne2000::BNRY {
             self.0.room.notify_all();
         }
+    }
+}
+
+/// What the serving loop needs from a guest driver of the card, whatever carries its register
+/// accesses: the Rust driver over the thread transport, or a guest program in a VM.
+pub trait NicGuest {
+    /// Sends one frame through the card (returns once the card reports it transmitted).
+    fn send(&mut self, frame: &[u8]) -> Result<(), EmulatedError>;
+    /// Takes every frame out of the card's receive ring, oldest first, handing each to `deliver`.
+    fn receive(&mut self, deliver: &mut dyn FnMut(&[u8])) -> Result<usize, EmulatedError>;
+    /// Register accesses trapped so far (set-up included).
+    fn traps(&self) -> u64;
+    /// Every exit to the VMM so far (0 on the thread transport).
+    fn vm_exits(&self) -> u64 {
+        0
+    }
+    /// Receive headers that made no sense.
+    fn rx_errors(&self) -> u64;
+}
+
+impl NicGuest for Ne2kDriver<ThreadBus<SharedCard>> {
+    fn send(&mut self, frame: &[u8]) -> Result<(), EmulatedError> {
+        Ne2kDriver::send(self, frame)
+    }
+    fn receive(&mut self, deliver: &mut dyn FnMut(&[u8])) -> Result<usize, EmulatedError> {
+        Ne2kDriver::receive(self, deliver)
+    }
+    fn traps(&self) -> u64 {
+        self.bus().traps()
+    }
+    fn rx_errors(&self) -> u64 {
+        self.rx_errors
     }
 }
 
@@ -91,6 +125,9 @@ pub struct NicFigures {
     pub tx_errors: u64,
     /// Receive headers that made no sense.
     pub rx_errors: u64,
+    /// Exits to the VMM (KVM transport: the port-I/O exits plus the guest's done-writes; 0 on
+    /// the thread transport).
+    pub vm_exits: u64,
 }
 
 fn eventfd() -> Result<OwnedFd, EmulatedError> {
@@ -230,7 +267,33 @@ pub fn serve(
     mac: [u8; 6],
     dev_id: u32,
     stop: &AtomicBool,
+    on_interval: impl FnMut(&NicFigures),
+) -> Result<(NicFigures, NicCounters), EmulatedError> {
+    serve_with(
+        guest_tap,
+        host_tap,
+        mac,
+        dev_id,
+        stop,
+        on_interval,
+        |card| {
+            let bus = ThreadBus::spawn(card, "ne2k-model")
+                .map_err(|e| EmulatedError::Transport(format!("spawning the model thread: {e}")))?;
+            Ne2kDriver::new(bus, IO_BASE)
+        },
+    )
+}
+
+/// [`serve`] with the guest driver `make_guest` builds over the card (the thread transport's
+/// Rust driver, or the KVM transport's guest program).
+pub fn serve_with<G: NicGuest>(
+    guest_tap: Tap,
+    host_tap: Tap,
+    mac: [u8; 6],
+    dev_id: u32,
+    stop: &AtomicBool,
     mut on_interval: impl FnMut(&NicFigures),
+    make_guest: impl FnOnce(SharedCard) -> Result<G, EmulatedError>,
 ) -> Result<(NicFigures, NicCounters), EmulatedError> {
     let wire = Arc::new(host_tap);
     let shared = Arc::new(Shared {
@@ -254,17 +317,17 @@ pub fn serve(
             .spawn(move || backend_reader(shared, wire, irq, s))
             .map_err(|e| EmulatedError::Transport(format!("spawning the backend reader: {e}")))?
     };
-    let bus = ThreadBus::spawn(SharedCard(shared.clone()), "ne2k-model")
-        .map_err(|e| EmulatedError::Transport(format!("spawning the model thread: {e}")))?;
-    let result = guest_loop(
-        bus,
-        &guest_tap,
-        &irq,
-        &shared,
-        dev_id,
-        stop,
-        &mut on_interval,
-    );
+    let result = make_guest(SharedCard(shared.clone())).and_then(|guest| {
+        guest_loop(
+            guest,
+            &guest_tap,
+            &irq,
+            &shared,
+            dev_id,
+            stop,
+            &mut on_interval,
+        )
+    });
     reader_stop.store(true, Ordering::Relaxed);
     shared.room.notify_all();
     let _ = reader.join();
@@ -277,8 +340,8 @@ pub fn serve(
     result.map(|f| (f, counters))
 }
 
-fn guest_loop(
-    bus: ThreadBus<SharedCard>,
+fn guest_loop<G: NicGuest>(
+    mut driver: G,
     guest_tap: &Tap,
     irq: &OwnedFd,
     shared: &Shared,
@@ -286,7 +349,6 @@ fn guest_loop(
     stop: &AtomicBool,
     on_interval: &mut impl FnMut(&NicFigures),
 ) -> Result<NicFigures, EmulatedError> {
-    let mut driver = Ne2kDriver::new(bus, IO_BASE)?;
     let mut figures = NicFigures::default();
     let mut tracer = Tracer {
         dev: dev_id,
@@ -309,7 +371,7 @@ fn guest_loop(
         }
         // Receive first (the card's ring is small), then send what the guest stack queued.
         let mut delivered = Vec::new();
-        driver.receive(|f| {
+        driver.receive(&mut |f| {
             let _ = guest_tap.write_frame(f);
             delivered.push(f.len());
         })?;
@@ -363,16 +425,18 @@ fn guest_loop(
                 figures.tx_bytes += n as u64;
             }
         }
-        figures.traps = driver.bus().traps();
-        figures.rx_errors = driver.rx_errors;
-        tracer.flush(driver.bus().traps(), false);
+        figures.traps = driver.traps();
+        figures.vm_exits = driver.vm_exits();
+        figures.rx_errors = driver.rx_errors();
+        tracer.flush(driver.traps(), false);
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
             on_interval(&figures);
         }
     }
-    tracer.flush(driver.bus().traps(), true);
-    figures.traps = driver.bus().traps();
+    tracer.flush(driver.traps(), true);
+    figures.traps = driver.traps();
+    figures.vm_exits = driver.vm_exits();
     Ok(figures)
 }
 
