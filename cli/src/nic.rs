@@ -2,7 +2,7 @@
 //!
 //! Creates a "guest" and a "host" namespace with a tap in each (removing the leftovers of runs
 //! that were killed first), runs the NIC's guest driver on the guest tap and its host service on
-//! the host tap, serves the control socket (moderation and polling budget are live-tunable),
+//! the host tap, serves the control socket (every knob is live-tunable, ring sizes included),
 //! announces the device in the registry (device `nic`, kind `synthetic`) and prints JSON lines:
 //! first `{"event":"ready",...}` with the namespaces and addresses, then the NIC's own counters
 //! about once per second, and a last line with `"done": true`. SIGINT/SIGTERM (or `--duration`)
@@ -45,7 +45,8 @@ pub struct NicArgs {
     /// MTU of both taps.
     #[arg(long, default_value_t = 1500)]
     mtu: u32,
-    /// Ring data area per direction, bytes (a multiple of 4096; fixed while the NIC runs).
+    /// Ring data area per direction at start, bytes (a multiple of 4096; the control socket can
+    /// resize each ring while traffic flows).
     #[arg(long)]
     ring_bytes: Option<u32>,
     /// Interrupt moderation: signal after this many packets...

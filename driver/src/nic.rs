@@ -7,7 +7,7 @@
 //!   host reads the section, writes the frame to its backend and sends a completion packet
 //!   ([`NicCompletion`]), which frees the section;
 //! - the **receive buffer** (`recv_sections`): the guest *posts* sections to the host
-//!   ([`RxPost`], once for all at start); the host copies a frame it received from its backend
+//!   ([`RxPost`], all at once at start and again after a ring resize); the host copies a frame it received from its backend
 //!   into a posted section and sends an [`RxPacket`] (a transfer-page packet asking for a
 //!   completion); the guest hands the frame to its own backend and returns the section with a
 //!   completion packet carrying the same `trans_id`, which posts it again. With no posted section
@@ -24,6 +24,11 @@
 //! *owed*, fired after `moderation_frames` packets or `moderation_usecs`, whichever first; the
 //! guest reaps up to `poll_budget` packets per pass and stays in polling mode (interrupts masked)
 //! while passes fill the budget.
+//!
+//! Every knob is live ([`NicKnobs`]); a ring resize moves both sides to a new channel in band
+//! (`NicVsc::switch_channel`): the host writes everything it owes on the old ring before its
+//! acknowledgement and gives the whole receive buffer back, the guest posts it again on the new
+//! ring, so no frame is lost, duplicated or reordered.
 //!
 //! Tracing (contract 1) happens on the guest side: `io_submit` (op tx) when a tx request is in
 //! the ring, `io_complete` and one `io_reap` record per reaped tx completion and per reaped rx
@@ -45,8 +50,9 @@ mod vsc;
 mod vsp;
 
 use std::io;
-use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -61,9 +67,11 @@ pub use vsc::NicVsc;
 pub use vsp::NicVsp;
 
 use crate::channel::{self, ChannelError};
+use crate::control::ControlError;
+use crate::disk::{DiskLive, ResizeReport};
 use crate::netns::NetError;
 use crate::ring::{RingError, PAGE_SIZE};
-use crate::settings::{DeviceSettings, SettingsError};
+use crate::settings::{DeviceSettings, Knob, SettingsError};
 use crate::trace::{CompletionRecord, OP_RX};
 
 /// Longest a reaped completion waits before it is traced (`io_reap`), as for the disk.
@@ -71,6 +79,9 @@ pub const TRACE_FLUSH: Duration = Duration::from_millis(1);
 /// Most frames a side reads from its backend, or the host handles from the guest, per pass, so
 /// that neither direction starves the other.
 const HOST_PASS: usize = 128;
+/// Longest either side waits for its peer during a channel switch (room in a ring, the
+/// acknowledgement); a peer slower than that has broken the protocol.
+const SWITCH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// NIC errors.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +107,12 @@ pub enum NicError {
     /// A settings value is out of range.
     #[error(transparent)]
     Settings(#[from] SettingsError),
+    /// A change through the knobs was refused or failed.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// The guest broke the channel switch protocol (never made room for the acknowledgement).
+    #[error("channel switch failed: {0}")]
+    Switch(String),
     /// A side's thread panicked.
     #[error("the NIC's {0} thread panicked")]
     Panicked(&'static str),
@@ -181,62 +198,83 @@ impl NicOptions {
     }
 }
 
-/// The knobs a running NIC reads on every pass (ring sizes are fixed when its channel is made).
+/// The live settings of a running NIC, shared by its guest driver, its host service and its
+/// control socket. Moderation and the polling budget are read on every pass; a ring resize moves
+/// both sides to a new channel (see [`NicVsc`]), with the disk's request/hand-over machinery
+/// ([`DiskLive`]: the control thread posts the request and waits, the guest driver performs it,
+/// the new host end passes through its hand-over slot).
 #[derive(Debug)]
 pub struct NicKnobs {
-    moderation_frames: AtomicU32,
-    moderation_usecs: AtomicU32,
-    poll_budget: AtomicU32,
-    ring_out_bytes: u32,
-    ring_in_bytes: u32,
+    live: DiskLive,
+    /// Raised when a resize is requested, so that a guest driver asleep waiting for frames
+    /// starts it at once.
+    wake: Arc<OwnedFd>,
 }
 
 impl NicKnobs {
-    fn new(s: &DeviceSettings) -> NicKnobs {
-        NicKnobs {
-            moderation_frames: AtomicU32::new(s.moderation_frames),
-            moderation_usecs: AtomicU32::new(s.moderation_usecs),
-            poll_budget: AtomicU32::new(s.poll_budget),
-            ring_out_bytes: s.ring_out_bytes,
-            ring_in_bytes: s.ring_in_bytes,
+    /// Knobs starting at `s`.
+    pub fn new(s: &DeviceSettings) -> Result<NicKnobs, NicError> {
+        s.validate()?;
+        // SAFETY: plain syscall; we own the fd on success.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io_err("eventfd")(io::Error::last_os_error()));
         }
+        // SAFETY: fresh fd owned by nobody else.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let live = DiskLive::new(*s);
+        let _ = live.request_wake.set(Arc::clone(&wake));
+        Ok(NicKnobs { live, wake })
     }
 
     /// The settings in force.
     pub fn settings(&self) -> DeviceSettings {
-        DeviceSettings {
-            ring_out_bytes: self.ring_out_bytes,
-            ring_in_bytes: self.ring_in_bytes,
-            moderation_frames: self.moderation_frames.load(Ordering::Relaxed),
-            moderation_usecs: self.moderation_usecs.load(Ordering::Relaxed),
-            poll_budget: self.poll_budget.load(Ordering::Relaxed),
-        }
+        self.live.current()
     }
 
-    /// Puts new moderation and budget values in force; the ring sizes cannot change while the
-    /// channel is open (an error names them).
+    /// Puts `s` in force: moderation and budget at once, a ring resize (first, all-or-nothing)
+    /// by switching channels between two frames. Blocks until done; a resize needs the host
+    /// service running in this process ([`SyntheticNic`]).
     pub fn apply(&self, s: &DeviceSettings) -> Result<(), NicError> {
         s.validate()?;
-        if s.ring_out_bytes != self.ring_out_bytes || s.ring_in_bytes != self.ring_in_bytes {
-            return Err(NicError::Invalid(
-                "ring_out_bytes and ring_in_bytes are fixed while the NIC runs".into(),
-            ));
-        }
-        self.moderation_frames
-            .store(s.moderation_frames, Ordering::Relaxed);
-        self.moderation_usecs
-            .store(s.moderation_usecs, Ordering::Relaxed);
-        self.poll_budget.store(s.poll_budget, Ordering::Relaxed);
-        Ok(())
+        crate::control::Tunable::apply(&self.live, s).map_err(NicError::Control)
+    }
+
+    /// Ring resizes completed.
+    pub fn resizes(&self) -> u64 {
+        self.live.resizes()
+    }
+
+    /// The last resize's report.
+    pub fn last_resize(&self) -> Option<ResizeReport> {
+        self.live.last_resize()
+    }
+
+    /// The longest stall of any resize so far (no frame taken from either tap), ns.
+    pub fn longest_stall_ns(&self) -> u64 {
+        self.live.longest_stall_ns()
+    }
+
+    fn knob(&self, k: Knob) -> u32 {
+        self.live.knob(k)
     }
 
     fn budget(&self) -> usize {
-        self.poll_budget.load(Ordering::Relaxed).max(1) as usize
+        self.knob(Knob::PollBudget).max(1) as usize
+    }
+
+    fn wake_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
+    }
+
+    fn clear_wake(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reading 8 bytes into a local from our non-blocking eventfd.
+        unsafe { libc::read(self.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
     }
 }
 
-/// The control socket (contract 4) tunes moderation and the polling budget live. The ring sizes
-/// are fixed for the channel's life (choose them at start): a set naming them is `unsupported`.
+/// The control socket (contract 4) tunes every knob live, ring sizes included.
 impl crate::control::Tunable for NicKnobs {
     fn settings(&self) -> DeviceSettings {
         NicKnobs::settings(self)
@@ -246,14 +284,8 @@ impl crate::control::Tunable for NicKnobs {
         crate::control::Limits::synthetic()
     }
 
-    fn supports(&self, knob: crate::settings::Knob) -> bool {
-        use crate::settings::Knob;
-        !matches!(knob, Knob::RingOutBytes | Knob::RingInBytes)
-    }
-
     fn apply(&self, target: &DeviceSettings) -> Result<(), crate::control::ControlError> {
-        NicKnobs::apply(self, target)
-            .map_err(|e| crate::control::ControlError::Unsupported(e.to_string()))
+        crate::control::Tunable::apply(&self.live, target)
     }
 }
 

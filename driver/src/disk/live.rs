@@ -13,9 +13,10 @@
 //! the new channel; the VSC resumes on the new channel when it reads the acknowledgement. No
 //! request is in flight during the switch, so none can be lost, duplicated or reordered.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::channel::{self, ChannelError, HostEnd};
@@ -69,6 +70,9 @@ pub struct DiskLive {
     pub(crate) handover_socket: Mutex<Option<UnixStream>>,
     /// A host service in this process takes hand-overs (ring resizes are possible).
     pub(crate) host_attached: AtomicBool,
+    /// An eventfd raised when a resize is requested, for a driver that sleeps between passes
+    /// (the NIC's guest loop waits for frames, not for I/O the caller submits).
+    pub(crate) request_wake: OnceLock<Arc<OwnedFd>>,
     last_resize: Mutex<Option<ResizeReport>>,
     resizes: AtomicU64,
     longest_stall_ns: AtomicU64,
@@ -94,6 +98,7 @@ impl DiskLive {
             handover: Mutex::new(None),
             handover_socket: Mutex::new(None),
             host_attached: AtomicBool::new(false),
+            request_wake: OnceLock::new(),
             last_resize: Mutex::new(None),
             resizes: AtomicU64::new(0),
             longest_stall_ns: AtomicU64::new(0),
@@ -221,6 +226,11 @@ impl DiskLive {
         }
         *st = ResizeState::Requested { out, inb };
         self.resize_pending.store(true, Ordering::Release);
+        if let Some(fd) = self.request_wake.get() {
+            let one: u64 = 1;
+            // SAFETY: writing 8 bytes from a local to an eventfd we hold open.
+            unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
         let asked = Instant::now();
         loop {
             match &*st {

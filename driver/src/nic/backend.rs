@@ -67,6 +67,15 @@ impl FramePipe {
     }
 }
 
+impl FramePipe {
+    /// Another handle on the same end (one thread sends on it while another receives).
+    pub fn try_clone(&self) -> io::Result<FramePipe> {
+        Ok(FramePipe {
+            fd: self.fd.try_clone()?,
+        })
+    }
+}
+
 impl FrameIo for FramePipe {
     fn recv_frame(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         // SAFETY: recv into a buffer we own, of its length.

@@ -50,7 +50,7 @@ impl SyntheticNic {
             extra_bytes: options.extra_bytes(),
         };
         let (guest, host) = channel::create(&cfg)?;
-        let knobs = Arc::new(NicKnobs::new(&settings));
+        let knobs = Arc::new(NicKnobs::new(&settings)?);
         let guest_stats = Arc::new(NicGuestStats::default());
         let host_stats = Arc::new(NicHostStats::default());
         let stop = Arc::new(AtomicBool::new(false));

@@ -7,6 +7,9 @@ pub const MSG_TX: u32 = 1;
 pub const MSG_RX_POST: u32 = 2;
 /// Message type of an [`RxPacket`].
 pub const MSG_RX: u32 = 3;
+/// Message type of the channel switch request (a ring resize), sent with the tag
+/// [`SWITCH_TAG`](crate::disk::SWITCH_TAG), which no frame can carry.
+pub const MSG_SWITCH: u32 = 4;
 /// Smallest frame either side accepts (an Ethernet header).
 pub const ETH_HLEN: u32 = 14;
 /// Largest packet payload either side's reader accepts (messages are at most 24 bytes).
@@ -82,6 +85,11 @@ impl RxPost {
     }
 }
 
+/// The channel switch request: `msg, 0, 0, 0`, little-endian `u32`s.
+pub fn switch_request() -> [u8; 16] {
+    words([MSG_SWITCH, 0, 0, 0])
+}
+
 impl RxPacket {
     /// `msg, section, len, 0` (`u32`s) then `host_rx_ns` (`u64`), little-endian.
     pub fn encode(&self) -> [u8; 24] {
@@ -127,6 +135,8 @@ pub enum GuestMessage {
     Tx(TxRequest),
     /// Post receive sections.
     RxPost(RxPost),
+    /// Move to the new channel offered (a ring resize).
+    Switch,
 }
 
 impl GuestMessage {
@@ -141,6 +151,7 @@ impl GuestMessage {
                 first: u32_at(b, 4)?,
                 count: u32_at(b, 8)?,
             })),
+            MSG_SWITCH => Some(GuestMessage::Switch),
             _ => None,
         }
     }

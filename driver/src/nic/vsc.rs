@@ -6,12 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::proto::{NicCompletion, RxPacket, RxPost, TxRequest, ETH_HLEN, MAX_MESSAGE};
+use super::proto::{self, NicCompletion, RxPacket, RxPost, TxRequest, ETH_HLEN, MAX_MESSAGE};
 use super::{
     io_err, pollfd, sleep_on, FrameIo, NicError, NicGuestStats, NicKnobs, NicOptions, HOST_PASS,
-    TRACE_FLUSH,
+    SWITCH_ACK_TIMEOUT, TRACE_FLUSH,
 };
-use crate::channel::GuestEnd;
+use crate::channel::{self, ChannelConfig, GuestEnd, WaitResult};
+use crate::disk::{ResizeReport, SWITCH_TAG};
 use crate::ring::{
     WriteOutcome, FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION, PACKET_TYPE_INBAND,
     PACKET_TYPE_TRANSFER_PAGES,
@@ -392,10 +393,174 @@ impl<F: FrameIo> NicVsc<F> {
         }
     }
 
+    /// Performs a posted ring resize, if any. Called between passes, when no frame is half
+    /// handled. A failure before the host took the new channel leaves the old one in use and is
+    /// reported to the requester; a broken protocol during the switch breaks the device.
+    fn resize_if_requested(&mut self) -> Result<(), NicError> {
+        if !self.knobs.live.resize_pending.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let Some((out, inb)) = self.knobs.live.take_request() else {
+            return Ok(());
+        };
+        let stopped = Instant::now();
+        let from = (
+            self.end.config.out_ring_bytes as u32,
+            self.end.config.in_ring_bytes as u32,
+        );
+        match self.switch_channel(out, inb) {
+            Err(fatal) => {
+                self.knobs
+                    .live
+                    .finish_resize(Err(format!("the channel broke during the switch: {fatal}")));
+                Err(fatal)
+            }
+            Ok(Err(e)) => {
+                self.knobs.live.finish_resize(Err(e));
+                Ok(())
+            }
+            Ok(Ok(acked)) => {
+                let report = ResizeReport {
+                    from,
+                    to: (out, inb),
+                    drain_ns: acked.duration_since(stopped).as_nanos() as u64,
+                    switch_ns: acked.elapsed().as_nanos() as u64,
+                };
+                log::info!("nic {}: rings resized: {report:?}", self.dev);
+                self.knobs.live.finish_resize(Ok(report));
+                Ok(())
+            }
+        }
+    }
+
+    /// Moves both sides to a new channel with rings of `out`/`inb` bytes, and returns when the
+    /// host acknowledged. The guest stops taking frames from its backend (they wait in its
+    /// queue), offers the new host end, and writes the switch request into the old outbound ring
+    /// after every tx request; it then reaps the old inbound ring as usual (tx completions and
+    /// rx packets, all of which the host writes before its acknowledgement) until the
+    /// acknowledgement. The host then has no tx request in flight and has given back every
+    /// receive section: the guest forgets the returns it had not yet sent, posts the whole
+    /// receive buffer again on the new channel, and resumes. A frame read from the backend but
+    /// not yet requested (`pending_tx`) is copied into the same section of the new area and goes
+    /// first. Outer error: fatal; inner: the switch did not happen and the old channel stays.
+    fn switch_channel(&mut self, out: u32, inb: u32) -> Result<Result<Instant, String>, NicError> {
+        let cfg = ChannelConfig {
+            out_ring_bytes: out as usize,
+            in_ring_bytes: inb as usize,
+            extra_bytes: self.end.config.extra_bytes,
+        };
+        let (mut guest, host) = match channel::create(&cfg) {
+            Ok(ends) => ends,
+            Err(e) => return Ok(Err(format!("creating the new channel: {e}"))),
+        };
+        guest.rx.set_max_payload(MAX_MESSAGE);
+        if let Some((section, len)) = self.pending_tx {
+            let at = self.opts.send_offset(section);
+            let frame = &mut self.frame[..len as usize];
+            self.end
+                .extra
+                .read_at(at, frame)
+                .and_then(|_| guest.extra.write_at(at, frame))
+                .ok_or_else(|| NicError::Invalid("send section outside the area".into()))?;
+        }
+        // Leave polling on the old ring; the new one starts unmasked.
+        self.set_masked(false);
+        self.knobs.live.offer(host).map_err(NicError::Channel)?;
+        let deadline = Instant::now() + SWITCH_ACK_TIMEOUT;
+        let mut requested = false;
+        let status = loop {
+            if !requested {
+                match self.end.tx.try_write(
+                    PACKET_TYPE_INBAND,
+                    FLAG_COMPLETION_REQUESTED,
+                    SWITCH_TAG,
+                    &[&proto::switch_request()],
+                )? {
+                    WriteOutcome::Written { .. } => {
+                        requested = true;
+                        // Always signal: the host may be asleep whatever the ring's state.
+                        self.doorbell(0)?;
+                    }
+                    WriteOutcome::Full { .. } => {}
+                }
+            }
+            let mut reaped = 0;
+            let mut ack = None;
+            while let Some(h) = self.end.rx.read_into(&mut self.msg)? {
+                if h.ty == PACKET_TYPE_COMPLETION && h.trans_id == SWITCH_TAG {
+                    let c = NicCompletion::decode(&self.msg)
+                        .filter(|_| requested)
+                        .ok_or_else(|| {
+                            NicError::Protocol("a malformed or unasked-for switch ack".into())
+                        })?;
+                    ack = Some(c.status);
+                    break;
+                }
+                let now = trace::monotonic_ns();
+                match h.ty {
+                    PACKET_TYPE_COMPLETION => self.tx_completion(h.trans_id, now)?,
+                    PACKET_TYPE_TRANSFER_PAGES => self.rx_packet(h.trans_id, now)?,
+                    ty => {
+                        return Err(NicError::Protocol(format!(
+                            "packet type {ty} from the host"
+                        )))
+                    }
+                }
+                reaped += 1;
+            }
+            if self.end.rx.commit().signal_writer {
+                self.doorbell(0)?;
+            }
+            if let Some(status) = ack {
+                break status;
+            }
+            if reaped > 0 {
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                if !requested {
+                    // The request never went out: the host knows nothing; take the offer back.
+                    self.knobs.live.withdraw();
+                }
+                return Err(NicError::Protocol(format!(
+                    "the host did not take the channel switch within {SWITCH_ACK_TIMEOUT:?}"
+                )));
+            }
+            if self.end.from_host.wait(Duration::from_millis(1))? == WaitResult::PeerGone {
+                return Err(NicError::Protocol(
+                    "the host went away during the channel switch".into(),
+                ));
+            }
+        };
+        if status != 0 {
+            // The host refused and stays on the old channel, owning what it owned: so do we.
+            self.knobs.live.withdraw();
+            return Ok(Err(format!(
+                "the host refused the channel switch (status {status})"
+            )));
+        }
+        if self.tx_slots.iter().any(|s| s.busy) {
+            return Err(NicError::Protocol(
+                "the host acknowledged the channel switch with tx requests outstanding".into(),
+            ));
+        }
+        let acked = Instant::now();
+        self.end = guest;
+        self.rx_posted.iter_mut().for_each(|p| *p = false);
+        self.returns.clear();
+        self.post_pending = true;
+        self.out_full = false;
+        self.masked = false;
+        self.flush_returns()?;
+        Ok(Ok(acked))
+    }
+
     /// One turn of the driver: reap (NAPI-like), return and post receive sections, send frames;
     /// when there was nothing to do, sleep until the host signals, a frame waits in the backend,
     /// `wake_fd` is readable, or `timeout`. Returns whether it did any work.
     pub fn poll_once(&mut self, wake_fd: RawFd, timeout: Duration) -> Result<bool, NicError> {
+        self.resize_if_requested()?;
         let n = self.reap_pass()?;
         let returned = self.flush_returns()?;
         let sent = self.pump_tx()?;
@@ -430,10 +595,15 @@ impl<F: FrameIo> NicVsc<F> {
             pollfd(self.end.from_host.raw_fd()),
             pollfd(if can_tx { self.io.raw_fd() } else { -1 }),
             pollfd(wake_fd),
+            pollfd(self.knobs.wake_fd()),
         ];
         sleep_on(&mut fds, flush_in)?;
         if fds[0].revents & libc::POLLIN != 0 {
             self.end.from_host.drain()?;
+        }
+        if fds[3].revents & libc::POLLIN != 0 {
+            // The request itself is read at the start of the next turn.
+            self.knobs.clear_wake();
         }
         Ok(false)
     }

@@ -11,12 +11,15 @@ use super::proto::{
 };
 use super::{
     io_err, pollfd, sleep_on, FrameIo, NicError, NicHostStats, NicKnobs, NicOptions, HOST_PASS,
+    SWITCH_ACK_TIMEOUT,
 };
 use crate::channel::HostEnd;
+use crate::disk::SWITCH_TAG;
 use crate::ring::{
     WriteOutcome, FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION, PACKET_TYPE_INBAND,
     PACKET_TYPE_TRANSFER_PAGES,
 };
+use crate::settings::Knob;
 use crate::trace::{self, DIR_HOST_TO_GUEST};
 
 /// Moderation state of the host → guest path (as the disk's).
@@ -76,6 +79,8 @@ impl<F: FrameIo> NicVsp<F> {
         }
         let mut end = end;
         end.rx.set_max_payload(MAX_MESSAGE);
+        // A service in the guest driver's process takes new channels from the hand-over slot.
+        knobs.live.host_attached.store(true, Ordering::Release);
         Ok(NicVsp {
             end,
             io,
@@ -200,6 +205,11 @@ impl<F: FrameIo> NicVsp<F> {
                     self.handle_tx(h.trans_id, h.flags, req)
                 }
                 (PACKET_TYPE_INBAND, Some(GuestMessage::RxPost(post))) => self.handle_post(post),
+                (PACKET_TYPE_INBAND, Some(GuestMessage::Switch)) if h.trans_id == SWITCH_TAG => {
+                    // Every earlier request is handled; what follows is on the new channel.
+                    self.end.rx.commit();
+                    self.switch_channel()?;
+                }
                 (PACKET_TYPE_COMPLETION, _) => self.handle_return(h.trans_id),
                 (ty, _) => {
                     self.guest_error(format_args!("packet type {ty}, {} bytes", self.msg.len()));
@@ -215,6 +225,53 @@ impl<F: FrameIo> NicVsp<F> {
             self.interrupt(0)?;
         }
         Ok(n)
+    }
+
+    /// The guest asked to move to the channel it offered (a ring resize). Everything owed on the
+    /// old inbound ring (tx completions, rx packets) is written there first, then the
+    /// acknowledgement, so the guest meets them all before it. On success the host gives every
+    /// receive section back (the guest posts them again on the new channel) and continues there;
+    /// frames that reach the backend meanwhile wait in its queue. With nothing offered it refuses
+    /// (`EPROTO`) and stays where it is.
+    fn switch_channel(&mut self) -> Result<(), NicError> {
+        let next = self.knobs.live.take_offer();
+        let status = if next.is_some() {
+            0
+        } else {
+            libc::EPROTO as u32
+        };
+        let mut ack = [0u8; 24];
+        ack[..8].copy_from_slice(&NicCompletion { status, len: 0 }.encode());
+        self.outq
+            .push_back((PACKET_TYPE_COMPLETION, 0, SWITCH_TAG, ack, 8));
+        let deadline = Instant::now() + SWITCH_ACK_TIMEOUT;
+        loop {
+            self.write_inbound()?;
+            if self.outq.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(NicError::Switch(format!(
+                    "the guest made no room in the inbound ring for {SWITCH_ACK_TIMEOUT:?}"
+                )));
+            }
+            // The guest is reading while it waits: wake it and wait a little for room.
+            self.interrupt(0)?;
+            self.end.from_guest.wait(Duration::from_millis(1))?;
+        }
+        // Always signal: the guest waits for the acknowledgement whatever the ring's state.
+        self.moderation.owed_since = None;
+        self.interrupt(0)?;
+        let Some(mut next) = next else {
+            self.guest_error(format_args!("channel switch with no channel offered"));
+            return Ok(());
+        };
+        next.rx.set_max_payload(MAX_MESSAGE);
+        self.end = next;
+        self.rx.iter_mut().for_each(|s| *s = RxSection::Guest);
+        self.posted.clear();
+        self.blocked_on_full = false;
+        Ok(())
     }
 
     fn interrupt(&mut self, used: u32) -> Result<(), NicError> {
@@ -309,14 +366,14 @@ impl<F: FrameIo> NicVsp<F> {
     }
 
     fn moderation_deadline(&self) -> Option<Instant> {
-        let usecs = self.knobs.moderation_usecs.load(Ordering::Relaxed);
+        let usecs = self.knobs.knob(Knob::ModerationUsecs);
         self.moderation
             .owed_since
             .map(|t| t + Duration::from_micros(usecs as u64))
     }
 
     fn moderate(&mut self) -> Result<(), NicError> {
-        let frames = self.knobs.moderation_frames.load(Ordering::Relaxed).max(1);
+        let frames = self.knobs.knob(Knob::ModerationFrames).max(1);
         let due = self.moderation.owed_since.is_some()
             && (self.moderation.since_owed >= frames
                 || self
