@@ -93,6 +93,12 @@ pub struct NicRun {
     pub signals_per_frame: f64,
     /// Device process CPU per frame, µs.
     pub cpu_us_per_frame: f64,
+    /// VM exits per frame from the kernel's tracepoints (eBPF on kvm:*), KVM runs only.
+    #[serde(default)]
+    pub exits_per_frame: Option<f64>,
+    /// The VMM's own exit count per frame (a cross-check of the above).
+    #[serde(default)]
+    pub vmm_exits_per_frame: Option<f64>,
 }
 
 /// Everything one run of the bench measured.
@@ -318,17 +324,21 @@ impl Bench {
         Ok(run)
     }
 
-    /// `kind` "emulated" runs `enlight emulated-nic`, "synthetic" `enlight nic`; both print
-    /// their namespaces and addresses first.
-    fn nic_run(&self, kind: &str, pings: u32) -> Result<NicRun> {
-        let (name, subcommand) = if kind == "synthetic" {
-            ("cmp_nic", "nic")
-        } else {
-            ("cmp_emunic", "emulated-nic")
+    /// `kind` "emulated" runs `enlight emulated-nic` (on `transport`), "synthetic" `enlight
+    /// nic`; both print their namespaces and addresses first.
+    fn nic_run(&self, kind: &str, transport: &str, pings: u32) -> Result<NicRun> {
+        let (name, subcommand) = match (kind, transport) {
+            ("synthetic", _) => ("cmp_nic", "nic"),
+            (_, "kvm") => ("cmp_emunick", "emulated-nic"),
+            _ => ("cmp_emunic", "emulated-nic"),
         };
         self.wait_detached()?;
-        let mut child = Command::new(&self.exe)
-            .args([subcommand, "--name", name, "--wait-for-probes", "30"])
+        let mut cmd = Command::new(&self.exe);
+        cmd.args([subcommand, "--name", name, "--wait-for-probes", "30"]);
+        if subcommand == "emulated-nic" {
+            cmd.args(["--transport", transport]);
+        }
+        let mut child = cmd
             .arg("--runtime-dir")
             .arg(self.dir.path())
             .stdout(Stdio::piped())
@@ -405,15 +415,30 @@ impl Bench {
             .unwrap_or(0.0);
         // SAFETY: kill(2) on our own child, not yet reaped.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        let _lines: Vec<String> = out.lines().map_while(Result::ok).collect();
+        let lines: Vec<String> = out.lines().map_while(Result::ok).collect();
         let (_, cpu_s) = wait_rusage(pid)?;
         std::mem::forget(child);
         self.settle(3);
         let v = self.view(name)?;
         let frames = v.total.ops_total;
+        let per = |n: f64| if frames > 0 { n / frames as f64 } else { 0.0 };
+        let (exits_per_frame, vmm_exits_per_frame) = if transport == "kvm" {
+            let last: serde_json::Value = lines
+                .last()
+                .and_then(|l| serde_json::from_str(l).ok())
+                .unwrap_or_default();
+            (
+                self.kernel_exits(pid).map(|(n, _)| per(n as f64)),
+                last["vm_exits"].as_u64().map(|e| per(e as f64)),
+            )
+        } else {
+            (None, None)
+        };
         Ok(NicRun {
             kind: kind.into(),
-            transport: "thread".into(),
+            transport: transport.into(),
+            exits_per_frame,
+            vmm_exits_per_frame,
             signals_per_frame: if frames > 0 {
                 (v.doorbells_total + v.interrupts_total) as f64 / frames as f64
             } else {
@@ -560,9 +585,21 @@ pub fn run(args: CompareArgs) -> Result<()> {
             }
         }
     }
-    for kind in ["emulated", "synthetic"] {
-        eprintln!("compare: NIC {kind}/thread (ping, iperf3)");
-        let run = bench.nic_run(kind, if args.quick { 50 } else { 200 })?;
+    let mut nic_cases = vec![("emulated", "thread")];
+    if kvm.is_ok() {
+        // The NE2000 on KVM: ~770 PIO exits per full frame. The ping count is kept small so the
+        // run stays within seconds on hosts whose exits cost tens of microseconds (nested KVM).
+        nic_cases.push(("emulated", "kvm"));
+    }
+    nic_cases.push(("synthetic", "thread"));
+    for (kind, transport) in nic_cases {
+        eprintln!("compare: NIC {kind}/{transport} (ping, iperf3)");
+        let pings = match (transport, args.quick) {
+            ("kvm", _) => 50,
+            (_, true) => 50,
+            _ => 200,
+        };
+        let run = bench.nic_run(kind, transport, pings)?;
         report.nic.push(run);
     }
     std::fs::create_dir_all(&args.out)?;
@@ -638,13 +675,16 @@ pub fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         o,
-        "\n| NIC | transport | iperf3 Mbit/s | ping p50 µs | ping p99 µs | ping max µs | frames | traps/frame | signals/frame | CPU µs/frame |"
+        "\n| NIC | transport | iperf3 Mbit/s | ping p50 µs | ping p99 µs | ping max µs | frames | traps/frame | exits/frame | signals/frame | CPU µs/frame |"
     );
-    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|");
     for n in &r.nic {
+        let exits = n
+            .exits_per_frame
+            .map_or_else(|| "-".to_string(), |e| format!("{e:.1}"));
         let _ = writeln!(
             o,
-            "| {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.2} | {:.1} |",
+            "| {} | {} | {:.2} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {} | {:.2} | {:.1} |",
             n.kind,
             n.transport,
             n.iperf3_mbit_s,
@@ -653,6 +693,7 @@ pub fn markdown(r: &Report) -> String {
             n.ping_max_us,
             n.frames,
             n.traps_per_frame,
+            exits,
             n.signals_per_frame,
             n.cpu_us_per_frame
         );
@@ -784,11 +825,21 @@ mod tests {
                     ..Default::default()
                 },
             ],
-            nic: vec![NicRun {
-                kind: "emulated".into(),
-                transport: "thread".into(),
-                ..Default::default()
-            }],
+            nic: vec![
+                NicRun {
+                    kind: "emulated".into(),
+                    transport: "thread".into(),
+                    ..Default::default()
+                },
+                NicRun {
+                    kind: "emulated".into(),
+                    transport: "kvm".into(),
+                    iperf3_mbit_s: 0.11,
+                    traps_per_frame: 600.0,
+                    exits_per_frame: Some(651.5),
+                    ..Default::default()
+                },
+            ],
             ..Default::default()
         }
     }
@@ -798,7 +849,11 @@ mod tests {
         let md = markdown(&sample());
         assert_eq!(
             md.lines().filter(|l| l.starts_with("| emulated")).count(),
-            5
+            6
+        );
+        assert!(
+            md.contains("| emulated | kvm | 0.11 |") && md.contains("| 600.0 | 651.5 |"),
+            "the KVM NIC row with its exits per frame:\n{md}"
         );
         assert!(md.contains("| emulated | kvm | 512 B | 1 |"));
         assert!(md.contains("skipped: too slow"));
