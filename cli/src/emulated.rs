@@ -7,7 +7,7 @@
 //! `kind: "emulated"` so enlightd observes it. `--device ring` runs the enlightened counterpart
 //! on KVM instead (a descriptor ring with one ioeventfd doorbell per batch, `kind: "synthetic"`).
 //! Prints the workload's figures plus the trap and VM-exit counts as one JSON object per line,
-//! like `enlight disk`.
+//! like `enlight disk`. `enlight emulated-nic` runs the NE2000 on the same two transports.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -217,7 +217,8 @@ pub struct NicEndpoints {
     pub host_ip: String,
 }
 
-/// `enlight emulated-nic`: an NE2000 between two namespaces it creates (and removes on exit).
+/// `enlight emulated-nic`: an NE2000 between two namespaces it creates (and removes on exit),
+/// its guest driver on the thread transport or in a KVM guest (`--transport`).
 pub fn run_nic(args: EmulatedNicArgs) -> Result<()> {
     use enlight_driver::emulated::nic;
     use enlight_driver::netns::{NetPair, GUEST_IP, HOST_IP};

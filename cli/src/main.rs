@@ -49,7 +49,8 @@ enum Command {
     /// access, over the thread or the KVM transport) with a workload.
     EmulatedDisk(emulated::EmulatedDiskArgs),
     /// Run one emulated NE2000 NIC between two network namespaces it creates (and removes),
-    /// every register access trapping to the model; ping/iperf3 between them go through it.
+    /// every register access trapping to the model (over the thread or the KVM transport);
+    /// ping/iperf3 between them go through it.
     EmulatedNic(emulated::EmulatedNicArgs),
     /// Run one synthetic (netvsc-like) NIC between two network namespaces it creates (and
     /// removes); ping/iperf3 between them go through its rings.
