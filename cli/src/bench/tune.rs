@@ -1,5 +1,5 @@
 //! `enlight bench tune`: every tuning controller on every scenario, on the real synthetic disk
-//! with the real probes, against an oracle.
+//! and NIC with the real probes, against an oracle.
 //!
 //! For each scenario (a workload plan of one or more phases and an objective):
 //! - the **oracle** sweeps the settings grid ([`grid`]) once per phase: one device process runs
@@ -43,7 +43,7 @@ pub const EVAL_FROM_S: f64 = 30.0;
 
 #[derive(Args, Debug)]
 pub struct TuneBenchArgs {
-    /// Short phases and a small grid (about 7 minutes instead of about 25).
+    /// Short phases and a small grid (about 10 minutes instead of about 35).
     #[arg(long)]
     quick: bool,
     /// Run only these scenarios (by name; repeatable).
@@ -66,9 +66,17 @@ pub struct Scenario {
     pub phases: Vec<String>,
     pub objective: Objective,
     pub slo_us: u64,
+    /// The device: `disk` (phases are workload specs) or `nic` (one phase of traffic:
+    /// `tcp`, `udp=<Mbit/s>` or `ping=<per second>`, see [`device::NicTraffic`]).
+    #[serde(default = "disk_device")]
+    pub device: String,
 }
 
-/// The disk scenarios.
+fn disk_device() -> String {
+    "disk".into()
+}
+
+/// The disk scenarios, then the NIC's.
 pub fn scenarios() -> Vec<Scenario> {
     let s = |name: &str, description: &str, phases: &[&str], objective, slo_us| Scenario {
         name: name.into(),
@@ -76,6 +84,11 @@ pub fn scenarios() -> Vec<Scenario> {
         phases: phases.iter().map(|p| p.to_string()).collect(),
         objective,
         slo_us,
+        device: disk_device(),
+    };
+    let nic = |name: &str, description: &str, traffic: &str, objective, slo_us| Scenario {
+        device: "nic".into(),
+        ..s(name, description, &[traffic], objective, slo_us)
     };
     vec![
         s(
@@ -113,7 +126,40 @@ pub fn scenarios() -> Vec<Scenario> {
             Objective::Throughput,
             10_000,
         ),
+        nic(
+            "nic-tcp-throughput",
+            "synthetic NIC: one iperf3 TCP stream, guest to host namespace",
+            "tcp",
+            Objective::Throughput,
+            5_000,
+        ),
+        nic(
+            "nic-ping-latency",
+            "synthetic NIC: 500 pings/s (and their replies), nothing else",
+            "ping=500",
+            Objective::Latency,
+            2_000,
+        ),
     ]
+}
+
+/// Starts the scenario's device running `phases` for `secs` (a NIC scenario has one phase).
+fn start_device(
+    h: &mut Harness,
+    s: &Scenario,
+    phases: &[String],
+    secs: f64,
+) -> Result<device::Device> {
+    if s.device == "nic" {
+        let traffic: device::NicTraffic = phases
+            .first()
+            .context("a NIC scenario needs one phase of traffic")?
+            .parse()?;
+        anyhow::ensure!(phases.len() == 1, "NIC scenarios have one phase");
+        h.start_nic(traffic, secs)
+    } else {
+        h.start(&plan(phases, secs / phases.len() as f64))
+    }
 }
 
 /// The oracle's settings grid (ring sizes stay at their default: no disk scenario fills them).
@@ -281,7 +327,7 @@ fn sweep(
     let total = (settle + measure).as_secs_f64() * grid.len() as f64
         + (settle + 2 * measure).as_secs_f64() * FINALISTS as f64
         + 3.0;
-    let mut dev = h.start(&format!("{spec},duration={total:.0}s,seed=1"))?;
+    let mut dev = start_device(h, s, &[spec.to_string()], total.ceil())?;
     // Let the workload start before the first point.
     std::thread::sleep(Duration::from_millis(300));
     let mut out = Vec::new();
@@ -335,7 +381,7 @@ fn run_controller(
     ctl: &mut dyn Controller,
     tick: Duration,
 ) -> Result<ControllerRun> {
-    let mut dev = h.start(&plan(&s.phases, phase_s))?;
+    let mut dev = start_device(h, s, &s.phases, phase_s * s.phases.len() as f64)?;
     let (mut current, bounds) = dev.get()?;
     let t0 = Instant::now();
     let mut prev = h.cumulative(dev.pid)?;
