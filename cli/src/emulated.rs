@@ -83,7 +83,9 @@ pub fn resolve_transport(transport: &str) -> Result<TransportKind> {
                 TransportKind::Thread
             }
         },
-        other => other.parse().map_err(anyhow::Error::msg)?,
+        other => other
+            .parse()
+            .map_err(|_| anyhow::anyhow!("unknown transport {other:?} (thread, kvm or auto)"))?,
     })
 }
 
