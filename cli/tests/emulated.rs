@@ -83,6 +83,59 @@ fn final_report(mut child: Child) -> serde_json::Value {
     v
 }
 
+/// Reads an emulated NIC's ready line (its namespaces and addresses), sends ten 1000-byte pings
+/// from the host namespace to the guest through it, stops it with SIGTERM and returns the ready
+/// line and its final report (`done` checked).
+fn ping_ten_then_stop(mut child: Child, what: &str) -> (serde_json::Value, serde_json::Value) {
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let ends: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let ping = Command::new("ip")
+        .args(["netns", "exec", ends["host_netns"].as_str().unwrap()])
+        .args(["ping", "-c", "10", "-i", "0.05", "-W", "5", "-s", "1000"])
+        .arg(ends["guest_ip"].as_str().unwrap())
+        .output()
+        .expect("ping");
+    let text = String::from_utf8_lossy(&ping.stdout);
+    assert!(
+        ping.status.success() && text.contains("10 received"),
+        "{what}:\n{text}"
+    );
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let last = out
+        .lines()
+        .map_while(Result::ok)
+        .last()
+        .expect("final figures");
+    assert!(child.wait().unwrap().success());
+    let report: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(report["done"], true);
+    (ends, report)
+}
+
+/// Completed operations of one op (`tx`, `rx`, ...) of a device as enlightd reports it.
+fn op_total(d: &enlightd::DeviceView, op: &str) -> u64 {
+    d.ops
+        .iter()
+        .find(|o| o.op == op)
+        .map(|o| o.ops_total)
+        .unwrap_or(0)
+}
+
+/// The device process removed its network namespace on exit.
+fn assert_netns_gone(name: &str) {
+    let listed = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    assert!(
+        !String::from_utf8_lossy(&listed.stdout).contains(name),
+        "namespace {name} removed on exit"
+    );
+}
+
 fn settle(handle: &DaemonHandle, n: u64) {
     let target = handle.ticks() + n;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -243,7 +296,7 @@ fn emulated_nic_carries_ping_and_is_observed() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = start_daemon(dir.path());
     let handle = daemon.handle();
-    let mut child = Command::new(ENLIGHT)
+    let child = Command::new(ENLIGHT)
         .args([
             "emulated-nic",
             "--name",
@@ -258,31 +311,7 @@ fn emulated_nic_carries_ping_and_is_observed() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn enlight emulated-nic");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    out.read_line(&mut first).unwrap();
-    let ends: serde_json::Value = serde_json::from_str(&first).unwrap();
-    let ping = Command::new("ip")
-        .args(["netns", "exec", ends["host_netns"].as_str().unwrap()])
-        .args(["ping", "-c", "10", "-i", "0.05", "-W", "5", "-s", "1000"])
-        .arg(ends["guest_ip"].as_str().unwrap())
-        .output()
-        .expect("ping");
-    let text = String::from_utf8_lossy(&ping.stdout);
-    assert!(
-        ping.status.success() && text.contains("10 received"),
-        "ping through the emulated NIC:\n{text}"
-    );
-    // SAFETY: kill(2) on our own child, not yet reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let last = out
-        .lines()
-        .map_while(Result::ok)
-        .last()
-        .expect("final figures");
-    assert!(child.wait().unwrap().success());
-    let report: serde_json::Value = serde_json::from_str(&last).unwrap();
-    assert_eq!(report["done"], true);
+    let (ends, report) = ping_ten_then_stop(child, "ping through the emulated NIC");
     settle(&handle, 3);
     let d = handle
         .devices()
@@ -290,13 +319,7 @@ fn emulated_nic_carries_ping_and_is_observed() {
         .find(|d| d.name == "enic0")
         .expect("enlightd saw the NIC");
     assert_eq!((d.device.as_str(), d.kind.as_str()), ("nic", "emulated"));
-    let op = |name: &str| {
-        d.ops
-            .iter()
-            .find(|o| o.op == name)
-            .map(|o| o.ops_total)
-            .unwrap_or(0)
-    };
+    let op = |name: &str| op_total(&d, name);
     // Ten echo requests came in and ten replies went out (plus ARP), each counted once.
     assert_eq!(op("tx"), u(&report, "tx_frames"));
     assert_eq!(op("rx"), u(&report, "rx_frames"));
@@ -304,14 +327,7 @@ fn emulated_nic_carries_ping_and_is_observed() {
     assert_eq!(d.traps_total, u(&report, "traps"));
     // A 1028-byte echo frame is 514 data-port accesses each way, at least.
     assert!(d.traps_total >= 20 * 514, "{}", d.traps_total);
-    let listed = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    assert!(
-        !String::from_utf8_lossy(&listed.stdout).contains(ends["guest_netns"].as_str().unwrap()),
-        "namespaces removed on exit"
-    );
+    assert_netns_gone(ends["guest_netns"].as_str().unwrap());
 }
 
 #[test]
@@ -376,7 +392,7 @@ fn emulated_nic_on_kvm_carries_ping_with_pio_exits_matching_kvm_pio() {
     }
     let _serial = require_privileges();
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(ENLIGHT)
+    let child = Command::new(ENLIGHT)
         .args([
             "emulated-nic",
             "--name",
@@ -398,32 +414,8 @@ fn emulated_nic_on_kvm_carries_ping_with_pio_exits_matching_kvm_pio() {
     let counter = KvmCounter::start(child.id());
     let daemon = start_daemon_with_kernel_probes(dir.path());
     let handle = daemon.handle();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    out.read_line(&mut first).unwrap();
-    let ends: serde_json::Value = serde_json::from_str(&first).unwrap();
-    let ping = Command::new("ip")
-        .args(["netns", "exec", ends["host_netns"].as_str().unwrap()])
-        .args(["ping", "-c", "10", "-i", "0.05", "-W", "5", "-s", "1000"])
-        .arg(ends["guest_ip"].as_str().unwrap())
-        .output()
-        .expect("ping");
-    let text = String::from_utf8_lossy(&ping.stdout);
-    assert!(
-        ping.status.success() && text.contains("10 received"),
-        "ping through the NE2000 on KVM:\n{text}"
-    );
-    // SAFETY: kill(2) on our own child, not yet reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let last = out
-        .lines()
-        .map_while(Result::ok)
-        .last()
-        .expect("final figures");
-    assert!(child.wait().unwrap().success());
+    let (ends, report) = ping_ten_then_stop(child, "ping through the NE2000 on KVM");
     let (pio, mmio, _exits) = counter.stop();
-    let report: serde_json::Value = serde_json::from_str(&last).unwrap();
-    assert_eq!(report["done"], true);
     assert_eq!(report["transport"], "kvm");
     settle(&handle, 3);
     let d = handle
@@ -432,13 +424,7 @@ fn emulated_nic_on_kvm_carries_ping_with_pio_exits_matching_kvm_pio() {
         .find(|d| d.name == "enick")
         .expect("enlightd saw the NIC");
     assert_eq!((d.device.as_str(), d.kind.as_str()), ("nic", "emulated"));
-    let op = |name: &str| {
-        d.ops
-            .iter()
-            .find(|o| o.op == name)
-            .map(|o| o.ops_total)
-            .unwrap_or(0)
-    };
+    let op = |name: &str| op_total(&d, name);
     assert_eq!(op("tx"), u(&report, "tx_frames"), "eBPF tx vs the device");
     assert_eq!(op("rx"), u(&report, "rx_frames"), "eBPF rx vs the device");
     assert!(op("tx") >= 10 && op("rx") >= 10, "{d:?}");
@@ -460,12 +446,5 @@ fn emulated_nic_on_kvm_carries_ping_with_pio_exits_matching_kvm_pio() {
     let text = handle.render_metrics();
     let line = format!("enlight_kvm_pio_total{{device=\"enick\",kind=\"emulated\"}} {traps}");
     assert!(text.contains(&line), "missing {line} in\n{text}");
-    let listed = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    assert!(
-        !String::from_utf8_lossy(&listed.stdout).contains(ends["guest_netns"].as_str().unwrap()),
-        "namespaces removed on exit"
-    );
+    assert_netns_gone(ends["guest_netns"].as_str().unwrap());
 }
