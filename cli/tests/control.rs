@@ -14,18 +14,11 @@ use enlight_driver::control::{ControlClient, SettingsPatch};
 use enlight_driver::registry;
 use enlight_driver::settings::{DeviceSettings, Knob};
 use enlight_driver::workload::WorkloadSnapshot;
-use enlightd::{Config, Daemon, DaemonHandle};
+
+mod support;
+use support::{final_line, one_daemon_at_a_time, settle, start_daemon};
 
 const ENLIGHT: &str = env!("CARGO_BIN_EXE_enlight");
-
-/// Probes attach per executable, system-wide: one daemon at a time in this binary.
-static ONE_DAEMON_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_DAEMON_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 fn spawn_disk(dir: &Path, name: &str, workload: &str, wait_for_probes: bool) -> Child {
     let mut cmd = Command::new(ENLIGHT);
@@ -54,28 +47,12 @@ fn wait_for_record(dir: &Path, name: &str) -> registry::DeviceRecord {
     }
 }
 
-fn stop_and_report(mut child: Child) -> WorkloadSnapshot {
+fn stop_and_report(child: Child) -> WorkloadSnapshot {
     // SAFETY: kill(2) on our own child's pid, not yet reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let stdout = child.stdout.take().unwrap();
-    let last = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .last()
-        .expect("device printed a report");
-    assert!(child.wait().unwrap().success(), "device process failed");
-    let report: WorkloadSnapshot = serde_json::from_str(&last).unwrap();
+    let report: WorkloadSnapshot = serde_json::from_str(&final_line(child)).unwrap();
     assert!(report.done);
     report
-}
-
-fn settle(handle: &DaemonHandle, n: u64) {
-    let target = handle.ticks() + n;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while handle.ticks() < target {
-        assert!(Instant::now() < deadline, "collector stalled");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn metric(text: &str, series: &str) -> u64 {
@@ -88,18 +65,12 @@ fn metric(text: &str, series: &str) -> u64 {
 
 #[test]
 fn ebpf_counts_every_applied_change_and_metrics_follow_the_device() {
-    let _serial = serial();
+    let _serial = one_daemon_at_a_time();
     if let Err(e) = enlight_probes::preflight() {
         panic!("privileged control-socket test cannot run: {e}");
     }
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(Config {
-        runtime_dir: dir.path().into(),
-        interval_ms: 100,
-        device_grace_secs: 600,
-        ..Config::default()
-    })
-    .expect("start enlightd");
+    let daemon = start_daemon(dir.path());
     let handle = daemon.handle();
     let child = spawn_disk(dir.path(), "ctl0", "qd=32,bs=4k,rw=70,duration=60s", true);
     let record = wait_for_record(dir.path(), "ctl0");
@@ -245,7 +216,7 @@ fn a_control_client_killed_mid_change_leaves_the_device_consistent() {
     if std::env::var("ENLIGHT_CONTROL_CHILD").is_ok() {
         return;
     }
-    let _serial = serial();
+    let _serial = one_daemon_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let device = spawn_disk(dir.path(), "kill0", "qd=32,bs=4k,duration=60s", false);
     let record = wait_for_record(dir.path(), "kill0");

@@ -7,41 +7,17 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use enlightd::{Config, Daemon, DaemonHandle};
+use enlightd::Daemon;
+
+mod support;
+use support::{daemon_config, final_line, require_privileges, settle, start_daemon};
 
 const ENLIGHT: &str = env!("CARGO_BIN_EXE_enlight");
 
-static ONE_DAEMON_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn require_privileges() -> std::sync::MutexGuard<'static, ()> {
-    if let Err(e) = enlight_probes::preflight() {
-        panic!("privileged end-to-end test cannot run: {e}");
-    }
-    ONE_DAEMON_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn start_daemon(runtime_dir: &Path) -> Daemon {
-    Daemon::start(Config {
-        runtime_dir: runtime_dir.into(),
-        interval_ms: 100,
-        device_grace_secs: 600,
-        ..Config::default()
-    })
-    .expect("start enlightd")
-}
-
 /// A daemon that also runs its kernel probes (KVM PIO/MMIO counts per VMM process).
 fn start_daemon_with_kernel_probes(runtime_dir: &Path) -> Daemon {
-    let mut config = Config {
-        runtime_dir: runtime_dir.into(),
-        interval_ms: 100,
-        device_grace_secs: 600,
-        ..Config::default()
-    };
+    let mut config = daemon_config(runtime_dir);
     config.kernel.enabled = true;
     Daemon::start(config).expect("start enlightd with kernel probes")
 }
@@ -70,15 +46,8 @@ fn spawn_emulated(dir: &Path, name: &str, transport: &str, workload: &str) -> Ch
         .expect("spawn enlight emulated-disk")
 }
 
-fn final_report(mut child: Child) -> serde_json::Value {
-    let stdout = child.stdout.take().unwrap();
-    let last = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .last()
-        .expect("device printed a report");
-    assert!(child.wait().unwrap().success(), "device process failed");
-    let v: serde_json::Value = serde_json::from_str(&last).unwrap();
+fn final_report(child: Child) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(&final_line(child)).unwrap();
     assert_eq!(v["done"], true);
     v
 }
@@ -134,15 +103,6 @@ fn assert_netns_gone(name: &str) {
         !String::from_utf8_lossy(&listed.stdout).contains(name),
         "namespace {name} removed on exit"
     );
-}
-
-fn settle(handle: &DaemonHandle, n: u64) {
-    let target = handle.ticks() + n;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while handle.ticks() < target {
-        assert!(Instant::now() < deadline, "collector stalled");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn u(v: &serde_json::Value, key: &str) -> u64 {

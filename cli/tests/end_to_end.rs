@@ -3,39 +3,17 @@
 //! and percentiles, Debian's promtool, bpftrace). Needs root; CI runs it as root, and without
 //! privileges these tests fail with the reason rather than skip.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use enlight_driver::workload::WorkloadSnapshot;
-use enlightd::{Config, Daemon, DaemonHandle, DeviceView};
+use enlightd::{DaemonHandle, DeviceView};
+
+mod support;
+use support::{final_line, require_privileges, settle, start_daemon};
 
 const ENLIGHT: &str = env!("CARGO_BIN_EXE_enlight");
-
-/// Serialises the tests that run a daemon: probes attach per executable, system-wide, so one
-/// test's daemon would enable the probe semaphores of another test's devices (same binary) and
-/// let them start before their own daemon is attached.
-static ONE_DAEMON_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn require_privileges() -> std::sync::MutexGuard<'static, ()> {
-    if let Err(e) = enlight_probes::preflight() {
-        panic!("privileged end-to-end test cannot run: {e}");
-    }
-    ONE_DAEMON_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn start_daemon(runtime_dir: &Path) -> Daemon {
-    let config = Config {
-        runtime_dir: runtime_dir.into(),
-        interval_ms: 100,
-        device_grace_secs: 600,
-        ..Config::default()
-    };
-    Daemon::start(config).expect("start enlightd")
-}
 
 fn spawn_disk(dir: &Path, name: &str, workload: &str) -> Child {
     Command::new(ENLIGHT)
@@ -60,27 +38,10 @@ fn spawn_disk(dir: &Path, name: &str, workload: &str) -> Child {
 }
 
 /// Waits for the device process to finish and returns its last (final) report.
-fn final_report(mut child: Child) -> WorkloadSnapshot {
-    let stdout = child.stdout.take().unwrap();
-    let last = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .last()
-        .expect("device printed a report");
-    assert!(child.wait().unwrap().success(), "device process failed");
-    let report: WorkloadSnapshot = serde_json::from_str(&last).unwrap();
+fn final_report(child: Child) -> WorkloadSnapshot {
+    let report: WorkloadSnapshot = serde_json::from_str(&final_line(child)).unwrap();
     assert!(report.done);
     report
-}
-
-/// Waits until the collector has ticked `n` more times.
-fn settle(handle: &DaemonHandle, n: u64) {
-    let target = handle.ticks() + n;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while handle.ticks() < target {
-        assert!(Instant::now() < deadline, "collector stalled");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn device(handle: &DaemonHandle, name: &str) -> DeviceView {

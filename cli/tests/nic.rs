@@ -12,13 +12,12 @@ use std::time::{Duration, Instant};
 
 use enlight_driver::netns::{LinkStats, NETNS_RUN_DIR};
 use enlight_driver::nic::{LatencyFigures, NicCounters};
-use enlightd::{Config, Daemon, DaemonHandle};
 use serde_json::Value;
 
-const ENLIGHT: &str = env!("CARGO_BIN_EXE_enlight");
+mod support;
+use support::{one_daemon_at_a_time, settle, start_daemon};
 
-/// One daemon (and one NIC process) at a time: probes attach per executable, system-wide.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+const ENLIGHT: &str = env!("CARGO_BIN_EXE_enlight");
 
 fn require_privileges() -> std::sync::MutexGuard<'static, ()> {
     if let Err(e) = enlight_probes::preflight() {
@@ -34,9 +33,7 @@ fn require_privileges() -> std::sync::MutexGuard<'static, ()> {
             "{tool} is needed (scripts/test-all.sh installs iproute2 iputils-ping iperf3)"
         );
     }
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    one_daemon_at_a_time()
 }
 
 /// A running `enlight nic` with its stdout lines arriving on a channel; killed if dropped.
@@ -228,26 +225,11 @@ fn assert_close(op: &str, what: &str, ebpf: f64, own: f64) {
     );
 }
 
-fn settle(handle: &DaemonHandle, n: u64) {
-    let target = handle.ticks() + n;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while handle.ticks() < target {
-        assert!(Instant::now() < deadline, "collector stalled");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn ping_and_iperf3_cross_the_rings_and_every_count_agrees() {
     let _serial = require_privileges();
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(Config {
-        runtime_dir: dir.path().into(),
-        interval_ms: 100,
-        device_grace_secs: 600,
-        ..Config::default()
-    })
-    .expect("start enlightd");
+    let daemon = start_daemon(dir.path());
     let handle = daemon.handle();
     let nic = NicProcess::spawn(
         dir.path(),

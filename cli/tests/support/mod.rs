@@ -1,12 +1,74 @@
-//! What the privileged tests that run a live daemon over HTTP share: enlightd in this process
-//! on a fixed port (stoppable and restartable), child processes killed on drop, free ports.
+//! What the privileged tests share: the one-daemon-at-a-time lock, enlightd in this process
+//! (plain, or serving HTTP on a fixed port, stoppable and restartable), waiting for collector
+//! ticks, a device process's final report line, child processes killed on drop, free ports.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Child;
-use std::time::Duration;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use enlightd::{Config, Daemon, DaemonHandle};
+
+/// Serialises the tests of one binary that run a daemon: probes attach per executable,
+/// system-wide, so one test's daemon would enable the probe semaphores of another test's devices
+/// (same binary) and let them start before their own daemon is attached.
+static ONE_DAEMON_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Takes the one-daemon-at-a-time lock (a test that panicked while holding it does not poison
+/// the others).
+pub fn one_daemon_at_a_time() -> MutexGuard<'static, ()> {
+    ONE_DAEMON_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Fails the test, with the reason, unless the probes can run here; then takes the lock.
+pub fn require_privileges() -> MutexGuard<'static, ()> {
+    if let Err(e) = enlight_probes::preflight() {
+        panic!("privileged end-to-end test cannot run: {e}");
+    }
+    one_daemon_at_a_time()
+}
+
+/// enlightd in this process on `runtime_dir`, ticking every 100 ms, keeping vanished devices.
+pub fn start_daemon(runtime_dir: &Path) -> Daemon {
+    Daemon::start(daemon_config(runtime_dir)).expect("start enlightd")
+}
+
+/// The configuration [`start_daemon`] uses, for tests that change one more key.
+pub fn daemon_config(runtime_dir: &Path) -> Config {
+    Config {
+        runtime_dir: runtime_dir.into(),
+        interval_ms: 100,
+        device_grace_secs: 600,
+        ..Config::default()
+    }
+}
+
+/// Waits until the collector has ticked `n` more times.
+pub fn settle(handle: &DaemonHandle, n: u64) {
+    let target = handle.ticks() + n;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while handle.ticks() < target {
+        assert!(Instant::now() < deadline, "collector stalled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads a device process's stdout to its end, checks that it exited successfully, and returns
+/// its last line (its final report).
+pub fn final_line(mut child: Child) -> String {
+    let stdout = child.stdout.take().unwrap();
+    let last = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .last()
+        .expect("device printed a report");
+    assert!(child.wait().unwrap().success(), "device process failed");
+    last
+}
 
 /// The daemon serving HTTP on a fixed port, in this process, stoppable and restartable.
 pub struct LiveDaemon {
