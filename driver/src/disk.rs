@@ -1395,6 +1395,30 @@ mod tests {
         out[0]
     }
 
+    /// A host service on a bare 8 KiB channel, for tests that play the guest by hand: the
+    /// guest end, the host's control and its thread.
+    fn host_on_raw_channel(
+        backing: &Path,
+    ) -> (
+        channel::GuestEnd,
+        VspControl,
+        std::thread::JoinHandle<Result<(), DiskError>>,
+    ) {
+        let (guest, host) = channel::create(&ChannelConfig {
+            out_ring_bytes: 8192,
+            in_ring_bytes: 8192,
+            extra_bytes: 8192,
+        })
+        .unwrap();
+        let control = VspControl::new().unwrap();
+        let backing = Backing::open(backing).unwrap();
+        let t = {
+            let control = control.clone();
+            std::thread::spawn(move || serve(host, backing, 0, small(), control))
+        };
+        (guest, control, t)
+    }
+
     fn small() -> DiskOptions {
         DiskOptions {
             max_io_bytes: 8192,
@@ -1450,18 +1474,7 @@ mod tests {
     #[test]
     fn hostile_guest_requests_get_error_completions() {
         let f = backing_with_pattern(16);
-        let (mut guest, host) = channel::create(&ChannelConfig {
-            out_ring_bytes: 8192,
-            in_ring_bytes: 8192,
-            extra_bytes: 8192,
-        })
-        .unwrap();
-        let control = VspControl::new().unwrap();
-        let backing = Backing::open(f.path()).unwrap();
-        let t = {
-            let control = control.clone();
-            std::thread::spawn(move || serve(host, backing, 0, small(), control))
-        };
+        let (mut guest, control, t) = host_on_raw_channel(f.path());
         let bad = [
             DiskRequest {
                 op: 99,
@@ -1545,18 +1558,7 @@ mod tests {
     #[test]
     fn an_unoffered_channel_switch_is_refused_and_serving_goes_on() {
         let f = backing_with_pattern(16);
-        let (mut guest, host) = channel::create(&ChannelConfig {
-            out_ring_bytes: 8192,
-            in_ring_bytes: 8192,
-            extra_bytes: 8192,
-        })
-        .unwrap();
-        let control = VspControl::new().unwrap();
-        let backing = Backing::open(f.path()).unwrap();
-        let t = {
-            let control = control.clone();
-            std::thread::spawn(move || serve(host, backing, 0, small(), control))
-        };
+        let (mut guest, control, t) = host_on_raw_channel(f.path());
         let switch = DiskRequest {
             op: OP_SWITCH_CHANNEL,
             ..Default::default()
