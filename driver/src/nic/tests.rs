@@ -202,6 +202,26 @@ fn raw_channel(opts: &NicOptions) -> (GuestEnd, HostEnd) {
     .unwrap()
 }
 
+/// A host service with default knobs on a raw channel, for tests that play the guest by hand:
+/// the guest end, the host tap's outer end, the service and its statistics.
+fn vsp_on_raw_channel(
+    opts: NicOptions,
+) -> (GuestEnd, FramePipe, NicVsp<FramePipe>, Arc<NicHostStats>) {
+    let (guest, host) = raw_channel(&opts);
+    let (outer, inner) = FramePipe::pair().unwrap();
+    let stats = Arc::new(NicHostStats::default());
+    let vsp = NicVsp::new(
+        host,
+        inner,
+        0,
+        opts,
+        knobs(&DeviceSettings::default()),
+        Arc::clone(&stats),
+    )
+    .unwrap();
+    (guest, outer, vsp, stats)
+}
+
 fn small_opts() -> NicOptions {
     NicOptions {
         section_bytes: 256,
@@ -237,18 +257,7 @@ struct PacketHeaderCopy {
 #[test]
 fn receive_buffer_exhaustion_stops_the_host_until_sections_return() {
     let opts = small_opts();
-    let (mut guest, host) = raw_channel(&opts);
-    let (mut outer, inner) = FramePipe::pair().unwrap();
-    let stats = Arc::new(NicHostStats::default());
-    let mut vsp = NicVsp::new(
-        host,
-        inner,
-        0,
-        opts,
-        knobs(&DeviceSettings::default()),
-        Arc::clone(&stats),
-    )
-    .unwrap();
+    let (mut guest, mut outer, mut vsp, stats) = vsp_on_raw_channel(opts);
     guest
         .tx
         .try_write(
@@ -327,18 +336,7 @@ fn receive_buffer_exhaustion_stops_the_host_until_sections_return() {
 #[test]
 fn hostile_guest_messages_get_error_completions_and_break_nothing() {
     let opts = small_opts();
-    let (mut guest, host) = raw_channel(&opts);
-    let (mut outer, inner) = FramePipe::pair().unwrap();
-    let stats = Arc::new(NicHostStats::default());
-    let mut vsp = NicVsp::new(
-        host,
-        inner,
-        0,
-        opts,
-        knobs(&DeviceSettings::default()),
-        Arc::clone(&stats),
-    )
-    .unwrap();
+    let (mut guest, mut outer, mut vsp, stats) = vsp_on_raw_channel(opts);
     let bad_tx = [
         TxRequest {
             section: 4,
@@ -460,18 +458,7 @@ fn hostile_guest_messages_get_error_completions_and_break_nothing() {
 
 #[test]
 fn a_corrupt_ring_index_from_the_guest_is_a_typed_error() {
-    let opts = small_opts();
-    let (guest, host) = raw_channel(&opts);
-    let (_outer, inner) = FramePipe::pair().unwrap();
-    let mut vsp = NicVsp::new(
-        host,
-        inner,
-        0,
-        opts,
-        knobs(&DeviceSettings::default()),
-        Arc::default(),
-    )
-    .unwrap();
+    let (guest, _outer, mut vsp, _stats) = vsp_on_raw_channel(small_opts());
     // SAFETY: the test pokes the outbound ring's write_index, the first word of the region,
     // which starts two control pages and both 8 KiB data areas before the extra area.
     unsafe { (guest.extra.as_ptr().sub(2 * 4096 + 8192 + 8192) as *mut u32).write_volatile(12345) };
@@ -909,12 +896,7 @@ fn an_idle_nic_resizes_at_once_and_keeps_working() {
 
 #[test]
 fn a_switch_request_with_nothing_offered_is_refused_and_serving_goes_on() {
-    let opts = small_opts();
-    let (mut guest, host) = raw_channel(&opts);
-    let stats = Arc::new(NicHostStats::default());
-    let (_outer, inner) = FramePipe::pair().unwrap();
-    let k = knobs(&DeviceSettings::default());
-    let mut vsp = NicVsp::new(host, inner, 0, opts, k, Arc::clone(&stats)).unwrap();
+    let (mut guest, _outer, mut vsp, stats) = vsp_on_raw_channel(small_opts());
     // A guest (confused or hostile) asks to switch with no channel offered, then posts.
     for (tag, payload) in [
         (crate::disk::SWITCH_TAG, proto::switch_request().to_vec()),
