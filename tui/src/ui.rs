@@ -136,6 +136,24 @@ fn short_kind(kind: &str) -> &str {
     }
 }
 
+/// `p50 x p99 y p999 z`, each in its percentile's colour.
+fn percentile_spans(p: [Option<f64>; 3]) -> [Span<'static>; 3] {
+    [
+        Span::styled(
+            format!("p50 {} ", opt_latency(p[0])),
+            Style::new().fg(PERCENTILE_COLORS[0]),
+        ),
+        Span::styled(
+            format!("p99 {} ", opt_latency(p[1])),
+            Style::new().fg(PERCENTILE_COLORS[1]),
+        ),
+        Span::styled(
+            format!("p999 {}", opt_latency(p[2])),
+            Style::new().fg(PERCENTILE_COLORS[2]),
+        ),
+    ]
+}
+
 /// `8f/50us` (frames / microseconds), or `-`.
 fn moderation(s: &Settings) -> String {
     match (s.moderation_frames, s.moderation_usecs) {
@@ -305,25 +323,17 @@ fn summary_lines(app: &App, d: &DeviceView) -> Vec<Line<'static>> {
             )),
             Span::styled(tuner, Style::new().fg(Color::Magenta)),
         ]),
-        Line::from(vec![
-            Span::raw(format!(
+        Line::from(
+            [Span::raw(format!(
                 "ops/s {}  MB/s {:.1}  ",
                 fmt_count(ops_per_sec),
                 f.as_ref().map_or(0.0, |f| f.bytes_per_sec) / 1e6
-            )),
-            Span::styled(
-                format!("p50 {} ", opt_latency(p50)),
-                Style::new().fg(PERCENTILE_COLORS[0]),
-            ),
-            Span::styled(
-                format!("p99 {} ", opt_latency(p99)),
-                Style::new().fg(PERCENTILE_COLORS[1]),
-            ),
-            Span::styled(
-                format!("p999 {} ", opt_latency(p999)),
-                Style::new().fg(PERCENTILE_COLORS[2]),
-            ),
-        ]),
+            ))]
+            .into_iter()
+            .chain(percentile_spans([p50, p99, p999]))
+            .chain([Span::raw(" ")])
+            .collect::<Vec<_>>(),
+        ),
         Line::raw(format!(
             "irq/s {}  irq/op {per_op}  ring out/in {ring}  moderation {}  budget {}",
             fmt_count(irq),
@@ -605,20 +615,7 @@ fn render_compare(app: &App, left: &str, right: &str, area: Rect, buf: &mut Buff
                 fmt_count(ops),
                 f.as_ref().map_or(0.0, |f| f.bytes_per_sec) / 1e6
             )),
-            Line::from(vec![
-                Span::styled(
-                    format!("p50 {} ", opt_latency(p50)),
-                    Style::new().fg(PERCENTILE_COLORS[0]),
-                ),
-                Span::styled(
-                    format!("p99 {} ", opt_latency(p99)),
-                    Style::new().fg(PERCENTILE_COLORS[1]),
-                ),
-                Span::styled(
-                    format!("p999 {}", opt_latency(p999)),
-                    Style::new().fg(PERCENTILE_COLORS[2]),
-                ),
-            ]),
+            Line::from(percentile_spans([p50, p99, p999]).to_vec()),
             Line::raw(format!(
                 "irq/s {}  irq/op {}  mod {}",
                 fmt_count(irq),
