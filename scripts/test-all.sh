@@ -5,6 +5,13 @@
 set -euo pipefail
 # Tests that need promtool fail, rather than skip, when it is missing.
 export ENLIGHT_REQUIRE_PROMTOOL=1
+# Where /dev/kvm exists, the KVM tests must run: a KVM that fails its detection there fails them
+# instead of letting them skip (a skip prints only inside captured test output).
+if [[ -e /dev/kvm ]]; then
+    export ENLIGHT_REQUIRE_KVM=1
+else
+    echo "test-all: no /dev/kvm: the KVM transport tests skip (the thread transport is tested)" >&2
+fi
 cd "$(dirname "$0")/.."
 
 step() { printf '\n=== %s\n' "$*"; }
@@ -56,8 +63,9 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test (unit, integration and privileged eBPF tests)"
-# One thread per test binary keeps the privileged tests (which attach uprobes and read shared
-# kernel maps) from timing each other out on a 2-core machine; binaries still build in parallel.
+# Two test threads per binary keep the privileged tests (which attach uprobes and read shared
+# kernel maps) from timing each other out on a 2-core machine; tests that run a daemon also
+# take a lock (cli/tests/support), and binaries run one after another.
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked -- --test-threads=2 2>&1 | tee "$log"

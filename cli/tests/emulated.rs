@@ -202,8 +202,7 @@ impl KvmCounter {
 
 #[test]
 fn emulated_disk_on_kvm_counts_agree_with_the_kernels_tracepoints() {
-    if let Err(reason) = enlight_vmm::detect() {
-        eprintln!("SKIPPED emulated_disk_on_kvm_counts_agree_with_the_kernels_tracepoints: KVM unavailable: {reason}");
+    if !enlight_vmm::kvm_or_skip("emulated_disk_on_kvm_counts_agree_with_the_kernels_tracepoints") {
         return;
     }
     let _serial = require_privileges();
@@ -292,8 +291,7 @@ fn emulated_nic_carries_ping_and_is_observed() {
 
 #[test]
 fn ring_disk_on_kvm_takes_one_doorbell_and_one_exit_per_batch() {
-    if let Err(reason) = enlight_vmm::detect() {
-        eprintln!("SKIPPED ring_disk_on_kvm_takes_one_doorbell_and_one_exit_per_batch: KVM unavailable: {reason}");
+    if !enlight_vmm::kvm_or_skip("ring_disk_on_kvm_takes_one_doorbell_and_one_exit_per_batch") {
         return;
     }
     let _serial = require_privileges();
@@ -346,8 +344,8 @@ fn ring_disk_on_kvm_takes_one_doorbell_and_one_exit_per_batch() {
 
 #[test]
 fn emulated_nic_on_kvm_carries_ping_with_pio_exits_matching_kvm_pio() {
-    if let Err(reason) = enlight_vmm::detect() {
-        eprintln!("SKIPPED emulated_nic_on_kvm_carries_ping_with_pio_exits_matching_kvm_pio: KVM unavailable: {reason}");
+    if !enlight_vmm::kvm_or_skip("emulated_nic_on_kvm_carries_ping_with_pio_exits_matching_kvm_pio")
+    {
         return;
     }
     let _serial = require_privileges();

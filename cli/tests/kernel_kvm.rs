@@ -39,8 +39,7 @@ fn spawn_kvm_disk(dir: &Path) -> Child {
 
 #[test]
 fn kvm_pio_and_mmio_counts_equal_the_vmms_own() {
-    if let Err(reason) = enlight_vmm::detect() {
-        eprintln!("SKIPPED kvm_pio_and_mmio_counts_equal_the_vmms_own: KVM unavailable: {reason}");
+    if !enlight_vmm::kvm_or_skip("kvm_pio_and_mmio_counts_equal_the_vmms_own") {
         return;
     }
     if let Err(e) = enlight_probes::preflight() {

@@ -57,6 +57,26 @@ impl From<VmmError> for EmulatedError {
     }
 }
 
+/// Environment variable that turns a KVM test's skip into a failure: the test suite sets it
+/// where `/dev/kvm` exists, so a KVM that stopped working there cannot pass unnoticed.
+pub const REQUIRE_KVM_ENV: &str = "ENLIGHT_REQUIRE_KVM";
+
+/// The KVM tests' policy, in one place: true when KVM works; otherwise the test fails with the
+/// reason if [`REQUIRE_KVM_ENV`] is `1`, and else prints `SKIPPED <test>: ...` and returns
+/// false (the caller returns).
+pub fn kvm_or_skip(test: &str) -> bool {
+    match detect() {
+        Ok(()) => true,
+        Err(reason) if std::env::var(REQUIRE_KVM_ENV).as_deref() == Ok("1") => {
+            panic!("{test}: KVM is required ({REQUIRE_KVM_ENV}=1) but unavailable: {reason}")
+        }
+        Err(reason) => {
+            eprintln!("SKIPPED {test}: KVM unavailable: {reason}");
+            false
+        }
+    }
+}
+
 /// Checks that KVM really works: `/dev/kvm` opens, the API version is 12, a VM and a vCPU can
 /// be created, and a tiny CPL3 long-mode guest reaches its done-write. The result (or the
 /// reason it failed) is computed once per process.
@@ -325,17 +345,6 @@ impl BlockTransport for KvmIdeDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// KVM tests skip loudly, with the reason, where KVM does not work.
-    fn kvm_or_skip(test: &str) -> bool {
-        match detect() {
-            Ok(()) => true,
-            Err(reason) => {
-                eprintln!("SKIPPED {test}: KVM unavailable: {reason}");
-                false
-            }
-        }
-    }
 
     fn file(sectors: u64) -> (tempfile::NamedTempFile, Vec<u8>) {
         let f = tempfile::NamedTempFile::new_in(std::env::temp_dir()).unwrap();

@@ -461,8 +461,7 @@ mod tests {
 
     #[test]
     fn the_guest_program_sends_and_receives_through_real_pio_exits() {
-        if let Err(reason) = detect() {
-            eprintln!("SKIPPED the_guest_program_sends_and_receives_through_real_pio_exits: KVM unavailable: {reason}");
+        if !crate::kvm_or_skip("the_guest_program_sends_and_receives_through_real_pio_exits") {
             return;
         }
         let (c, sink) = card();

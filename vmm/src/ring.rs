@@ -333,8 +333,7 @@ mod tests {
 
     #[test]
     fn a_batch_goes_through_the_ring_with_one_doorbell_and_one_exit() {
-        if let Err(reason) = crate::detect() {
-            eprintln!("SKIPPED a_batch_goes_through_the_ring_with_one_doorbell_and_one_exit: KVM unavailable: {reason}");
+        if !crate::kvm_or_skip("a_batch_goes_through_the_ring_with_one_doorbell_and_one_exit") {
             return;
         }
         let f = tempfile::NamedTempFile::new_in(std::env::temp_dir()).unwrap();
