@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
@@ -392,32 +392,54 @@ impl Bench {
             .stderr(Stdio::null())
             .spawn()
             .context("running iperf3 (apt-get install iperf3)")?;
-        std::thread::sleep(Duration::from_millis(500));
-        let client = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ends.guest_netns,
-                "iperf3",
-                "-J",
-                "-c",
-                &ends.host_ip,
-                "-t",
-            ])
-            .arg(format!("{}", self.seconds.max(2.0)))
-            .output()
-            .context("running iperf3")?;
+        // iperf3 3.12 with -J exits 0 even when it could not connect, saying so only in the
+        // JSON's "error": retry while the server is not listening yet; any other failure is
+        // reported, not read as 0 bit/s.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let iperf3: Result<f64> = loop {
+            let client = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &ends.guest_netns,
+                    "iperf3",
+                    "-J",
+                    "-c",
+                    &ends.host_ip,
+                    "-t",
+                ])
+                .arg(format!("{}", self.seconds.max(2.0)))
+                .output()
+                .context("running iperf3")?;
+            let j: serde_json::Value = serde_json::from_slice(&client.stdout).unwrap_or_default();
+            if let Some(bps) = j["end"]["sum_received"]["bits_per_second"].as_f64() {
+                break Ok(bps);
+            }
+            let why = j["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| String::from_utf8_lossy(&client.stderr).into_owned());
+            if !why.contains("unable to connect") || Instant::now() > deadline {
+                break Err(anyhow::anyhow!("iperf3 through {name}: {why}"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
         let mut server = server;
+        if iperf3.is_err() {
+            let _ = server.kill();
+        }
         let _ = server.wait();
-        let j: serde_json::Value = serde_json::from_slice(&client.stdout).unwrap_or_default();
-        let bps = j["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap_or(0.0);
         // SAFETY: kill(2) on our own child, not yet reaped.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         let lines: Vec<String> = out.lines().map_while(Result::ok).collect();
         let (_, cpu_s) = wait_rusage(pid)?;
         std::mem::forget(child);
+        let bps = iperf3?;
+        ensure!(
+            !rtts.is_empty(),
+            "no ping reply through {name}:\n{}",
+            String::from_utf8_lossy(&ping.stdout)
+        );
         self.settle(3);
         let v = self.view(name)?;
         let frames = v.total.ops_total;
