@@ -176,7 +176,8 @@ pub struct State {
 }
 
 impl State {
-    fn error(&mut self, kind: &'static str, message: String) {
+    /// Counts an error of `kind` (one of [`ERROR_KINDS`]) and keeps its message.
+    pub(crate) fn error(&mut self, kind: &'static str, message: String) {
         *self.errors.entry(kind).or_default() += 1;
         log::warn!("{kind}: {message}");
         self.recent_errors.push(format!("{kind}: {message}"));

@@ -238,16 +238,19 @@ impl<S: KernelSource> KernelCollector<S> {
             Some(s) => {
                 state.kernel.probes = s.status();
                 match s.snapshot() {
-                    Ok(snap) => Some(snap),
+                    Ok(snap) => snap,
                     Err(e) => {
-                        state.kernel.load_error = Some(format!("reading the kernel maps: {e}"));
-                        None
+                        // Keep the last figures: a snapshot of zeros would make every kernel
+                        // counter on /metrics go backwards until the next good read.
+                        let message = format!("reading the kernel maps: {e}");
+                        state.kernel.load_error = Some(message.clone());
+                        state.error("snapshot", message);
+                        return;
                     }
                 }
             }
-            None => None,
+            None => Default::default(),
         };
-        let snap = snap.unwrap_or_default();
         state.kernel.kvm_exits = snap.kvm_exits();
         state.kernel.kvm_pio = snap.kvm_event_counts(enlight_probes::kernel::types::KVM_PIO);
         state.kernel.kvm_mmio = snap.kvm_event_counts(enlight_probes::kernel::types::KVM_MMIO);
@@ -454,11 +457,16 @@ pub(crate) mod tests {
     #[derive(Clone, Default)]
     pub(crate) struct FakeKernel {
         pub snap: Arc<Mutex<KernelSnapshot>>,
+        /// When set, reading the maps fails with this message.
+        pub fail: Arc<Mutex<Option<String>>>,
     }
 
     impl KernelSource for FakeKernel {
         fn snapshot(&self) -> Result<KernelSnapshot, String> {
-            Ok(self.snap.lock().unwrap().clone())
+            match self.fail.lock().unwrap().clone() {
+                Some(e) => Err(e),
+                None => Ok(self.snap.lock().unwrap().clone()),
+            }
         }
         fn status(&self) -> Vec<ProbeView> {
             vec![
@@ -523,6 +531,51 @@ pub(crate) mod tests {
         std::fs::remove_dir_all(dir.path().join("block/loop3")).unwrap();
         c.tick(&mut state);
         assert!(!state.devices.contains_key("loop3"));
+    }
+
+    #[test]
+    fn a_failed_map_read_keeps_the_last_figures_and_counts_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        fake_sysfs(dir.path(), "loop3");
+        let fake = FakeKernel::default();
+        fake.snap.lock().unwrap().disks.insert(
+            BlockKey {
+                dev: make_dev(7, 3),
+                op: 0,
+            },
+            crate::collector::tests::io(100, &[(50_000, 100)]),
+        );
+        let pio = enlight_probes::kernel::KvmKey {
+            pid: 42,
+            tid: 42,
+            event: enlight_probes::kernel::types::KVM_PIO,
+            isa: 0,
+            reason: 1,
+        };
+        fake.snap.lock().unwrap().kvm.insert(pio, 7);
+        fake.snap.lock().unwrap().health.events_lost = 3;
+        let mut c = KernelCollector::new(
+            Ok(fake.clone()),
+            dir.path().into(),
+            Duration::from_secs(30),
+            KernelOptions::default(),
+        );
+        let mut state = State::default();
+        c.tick(&mut state);
+        assert_eq!(state.devices["loop3"].ops[&0].ops, 100);
+        assert_eq!(state.kernel.kvm_pio[&42], 7);
+        *fake.fail.lock().unwrap() = Some("EIO".into());
+        c.tick(&mut state);
+        // No counter goes back to 0 for an interval; the failure is counted and said.
+        assert_eq!(state.devices["loop3"].ops[&0].ops, 100);
+        assert_eq!(state.kernel.kvm_pio.get(&42), Some(&7));
+        assert_eq!(state.kernel.events_lost, 3);
+        assert_eq!(state.errors.get("snapshot"), Some(&1));
+        assert!(state.kernel.load_error.as_deref().unwrap().contains("EIO"));
+        *fake.fail.lock().unwrap() = None;
+        c.tick(&mut state);
+        assert_eq!(state.devices["loop3"].ops[&0].ops, 100);
+        assert_eq!(state.kernel.kvm_pio[&42], 7);
     }
 
     #[test]
