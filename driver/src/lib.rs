@@ -30,4 +30,5 @@ pub mod registry;
 pub mod ring;
 pub mod settings;
 pub mod trace;
+pub mod usdt;
 pub mod workload;

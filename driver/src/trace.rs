@@ -1,7 +1,8 @@
 //! USDT tracepoints, provider `enlight`: the contract with `probes/` (docs/architecture.md).
 //!
-//! Every site is a `probe_lazy!` with a semaphore: when nothing is attached a site costs one load
-//! and a not-taken branch, and its arguments are not even evaluated. All times are
+//! Every site is a [`usdt_lazy!`](crate::usdt_lazy) (a 5-byte nop on x86-64) with a semaphore:
+//! when nothing is attached a site costs one load and a not-taken branch, and its arguments are
+//! not even evaluated. All times are
 //! `CLOCK_MONOTONIC` nanoseconds. Each function is `#[inline(always)]` so the site sits where the
 //! event happens; every inlined copy gets its own note and the attacher attaches them all.
 
@@ -60,13 +61,13 @@ pub const PROBE_NAMES: [&str; 9] = [
 /// The VSC wrote a request packet into the outbound ring.
 #[inline(always)]
 pub fn io_submit(dev: u32, op: u16, tag: u64, bytes: u32, submit_ns: u64) {
-    probe::probe_lazy!(enlight, io_submit, dev, op, tag, bytes, submit_ns);
+    crate::usdt_lazy!(enlight, io_submit, dev, op, tag, bytes, submit_ns);
 }
 
 /// The VSC matched one completion to its request.
 #[inline(always)]
 pub fn io_complete(dev: u32, op: u16, tag: u64, bytes: u32, latency_ns: u64, status: u16) {
-    probe::probe_lazy!(
+    crate::usdt_lazy!(
         enlight,
         io_complete,
         dev,
@@ -82,33 +83,33 @@ pub fn io_complete(dev: u32, op: u16, tag: u64, bytes: u32, latency_ns: u64, sta
 #[inline(always)]
 pub fn io_reap(dev: u32, batch: &[CompletionRecord]) {
     for chunk in batch.chunks(MAX_BATCH) {
-        probe::probe_lazy!(enlight, io_reap, dev, chunk.as_ptr() as usize, chunk.len());
+        crate::usdt_lazy!(enlight, io_reap, dev, chunk.as_ptr() as usize, chunk.len());
     }
 }
 
 /// An eventfd signal was sent (`direction`: [`DIR_GUEST_TO_HOST`] or [`DIR_HOST_TO_GUEST`]).
 #[inline(always)]
 pub fn signal(dev: u32, direction: u32, ring_bytes_used: u32) {
-    probe::probe_lazy!(enlight, signal, dev, direction, ring_bytes_used);
+    crate::usdt_lazy!(enlight, signal, dev, direction, ring_bytes_used);
 }
 
 /// The guest set (entering polling) or cleared `interrupt_mask`.
 #[inline(always)]
 pub fn irq_mask(dev: u32, masked: bool) {
-    probe::probe_lazy!(enlight, irq_mask, dev, masked as u32);
+    crate::usdt_lazy!(enlight, irq_mask, dev, masked as u32);
 }
 
 /// A writer found too little room, set `pending_send_sz` and blocked.
 #[inline(always)]
 pub fn ring_full(dev: u32, direction: u32, needed_bytes: u32) {
-    probe::probe_lazy!(enlight, ring_full, dev, direction, needed_bytes);
+    crate::usdt_lazy!(enlight, ring_full, dev, direction, needed_bytes);
 }
 
 /// The workload starts; returns whether this site is enabled. The attacher enables this site
 /// last, so a workload that waits for it knows every other site is live.
 #[inline(always)]
 pub fn workload_start(dev: u32, queue_depth: u32) -> bool {
-    probe::probe_lazy!(enlight, workload_start, dev, queue_depth)
+    crate::usdt_lazy!(enlight, workload_start, dev, queue_depth)
 }
 
 /// A change of one knob was applied through the control socket (contract 4): `knob` is the
@@ -116,7 +117,7 @@ pub fn workload_start(dev: u32, queue_depth: u32) -> bool {
 /// 3 moderation_usecs, 4 poll_budget), `old` and `new` its values. One hit per changed knob.
 #[inline(always)]
 pub fn settings_change(dev: u32, knob: u32, old: u32, new: u32) {
-    probe::probe_lazy!(enlight, settings_change, dev, knob, old, new);
+    crate::usdt_lazy!(enlight, settings_change, dev, knob, old, new);
 }
 
 /// An emulated device trapped `count` register accesses since its last `trap` hit (contract 5).
@@ -124,7 +125,7 @@ pub fn settings_change(dev: u32, knob: u32, old: u32, new: u32) {
 /// the thread transport's hand-off it would count.
 #[inline(always)]
 pub fn trap(dev: u32, count: u64) {
-    probe::probe_lazy!(enlight, trap, dev, count);
+    crate::usdt_lazy!(enlight, trap, dev, count);
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds (the clock every probe argument uses).

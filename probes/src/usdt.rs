@@ -358,6 +358,27 @@ mod tests {
     }
 
     #[test]
+    fn an_enlight_site_is_a_five_byte_nop_with_its_arguments() {
+        // The driver's own macro: a 5-byte nop, so that the kernel can optimise the uprobe.
+        #[inline(never)]
+        fn fire(x: u64) -> bool {
+            enlight_driver::usdt_lazy!(enlight_test, five_byte_site, x, x + 1, 7u32)
+        }
+        assert!(!fire(1));
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let sites = sites(&exe).unwrap();
+        let site = sites
+            .iter()
+            .find(|s| s.provider == "enlight_test" && s.name == "five_byte_site")
+            .expect("site present");
+        assert_eq!(site.spec.arg_cnt, 3);
+        assert!(site.semaphore_offset != 0 && site.file_offset != 0);
+        let bytes = std::fs::read(&exe).unwrap();
+        let at = site.file_offset as usize;
+        assert_eq!(&bytes[at..at + 5], &[0x0f, 0x1f, 0x44, 0x00, 0x00]);
+    }
+
+    #[test]
     fn a_site_in_discarded_code_has_no_offset() {
         // The layout of a typical PIE: headers and read-only data, then text, then data.
         let segs = [

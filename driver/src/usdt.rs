@@ -1,0 +1,95 @@
+//! The USDT site macro every enlight probe uses: [`usdt_lazy!`](crate::usdt_lazy).
+//!
+//! It is `probe::probe_lazy!` (a SystemTap SDT note plus a semaphore the tracer increments)
+//! with one difference on x86-64: the site is the 5-byte `nopl 0x0(%rax,%rax,1)` instead of a
+//! 1-byte `nop`. On that instruction Linux (6.18 and later, `arch_uprobe_optimize`) replaces the
+//! uprobe's `int3` after its first hit with a call into a trampoline that enters the kernel
+//! through the `uprobe` system call, which costs less than an exception. Kernels without the
+//! optimisation, and tools that attach their own way (bpftrace, perf), treat it as an ordinary
+//! probed `nop`. Other architectures use `probe::probe_lazy!` unchanged.
+//!
+//! The note layout is the `probe` crate's (0.5.2, `src/platform/systemtap.rs`, MIT OR
+//! Apache-2.0), which follows `sys/sdt.h`.
+
+/// A USDT site `provider:name` with a semaphore: when no tracer is attached it costs one load
+/// and a not-taken branch, and the arguments are not evaluated. Evaluates to whether the site is
+/// enabled. Arguments are integers or pointers (passed as 8-byte signed values).
+#[cfg(target_arch = "x86_64")]
+#[macro_export]
+macro_rules! usdt_lazy {
+    ($provider:ident, $name:ident $(, $arg:expr)* $(,)?) => {{
+        #[link_section = ".probes"]
+        static mut SEMAPHORE: u16 = 0;
+        // SAFETY: a plain load of a u16 the tracer may change at any time (hence volatile); the
+        // static lives for the whole program.
+        let enabled = unsafe { ::core::ptr::read_volatile(&raw const SEMAPHORE) } != 0;
+        if enabled {
+            $crate::__usdt_site!(SEMAPHORE, $provider, $name, $("-8@{}", $arg,)*);
+        }
+        enabled
+    }};
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[macro_export]
+macro_rules! usdt_lazy {
+    ($provider:ident, $name:ident $(, $arg:expr)* $(,)?) => {
+        $crate::usdt::__probe::probe_lazy!($provider, $name $(, $arg)*)
+    };
+}
+
+/// The `probe` crate, for [`usdt_lazy!`](crate::usdt_lazy) on other architectures.
+#[doc(hidden)]
+pub use probe as __probe;
+
+/// The site itself: the 5-byte nop and its `.note.stapsdt` entry (pc, base, semaphore,
+/// provider, name, argument specs).
+#[doc(hidden)]
+#[cfg(target_arch = "x86_64")]
+#[macro_export]
+macro_rules! __usdt_site {
+    ($sem:ident, $provider:ident, $name:ident, $first:literal, $arg1:expr, $($argstr:literal, $arg:expr,)*) => {
+        // SAFETY: the asm only emits a nop and a note section; it reads its register operands
+        // (the arguments, for the tracer to inspect) and touches no memory or flags.
+        unsafe {
+            ::core::arch::asm!(
+                concat!(
+                    r#"
+990:    .byte 0x0f, 0x1f, 0x44, 0x00, 0x00
+        .pushsection .note.stapsdt,"?","note"
+        .balign 4
+        .4byte 992f-991f, 994f-993f, 3
+991:    .asciz "stapsdt"
+992:    .balign 4
+993:    .8byte 990b
+        .8byte _.stapsdt.base
+        .8byte {sem}
+        .asciz ""#,
+                    stringify!($provider),
+                    r#""
+        .asciz ""#,
+                    stringify!($name),
+                    r#""
+        .asciz ""#,
+                    $first,
+                    $(" ", $argstr,)*
+                    r#""
+994:    .balign 4
+        .popsection
+.ifndef _.stapsdt.base
+        .pushsection .stapsdt.base,"aGR","progbits",.stapsdt.base,comdat
+        .weak _.stapsdt.base
+        .hidden _.stapsdt.base
+_.stapsdt.base: .space 1
+        .size _.stapsdt.base, 1
+        .popsection
+.endif"#
+                ),
+                in(reg) ($arg1) as isize,
+                $(in(reg) ($arg) as isize,)*
+                sem = sym $sem,
+                options(readonly, nostack, preserves_flags, att_syntax),
+            )
+        }
+    };
+}
