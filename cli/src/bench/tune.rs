@@ -6,7 +6,8 @@
 //!   that phase's workload and the grid points are put in force one after another through the
 //!   control socket, each settled and then measured from the eBPF windows; the [`FINALISTS`]
 //!   best by the scenario's objective ([`score::best`]) are measured again for twice as long,
-//!   and the best of those is the oracle's value for that phase;
+//!   the best of those is the oracle's point, and one more measurement of that point is the
+//!   oracle's value for that phase (independent of the ones that chose it);
 //! - each **controller** (static defaults, DIM, enlight's tuner) runs the whole plan on a fresh
 //!   device process, deciding every tick from the eBPF window and applying through the control
 //!   socket.
@@ -55,6 +56,29 @@ pub struct TuneBenchArgs {
     /// Controller tick, milliseconds.
     #[arg(long, default_value_t = 500)]
     tick_ms: u64,
+    /// Pin each device process (all its threads) to this CPU, or `none`. The default, the
+    /// machine's last CPU when it has more than one, keeps the scheduler's thread placement from
+    /// moving a CPU-bound device's throughput by a factor of two between runs (measured on a
+    /// 2-vCPU guest), which would swamp what the knobs change; the harness and the traffic
+    /// generators run on the other CPUs.
+    #[arg(long, value_name = "CPU|none")]
+    cpu: Option<String>,
+}
+
+/// The CPU device processes are pinned to, from `--cpu`.
+fn device_cpu(arg: Option<&str>) -> Result<Option<usize>> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match arg {
+        None if cpus > 1 => Ok(Some(cpus - 1)),
+        None | Some("none") => Ok(None),
+        Some(v) => {
+            let cpu: usize = v
+                .parse()
+                .with_context(|| format!("--cpu {v:?} is neither a CPU number nor \"none\""))?;
+            anyhow::ensure!(cpu < cpus, "--cpu {cpu}: this machine has {cpus} CPUs");
+            Ok(Some(cpu))
+        }
+    }
 }
 
 /// A workload scenario.
@@ -231,6 +255,7 @@ pub struct PhaseOracle {
     /// The best grid points, re-measured for twice as long.
     pub finalists: Vec<(DeviceSettings, Option<Figures>)>,
     pub best_settings: Option<DeviceSettings>,
+    /// `best_settings` measured once more, independently of the measurements that chose it.
     pub best: Option<Figures>,
 }
 
@@ -252,6 +277,9 @@ pub struct Report {
     pub kernel: String,
     pub started_unix_ms: u64,
     pub tick_ms: u64,
+    /// The CPU every device process was pinned to (none: not pinned).
+    #[serde(default)]
+    pub device_cpu: Option<usize>,
     pub tuner_params: TunerParams,
     pub scenarios: Vec<ScenarioResult>,
 }
@@ -311,7 +339,8 @@ fn measure_point(
 }
 
 /// The oracle's sweep of one phase's workload: every grid point, then the [`FINALISTS`] best
-/// re-measured for twice as long; the best finalist is the oracle.
+/// re-measured for twice as long; the best finalist is the oracle's point, and a third,
+/// independent measurement of it is the oracle's value.
 fn sweep(
     h: &mut Harness,
     spec: &str,
@@ -325,7 +354,7 @@ fn sweep(
         (Duration::from_millis(500), Duration::from_millis(1500))
     };
     let total = (settle + measure).as_secs_f64() * grid.len() as f64
-        + (settle + 2 * measure).as_secs_f64() * FINALISTS as f64
+        + (settle + 2 * measure).as_secs_f64() * (FINALISTS + 1) as f64
         + 3.0;
     let mut dev = start_device(h, s, &[spec.to_string()], total.ceil())?;
     // Let the workload start before the first point.
@@ -356,20 +385,26 @@ fn sweep(
             finalists.push((point, f));
         }
     }
-    h.finish(dev)?;
     let final_figures: Vec<Figures> = finalists.iter().filter_map(|(_, f)| *f).collect();
     let final_points: Vec<DeviceSettings> = finalists
         .iter()
         .filter(|(_, f)| f.is_some())
         .map(|(p, _)| *p)
         .collect();
-    let best = score::best(s.objective, slo, &final_figures);
+    let best_settings = score::best(s.objective, slo, &final_figures).map(|(i, _)| final_points[i]);
+    // The winner measured once more: the figures that picked it are the best of three noisy
+    // measurements, biased upwards (the winner's curse); an independent measurement is not.
+    let best = match best_settings {
+        Some(point) => measure_point(h, &mut dev, &mut current, &point, settle, 2 * measure)?,
+        None => None,
+    };
+    h.finish(dev)?;
     Ok(PhaseOracle {
         spec: spec.to_string(),
         grid: out,
         finalists,
-        best_settings: best.map(|(i, _)| final_points[i]),
-        best: best.map(|(_, f)| f),
+        best_settings,
+        best,
     })
 }
 
@@ -546,7 +581,8 @@ pub fn run(args: TuneBenchArgs) -> Result<()> {
     };
     let tick = Duration::from_millis(args.tick_ms.max(50));
     let grid = grid(args.quick);
-    let mut h = Harness::new()?;
+    let pin = device_cpu(args.cpu.as_deref())?;
+    let mut h = Harness::new(pin)?;
     let (machine, kernel) = machine();
     let mut report = Report {
         quick: args.quick,
@@ -554,6 +590,7 @@ pub fn run(args: TuneBenchArgs) -> Result<()> {
         kernel,
         started_unix_ms: enlight_driver::registry::now_unix_ms(),
         tick_ms: tick.as_millis() as u64,
+        device_cpu: pin,
         tuner_params: TunerParams::default(),
         scenarios: Vec::new(),
     };
@@ -620,4 +657,22 @@ pub fn run(args: TuneBenchArgs) -> Result<()> {
     println!("{md}");
     eprintln!("wrote {}/{stem}.{{md,json,png}}", args.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::device_cpu;
+
+    #[test]
+    fn the_device_cpu_is_the_last_by_default_and_checked_when_given() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let default = device_cpu(None).unwrap();
+        assert_eq!(default, (cpus > 1).then(|| cpus - 1));
+        assert_eq!(device_cpu(Some("none")).unwrap(), None);
+        assert_eq!(device_cpu(Some("0")).unwrap(), Some(0));
+        let err = device_cpu(Some(&cpus.to_string())).unwrap_err().to_string();
+        assert!(err.contains(&format!("this machine has {cpus} CPUs")), "{err}");
+        let err = device_cpu(Some("two")).unwrap_err().to_string();
+        assert!(err.contains("neither a CPU number"), "{err}");
+    }
 }

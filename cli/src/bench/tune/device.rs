@@ -4,6 +4,7 @@
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +27,8 @@ pub struct Harness {
     runtime: PathBuf,
     backing: PathBuf,
     exe: PathBuf,
+    /// The CPU device processes are pinned to.
+    cpu: Option<usize>,
 }
 
 /// One running device process.
@@ -86,7 +89,7 @@ impl Harness {
     /// Checks privileges, loads the probes, creates a 256 MiB backing file in a temporary
     /// directory in `/dev/shm` (memory) where there is one: what is compared is the channel's
     /// signalling and moderation, which a real disk's millisecond variance would drown.
-    pub fn new() -> Result<Harness> {
+    pub fn new(cpu: Option<usize>) -> Result<Harness> {
         enlight_probes::preflight()?;
         let probes = Probes::load().context("loading the eBPF programs")?;
         let base = if Path::new("/dev/shm").is_dir() {
@@ -114,6 +117,7 @@ impl Harness {
             backing,
             _dir: dir,
             exe,
+            cpu,
         })
     }
 
@@ -197,6 +201,20 @@ impl Harness {
         what: &str,
         then: impl FnOnce(&Mutex<Option<String>>, Instant) -> Result<Vec<Child>>,
     ) -> Result<Device> {
+        if let Some(cpu) = self.cpu {
+            // SAFETY: the closure runs in the child between fork and exec and only makes one
+            // system call (sched_setaffinity is async-signal-safe) on a set built on its stack.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd
             .arg("--runtime-dir")
             .arg(&self.runtime)

@@ -39,9 +39,13 @@ pub fn markdown(r: &Report) -> String {
     let first = r.scenarios.first();
     let _ = writeln!(
         o,
-        "Machine: {}; kernel {}; tick {} ms; phases of {} s, judged from {} s after each phase start; oracle: a grid of {} points per phase, the {} best re-measured for twice as long, the best of those.\n",
+        "Machine: {}; kernel {}; device processes {}; tick {} ms; phases of {} s, judged from {} s after each phase start; oracle: a grid of {} points per phase, the {} best re-measured for twice as long, the best of those measured once more for its value.\n",
         r.machine,
         r.kernel,
+        match r.device_cpu {
+            Some(cpu) => format!("pinned to CPU {cpu}"),
+            None => "not pinned".to_string(),
+        },
         r.tick_ms,
         first.map(|s| s.phase_s).unwrap_or(0.0),
         first.map(|s| s.eval_from_s).unwrap_or(0.0),
