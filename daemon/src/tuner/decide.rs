@@ -468,6 +468,15 @@ impl DeviceTuner {
             .unwrap_or_default()
     }
 
+    /// Whether the incumbent keeps p99 under the SLO and throughput within the tolerance of the
+    /// best seen (the constraints of `balanced` and `throughput`).
+    fn incumbent_meets_constraints(&self) -> bool {
+        let m = &self.incumbent_m;
+        let floor = (1.0 - self.params.throughput_tolerance) * self.best_ops_seen;
+        m.p99_ns().is_some_and(|p| p <= self.policy.slo_p99_ns)
+            && m.mean(Metric::OpsPerSec).unwrap_or(0.0) >= floor
+    }
+
     /// Picks the next move from the incumbent, if any is left (and applies the rate limit).
     fn next_move(&mut self, now_ms: u64, bounds: &Bounds) -> Option<Outcome> {
         let incumbent = self.incumbent?;
@@ -477,6 +486,19 @@ impl DeviceTuner {
         while let Some(mv) = self.queue.pop_front() {
             // The ring only matters when writers found it full; it is never shrunk for speed.
             if mv.knob == Knob::RingBytes && self.incumbent_m.ring_full == 0 {
+                continue;
+            }
+            // For `balanced`, less moderation can only add interrupts per op: it is worth a
+            // trial only to bring p99 back under the SLO or throughput back to the floor.
+            let less_moderation = mv.dir == Direction::Down
+                && matches!(
+                    mv.knob,
+                    Knob::Moderation | Knob::ModerationFrames | Knob::ModerationUsecs
+                );
+            if self.policy.objective == Objective::Balanced
+                && less_moderation
+                && self.incumbent_meets_constraints()
+            {
                 continue;
             }
             let Some(candidate) = mv.knob.step_n(&incumbent, mv.dir, mv.stride, bounds) else {

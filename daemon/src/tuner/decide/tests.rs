@@ -438,3 +438,53 @@ fn a_phase_change_after_convergence_re_explores() {
         "{reasons:?}"
     );
 }
+
+#[test]
+fn balanced_tries_less_moderation_only_to_meet_its_constraints() {
+    let less = |from: &DeviceSettings, to: &DeviceSettings| {
+        to.moderation_frames < from.moderation_frames || to.moderation_usecs < from.moderation_usecs
+    };
+    // Within the SLO: less moderation can only add interrupts per op, so it is never tried.
+    let mut t = DeviceTuner::new(policy(Objective::Balanced), TunerParams::default());
+    let r = run(
+        &mut t,
+        high_qd(),
+        DeviceSettings::default(),
+        &Bounds::default(),
+        200,
+        500,
+        11,
+        |_, _| 1.0,
+    );
+    assert!(!r.outcomes.is_empty(), "the tuner explored");
+    for (_, o, from) in &r.outcomes {
+        if o.action == Action::Change {
+            assert!(!less(from, &o.to), "{}", o.reason);
+        }
+    }
+    // Over the SLO (1 us, unreachable): less moderation is tried, to bring p99 down.
+    let mut t = DeviceTuner::new(
+        Policy {
+            slo_p99_ns: 1_000,
+            ..policy(Objective::Balanced)
+        },
+        TunerParams::default(),
+    );
+    let r = run(
+        &mut t,
+        high_qd(),
+        DeviceSettings::default(),
+        &Bounds::default(),
+        200,
+        500,
+        11,
+        |_, _| 1.0,
+    );
+    assert!(
+        r.outcomes
+            .iter()
+            .any(|(_, o, from)| o.action == Action::Change && less(from, &o.to)),
+        "{:?}",
+        r.outcomes.iter().map(|(_, o, _)| &o.reason).collect::<Vec<_>>()
+    );
+}
