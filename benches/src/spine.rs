@@ -3,12 +3,18 @@
 //! 1. channel throughput: messages/s through one ring between two threads at 64 B, 1 KiB and
 //!    4 KiB payloads, with the real signalling rules (eventfd only on empty-to-non-empty);
 //! 2. synthetic disk IOPS at queue depth 1 and 32 with 4 KiB random reads;
-//! 3. probe overhead: the same QD32 workload with every enlight probe attached to this process
-//!    and without, interleaved A/B/A/B so drift hits both sides alike.
+//! 3. probe overhead at QD32, three ways: (a) separate runs with every enlight probe attached,
+//!    only an idle control probe, and none, rotated per round; (b) one continuous run whose
+//!    1-second slices rotate through the same three configurations, compared triple by triple
+//!    (geometric mean and 95% confidence interval); (c) an accounting of the cost: the probe
+//!    hits per I/O and the programs' run time per I/O as the kernel counts them
+//!    (`BPF_ENABLE_STATS`), with the cost of one trap measured on a real site in a tight loop,
+//!    as a share of the CPU time per I/O without probes.
 //!
 //! Prints a Markdown report with the machine and kernel, and writes the raw figures as JSON.
 //! Needs root for part 3 (it loads and attaches the real eBPF programs).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -31,6 +37,14 @@ struct Args {
     /// A/B rounds for the probe-overhead comparison.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Seconds of the interleaved probe-overhead run per backing file (one continuous QD32
+    /// workload whose 1-second slices rotate through detached, control and all probes).
+    #[arg(long, default_value_t = 60)]
+    interleaved_secs: u64,
+    /// The probes of the "all probes" configuration (default: every probe enlightd attaches);
+    /// a subset shows what each one costs.
+    #[arg(long, value_delimiter = ',')]
+    overhead_probes: Vec<String>,
     /// Directory for the backing file (not tmpfs, so O_DIRECT applies).
     #[arg(long, default_value = "/var/tmp")]
     dir: PathBuf,
@@ -80,15 +94,64 @@ struct OverheadResult {
     signal_traps_per_io: f64,
 }
 
+/// One continuous QD32 run whose 1-second slices rotate through the three configurations
+/// (detached, control, all probes), each triple in a rotated order. Neighbouring slices share
+/// whatever state the run settled into (thread placement, cache, host load), which is what makes
+/// separate runs of this workload spread by a factor of two on a 2-vCPU guest.
+#[derive(Serialize)]
+struct InterleavedResult {
+    backing: &'static str,
+    /// Complete triples measured.
+    triples: usize,
+    /// Every slice in order (the first triple starts after a detached warm-up second).
+    slices: Vec<Slice>,
+    /// Per triple: IOPS with all probes / IOPS detached.
+    iops_ratio_with: Vec<f64>,
+    /// Per triple: IOPS with the control probe / IOPS detached.
+    iops_ratio_control: Vec<f64>,
+    /// Per triple: process CPU per I/O with all probes / detached.
+    cpu_ratio_with: Vec<f64>,
+    /// Geometric mean of `iops_ratio_with` and its 95% confidence interval.
+    with_mean: f64,
+    with_ci95: (f64, f64),
+    /// The same for the control.
+    control_mean: f64,
+    control_ci95: (f64, f64),
+    /// Geometric mean of `cpu_ratio_with` and its 95% confidence interval.
+    cpu_with_mean: f64,
+    cpu_with_ci95: (f64, f64),
+    /// Median IOPS of the detached slices.
+    median_iops_without: f64,
+    /// Probe hits per I/O in the slices with every probe attached (the kernel's run counts).
+    hits_per_io: f64,
+    /// The same per probe.
+    hits_per_io_by_probe: BTreeMap<&'static str, f64>,
+    /// Time in the probes' programs per I/O in those slices, ns (the kernel's run times).
+    program_ns_per_io: f64,
+    /// The probes' cost per I/O by accounting: hits x the trap's cost measured by [`HitCost`]
+    /// + the programs' run time, ns.
+    accounted_ns_per_io: f64,
+    /// Median process CPU per I/O of the detached slices, ns.
+    cpu_ns_per_io_detached: f64,
+    /// `accounted_ns_per_io` as a share of `cpu_ns_per_io_detached`, %.
+    accounted_cost_percent: f64,
+    /// The longest switch between configurations, ms (not part of any slice).
+    longest_switch_ms: f64,
+}
+
 #[derive(Serialize)]
 struct Report {
     machine: String,
     kernel: String,
     cpus: usize,
+    /// CPUs this process may run on (fewer than `cpus` under `taskset`).
+    cpus_allowed: usize,
     direct_io: bool,
     channel: Vec<ChannelResult>,
     disk: Vec<DiskResult>,
     overhead: Vec<OverheadResult>,
+    interleaved: Vec<InterleavedResult>,
+    hit_cost: Option<HitCost>,
 }
 
 /// The two backing files: one written with data (reads go to the device, O_DIRECT), one only
@@ -238,6 +301,312 @@ fn disk_run(backing: &std::path::Path, qd: u32, secs: f64) -> Result<DiskRun> {
     })
 }
 
+/// The three configurations of the probe-overhead comparison.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+enum ProbeConfig {
+    Detached,
+    /// Only `workload_start` attached: it fires once per run, so this shows what attaching alone
+    /// (and the measurement's noise) look like.
+    Control,
+    All,
+}
+
+impl ProbeConfig {
+    const ROTATION: [ProbeConfig; 3] = [
+        ProbeConfig::Detached,
+        ProbeConfig::Control,
+        ProbeConfig::All,
+    ];
+}
+
+/// The length of one slice of the interleaved run.
+const SLICE: Duration = Duration::from_secs(1);
+
+/// Time left after a switch before a slice starts, for the threads to leave whatever state the
+/// switch caught them in.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// One measured slice of the interleaved run.
+#[derive(Serialize)]
+struct Slice {
+    config: ProbeConfig,
+    iops: f64,
+    cpu_ns_per_io: f64,
+    ios: u64,
+    /// Probe hits in the slice (all programs, as the kernel counted them).
+    hits: u64,
+    /// Time spent in the probes' programs in the slice, ns.
+    program_ns: u64,
+    /// Hits per probe in the slice.
+    hits_by_probe: BTreeMap<&'static str, u64>,
+}
+
+/// The kernel's run counts per USDT program, and the sums of run counts and run times over all.
+fn run_totals(probes: &enlight_probes::Probes) -> Result<(u64, u64, BTreeMap<&'static str, u64>)> {
+    let stats = probes.program_run_stats()?;
+    let (c, t) = stats
+        .values()
+        .fold((0, 0), |(c, t), s| (c + s.run_count, t + s.run_time_ns));
+    Ok((c, t, stats.iter().map(|(k, v)| (*k, v.run_count)).collect()))
+}
+
+/// CPU time of the calling thread, ns.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// What one probe hit costs on this machine, measured on a real enlight site (`trap`, with its
+/// real program) in a tight loop on one thread, attached and detached in alternation.
+#[derive(Serialize)]
+struct HitCost {
+    /// CPU ns per call with the probe attached (trap + program + the call).
+    attached_ns: f64,
+    /// CPU ns per call detached (the call and the semaphore check).
+    detached_ns: f64,
+    /// The program's own run time per hit, as the kernel counted it.
+    program_ns: f64,
+    /// `attached - detached - program`: the trap's cost (the `int3`, or the call and system
+    /// call of a uprobe the kernel optimised on a 5-byte nop; uprobe dispatch; return).
+    trap_ns: f64,
+}
+
+fn hit_cost(probes: &mut enlight_probes::Probes) -> Result<HitCost> {
+    const CALLS: u64 = 200_000;
+    // A device number no device uses: the hits land in their own map entry, removed on detach.
+    const DEV: u32 = u32::MAX - 1;
+    let pid = std::process::id();
+    let exe = std::path::Path::new("/proc/self/exe");
+    let timed = || {
+        let t = thread_cpu_ns();
+        for i in 0..CALLS {
+            enlight_driver::trace::trap(std::hint::black_box(DEV), i);
+        }
+        (thread_cpu_ns() - t) as f64 / CALLS as f64
+    };
+    let (mut attached, mut detached, mut program) = (vec![], vec![], vec![]);
+    for _ in 0..5 {
+        detached.push(timed());
+        probes.attach_process_only(pid, exe, &["trap"])?;
+        let before = probes.program_run_stats()?["trap"];
+        attached.push(timed());
+        let after = probes.program_run_stats()?["trap"];
+        probes.detach_process(pid);
+        let hits = after.run_count - before.run_count;
+        anyhow::ensure!(
+            hits == CALLS,
+            "the trap probe counted {hits} hits of {CALLS} calls: is it attached?"
+        );
+        program.push((after.run_time_ns - before.run_time_ns) as f64 / hits as f64);
+    }
+    let (a, d, p) = (median(&attached), median(&detached), median(&program));
+    Ok(HitCost {
+        attached_ns: a,
+        detached_ns: d,
+        program_ns: p,
+        trap_ns: (a - d - p).max(0.0),
+    })
+}
+
+/// Attaches `config`'s probes to this process (after detaching whatever was attached).
+fn apply_probe_config(
+    probes: &mut enlight_probes::Probes,
+    config: ProbeConfig,
+    all: &[&str],
+) -> Result<()> {
+    let pid = std::process::id();
+    probes.detach_process(pid);
+    let exe = std::path::Path::new("/proc/self/exe");
+    match config {
+        ProbeConfig::Detached => {}
+        ProbeConfig::Control => {
+            probes.attach_process_only(pid, exe, &["workload_start"])?;
+        }
+        ProbeConfig::All => {
+            probes.attach_process_only(pid, exe, all)?;
+        }
+    }
+    Ok(())
+}
+
+/// Probe overhead measured inside one continuous QD32 run. The workload runs on its own thread
+/// and never pauses; this thread switches the probes (attaching takes about 0.2 s, detaching
+/// every site about 1.5 s, during which the configuration is in between and nothing is
+/// measured), waits [`SETTLE`], then measures one [`SLICE`] from the host service's live
+/// request counter and the process's CPU time. Slices rotate through the three configurations
+/// (the order rotated each triple, so a trend within a triple favours none of them), and each
+/// triple gives one ratio per configuration against its own detached slice.
+fn interleaved_overhead(
+    probes: &mut enlight_probes::Probes,
+    backing: &std::path::Path,
+    label: &'static str,
+    secs: u64,
+    hit: &HitCost,
+    all: &[&str],
+) -> Result<InterleavedResult> {
+    let (mut vsc, vsp) = SyntheticDisk::start(
+        backing,
+        DeviceSettings::default(),
+        0,
+        DiskOptions {
+            queue_slots: 32,
+            ..DiskOptions::default()
+        },
+    )?;
+    let spec = WorkloadSpec {
+        queue_depth: 32,
+        pattern: Pattern::Random,
+        block_size: 4096,
+        read_percent: 100,
+        // Stopped by this thread once the slices are measured; the limit is a backstop.
+        limit: Limit::Duration(Duration::from_secs(secs * 3 + 60)),
+        seed: 42,
+        ..WorkloadSpec::default()
+    };
+    let stop = AtomicBool::new(false);
+    let requests = || {
+        vsp.stats()
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut slices: Vec<Slice> = Vec::new();
+    let mut longest_switch = Duration::ZERO;
+    let measured = std::thread::scope(|scope| -> Result<()> {
+        let workload = scope.spawn(|| workload::run(&mut vsc, &spec, &stop, |_| {}));
+        let result = (|| -> Result<()> {
+            std::thread::sleep(Duration::from_secs(1)); // warm-up, detached
+            let mut k = 0usize;
+            while Instant::now() < deadline || k % 3 != 0 {
+                if workload.is_finished() {
+                    anyhow::bail!("the workload ended before the slices were measured");
+                }
+                let config = ProbeConfig::ROTATION[(k / 3 + k % 3) % 3];
+                let switch = Instant::now();
+                apply_probe_config(probes, config, all)?;
+                longest_switch = longest_switch.max(switch.elapsed());
+                std::thread::sleep(SETTLE);
+                let (hits0, prog0, by0) = run_totals(probes)?;
+                let (t0, cpu0, req0) = (Instant::now(), process_cpu_ns(), requests());
+                std::thread::sleep(SLICE);
+                let (t1, cpu1, req1) = (Instant::now(), process_cpu_ns(), requests());
+                let (hits1, prog1, by1) = run_totals(probes)?;
+                let n = req1.saturating_sub(req0).max(1);
+                slices.push(Slice {
+                    config,
+                    iops: n as f64 / t1.duration_since(t0).as_secs_f64(),
+                    cpu_ns_per_io: cpu1.saturating_sub(cpu0) as f64 / n as f64,
+                    ios: n,
+                    hits: hits1 - hits0,
+                    program_ns: prog1 - prog0,
+                    hits_by_probe: by1
+                        .iter()
+                        .map(|(k, v)| (*k, v - by0.get(k).copied().unwrap_or(0)))
+                        .filter(|(_, v)| *v > 0)
+                        .collect(),
+                });
+                k += 1;
+            }
+            Ok(())
+        })();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let ended = workload.join().expect("the workload thread does not panic");
+        result?;
+        ended?;
+        Ok(())
+    });
+    probes.detach_process(std::process::id());
+    vsp.stop()?;
+    measured?;
+    let (mut with, mut control, mut cpu_with, mut base) = (vec![], vec![], vec![], vec![]);
+    for triple in slices.chunks_exact(3) {
+        let get = |c: ProbeConfig| triple.iter().find(|s| s.config == c).expect("one of each");
+        let (d, c, a) = (
+            get(ProbeConfig::Detached),
+            get(ProbeConfig::Control),
+            get(ProbeConfig::All),
+        );
+        with.push(a.iops / d.iops);
+        control.push(c.iops / d.iops);
+        cpu_with.push(a.cpu_ns_per_io / d.cpu_ns_per_io);
+        base.push(d.iops);
+    }
+    anyhow::ensure!(
+        with.len() >= 2,
+        "the interleaved run measured {} triples: run it for longer",
+        with.len()
+    );
+    let attached: Vec<&Slice> = slices
+        .iter()
+        .filter(|s| s.config == ProbeConfig::All)
+        .collect();
+    let ios = attached.iter().map(|s| s.ios).sum::<u64>().max(1) as f64;
+    let hits_per_io = attached.iter().map(|s| s.hits).sum::<u64>() as f64 / ios;
+    let program_ns_per_io = attached.iter().map(|s| s.program_ns).sum::<u64>() as f64 / ios;
+    let mut hits_per_io_by_probe: BTreeMap<&'static str, f64> = BTreeMap::new();
+    for s in &attached {
+        for (k, v) in &s.hits_by_probe {
+            *hits_per_io_by_probe.entry(k).or_default() += *v as f64 / ios;
+        }
+    }
+    let accounted_ns_per_io = hits_per_io * hit.trap_ns + program_ns_per_io;
+    let cpu_ns_per_io_detached = median(
+        &slices
+            .iter()
+            .filter(|s| s.config == ProbeConfig::Detached)
+            .map(|s| s.cpu_ns_per_io)
+            .collect::<Vec<_>>(),
+    );
+    let (with_mean, with_ci95) = geo_mean_ci95(&with);
+    let (control_mean, control_ci95) = geo_mean_ci95(&control);
+    let (cpu_with_mean, cpu_with_ci95) = geo_mean_ci95(&cpu_with);
+    Ok(InterleavedResult {
+        backing: label,
+        triples: with.len(),
+        iops_ratio_with: with,
+        iops_ratio_control: control,
+        cpu_ratio_with: cpu_with,
+        with_mean,
+        with_ci95,
+        control_mean,
+        control_ci95,
+        cpu_with_mean,
+        cpu_with_ci95,
+        median_iops_without: median(&base),
+        hits_per_io,
+        hits_per_io_by_probe,
+        program_ns_per_io,
+        accounted_ns_per_io,
+        cpu_ns_per_io_detached,
+        accounted_cost_percent: accounted_ns_per_io / cpu_ns_per_io_detached * 100.0,
+        longest_switch_ms: longest_switch.as_secs_f64() * 1e3,
+        slices,
+    })
+}
+
+/// Geometric mean of ratios and its 95% confidence interval (Student's t on the logs).
+fn geo_mean_ci95(ratios: &[f64]) -> (f64, (f64, f64)) {
+    let logs: Vec<f64> = ratios.iter().map(|r| r.ln()).collect();
+    let n = logs.len() as f64;
+    let mean = logs.iter().sum::<f64>() / n;
+    let var = logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    let half = t_975(n - 1.0) * (var / n).sqrt();
+    (mean.exp(), ((mean - half).exp(), (mean + half).exp()))
+}
+
+/// The 97.5% quantile of Student's t with `dof` degrees of freedom (Cornish-Fisher expansion
+/// around the normal quantile; within 1% of the exact value from 4 degrees of freedom on).
+fn t_975(dof: f64) -> f64 {
+    let z: f64 = 1.959964;
+    z + (z.powi(3) + z) / (4.0 * dof)
+        + (5.0 * z.powi(5) + 16.0 * z.powi(3) + 3.0 * z) / (96.0 * dof * dof)
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
@@ -275,12 +644,24 @@ fn main() -> Result<()> {
     let mut direct = true;
     let mut disk = Vec::new();
     let mut overhead = Vec::new();
+    let mut interleaved = Vec::new();
     let mut probes = match enlight_probes::preflight() {
         Err(e) => {
             eprintln!("probe overhead not measured: {e}");
             None
         }
         Ok(()) => Some(enlight_probes::Probes::load().context("loading the probes")?),
+    };
+    // The kernel's run counts and times of the programs, for the cost accounting (on while the
+    // probe measurements run; they add two clock reads to every program run, which only makes
+    // the attached figures slightly pessimistic).
+    let _run_stats = match probes {
+        Some(_) => Some(enlight_probes::enable_run_stats()?),
+        None => None,
+    };
+    let hit = match probes.as_mut() {
+        Some(p) => Some(hit_cost(p).context("measuring the cost of one probe hit")?),
+        None => None,
     };
     for (label, written) in BACKINGS {
         let backing = make_backing(&args.dir, written)?;
@@ -300,7 +681,11 @@ fn main() -> Result<()> {
         };
         let pid = std::process::id();
         let exe = PathBuf::from("/proc/self/exe");
-        let all: Vec<&str> = enlight_probes::PROGRAMS.iter().map(|(p, _)| *p).collect();
+        let all: Vec<&str> = if args.overhead_probes.is_empty() {
+            enlight_probes::PROGRAMS.iter().map(|(p, _)| *p).collect()
+        } else {
+            args.overhead_probes.iter().map(String::as_str).collect()
+        };
         let (mut with, mut without, mut idle) = (Vec::new(), Vec::new(), Vec::new());
         let (mut sites, mut traps, mut ios) = (0, 0u64, 0u64);
         for round in 0..args.rounds {
@@ -343,6 +728,16 @@ fn main() -> Result<()> {
                 }
             }
         }
+        if args.interleaved_secs > 0 {
+            interleaved.push(interleaved_overhead(
+                probes,
+                backing.path(),
+                label,
+                args.interleaved_secs,
+                hit.as_ref().expect("measured with the probes"),
+                &all,
+            )?);
+        }
         let iops = |v: &[DiskRun]| v.iter().map(|r| r.report.iops_avg).collect::<Vec<_>>();
         let cpu = |v: &[DiskRun]| v.iter().map(|r| r.cpu_ns_per_io).collect::<Vec<_>>();
         // Paired by round: the with/without runs of one round ran back to back, so their ratio
@@ -381,6 +776,9 @@ fn main() -> Result<()> {
     }
 
     let report = Report {
+        cpus_allowed: cpus_allowed(),
+        interleaved,
+        hit_cost: hit,
         machine,
         kernel,
         cpus,
@@ -398,10 +796,24 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// How many CPUs this process may run on.
+fn cpus_allowed() -> usize {
+    // SAFETY: sched_getaffinity writes into the zeroed set we pass, of the size we pass.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; pid 0 is this thread.
+    let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) } == 0;
+    if ok {
+        // SAFETY: CPU_COUNT reads the set it is given.
+        unsafe { libc::CPU_COUNT(&set) as usize }
+    } else {
+        0
+    }
+}
+
 fn print_markdown(r: &Report) {
     println!(
-        "Machine: {} ({} CPUs), kernel {}, backing file O_DIRECT: {}\n",
-        r.machine, r.cpus, r.kernel, r.direct_io
+        "Machine: {} ({} CPUs, this process on {}), kernel {}, backing file O_DIRECT: {}\n",
+        r.machine, r.cpus, r.cpus_allowed, r.kernel, r.direct_io
     );
     println!("| channel payload | messages/s | vs 64 B | signals per message |");
     println!("|---|---|---|---|");
@@ -430,6 +842,49 @@ fn print_markdown(r: &Report) {
                 d.p99_us
             );
         }
+    }
+    if let Some(h) = &r.hit_cost {
+        println!(
+            "\nOne probe hit (the `trap` site and program, tight loop, thread CPU time): {:.0} ns attached, {:.1} ns detached, of which {:.0} ns in the program: the trap itself costs {:.0} ns.",
+            h.attached_ns, h.detached_ns, h.program_ns, h.trap_ns
+        );
+    }
+    if !r.interleaved.is_empty() {
+        println!("\n| cost accounting, all probes attached | backing file | hits per I/O | program ns per I/O | accounted ns per I/O | CPU ns per I/O, detached | accounted cost |");
+        println!("|---|---|---|---|---|---|---|");
+    }
+    for i in &r.interleaved {
+        println!(
+            "| QD32 | {} | {:.4} | {:.1} | {:.1} | {:.0} | {:.2}% |",
+            i.backing,
+            i.hits_per_io,
+            i.program_ns_per_io,
+            i.accounted_ns_per_io,
+            i.cpu_ns_per_io_detached,
+            i.accounted_cost_percent
+        );
+    }
+    if !r.interleaved.is_empty() {
+        println!("\n| QD32, 4 KiB random read, one continuous run | backing file | triples of 1 s slices | median IOPS, detached slices | IOPS, all probes / detached (geo. mean, 95% CI) | cost | control / detached | CPU per I/O, all probes / detached |");
+        println!("|---|---|---|---|---|---|---|---|");
+    }
+    for i in &r.interleaved {
+        println!(
+            "| QD32 | {} | {} | {:.0} | {:.4} [{:.4}, {:.4}] | {:.2}% | {:.4} [{:.4}, {:.4}] | {:.4} [{:.4}, {:.4}] |",
+            i.backing,
+            i.triples,
+            i.median_iops_without,
+            i.with_mean,
+            i.with_ci95.0,
+            i.with_ci95.1,
+            (1.0 - i.with_mean) * 100.0,
+            i.control_mean,
+            i.control_ci95.0,
+            i.control_ci95.1,
+            i.cpu_with_mean,
+            i.cpu_with_ci95.0,
+            i.cpu_with_ci95.1,
+        );
     }
     if !r.overhead.is_empty() {
         println!("\n| QD32, 4 KiB random read | backing file | median IOPS, probes detached | control: idle probe attached | all probes attached | with/without (medians) | with/without (paired by round) | CPU per I/O with/without (paired) | signal-probe hits per I/O |");

@@ -44,7 +44,7 @@ pub const EVAL_FROM_S: f64 = 30.0;
 
 #[derive(Args, Debug)]
 pub struct TuneBenchArgs {
-    /// Short phases and a small grid (about 10 minutes instead of about 35).
+    /// Short phases and a small grid (about 10 minutes instead of about 30).
     #[arg(long)]
     quick: bool,
     /// Run only these scenarios (by name; repeatable).
@@ -671,7 +671,10 @@ mod tests {
         assert_eq!(device_cpu(Some("none")).unwrap(), None);
         assert_eq!(device_cpu(Some("0")).unwrap(), Some(0));
         let err = device_cpu(Some(&cpus.to_string())).unwrap_err().to_string();
-        assert!(err.contains(&format!("this machine has {cpus} CPUs")), "{err}");
+        assert!(
+            err.contains(&format!("this machine has {cpus} CPUs")),
+            "{err}"
+        );
         let err = device_cpu(Some("two")).unwrap_err().to_string();
         assert!(err.contains("neither a CPU number"), "{err}");
     }
