@@ -3,8 +3,8 @@
 //! windows read from the kernel maps, settings changed through the control socket.
 
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

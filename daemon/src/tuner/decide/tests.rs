@@ -485,6 +485,9 @@ fn balanced_tries_less_moderation_only_to_meet_its_constraints() {
             .iter()
             .any(|(_, o, from)| o.action == Action::Change && less(from, &o.to)),
         "{:?}",
-        r.outcomes.iter().map(|(_, o, _)| &o.reason).collect::<Vec<_>>()
+        r.outcomes
+            .iter()
+            .map(|(_, o, _)| &o.reason)
+            .collect::<Vec<_>>()
     );
 }
