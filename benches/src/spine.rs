@@ -482,7 +482,7 @@ fn interleaved_overhead(
         let result = (|| -> Result<()> {
             std::thread::sleep(Duration::from_secs(1)); // warm-up, detached
             let mut k = 0usize;
-            while Instant::now() < deadline || k % 3 != 0 {
+            while Instant::now() < deadline || !k.is_multiple_of(3) {
                 if workload.is_finished() {
                     anyhow::bail!("the workload ended before the slices were measured");
                 }
