@@ -817,6 +817,12 @@ fn live_resizes_up_and_down_under_traffic_both_ways_lose_nothing() {
     }
     let (tx, rx) = (tx_recv.join().unwrap(), rx_recv.join().unwrap());
     assert_eq!(nic.knobs().resizes(), sizes.len() as u64);
+    // A frame reaches the receiver before its completion reaches the guest: let the last
+    // completions arrive before stopping (a clean-clone run stopped with 5 still in flight).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while nic.counters().tx_completions < total as u64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let c = nic.stop().unwrap();
     // Every frame exactly once, in order, intact, each way.
     for (what, got, tag) in [("tx", &tx, b't'), ("rx", &rx, b'r')] {
