@@ -444,18 +444,26 @@ fn balanced_tries_less_moderation_only_to_meet_its_constraints() {
     let less = |from: &DeviceSettings, to: &DeviceSettings| {
         to.moderation_frames < from.moderation_frames || to.moderation_usecs < from.moderation_usecs
     };
+    let explore = |slo_p99_ns: u64| {
+        let policy = Policy {
+            slo_p99_ns,
+            ..policy(Objective::Balanced)
+        };
+        let mut t = DeviceTuner::new(policy, TunerParams::default());
+        let b = Bounds::default();
+        run(
+            &mut t,
+            high_qd(),
+            DeviceSettings::default(),
+            &b,
+            200,
+            500,
+            11,
+            |_, _| 1.0,
+        )
+    };
     // Within the SLO: less moderation can only add interrupts per op, so it is never tried.
-    let mut t = DeviceTuner::new(policy(Objective::Balanced), TunerParams::default());
-    let r = run(
-        &mut t,
-        high_qd(),
-        DeviceSettings::default(),
-        &Bounds::default(),
-        200,
-        500,
-        11,
-        |_, _| 1.0,
-    );
+    let r = explore(policy(Objective::Balanced).slo_p99_ns);
     assert!(!r.outcomes.is_empty(), "the tuner explored");
     for (_, o, from) in &r.outcomes {
         if o.action == Action::Change {
@@ -463,23 +471,7 @@ fn balanced_tries_less_moderation_only_to_meet_its_constraints() {
         }
     }
     // Over the SLO (1 us, unreachable): less moderation is tried, to bring p99 down.
-    let mut t = DeviceTuner::new(
-        Policy {
-            slo_p99_ns: 1_000,
-            ..policy(Objective::Balanced)
-        },
-        TunerParams::default(),
-    );
-    let r = run(
-        &mut t,
-        high_qd(),
-        DeviceSettings::default(),
-        &Bounds::default(),
-        200,
-        500,
-        11,
-        |_, _| 1.0,
-    );
+    let r = explore(1_000);
     assert!(
         r.outcomes
             .iter()
