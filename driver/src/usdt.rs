@@ -51,6 +51,12 @@ macro_rules! __usdt_site {
     ($sem:ident, $provider:ident, $name:ident, $first:literal, $arg1:expr, $($argstr:literal, $arg:expr,)*) => {
         // SAFETY: the asm only emits a nop and a note section; it reads its register operands
         // (the arguments, for the tracer to inspect) and touches no memory or flags.
+        //
+        // Not `nostack`: once a tracer attaches, Linux (6.18, `arch_uprobe_optimize`) replaces
+        // the nop with a call into its uprobe trampoline, and that call and the trampoline's
+        // pushes write below the stack pointer. With `nostack` the compiler may keep live data
+        // in the red zone across the site, and a traced process would read back the
+        // trampoline's return address and saved registers instead.
         unsafe {
             ::core::arch::asm!(
                 concat!(
@@ -88,7 +94,7 @@ _.stapsdt.base: .space 1
                 in(reg) ($arg1) as isize,
                 $(in(reg) ($arg) as isize,)*
                 sem = sym $sem,
-                options(readonly, nostack, preserves_flags, att_syntax),
+                options(readonly, preserves_flags, att_syntax),
             )
         }
     };
