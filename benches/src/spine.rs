@@ -90,8 +90,9 @@ struct OverheadResult {
     /// Median over rounds of (CPU per I/O with probes / without) of the same round.
     paired_cpu_ratio: f64,
     sites_attached: usize,
-    /// Hits of the signal, ring_full and irq_mask probes per I/O (io_reap hits come on top).
-    signal_traps_per_io: f64,
+    /// Signalling events (signals, ring-full writers, interrupt-mask changes) per I/O, as the
+    /// `io_reap` hits carried them. (Before 2026-12-06 each was a trap of its own probe.)
+    signal_events_per_io: f64,
 }
 
 /// One continuous QD32 run whose 1-second slices rotate through the three configurations
@@ -681,13 +682,20 @@ fn main() -> Result<()> {
         };
         let pid = std::process::id();
         let exe = PathBuf::from("/proc/self/exe");
+        let known: Vec<&str> = enlight_probes::PROGRAMS.iter().map(|(p, _)| *p).collect();
         let all: Vec<&str> = if args.overhead_probes.is_empty() {
-            enlight_probes::PROGRAMS.iter().map(|(p, _)| *p).collect()
+            known.clone()
         } else {
             args.overhead_probes.iter().map(String::as_str).collect()
         };
+        if let Some(unknown) = all.iter().find(|p| !known.contains(p)) {
+            anyhow::bail!(
+                "--overhead-probes: no program attaches to {unknown:?} (probes with programs: {})",
+                known.join(", ")
+            );
+        }
         let (mut with, mut without, mut idle) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut sites, mut traps, mut ios) = (0, 0u64, 0u64);
+        let (mut sites, mut events, mut ios) = (0, 0u64, 0u64);
         for round in 0..args.rounds {
             // Rotate the order of the three configurations so drift and warm-up hit each alike.
             for k in 0..3 {
@@ -710,7 +718,7 @@ fn main() -> Result<()> {
                             .filter(|(k, _)| k.pid == pid)
                             .map(|(_, s)| s.ops)
                             .sum::<u64>();
-                        traps += snap
+                        events += snap
                             .events
                             .iter()
                             .filter(|(k, _)| k.pid == pid)
@@ -767,8 +775,8 @@ fn main() -> Result<()> {
             cpu_ns_per_io_idle_control: cpu(&idle),
             paired_cpu_ratio: paired(&|r| r.cpu_ns_per_io),
             sites_attached: sites,
-            signal_traps_per_io: if ios > 0 {
-                traps as f64 / ios as f64
+            signal_events_per_io: if ios > 0 {
+                events as f64 / ios as f64
             } else {
                 0.0
             },
@@ -887,7 +895,7 @@ fn print_markdown(r: &Report) {
         );
     }
     if !r.overhead.is_empty() {
-        println!("\n| QD32, 4 KiB random read | backing file | median IOPS, probes detached | control: idle probe attached | all probes attached | with/without (medians) | with/without (paired by round) | CPU per I/O with/without (paired) | signal-probe hits per I/O |");
+        println!("\n| QD32, 4 KiB random read | backing file | median IOPS, probes detached | control: idle probe attached | all probes attached | with/without (medians) | with/without (paired by round) | CPU per I/O with/without (paired) | signalling events per I/O (carried by io_reap) |");
         println!("|---|---|---|---|---|---|---|---|---|");
     }
     for o in &r.overhead {
@@ -910,7 +918,7 @@ fn print_markdown(r: &Report) {
             o.paired_cpu_ratio,
             median(&o.cpu_ns_per_io_with),
             median(&o.cpu_ns_per_io_without),
-            o.signal_traps_per_io
+            o.signal_events_per_io
         );
     }
 }

@@ -332,7 +332,8 @@ fn ring_disk_on_kvm_takes_one_doorbell_and_one_exit_per_batch() {
         .expect("enlightd saw the device");
     assert_eq!(d.kind, "synthetic");
     assert_eq!(d.total.ops_total, 800);
-    // 100 batches of 8: one doorbell each (the signal probe) and one exit to the VMM each.
+    // 100 batches of 8: one doorbell each (counted by eBPF from what io_reap carries) and one
+    // exit to the VMM each.
     assert_eq!(u(&report, "vm_exits"), 100);
     assert_eq!(u(&report, "traps"), 100);
     assert_eq!(d.doorbells_total, 100);

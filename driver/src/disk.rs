@@ -434,7 +434,7 @@ impl DiskVsc {
         }
         // Always signal: the host may be asleep whatever the ring's state.
         self.end.to_host.signal()?;
-        trace::signal(self.dev, DIR_GUEST_TO_HOST, 0);
+        trace::signal(self.dev, DIR_GUEST_TO_HOST, 0, &self.live.signals);
         let status = loop {
             if let Some(h) = self.end.rx.read_into(&mut self.buf)? {
                 let c = DiskCompletion::decode(&self.buf);
@@ -583,12 +583,12 @@ impl DiskVsc {
                 trace::io_submit(self.dev, op, tag, req.buf_len, submit_ns);
                 if signal {
                     self.end.to_host.signal()?;
-                    trace::signal(self.dev, DIR_GUEST_TO_HOST, bytes_used);
+                    trace::signal(self.dev, DIR_GUEST_TO_HOST, bytes_used, &self.live.signals);
                 }
                 Ok(Submitted::Queued(tag))
             }
             WriteOutcome::Full { needed } => {
-                trace::ring_full(self.dev, DIR_GUEST_TO_HOST, needed);
+                trace::ring_full(self.dev, DIR_GUEST_TO_HOST, needed, &self.live.signals);
                 Ok(Submitted::RingFull)
             }
         }
@@ -602,10 +602,9 @@ impl DiskVsc {
     /// is [`TRACE_FLUSH`] old, when the workload ends, and when the driver is dropped: every
     /// completion is traced exactly once, at most one `reap` timeout after it was reaped.
     pub fn flush_trace(&mut self) {
-        if !self.records.is_empty() {
-            trace::io_reap(self.dev, &self.records);
-            self.records.clear();
-        }
+        // Also with no completions: the signalling events counted since the last hit go too.
+        trace::io_reap(self.dev, &self.records, Some(&self.live.signals));
+        self.records.clear();
         self.records_since = None;
     }
 
@@ -665,7 +664,7 @@ impl DiskVsc {
         }
         if self.end.rx.commit().signal_writer {
             self.end.to_host.signal()?;
-            trace::signal(self.dev, DIR_GUEST_TO_HOST, 0);
+            trace::signal(self.dev, DIR_GUEST_TO_HOST, 0, &self.live.signals);
         }
         if self
             .records_since
@@ -680,7 +679,7 @@ impl DiskVsc {
         if self.masked != masked {
             self.end.rx.set_interrupt_mask(masked);
             self.masked = masked;
-            trace::irq_mask(self.dev, masked);
+            trace::irq_mask(self.dev, masked, &self.live.signals);
         }
     }
 
@@ -1075,7 +1074,7 @@ pub fn serve(
                     write_switch_ack(&mut host, status)?;
                     stats.interrupts.fetch_add(1, Ordering::Relaxed);
                     host.to_guest.signal()?;
-                    trace::signal(dev, DIR_HOST_TO_GUEST, 0);
+                    trace::signal(dev, DIR_HOST_TO_GUEST, 0, &live.signals);
                     if let Some(next) = next {
                         host.rx.commit();
                         host = next;
@@ -1116,7 +1115,7 @@ pub fn serve(
                 // Count before signalling: a woken guest may read the counter at once.
                 stats.interrupts.fetch_add(1, Ordering::Relaxed);
                 host.to_guest.signal()?;
-                trace::signal(dev, DIR_HOST_TO_GUEST, 0);
+                trace::signal(dev, DIR_HOST_TO_GUEST, 0, &live.signals);
             }
             // 2. Completions from the workers, in the order they finished.
             while let Ok(done) = done_rx.try_recv() {
@@ -1148,7 +1147,7 @@ pub fn serve(
                     WriteOutcome::Full { needed } => {
                         if !blocked_on_full {
                             stats.ring_full.fetch_add(1, Ordering::Relaxed);
-                            trace::ring_full(dev, DIR_HOST_TO_GUEST, needed);
+                            trace::ring_full(dev, DIR_HOST_TO_GUEST, needed, &live.signals);
                             blocked_on_full = true;
                         }
                         break;
@@ -1162,7 +1161,7 @@ pub fn serve(
                     let used = host.tx.bytes_used()?;
                     stats.interrupts.fetch_add(1, Ordering::Relaxed);
                     host.to_guest.signal()?;
-                    trace::signal(dev, DIR_HOST_TO_GUEST, used);
+                    trace::signal(dev, DIR_HOST_TO_GUEST, used, &live.signals);
                 }
             }
             Ok(())
@@ -1216,6 +1215,8 @@ pub fn serve(
     for w in workers {
         let _ = w.join();
     }
+    // The last interrupts may follow the guest's last io_reap hit: trace what is left.
+    trace::io_reap(dev, &[], Some(&live.signals));
     result
 }
 

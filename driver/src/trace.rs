@@ -6,6 +6,8 @@
 //! `CLOCK_MONOTONIC` nanoseconds. Each function is `#[inline(always)]` so the site sits where the
 //! event happens; every inlined copy gets its own note and the attacher attaches them all.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 /// Op code: read.
 pub const OP_READ: u16 = 0;
 /// Op code: write.
@@ -79,29 +81,150 @@ pub fn io_complete(dev: u32, op: u16, tag: u64, bytes: u32, latency_ns: u64, sta
     );
 }
 
-/// One reap pass: one hit per at most [`MAX_BATCH`] completions.
-#[inline(always)]
-pub fn io_reap(dev: u32, batch: &[CompletionRecord]) {
-    for chunk in batch.chunks(MAX_BATCH) {
-        crate::usdt_lazy!(enlight, io_reap, dev, chunk.as_ptr() as usize, chunk.len());
+/// The signalling events of one device since the previous `io_reap` hit, as that hit carries
+/// them (`struct enlight_signal_counts` in `probes/src/bpf/enlight.h`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SignalDeltas {
+    /// Guest → host signals.
+    pub doorbells: u64,
+    /// Host → guest signals.
+    pub interrupts: u64,
+    /// Writes that found the outbound ring full.
+    pub ring_full_out: u64,
+    /// Writes that found the inbound ring full.
+    pub ring_full_in: u64,
+    /// The guest set `interrupt_mask` (entered polling).
+    pub irq_masked: u64,
+    /// The guest cleared `interrupt_mask`.
+    pub irq_unmasked: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<SignalDeltas>() == 48);
+const _: () = assert!(std::mem::offset_of!(SignalDeltas, interrupts) == 8);
+const _: () = assert!(std::mem::offset_of!(SignalDeltas, irq_unmasked) == 40);
+
+/// A device's signalling events (signals each way, ring-full writers, interrupt-mask changes),
+/// counted in process memory and carried to the probes by the device's next `io_reap` hit
+/// rather than by a uprobe trap each.
+///
+/// A trap per signal was most of what the probes cost a CPU-bound disk (benches/README.md): it
+/// sits in the middle of the signalling path, next to an eventfd write and a wake-up. Counting
+/// costs a relaxed atomic add, and only while `io_reap` is traced, so the counts start when a
+/// tracer attaches, as a site's hits would. Shared by both ends of a device in one process (the
+/// host's interrupts then ride on the guest's `io_reap` hits); each end also flushes what is
+/// left when it stops, so the totals are exact once a device has stopped.
+#[derive(Debug, Default)]
+pub struct SignalCounts {
+    doorbells: AtomicU64,
+    interrupts: AtomicU64,
+    ring_full_out: AtomicU64,
+    ring_full_in: AtomicU64,
+    irq_masked: AtomicU64,
+    irq_unmasked: AtomicU64,
+}
+
+impl SignalCounts {
+    #[inline(always)]
+    fn count(counter: &AtomicU64) {
+        if io_reap_traced() {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The events counted since the last call, and zero again (each counter is swapped, so an
+    /// event counted by another thread meanwhile goes to this call or the next, never both).
+    pub fn take(&self) -> SignalDeltas {
+        let take = |c: &AtomicU64| c.swap(0, Ordering::Relaxed);
+        SignalDeltas {
+            doorbells: take(&self.doorbells),
+            interrupts: take(&self.interrupts),
+            ring_full_out: take(&self.ring_full_out),
+            ring_full_in: take(&self.ring_full_in),
+            irq_masked: take(&self.irq_masked),
+            irq_unmasked: take(&self.irq_unmasked),
+        }
     }
 }
 
-/// An eventfd signal was sent (`direction`: [`DIR_GUEST_TO_HOST`] or [`DIR_HOST_TO_GUEST`]).
+/// The semaphore of every `io_reap` site: it also tells [`SignalCounts`] whether to count.
+#[cfg(target_arch = "x86_64")]
+#[link_section = ".probes"]
+static mut IO_REAP_SEMAPHORE: u16 = 0;
+
+/// Whether a tracer is attached to `io_reap`. (Other architectures use the `probe` crate's
+/// sites, whose semaphores are private: there devices always count, and the first traced hit
+/// carries every event since the device started.)
 #[inline(always)]
-pub fn signal(dev: u32, direction: u32, ring_bytes_used: u32) {
+pub fn io_reap_traced() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::semaphore_set!(IO_REAP_SEMAPHORE)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        true
+    }
+}
+
+/// Traces reaped completions, one hit per at most [`MAX_BATCH`], and `signals`' events since the
+/// previous hit (on the first hit; a hit with no completions carries events alone). Arguments:
+/// `dev, batch_ptr, count, signals_ptr`, where `signals_ptr` points at a [`SignalDeltas`] or is 0
+/// when there are none.
+#[inline(always)]
+pub fn io_reap(dev: u32, batch: &[CompletionRecord], signals: Option<&SignalCounts>) {
+    if !io_reap_traced() {
+        return;
+    }
+    let deltas = signals.map(SignalCounts::take).unwrap_or_default();
+    let mut deltas_ptr = if deltas == SignalDeltas::default() {
+        0
+    } else {
+        &raw const deltas as usize
+    };
+    if batch.is_empty() {
+        if deltas_ptr != 0 {
+            crate::usdt_lazy!(semaphore = IO_REAP_SEMAPHORE; enlight, io_reap, dev, batch.as_ptr() as usize, 0usize, deltas_ptr);
+        }
+        return;
+    }
+    for chunk in batch.chunks(MAX_BATCH) {
+        crate::usdt_lazy!(semaphore = IO_REAP_SEMAPHORE; enlight, io_reap, dev, chunk.as_ptr() as usize, chunk.len(), deltas_ptr);
+        deltas_ptr = 0;
+    }
+}
+
+/// An eventfd signal was sent (`direction`: [`DIR_GUEST_TO_HOST`] or [`DIR_HOST_TO_GUEST`]);
+/// counted in `signals`.
+#[inline(always)]
+pub fn signal(dev: u32, direction: u32, ring_bytes_used: u32, signals: &SignalCounts) {
+    SignalCounts::count(if direction == DIR_GUEST_TO_HOST {
+        &signals.doorbells
+    } else {
+        &signals.interrupts
+    });
     crate::usdt_lazy!(enlight, signal, dev, direction, ring_bytes_used);
 }
 
-/// The guest set (entering polling) or cleared `interrupt_mask`.
+/// The guest set (entering polling) or cleared `interrupt_mask`; counted in `signals`.
 #[inline(always)]
-pub fn irq_mask(dev: u32, masked: bool) {
+pub fn irq_mask(dev: u32, masked: bool, signals: &SignalCounts) {
+    SignalCounts::count(if masked {
+        &signals.irq_masked
+    } else {
+        &signals.irq_unmasked
+    });
     crate::usdt_lazy!(enlight, irq_mask, dev, masked as u32);
 }
 
-/// A writer found too little room, set `pending_send_sz` and blocked.
+/// A writer found too little room, set `pending_send_sz` and blocked; counted in `signals`.
 #[inline(always)]
-pub fn ring_full(dev: u32, direction: u32, needed_bytes: u32) {
+pub fn ring_full(dev: u32, direction: u32, needed_bytes: u32, signals: &SignalCounts) {
+    SignalCounts::count(if direction == DIR_GUEST_TO_HOST {
+        &signals.ring_full_out
+    } else {
+        &signals.ring_full_in
+    });
     crate::usdt_lazy!(enlight, ring_full, dev, direction, needed_bytes);
 }
 
@@ -148,7 +271,7 @@ mod tests {
     fn sites_are_disabled_without_a_tracer() {
         // Nothing attaches in unit tests: the semaphore is zero and the site reports it.
         assert!(!workload_start(0, 1));
-        io_reap(0, &[CompletionRecord::default(); 300]);
+        io_reap(0, &[CompletionRecord::default(); 300], None);
         let t = monotonic_ns();
         assert!(monotonic_ns() >= t);
     }

@@ -14,25 +14,46 @@
 /// A USDT site `provider:name` with a semaphore: when no tracer is attached it costs one load
 /// and a not-taken branch, and the arguments are not evaluated. Evaluates to whether the site is
 /// enabled. Arguments are integers or pointers (passed as 8-byte signed values).
+///
+/// `usdt_lazy!(semaphore = STATIC; provider, name, args...)` uses a semaphore the caller
+/// declared (a `static mut u16` in `.probes`), so other code can read whether the probe is
+/// traced without firing it (see [`semaphore_set!`](crate::semaphore_set)). Every site of one
+/// probe name must then name the same semaphore.
 #[cfg(target_arch = "x86_64")]
 #[macro_export]
 macro_rules! usdt_lazy {
-    ($provider:ident, $name:ident $(, $arg:expr)* $(,)?) => {{
-        #[link_section = ".probes"]
-        static mut SEMAPHORE: u16 = 0;
-        // SAFETY: a plain load of a u16 the tracer may change at any time (hence volatile); the
-        // static lives for the whole program.
-        let enabled = unsafe { ::core::ptr::read_volatile(&raw const SEMAPHORE) } != 0;
+    (semaphore = $sem:path; $provider:ident, $name:ident $(, $arg:expr)* $(,)?) => {{
+        let enabled = $crate::semaphore_set!($sem);
         if enabled {
-            $crate::__usdt_site!(SEMAPHORE, $provider, $name, $("-8@{}", $arg,)*);
+            $crate::__usdt_site!($sem, $provider, $name, $("-8@{}", $arg,)*);
         }
         enabled
     }};
+    ($provider:ident, $name:ident $(, $arg:expr)* $(,)?) => {{
+        #[link_section = ".probes"]
+        static mut SEMAPHORE: u16 = 0;
+        $crate::usdt_lazy!(semaphore = SEMAPHORE; $provider, $name $(, $arg)*)
+    }};
+}
+
+/// Whether a USDT semaphore (a `static mut u16` in `.probes`) is set: a tracer is attached.
+#[macro_export]
+macro_rules! semaphore_set {
+    ($sem:path) => {
+        // SAFETY: a plain load of a u16 the tracer may change at any time (hence volatile); the
+        // static lives for the whole program.
+        (unsafe { ::core::ptr::read_volatile(&raw const $sem) } != 0)
+    };
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 #[macro_export]
 macro_rules! usdt_lazy {
+    // The probe crate declares its own semaphore: the caller's stays 0 here (see
+    // `trace::io_reap_traced`).
+    (semaphore = $sem:path; $provider:ident, $name:ident $(, $arg:expr)* $(,)?) => {
+        $crate::usdt::__probe::probe_lazy!($provider, $name $(, $arg)*)
+    };
     ($provider:ident, $name:ident $(, $arg:expr)* $(,)?) => {
         $crate::usdt::__probe::probe_lazy!($provider, $name $(, $arg)*)
     };
@@ -48,7 +69,7 @@ pub use probe as __probe;
 #[cfg(target_arch = "x86_64")]
 #[macro_export]
 macro_rules! __usdt_site {
-    ($sem:ident, $provider:ident, $name:ident, $first:literal, $arg1:expr, $($argstr:literal, $arg:expr,)*) => {
+    ($sem:path, $provider:ident, $name:ident, $first:literal, $arg1:expr, $($argstr:literal, $arg:expr,)*) => {
         // SAFETY: the asm only emits a nop and a note section; it reads its register operands
         // (the arguments, for the tracer to inspect) and touches no memory or flags.
         //

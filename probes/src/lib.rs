@@ -36,12 +36,10 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!("bpf/enlight.bpf.o");
 pub const PROVIDER: &str = "enlight";
 
 /// Probe name → program name, in attach order: `workload_start` is attached last, so a
-/// workload that waits for its semaphore knows every other site is live.
-pub const PROGRAMS: [(&str, &str); 7] = [
+/// workload that waits for its semaphore knows every other site is live. (`signal`, `irq_mask`
+/// and `ring_full` have no program: `io_reap` carries the counts of those events.)
+pub const PROGRAMS: [(&str, &str); 4] = [
     ("io_reap", "enlight_io_reap"),
-    ("signal", "enlight_signal"),
-    ("ring_full", "enlight_ring_full"),
-    ("irq_mask", "enlight_irq_mask"),
     ("trap", "enlight_trap"),
     ("settings_change", "enlight_settings_change"),
     ("workload_start", "enlight_workload_start"),
@@ -775,5 +773,45 @@ pub(crate) mod tests {
             ]
         );
         assert_eq!(structs["enlight_dev_events"].1.len(), 7);
+        // enlight_add_signals adds struct enlight_signal_counts field by field into the first
+        // six of enlight_dev_events, in the same order.
+        assert_eq!(
+            offsets("enlight_dev_events")[..6],
+            [
+                offset_of!(SignalCountsRaw, doorbells),
+                offset_of!(SignalCountsRaw, interrupts),
+                offset_of!(SignalCountsRaw, ring_full_out),
+                offset_of!(SignalCountsRaw, ring_full_in),
+                offset_of!(SignalCountsRaw, irq_masked),
+                offset_of!(SignalCountsRaw, irq_unmasked)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_drivers_signal_deltas_are_the_programs_signal_counts() {
+        // What the driver points io_reap's fourth argument at, against this crate's mirror of
+        // struct enlight_signal_counts (not in the object's BTF: the programs use it as a local).
+        use enlight_driver::trace::SignalDeltas;
+        use std::mem::{offset_of, size_of};
+        assert_eq!(size_of::<SignalDeltas>(), size_of::<SignalCountsRaw>());
+        assert_eq!(
+            [
+                offset_of!(SignalDeltas, doorbells),
+                offset_of!(SignalDeltas, interrupts),
+                offset_of!(SignalDeltas, ring_full_out),
+                offset_of!(SignalDeltas, ring_full_in),
+                offset_of!(SignalDeltas, irq_masked),
+                offset_of!(SignalDeltas, irq_unmasked)
+            ],
+            [
+                offset_of!(SignalCountsRaw, doorbells),
+                offset_of!(SignalCountsRaw, interrupts),
+                offset_of!(SignalCountsRaw, ring_full_out),
+                offset_of!(SignalCountsRaw, ring_full_in),
+                offset_of!(SignalCountsRaw, irq_masked),
+                offset_of!(SignalCountsRaw, irq_unmasked)
+            ]
+        );
     }
 }

@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 
 use enlight_driver::disk::{Backing, SECTOR};
 use enlight_driver::emulated::{BatchIo, BlockTransport, EmulatedError, TransportKind};
-use enlight_driver::trace::{self, OP_FLUSH, OP_READ, OP_WRITE};
+use enlight_driver::trace::{self, SignalCounts, OP_FLUSH, OP_READ, OP_WRITE};
 use std::os::unix::fs::FileExt;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -176,6 +176,8 @@ pub struct KvmRingDisk {
     capacity: u64,
     counters: ExitCounters,
     doorbells: u64,
+    /// The doorbells again, for `io_reap` to carry (counted only while it is traced).
+    signals: SignalCounts,
     dev_id: u32,
 }
 
@@ -208,6 +210,7 @@ impl KvmRingDisk {
             capacity,
             counters: ExitCounters::default(),
             doorbells: 0,
+            signals: SignalCounts::default(),
             dev_id,
         })
     }
@@ -268,6 +271,10 @@ impl BlockTransport for KvmRingDisk {
         self.counters.exits
     }
 
+    fn signals(&self) -> Option<&SignalCounts> {
+        Some(&self.signals)
+    }
+
     fn io_batch(&mut self, batch: &mut [BatchIo<'_>]) -> Result<(), EmulatedError> {
         if batch.is_empty() {
             return Ok(());
@@ -304,7 +311,7 @@ impl BlockTransport for KvmRingDisk {
         }
         // One doorbell per batch (the guest rings it; KVM signals the service thread).
         self.doorbells += 1;
-        trace::signal(self.dev_id, trace::DIR_GUEST_TO_HOST, 0);
+        trace::signal(self.dev_id, trace::DIR_GUEST_TO_HOST, 0, &self.signals);
         // The guest's only exit in a batch is its done-write.
         let exit = self.machine.run()?;
         self.counters.exits += 1;

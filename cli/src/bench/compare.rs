@@ -59,8 +59,8 @@ pub struct DiskRun {
     pub cpu_us_per_io: f64,
     /// Register accesses trapped per I/O, from the `trap` probe (eBPF).
     pub traps_per_io: f64,
-    /// Doorbells plus interrupts (eventfd signals) per I/O, from the `signal` probe (eBPF):
-    /// what a synthetic device pays instead of traps.
+    /// Doorbells plus interrupts (eventfd signals) per I/O, as the device's `io_reap` hits
+    /// carried them to eBPF: what a synthetic device pays instead of traps.
     #[serde(default)]
     pub signals_per_io: f64,
     /// VM exits per I/O from the kernel's tracepoints (eBPF on kvm:*), KVM runs only.

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use crate::channel::{self, ChannelError, HostEnd};
 use crate::control::{ControlError, Limits, Tunable};
 use crate::settings::{DeviceSettings, Knob, LiveSettings};
+use crate::trace::SignalCounts;
 
 /// Longest a resize request waits for the driver to start it (it starts once the driver's next
 /// submit or reap sees it: a disk with no I/O running never does).
@@ -73,6 +74,9 @@ pub struct DiskLive {
     /// An eventfd raised when a resize is requested, for a driver that sleeps between passes
     /// (the NIC's guest loop waits for frames, not for I/O the caller submits).
     pub(crate) request_wake: OnceLock<Arc<OwnedFd>>,
+    /// Signalling events for `io_reap` to carry: both ends of a device in this process count
+    /// here (see [`SignalCounts`]).
+    pub(crate) signals: SignalCounts,
     last_resize: Mutex<Option<ResizeReport>>,
     resizes: AtomicU64,
     longest_stall_ns: AtomicU64,
@@ -99,6 +103,7 @@ impl DiskLive {
             handover_socket: Mutex::new(None),
             host_attached: AtomicBool::new(false),
             request_wake: OnceLock::new(),
+            signals: SignalCounts::default(),
             last_resize: Mutex::new(None),
             resizes: AtomicU64::new(0),
             longest_stall_ns: AtomicU64::new(0),

@@ -107,6 +107,11 @@ pub trait BlockTransport {
     fn vm_exits(&self) -> u64 {
         0
     }
+    /// The signalling events a ring-based device counts for `io_reap` to carry (None for a
+    /// register-level device, which traps instead of signalling).
+    fn signals(&self) -> Option<&crate::trace::SignalCounts> {
+        None
+    }
     /// Runs a batch of requests. A register-level device serves them one after another (the
     /// default); a ring-based one submits them together. A device error is the request's
     /// status; a transport failure is the error.

@@ -234,7 +234,7 @@ impl Tracer {
         self.since.get_or_insert_with(Instant::now);
         self.records.push(r);
         if self.records.len() >= trace::MAX_BATCH {
-            trace::io_reap(self.dev, &self.records);
+            trace::io_reap(self.dev, &self.records, None);
             self.records.clear();
             self.since = None;
         }
@@ -248,7 +248,7 @@ impl Tracer {
             return;
         }
         if !self.records.is_empty() {
-            trace::io_reap(self.dev, &self.records);
+            trace::io_reap(self.dev, &self.records, None);
             self.records.clear();
         }
         self.since = None;

@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 
 use super::{BatchIo, BlockTransport, EmulatedError};
 use crate::disk::SECTOR;
-use crate::trace::{self, CompletionRecord, OP_READ, OP_WRITE};
+use crate::trace::{self, CompletionRecord, SignalCounts, OP_READ, OP_WRITE};
 use crate::workload::{Limit, Pattern, WorkloadSnapshot, WorkloadSpec};
 
 /// Traces completions in batches and the traps behind them.
@@ -36,20 +36,18 @@ impl Tracer {
         self.records.push(r);
     }
 
-    fn maybe_flush(&mut self, traps_now: u64) {
+    fn maybe_flush(&mut self, traps_now: u64, signals: Option<&SignalCounts>) {
         let old = self
             .since
             .is_some_and(|t| t.elapsed() >= crate::disk::TRACE_FLUSH);
         if self.records.len() >= trace::MAX_BATCH || old {
-            self.flush(traps_now);
+            self.flush(traps_now, signals);
         }
     }
 
-    fn flush(&mut self, traps_now: u64) {
-        if !self.records.is_empty() {
-            trace::io_reap(self.dev, &self.records);
-            self.records.clear();
-        }
+    fn flush(&mut self, traps_now: u64, signals: Option<&SignalCounts>) {
+        trace::io_reap(self.dev, &self.records, signals);
+        self.records.clear();
         self.since = None;
         if traps_now > self.traps_traced {
             trace::trap(self.dev, traps_now - self.traps_traced);
@@ -175,7 +173,7 @@ pub fn run(
             }
             hist.saturating_record(latency_ns.max(1));
         }
-        tracer.maybe_flush(dev.traps());
+        tracer.maybe_flush(dev.traps(), dev.signals());
         let now = Instant::now();
         if now.duration_since(last_tick) >= Duration::from_secs(1) {
             let iops =
@@ -192,7 +190,7 @@ pub fn run(
             );
         }
     }
-    tracer.flush(dev.traps());
+    tracer.flush(dev.traps(), dev.signals());
     let now = Instant::now();
     let iops = (snap.ops_total - ops_at_tick) as f64
         / now.duration_since(last_tick).as_secs_f64().max(1e-9);

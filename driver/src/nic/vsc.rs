@@ -104,8 +104,9 @@ impl<F: FrameIo> NicVsc<F> {
     /// Fires `io_reap` with the completions gathered since the last hit, if any (see
     /// `DiskVsc::flush_trace`: every completion is traced exactly once).
     pub fn flush_trace(&mut self) {
+        // Also with no completions: the signalling events counted since the last hit go too.
+        trace::io_reap(self.dev, &self.records, Some(&self.knobs.live.signals));
         if !self.records.is_empty() {
-            trace::io_reap(self.dev, &self.records);
             self.stats.latency.record(&self.records);
             self.records.clear();
         }
@@ -123,7 +124,12 @@ impl<F: FrameIo> NicVsc<F> {
     fn doorbell(&mut self, bytes_used: u32) -> Result<(), NicError> {
         self.stats.doorbells.fetch_add(1, Ordering::Relaxed);
         self.end.to_host.signal()?;
-        trace::signal(self.dev, DIR_GUEST_TO_HOST, bytes_used);
+        trace::signal(
+            self.dev,
+            DIR_GUEST_TO_HOST,
+            bytes_used,
+            &self.knobs.live.signals,
+        );
         Ok(())
     }
 
@@ -145,7 +151,12 @@ impl<F: FrameIo> NicVsc<F> {
                 if !self.out_full {
                     self.out_full = true;
                     self.stats.ring_full.fetch_add(1, Ordering::Relaxed);
-                    trace::ring_full(self.dev, DIR_GUEST_TO_HOST, needed);
+                    trace::ring_full(
+                        self.dev,
+                        DIR_GUEST_TO_HOST,
+                        needed,
+                        &self.knobs.live.signals,
+                    );
                 }
                 Ok(None)
             }
@@ -389,7 +400,7 @@ impl<F: FrameIo> NicVsc<F> {
         if self.masked != masked {
             self.end.rx.set_interrupt_mask(masked);
             self.masked = masked;
-            trace::irq_mask(self.dev, masked);
+            trace::irq_mask(self.dev, masked, &self.knobs.live.signals);
         }
     }
 

@@ -278,7 +278,7 @@ impl<F: FrameIo> NicVsp<F> {
         // Count before signalling: a woken guest may read the counter at once.
         self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
         self.end.to_guest.signal()?;
-        trace::signal(self.dev, DIR_HOST_TO_GUEST, used);
+        trace::signal(self.dev, DIR_HOST_TO_GUEST, used, &self.knobs.live.signals);
         Ok(())
     }
 
@@ -355,7 +355,12 @@ impl<F: FrameIo> NicVsp<F> {
                 WriteOutcome::Full { needed } => {
                     if !self.blocked_on_full {
                         self.stats.ring_full.fetch_add(1, Ordering::Relaxed);
-                        trace::ring_full(self.dev, DIR_HOST_TO_GUEST, needed);
+                        trace::ring_full(
+                            self.dev,
+                            DIR_HOST_TO_GUEST,
+                            needed,
+                            &self.knobs.live.signals,
+                        );
                         self.blocked_on_full = true;
                     }
                     break;
@@ -419,9 +424,15 @@ impl<F: FrameIo> NicVsp<F> {
 
     /// Runs until `stop` is set or the guest breaks the ring.
     pub fn run(&mut self, stop: &AtomicBool, wake_fd: RawFd) -> Result<(), NicError> {
+        let mut result = Ok(());
         while !stop.load(Ordering::Acquire) {
-            self.poll_once(wake_fd, Duration::from_millis(100))?;
+            if let Err(e) = self.poll_once(wake_fd, Duration::from_millis(100)) {
+                result = Err(e);
+                break;
+            }
         }
-        Ok(())
+        // The last interrupts may follow the guest's last io_reap hit: trace what is left.
+        trace::io_reap(self.dev, &[], Some(&self.knobs.live.signals));
+        result
     }
 }

@@ -3,8 +3,10 @@
  * enlight's eBPF programs on the driver's USDT tracepoints (provider "enlight", see
  * docs/architecture.md). Everything is aggregated in the kernel: a per-CPU hash map holding, per
  * (process, device, op), the counters and every log-linear latency bucket (one lookup per
- * completion), and one of signalling counters per device, read by enlightd each interval. A hit costs one uprobe trap,
- * so the latency path hangs off io_reap, which carries a whole batch of completions.
+ * completion), and one of signalling counters per device, read by enlightd each interval. A hit
+ * costs one uprobe trap, so io_reap carries a whole batch of completions and the device's
+ * signalling events since its previous hit: the signal, irq_mask and ring_full sites are for
+ * ad-hoc tools, and no program here attaches to them.
  *
  * USDT arguments are read the way libbpf's usdt.bpf.h reads them: the loader parses each site's
  * argument string into an enlight_usdt_spec (same layout as libbpf's), stores it in usdt_specs
@@ -139,6 +141,20 @@ static __always_inline struct enlight_io_hist *io_hist_of(struct enlight_io_key 
 	return h;
 }
 
+static __always_inline struct enlight_dev_events *events_of_key(struct enlight_dev_key *key)
+{
+	struct enlight_dev_events zero = {}, *e;
+
+	e = bpf_map_lookup_elem(&dev_events, key);
+	if (e)
+		return e;
+	bpf_map_update_elem(&dev_events, key, &zero, BPF_NOEXIST);
+	e = bpf_map_lookup_elem(&dev_events, key);
+	if (!e)
+		health_inc(ENLIGHT_HEALTH_MAP_FULL);
+	return e;
+}
+
 static __always_inline struct enlight_dev_events *events_of(struct pt_regs *ctx, __u64 *dev)
 {
 	struct enlight_dev_key key = {};
@@ -214,7 +230,37 @@ static __always_inline void account_in(struct enlight_io_hist *h, struct enlight
 #define REAP_CHUNK 16
 
 /*
- * enlight:io_reap(dev, batch_ptr, count): one hit per batch of up to 256 completions. Reads and
+ * Adds the signalling events an io_reap hit carries (its fourth argument points at a struct
+ * enlight_signal_counts; 0 when there are none, and a site of an older driver has only three
+ * arguments). A global function: verified once, and its stack is its own.
+ */
+__attribute__((noinline)) int enlight_add_signals(__u64 tgid_dev, __u64 ptr)
+{
+	struct enlight_dev_key key = {};
+	struct enlight_signal_counts s;
+	struct enlight_dev_events *e;
+
+	if (bpf_probe_read_user(&s, sizeof(s), (void *)ptr)) {
+		health_inc(ENLIGHT_HEALTH_READ_FAILED);
+		return 0;
+	}
+	key.tgid = (__u32)(tgid_dev >> 32);
+	key.dev = (__u32)tgid_dev;
+	e = events_of_key(&key);
+	if (!e)
+		return 0;
+	e->doorbells += s.doorbells;
+	e->interrupts += s.interrupts;
+	e->ring_full_out += s.ring_full_out;
+	e->ring_full_in += s.ring_full_in;
+	e->irq_masked += s.irq_masked;
+	e->irq_unmasked += s.irq_unmasked;
+	return 0;
+}
+
+/*
+ * enlight:io_reap(dev, batch_ptr, count, signals_ptr): one hit per batch of up to 256
+ * completions, and the device's signalling events since its previous hit. Reads and
  * writes are the hot ones, so their map values are looked up at most once per hit; any other op
  * goes through enlight_account (one lookup per completion). The batch is copied REAP_CHUNK
  * completions per helper call: a bpf_probe_read_user per 16-byte completion was most of the
@@ -223,7 +269,7 @@ static __always_inline void account_in(struct enlight_io_hist *h, struct enlight
 SEC("uprobe")
 int enlight_io_reap(struct pt_regs *ctx)
 {
-	__u64 dev, ptr, count, tgid_dev;
+	__u64 dev, ptr, count, signals = 0, tgid_dev;
 	struct enlight_completion chunk[REAP_CHUNK];
 	struct enlight_io_key key = {};
 	struct enlight_io_hist *reads, *writes;
@@ -237,6 +283,11 @@ int enlight_io_reap(struct pt_regs *ctx)
 		count = ENLIGHT_MAX_BATCH;
 	}
 	tgid_dev = (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (__u32)dev;
+	/* Absent (an older driver's three-argument site) reads as none. */
+	if (!usdt_arg(ctx, 3, &signals) && signals)
+		enlight_add_signals(tgid_dev, signals);
+	if (count == 0)
+		return 0;
 	key.tgid = (__u32)(tgid_dev >> 32);
 	key.dev = (__u32)dev;
 	/* Both looked up up front: nullable pointers carried through the loop would multiply the
@@ -278,45 +329,6 @@ int enlight_io_reap(struct pt_regs *ctx)
 					((__u64)c->bytes << 32) | ((__u64)c->op << 16) | c->status);
 	}
 	return 0;
-}
-
-/* Counts a device event in one of two counters, chosen by whether USDT argument 1 is zero. */
-static __always_inline int count_by_arg1(struct pt_regs *ctx, __u32 if_zero, __u32 if_nonzero)
-{
-	__u64 dev, arg;
-	struct enlight_dev_events *e = events_of(ctx, &dev);
-
-	if (!e)
-		return 0;
-	if (usdt_arg(ctx, 1, &arg)) {
-		health_inc(ENLIGHT_HEALTH_READ_FAILED);
-		return 0;
-	}
-	*(__u64 *)((char *)e + (arg ? if_nonzero : if_zero)) += 1;
-	return 0;
-}
-
-#define EVENT_FIELD(f) ((__u32)__builtin_offsetof(struct enlight_dev_events, f))
-
-/* enlight:signal(dev, direction, ring_bytes_used): direction 0 doorbell, 1 interrupt */
-SEC("uprobe")
-int enlight_signal(struct pt_regs *ctx)
-{
-	return count_by_arg1(ctx, EVENT_FIELD(doorbells), EVENT_FIELD(interrupts));
-}
-
-/* enlight:ring_full(dev, direction, needed_bytes): direction 0 outbound, 1 inbound */
-SEC("uprobe")
-int enlight_ring_full(struct pt_regs *ctx)
-{
-	return count_by_arg1(ctx, EVENT_FIELD(ring_full_out), EVENT_FIELD(ring_full_in));
-}
-
-/* enlight:irq_mask(dev, masked) */
-SEC("uprobe")
-int enlight_irq_mask(struct pt_regs *ctx)
-{
-	return count_by_arg1(ctx, EVENT_FIELD(irq_unmasked), EVENT_FIELD(irq_masked));
 }
 
 /* enlight:workload_start(dev, queue_depth) */

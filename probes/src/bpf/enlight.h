@@ -58,18 +58,31 @@ struct enlight_io_hist {
 	__u64 buckets[ENLIGHT_BUCKETS];
 };
 
+/* What io_reap's fourth argument points at: a device's signalling events since its previous
+ * io_reap hit (the driver counts them instead of firing a trap each). The same fields, in the
+ * same order, as the first six of struct enlight_dev_events, which sums them. */
+struct enlight_signal_counts {
+	__u64 doorbells;
+	__u64 interrupts;
+	__u64 ring_full_out;
+	__u64 ring_full_in;
+	__u64 irq_masked;
+	__u64 irq_unmasked;
+};
+
 struct enlight_dev_key {
 	__u32 tgid;
 	__u32 dev;
 };
 
+/* Per (process, device): the signalling events io_reap carried, summed, and workload_start hits. */
 struct enlight_dev_events {
-	__u64 doorbells;      /* signal, direction 0: guest -> host */
-	__u64 interrupts;     /* signal, direction 1: host -> guest */
-	__u64 ring_full_out;  /* ring_full, direction 0 */
-	__u64 ring_full_in;   /* ring_full, direction 1 */
-	__u64 irq_masked;     /* irq_mask(1) */
-	__u64 irq_unmasked;   /* irq_mask(0) */
+	__u64 doorbells;      /* guest -> host signals */
+	__u64 interrupts;     /* host -> guest signals */
+	__u64 ring_full_out;  /* writes that found the outbound ring full */
+	__u64 ring_full_in;   /* writes that found the inbound ring full */
+	__u64 irq_masked;     /* the guest set interrupt_mask */
+	__u64 irq_unmasked;   /* the guest cleared interrupt_mask */
 	__u64 workload_starts;
 };
 
@@ -117,6 +130,7 @@ _Static_assert(sizeof(struct enlight_completion) == 16, "enlight_completion");
 _Static_assert(sizeof(struct enlight_io_key) == 16, "enlight_io_key");
 _Static_assert(sizeof(struct enlight_io_stats) == 32, "enlight_io_stats");
 _Static_assert(sizeof(struct enlight_io_hist) == 32 + 8 * ENLIGHT_BUCKETS, "enlight_io_hist");
+_Static_assert(sizeof(struct enlight_signal_counts) == 48, "enlight_signal_counts");
 _Static_assert(sizeof(struct enlight_dev_key) == 8, "enlight_dev_key");
 _Static_assert(sizeof(struct enlight_dev_events) == 56, "enlight_dev_events");
 _Static_assert(sizeof(struct enlight_knob_key) == 16, "enlight_knob_key");
