@@ -28,6 +28,8 @@ use enlight_driver::settings::DeviceSettings;
 use enlight_driver::workload::{self, Limit, Pattern, WorkloadSpec};
 use serde::Serialize;
 
+mod toggled;
+
 #[derive(Parser)]
 #[command(about = "Benchmarks of the spine: channel throughput, disk IOPS, probe overhead")]
 struct Args {
@@ -41,6 +43,11 @@ struct Args {
     /// workload whose 1-second slices rotate through detached, control and all probes).
     #[arg(long, default_value_t = 60)]
     interleaved_secs: u64,
+    /// Seconds of the toggled probe-overhead run per backing file (one continuous QD32 workload
+    /// with the probes attached throughout, switched on and off through their semaphores in
+    /// A-B-B-A quartets of 200 ms slices; 0 skips it).
+    #[arg(long, default_value_t = 60)]
+    toggled_secs: u64,
     /// The probes of the "all probes" configuration (default: every probe enlightd attaches);
     /// a subset shows what each one costs.
     #[arg(long, value_delimiter = ',')]
@@ -152,6 +159,7 @@ struct Report {
     disk: Vec<DiskResult>,
     overhead: Vec<OverheadResult>,
     interleaved: Vec<InterleavedResult>,
+    toggled: Vec<toggled::ToggledResult>,
     hit_cost: Option<HitCost>,
 }
 
@@ -646,6 +654,7 @@ fn main() -> Result<()> {
     let mut disk = Vec::new();
     let mut overhead = Vec::new();
     let mut interleaved = Vec::new();
+    let mut toggled = Vec::new();
     let mut probes = match enlight_probes::preflight() {
         Err(e) => {
             eprintln!("probe overhead not measured: {e}");
@@ -746,6 +755,15 @@ fn main() -> Result<()> {
                 &all,
             )?);
         }
+        if args.toggled_secs > 0 {
+            toggled.push(toggled::toggled_overhead(
+                probes,
+                backing.path(),
+                label,
+                args.toggled_secs,
+                &all,
+            )?);
+        }
         let iops = |v: &[DiskRun]| v.iter().map(|r| r.report.iops_avg).collect::<Vec<_>>();
         let cpu = |v: &[DiskRun]| v.iter().map(|r| r.cpu_ns_per_io).collect::<Vec<_>>();
         // Paired by round: the with/without runs of one round ran back to back, so their ratio
@@ -786,6 +804,7 @@ fn main() -> Result<()> {
     let report = Report {
         cpus_allowed: cpus_allowed(),
         interleaved,
+        toggled,
         hit_cost: hit,
         machine,
         kernel,
@@ -894,6 +913,7 @@ fn print_markdown(r: &Report) {
             i.cpu_with_ci95.1,
         );
     }
+    toggled::print(&r.toggled);
     if !r.overhead.is_empty() {
         println!("\n| QD32, 4 KiB random read | backing file | median IOPS, probes detached | control: idle probe attached | all probes attached | with/without (medians) | with/without (paired by round) | CPU per I/O with/without (paired) | signalling events per I/O (carried by io_reap) |");
         println!("|---|---|---|---|---|---|---|---|---|");
