@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use enlight_driver::channel::{self, ChannelConfig};
-use enlight_driver::disk::{Backing, DiskOptions, SyntheticDisk};
+use enlight_driver::disk::{Backing, DiskOptions, DiskVsc, SyntheticDisk, VspHandle};
 use enlight_driver::ring::WriteOutcome;
 use enlight_driver::settings::DeviceSettings;
 use enlight_driver::workload::{self, Limit, Pattern, WorkloadSpec};
@@ -443,6 +443,33 @@ fn apply_probe_config(
     Ok(())
 }
 
+/// The disk and workload of a continuous overhead run: QD32 4 KiB random reads on `backing`,
+/// default settings, until the caller stops it (`backstop` is the workload's own limit).
+fn continuous_qd32(
+    backing: &std::path::Path,
+    backstop: Duration,
+) -> Result<(DiskVsc, VspHandle, WorkloadSpec)> {
+    let (vsc, vsp) = SyntheticDisk::start(
+        backing,
+        DeviceSettings::default(),
+        0,
+        DiskOptions {
+            queue_slots: 32,
+            ..DiskOptions::default()
+        },
+    )?;
+    let spec = WorkloadSpec {
+        queue_depth: 32,
+        pattern: Pattern::Random,
+        block_size: 4096,
+        read_percent: 100,
+        limit: Limit::Duration(backstop),
+        seed: 42,
+        ..WorkloadSpec::default()
+    };
+    Ok((vsc, vsp, spec))
+}
+
 /// Probe overhead measured inside one continuous QD32 run. The workload runs on its own thread
 /// and never pauses; this thread switches the probes (attaching takes about 0.2 s, detaching
 /// every site about 1.5 s, during which the configuration is in between and nothing is
@@ -458,25 +485,7 @@ fn interleaved_overhead(
     hit: &HitCost,
     all: &[&str],
 ) -> Result<InterleavedResult> {
-    let (mut vsc, vsp) = SyntheticDisk::start(
-        backing,
-        DeviceSettings::default(),
-        0,
-        DiskOptions {
-            queue_slots: 32,
-            ..DiskOptions::default()
-        },
-    )?;
-    let spec = WorkloadSpec {
-        queue_depth: 32,
-        pattern: Pattern::Random,
-        block_size: 4096,
-        read_percent: 100,
-        // Stopped by this thread once the slices are measured; the limit is a backstop.
-        limit: Limit::Duration(Duration::from_secs(secs * 3 + 60)),
-        seed: 42,
-        ..WorkloadSpec::default()
-    };
+    let (mut vsc, vsp, spec) = continuous_qd32(backing, Duration::from_secs(secs * 3 + 60))?;
     let stop = AtomicBool::new(false);
     let requests = || {
         vsp.stats()

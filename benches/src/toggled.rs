@@ -18,12 +18,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use enlight_driver::disk::{DiskOptions, SyntheticDisk};
-use enlight_driver::settings::DeviceSettings;
-use enlight_driver::workload::{self, Limit, Pattern, WorkloadSpec};
+use enlight_driver::workload;
 use serde::Serialize;
 
-use crate::{geo_mean_ci95, process_cpu_ns, run_totals};
+use crate::{continuous_qd32, geo_mean_ci95, process_cpu_ns, run_totals};
 
 /// One measured slice.
 const SLICE: Duration = Duration::from_millis(200);
@@ -156,25 +154,7 @@ pub fn toggled_overhead(
     all: &[&str],
 ) -> Result<ToggledResult> {
     let pid = std::process::id();
-    let (mut vsc, vsp) = SyntheticDisk::start(
-        backing,
-        DeviceSettings::default(),
-        0,
-        DiskOptions {
-            queue_slots: 32,
-            ..DiskOptions::default()
-        },
-    )?;
-    let spec = WorkloadSpec {
-        queue_depth: 32,
-        pattern: Pattern::Random,
-        block_size: 4096,
-        read_percent: 100,
-        // Stopped by this thread once the slices are measured; the limit is a backstop.
-        limit: Limit::Duration(Duration::from_secs(secs * 2 + 60)),
-        seed: 42,
-        ..WorkloadSpec::default()
-    };
+    let (mut vsc, vsp, spec) = continuous_qd32(backing, Duration::from_secs(secs * 2 + 60))?;
     let requests = || vsp.stats().requests.load(Ordering::Relaxed);
     probes.attach_process_only(pid, Path::new("/proc/self/exe"), all)?;
     let stop = AtomicBool::new(false);

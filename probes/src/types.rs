@@ -67,20 +67,6 @@ pub struct KnobKeyRaw {
     pub pad: u32,
 }
 
-/// `struct enlight_signal_counts`: what `io_reap`'s fourth argument points at (the driver's
-/// `trace::SignalDeltas`). Only a local in the programs, so not in the object's BTF: a test
-/// checks it against the driver's copy, and the privileged attach test reads every field back.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SignalCountsRaw {
-    pub doorbells: u64,
-    pub interrupts: u64,
-    pub ring_full_out: u64,
-    pub ring_full_in: u64,
-    pub irq_masked: u64,
-    pub irq_unmasked: u64,
-}
-
 /// `struct enlight_dev_events`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -138,7 +124,6 @@ const _: () = assert!(std::mem::size_of::<IoStatsRaw>() == 32);
 const _: () = assert!(std::mem::size_of::<IoHistRaw>() == 32 + 8 * BUCKETS);
 // A per-CPU map value may not exceed 32 KiB.
 const _: () = assert!(std::mem::size_of::<IoHistRaw>() <= 32 * 1024);
-const _: () = assert!(std::mem::size_of::<SignalCountsRaw>() == 48);
 const _: () = assert!(std::mem::size_of::<DevKeyRaw>() == 8);
 const _: () = assert!(std::mem::size_of::<DevEventsRaw>() == 56);
 const _: () = assert!(std::mem::size_of::<KnobKeyRaw>() == 16);

@@ -5,15 +5,17 @@
 
 use std::path::PathBuf;
 
-use enlight_driver::trace::{self, SignalCounts, DIR_GUEST_TO_HOST, DIR_HOST_TO_GUEST};
+use enlight_driver::trace::{
+    self, SignalCounts, SignalDeltas, DIR_GUEST_TO_HOST, DIR_HOST_TO_GUEST,
+};
 use enlight_probes::hist::bucket_index;
-use enlight_probes::types::{Completion, SignalCountsRaw};
+use enlight_probes::types::Completion;
 use enlight_probes::{preflight, DevKey, IoKey, KnobKey, Probes};
 
 // Sites with the provider, names and argument order of the driver's tracepoints (contract 1).
 #[inline(never)]
-fn io_reap(dev: u32, batch: &[Completion], signals: Option<&SignalCountsRaw>) -> bool {
-    let signals = signals.map_or(0, |s| s as *const SignalCountsRaw as usize);
+fn io_reap(dev: u32, batch: &[Completion], signals: Option<&SignalDeltas>) -> bool {
+    let signals = signals.map_or(0, |s| s as *const SignalDeltas as usize);
     probe::probe_lazy!(
         enlight,
         io_reap,
@@ -107,7 +109,7 @@ fn counts_from_our_own_sites_are_exact() {
     io_reap(
         7,
         &batch,
-        Some(&SignalCountsRaw {
+        Some(&SignalDeltas {
             doorbells: 11,
             interrupts: 6,
             ring_full_in: 3,
@@ -125,7 +127,7 @@ fn counts_from_our_own_sites_are_exact() {
     io_reap(
         7,
         &[],
-        Some(&SignalCountsRaw {
+        Some(&SignalDeltas {
             interrupts: 7,
             ring_full_out: 1,
             irq_masked: 5,

@@ -60,7 +60,9 @@ struct enlight_io_hist {
 
 /* What io_reap's fourth argument points at: a device's signalling events since its previous
  * io_reap hit (the driver counts them instead of firing a trap each). The same fields, in the
- * same order, as the first six of struct enlight_dev_events, which sums them. */
+ * same order, as the first six of struct enlight_dev_events, which sums them. Its Rust side is
+ * the driver's enlight_driver::trace::SignalDeltas, which writes it (only a local here, so not
+ * in the object's BTF: a probes test checks it against enlight_dev_events instead). */
 struct enlight_signal_counts {
 	__u64 doorbells;
 	__u64 interrupts;
