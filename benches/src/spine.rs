@@ -644,6 +644,19 @@ fn first_line(path: &str, key: &str) -> String {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // The probes of the "all probes" configuration, checked before anything runs.
+    let known: Vec<&str> = enlight_probes::PROGRAMS.iter().map(|(p, _)| *p).collect();
+    let all: Vec<&str> = if args.overhead_probes.is_empty() {
+        known.clone()
+    } else {
+        args.overhead_probes.iter().map(String::as_str).collect()
+    };
+    if let Some(unknown) = all.iter().find(|p| !known.contains(p)) {
+        anyhow::bail!(
+            "--overhead-probes: no program attaches to {unknown:?} (probes with programs: {})",
+            known.join(", ")
+        );
+    }
     let machine = first_line("/proc/cpuinfo", "model name");
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
@@ -700,18 +713,6 @@ fn main() -> Result<()> {
         };
         let pid = std::process::id();
         let exe = PathBuf::from("/proc/self/exe");
-        let known: Vec<&str> = enlight_probes::PROGRAMS.iter().map(|(p, _)| *p).collect();
-        let all: Vec<&str> = if args.overhead_probes.is_empty() {
-            known.clone()
-        } else {
-            args.overhead_probes.iter().map(String::as_str).collect()
-        };
-        if let Some(unknown) = all.iter().find(|p| !known.contains(p)) {
-            anyhow::bail!(
-                "--overhead-probes: no program attaches to {unknown:?} (probes with programs: {})",
-                known.join(", ")
-            );
-        }
         let (mut with, mut without, mut idle) = (Vec::new(), Vec::new(), Vec::new());
         let (mut sites, mut events, mut ios) = (0, 0u64, 0u64);
         for round in 0..args.rounds {

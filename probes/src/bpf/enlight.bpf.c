@@ -158,7 +158,6 @@ static __always_inline struct enlight_dev_events *events_of_key(struct enlight_d
 static __always_inline struct enlight_dev_events *events_of(struct pt_regs *ctx, __u64 *dev)
 {
 	struct enlight_dev_key key = {};
-	struct enlight_dev_events zero = {}, *e;
 
 	if (usdt_arg(ctx, 0, dev)) {
 		health_inc(ENLIGHT_HEALTH_READ_FAILED);
@@ -166,14 +165,7 @@ static __always_inline struct enlight_dev_events *events_of(struct pt_regs *ctx,
 	}
 	key.tgid = bpf_get_current_pid_tgid() >> 32;
 	key.dev = (__u32)*dev;
-	e = bpf_map_lookup_elem(&dev_events, &key);
-	if (e)
-		return e;
-	bpf_map_update_elem(&dev_events, &key, &zero, BPF_NOEXIST);
-	e = bpf_map_lookup_elem(&dev_events, &key);
-	if (!e)
-		health_inc(ENLIGHT_HEALTH_MAP_FULL);
-	return e;
+	return events_of_key(&key);
 }
 
 /*
