@@ -339,6 +339,13 @@ const SETTLE: Duration = Duration::from_millis(200);
 #[derive(Serialize)]
 struct Slice {
     config: ProbeConfig,
+    #[serde(flatten)]
+    sample: SliceSample,
+}
+
+/// What one slice of a continuous run measured.
+#[derive(Serialize)]
+struct SliceSample {
     iops: f64,
     cpu_ns_per_io: f64,
     ios: u64,
@@ -348,6 +355,33 @@ struct Slice {
     program_ns: u64,
     /// Hits per probe in the slice.
     hits_by_probe: BTreeMap<&'static str, u64>,
+}
+
+/// Measures one slice of `len` of a running workload: I/O from `requests` (the host service's
+/// live request counter), the process's CPU time, and the probes' run counts and times.
+fn measure_slice(
+    probes: &enlight_probes::Probes,
+    requests: &dyn Fn() -> u64,
+    len: Duration,
+) -> Result<SliceSample> {
+    let (hits0, prog0, by0) = run_totals(probes)?;
+    let (t0, cpu0, req0) = (Instant::now(), process_cpu_ns(), requests());
+    std::thread::sleep(len);
+    let (t1, cpu1, req1) = (Instant::now(), process_cpu_ns(), requests());
+    let (hits1, prog1, by1) = run_totals(probes)?;
+    let n = req1.saturating_sub(req0).max(1);
+    Ok(SliceSample {
+        iops: n as f64 / t1.duration_since(t0).as_secs_f64(),
+        cpu_ns_per_io: cpu1.saturating_sub(cpu0) as f64 / n as f64,
+        ios: n,
+        hits: hits1 - hits0,
+        program_ns: prog1 - prog0,
+        hits_by_probe: by1
+            .iter()
+            .map(|(k, v)| (*k, v - by0.get(k).copied().unwrap_or(0)))
+            .filter(|(_, v)| *v > 0)
+            .collect(),
+    })
 }
 
 /// The kernel's run counts per USDT program, and the sums of run counts and run times over all.
@@ -509,24 +543,9 @@ fn interleaved_overhead(
                 apply_probe_config(probes, config, all)?;
                 longest_switch = longest_switch.max(switch.elapsed());
                 std::thread::sleep(SETTLE);
-                let (hits0, prog0, by0) = run_totals(probes)?;
-                let (t0, cpu0, req0) = (Instant::now(), process_cpu_ns(), requests());
-                std::thread::sleep(SLICE);
-                let (t1, cpu1, req1) = (Instant::now(), process_cpu_ns(), requests());
-                let (hits1, prog1, by1) = run_totals(probes)?;
-                let n = req1.saturating_sub(req0).max(1);
                 slices.push(Slice {
                     config,
-                    iops: n as f64 / t1.duration_since(t0).as_secs_f64(),
-                    cpu_ns_per_io: cpu1.saturating_sub(cpu0) as f64 / n as f64,
-                    ios: n,
-                    hits: hits1 - hits0,
-                    program_ns: prog1 - prog0,
-                    hits_by_probe: by1
-                        .iter()
-                        .map(|(k, v)| (*k, v - by0.get(k).copied().unwrap_or(0)))
-                        .filter(|(_, v)| *v > 0)
-                        .collect(),
+                    sample: measure_slice(probes, &requests, SLICE)?,
                 });
                 k += 1;
             }
@@ -549,10 +568,10 @@ fn interleaved_overhead(
             get(ProbeConfig::Control),
             get(ProbeConfig::All),
         );
-        with.push(a.iops / d.iops);
-        control.push(c.iops / d.iops);
-        cpu_with.push(a.cpu_ns_per_io / d.cpu_ns_per_io);
-        base.push(d.iops);
+        with.push(a.sample.iops / d.sample.iops);
+        control.push(c.sample.iops / d.sample.iops);
+        cpu_with.push(a.sample.cpu_ns_per_io / d.sample.cpu_ns_per_io);
+        base.push(d.sample.iops);
     }
     anyhow::ensure!(
         with.len() >= 2,
@@ -563,12 +582,12 @@ fn interleaved_overhead(
         .iter()
         .filter(|s| s.config == ProbeConfig::All)
         .collect();
-    let ios = attached.iter().map(|s| s.ios).sum::<u64>().max(1) as f64;
-    let hits_per_io = attached.iter().map(|s| s.hits).sum::<u64>() as f64 / ios;
-    let program_ns_per_io = attached.iter().map(|s| s.program_ns).sum::<u64>() as f64 / ios;
+    let ios = attached.iter().map(|s| s.sample.ios).sum::<u64>().max(1) as f64;
+    let hits_per_io = attached.iter().map(|s| s.sample.hits).sum::<u64>() as f64 / ios;
+    let program_ns_per_io = attached.iter().map(|s| s.sample.program_ns).sum::<u64>() as f64 / ios;
     let mut hits_per_io_by_probe: BTreeMap<&'static str, f64> = BTreeMap::new();
     for s in &attached {
-        for (k, v) in &s.hits_by_probe {
+        for (k, v) in &s.sample.hits_by_probe {
             *hits_per_io_by_probe.entry(k).or_default() += *v as f64 / ios;
         }
     }
@@ -577,7 +596,7 @@ fn interleaved_overhead(
         &slices
             .iter()
             .filter(|s| s.config == ProbeConfig::Detached)
-            .map(|s| s.cpu_ns_per_io)
+            .map(|s| s.sample.cpu_ns_per_io)
             .collect::<Vec<_>>(),
     );
     let (with_mean, with_ci95) = geo_mean_ci95(&with);

@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 use enlight_driver::workload;
 use serde::Serialize;
 
-use crate::{continuous_qd32, geo_mean_ci95, process_cpu_ns, run_totals};
+use crate::{continuous_qd32, geo_mean_ci95, measure_slice, SliceSample};
 
 /// One measured slice.
 const SLICE: Duration = Duration::from_millis(200);
@@ -110,15 +110,12 @@ fn writable_address(line: &str, exe: &str, off: u64) -> Option<u64> {
     (file_off <= off && off < file_off + (end - start)).then(|| start + (off - file_off))
 }
 
-/// One measured slice.
+/// One measured slice (`hits`, the kernel's count of program runs, is 0 in every "off" slice).
 #[derive(Serialize)]
 struct ToggledSlice {
     on: bool,
-    iops: f64,
-    cpu_ns_per_io: f64,
-    ios: u64,
-    /// Program runs in the slice (the kernel's count): 0 in every "off" slice.
-    hits: u64,
+    #[serde(flatten)]
+    sample: SliceSample,
 }
 
 /// The result of one toggled run.
@@ -174,18 +171,9 @@ pub fn toggled_overhead(
                 let on = QUARTET[k % QUARTET.len()];
                 semaphores.set(on);
                 std::thread::sleep(SETTLE);
-                let (hits0, _, _) = run_totals(probes)?;
-                let (t0, cpu0, req0) = (Instant::now(), process_cpu_ns(), requests());
-                std::thread::sleep(SLICE);
-                let (t1, cpu1, req1) = (Instant::now(), process_cpu_ns(), requests());
-                let (hits1, _, _) = run_totals(probes)?;
-                let n = req1.saturating_sub(req0).max(1);
                 slices.push(ToggledSlice {
                     on,
-                    iops: n as f64 / t1.duration_since(t0).as_secs_f64(),
-                    cpu_ns_per_io: cpu1.saturating_sub(cpu0) as f64 / n as f64,
-                    ios: n,
-                    hits: hits1 - hits0,
+                    sample: measure_slice(probes, &requests, SLICE)?,
                 });
                 k += 1;
             }
@@ -200,7 +188,7 @@ pub fn toggled_overhead(
     probes.detach_process(pid);
     vsp.stop()?;
     measured?;
-    let off_hits: u64 = slices.iter().filter(|s| !s.on).map(|s| s.hits).sum();
+    let off_hits: u64 = slices.iter().filter(|s| !s.on).map(|s| s.sample.hits).sum();
     anyhow::ensure!(
         off_hits == 0,
         "{off_hits} program runs in the \"off\" slices: the semaphores did not switch the sites off"
@@ -211,8 +199,8 @@ pub fn toggled_overhead(
         let ratio = |f: &dyn Fn(&ToggledSlice) -> f64| {
             ((f(&q[0]) * f(&q[3])) / (f(&q[1]) * f(&q[2]))).sqrt()
         };
-        iops_ratio.push(ratio(&|s| s.iops));
-        cpu_ratio.push(ratio(&|s| s.cpu_ns_per_io));
+        iops_ratio.push(ratio(&|s| s.sample.iops));
+        cpu_ratio.push(ratio(&|s| s.sample.cpu_ns_per_io));
     }
     anyhow::ensure!(
         iops_ratio.len() >= 2,
@@ -220,7 +208,7 @@ pub fn toggled_overhead(
         iops_ratio.len()
     );
     let on: Vec<&ToggledSlice> = slices.iter().filter(|s| s.on).collect();
-    let on_ios = on.iter().map(|s| s.ios).sum::<u64>().max(1) as f64;
+    let on_ios = on.iter().map(|s| s.sample.ios).sum::<u64>().max(1) as f64;
     let (on_mean, on_ci95) = geo_mean_ci95(&iops_ratio);
     let (cpu_on_mean, cpu_on_ci95) = geo_mean_ci95(&cpu_ratio);
     Ok(ToggledResult {
@@ -236,10 +224,10 @@ pub fn toggled_overhead(
             &slices
                 .iter()
                 .filter(|s| !s.on)
-                .map(|s| s.iops)
+                .map(|s| s.sample.iops)
                 .collect::<Vec<_>>(),
         ),
-        hits_per_io_on: on.iter().map(|s| s.hits).sum::<u64>() as f64 / on_ios,
+        hits_per_io_on: on.iter().map(|s| s.sample.hits).sum::<u64>() as f64 / on_ios,
         slices,
     })
 }
