@@ -700,8 +700,17 @@ mod tests {
         let (_f, mut vsc, _vsp) = disk();
         let spec: WorkloadSpec = "qd=8,rate=2000,duration=500ms".parse().unwrap();
         let r = run(&mut vsc, &spec, &AtomicBool::new(false), |_| {}).unwrap();
-        // 2000/s for 0.5 s: 1000 submissions (the first is due at once).
-        assert!((990..=1010).contains(&r.ops_total), "{}", r.ops_total);
+        // The schedule never runs ahead: the k-th submission (from 0) is never before
+        // start + k/rate, so 0.5 s at 2000/s allows at most 1000 (the first is due at once).
+        // Falling behind is allowed (a descheduled thread drops the backlog past 10 ms rather than
+        // bursting), so the lower bound only shows the workload ran at the rate at all: this is a
+        // unit test on a shared machine, not a timing measurement.
+        assert!(
+            r.ops_total <= 1000,
+            "{} submissions beat the schedule",
+            r.ops_total
+        );
+        assert!(r.ops_total >= 500, "{}", r.ops_total);
     }
 
     #[test]
@@ -711,8 +720,16 @@ mod tests {
             .parse()
             .unwrap();
         let r = run(&mut vsc, &spec, &AtomicBool::new(false), |_| {}).unwrap();
-        // On half the time at 4000/s: about 2000, far from the 4000 of a steady second.
-        assert!((1700..=2300).contains(&r.ops_total), "{}", r.ops_total);
+        // On half the time at 4000/s: 5 windows of 100 ms x 400 = 2000, far from the 4000 of a
+        // steady second. A thread descheduled through a whole pause may catch up to 10 ms (40
+        // I/Os) in the next window, hence the margin. The lower bound is loose for the same
+        // reason as in `a_rate_caps_submissions`.
+        assert!(
+            r.ops_total <= 2250,
+            "{} submissions: bursts did not pause",
+            r.ops_total
+        );
+        assert!(r.ops_total >= 1000, "{}", r.ops_total);
         let big = (r.read_bytes - r.ops_total * 4096) / (16384 - 4096);
         let share = big as f64 / r.ops_total as f64;
         assert!((0.18..0.32).contains(&share), "{share}");
