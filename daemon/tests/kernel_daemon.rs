@@ -69,8 +69,11 @@ fn enlightd_serves_a_loop_device_as_a_kernel_device() {
         k.tuning
     );
 
-    // Settle, then a baseline of both counts.
-    std::thread::sleep(Duration::from_millis(300));
+    // Settle, then a baseline of both counts: the device quiet, and two collector ticks so the
+    // daemon's view holds everything the device did before.
+    settle_disk(&name);
+    let ticks = handle.ticks() + 2;
+    wait_for("two collector ticks", || handle.ticks() >= ticks);
     let ops =
         |d: &DeviceView, op: &str| d.ops.iter().find(|o| o.op == op).map_or(0, |o| o.ops_total);
     let base = device(&handle, &name).unwrap();
@@ -137,8 +140,9 @@ fn enlightd_serves_a_loop_device_as_a_kernel_device() {
     );
     // Latency, two ways. (1) The kernel's own time accounting: /proc/diskstats adds up, per
     // request, completion minus allocation time; the probes time issue to completion, which is
-    // inside it (allocation to issue is a few microseconds at depth 1). So the daemon's sum is
-    // at most the kernel's (+1 ms for its truncation to ms) and most of it.
+    // inside it (allocation to issue is a few microseconds at depth 1, unless the submitter is
+    // preempted in between). So the daemon's sum is at most the kernel's (+1 ms for its
+    // truncation to ms) and at least half of it.
     let sum = latency_sum(&handle, &name) - sum0;
     let kernel_ms = (ms1.0 - ms0.0) as f64;
     // (2) fio's completion latency spans the whole system call, so its p50 is above ours.
@@ -158,7 +162,7 @@ fn enlightd_serves_a_loop_device_as_a_kernel_device() {
         "daemon's latency sum above the kernel's"
     );
     assert!(
-        sum * 1e3 >= kernel_ms * 0.8 - 1.0,
+        sum * 1e3 >= kernel_ms * 0.5 - 1.0,
         "daemon's latency sum far below the kernel's"
     );
     assert!(

@@ -91,6 +91,37 @@ pub fn diskstats_ms(name: &str) -> (u64, u64) {
     panic!("{name} not in /proc/diskstats");
 }
 
+/// Waits until nothing else is using a new block device: `udevadm settle` where udev runs (it
+/// probes a new device's contents), then until its /proc/diskstats line has not moved for 500 ms
+/// (at most 20 s). A fixed sleep was too short on a loaded machine and too long on an idle one.
+pub fn settle_disk(name: &str) {
+    if Path::new("/run/udev/control").exists() {
+        let _ = Command::new("udevadm")
+            .args(["settle", "--timeout=20"])
+            .status();
+    }
+    let line = || {
+        let text = std::fs::read_to_string("/proc/diskstats").unwrap();
+        text.lines()
+            .find(|l| l.split_whitespace().nth(2) == Some(name))
+            .map(str::to_owned)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut last = line();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let now = line();
+        if now == last {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} kept doing I/O nobody asked for: {now:?}"
+        );
+        last = now;
+    }
+}
+
 /// `(reads completed, writes completed, flushes completed)` of a block device in /proc/diskstats.
 pub fn diskstats(name: &str) -> (u64, u64, u64) {
     let text = std::fs::read_to_string("/proc/diskstats").unwrap();
