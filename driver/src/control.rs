@@ -1008,7 +1008,12 @@ mod tests {
                 .unwrap()
         });
         // Wait until the first set is inside apply, holding the change lock.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while s.device.entered.load(Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first set never reached apply"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         let e = c
@@ -1062,8 +1067,12 @@ mod tests {
         }
         s.device.set_hold(false);
         let mut c = ControlClient::connect(&s.path).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while c.get().unwrap().2 == 0 && std::time::Instant::now() < deadline {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while c.get().unwrap().2 == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the set was not applied within 30 s"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         let (settings, _, generation) = c.get().unwrap();

@@ -82,6 +82,10 @@ const HOST_PASS: usize = 128;
 /// Longest either side waits for its peer during a channel switch (room in a ring, the
 /// acknowledgement); a peer slower than that has broken the protocol.
 const SWITCH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest either side's thread sleeps with nothing to do before it looks again. Everything that
+/// gives it work wakes it sooner (its peer's signal, a frame in its backend, a resize request,
+/// stop); tests lengthen it to show that they do.
+const IDLE_POLL: Duration = Duration::from_millis(100);
 
 /// NIC errors.
 #[derive(Debug, thiserror::Error)]
@@ -461,7 +465,6 @@ impl NicCounters {
 /// Sleeps on `fds` (entries with fd -1 are ignored) for at most `timeout`, with microsecond
 /// precision (ppoll: moderation deadlines are tens of microseconds). Returns the revents.
 fn sleep_on(fds: &mut [libc::pollfd], timeout: Duration) -> Result<(), NicError> {
-    let timeout = timeout.min(Duration::from_millis(100));
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,

@@ -656,18 +656,30 @@ mod tests {
 
     #[test]
     fn stop_flag_ends_an_unbounded_run() {
-        let (_f, mut vsc, _vsp) = disk();
+        let (_f, mut vsc, vsp) = disk();
         let stop = AtomicBool::new(false);
         let spec: WorkloadSpec = "qd=4,pattern=sequential".parse().unwrap();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                std::thread::sleep(Duration::from_millis(300));
+        let host_requests = || vsp.stats().requests.load(Ordering::Relaxed);
+        let (r, seen) = std::thread::scope(|s| {
+            // Stop once the host has received a request (not after a fixed time, which a stall
+            // before the first submission could use up): the run must then still reap it.
+            let stopper = s.spawn(|| {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while host_requests() == 0 && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let seen = host_requests();
                 stop.store(true, Ordering::Relaxed);
+                seen
             });
             let r = run(&mut vsc, &spec, &stop, |_| {}).unwrap();
-            assert!(r.ops_total > 0);
+            (r, stopper.join().unwrap())
         });
+        assert!(seen > 0, "the host received no request within 30 s");
+        // Everything submitted was reaped and counted before the run returned.
         assert_eq!(vsc.outstanding(), 0);
+        assert_eq!(r.ops_total, host_requests());
+        assert!(r.done);
     }
 
     #[test]
@@ -703,14 +715,14 @@ mod tests {
         // The schedule never runs ahead: the k-th submission (from 0) is never before
         // start + k/rate, so 0.5 s at 2000/s allows at most 1000 (the first is due at once).
         // Falling behind is allowed (a descheduled thread drops the backlog past 10 ms rather than
-        // bursting), so the lower bound only shows the workload ran at the rate at all: this is a
-        // unit test on a shared machine, not a timing measurement.
+        // bursting), so the lower bound, a tenth of the nominal 1000, only shows the workload ran
+        // at all: this is a unit test on a shared machine, not a throughput measurement.
         assert!(
             r.ops_total <= 1000,
             "{} submissions beat the schedule",
             r.ops_total
         );
-        assert!(r.ops_total >= 500, "{}", r.ops_total);
+        assert!(r.ops_total >= 100, "{}", r.ops_total);
     }
 
     #[test]
@@ -722,14 +734,15 @@ mod tests {
         let r = run(&mut vsc, &spec, &AtomicBool::new(false), |_| {}).unwrap();
         // On half the time at 4000/s: 5 windows of 100 ms x 400 = 2000, far from the 4000 of a
         // steady second. A thread descheduled through a whole pause may catch up to 10 ms (40
-        // I/Os) in the next window, hence the margin. The lower bound is loose for the same
-        // reason as in `a_rate_caps_submissions`.
+        // I/Os) in the next window, hence the margin. The lower bound, a tenth of the nominal
+        // 2000, is loose for the same reason as in `a_rate_caps_submissions`. (The mix share
+        // below is of a seeded sequence: within its range for every count from 154 up.)
         assert!(
             r.ops_total <= 2250,
             "{} submissions: bursts did not pause",
             r.ops_total
         );
-        assert!(r.ops_total >= 1000, "{}", r.ops_total);
+        assert!(r.ops_total >= 200, "{}", r.ops_total);
         let big = (r.read_bytes - r.ops_total * 4096) / (16384 - 4096);
         let share = big as f64 / r.ops_total as f64;
         assert!((0.18..0.32).contains(&share), "{share}");

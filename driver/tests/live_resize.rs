@@ -3,11 +3,11 @@
 //! moderation and the polling budget. Every request must complete exactly once, slots must
 //! complete their tags in order, reads must return what the model of the disk says, the backing
 //! file must equal the model at the end, and the host must have seen exactly the requests the
-//! guest submitted. The longest I/O stall of a resize is measured and printed; only a generous
+//! guest submitted. The longest I/O stall of a resize is measured and printed; only a sanity
 //! bound is asserted (the figure for the docs comes from the printed line).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,16 @@ struct Pending {
     version: u32,
 }
 
+/// Sets its flag when dropped: a thread that makes the changes stops the I/O it needs when it
+/// ends, however it ends (a panic included; the join then reports it).
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 #[test]
 fn resize_and_moderation_changes_under_qd32_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -64,10 +74,14 @@ fn resize_and_moderation_changes_under_qd32_lose_nothing() {
     let server = ControlServer::start(&sock, live.clone(), 0, None).unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
+    // Completions so far: the changer waits for I/O on each new ring size before the next.
+    let completed_io = Arc::new(AtomicU64::new(0));
     // The changes, applied from another thread over the socket while I/O runs.
     let changer = {
-        let (sock, stop) = (sock.clone(), Arc::clone(&stop));
+        let (sock, stop, completed_io) =
+            (sock.clone(), Arc::clone(&stop), Arc::clone(&completed_io));
         std::thread::spawn(move || {
+            let _stop = SetOnDrop(&stop);
             let mut c = ControlClient::connect(&sock).unwrap();
             std::thread::sleep(Duration::from_millis(200));
             let steps: [(u32, u32, u32, u32, u32); 8] = [
@@ -95,10 +109,20 @@ fn resize_and_moderation_changes_under_qd32_lose_nothing() {
                     .unwrap_or_else(|e| panic!("set {want:?}: {e}"));
                 assert_eq!(now, want);
                 applied.push(want);
+                // I/O completes on these rings before the next change (a fixed time alone could
+                // pass with the I/O thread off the CPU).
+                let at_change = completed_io.load(Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(120));
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while completed_io.load(Ordering::SeqCst) <= at_change {
+                    assert!(
+                        Instant::now() < deadline,
+                        "no I/O completed within 30 s on {want:?}"
+                    );
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
             let generation = c.get().unwrap().2;
-            stop.store(true, Ordering::SeqCst);
             (applied, generation)
         })
     };
@@ -113,13 +137,17 @@ fn resize_and_moderation_changes_under_qd32_lose_nothing() {
     let mut last_completion = Instant::now();
     let mut longest_gap = Duration::ZERO;
     let mut buf = vec![0u8; BLOCK];
-    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let stopping = stop.load(Ordering::SeqCst);
         if stopping && pending.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "the run did not finish");
+        // The run ends when the changer does (it has its own deadlines); until then I/O moves.
+        assert!(
+            last_completion.elapsed() < Duration::from_secs(30),
+            "no completion for 30 s ({} requests pending)",
+            pending.len()
+        );
         while !stopping && pending.len() < QD {
             let block = rng.gen_range(0..BLOCKS);
             if busy_blocks[block as usize] {
@@ -184,6 +212,7 @@ fn resize_and_moderation_changes_under_qd32_lose_nothing() {
             }
             completed += 1;
         }
+        completed_io.store(completed, Ordering::SeqCst);
     }
     let (applied, generation) = changer.join().unwrap();
     assert_eq!(generation, applied.len() as u64);
@@ -214,11 +243,11 @@ fn resize_and_moderation_changes_under_qd32_lose_nothing() {
         live.resizes(),
         live.last_resize().unwrap()
     );
-    assert!(submitted > 1000, "too little I/O ran: {submitted}");
-    // Generous: the design holds I/O for a drain at QD32 plus a channel switch (about a
-    // millisecond here); a debug build on a loaded 2-core machine gets plenty of slack.
+    // A sanity bound only: the design holds I/O for a drain at QD32 plus a channel switch
+    // (about a millisecond here, printed above); a unit test on a shared machine asserts no
+    // timing.
     assert!(
-        longest_stall < Duration::from_millis(250),
+        longest_stall < Duration::from_secs(5),
         "a resize stalled I/O for {longest_stall:?}"
     );
 }
@@ -233,7 +262,7 @@ fn a_resize_with_no_io_running_is_refused_and_changes_nothing() {
     let sock = socket_path(dir.path(), "idle");
     let _server = ControlServer::start(&sock, vsc.live(), 0, None).unwrap();
     let mut c = ControlClient::connect(&sock).unwrap();
-    let t = Instant::now();
+    // Refused after RESIZE_START_TIMEOUT, as a refusal (not the client's own timeout).
     let e = c
         .set(SettingsPatch {
             ring_out_bytes: Some(8192),
@@ -245,7 +274,6 @@ fn a_resize_with_no_io_running_is_refused_and_changes_nothing() {
         matches!(e, enlight_driver::control::ControlError::Busy(ref m) if m.contains("workload")),
         "{e}"
     );
-    assert!(t.elapsed() < Duration::from_secs(10));
     // Nothing changed, not even the knob that needs no resize.
     let (settings, _, generation) = c.get().unwrap();
     assert_eq!((settings, generation), (DeviceSettings::default(), 0));
@@ -262,8 +290,8 @@ fn a_resize_with_no_io_running_is_refused_and_changes_nothing() {
     drop(vsc);
 }
 
-/// The real workload generator through resizes: its own count equals what it asked for, what
-/// the host received, and nothing failed.
+/// The real workload generator through resizes: it runs until every resize is done, its own
+/// count equals what the host received, and nothing failed.
 #[test]
 fn the_workload_generators_count_survives_resizes() {
     let dir = tempfile::tempdir().unwrap();
@@ -282,41 +310,41 @@ fn the_workload_generators_count_survives_resizes() {
     .unwrap();
     let sock = socket_path(dir.path(), "gen");
     let _server = ControlServer::start(&sock, vsc.live(), 0, None).unwrap();
-    let done = AtomicBool::new(false);
-    let spec: enlight_driver::workload::WorkloadSpec =
-        "qd=32,bs=4k,rw=70,ios=30000".parse().unwrap();
-    let (report, changes) = std::thread::scope(|s| {
+    // Unbounded: the changer stops it after its last resize, so every resize finds I/O running
+    // (a resize starts between I/Os; with none it is refused after RESIZE_START_TIMEOUT).
+    let stop = AtomicBool::new(false);
+    let spec: enlight_driver::workload::WorkloadSpec = "qd=32,bs=4k,rw=70".parse().unwrap();
+    let rings = [8192u32, 1 << 20, 16384, 256 << 10, 8192, 64 << 10];
+    let report = std::thread::scope(|s| {
         let changer = s.spawn(|| {
+            let _stop = SetOnDrop(&stop);
             let mut c = ControlClient::connect(&sock).unwrap();
-            let mut changes = 0;
-            for ring in [8192u32, 1 << 20, 16384, 256 << 10, 8192, 64 << 10] {
-                if done.load(Ordering::SeqCst) {
-                    break;
-                }
-                c.set(SettingsPatch {
-                    ring_out_bytes: Some(ring),
-                    ring_in_bytes: Some(ring),
-                    ..Default::default()
-                })
-                .unwrap();
-                changes += 1;
+            for ring in rings {
+                let now = c
+                    .set(SettingsPatch {
+                        ring_out_bytes: Some(ring),
+                        ring_in_bytes: Some(ring),
+                        ..Default::default()
+                    })
+                    .unwrap_or_else(|e| panic!("resize to {ring}: {e}"));
+                assert_eq!((now.ring_out_bytes, now.ring_in_bytes), (ring, ring));
                 std::thread::sleep(Duration::from_millis(30));
             }
-            changes
         });
-        let r = enlight_driver::workload::run(&mut vsc, &spec, &AtomicBool::new(false), |_| {})
-            .unwrap();
-        done.store(true, Ordering::SeqCst);
-        (r, changer.join().unwrap())
+        let r = enlight_driver::workload::run(&mut vsc, &spec, &stop, |_| {}).unwrap();
+        changer.join().unwrap();
+        r
     });
-    assert_eq!(report.ops_total, 30_000);
+    assert!(report.done);
+    assert!(report.ops_total > 0);
     assert_eq!(report.errors, 0);
-    assert_eq!(vsp.stats().requests.load(Ordering::Relaxed), 30_000);
-    assert!(
-        changes >= 2,
-        "only {changes} resizes happened during the run"
+    // Every I/O counted exactly once: the generator's count is what the host received.
+    assert_eq!(
+        vsp.stats().requests.load(Ordering::Relaxed),
+        report.ops_total
     );
-    assert_eq!(vsc.live().resizes(), changes);
+    assert_eq!(vsc.live().resizes(), rings.len() as u64);
+    assert_eq!(vsc.ring_sizes(), (64 << 10, 64 << 10));
 }
 
 /// Moderation changed while I/O runs takes effect: at most one interrupt per 1024 completions
@@ -346,6 +374,7 @@ fn moderation_changes_take_effect_while_io_runs() {
         slow <= t.elapsed().as_millis() as u64 / 100 + 2,
         "{slow} interrupts"
     );
+    let t = Instant::now();
     c.set(SettingsPatch {
         moderation_frames: Some(1),
         moderation_usecs: Some(0),
@@ -353,14 +382,21 @@ fn moderation_changes_take_effect_while_io_runs() {
     })
     .unwrap();
     let spec: enlight_driver::workload::WorkloadSpec = "qd=1,bs=4k,ios=300".parse().unwrap();
-    let t = Instant::now();
     enlight_driver::workload::run(&mut vsc, &spec, &AtomicBool::new(false), |_| {}).unwrap();
     let fast = interrupts() - slow;
+    let window_ms = t.elapsed().as_millis() as u64;
     assert!(
         fast >= 290,
         "{fast} interrupts for 300 completions at frames=1"
     );
-    assert!(t.elapsed() < Duration::from_secs(5));
+    // The old settings could not have sent that many in that time (the bound asserted above:
+    // at QD1 an I/O waits up to 100 ms for the timer or the reap's own timeout, and gets about
+    // one interrupt, so frames=1024 would fit within it): the change took effect. Not a
+    // timing target: with frames=1 this fails only if 300 QD1 I/Os take about 29 s.
+    assert!(
+        fast > window_ms / 100 + 2,
+        "{fast} interrupts in {window_ms} ms: no more than the old moderation allows"
+    );
 }
 
 /// The host service half of `resizes_work_with_the_host_service_in_another_process`: runs when
@@ -381,8 +417,18 @@ fn vsp_child_role() {
     control.live().set_handover_socket(sock);
     let backing = enlight_driver::disk::Backing::open(std::path::Path::new(path)).unwrap();
     // Serves until the guest's process closes the socket.
-    enlight_driver::disk::serve(host, backing, 0, cross_process_options(), control).unwrap();
+    enlight_driver::disk::serve(host, backing, 0, cross_process_options(), control.clone())
+        .unwrap();
+    // For the parent to compare with its workload's count.
+    println!(
+        "{CHILD_REPORT}{} errors={}",
+        control.stats().requests.load(Ordering::Relaxed),
+        control.stats().errors.load(Ordering::Relaxed)
+    );
 }
+
+/// How `vsp_child_role` reports the requests it received, on its stdout.
+const CHILD_REPORT: &str = "vsp_child_role: requests=";
 
 fn cross_process_options() -> DiskOptions {
     DiskOptions {
@@ -407,7 +453,7 @@ fn resizes_work_with_the_host_service_in_another_process() {
     // Let the child inherit its end: clear CLOEXEC on it.
     // SAFETY: fcntl on a socket we own.
     unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) };
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "vsp_child_role",
@@ -418,7 +464,7 @@ fn resizes_work_with_the_host_service_in_another_process() {
             "ENLIGHT_VSP_CHILD",
             format!("{}:{}", theirs.as_raw_fd(), backing.display()),
         )
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     drop(theirs);
@@ -445,48 +491,53 @@ fn resizes_work_with_the_host_service_in_another_process() {
     );
     let sock = socket_path(dir.path(), "xproc");
     let _server = ControlServer::start(&sock, live.clone(), 0, None).unwrap();
-    let spec: enlight_driver::workload::WorkloadSpec =
-        "qd=32,bs=4k,rw=70,ios=20000".parse().unwrap();
-    let done = AtomicBool::new(false);
-    let (report, changes) = std::thread::scope(|s| {
+    // Unbounded: the changer stops it after its last resize (as in
+    // `the_workload_generators_count_survives_resizes`).
+    let spec: enlight_driver::workload::WorkloadSpec = "qd=32,bs=4k,rw=70".parse().unwrap();
+    let stop = AtomicBool::new(false);
+    let rings = [8192u32, 1 << 20, 16384, 128 << 10];
+    let report = std::thread::scope(|s| {
         let changer = s.spawn(|| {
+            let _stop = SetOnDrop(&stop);
             let mut c = ControlClient::connect(&sock).unwrap();
-            let mut changes = 0u64;
-            for ring in [8192u32, 1 << 20, 16384, 128 << 10] {
-                if done.load(Ordering::SeqCst) {
-                    break;
-                }
+            for ring in rings {
                 let now = c
                     .set(SettingsPatch {
                         ring_out_bytes: Some(ring),
                         ring_in_bytes: Some(ring),
                         ..Default::default()
                     })
-                    .unwrap();
+                    .unwrap_or_else(|e| panic!("resize to {ring}: {e}"));
                 assert_eq!((now.ring_out_bytes, now.ring_in_bytes), (ring, ring));
-                changes += 1;
                 std::thread::sleep(Duration::from_millis(30));
             }
-            changes
         });
-        let r = enlight_driver::workload::run(&mut vsc, &spec, &AtomicBool::new(false), |_| {})
-            .unwrap();
-        done.store(true, Ordering::SeqCst);
-        (r, changer.join().unwrap())
+        let r = enlight_driver::workload::run(&mut vsc, &spec, &stop, |_| {}).unwrap();
+        changer.join().unwrap();
+        r
     });
-    assert_eq!(report.ops_total, 20_000);
+    assert!(report.done);
+    assert!(report.ops_total > 0);
     assert_eq!(report.errors, 0);
-    assert!(
-        changes >= 2,
-        "only {changes} resizes happened during the run"
-    );
-    assert_eq!(live.resizes(), changes);
+    assert_eq!(live.resizes(), rings.len() as u64);
     // The guest goes away: the host process sees it on the socket and exits cleanly.
     drop(vsc);
     drop(_server);
     drop(live);
+    let child = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&child.stdout);
     assert!(
-        child.wait().unwrap().success(),
-        "host service process failed"
+        child.status.success(),
+        "host service process failed:\n{stdout}"
     );
+    // Every I/O counted exactly once: the generator's count is what the host process received.
+    let (requests, errors) = stdout
+        .split_once(CHILD_REPORT)
+        .and_then(|(_, rest)| {
+            let (requests, rest) = rest.split_once(" errors=")?;
+            let errors: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            Some((requests.parse::<u64>().ok()?, errors.parse::<u64>().ok()?))
+        })
+        .unwrap_or_else(|| panic!("no request count from the host process:\n{stdout}"));
+    assert_eq!((requests, errors), (report.ops_total, 0));
 }

@@ -455,6 +455,14 @@ mod tests {
         unsafe { libc::geteuid() == 0 }
     }
 
+    /// A socket read timed out (`SO_RCVTIMEO` reports `EAGAIN`).
+    fn is_timeout(e: &std::io::Error) -> bool {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )
+    }
+
     #[test]
     fn a_datagram_crosses_the_emulated_nic_intact_both_ways() {
         assert!(
@@ -478,45 +486,86 @@ mod tests {
             })
         };
         let payload: Vec<u8> = (0..1400u32).map(|i| (i * 11 % 256) as u8).collect();
-        // Host side: a UDP echo server for one datagram.
+        let udp = |what: &'static str| {
+            move |e| crate::netns::NetError::Os {
+                what: what.into(),
+                source: e,
+            }
+        };
+        // Host side: a UDP echo server for every datagram until told to stop. It hands its
+        // socket back rather than close it: a datagram still on its way must not draw a
+        // port-unreachable back across the card after the guest's last delivery.
         let server = ns
             .host
-            .in_namespace(|| {
-                std::net::UdpSocket::bind((HOST_IP, 7777)).map_err(|e| crate::netns::NetError::Os {
-                    what: "bind".into(),
-                    source: e,
-                })
-            })
+            .in_namespace(move || std::net::UdpSocket::bind((HOST_IP, 7777)).map_err(udp("bind")))
             .unwrap();
         server
-            .set_read_timeout(Some(Duration::from_secs(10)))
+            .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
-        let echo = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            let (n, from) = server.recv_from(&mut buf).unwrap();
-            server.send_to(&buf[..n], from).unwrap();
-            buf[..n].to_vec()
-        });
-        let sent = payload.clone();
-        let back = ns
-            .guest
-            .in_namespace(move || {
-                let err = |e| crate::netns::NetError::Os {
-                    what: "udp".into(),
-                    source: e,
-                };
-                let s = std::net::UdpSocket::bind(("0.0.0.0", 0)).map_err(err)?;
-                s.set_read_timeout(Some(Duration::from_secs(10)))
-                    .map_err(err)?;
-                s.send_to(&sent, (HOST_IP, 7777)).map_err(err)?;
+        let echo_stop = Arc::new(AtomicBool::new(false));
+        let echo = {
+            let echo_stop = echo_stop.clone();
+            std::thread::spawn(move || {
+                let mut echoed = Vec::new();
                 let mut buf = [0u8; 2048];
-                let n = s.recv(&mut buf).map_err(err)?;
-                Ok(buf[..n].to_vec())
+                while !echo_stop.load(Ordering::Acquire) {
+                    match server.recv_from(&mut buf) {
+                        Ok((n, from)) => {
+                            server.send_to(&buf[..n], from).unwrap();
+                            echoed.push(buf[..n].to_vec());
+                        }
+                        Err(e) if is_timeout(&e) => {}
+                        Err(e) => panic!("echo server: {e}"),
+                    }
+                }
+                (server, echoed)
             })
+        };
+        // Guest side. A datagram may be lost while the taps and ARP start up: send it again
+        // every second until an echo comes back.
+        let client = ns
+            .guest
+            .in_namespace(move || std::net::UdpSocket::bind(("0.0.0.0", 0)).map_err(udp("udp")))
             .unwrap();
-        let arrived = echo.join().unwrap();
-        assert_eq!(arrived, payload, "guest → host intact");
-        assert_eq!(back, payload, "host → guest intact");
+        client
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut buf = [0u8; 2048];
+        let mut back = Vec::new();
+        while back.is_empty() {
+            client.send_to(&payload, (HOST_IP, 7777)).unwrap();
+            match client.recv(&mut buf) {
+                Ok(n) => back.push(buf[..n].to_vec()),
+                Err(e) if is_timeout(&e) => {
+                    assert!(Instant::now() < deadline, "no echo within 30 s")
+                }
+                Err(e) => panic!("udp: {e}"),
+            }
+        }
+        echo_stop.store(true, Ordering::Release);
+        let (server, echoed) = echo.join().unwrap();
+        // Every echo sent crosses the card before it stops (for the exact counts below).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while back.len() < echoed.len() {
+            match client.recv(&mut buf) {
+                Ok(n) => back.push(buf[..n].to_vec()),
+                Err(e) if is_timeout(&e) => assert!(
+                    Instant::now() < deadline,
+                    "{} of {} echoes came back within 30 s",
+                    back.len(),
+                    echoed.len()
+                ),
+                Err(e) => panic!("udp: {e}"),
+            }
+        }
+        assert!(!echoed.is_empty());
+        for arrived in &echoed {
+            assert_eq!(arrived, &payload, "guest → host intact");
+        }
+        for b in &back {
+            assert_eq!(b, &payload, "host → guest intact");
+        }
         stop.store(true, Ordering::Relaxed);
         let (figures, model) = runner.join().unwrap().unwrap();
         // ARP request and reply, the datagram and its echo, at least.
@@ -532,6 +581,7 @@ mod tests {
             model.accesses, figures.traps,
             "every access reached the model"
         );
+        drop(server);
         drop(ns);
     }
 }

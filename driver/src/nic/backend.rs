@@ -101,9 +101,10 @@ impl FrameIo for FramePipe {
         }
     }
 
-    /// Waits up to a second for room (a test backend is lossless; a tap is not).
+    /// Waits up to 30 s for room (a test backend is lossless, a tap is not: a reader on a loaded
+    /// machine may be descheduled for a while).
     fn send_frame(&mut self, frame: &[u8]) -> io::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(1);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             // SAFETY: send from a slice we hold, of its length.
             let n = unsafe {

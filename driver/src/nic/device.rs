@@ -6,10 +6,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use super::{
     io_err, FrameIo, LatencyFigures, NicCounters, NicError, NicGuestStats, NicHostStats, NicKnobs,
-    NicOptions, NicVsc, NicVsp,
+    NicOptions, NicVsc, NicVsp, IDLE_POLL,
 };
 use crate::channel::{self, ChannelConfig};
 use crate::netns::{NetNamespaces, NetPair, Netns};
@@ -41,6 +42,19 @@ impl SyntheticNic {
         dev: u32,
         settings: DeviceSettings,
         options: NicOptions,
+    ) -> Result<NicHandle, NicError> {
+        Self::start_idle(guest_io, host_io, dev, settings, options, IDLE_POLL)
+    }
+
+    /// [`start`](Self::start), with both sides sleeping at most `idle` at a time when they have
+    /// nothing to do.
+    pub(crate) fn start_idle<G: FrameIo + 'static, H: FrameIo + 'static>(
+        guest_io: G,
+        host_io: H,
+        dev: u32,
+        settings: DeviceSettings,
+        options: NicOptions,
+        idle: Duration,
     ) -> Result<NicHandle, NicError> {
         settings.validate()?;
         options.validate()?;
@@ -87,7 +101,7 @@ impl SyntheticNic {
             let (stop, wake) = (Arc::clone(&stop), Arc::clone(&wake));
             spawn(
                 format!("vsp-nic{dev}"),
-                Box::new(move || vsp.run(&stop, wake.as_raw_fd())),
+                Box::new(move || vsp.run_idle(&stop, wake.as_raw_fd(), idle)),
             )?
         };
         let mut handle = NicHandle {
@@ -103,7 +117,7 @@ impl SyntheticNic {
         };
         handle.guest = Some(spawn(
             format!("vsc-nic{dev}"),
-            Box::new(move || vsc.run(&stop, wake.as_raw_fd())),
+            Box::new(move || vsc.run_idle(&stop, wake.as_raw_fd(), idle)),
         )?);
         Ok(handle)
     }

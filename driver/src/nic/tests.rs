@@ -1,6 +1,7 @@
 //! NIC unit tests: traffic through the rings between socket-pair backends, receive-buffer
 //! exhaustion, moderation, and a hostile peer on either side.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,15 +25,15 @@ fn knobs(s: &DeviceSettings) -> Arc<NicKnobs> {
     Arc::new(NicKnobs::new(s).unwrap())
 }
 
-/// Receives one frame from `pipe`, waiting up to 5 s.
+/// Receives one frame from `pipe`, waiting up to 30 s.
 fn recv_wait(pipe: &mut FramePipe) -> Vec<u8> {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let mut buf = vec![0u8; 70_000];
     loop {
         if let Some(n) = pipe.recv_frame(&mut buf).unwrap() {
             return buf[..n].to_vec();
         }
-        assert!(Instant::now() < deadline, "no frame within 5 s");
+        assert!(Instant::now() < deadline, "no frame within 30 s");
         let mut fds = [pollfd(pipe.raw_fd())];
         sleep_on(&mut fds, Duration::from_millis(50)).unwrap();
     }
@@ -123,7 +124,7 @@ fn frames_cross_the_rings_intact_both_ways() {
     }
     // Counters are updated before the frame moves on, but tx completions may still be on their
     // way back: wait for them.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while nic.counters().tx_completions < total as u64 {
         assert!(Instant::now() < deadline, "{:?}", nic.counters());
         std::thread::sleep(Duration::from_millis(5));
@@ -162,7 +163,7 @@ fn a_burst_larger_than_the_buffers_and_rings_arrives_whole_and_in_order() {
     let mut got = Vec::new();
     let mut buf = vec![0u8; 512];
     let mut sent = 0;
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while got.len() < total as usize {
         assert!(
             Instant::now() < deadline,
@@ -647,7 +648,7 @@ fn moderation_bounds_interrupts_by_frames() {
             Err(e) => panic!("{e}"),
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while nic.counters().rx_packets < total {
         assert!(Instant::now() < deadline, "{:?}", nic.counters());
         std::thread::sleep(Duration::from_millis(5));
@@ -672,16 +673,34 @@ fn moderation_timer_delivers_a_lone_frame() {
         moderation_usecs: 200,
         ..Default::default()
     };
-    let nic =
-        SyntheticNic::start(guest_inner, host_inner, 0, settings, NicOptions::default()).unwrap();
+    // Idle sides sleep for an hour: the guest's own idle poll cannot fetch the frame.
+    let nic = SyntheticNic::start_idle(
+        guest_inner,
+        host_inner,
+        0,
+        settings,
+        NicOptions::default(),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
     // Let the guest go idle (asleep, interrupts unmasked) first.
     std::thread::sleep(Duration::from_millis(50));
     let f = frame(9, 80);
     host_outer.send_frame(&f).unwrap();
     // Only the timer can wake the guest: 64 frames will never accumulate.
     assert_eq!(recv_wait(&mut guest_outer), f);
-    let c = nic.stop().unwrap();
-    assert!(c.interrupts >= 1, "{c:?}");
+    // The interrupt is owed from the moment the frame was in the ring: were the guest still awake
+    // then and reaped it unsignalled, the timer still fires.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nic.counters().interrupts == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no interrupt within 30 s: {:?}",
+            nic.counters()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    nic.stop().unwrap();
 }
 
 #[test]
@@ -718,33 +737,53 @@ fn knobs_change_live_and_a_resize_needs_a_running_host() {
     assert_eq!(k.settings(), changed);
 }
 
-/// Sends `count` numbered frames (sizes 60..=1459) into `pipe` in bursts of 32.
-fn send_numbered(mut pipe: FramePipe, count: u32, tag: u8) -> std::thread::JoinHandle<()> {
+/// Numbered frame `i` (sizes 60..=1459) of the sender tagged `tag`.
+fn numbered(i: u32, tag: u8) -> Vec<u8> {
+    let mut f = frame(i, 60 + (i as usize * 37) % 1400);
+    f[4] = tag;
+    f
+}
+
+/// Sends numbered frames into `pipe` in bursts of 32: at least `min` of them, and on until `stop`
+/// is set. Returns how many it sent.
+fn send_numbered(
+    mut pipe: FramePipe,
+    min: u32,
+    stop: Arc<AtomicBool>,
+    tag: u8,
+) -> std::thread::JoinHandle<u32> {
     std::thread::spawn(move || {
-        for i in 0..count {
-            let mut f = frame(i, 60 + (i as usize * 37) % 1400);
-            f[4] = tag;
-            pipe.send_frame(&f).unwrap();
-            if i % 32 == 31 {
+        let mut sent = 0u32;
+        while sent < min || !stop.load(Ordering::Acquire) {
+            pipe.send_frame(&numbered(sent, tag)).unwrap();
+            if sent % 32 == 31 {
                 std::thread::sleep(Duration::from_micros(300));
             }
+            sent += 1;
         }
+        sent
     })
 }
 
-/// Receives frames from `pipe` until `count` have come or 30 s pass; returns them with their
-/// arrival times.
+/// Receives frames from `pipe` until `expected` have come (it starts at `usize::MAX` and is set
+/// once the sender has finished) or none has come for 30 s; returns them with their arrival
+/// times.
 fn receive_all(
     mut pipe: FramePipe,
-    count: u32,
+    expected: Arc<AtomicUsize>,
 ) -> std::thread::JoinHandle<Vec<(Instant, Vec<u8>)>> {
     std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut got = Vec::with_capacity(count as usize);
+        let mut got = Vec::new();
         let mut buf = vec![0u8; 4096];
-        while got.len() < count as usize && Instant::now() < deadline {
+        let mut last = Instant::now();
+        while got.len() < expected.load(Ordering::Acquire)
+            && last.elapsed() < Duration::from_secs(30)
+        {
             match pipe.recv_frame(&mut buf).unwrap() {
-                Some(n) => got.push((Instant::now(), buf[..n].to_vec())),
+                Some(n) => {
+                    last = Instant::now();
+                    got.push((last, buf[..n].to_vec()));
+                }
                 None => {
                     let mut fds = [pollfd(pipe.raw_fd())];
                     sleep_on(&mut fds, Duration::from_millis(20)).unwrap();
@@ -768,12 +807,16 @@ fn live_resizes_up_and_down_under_traffic_both_ways_lose_nothing() {
     };
     let nic =
         SyntheticNic::start(guest_inner, host_inner, 0, settings, NicOptions::default()).unwrap();
-    let total = 20_000u32;
+    // Each way at least this many frames, and more until the last resize is done.
+    let min = 20_000u32;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tx_expected = Arc::new(AtomicUsize::new(usize::MAX));
+    let rx_expected = Arc::new(AtomicUsize::new(usize::MAX));
     // tx: into the guest's backend, out of the host's; rx the other way.
-    let tx_recv = receive_all(host_outer.try_clone().unwrap(), total);
-    let rx_recv = receive_all(guest_outer.try_clone().unwrap(), total);
-    let tx_send = send_numbered(guest_outer, total, b't');
-    let rx_send = send_numbered(host_outer, total, b'r');
+    let tx_recv = receive_all(host_outer.try_clone().unwrap(), Arc::clone(&tx_expected));
+    let rx_recv = receive_all(guest_outer.try_clone().unwrap(), Arc::clone(&rx_expected));
+    let tx_send = send_numbered(guest_outer, min, Arc::clone(&stop), b't');
+    let rx_send = send_numbered(host_outer, min, Arc::clone(&stop), b'r');
     let knobs: Arc<dyn crate::control::Tunable> = nic.knobs().clone();
     // Up and down, one ring or both, from 8 KiB to 4 MiB.
     let sizes = [
@@ -784,11 +827,35 @@ fn live_resizes_up_and_down_under_traffic_both_ways_lose_nothing() {
         (262144, 16384),
         (16384, 262144),
     ];
+    // Frames move both ways between every two resizes, and before the first and after the last
+    // (the test exercises what it claims): before each resize and after the last, wait until
+    // both directions have moved since the last look.
+    let mut during = vec![nic.counters()];
+    let mut traffic_since_last_look = || {
+        let last = *during.last().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let c = nic.counters();
+            if c.tx_completions > last.tx_completions && c.rx_packets > last.rx_packets {
+                during.push(c);
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no traffic both ways within 30 s after {} resizes: {:?}",
+                during.len() - 1,
+                during
+                    .iter()
+                    .chain([&c])
+                    .map(|c| (c.tx_completions, c.rx_packets, c.doorbells, c.interrupts))
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
     let mut stalls = Vec::new();
-    let mut during = Vec::new();
     for (out, inb) in sizes {
-        std::thread::sleep(Duration::from_millis(25));
-        during.push(nic.counters());
+        traffic_since_last_look();
         let target = DeviceSettings {
             ring_out_bytes: out,
             ring_in_bytes: inb,
@@ -800,44 +867,38 @@ fn live_resizes_up_and_down_under_traffic_both_ways_lose_nothing() {
         assert_eq!(r.to, (out, inb));
         stalls.push(r.stall_ns());
     }
-    std::thread::sleep(Duration::from_millis(25));
-    during.push(nic.counters());
-    tx_send.join().unwrap();
-    rx_send.join().unwrap();
-    // Frames were moving both ways across every resize (the test exercises what it claims).
-    for w in during.windows(2) {
-        assert!(
-            w[1].tx_completions > w[0].tx_completions && w[1].rx_packets > w[0].rx_packets,
-            "no traffic between two resizes: {:?}",
-            during
-                .iter()
-                .map(|c| (c.tx_completions, c.rx_packets, c.doorbells, c.interrupts))
-                .collect::<Vec<_>>()
-        );
-    }
+    traffic_since_last_look();
+    stop.store(true, Ordering::Release);
+    let tx_sent = tx_send.join().unwrap();
+    let rx_sent = rx_send.join().unwrap();
+    tx_expected.store(tx_sent as usize, Ordering::Release);
+    rx_expected.store(rx_sent as usize, Ordering::Release);
     let (tx, rx) = (tx_recv.join().unwrap(), rx_recv.join().unwrap());
     assert_eq!(nic.knobs().resizes(), sizes.len() as u64);
     // A frame reaches the receiver before its completion reaches the guest: let the last
     // completions arrive before stopping (a clean-clone run stopped with 5 still in flight).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while nic.counters().tx_completions < total as u64 && Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nic.counters().tx_completions < tx_sent as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "{tx_sent} tx frames sent, not all completed within 30 s: {:?}",
+            nic.counters()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let c = nic.stop().unwrap();
     // Every frame exactly once, in order, intact, each way.
-    for (what, got, tag) in [("tx", &tx, b't'), ("rx", &rx, b'r')] {
-        assert_eq!(got.len(), total as usize, "{what}: {c:?}");
+    for (what, got, sent, tag) in [("tx", &tx, tx_sent, b't'), ("rx", &rx, rx_sent, b'r')] {
+        assert_eq!(got.len(), sent as usize, "{what}: {c:?}");
         for (i, (_, f)) in got.iter().enumerate() {
-            let mut want = frame(i as u32, 60 + (i * 37) % 1400);
-            want[4] = tag;
             assert!(
-                f == &want,
+                f == &numbered(i as u32, tag),
                 "{what} frame {i} differs (lost, duplicated or reordered)"
             );
         }
     }
-    assert_eq!(c.tx_completions, total as u64);
-    assert_eq!(c.rx_packets, total as u64);
+    assert_eq!(c.tx_completions, tx_sent as u64);
+    assert_eq!(c.rx_packets, rx_sent as u64);
     assert_eq!(
         (c.tx_errors, c.guest_errors, c.tx_dropped),
         (0, 0, 0),
@@ -851,14 +912,16 @@ fn live_resizes_up_and_down_under_traffic_both_ways_lose_nothing() {
     };
     let longest = *stalls.iter().max().unwrap();
     eprintln!(
-        "resize stalls (us): {:?}; longest arrival gap tx {:?} rx {:?}",
+        "{tx_sent} tx and {rx_sent} rx frames; resize stalls (us): {:?}; longest arrival gap \
+         tx {:?} rx {:?}",
         stalls.iter().map(|s| s / 1000).collect::<Vec<_>>(),
         gap(&tx),
         gap(&rx)
     );
-    // Generous: a debug build on a busy 2-core machine (the measured figures are in docs/nic.md).
+    // A sanity bound only: the stall is printed for the record (the measured figures are in
+    // docs/nic.md); a unit test on a shared machine asserts no timing.
     assert!(
-        longest < 250_000_000,
+        longest < 5_000_000_000,
         "a resize stalled the NIC for {longest} ns"
     );
 }
@@ -867,12 +930,16 @@ fn live_resizes_up_and_down_under_traffic_both_ways_lose_nothing() {
 fn an_idle_nic_resizes_at_once_and_keeps_working() {
     let (mut guest_outer, guest_inner) = FramePipe::pair().unwrap();
     let (mut host_outer, host_inner) = FramePipe::pair().unwrap();
-    let nic = SyntheticNic::start(
+    // Idle sides sleep for an hour, and a resize request that no driver starts within
+    // RESIZE_START_TIMEOUT (3 s) is refused: the resize happens at all only because the request
+    // wakes the idle guest, not because its idle poll runs out.
+    let nic = SyntheticNic::start_idle(
         guest_inner,
         host_inner,
         0,
         DeviceSettings::default(),
         NicOptions::default(),
+        Duration::from_secs(3600),
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(50));
@@ -881,15 +948,22 @@ fn an_idle_nic_resizes_at_once_and_keeps_working() {
         ring_in_bytes: 1 << 20,
         ..DeviceSettings::default()
     };
-    let asked = Instant::now();
-    nic.knobs().apply(&target).unwrap();
-    // Woken by the request, not by its 100 ms sleep running out.
-    assert!(
-        asked.elapsed() < Duration::from_millis(90),
-        "{:?}",
-        asked.elapsed()
-    );
+    // A refusal (a guest thread kept off the CPU for 3 s on a loaded machine) is retried; a
+    // guest the request does not wake refuses every time.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match nic.knobs().apply(&target) {
+            Ok(()) => break,
+            Err(NicError::Control(crate::control::ControlError::Busy(m)))
+                if Instant::now() < deadline =>
+            {
+                eprintln!("retrying: {m}");
+            }
+            Err(e) => panic!("the idle NIC did not resize: {e}"),
+        }
+    }
     assert_eq!(nic.settings(), target);
+    assert_eq!(nic.knobs().resizes(), 1);
     for i in 0..3 {
         guest_outer.send_frame(&frame(i, 100)).unwrap();
         assert_eq!(recv_wait(&mut host_outer), frame(i, 100));

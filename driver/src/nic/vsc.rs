@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::proto::{self, NicCompletion, RxPacket, RxPost, TxRequest, ETH_HLEN, MAX_MESSAGE};
 use super::{
     io_err, pollfd, sleep_on, FrameIo, NicError, NicGuestStats, NicKnobs, NicOptions, HOST_PASS,
-    SWITCH_ACK_TIMEOUT, TRACE_FLUSH,
+    IDLE_POLL, SWITCH_ACK_TIMEOUT, TRACE_FLUSH,
 };
 use crate::channel::{self, ChannelConfig, GuestEnd, WaitResult};
 use crate::disk::{ResizeReport, SWITCH_TAG};
@@ -621,11 +621,21 @@ impl<F: FrameIo> NicVsc<F> {
 
     /// Runs until `stop` is set (then traces what is left) or an error.
     pub fn run(&mut self, stop: &AtomicBool, wake_fd: RawFd) -> Result<(), NicError> {
+        self.run_idle(stop, wake_fd, IDLE_POLL)
+    }
+
+    /// [`run`](Self::run), sleeping at most `idle` at a time when there is nothing to do.
+    pub(crate) fn run_idle(
+        &mut self,
+        stop: &AtomicBool,
+        wake_fd: RawFd,
+        idle: Duration,
+    ) -> Result<(), NicError> {
         let result = loop {
             if stop.load(Ordering::Acquire) {
                 break Ok(());
             }
-            if let Err(e) = self.poll_once(wake_fd, Duration::from_millis(100)) {
+            if let Err(e) = self.poll_once(wake_fd, idle) {
                 break Err(e);
             }
         };

@@ -11,7 +11,7 @@ use super::proto::{
 };
 use super::{
     io_err, pollfd, sleep_on, FrameIo, NicError, NicHostStats, NicKnobs, NicOptions, HOST_PASS,
-    SWITCH_ACK_TIMEOUT,
+    IDLE_POLL, SWITCH_ACK_TIMEOUT,
 };
 use crate::channel::HostEnd;
 use crate::disk::SWITCH_TAG;
@@ -424,9 +424,19 @@ impl<F: FrameIo> NicVsp<F> {
 
     /// Runs until `stop` is set or the guest breaks the ring.
     pub fn run(&mut self, stop: &AtomicBool, wake_fd: RawFd) -> Result<(), NicError> {
+        self.run_idle(stop, wake_fd, IDLE_POLL)
+    }
+
+    /// [`run`](Self::run), sleeping at most `idle` at a time when there is nothing to do.
+    pub(crate) fn run_idle(
+        &mut self,
+        stop: &AtomicBool,
+        wake_fd: RawFd,
+        idle: Duration,
+    ) -> Result<(), NicError> {
         let mut result = Ok(());
         while !stop.load(Ordering::Acquire) {
-            if let Err(e) = self.poll_once(wake_fd, Duration::from_millis(100)) {
+            if let Err(e) = self.poll_once(wake_fd, idle) {
                 result = Err(e);
                 break;
             }
