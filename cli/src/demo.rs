@@ -146,11 +146,12 @@ async fn run_async(args: DemoArgs) -> Result<()> {
         }
     }
 
-    // Stop the device first so its final figures reach the maps, then give the daemon one more
-    // interval to read them, and print the final comparison.
+    // Stop the device first so its final figures reach the maps, then wait for two more
+    // collector intervals (the first reads them, the second is a margin), and print the final
+    // comparison.
     stop_device(&mut child)?;
     let _ = reader.join();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    wait_for_ticks(&handle, 2, Duration::from_secs(10)).await;
     let workload = feed.lock().expect("feed lock").latest.clone();
     let devices = handle.devices();
     let ebpf = devices.iter().find(|d| d.name == "disk0");
@@ -170,6 +171,26 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     server.await.context("joining enlightd")??;
     drop(scratch);
     Ok(())
+}
+
+/// Waits until the collector has completed `n` more intervals (at most `limit`; a stalled
+/// collector is reported, and the caller prints what it has). A whole tick holds the state lock
+/// that [`enlightd::DaemonHandle::ticks`] takes, so the next tick starts after this call: with
+/// the device already exited, it reads everything the device left in the maps.
+async fn wait_for_ticks(handle: &enlightd::DaemonHandle, n: u64, limit: Duration) {
+    let target = handle.ticks() + n;
+    let deadline = Instant::now() + limit;
+    while handle.ticks() < target {
+        if Instant::now() >= deadline {
+            eprintln!(
+                "enlight demo: enlightd's collector did not complete {n} intervals in {}s; the \
+                 eBPF figures below may miss the last ones",
+                limit.as_secs()
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn spawn_device(backing: &Path, runtime_dir: &Path, args: &DemoArgs) -> Result<Child> {

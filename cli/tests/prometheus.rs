@@ -307,11 +307,20 @@ fn every_dashboard_and_rule_expression_returns_data_from_a_live_daemon() {
     // Enough samples for every rate window and the 1m recording rules.
     sleep_until(end);
     let metrics = daemon.handle.render_metrics();
-    let target = prom.api("/api/v1/targets", &[]);
-    assert_eq!(
-        target["data"]["activeTargets"][0]["health"], "up",
-        "prometheus scrapes enlightd: {target}"
-    );
+    // Prometheus scrapes enlightd. The target's health is its last scrape's, and one scrape
+    // slower than the 1 s timeout marks it down until the next: wait for an "up".
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let target = prom.api("/api/v1/targets", &[]);
+        if target["data"]["activeTargets"][0]["health"] == "up" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "prometheus does not scrape enlightd: {target}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string(repo().join("dashboards/enlight.json")).unwrap(),

@@ -209,13 +209,18 @@ fn top_shows_live_figures_survives_a_daemon_restart_and_restores_the_terminal() 
     let ops_per_sec = parse_count(row[2]).unwrap();
     let p50 = parse_latency(row[4]).unwrap();
     let daemon_p50 = d.total.p50_seconds.unwrap() * 1e9;
+    // The TUI's p50 is over its recent window, the daemon's over the whole run, read at another
+    // moment: the same order of magnitude, not the same figure.
     assert!(
-        ops_per_sec > 100.0 && (0.33..3.0).contains(&(p50 / daemon_p50)),
+        ops_per_sec > 100.0 && p50 > 0.0 && (0.1..10.0).contains(&(p50 / daemon_p50)),
         "TUI ops/s {ops_per_sec} p50 {p50} ns vs daemon p50 {daemon_p50} ns\n{screen}"
     );
-    for p in [row[5], row[6]] {
-        assert!(parse_latency(p).unwrap() >= p50, "{screen}");
-    }
+    // One window's percentiles, in order.
+    let (p99, p999) = (
+        parse_latency(row[5]).unwrap(),
+        parse_latency(row[6]).unwrap(),
+    );
+    assert!(p50 <= p99 && p99 <= p999, "{screen}");
     assert_eq!(row[8], "256K", "ring size: {screen}");
     // The tuner column: a contract 6 state (it may move on between the two reads).
     assert!(
@@ -247,7 +252,7 @@ fn top_shows_live_figures_survives_a_daemon_restart_and_restores_the_terminal() 
     for (pin, word) in [(true, "pinned"), (false, "unpinned")] {
         tmux.keys(&["p"]);
         tmux.wait_for(word, 30, |s| s.contains(&format!("tuner {word} for top0")));
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while pinned(&daemon.handle) != pin {
             assert!(Instant::now() < deadline, "daemon's tuner not {word}");
             std::thread::sleep(Duration::from_millis(50));
@@ -304,10 +309,11 @@ fn tuner_column(d: &enlightd::DeviceView) -> String {
 
 #[test]
 fn a_panic_in_top_restores_the_terminal() {
-    // No daemon at all: the TUI shows it is disconnected, then panics on purpose.
+    // No daemon at all: the TUI shows it is disconnected, then panics on purpose (late enough
+    // that a slow start and the 100 ms polling of the pane still see it disconnected first).
     let port = free_port();
     let tmux = Tmux::start(&shell_after(&format!(
-        "--daemon 127.0.0.1:{port} --panic-after-secs 2"
+        "--daemon 127.0.0.1:{port} --panic-after-secs 8"
     )));
     tmux.wait_for("disconnected", 30, |s| s.contains("DISCONNECTED"));
     let screen = tmux.wait_for("the TUI to exit", 30, exited);

@@ -51,6 +51,33 @@ impl Server {
         serde_json::from_str(&self.get("/api/v1/tuner/decisions?device=tune0&limit=1000")).unwrap()
     }
 
+    fn devices(&self) -> Vec<DeviceView> {
+        serde_json::from_str(&self.get("/api/v1/devices")).unwrap()
+    }
+
+    /// Waits until the tuner reports tune0 `Pinned`: it publishes that state at the end of its
+    /// first tick that saw the pin, after recording that tick's decisions (audit log, API) and
+    /// applying them, and a pinned device gets no further decision.
+    fn wait_for_pinned(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let devices = self.devices();
+            let state = devices
+                .iter()
+                .find(|d| d.name == "tune0")
+                .and_then(|d| d.tuner.as_ref())
+                .map(|t| t.state);
+            if state == Some(TunerState::Pinned) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tune0 not pinned within 30 s: {devices:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn wait_for_decision(&self, what: &str) -> Vec<Decision> {
         let deadline = Instant::now() + Duration::from_secs(40);
         loop {
@@ -177,7 +204,7 @@ fn enlightd_tunes_a_live_disk_through_its_socket_records_it_and_resumes_after_a_
         ureq::post(&format!("http://{}/api/v1/devices/nope/pin", first.addr)).call(),
         Err(ureq::Error::Status(404, _))
     ));
-    std::thread::sleep(Duration::from_millis(1500));
+    first.wait_for_pinned();
 
     // What the tuner says it applied is what the device reports, and what its record says.
     let decisions = first.decisions();
@@ -198,13 +225,22 @@ fn enlightd_tunes_a_live_disk_through_its_socket_records_it_and_resumes_after_a_
     // Recorded: audit log (one line per decision), API, metrics.
     let logged = enlightd::tuner::audit::read(&audit).unwrap();
     assert_eq!(logged, decisions);
-    let devices: Vec<DeviceView> = serde_json::from_str(&first.get("/api/v1/devices")).unwrap();
+    // The API's settings come from the device's record as the collector last read it (every
+    // tick): a change applied just before the pin shows from the next tick on.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let devices = loop {
+        let devices = first.devices();
+        if devices[0].settings == now || Instant::now() > deadline {
+            break devices;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(devices[0].settings, now);
     let view = devices[0].tuner.clone().expect("a tuner view");
     assert_eq!(
         (view.mode, view.pinned, view.state),
         (TunerMode::Auto, true, TunerState::Pinned)
     );
-    assert_eq!(devices[0].settings, now);
     let metrics = first.get("/metrics");
     let expect = format!(
         "enlight_tuner_changes_total{{device=\"tune0\",kind=\"synthetic\",controller=\"enlight\"}} {}",
@@ -214,6 +250,8 @@ fn enlightd_tunes_a_live_disk_through_its_socket_records_it_and_resumes_after_a_
     assert!(metrics.contains("enlight_tuner_pinned{device=\"tune0\",kind=\"synthetic\"} 1"));
     assert!(metrics.contains("enlight_settings_changes_total{device=\"tune0\""));
     enlightd::testing::promtool_check(&metrics);
+    // Pinned: no decision since the ones read above.
+    assert_eq!(first.decisions(), decisions, "a decision after the pin");
 
     // `enlight tune --dry-run` prints what the daemon recommends.
     let out = Command::new(ENLIGHT)

@@ -129,6 +129,10 @@ mod tests {
     use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
     use std::sync::mpsc;
 
+    /// How long a test waits for an event or a state before failing: generous, since only a
+    /// stall on a loaded machine takes more than a few polls.
+    const WAIT: Duration = Duration::from_secs(30);
+
     /// The whole data path without a terminal: the collector polls a fake daemon, the app takes
     /// the events, `p` asks to pin, the pin request posts and its answer comes back.
     #[test]
@@ -148,7 +152,7 @@ mod tests {
         .unwrap();
         let mut app = App::new(client.base());
         for _ in 0..3 {
-            let e = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            let e = rx.recv_timeout(WAIT).unwrap();
             assert!(matches!(e, Event::Update { .. }), "{e:?}");
             app.on_event(e);
         }
@@ -168,9 +172,9 @@ mod tests {
         );
         spawn_pin(client.clone(), "disk0".into(), true, start, tx.clone());
         let mut pinned_seen = false;
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + WAIT;
         while Instant::now() < deadline {
-            let e = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            let e = rx.recv_timeout(WAIT).unwrap();
             let is_pin = matches!(e, Event::PinResult { .. });
             app.on_event(e);
             if is_pin {
@@ -205,7 +209,7 @@ mod tests {
         )
         .unwrap();
         for _ in 0..3 {
-            let e = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            let e = rx.recv_timeout(WAIT).unwrap();
             assert!(matches!(e, Event::Disconnected { .. }), "{e:?}");
         }
         stop.store(true, Ordering::Release);

@@ -1,8 +1,10 @@
 //! What the privileged tests share: the one-daemon-at-a-time lock, enlightd in this process
 //! (plain, or serving HTTP on a fixed port, stoppable and restartable), waiting for collector
-//! ticks, a device process's final report line, child processes killed on drop, free ports.
+//! ticks, a device process's final report line, child processes killed on drop, free ports,
+//! reading ping's replies.
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Child;
@@ -176,4 +178,31 @@ pub fn wait_for_io(handle: &DaemonHandle, name: &str) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `ping -w` for tests that need every reply: iputils ping with `-c N` alone waits only about
+/// two round trips after its last echo, so a reply that is merely late counts as lost. With a
+/// deadline as well (`-c N -w 30`) it stops at the N-th reply or at the deadline; it also keeps
+/// sending past N while replies are missing, so "N received" alone would not catch a lost echo:
+/// check [`missing_replies`] instead.
+pub const PING_DEADLINE: [&str; 2] = ["-w", "30"];
+
+/// The `icmp_seq` of every echo reply in iputils ping's per-reply lines (`64 bytes from
+/// 10.77.0.2: icmp_seq=7 ttl=64 time=0.101 ms`); a duplicate counts once, an error line
+/// (`From ... icmp_seq=7 Destination Host Unreachable`) or a corrupted reply not at all.
+pub fn ping_replies(text: &str) -> BTreeSet<u64> {
+    text.lines()
+        .filter(|l| l.contains(" bytes from ") && !l.contains("BAD CHECKSUM"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("icmp_seq="))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect()
+}
+
+/// The echoes among the first `count` (`icmp_seq` 1..=count) that got no reply.
+pub fn missing_replies(text: &str, count: u64) -> Vec<u64> {
+    let replied = ping_replies(text);
+    (1..=count).filter(|seq| !replied.contains(seq)).collect()
 }
