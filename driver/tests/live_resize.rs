@@ -290,6 +290,38 @@ fn a_resize_with_no_io_running_is_refused_and_changes_nothing() {
     drop(vsc);
 }
 
+/// Runs the workload generator (`spec`, unbounded) on `vsc` while another thread resizes both
+/// rings to each of `rings` in turn over the control socket `sock`, every one required to
+/// succeed; the resizing thread stops the workload when it ends, however it ends.
+fn workload_through_resizes(
+    vsc: &mut enlight_driver::disk::DiskVsc,
+    spec: &enlight_driver::workload::WorkloadSpec,
+    sock: &std::path::Path,
+    rings: &[u32],
+) -> enlight_driver::workload::WorkloadSnapshot {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let changer = s.spawn(|| {
+            let _stop = SetOnDrop(&stop);
+            let mut c = ControlClient::connect(sock).unwrap();
+            for &ring in rings {
+                let now = c
+                    .set(SettingsPatch {
+                        ring_out_bytes: Some(ring),
+                        ring_in_bytes: Some(ring),
+                        ..Default::default()
+                    })
+                    .unwrap_or_else(|e| panic!("resize to {ring}: {e}"));
+                assert_eq!((now.ring_out_bytes, now.ring_in_bytes), (ring, ring));
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        });
+        let r = enlight_driver::workload::run(vsc, spec, &stop, |_| {}).unwrap();
+        changer.join().unwrap();
+        r
+    })
+}
+
 /// The real workload generator through resizes: it runs until every resize is done, its own
 /// count equals what the host received, and nothing failed.
 #[test]
@@ -312,29 +344,9 @@ fn the_workload_generators_count_survives_resizes() {
     let _server = ControlServer::start(&sock, vsc.live(), 0, None).unwrap();
     // Unbounded: the changer stops it after its last resize, so every resize finds I/O running
     // (a resize starts between I/Os; with none it is refused after RESIZE_START_TIMEOUT).
-    let stop = AtomicBool::new(false);
     let spec: enlight_driver::workload::WorkloadSpec = "qd=32,bs=4k,rw=70".parse().unwrap();
     let rings = [8192u32, 1 << 20, 16384, 256 << 10, 8192, 64 << 10];
-    let report = std::thread::scope(|s| {
-        let changer = s.spawn(|| {
-            let _stop = SetOnDrop(&stop);
-            let mut c = ControlClient::connect(&sock).unwrap();
-            for ring in rings {
-                let now = c
-                    .set(SettingsPatch {
-                        ring_out_bytes: Some(ring),
-                        ring_in_bytes: Some(ring),
-                        ..Default::default()
-                    })
-                    .unwrap_or_else(|e| panic!("resize to {ring}: {e}"));
-                assert_eq!((now.ring_out_bytes, now.ring_in_bytes), (ring, ring));
-                std::thread::sleep(Duration::from_millis(30));
-            }
-        });
-        let r = enlight_driver::workload::run(&mut vsc, &spec, &stop, |_| {}).unwrap();
-        changer.join().unwrap();
-        r
-    });
+    let report = workload_through_resizes(&mut vsc, &spec, &sock, &rings);
     assert!(report.done);
     assert!(report.ops_total > 0);
     assert_eq!(report.errors, 0);
@@ -494,28 +506,8 @@ fn resizes_work_with_the_host_service_in_another_process() {
     // Unbounded: the changer stops it after its last resize (as in
     // `the_workload_generators_count_survives_resizes`).
     let spec: enlight_driver::workload::WorkloadSpec = "qd=32,bs=4k,rw=70".parse().unwrap();
-    let stop = AtomicBool::new(false);
     let rings = [8192u32, 1 << 20, 16384, 128 << 10];
-    let report = std::thread::scope(|s| {
-        let changer = s.spawn(|| {
-            let _stop = SetOnDrop(&stop);
-            let mut c = ControlClient::connect(&sock).unwrap();
-            for ring in rings {
-                let now = c
-                    .set(SettingsPatch {
-                        ring_out_bytes: Some(ring),
-                        ring_in_bytes: Some(ring),
-                        ..Default::default()
-                    })
-                    .unwrap_or_else(|e| panic!("resize to {ring}: {e}"));
-                assert_eq!((now.ring_out_bytes, now.ring_in_bytes), (ring, ring));
-                std::thread::sleep(Duration::from_millis(30));
-            }
-        });
-        let r = enlight_driver::workload::run(&mut vsc, &spec, &stop, |_| {}).unwrap();
-        changer.join().unwrap();
-        r
-    });
+    let report = workload_through_resizes(&mut vsc, &spec, &sock, &rings);
     assert!(report.done);
     assert!(report.ops_total > 0);
     assert_eq!(report.errors, 0);
