@@ -101,7 +101,7 @@ impl SyntheticNic {
             let (stop, wake) = (Arc::clone(&stop), Arc::clone(&wake));
             spawn(
                 format!("vsp-nic{dev}"),
-                Box::new(move || vsp.run_idle(&stop, wake.as_raw_fd(), idle)),
+                Box::new(move || vsp.run(&stop, wake.as_raw_fd(), idle)),
             )?
         };
         let mut handle = NicHandle {
@@ -117,7 +117,7 @@ impl SyntheticNic {
         };
         handle.guest = Some(spawn(
             format!("vsc-nic{dev}"),
-            Box::new(move || vsc.run_idle(&stop, wake.as_raw_fd(), idle)),
+            Box::new(move || vsc.run(&stop, wake.as_raw_fd(), idle)),
         )?);
         Ok(handle)
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::proto::{self, NicCompletion, RxPacket, RxPost, TxRequest, ETH_HLEN, MAX_MESSAGE};
 use super::{
     io_err, pollfd, sleep_on, FrameIo, NicError, NicGuestStats, NicKnobs, NicOptions, HOST_PASS,
-    IDLE_POLL, SWITCH_ACK_TIMEOUT, TRACE_FLUSH,
+    SWITCH_ACK_TIMEOUT, TRACE_FLUSH,
 };
 use crate::channel::{self, ChannelConfig, GuestEnd, WaitResult};
 use crate::disk::{ResizeReport, SWITCH_TAG};
@@ -619,13 +619,10 @@ impl<F: FrameIo> NicVsc<F> {
         Ok(false)
     }
 
-    /// Runs until `stop` is set (then traces what is left) or an error.
-    pub fn run(&mut self, stop: &AtomicBool, wake_fd: RawFd) -> Result<(), NicError> {
-        self.run_idle(stop, wake_fd, IDLE_POLL)
-    }
-
-    /// [`run`](Self::run), sleeping at most `idle` at a time when there is nothing to do.
-    pub(crate) fn run_idle(
+    /// Runs until `stop` is set (then traces what is left) or an error, sleeping at most `idle`
+    /// at a time when there is nothing to do (the device passes `IDLE_POLL`, 100 ms; everything
+    /// that gives this side work wakes it sooner).
+    pub fn run(
         &mut self,
         stop: &AtomicBool,
         wake_fd: RawFd,

@@ -11,7 +11,7 @@ use super::proto::{
 };
 use super::{
     io_err, pollfd, sleep_on, FrameIo, NicError, NicHostStats, NicKnobs, NicOptions, HOST_PASS,
-    IDLE_POLL, SWITCH_ACK_TIMEOUT,
+    SWITCH_ACK_TIMEOUT,
 };
 use crate::channel::HostEnd;
 use crate::disk::SWITCH_TAG;
@@ -422,13 +422,10 @@ impl<F: FrameIo> NicVsp<F> {
         Ok(false)
     }
 
-    /// Runs until `stop` is set or the guest breaks the ring.
-    pub fn run(&mut self, stop: &AtomicBool, wake_fd: RawFd) -> Result<(), NicError> {
-        self.run_idle(stop, wake_fd, IDLE_POLL)
-    }
-
-    /// [`run`](Self::run), sleeping at most `idle` at a time when there is nothing to do.
-    pub(crate) fn run_idle(
+    /// Runs until `stop` is set or the guest breaks the ring, sleeping at most `idle` at a time
+    /// when there is nothing to do (the device passes `IDLE_POLL`, 100 ms; everything that gives
+    /// this side work wakes it sooner).
+    pub fn run(
         &mut self,
         stop: &AtomicBool,
         wake_fd: RawFd,
