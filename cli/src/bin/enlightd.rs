@@ -1,4 +1,5 @@
-//! `enlightd`: flags, configuration, preflight, then [`enlightd::run`].
+//! `enlightd`: flags, configuration, preflight, then [`enlightd::run`]. Built by the `enlight`
+//! package so that `cargo install --path cli` installs it beside `enlight`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
