@@ -2,9 +2,10 @@
 //!
 //! Creates (if asked) and opens the backing file, starts the host service on threads of this
 //! process and the guest driver on the main thread, announces the device in the registry, runs the
-//! workload and prints the workload's own figures as one JSON object per line on stdout (about
-//! once per second, and a last one with `"done": true`). SIGINT/SIGTERM stop it cleanly: in-flight
-//! requests complete, the registry record is removed.
+//! workload and prints the workload's own figures about once per second, and a last line when it
+//! is done: a readable line on a terminal, one JSON object per line (`WorkloadSnapshot`, the last
+//! with `"done": true`) with `--json` or when stdout is not a terminal. SIGINT/SIGTERM stop it
+//! cleanly: in-flight requests complete, the registry record is removed.
 //!
 //! The device serves its control socket (`<runtime dir>/control/<name>.sock`, contract 4) for
 //! its whole life: every knob can change while the workload runs, and each applied change
@@ -70,6 +71,10 @@ pub struct DiskArgs {
     /// Host I/O worker threads.
     #[arg(long, default_value_t = 4)]
     workers: u32,
+    /// Print one JSON object per line (the workload's figures; the last has "done": true)
+    /// instead of a readable line; the default when stdout is not a terminal.
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn run(args: DiskArgs) -> Result<()> {
@@ -150,10 +155,15 @@ pub fn run(args: DiskArgs) -> Result<()> {
         )?;
     }
     let stdout = std::io::stdout();
+    let json = crate::output::json_wanted(args.json);
     let emit = |snapshot: &workload::WorkloadSnapshot| {
         let mut out = stdout.lock();
         // A closed pipe (the reader went away) is not a reason to stop the device.
-        let _ = serde_json::to_writer(&mut out, snapshot);
+        if json {
+            let _ = serde_json::to_writer(&mut out, snapshot);
+        } else {
+            let _ = out.write_all(crate::output::workload_line(snapshot).as_bytes());
+        }
         let _ = out.write_all(b"\n");
         let _ = out.flush();
     };

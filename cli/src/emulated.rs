@@ -59,6 +59,11 @@ pub struct EmulatedDiskArgs {
     /// batch, kind "synthetic"; needs `--transport kvm`).
     #[arg(long, default_value = "ide")]
     device: String,
+    /// Print one JSON object per line (the workload's figures, the transport, traps and VM
+    /// exits; the last has "done": true) instead of a readable line; the default when stdout is
+    /// not a terminal.
+    #[arg(long)]
+    json: bool,
 }
 
 /// One output line: the workload's figures plus the traps behind them.
@@ -161,6 +166,7 @@ pub fn run(args: EmulatedDiskArgs) -> Result<()> {
     }
     let transport = disk.transport();
     let stdout = std::io::stdout();
+    let json = crate::output::json_wanted(args.json);
     let emit = |w: &WorkloadSnapshot, traps: u64, vm_exits: u64| {
         let mut out = stdout.lock();
         let line = Line {
@@ -170,7 +176,25 @@ pub fn run(args: EmulatedDiskArgs) -> Result<()> {
             vm_exits,
         };
         // A closed pipe (the reader went away) is not a reason to stop the device.
-        let _ = serde_json::to_writer(&mut out, &line);
+        if json {
+            let _ = serde_json::to_writer(&mut out, &line);
+        } else {
+            let per_op = if w.ops_total > 0 {
+                format!(" ({:.0} per I/O)", traps as f64 / w.ops_total as f64)
+            } else {
+                String::new()
+            };
+            let exits = if vm_exits > 0 {
+                format!(", {vm_exits} KVM exits")
+            } else {
+                String::new()
+            };
+            let _ = write!(
+                out,
+                "{}  [{transport:?}: {traps} traps{per_op}{exits}]",
+                crate::output::workload_line(w)
+            );
+        }
         let _ = out.write_all(b"\n");
         let _ = out.flush();
     };
@@ -208,6 +232,11 @@ pub struct EmulatedNicArgs {
     /// instructions exit to the model), or auto (kvm when it works, with the reason otherwise).
     #[arg(long, default_value = "thread")]
     transport: String,
+    /// Print one JSON object per line (first the namespaces, then the NIC's figures each
+    /// second, the last with "done": true) instead of readable lines; the default when stdout
+    /// is not a terminal.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The first line `enlight emulated-nic` prints: where to send traffic.
@@ -260,13 +289,17 @@ pub fn run_nic(args: EmulatedNicArgs) -> Result<()> {
     if let Some(secs) = args.wait_for_probes {
         workload::wait_for_probes(args.dev_id, 1, Duration::from_secs_f64(secs))?;
     }
-    fn print(v: &impl Serialize) {
+    let json = crate::output::json_wanted(args.json);
+    let print = |v: &dyn lines::Line| {
         let mut out = std::io::stdout().lock();
         // A closed pipe (the reader went away) is not a reason to stop the device.
-        let _ = serde_json::to_writer(&mut out, v);
+        let text = if json { v.json() } else { v.human() };
+        let _ = out.write_all(text.as_bytes());
         let _ = out.write_all(b"\n");
         let _ = out.flush();
-    }
+    };
+    let started = std::time::Instant::now();
+    let on_interval = |f: &nic::NicFigures| print(&(started.elapsed(), *f));
     print(&endpoints);
     // The NIC stops at a signal or at the deadline, whichever first.
     let stop = AtomicBool::new(false);
@@ -287,7 +320,7 @@ pub fn run_nic(args: EmulatedNicArgs) -> Result<()> {
         let mac = [0x02, 0x00, 0x00, 0x0e, 0x20, args.dev_id as u8];
         let r = match transport {
             TransportKind::Thread => {
-                nic::serve(guest_tap, host_tap, mac, args.dev_id, &stop, print)
+                nic::serve(guest_tap, host_tap, mac, args.dev_id, &stop, on_interval)
             }
             TransportKind::Kvm => nic::serve_with(
                 guest_tap,
@@ -295,25 +328,14 @@ pub fn run_nic(args: EmulatedNicArgs) -> Result<()> {
                 mac,
                 args.dev_id,
                 &stop,
-                print,
+                on_interval,
                 enlight_vmm::nic::KvmNe2kGuest::new,
             ),
         };
         stop.store(true, Ordering::Relaxed);
         r
     })?;
-    #[derive(Serialize)]
-    struct Final {
-        #[serde(flatten)]
-        figures: nic::NicFigures,
-        model_tx_frames: u64,
-        model_rx_frames: u64,
-        model_rx_refused: u64,
-        model_accesses: u64,
-        transport: TransportKind,
-        done: bool,
-    }
-    print(&Final {
+    print(&FinalNicLine {
         figures,
         model_tx_frames: model.tx_frames,
         model_rx_frames: model.rx_frames,
@@ -325,4 +347,88 @@ pub fn run_nic(args: EmulatedNicArgs) -> Result<()> {
     drop(registration);
     drop(namespaces);
     Ok(())
+}
+
+/// The last line of `enlight emulated-nic`.
+#[derive(Serialize)]
+struct FinalNicLine {
+    #[serde(flatten)]
+    figures: enlight_driver::emulated::nic::NicFigures,
+    model_tx_frames: u64,
+    model_rx_frames: u64,
+    model_rx_refused: u64,
+    model_accesses: u64,
+    transport: TransportKind,
+    done: bool,
+}
+
+/// `enlight emulated-nic`'s three kinds of line, as JSON or for a person.
+mod lines {
+    use enlight_driver::emulated::nic::NicFigures;
+    use std::time::Duration;
+
+    pub trait Line {
+        fn json(&self) -> String;
+        fn human(&self) -> String;
+    }
+
+    fn json(v: &impl serde::Serialize) -> String {
+        serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    fn figures(f: &NicFigures) -> String {
+        let exits = if f.vm_exits > 0 {
+            format!(", {} KVM exits", f.vm_exits)
+        } else {
+            String::new()
+        };
+        format!(
+            "tx {} frames ({} B), rx {} frames ({} B), {} traps{exits}, errors tx {} rx {}",
+            f.tx_frames, f.tx_bytes, f.rx_frames, f.rx_bytes, f.traps, f.tx_errors, f.rx_errors
+        )
+    }
+
+    impl Line for super::NicEndpoints {
+        fn json(&self) -> String {
+            json(self)
+        }
+        fn human(&self) -> String {
+            format!(
+                "ready: guest {} ({}), host {} ({})\n  try: ip netns exec {} ping {}",
+                self.guest_netns,
+                self.guest_ip,
+                self.host_netns,
+                self.host_ip,
+                self.guest_netns,
+                self.host_ip
+            )
+        }
+    }
+
+    /// A second's figures (totals so far), with the time since the start.
+    impl Line for (Duration, NicFigures) {
+        fn json(&self) -> String {
+            json(&self.1)
+        }
+        fn human(&self) -> String {
+            format!("{:>5.0}s  {}", self.0.as_secs_f64(), figures(&self.1))
+        }
+    }
+
+    impl Line for super::FinalNicLine {
+        fn json(&self) -> String {
+            json(self)
+        }
+        fn human(&self) -> String {
+            format!(
+                "done ({:?} transport): {}; the card saw tx {} rx {} frames, refused {}, {} register accesses",
+                self.transport,
+                figures(&self.figures),
+                self.model_tx_frames,
+                self.model_rx_frames,
+                self.model_rx_refused,
+                self.model_accesses
+            )
+        }
+    }
 }

@@ -5,7 +5,8 @@
 //!   and the tuner changing the disk's settings live.
 //! - `enlight disk` is a device process: a synthetic disk (VSC and VSP threads over a VMBus-style
 //!   channel) driven by the workload generator, announced in the device registry so that enlightd
-//!   finds it. It prints one JSON line per second with the workload's own figures.
+//!   finds it. It prints a line per second with the workload's own figures (JSON with `--json`
+//!   or when stdout is not a terminal).
 //! - `enlight emulated-disk` is the same for an emulated IDE disk (kind `emulated`): every
 //!   register access traps to the device model, through a thread hand-off or a real KVM exit.
 //! - `enlight nic` is a device process for the synthetic NIC: guest and host sides on taps in two
@@ -20,6 +21,7 @@ mod demo;
 mod disk;
 mod emulated;
 mod nic;
+mod output;
 mod restore;
 mod signals;
 mod top;

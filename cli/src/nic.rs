@@ -67,6 +67,11 @@ pub struct NicArgs {
     /// Only remove the namespaces left behind by killed runs, then exit.
     #[arg(long)]
     cleanup: bool,
+    /// Print one JSON object per line (first `"event":"ready"` with the namespaces, then one
+    /// report per second, the last with "done": true) instead of readable lines; the default
+    /// when stdout is not a terminal.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The first line: where to send traffic.
@@ -185,10 +190,12 @@ pub fn run(args: NicArgs) -> Result<()> {
     if let Some(secs) = args.wait_for_probes {
         workload::wait_for_probes(args.dev_id, 0, Duration::from_secs_f64(secs))?;
     }
+    let json = crate::output::json_wanted(args.json);
     let emit = |line: &dyn erased::Line| {
         let mut out = std::io::stdout().lock();
         // A closed pipe (the reader went away) is not a reason to stop the device.
-        let _ = out.write_all(line.json().as_bytes());
+        let text = if json { line.json() } else { line.human() };
+        let _ = out.write_all(text.as_bytes());
         let _ = out.write_all(b"\n");
         let _ = out.flush();
     };
@@ -270,16 +277,84 @@ pub fn run(args: NicArgs) -> Result<()> {
     Ok(())
 }
 
-/// Serializing the two line types through one closure.
+impl Ready<'_> {
+    fn human(&self) -> String {
+        let mut s = format!(
+            "{} ready: guest {} ({} {}), host {} ({} {}), MTU {}\n  try: ip netns exec {} ping {}",
+            self.name,
+            self.guest_netns,
+            self.guest_if,
+            self.guest_ip,
+            self.host_netns,
+            self.host_if,
+            self.host_ip,
+            self.mtu,
+            self.guest_netns,
+            self.host_ip
+        );
+        if !self.removed_leftovers.is_empty() {
+            s.push_str(&format!(
+                "\n  removed namespaces left by killed runs: {}",
+                self.removed_leftovers.join(", ")
+            ));
+        }
+        s
+    }
+}
+
+impl Report {
+    fn human(&self) -> String {
+        use crate::output::{bits, count, latency};
+        if self.done {
+            return format!(
+                "done after {:.1}s: tx {} frames, rx {} frames; tx latency {}, rx latency {}",
+                self.elapsed_secs,
+                self.counters.tx_completions,
+                self.counters.rx_packets,
+                latency(&self.tx_latency),
+                latency(&self.rx_latency)
+            );
+        }
+        format!(
+            "{:>5.0}s  tx {:>6} pkt/s {:>13}  rx {:>6} pkt/s {:>13}  tx {}  rx {}",
+            self.elapsed_secs,
+            count(self.tx_pps),
+            bits(self.tx_bits_per_sec),
+            count(self.rx_pps),
+            bits(self.rx_bits_per_sec),
+            latency(&self.tx_latency),
+            latency(&self.rx_latency)
+        )
+    }
+}
+
+/// Printing the two line types through one closure, as JSON or for a person.
 mod erased {
     pub trait Line {
         fn json(&self) -> String;
+        fn human(&self) -> String;
     }
 
-    impl<T: serde::Serialize> Line for T {
+    impl Line for super::Ready<'_> {
         fn json(&self) -> String {
-            serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+            json(self)
         }
+        fn human(&self) -> String {
+            super::Ready::human(self)
+        }
+    }
+
+    impl Line for super::Report {
+        fn json(&self) -> String {
+            json(self)
+        }
+        fn human(&self) -> String {
+            super::Report::human(self)
+        }
+    }
+
+    fn json(v: &impl serde::Serialize) -> String {
+        serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
 }
 

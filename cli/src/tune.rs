@@ -21,6 +21,63 @@ pub struct TuneArgs {
     /// Only this device.
     #[arg(long)]
     device: Option<String>,
+    /// Print JSON: one object per device with its name, kind, type, current settings and the
+    /// tuner's state as enlightd's API has it (`tuner`: mode, objective, state, pinned, last
+    /// decision, recommendation; null when no tuner runs for it).
+    #[arg(long)]
+    json: bool,
+}
+
+/// The tuner's mode as a person reads it.
+fn mode_name(m: enlightd::tuner::TunerMode) -> &'static str {
+    use enlightd::tuner::TunerMode;
+    match m {
+        TunerMode::Off => "off",
+        TunerMode::Auto => "auto (applies changes)",
+        TunerMode::DryRun => "dry run (recommends only)",
+    }
+}
+
+/// The tuner's state as a person reads it.
+fn state_name(s: enlightd::tuner::TunerState) -> &'static str {
+    use enlightd::tuner::TunerState;
+    match s {
+        TunerState::Idle => "measuring the current settings",
+        TunerState::Exploring => "trying a candidate",
+        TunerState::Converged => "converged",
+        TunerState::Pinned => "pinned by the operator",
+        TunerState::Frozen => "frozen after failed changes",
+    }
+}
+
+/// A decision's action as a person reads it.
+fn action_name(a: enlightd::tuner::Action) -> &'static str {
+    use enlightd::tuner::Action;
+    match a {
+        Action::Change => "changed",
+        Action::Revert => "reverted",
+        Action::Recommend => "recommended",
+    }
+}
+
+/// The `--json` report: the devices' tuner views (contract 6), filtered like the text one.
+pub fn render_json(devices: &[DeviceView], only: Option<&str>) -> Result<String> {
+    if let Some(n) = only {
+        if !devices.iter().any(|d| d.name == n) {
+            bail!("enlightd knows no device {n:?}");
+        }
+    }
+    let out: Vec<serde_json::Value> = devices
+        .iter()
+        .filter(|d| only.is_none_or(|n| d.name == n))
+        .map(|d| {
+            serde_json::json!({
+                "name": d.name, "kind": d.kind, "device": d.device,
+                "settings": d.settings, "tuner": d.tuner,
+            })
+        })
+        .collect();
+    Ok(serde_json::to_string_pretty(&out)? + "\n")
 }
 
 fn settings_line(s: &DeviceSettings) -> String {
@@ -44,13 +101,13 @@ pub fn render(devices: &[DeviceView], only: Option<&str>) -> Result<String> {
         };
         tuned += 1;
         out.push_str(&format!(
-            "{} ({} {}): mode {:?}, objective {}, state {:?}{}\n  current:     {}\n",
+            "{} ({} {}): tuner {}, objective {}, {}{}\n  current:     {}\n",
             d.name,
             d.kind,
             d.device,
-            t.mode,
+            mode_name(t.mode),
             t.objective.name(),
-            t.state,
+            state_name(t.state),
             if t.pinned { ", pinned" } else { "" },
             settings_line(&d.settings)
         ));
@@ -63,8 +120,9 @@ pub fn render(devices: &[DeviceView], only: Option<&str>) -> Result<String> {
         }
         if let Some(dec) = &t.last_decision {
             out.push_str(&format!(
-                "  last decision ({:?}): {}\n",
-                dec.action, dec.reason
+                "  last decision: {} {}\n",
+                action_name(dec.action),
+                dec.reason
             ));
         }
     }
@@ -90,7 +148,11 @@ pub fn run(args: TuneArgs) -> Result<()> {
         .into_string()?;
     let devices: Vec<DeviceView> =
         serde_json::from_str(&body).with_context(|| format!("reading {url}"))?;
-    print!("{}", render(&devices, args.device.as_deref())?);
+    if args.json {
+        print!("{}", render_json(&devices, args.device.as_deref())?);
+    } else {
+        print!("{}", render(&devices, args.device.as_deref())?);
+    }
     Ok(())
 }
 
@@ -132,6 +194,17 @@ mod tests {
             text.contains("recommended: ring 262144/262144 B, moderation 8 frames or 20 us"),
             "{text}"
         );
+        assert!(
+            text.contains("disk0 (synthetic disk): tuner dry run (recommends only), objective latency, measuring the current settings"),
+            "{text}"
+        );
+        assert!(!text.contains("DryRun") && !text.contains("Idle"), "{text}");
         assert!(render(&devices, Some("nope")).is_err());
+        let json: serde_json::Value =
+            serde_json::from_str(&render_json(&devices, Some("disk0")).unwrap()).unwrap();
+        assert_eq!(json[0]["tuner"]["mode"], "dry_run");
+        assert_eq!(json[0]["tuner"]["state"], "idle");
+        assert_eq!(json[0]["settings"]["moderation_frames"], 8);
+        assert!(render_json(&devices, Some("nope")).is_err());
     }
 }
