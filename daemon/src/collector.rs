@@ -173,16 +173,45 @@ pub struct State {
     /// The kernel probes' state (attached probes, KVM exits), kept by
     /// [`crate::kernel::collector`].
     pub kernel: crate::kernel::KernelState,
+    /// Errors already logged that keep recurring (logged once, then counted).
+    pub(crate) repeats: crate::logging::Repeats,
 }
 
 impl State {
-    /// Counts an error of `kind` (one of [`ERROR_KINDS`]) and keeps its message.
+    /// Counts an error of `kind` (one of [`ERROR_KINDS`]) and keeps its message. The first
+    /// occurrence is logged; while it recurs every interval it is only counted (here, in
+    /// `recent_errors` as `(seen N times)`, and in `enlight_errors_total`).
     pub(crate) fn error(&mut self, kind: &'static str, message: String) {
         *self.errors.entry(kind).or_default() += 1;
-        log::warn!("{kind}: {message}");
-        self.recent_errors.push(format!("{kind}: {message}"));
-        if self.recent_errors.len() > 20 {
-            self.recent_errors.remove(0);
+        let line = format!("{kind}: {message}");
+        if self.repeats.note(&line) {
+            log::warn!("{line}");
+            self.recent_errors.push(line);
+            if self.recent_errors.len() > 20 {
+                self.recent_errors.remove(0);
+            }
+        } else {
+            let n = self.repeats.count(&line);
+            if let Some(e) = self
+                .recent_errors
+                .iter_mut()
+                .rev()
+                .find(|e| e.starts_with(&line))
+            {
+                *e = format!("{line} (seen {n} times)");
+            }
+        }
+    }
+
+    /// Ends a collector interval: a logged error that did not recur in it is said to be over,
+    /// once, with how often it was seen.
+    pub(crate) fn end_interval(&mut self) {
+        for (line, n) in self.repeats.end_interval() {
+            if n > 1 {
+                log::info!("no longer seen after {n} times: {line}");
+            } else {
+                log::debug!("no longer seen: {line}");
+            }
         }
     }
 }
@@ -224,9 +253,24 @@ impl<P: ProbeSource> Collector<P> {
         }
         let live: BTreeSet<String> = records.iter().map(|r| r.name.clone()).collect();
         for record in records {
+            if !state.devices.contains_key(&record.name) {
+                log::info!(
+                    "device {} found: {} {}, pid {}",
+                    record.name,
+                    record.kind,
+                    record.device,
+                    record.pid
+                );
+            }
             let entry = state.devices.entry(record.name.clone());
             let dev = entry.or_insert_with(|| DeviceState::new(record.clone()));
             if dev.record.pid != record.pid {
+                log::info!(
+                    "device {} found again in a new process: pid {} (was {}); its counters carry on",
+                    record.name,
+                    record.pid,
+                    dev.record.pid
+                );
                 // A new process serves this device: carry the old totals forward.
                 for (op, f) in &dev.ops {
                     let mut f = f.clone();
@@ -250,6 +294,12 @@ impl<P: ProbeSource> Collector<P> {
             if !live.contains(name) && dev.present && dev.kernel.is_none() {
                 dev.present = false;
                 dev.gone_since = Some(started);
+                log::info!(
+                    "device {name} gone (pid {}): {} ops counted; its figures stay for {} s",
+                    dev.record.pid,
+                    dev.ops.values().map(|f| f.ops).sum::<u64>(),
+                    self.grace.as_secs()
+                );
             }
         }
 
@@ -277,6 +327,21 @@ impl<P: ProbeSource> Collector<P> {
                         dev.attached = true;
                         dev.sites_by_probe = report.sites_by_probe.clone();
                         dev.attach_error = None;
+                        let probes: Vec<String> = report
+                            .sites_by_probe
+                            .iter()
+                            .map(|(p, n)| format!("{p} ({n})"))
+                            .collect();
+                        let missing = if report.missing.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; no site for {}", report.missing.join(", "))
+                        };
+                        log::info!(
+                            "probes attached to {} (pid {pid}): {}{missing}",
+                            dev.record.name,
+                            probes.join(", ")
+                        );
                     }
                     Err(e) => {
                         dev.attached = false;
@@ -329,6 +394,7 @@ impl<P: ProbeSource> Collector<P> {
         });
         state.ticks += 1;
         state.last_tick = started.elapsed();
+        state.end_interval();
     }
 }
 
@@ -602,6 +668,29 @@ pub(crate) mod tests {
             .as_deref()
             .unwrap()
             .contains("permission denied"));
+    }
+
+    #[test]
+    fn a_malformed_registry_file_is_reported_once_and_counted_every_tick() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("devices")).unwrap();
+        std::fs::write(dir.path().join("devices/bad.json"), "{not json").unwrap();
+        let mut c = Collector::new(FakeProbes::default(), dir.path().into(), Duration::ZERO);
+        let mut state = State::default();
+        for _ in 0..5 {
+            c.tick(&mut state);
+        }
+        assert_eq!(state.errors["registry"], 5, "counted every tick");
+        assert_eq!(state.recent_errors.len(), 1, "{:?}", state.recent_errors);
+        assert!(
+            state.recent_errors[0].ends_with("(seen 5 times)"),
+            "{:?}",
+            state.recent_errors
+        );
+        // Fixed: the next tick says so (the line leaves the set of recurring problems).
+        std::fs::remove_file(dir.path().join("devices/bad.json")).unwrap();
+        c.tick(&mut state);
+        assert_eq!(state.repeats.count(&state.recent_errors[0]), 0);
     }
 
     #[test]

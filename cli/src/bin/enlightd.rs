@@ -40,9 +40,14 @@ struct Flags {
     /// but `off`). Recommendations: `enlight tune --dry-run`, /api/v1/devices, the audit log.
     #[arg(long)]
     dry_run: bool,
-    /// More log output on stderr (-v debug, -vv trace); RUST_LOG still wins.
+    /// More log output on stderr (-v debug, -vv trace: the eBPF loader's own lines too);
+    /// RUST_LOG still wins. The default level logs devices found and gone, probes attached,
+    /// tuner changes, restored knobs, and each problem once (then counts it).
     #[arg(short, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Log line format: text, or json (one object per line, for log shippers).
+    #[arg(long, value_enum, default_value_t = enlightd::logging::LogFormat::Text)]
+    log_format: enlightd::logging::LogFormat,
 }
 
 fn config_from(flags: &Flags) -> Result<Config> {
@@ -161,12 +166,7 @@ fn check(flags: &Flags) -> Result<()> {
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
-    let level = match flags.verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    enlightd::logging::init(flags.verbose, flags.log_format);
     let result = if flags.check {
         check(&flags)
     } else {

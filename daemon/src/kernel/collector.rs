@@ -103,7 +103,9 @@ impl<S: KernelSource> Drop for KernelCollector<S> {
             Ok(mut t) if !t.journal().entries().is_empty() => {
                 let report = t.restore();
                 for (target, knob, v) in &report.restored {
-                    log::info!("restored {target} {knob} = {v}");
+                    log::info!(
+                        "restored {target} {knob} = {v} (its value before enlight changed it)"
+                    );
                 }
                 for (target, knob, why) in &report.failed {
                     log::warn!("could not restore {target} {knob}: {why} (run `enlight restore`)");
@@ -292,6 +294,14 @@ impl<S: KernelSource> KernelCollector<S> {
             seen.insert(d.name.clone());
             self.gone.remove(&d.name);
             let dev = state.devices.entry(d.name.clone()).or_insert_with(|| {
+                log::info!(
+                    "kernel device {} found: {} driver {} ({}, {} queue(s))",
+                    d.name,
+                    d.device,
+                    d.driver,
+                    d.class.name(),
+                    d.queues
+                );
                 let mut s = DeviceState::new(DeviceRecord {
                     name: d.name.clone(),
                     device: d.device.clone(),
@@ -421,6 +431,7 @@ impl<S: KernelSource> KernelCollector<S> {
         // Vanished kernel devices: kept (not present) for the grace period, then dropped.
         for (name, dev) in state.devices.iter_mut() {
             if dev.kernel.is_some() && !seen.contains(name) && dev.present {
+                log::info!("kernel device {name} gone");
                 dev.present = false;
                 dev.attached = false;
                 dev.interrupts_per_sec = 0.0;

@@ -371,7 +371,12 @@ impl Shell {
         }
         self.slots.retain(|name, _| seen.contains(name));
         for d in &decisions {
-            log::info!("tuner: {} {:?}: {}", d.device, d.action, d.reason);
+            let action = match d.action {
+                super::Action::Change => "changed",
+                super::Action::Revert => "reverted",
+                super::Action::Recommend => "recommends",
+            };
+            log::info!("tuner: {} {action}: {}", d.device, d.reason);
             if let Some(a) = &mut self.audit {
                 if let Err(e) = a.record(d) {
                     log::error!("tuner audit log {}: {e}", a.path().display());
