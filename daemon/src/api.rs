@@ -127,6 +127,10 @@ pub struct HealthView {
     /// The kernel probes: which are attached (and why not), KVM exits per VMM, Hyper-V events.
     #[serde(default)]
     pub kernel: crate::kernel::KernelState,
+    /// What enlightd itself costs: each eBPF program's runs and run time, the daemon's CPU and
+    /// memory.
+    #[serde(default)]
+    pub self_cost: crate::selfcost::SelfCost,
 }
 
 /// The health view.
@@ -144,5 +148,6 @@ pub fn health(state: &State) -> HealthView {
         recent_errors: state.recent_errors.clone(),
         ticks: state.ticks,
         kernel: state.kernel.clone(),
+        self_cost: state.self_cost.clone(),
     }
 }

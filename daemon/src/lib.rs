@@ -17,6 +17,7 @@ pub mod histograms;
 pub mod kernel;
 pub mod logging;
 pub mod metrics;
+pub mod selfcost;
 #[doc(hidden)]
 pub mod testing;
 pub mod tuner;
@@ -104,15 +105,37 @@ pub struct Daemon {
     tuner: (tuner::config::TunerConfig, std::path::PathBuf, Duration),
     /// `[kernel]`: which kernel devices the tuner may change.
     kernel_config: kernel::KernelConfig,
+    /// The kernel's BPF run-time statistics, on while this lives (enlightd's self-cost);
+    /// dropped after the collector has stopped.
+    _run_stats: Option<std::os::fd::OwnedFd>,
 }
 
 impl Daemon {
     /// Checks privileges, loads the real probes and starts collecting.
     pub fn start(config: Config) -> Result<Daemon, DaemonError> {
         enlight_probes::preflight()?;
+        // The programs' run counts and times (what they cost) advance only while the kernel's
+        // run-time statistics are on: on for as long as the daemon runs, off when it stops
+        // (the kernel counts holders; it needs CAP_SYS_ADMIN, and without it the daemon runs
+        // and says so).
+        let run_stats = enlight_probes::enable_run_stats();
         let probes = enlight_probes::Probes::load()?;
         let kernel = kernel::collector::start(&config);
-        Daemon::start_full(config, probes, kernel)
+        let mut daemon = Daemon::start_full(config, probes, kernel)?;
+        {
+            let mut st = daemon.handle.state.lock().expect("state lock");
+            match &run_stats {
+                Ok(_) => st.self_cost.bpf_stats_enabled = true,
+                Err(e) => {
+                    log::warn!(
+                        "{e}: the eBPF programs' run counts and times (enlight_bpf_program_*) stay at 0"
+                    );
+                    st.self_cost.bpf_stats_error = Some(e.to_string());
+                }
+            }
+        }
+        daemon._run_stats = run_stats.ok();
+        Ok(daemon)
     }
 
     /// Starts collecting from any probe source.
@@ -175,6 +198,7 @@ impl Daemon {
             thread: Some(thread),
             tuner: (config.tuner.clone(), config.runtime_dir.clone(), interval),
             kernel_config: config.kernel.clone(),
+            _run_stats: None,
         })
     }
 

@@ -371,6 +371,7 @@ pub fn render(state: &State) -> String {
         "enlight_collector_tick_seconds {}",
         fmt_f64(state.last_tick.as_secs_f64())
     );
+    crate::selfcost::render_metrics(&mut out, &state.self_cost);
     // The driver label of kernel devices, and the kernel-only families.
     crate::kernel::metrics::finish(&mut out, state);
     out

@@ -131,6 +131,8 @@ fn open_and_link(
 /// A program's run statistics from `struct bpf_prog_info`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProgStats {
+    /// The kernel's id of the program (`bpftool prog show id N`).
+    pub id: u32,
     /// Time spent in the program, ns (counted only while `kernel.bpf_stats_enabled` is 1).
     pub run_time_ns: u64,
     /// Runs (counted only while `kernel.bpf_stats_enabled` is 1).
@@ -143,8 +145,8 @@ pub struct ProgStats {
 /// `run_time_ns`, `run_cnt` and `recursion_misses` of a loaded program (kernel 5.12+).
 pub fn prog_stats(prog: BorrowedFd<'_>) -> io::Result<ProgStats> {
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    // struct bpf_prog_info up to verified_insns: run_time_ns at byte 192, run_cnt at 200,
-    // recursion_misses at 208.
+    // struct bpf_prog_info up to verified_insns: type and id in the first 8 bytes,
+    // run_time_ns at byte 192, run_cnt at 200, recursion_misses at 208.
     let mut info = [0u64; 29];
     let attr: [u64; 2] = [
         prog.as_raw_fd() as u32 as u64 | ((std::mem::size_of_val(&info) as u64) << 32),
@@ -164,6 +166,7 @@ pub fn prog_stats(prog: BorrowedFd<'_>) -> io::Result<ProgStats> {
         return Err(io::Error::last_os_error());
     }
     Ok(ProgStats {
+        id: (info[0] >> 32) as u32,
         run_time_ns: info[192 / 8],
         run_cnt: info[200 / 8],
         recursion_misses: info[208 / 8],

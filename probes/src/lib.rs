@@ -127,6 +127,8 @@ pub enum ProbeError {
 /// program itself (not the trap that leads to it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ProgramRunStats {
+    /// The kernel's id of the program (`bpftool prog show id N`).
+    pub id: u32,
     /// Program runs (site hits).
     pub run_count: u64,
     /// Nanoseconds spent in the program.
@@ -499,6 +501,7 @@ impl Probes {
             out.insert(
                 probe,
                 ProgramRunStats {
+                    id: info.id(),
                     run_count: info.run_count(),
                     run_time_ns: info.run_time().as_nanos() as u64,
                 },

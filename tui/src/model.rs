@@ -100,6 +100,35 @@ pub struct HealthView {
     pub errors: BTreeMap<String, u64>,
     pub recent_errors: Vec<String>,
     pub ticks: u64,
+    /// What enlightd itself costs (absent from daemons before it was served).
+    pub self_cost: SelfCost,
+}
+
+/// One of enlightd's eBPF programs, as the kernel counts it (`/api/v1/health` `self_cost`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ProgramCost {
+    pub program: String,
+    pub runs_per_sec: f64,
+    pub ns_per_run: f64,
+    pub cpu_percent: f64,
+}
+
+/// The daemon process's own CPU and memory.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ProcessCost {
+    pub cpu_percent: f64,
+    pub resident_bytes: u64,
+}
+
+/// enlightd's self-cost, over its last collector interval.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct SelfCost {
+    pub bpf_stats_enabled: bool,
+    pub programs: BTreeMap<String, ProgramCost>,
+    pub process: ProcessCost,
 }
 
 /// One op's cumulative latency histogram (`/api/v1/histograms`).

@@ -176,7 +176,7 @@ fn tuner_state(d: &DeviceView) -> String {
 
 fn render_list(app: &App, area: Rect, buf: &mut Buffer) {
     let [table_area, health_area] =
-        Layout::vertical([Constraint::Min(3), Constraint::Length(3)]).areas(area);
+        Layout::vertical([Constraint::Min(3), Constraint::Length(4)]).areas(area);
     let header = Row::new(
         [
             "NAME", "KIND", "OPS/S", "MB/S", "P50", "P99", "P999", "IRQ/S", "RING", "MOD", "TUNER",
@@ -256,6 +256,7 @@ fn render_list(app: &App, area: Rect, buf: &mut Buffer) {
             if app.tuner_api { "yes" } else { "n/a" }
         )),
     ])];
+    lines.push(cost_line(app));
     if let Some(e) = h.recent_errors.last() {
         lines.push(Line::styled(
             format!("last error: {e}"),
@@ -266,6 +267,43 @@ fn render_list(app: &App, area: Rect, buf: &mut Buffer) {
         .block(Block::new().borders(Borders::TOP).border_style(DIM))
         .wrap(Wrap { trim: true })
         .render(health_area, buf);
+}
+
+/// What enlightd costs next to what it watches: its eBPF programs' share of a CPU, their runs,
+/// and their time per I/O of all devices together (over the selected window), then the daemon's
+/// own CPU and memory.
+fn cost_line(app: &App) -> Line<'static> {
+    let c = &app.health.self_cost;
+    let iops: f64 = app
+        .devices
+        .iter()
+        .filter_map(|d| app.figures(&d.name))
+        .map(|f| f.ops_per_sec)
+        .sum();
+    let ebpf = if c.bpf_stats_enabled {
+        let cpu: f64 = c.programs.values().map(|p| p.cpu_percent).sum();
+        let runs: f64 = c.programs.values().map(|p| p.runs_per_sec).sum();
+        let per_io = if iops > 0.0 {
+            format!(" {}/IO", fmt_latency(cpu / 100.0 * 1e9 / iops))
+        } else {
+            String::new()
+        };
+        format!(
+            "eBPF {cpu:.2}% {} runs/s{per_io} at {} IOPS;",
+            fmt_count(runs),
+            fmt_count(iops)
+        )
+    } else {
+        "eBPF n/a (BPF statistics off);".into()
+    };
+    Line::from(vec![
+        Span::styled("cost ", BOLD),
+        Span::raw(format!(
+            "{ebpf} enlightd {:.1}% CPU {}",
+            c.process.cpu_percent,
+            fmt_bytes(c.process.resident_bytes)
+        )),
+    ])
 }
 
 /// Three lines about a device: what it is, its figures over the window, its signalling and
@@ -713,6 +751,18 @@ mod tests {
             }];
             p.health.devices = 2;
             p.health.devices_attached = 2;
+            p.health.self_cost.bpf_stats_enabled = true;
+            p.health.self_cost.programs.insert(
+                "enlight_io_reap".into(),
+                crate::model::ProgramCost {
+                    program: "enlight_io_reap".into(),
+                    runs_per_sec: 1200.0,
+                    ns_per_run: 500.0,
+                    cpu_percent: 0.06,
+                },
+            );
+            p.health.self_cost.process.cpu_percent = 1.5;
+            p.health.self_cost.process.resident_bytes = 18 << 20;
             app.on_event(Event::Update {
                 at: t as f64,
                 poll: p,
@@ -751,12 +801,13 @@ mod tests {
             "emu0    emul   200    0.8    80.3us 80.3us 80.3us 200    -    -        n/a",
         ];
         assert_eq!(&s[..4], &expected_top, "{s:#?}");
-        assert!(s[4..20].iter().all(|l| l.is_empty()), "{s:#?}");
+        assert!(s[4..19].iter().all(|l| l.is_empty()), "{s:#?}");
         assert_eq!(
-            &s[20..],
+            &s[19..],
             &[
                 "────────────────────────────────────────────────────────────────────────────────",
                 "enlightd devices 2 attached 2  events lost 0  errors 0  ticks 31  tuner API yes",
+                "cost eBPF 0.06% 1200 runs/s 500ns/IO at 1200 IOPS; enlightd 1.5% CPU 18M",
                 "",
                 "↑↓ select  ⏎ device  c compare  p pin  1/2/3 window  ␣ pause  ? help  q quit",
             ],

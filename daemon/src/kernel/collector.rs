@@ -28,6 +28,10 @@ pub trait KernelSource: Send {
     }
     /// Creates a disk's counters ahead of its first request (kernel `dev_t`).
     fn prepare_disk(&mut self, _dev: u32) {}
+    /// Each loaded program's run statistics, by program name (enlightd's self-cost).
+    fn program_stats(&self) -> BTreeMap<String, crate::selfcost::ProgramReading> {
+        BTreeMap::new()
+    }
 }
 
 impl KernelSource for KernelProbes {
@@ -51,6 +55,21 @@ impl KernelSource for KernelProbes {
         if let Err(e) = KernelProbes::prepare_disk(self, dev) {
             log::warn!("{e}");
         }
+    }
+    fn program_stats(&self) -> BTreeMap<String, crate::selfcost::ProgramReading> {
+        KernelProbes::program_stats(self)
+            .into_iter()
+            .map(|(name, s)| {
+                (
+                    name,
+                    crate::selfcost::ProgramReading {
+                        id: s.id,
+                        run_count: s.run_cnt,
+                        run_time_ns: s.run_time_ns,
+                    },
+                )
+            })
+            .collect()
     }
 }
 
@@ -239,6 +258,7 @@ impl<S: KernelSource> KernelCollector<S> {
         let snap = match &self.source {
             Some(s) => {
                 state.kernel.probes = s.status();
+                state.self_cost.update_programs(&s.program_stats(), dt);
                 match s.snapshot() {
                     Ok(snap) => snap,
                     Err(e) => {
