@@ -115,26 +115,40 @@ async fn run_async(args: DemoArgs) -> Result<()> {
 
     let started = Instant::now();
     let deadline = args.duration.map(|s| started + Duration::from_secs(s));
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.tick().await;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the SIGINT handler")?;
     let mut interrupted = false;
     let mut last_decision_ms = 0;
+    // A row per collector interval, both halves over the same span: the eBPF counts as the
+    // collector read them at two consecutive ticks, the workload's as it reported them (every
+    // 100 ms) at those two moments.
+    let mut last_tick = handle.ticks();
+    let mut previous: Option<Moment> = None;
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => { interrupted = true; }
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = interrupt.recv() => { interrupted = true; }
         }
         let finished = feed.lock().expect("feed lock").finished;
         let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
         if interrupted || timed_out || finished {
             break;
         }
-        let workload = feed.lock().expect("feed lock").latest.clone();
+        let ticks = handle.ticks();
+        if ticks == last_tick {
+            continue;
+        }
+        last_tick = ticks;
         let devices = handle.devices();
-        println!(
-            "{}",
-            summary_line(started.elapsed(), &devices, workload.as_ref())
-        );
+        let now = Moment {
+            at: Instant::now(),
+            device: devices.iter().find(|d| d.name == "disk0").cloned(),
+            workload: feed.lock().expect("feed lock").latest.clone(),
+        };
+        if let Some(before) = &previous {
+            println!("{}", summary_line(started.elapsed(), before, &now));
+        }
+        previous = Some(now);
         let decision = devices
             .iter()
             .find(|d| d.name == "disk0")
@@ -149,6 +163,9 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     // Stop the device first so its final figures reach the maps, then wait for two more
     // collector intervals (the first reads them, the second is a margin), and print the final
     // comparison.
+    if interrupted {
+        eprintln!("enlight demo: stopping the device and reading its last figures...");
+    }
     stop_device(&mut child)?;
     let _ = reader.join();
     wait_for_ticks(&handle, 2, Duration::from_secs(10)).await;
@@ -167,10 +184,32 @@ async fn run_async(args: DemoArgs) -> Result<()> {
         us(workload.as_ref().map(|w| w.p999_ns as f64 / 1e9)),
     );
 
+    // Cleaning up takes a moment (detaching the uprobes, removing the backing file): say so.
+    let cleanup = Instant::now();
+    eprintln!(
+        "enlight demo: cleaning up: stopping enlightd, removing {} ({} MiB backing file)...",
+        scratch.path().display(),
+        args.size_mib
+    );
     let _ = stop_daemon.send(());
     server.await.context("joining enlightd")??;
-    drop(scratch);
+    let path = scratch.path().to_path_buf();
+    scratch
+        .close()
+        .with_context(|| format!("removing {}", path.display()))?;
+    eprintln!(
+        "enlight demo: cleaned up in {:.1} s",
+        cleanup.elapsed().as_secs_f64()
+    );
     Ok(())
+}
+
+/// What the demo knows at one collector tick: the eBPF view of the disk and the workload's own
+/// latest report (at most 100 ms old).
+struct Moment {
+    at: Instant,
+    device: Option<enlightd::DeviceView>,
+    workload: Option<WorkloadSnapshot>,
 }
 
 /// Waits until the collector has completed `n` more intervals (at most `limit`; a stalled
@@ -209,6 +248,7 @@ fn spawn_device(backing: &Path, runtime_dir: &Path, args: &DemoArgs) -> Result<C
         .arg(&args.workload)
         .arg("--wait-for-probes")
         .arg("20")
+        .args(["--json", "--report-ms", "100"])
         .stdout(Stdio::piped())
         .stdin(Stdio::null())
         .spawn()
@@ -272,15 +312,14 @@ fn us(seconds: Option<f64>) -> String {
     }
 }
 
-fn summary_line(
-    elapsed: Duration,
-    devices: &[enlightd::DeviceView],
-    workload: Option<&WorkloadSnapshot>,
-) -> String {
-    let ebpf = match devices.iter().find(|d| d.name == "disk0") {
+/// One row: IOPS over the span between two moments on both sides, percentiles so far.
+fn summary_line(elapsed: Duration, before: &Moment, now: &Moment) -> String {
+    let dt = now.at.duration_since(before.at).as_secs_f64().max(1e-3);
+    let ebpf_ops = |m: &Moment| m.device.as_ref().map_or(0, |d| d.total.ops_total);
+    let ebpf = match &now.device {
         Some(d) if d.attached || !d.present => format!(
             "{:>10.0} {:>9} {:>9} {:>9} {:>8.0}",
-            d.total.ops_per_sec,
+            ebpf_ops(now).saturating_sub(ebpf_ops(before)) as f64 / dt,
             us(d.total.p50_seconds),
             us(d.total.p99_seconds),
             us(d.total.p999_seconds),
@@ -292,10 +331,13 @@ fn summary_line(
         ),
         None => format!("{:>48}", "waiting for the device"),
     };
-    let own = match workload {
+    let own = match &now.workload {
         Some(w) => format!(
             "{:>10.0} {:>9} {:>9} {:>9}",
-            w.iops_interval,
+            w.ops_total
+                .saturating_sub(before.workload.as_ref().map_or(0, |b| b.ops_total))
+                as f64
+                / dt,
             us(Some(w.p50_ns as f64 / 1e9)),
             us(Some(w.p99_ns as f64 / 1e9)),
             us(Some(w.p999_ns as f64 / 1e9))

@@ -37,7 +37,8 @@ pub struct DiskArgs {
     /// Backing file.
     #[arg(long)]
     backing: PathBuf,
-    /// Create (or extend) the backing file to this many MiB first.
+    /// Create (or extend) the backing file to this many MiB first (written out with zeros, so
+    /// that deleting it later is quick).
     #[arg(long, value_name = "MIB")]
     create_mib: Option<u64>,
     /// Runtime directory: the registry record goes to <DIR>/devices/<name>.json, the control
@@ -71,6 +72,10 @@ pub struct DiskArgs {
     /// Host I/O worker threads.
     #[arg(long, default_value_t = 4)]
     workers: u32,
+    /// How often to print the workload's figures, in milliseconds (`enlight demo` reads them
+    /// every 100 ms to line them up with enlightd's collector).
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    report_ms: u64,
     /// Print one JSON object per line (the workload's figures; the last has "done": true)
     /// instead of a readable line; the default when stdout is not a terminal.
     #[arg(long)]
@@ -93,7 +98,7 @@ pub fn run(args: DiskArgs) -> Result<()> {
     };
     settings.validate()?;
     if let Some(mib) = args.create_mib {
-        Backing::create(&args.backing, mib << 20)?;
+        Backing::create_written(&args.backing, mib << 20)?;
     }
     let options = DiskOptions {
         max_io_bytes: plan
@@ -167,7 +172,13 @@ pub fn run(args: DiskArgs) -> Result<()> {
         let _ = out.write_all(b"\n");
         let _ = out.flush();
     };
-    let report = workload::run_plan(&mut vsc, &plan, signals::stop_flag(), emit)?;
+    let report = workload::run_plan_every(
+        &mut vsc,
+        &plan,
+        signals::stop_flag(),
+        Duration::from_millis(args.report_ms),
+        emit,
+    )?;
     emit(&report);
     drop(control_server);
     drop(registered);

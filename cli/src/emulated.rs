@@ -35,7 +35,8 @@ pub struct EmulatedDiskArgs {
     /// Backing file.
     #[arg(long)]
     backing: PathBuf,
-    /// Create (or extend) the backing file to this many MiB first.
+    /// Create (or extend) the backing file to this many MiB first (written out with zeros, so
+    /// that deleting it later is quick).
     #[arg(long, value_name = "MIB")]
     create_mib: Option<u64>,
     /// Registry directory [default: $ENLIGHT_RUNTIME_DIR or /run/enlight].
@@ -123,7 +124,7 @@ pub fn run(args: EmulatedDiskArgs) -> Result<()> {
         );
     }
     if let Some(mib) = args.create_mib {
-        Backing::create(&args.backing, mib << 20)?;
+        Backing::create_written(&args.backing, mib << 20)?;
     }
     let (mut disk, kind): (Box<dyn BlockTransport>, &str) = match args.device.as_str() {
         "ide" => (

@@ -22,6 +22,10 @@ pub trait ProbeSource: Send {
     fn detach(&mut self, pid: u32);
     /// Cumulative counters of every attached process.
     fn snapshot(&self) -> Result<Snapshot, String>;
+    /// Each program's run statistics, by program name (enlightd's self-cost).
+    fn program_stats(&self) -> BTreeMap<String, crate::selfcost::ProgramReading> {
+        BTreeMap::new()
+    }
 }
 
 impl ProbeSource for enlight_probes::Probes {
@@ -33,6 +37,25 @@ impl ProbeSource for enlight_probes::Probes {
     }
     fn snapshot(&self) -> Result<Snapshot, String> {
         enlight_probes::Probes::snapshot(self).map_err(|e| e.to_string())
+    }
+    fn program_stats(&self) -> BTreeMap<String, crate::selfcost::ProgramReading> {
+        let Ok(stats) = self.program_run_stats() else {
+            return BTreeMap::new();
+        };
+        enlight_probes::PROGRAMS
+            .iter()
+            .filter_map(|(probe, program)| {
+                let s = stats.get(probe)?;
+                Some((
+                    program.to_string(),
+                    crate::selfcost::ProgramReading {
+                        id: s.id,
+                        run_count: s.run_count,
+                        run_time_ns: s.run_time_ns,
+                    },
+                ))
+            })
+            .collect()
     }
 }
 
@@ -175,6 +198,8 @@ pub struct State {
     pub kernel: crate::kernel::KernelState,
     /// Errors already logged that keep recurring (logged once, then counted).
     pub(crate) repeats: crate::logging::Repeats,
+    /// What enlightd itself costs: its programs' runs and run time, its CPU and memory.
+    pub self_cost: crate::selfcost::SelfCost,
 }
 
 impl State {
@@ -362,6 +387,13 @@ impl<P: ProbeSource> Collector<P> {
                 Err(e) => state.error("snapshot", e),
             }
         }
+        // What the programs and this process cost.
+        state
+            .self_cost
+            .update_programs(&self.probes.program_stats(), dt);
+        if let Some((cpu, rss)) = crate::selfcost::read_process() {
+            state.self_cost.update_process(cpu, rss, dt);
+        }
 
         // 4. Detach processes no present device uses; drop devices past their grace period.
         let in_use: BTreeSet<u32> = state
@@ -430,10 +462,12 @@ fn apply_snapshot(state: &mut State, snap: &Snapshot, dt: f64) {
             if let Some(f) = fresh.get(&op) {
                 total.add(f);
             }
-            let prev = dev.ops.get(&op);
-            if let (Some(prev), true) = (prev, dt > 0.0) {
-                total.ops_per_sec = total.ops.saturating_sub(prev.ops) as f64 / dt;
-                total.bytes_per_sec = total.bytes.saturating_sub(prev.bytes) as f64 / dt;
+            // An op seen for the first time counted from zero since the last read: its first
+            // interval has a rate too (it used to read 0 while the workload did 50k IOPS).
+            let (prev_ops, prev_bytes) = dev.ops.get(&op).map_or((0, 0), |p| (p.ops, p.bytes));
+            if dt > 0.0 {
+                total.ops_per_sec = total.ops.saturating_sub(prev_ops) as f64 / dt;
+                total.bytes_per_sec = total.bytes.saturating_sub(prev_bytes) as f64 / dt;
             }
             dev.ops.insert(op, total);
         }

@@ -802,6 +802,38 @@ impl Backing {
         })
     }
 
+    /// Creates (or extends) a backing file of `bytes` with its new part written out (zeros)
+    /// and on disk. Slower to create than [`Backing::create`], but the blocks are plain written
+    /// extents: random writes into a file of unwritten (fallocated) extents split it into tens
+    /// of thousands of extents, each converted on its first write and freed (and, on a file
+    /// system mounted with `discard`, discarded) one by one when the file is deleted, which took
+    /// `enlight demo` over a minute after a few minutes' run. Existing contents are kept.
+    pub fn create_written(path: &Path, bytes: u64) -> Result<(), DiskError> {
+        use std::io::{Seek, SeekFrom, Write};
+        let err = |source| DiskError::Backing {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(err)?;
+        let mut len = f.metadata().map_err(err)?.len();
+        if len >= bytes {
+            return Ok(());
+        }
+        f.seek(SeekFrom::Start(len)).map_err(err)?;
+        let chunk = vec![0u8; 1 << 20];
+        while len < bytes {
+            let n = (bytes - len).min(chunk.len() as u64) as usize;
+            f.write_all(&chunk[..n]).map_err(err)?;
+            len += n as u64;
+        }
+        f.sync_data().map_err(err)
+    }
+
     /// Creates (or extends) a backing file of `bytes`, allocated on disk.
     pub fn create(path: &Path, bytes: u64) -> Result<(), DiskError> {
         let err = |source| DiskError::Backing {

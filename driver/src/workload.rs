@@ -379,6 +379,8 @@ struct Progress {
     start: Instant,
     last_tick: Instant,
     ops_at_tick: u64,
+    /// How often to report.
+    every: Duration,
 }
 
 /// Runs `spec` on `vsc` until its limit or `stop`, calling `on_interval` about once per second
@@ -400,11 +402,23 @@ pub fn run(
 }
 
 /// Runs every phase of `plan` in turn (figures cumulative over the phases) until the last ends
-/// or `stop` is set.
+/// or `stop` is set, reporting once a second.
 pub fn run_plan(
     vsc: &mut DiskVsc,
     plan: &Plan,
     stop: &AtomicBool,
+    on_interval: impl FnMut(&WorkloadSnapshot),
+) -> Result<WorkloadSnapshot, WorkloadError> {
+    run_plan_every(vsc, plan, stop, Duration::from_secs(1), on_interval)
+}
+
+/// [`run_plan`], reporting every `every` (`iops_interval` is over that interval). The reap loop
+/// wakes at least every 100 ms, so reports come that often at most when the disk is idle.
+pub fn run_plan_every(
+    vsc: &mut DiskVsc,
+    plan: &Plan,
+    stop: &AtomicBool,
+    every: Duration,
     mut on_interval: impl FnMut(&WorkloadSnapshot),
 ) -> Result<WorkloadSnapshot, WorkloadError> {
     for spec in &plan.phases {
@@ -416,6 +430,7 @@ pub fn run_plan(
         start,
         last_tick: start,
         ops_at_tick: 0,
+        every,
     };
     for (i, spec) in plan.phases.iter().enumerate() {
         if stop.load(Ordering::Relaxed) {
@@ -569,7 +584,7 @@ fn run_phase(
             stats.record(c);
         }
         let now = Instant::now();
-        if now.duration_since(progress.last_tick) >= Duration::from_secs(1) {
+        if now.duration_since(progress.last_tick) >= progress.every {
             let dt = now.duration_since(progress.last_tick).as_secs_f64();
             let iops = (stats.snap.ops_total - progress.ops_at_tick) as f64 / dt;
             progress.ops_at_tick = stats.snap.ops_total;
