@@ -18,6 +18,12 @@ pub struct OpView {
     pub p90_seconds: Option<f64>,
     pub p99_seconds: Option<f64>,
     pub p999_seconds: Option<f64>,
+    /// Highest ops/s of one collector interval within the peak window (microbursts).
+    #[serde(default)]
+    pub peak_ops_per_sec: f64,
+    /// Upper bound of the highest latency bucket reached within the peak window, seconds.
+    #[serde(default)]
+    pub peak_latency_seconds: Option<f64>,
 }
 
 /// One device, as `/api/v1/devices` serves it.
@@ -57,7 +63,13 @@ pub struct DeviceView {
     pub kernel: Option<crate::kernel::KernelInfo>,
 }
 
-fn op_view(op: String, f: &OpFigures) -> OpView {
+fn op_view(
+    op: String,
+    f: &OpFigures,
+    peaks: Option<&crate::peaks::PeakWindow>,
+    window: std::time::Duration,
+) -> OpView {
+    let now = std::time::Instant::now();
     let h = f.histogram();
     let q = |q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1e9);
     OpView {
@@ -71,11 +83,21 @@ fn op_view(op: String, f: &OpFigures) -> OpView {
         p90_seconds: q(0.9),
         p99_seconds: q(0.99),
         p999_seconds: q(0.999),
+        peak_ops_per_sec: peaks.map_or(0.0, |p| p.peak_ops_per_sec(now, window)),
+        peak_latency_seconds: peaks
+            .and_then(|p| p.peak_bucket(now, window))
+            .map(|b| enlight_probes::hist::bucket_high_ns(b) as f64 / 1e9),
     }
 }
 
 /// The view of one device.
 pub fn device_view(d: &DeviceState) -> DeviceView {
+    device_view_with_peaks(d, crate::config::DEFAULT_PEAK_WINDOW_SECS)
+}
+
+/// The view of one device, its peaks over the last `peak_window_secs`.
+pub fn device_view_with_peaks(d: &DeviceState, peak_window_secs: u64) -> DeviceView {
+    let window = std::time::Duration::from_secs(peak_window_secs);
     let mut all = OpFigures::default();
     for f in d.ops.values() {
         all.add(f);
@@ -91,11 +113,16 @@ pub fn device_view(d: &DeviceState) -> DeviceView {
         attached: d.attached,
         attach_error: d.attach_error.clone(),
         settings: d.record.settings,
-        total: op_view("all".into(), &all),
+        total: op_view(
+            "all".into(),
+            &all,
+            d.peaks.get(&crate::collector::ALL_OPS),
+            window,
+        ),
         ops: d
             .ops
             .iter()
-            .map(|(op, f)| op_view(op_name(*op), f))
+            .map(|(op, f)| op_view(op_name(*op), f, d.peaks.get(op), window))
             .collect(),
         interrupts_total: d.events.interrupts,
         interrupts_per_sec: d.interrupts_per_sec,
@@ -112,7 +139,11 @@ pub fn device_view(d: &DeviceState) -> DeviceView {
 
 /// Every device.
 pub fn devices(state: &State) -> Vec<DeviceView> {
-    state.devices.values().map(device_view).collect()
+    state
+        .devices
+        .values()
+        .map(|d| device_view_with_peaks(d, state.peak_window.as_secs().max(1)))
+        .collect()
 }
 
 /// The daemon's own health, as `/api/v1/health` serves it.

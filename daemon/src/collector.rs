@@ -138,6 +138,8 @@ pub struct DeviceState {
     /// Settings changes applied through the device's control socket, by knob code
     /// (`settings_change` probe), cumulative.
     pub settings_changes: BTreeMap<u32, u64>,
+    /// Per op: each recent interval's rate and highest latency bucket (microbursts).
+    pub peaks: BTreeMap<u32, crate::peaks::PeakWindow>,
     /// A device of the running kernel (kind `kernel`): its driver, class and tuning state.
     /// `None` for registry devices. Kernel devices are kept by [`crate::kernel::collector`];
     /// this collector leaves them alone.
@@ -165,6 +167,7 @@ impl DeviceState {
             interrupts_per_sec: 0.0,
             traps: 0,
             settings_changes: BTreeMap::new(),
+            peaks: BTreeMap::new(),
             kernel: None,
             base_ops: BTreeMap::new(),
             base_events: DevEvents::default(),
@@ -174,6 +177,9 @@ impl DeviceState {
         }
     }
 }
+
+/// The key of [`DeviceState::peaks`] for every op of a device together.
+pub const ALL_OPS: u32 = u32::MAX;
 
 /// Error kinds counted in `enlight_errors_total`.
 pub const ERROR_KINDS: [&str; 4] = ["attach", "snapshot", "registry", "http"];
@@ -200,6 +206,10 @@ pub struct State {
     pub(crate) repeats: crate::logging::Repeats,
     /// What enlightd itself costs: its programs' runs and run time, its CPU and memory.
     pub self_cost: crate::selfcost::SelfCost,
+    /// The window of the peak gauges (`peak_window_secs`).
+    pub peak_window: Duration,
+    /// The collector's interval: the resolution of the peak rates.
+    pub interval: Duration,
 }
 
 impl State {
@@ -248,6 +258,7 @@ pub struct Collector<P: ProbeSource> {
     grace: Duration,
     attached_pids: BTreeSet<u32>,
     last_tick: Option<Instant>,
+    peak_window: Duration,
 }
 
 impl<P: ProbeSource> Collector<P> {
@@ -259,7 +270,14 @@ impl<P: ProbeSource> Collector<P> {
             grace,
             attached_pids: BTreeSet::new(),
             last_tick: None,
+            peak_window: Duration::from_secs(crate::config::DEFAULT_PEAK_WINDOW_SECS),
         }
+    }
+
+    /// Keeps each interval's rate and highest latency bucket for `window` (the peak gauges).
+    pub fn with_peak_window(mut self, window: Duration) -> Self {
+        self.peak_window = window;
+        self
     }
 
     /// One interval's work.
@@ -270,6 +288,8 @@ impl<P: ProbeSource> Collector<P> {
             .map(|t| started.duration_since(t).as_secs_f64())
             .unwrap_or(0.0);
         self.last_tick = Some(started);
+        state.peak_window = self.peak_window;
+        state.interval = Duration::from_secs_f64(dt);
 
         // 1. The registry: new devices, new instances of known ones, vanished ones.
         let (records, errors) = registry::list(&self.runtime_dir);
@@ -383,7 +403,7 @@ impl<P: ProbeSource> Collector<P> {
         // 3. Read the maps (before any detach, so vanished processes' last counts are kept).
         if !self.attached_pids.is_empty() {
             match self.probes.snapshot() {
-                Ok(snap) => apply_snapshot(state, &snap, dt),
+                Ok(snap) => apply_snapshot(state, &snap, dt, started, self.peak_window),
                 Err(e) => state.error("snapshot", e),
             }
         }
@@ -430,7 +450,7 @@ impl<P: ProbeSource> Collector<P> {
     }
 }
 
-fn apply_snapshot(state: &mut State, snap: &Snapshot, dt: f64) {
+fn apply_snapshot(state: &mut State, snap: &Snapshot, dt: f64, at: Instant, window: Duration) {
     state.health = snap.health;
     for dev in state.devices.values_mut() {
         if !dev.attached || dev.kernel.is_some() {
@@ -457,6 +477,7 @@ fn apply_snapshot(state: &mut State, snap: &Snapshot, dt: f64) {
             f.buckets = stats.buckets.iter().copied().collect();
         }
         let ops: BTreeSet<u32> = fresh.keys().chain(dev.base_ops.keys()).copied().collect();
+        let (mut all_rate, mut all_bucket) = (0.0, None);
         for op in ops {
             let mut total = dev.base_ops.get(&op).cloned().unwrap_or_default();
             if let Some(f) = fresh.get(&op) {
@@ -468,8 +489,24 @@ fn apply_snapshot(state: &mut State, snap: &Snapshot, dt: f64) {
             if dt > 0.0 {
                 total.ops_per_sec = total.ops.saturating_sub(prev_ops) as f64 / dt;
                 total.bytes_per_sec = total.bytes.saturating_sub(prev_bytes) as f64 / dt;
+                let grown = crate::peaks::highest_grown_bucket(
+                    dev.ops.get(&op).map(|p| &p.buckets),
+                    &total.buckets,
+                );
+                dev.peaks
+                    .entry(op)
+                    .or_default()
+                    .push(at, total.ops_per_sec, grown, window);
+                all_rate += total.ops_per_sec;
+                all_bucket = all_bucket.max(grown);
             }
             dev.ops.insert(op, total);
+        }
+        if dt > 0.0 && !dev.ops.is_empty() {
+            dev.peaks
+                .entry(ALL_OPS)
+                .or_default()
+                .push(at, all_rate, all_bucket, window);
         }
         let mut events = dev.base_events;
         if let Some(e) = snap.events.get(&enlight_probes::DevKey { pid, dev: id }) {

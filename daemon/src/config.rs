@@ -18,6 +18,9 @@ pub struct Config {
     pub interval_ms: u64,
     /// How long a vanished device's final figures stay on /metrics, in seconds.
     pub device_grace_secs: u64,
+    /// The window of the peak gauges (`enlight_io_peak_*`), in seconds: at least the longest
+    /// scrape interval of any Prometheus that scrapes this daemon.
+    pub peak_window_secs: u64,
     /// The tuner (`[tuner]`, docs/tuner.md).
     pub tuner: crate::tuner::config::TunerConfig,
     /// The running kernel's own devices (`[kernel]`, docs/kernel.md).
@@ -31,11 +34,15 @@ impl Default for Config {
             runtime_dir: enlight_driver::registry::runtime_dir(),
             interval_ms: 1000,
             device_grace_secs: 30,
+            peak_window_secs: DEFAULT_PEAK_WINDOW_SECS,
             tuner: crate::tuner::config::TunerConfig::default(),
             kernel: crate::kernel::KernelConfig::default(),
         }
     }
 }
+
+/// The default of `peak_window_secs`: Prometheus's own default scrape interval (1 m).
+pub const DEFAULT_PEAK_WINDOW_SECS: u64 = 60;
 
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +99,12 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "device_grace_secs = {} is over a day",
                 self.device_grace_secs
+            )));
+        }
+        if !(1..=3600).contains(&self.peak_window_secs) {
+            return Err(ConfigError::Invalid(format!(
+                "peak_window_secs = {} is outside 1..=3600",
+                self.peak_window_secs
             )));
         }
         self.tuner.validate().map_err(ConfigError::Invalid)?;

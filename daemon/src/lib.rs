@@ -17,6 +17,7 @@ pub mod histograms;
 pub mod kernel;
 pub mod logging;
 pub mod metrics;
+pub mod peaks;
 pub mod selfcost;
 #[doc(hidden)]
 pub mod testing;
@@ -160,7 +161,8 @@ impl Daemon {
             probes,
             config.runtime_dir.clone(),
             Duration::from_secs(config.device_grace_secs),
-        );
+        )
+        .with_peak_window(Duration::from_secs(config.peak_window_secs));
         let thread = {
             let (state, stop) = (Arc::clone(&state), Arc::clone(&stop));
             let tuner_shared = Arc::clone(&tuner_shared);

@@ -107,6 +107,77 @@ pub fn render(state: &State) -> String {
         }
     }
 
+    // Microbursts (crate::peaks): sliding-window maxima of the interval rates and latencies.
+    let now = std::time::Instant::now();
+    let window = state.peak_window;
+    header(
+        &mut out,
+        "enlight_io_peak_ops_per_second",
+        "gauge",
+        "Highest ops/s of any one collector interval within the last enlight_peak_window_seconds (a burst shorter than a scrape interval shows here; the counters' rate averages it away).",
+    );
+    for d in devices() {
+        for op in d.ops.keys() {
+            let v = d
+                .peaks
+                .get(op)
+                .map_or(0.0, |p| p.peak_ops_per_sec(now, window));
+            let name = op_name(*op);
+            let l = labels(&[
+                ("device", &d.record.name),
+                ("kind", &d.record.kind),
+                ("op", &name),
+            ]);
+            let _ = writeln!(out, "enlight_io_peak_ops_per_second{l} {}", fmt_f64(v));
+        }
+    }
+    header(
+        &mut out,
+        "enlight_io_peak_latency_seconds",
+        "gauge",
+        "Upper bound of the highest latency bucket (under 1/128 wide) any completion reached within the last enlight_peak_window_seconds; 0 if none completed.",
+    );
+    for d in devices() {
+        for op in d.ops.keys() {
+            let v = d
+                .peaks
+                .get(op)
+                .and_then(|p| p.peak_bucket(now, window))
+                .map_or(0.0, |b| {
+                    enlight_probes::hist::bucket_high_ns(b) as f64 / 1e9
+                });
+            let name = op_name(*op);
+            let l = labels(&[
+                ("device", &d.record.name),
+                ("kind", &d.record.kind),
+                ("op", &name),
+            ]);
+            let _ = writeln!(out, "enlight_io_peak_latency_seconds{l} {}", fmt_f64(v));
+        }
+    }
+    header(
+        &mut out,
+        "enlight_peak_window_seconds",
+        "gauge",
+        "The window of the enlight_io_peak_* gauges (peak_window_secs): set it to at least the longest scrape interval.",
+    );
+    let _ = writeln!(
+        out,
+        "enlight_peak_window_seconds {}",
+        fmt_f64(window.as_secs_f64())
+    );
+    header(
+        &mut out,
+        "enlight_collector_interval_seconds",
+        "gauge",
+        "Time between the last two collector reads: the resolution of the peak rates.",
+    );
+    let _ = writeln!(
+        out,
+        "enlight_collector_interval_seconds {}",
+        fmt_f64(state.interval.as_secs_f64())
+    );
+
     type OpValue = fn(&crate::collector::OpFigures) -> u64;
     let per_op: [(&str, &str, OpValue); 3] = [
         ("enlight_io_ops_total", "Completed I/O operations.", |f| {
