@@ -400,7 +400,7 @@ fn every_dashboard_and_rule_expression_returns_data_from_a_live_daemon() {
             checked += 1;
         }
     }
-    assert_eq!(n_rules, 9, "rules loaded: {rules}");
+    assert_eq!(n_rules, 16, "rules loaded: {rules}");
     assert!(
         failures.is_empty(),
         "{} failures:\n{}",
