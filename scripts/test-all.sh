@@ -28,8 +28,10 @@ fi
 # iproute2, iputils-ping, iperf3: traffic through the emulated NIC's namespaces; bpftrace also
 # counts kvm:kvm_pio independently (cli/tests/emulated.rs). fonts-dejavu-core: bench charts.
 # fio, ethtool: the kernel-device tests' independent checks (fio's latency and op counts on a
-# loop device; ethtool -g/-c against our netlink reads and writes).
-packages=(clang llvm libbpf-dev bpftool bpftrace prometheus tmux iproute2 iputils-ping iperf3 fonts-dejavu-core fio ethtool)
+# loop device; ethtool -g/-c against our netlink reads and writes). systemd, util-linux, xz-utils:
+# the package test verifies the unit (systemd-analyze), runs its command line under its
+# capability bounds (setpriv, nsenter) and compresses the package (xz).
+packages=(clang llvm libbpf-dev bpftool bpftrace prometheus tmux iproute2 iputils-ping iperf3 fonts-dejavu-core fio ethtool systemd util-linux xz-utils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -42,6 +44,13 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# cargo-deb builds the Debian package in cli/tests/package.rs (from crates.io, once: about two
+# minutes of compiling on two cores; without its lzma feature it compresses with the xz tool).
+if ! cargo deb --version >/dev/null 2>&1; then
+    step "cargo install cargo-deb"
+    cargo install cargo-deb --locked --version 3.8.0 --no-default-features
 fi
 
 step "kernel interfaces"

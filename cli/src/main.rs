@@ -19,6 +19,7 @@
 mod bench;
 mod demo;
 mod disk;
+mod docs;
 mod emulated;
 mod nic;
 mod output;
@@ -66,6 +67,13 @@ enum Command {
     /// Put back every kernel device setting enlight changed (from the journal enlightd keeps
     /// in the runtime directory).
     Restore(restore::RestoreArgs),
+    /// Write enlight's man pages and shell completions under DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Directory to write man/ and completions/ into.
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -81,5 +89,10 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Tune(args) => tune::run(args),
         Command::Restore(args) => restore::run(args),
+        Command::GenerateDocs { out } => {
+            use clap::CommandFactory;
+            docs::write(Cli::command(), &out, "1")?;
+            Ok(())
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// Daemon configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address of /metrics and the JSON API.
@@ -118,6 +118,42 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// packaging/enlightd.toml, the package's /etc/enlight/enlightd.toml, lists every key with
+    /// its default: it parses, it gives the defaults (but for the service's directories), and
+    /// no key of the configuration is missing from it.
+    #[test]
+    fn the_packaged_configuration_lists_every_key_with_its_default() {
+        let text = include_str!("../../packaging/enlightd.toml");
+        let shipped = Config::parse(text).unwrap();
+        let mut expected = Config {
+            runtime_dir: "/run/enlight".into(),
+            ..Config::default()
+        };
+        expected.tuner.audit_log = Some("/var/lib/enlight/tuner-audit.jsonl".into());
+        assert_eq!(shipped, expected);
+        fn keys(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+            if let toml::Value::Table(t) = v {
+                for (k, v) in t {
+                    let key = format!("{prefix}{k}");
+                    keys(&format!("{key}."), v, out);
+                    out.push(key);
+                }
+            }
+        }
+        let (mut all, mut listed) = (Vec::new(), Vec::new());
+        keys("", &toml::Value::try_from(&shipped).unwrap(), &mut all);
+        keys("", &toml::from_str::<toml::Value>(text).unwrap(), &mut listed);
+        // Per-device overrides are a table of devices, shown commented out below.
+        let missing: Vec<&String> = all
+            .iter()
+            .filter(|k| !listed.contains(k) && *k != "tuner.devices")
+            .collect();
+        assert!(missing.is_empty(), "keys missing from the packaged file: {missing:?}");
+        for key in ["[tuner.devices.disk0]", "mode", "objective", "slo_p99_us", "pinned"] {
+            assert!(text.contains(&format!("# {key}")), "{key} not shown");
+        }
+    }
 
     #[test]
     fn empty_file_gives_defaults() {

@@ -6,6 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+
+#[path = "../docs.rs"]
+mod docs;
 use enlightd::Config;
 
 #[derive(Parser, Debug)]
@@ -48,6 +51,9 @@ struct Flags {
     /// Log line format: text, or json (one object per line, for log shippers).
     #[arg(long, value_enum, default_value_t = enlightd::logging::LogFormat::Text)]
     log_format: enlightd::logging::LogFormat,
+    /// Write enlightd's man page and shell completions under DIR, then exit (for packaging).
+    #[arg(long, value_name = "DIR", hide = true)]
+    generate_docs: Option<PathBuf>,
 }
 
 fn config_from(flags: &Flags) -> Result<Config> {
@@ -166,6 +172,16 @@ fn check(flags: &Flags) -> Result<()> {
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
+    if let Some(dir) = &flags.generate_docs {
+        use clap::CommandFactory;
+        return match docs::write(Flags::command(), dir, "8") {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("enlightd: writing the docs to {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     enlightd::logging::init(flags.verbose, flags.log_format);
     let result = if flags.check {
         check(&flags)

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 pub use discovery::DriverClass;
 
 /// `[kernel]` in enlightd's configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KernelConfig {
     /// Observe the kernel's own devices: load the kernel probes and list devices from sysfs.

@@ -22,7 +22,7 @@ use super::decide::{Policy, TunerParams};
 use super::{Objective, TunerMode};
 
 /// The tuner's configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TunerConfig {
     /// Mode of every device without its own.
@@ -50,7 +50,7 @@ pub struct TunerConfig {
 }
 
 /// One device's overrides.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeviceTunerConfig {
     pub mode: Option<TunerMode>,
