@@ -591,7 +591,7 @@ fn three_instances_one_prometheus_every_panel_and_rule_per_instance_and_fleet_wi
                     ));
                 }
             }
-            if expr.contains("enlight_io_") && expr.contains("device") {
+            if all.iter().any(|(l, _)| l.contains_key("device")) && expr.contains("enlight_io_") {
                 // Three disk0s stay three.
                 let disk0s = all
                     .iter()

@@ -143,14 +143,27 @@ mod tests {
         }
         let (mut all, mut listed) = (Vec::new(), Vec::new());
         keys("", &toml::Value::try_from(&shipped).unwrap(), &mut all);
-        keys("", &toml::from_str::<toml::Value>(text).unwrap(), &mut listed);
+        keys(
+            "",
+            &toml::from_str::<toml::Value>(text).unwrap(),
+            &mut listed,
+        );
         // Per-device overrides are a table of devices, shown commented out below.
         let missing: Vec<&String> = all
             .iter()
             .filter(|k| !listed.contains(k) && *k != "tuner.devices")
             .collect();
-        assert!(missing.is_empty(), "keys missing from the packaged file: {missing:?}");
-        for key in ["[tuner.devices.disk0]", "mode", "objective", "slo_p99_us", "pinned"] {
+        assert!(
+            missing.is_empty(),
+            "keys missing from the packaged file: {missing:?}"
+        );
+        for key in [
+            "[tuner.devices.disk0]",
+            "mode",
+            "objective",
+            "slo_p99_us",
+            "pinned",
+        ] {
             assert!(text.contains(&format!("# {key}")), "{key} not shown");
         }
     }

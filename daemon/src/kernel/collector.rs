@@ -253,6 +253,7 @@ impl<S: KernelSource> KernelCollector<S> {
             .map(|t| started.duration_since(t).as_secs_f64())
             .unwrap_or(0.0);
         self.last_tick = Some(started);
+        let peak_window = state.peak_window;
         state.kernel.probes_loaded = Some(self.source.is_some());
         state.kernel.load_error = self.load_error.clone();
         let snap = match &self.source {
@@ -408,12 +409,34 @@ impl<S: KernelSource> KernelCollector<S> {
                     napi = (n.napi_polls, n.napi_work, n.napi_budget_exhausted);
                 }
             }
+            let (mut all_rate, mut all_bucket) = (0.0, None);
             for (op, mut f) in fresh {
                 if let (Some(prev), true) = (dev.ops.get(&op), dt > 0.0) {
                     f.ops_per_sec = f.ops.saturating_sub(prev.ops) as f64 / dt;
                     f.bytes_per_sec = f.bytes.saturating_sub(prev.bytes) as f64 / dt;
                 }
+                if dt > 0.0 {
+                    // Microbursts, as for registry devices (crate::peaks).
+                    let grown = crate::peaks::highest_grown_bucket(
+                        dev.ops.get(&op).map(|p| &p.buckets),
+                        &f.buckets,
+                    );
+                    dev.peaks.entry(op).or_default().push(
+                        started,
+                        f.ops_per_sec,
+                        grown,
+                        peak_window,
+                    );
+                    all_rate += f.ops_per_sec;
+                    all_bucket = all_bucket.max(grown);
+                }
                 dev.ops.insert(op, f);
+            }
+            if dt > 0.0 && !dev.ops.is_empty() {
+                dev.peaks
+                    .entry(crate::collector::ALL_OPS)
+                    .or_default()
+                    .push(started, all_rate, all_bucket, peak_window);
             }
             let (prev_polls, prev_work) = self
                 .last_napi
