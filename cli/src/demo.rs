@@ -51,6 +51,8 @@ enum DemoTuner {
 #[derive(Default)]
 struct DeviceFeed {
     latest: Option<WorkloadSnapshot>,
+    /// The last few seconds of reports, with when each arrived.
+    recent: std::collections::VecDeque<(Instant, WorkloadSnapshot)>,
     finished: bool,
 }
 
@@ -121,7 +123,7 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     let mut last_decision_ms = 0;
     // A row per collector interval, both halves over the same span: the eBPF counts as the
     // collector read them at two consecutive ticks, the workload's as it reported them (every
-    // 100 ms) at those two moments.
+    // 100 ms) closest to those two reads.
     let mut last_tick = handle.ticks();
     let mut previous: Option<Moment> = None;
     loop {
@@ -134,16 +136,33 @@ async fn run_async(args: DemoArgs) -> Result<()> {
         if interrupted || timed_out || finished {
             break;
         }
-        let ticks = handle.ticks();
+        let (ticks, read_at) = handle.ticks_and_read_at();
         if ticks == last_tick {
             continue;
         }
         last_tick = ticks;
         let devices = handle.devices();
+        // The eBPF figures are as of the collector's read of the maps; the workload's report
+        // closest to that moment goes with them.
+        let at = read_at.unwrap_or_else(Instant::now);
+        let workload = {
+            let f = feed.lock().expect("feed lock");
+            f.recent
+                .iter()
+                .min_by_key(|(t, _)| {
+                    if *t > at {
+                        t.duration_since(at)
+                    } else {
+                        at.duration_since(*t)
+                    }
+                })
+                .map(|(_, w)| w.clone())
+                .or_else(|| f.latest.clone())
+        };
         let now = Moment {
-            at: Instant::now(),
+            at,
             device: devices.iter().find(|d| d.name == "disk0").cloned(),
-            workload: feed.lock().expect("feed lock").latest.clone(),
+            workload,
         };
         if let Some(before) = &previous {
             println!("{}", summary_line(started.elapsed(), before, &now));
@@ -204,8 +223,8 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-/// What the demo knows at one collector tick: the eBPF view of the disk and the workload's own
-/// latest report (at most 100 ms old).
+/// What the demo knows at one collector read: the eBPF view of the disk then, and the workload's
+/// own report closest to that moment (reports come every 100 ms).
 struct Moment {
     at: Instant,
     device: Option<enlightd::DeviceView>,
@@ -268,7 +287,19 @@ fn read_device_feed(
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             match serde_json::from_str::<WorkloadSnapshot>(&line) {
-                Ok(snapshot) => feed.lock().expect("feed lock").latest = Some(snapshot),
+                Ok(snapshot) => {
+                    let mut f = feed.lock().expect("feed lock");
+                    let now = Instant::now();
+                    f.recent.push_back((now, snapshot.clone()));
+                    while f
+                        .recent
+                        .front()
+                        .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(3))
+                    {
+                        f.recent.pop_front();
+                    }
+                    f.latest = Some(snapshot);
+                }
                 Err(e) => log::warn!("unreadable line from the device process: {e}: {line}"),
             }
         }

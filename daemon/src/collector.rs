@@ -210,6 +210,9 @@ pub struct State {
     pub peak_window: Duration,
     /// The collector's interval: the resolution of the peak rates.
     pub interval: Duration,
+    /// When the maps were last read (what the figures describe; a tick that attaches probes
+    /// ends well after it).
+    pub read_at: Option<Instant>,
 }
 
 impl State {
@@ -402,6 +405,7 @@ impl<P: ProbeSource> Collector<P> {
 
         // 3. Read the maps (before any detach, so vanished processes' last counts are kept).
         if !self.attached_pids.is_empty() {
+            state.read_at = Some(Instant::now());
             match self.probes.snapshot() {
                 Ok(snap) => apply_snapshot(state, &snap, dt, started, self.peak_window),
                 Err(e) => state.error("snapshot", e),

@@ -94,6 +94,12 @@ impl DaemonHandle {
     pub fn ticks(&self) -> u64 {
         self.state.lock().expect("state lock").ticks
     }
+
+    /// Collector intervals completed so far, and when the maps were last read.
+    pub fn ticks_and_read_at(&self) -> (u64, Option<std::time::Instant>) {
+        let st = self.state.lock().expect("state lock");
+        (st.ticks, st.read_at)
+    }
 }
 
 /// A running collector.
