@@ -617,7 +617,9 @@ fn three_instances_one_prometheus_every_panel_and_rule_per_instance_and_fleet_wi
             check_fleet_query(&prom, &what, &expr, &mut failures);
         }
     }
-    assert!(checked >= 40, "only {checked} dashboard queries");
+    if checked < 40 {
+        failures.push(format!("only {checked} dashboard queries"));
+    }
 
     // The figures themselves: each disk0 at its workload's rate; four devices, all attached.
     let ops = prom.query(&substitute(
