@@ -108,7 +108,11 @@ pub fn render(devices: &[DeviceView], only: Option<&str>) -> Result<String> {
             mode_name(t.mode),
             t.objective.name(),
             state_name(t.state),
-            if t.pinned { ", pinned" } else { "" },
+            if t.pinned && t.state != enlightd::tuner::TunerState::Pinned {
+                ", pinned"
+            } else {
+                ""
+            },
             settings_line(&d.settings)
         ));
         match &t.recommendation {

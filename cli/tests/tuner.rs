@@ -261,7 +261,7 @@ fn enlightd_tunes_a_live_disk_through_its_socket_records_it_and_resumes_after_a_
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("tune0 (synthetic disk): mode Auto, objective latency"),
+        text.contains("tune0 (synthetic disk): tuner auto (applies changes), objective latency, pinned by the operator\n"),
         "{text}"
     );
 
