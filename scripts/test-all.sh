@@ -62,6 +62,16 @@ cargo fmt --all --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "data races with a peer scribbling into shared memory (ThreadSanitizer)"
+# Every access our channel ends make to memory a peer can write must be atomic
+# (driver/src/shmem.rs); driver/tests/peer_races.rs runs both ends beside a thread that scribbles
+# over the rings and the shared area, and ThreadSanitizer fails it on any non-atomic access. The
+# standard library is not rebuilt with the sanitizer (that needs its source, which the stable
+# toolchain here does not ship): hence RUSTC_BOOTSTRAP for -Z and the ABI-mismatch allowance.
+RUSTC_BOOTSTRAP=1 RUSTFLAGS="-Zsanitizer=thread -Cunsafe-allow-abi-mismatch=sanitizer" \
+    cargo test -p enlight-driver --test peer_races --locked \
+    --target "$(rustc -vV | sed -n 's/^host: //p')" --target-dir target/tsan
+
 step "cargo test (unit, integration and privileged eBPF tests)"
 # Two test threads per binary keep the privileged tests (which attach uprobes and read shared
 # kernel maps) from timing each other out on a 2-core machine; tests that run a daemon also

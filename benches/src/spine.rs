@@ -58,6 +58,10 @@ struct Args {
     /// Where to write the raw results.
     #[arg(long, default_value = "benches/results/spine.json")]
     json: PathBuf,
+    /// Measure only the channel throughput, print its table and stop (no root needed, no JSON
+    /// written): a quick check of the ring's data path.
+    #[arg(long)]
+    channel_only: bool,
 }
 
 #[derive(Serialize)]
@@ -689,6 +693,11 @@ fn main() -> Result<()> {
     for payload in [64, 1024, 4096] {
         channel.push(channel_throughput(payload, args.secs)?);
     }
+    if args.channel_only {
+        println!("Machine: {machine} ({cpus} CPUs), kernel {kernel}\n");
+        print_channel(&channel);
+        return Ok(());
+    }
 
     std::fs::create_dir_all(&args.dir)?;
     let mut direct = true;
@@ -866,15 +875,11 @@ fn cpus_allowed() -> usize {
     }
 }
 
-fn print_markdown(r: &Report) {
-    println!(
-        "Machine: {} ({} CPUs, this process on {}), kernel {}, backing file O_DIRECT: {}\n",
-        r.machine, r.cpus, r.cpus_allowed, r.kernel, r.direct_io
-    );
+fn print_channel(channel: &[ChannelResult]) {
     println!("| channel payload | messages/s | vs 64 B | signals per message |");
     println!("|---|---|---|---|");
-    let base = r.channel[0].messages_per_sec;
-    for c in &r.channel {
+    let base = channel[0].messages_per_sec;
+    for c in channel {
         println!(
             "| {} B | {:.0} | {:.2} | {:.4} |",
             c.payload_bytes,
@@ -883,6 +888,14 @@ fn print_markdown(r: &Report) {
             c.signals_per_message
         );
     }
+}
+
+fn print_markdown(r: &Report) {
+    println!(
+        "Machine: {} ({} CPUs, this process on {}), kernel {}, backing file O_DIRECT: {}\n",
+        r.machine, r.cpus, r.cpus_allowed, r.kernel, r.direct_io
+    );
+    print_channel(&r.channel);
     println!("\n| disk, 4 KiB random read | backing file | IOPS | vs QD1 | p50 | p99 |");
     println!("|---|---|---|---|---|---|");
     for pair in r.disk.chunks(2) {

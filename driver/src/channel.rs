@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ring::{self, RingError, RingReader, RingWriter, PAGE_SIZE};
+use crate::shmem::SharedMem;
 
 /// Largest ring data area we accept from a peer or a config (64 MiB).
 pub const MAX_RING_BYTES: usize = 64 << 20;
@@ -113,8 +114,8 @@ struct SharedRegion {
     memfd: OwnedFd,
 }
 
-// SAFETY: the mapping is shared memory accessed only through the ring code's atomics and raw
-// copies, or through raw pointers handed out by `extra_area` whose users synchronise themselves.
+// SAFETY: the mapping is shared memory accessed only through atomics (the rings' control pages
+// and `SharedMem` word copies) or by system calls on raw pointers handed out by `extra_area`.
 unsafe impl Send for SharedRegion {}
 // SAFETY: as above; SharedRegion itself has no interior state besides the immutable pointer.
 unsafe impl Sync for SharedRegion {}
@@ -273,57 +274,51 @@ impl Waiter {
     }
 }
 
-/// A pointer into the shared extra area, kept alive with the mapping.
+/// The shared extra area, kept alive with the mapping. The peer may read and write it at any
+/// moment: every copy in or out is an atomic word copy ([`SharedMem`]).
 #[derive(Clone)]
 pub struct SharedArea {
     region: Arc<SharedRegion>,
-    offset: usize,
-    len: usize,
+    mem: SharedMem,
 }
 
 impl SharedArea {
-    /// Start of the area. The peer may read and write it concurrently: access it with raw
-    /// copies only (or through I/O syscalls), never through Rust references held across the peer's
-    /// accesses.
+    /// Start of the area, for system calls that read or write it themselves (`pread`,
+    /// `pwrite`). The peer may read and write it concurrently: never make a Rust reference
+    /// into it; copy with [`read_at`](Self::read_at)/[`write_at`](Self::write_at).
     pub fn as_ptr(&self) -> *mut u8 {
-        // SAFETY: offset <= region length by construction.
-        unsafe { self.region.ptr.add(self.offset) }
+        self.mem.as_ptr()
+    }
+
+    /// The area as shared memory (valid while this `SharedArea` or a clone of it lives).
+    pub fn mem(&self) -> SharedMem {
+        self.mem
     }
 
     /// Length of the area.
     pub fn len(&self) -> usize {
-        self.len
+        self.mem.len()
     }
 
     /// Whether the area is empty.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.mem.is_empty()
     }
 
-    /// Copies out of the area; `None` if the range is outside it.
+    /// Copies out of the area (each byte read once); `None` if the range is outside it.
     pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Option<()> {
-        let end = offset.checked_add(dst.len())?;
-        if end > self.len {
-            return None;
-        }
-        // SAFETY: [offset, end) is inside the area (checked above); dst is local memory.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), dst.as_mut_ptr(), dst.len())
-        };
-        Some(())
+        self.mem.read(offset, dst).ok()
     }
 
     /// Copies into the area; `None` if the range is outside it.
     pub fn write_at(&self, offset: usize, src: &[u8]) -> Option<()> {
-        let end = offset.checked_add(src.len())?;
-        if end > self.len {
-            return None;
-        }
-        // SAFETY: [offset, end) is inside the area (checked above); src is local memory.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.as_ptr().add(offset), src.len())
-        };
-        Some(())
+        self.mem.write(offset, src).ok()
+    }
+
+    /// Copies the first `len` bytes of this area into `dst` (a multiple of 8 bytes that fits in
+    /// both areas); `None` otherwise.
+    pub fn copy_to(&self, dst: &SharedArea, len: usize) -> Option<()> {
+        self.mem.copy_to(0, &dst.mem, 0, len).ok()
     }
 }
 
@@ -389,8 +384,8 @@ macro_rules! end_methods {
             }
 
             /// Raw pointer and length of the shared buffer area, valid while any piece of this
-            /// channel lives. The peer may read and write it concurrently: copy with raw
-            /// pointers (or pass it to I/O syscalls), never hold Rust references into it.
+            /// channel lives. The peer may read and write it concurrently: copy through
+            /// [`SharedArea`] (or pass it to I/O syscalls), never hold Rust references into it.
             pub fn extra_area(&self) -> (*mut u8, usize) {
                 (self.extra.as_ptr(), self.extra.len())
             }
@@ -465,10 +460,14 @@ fn ends(
             RingWriter::new(in_base, in_len)?,
         )
     };
+    // SAFETY: the extra area is the page-aligned tail of the region after both rings, mapped
+    // while `region` lives (SharedArea holds it); this process touches it only through SharedMem
+    // or system calls.
+    let mem = unsafe { SharedMem::new(base.add(out_len + in_len), cfg.extra_bytes) }
+        .ok_or_else(|| ChannelError::BadConfig("extra area is not word-aligned".into()))?;
     let extra = SharedArea {
         region: Arc::clone(&parts.region),
-        offset: out_len + in_len,
-        len: cfg.extra_bytes,
+        mem,
     };
     let guest = GuestEnd {
         tx: g_tx,

@@ -393,11 +393,13 @@ impl DiskVsc {
         // Slots keep their data: a completed read's buffer stays readable until the slot is
         // reused (`read_completed`).
         let len = self.end.extra.len().min(guest.extra.len());
-        // SAFETY: both areas are at least `len` bytes and mapped while the ends live; nothing is
-        // in flight, so the host touches neither, and the new area is not shared with anyone yet.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.end.extra.as_ptr(), guest.extra.as_ptr(), len)
-        };
+        // Word by word, atomically: the old area is shared with the host (a hostile one may write
+        // it even with nothing in flight), the new one not yet with anyone.
+        if self.end.extra.copy_to(&guest.extra, len).is_none() {
+            return Ok(Err(format!(
+                "copying {len} bytes of slots to the new channel"
+            )));
+        }
         if let Err(e) = self.live.watch_peer(&mut guest) {
             return Ok(Err(format!("watching the host on the new channel: {e}")));
         }

@@ -1,6 +1,7 @@
 //! enlight's userspace synthetic drivers.
 //!
 //! Layout, bottom up:
+//! - [`shmem`]: every access to memory a peer may write (atomic word copies, each byte read once).
 //! - [`ring`]: one VMBus-style ring buffer in shared memory (Hyper-V layout, signalling and
 //!   flow-control rules). Everything the peer writes is untrusted and validated before use.
 //! - [`channel`]: a channel is two rings plus two eventfds in one memfd-backed region, usable from
@@ -29,6 +30,7 @@ pub mod nic;
 pub mod registry;
 pub mod ring;
 pub mod settings;
+pub mod shmem;
 pub mod trace;
 pub mod usdt;
 pub mod workload;
