@@ -12,7 +12,10 @@
 //! Both ends can live in one process (threads) or the host end can be handed to another process
 //! over a Unix socket ([`create_for_peer`], [`receive_host_end`]): the memfd and both eventfds
 //! travel as `SCM_RIGHTS`, the sizes in a small header the receiver validates against the memfd's
-//! real size. The socket then stays open as a liveness check: [`Waiter::wait`] reports
+//! real size. The memfd is sealed against shrinking and growing (`F_SEAL_SHRINK | F_SEAL_GROW |
+//! F_SEAL_SEAL`) before anyone maps it, and the receiver refuses one without those seals
+//! ([`ChannelError::Unsealed`]): a peer that could truncate the region under our mapping could
+//! kill us with SIGBUS on our next access. The socket then stays open as a liveness check: [`Waiter::wait`] reports
 //! [`WaitResult::PeerGone`] when the other process has exited.
 
 use std::io::{self, IoSlice, IoSliceMut};
@@ -94,6 +97,13 @@ pub enum ChannelError {
     /// A ring could not be set up.
     #[error(transparent)]
     Ring(#[from] RingError),
+    /// The peer's memfd is not sealed against resizing: it could truncate the region under our
+    /// mapping and kill us with SIGBUS on the next access.
+    #[error(
+        "the peer's memfd is not sealed against resizing (seals {seals:#x}; need F_SEAL_SHRINK, \
+         F_SEAL_GROW and F_SEAL_SEAL, and no write seal)"
+    )]
+    Unsealed { seals: u32 },
 }
 
 fn os(what: &'static str) -> impl FnOnce(io::Error) -> ChannelError {
@@ -502,7 +512,8 @@ fn create_parts(cfg: &ChannelConfig) -> Result<Parts, ChannelError> {
     cfg.validate()?;
     let name = c"enlight-channel";
     // SAFETY: name is a valid C string; the returned fd is owned by us on success.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(last_os("memfd_create"));
     }
@@ -511,6 +522,13 @@ fn create_parts(cfg: &ChannelConfig) -> Result<Parts, ChannelError> {
     // SAFETY: plain syscall on our fd.
     if unsafe { libc::ftruncate(memfd.as_raw_fd(), cfg.region_len() as libc::off_t) } != 0 {
         return Err(last_os("ftruncate of the channel memfd"));
+    }
+    // Fix the size for good before anyone maps it: a process holding the memfd could otherwise
+    // truncate it and turn the other side's next access into SIGBUS. The receiving side refuses
+    // a memfd without these seals (`check_seals`).
+    // SAFETY: plain syscall on our fd.
+    if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, REQUIRED_SEALS) } != 0 {
+        return Err(last_os("sealing the channel memfd"));
     }
     let region = SharedRegion::map(memfd, cfg.region_len())?;
     // SAFETY: the region is freshly mapped, zeroed by the kernel, and unused; each ring lies
@@ -577,6 +595,9 @@ pub fn receive_host_end(sock: &UnixStream) -> Result<HostEnd, ChannelError> {
     };
     cfg.validate()
         .map_err(|e| ChannelError::BadHandoff(e.to_string()))?;
+    // Seals first: once they are in place the size cannot change between the check below and
+    // the mapping (or ever after).
+    check_seals(memfd.as_fd())?;
     // SAFETY: zeroed stat is a valid out-parameter; fstat on an fd we own.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
@@ -602,6 +623,29 @@ pub fn receive_host_end(sock: &UnixStream) -> Result<HostEnd, ChannelError> {
     let keep = sock.try_clone().map_err(os("dup of the hand-off socket"))?;
     let (_guest, host) = ends(cfg, &parts, Some(Arc::new(keep)))?;
     Ok(host)
+}
+
+/// Seals every channel memfd carries: its size can never change again, and no seal can be added
+/// (so no one can later forbid the writes both sides make).
+const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// Refuses a memfd the peer could still resize (or that forbids writing to it).
+fn check_seals(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), ChannelError> {
+    // SAFETY: plain syscall on a descriptor we own.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        let err = io::Error::last_os_error();
+        return Err(ChannelError::BadHandoff(format!(
+            "the region descriptor is not a memfd that can carry seals: {err}"
+        )));
+    }
+    let forbidden = libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE;
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS || seals & forbidden != 0 {
+        return Err(ChannelError::Unsealed {
+            seals: seals as u32,
+        });
+    }
+    Ok(())
 }
 
 fn check_is_eventfd(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), ChannelError> {
@@ -1074,5 +1118,150 @@ mod tests {
         send_with_fds(&a, &header, &fds).unwrap();
         let err = receive_host_end(&b).err().unwrap();
         assert!(err.to_string().contains("memfd is"), "{err}");
+    }
+    /// The host half of `a_peer_truncating_the_memfd_cannot_crash_the_host`: receives the host
+    /// end, waits for the guest's signal (sent after its truncation attempt) and uses both rings.
+    #[test]
+    fn truncation_child_role() {
+        use std::io::Write;
+        let Ok(fd) = std::env::var("ENLIGHT_TRUNCATE_CHILD") else {
+            return;
+        };
+        let fd: RawFd = fd.parse().unwrap();
+        // SAFETY: the parent passed this inherited, open socket fd to us and nobody else uses it.
+        let sock = unsafe { UnixStream::from_raw_fd(fd) };
+        let mut host = receive_host_end(&sock).unwrap();
+        // Mapped: now the guest may try its worst.
+        (&sock).write_all(b"R").unwrap();
+        assert_eq!(
+            host.from_guest.wait(Duration::from_secs(30)).unwrap(),
+            WaitResult::Signalled
+        );
+        // With the region truncated under the mapping, either access is SIGBUS.
+        let (h, buf) = host.rx.read().unwrap().unwrap();
+        assert_eq!((h.trans_id, &buf[..5]), (1, &b"hello"[..]));
+        host.rx.commit();
+        host.tx.try_write(11, 0, 1, &[b"done"]).unwrap();
+    }
+
+    /// A guest process that truncates the memfd after handing the host end over cannot crash
+    /// the host: the memfd is sealed against resizing, so the truncation fails (it used to
+    /// succeed, and the host died of SIGBUS on its next ring access; the host runs in a child
+    /// process here so that the test sees that instead of dying of it).
+    #[test]
+    fn a_peer_truncating_the_memfd_cannot_crash_the_host() {
+        use std::io::Read;
+        if std::env::var("ENLIGHT_TRUNCATE_CHILD").is_ok() {
+            return;
+        }
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        // SAFETY: fcntl on a socket we own: the child inherits it.
+        unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) };
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "channel::tests::truncation_child_role",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("ENLIGHT_TRUNCATE_CHILD", theirs.as_raw_fd().to_string())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        drop(theirs);
+        let (mut guest, host) = create(&cfg()).unwrap();
+        let memfd = host.extra.region.memfd.try_clone().unwrap();
+        guest.tx.try_write(6, 1, 1, &[b"hello"]).unwrap();
+        host.send_to(&ours).unwrap();
+        let mut mapped = [0u8; 1];
+        (&ours).read_exact(&mut mapped).unwrap();
+        // The hostile part: shrink the region to nothing under the host's mapping.
+        // SAFETY: plain syscall on a descriptor we own.
+        let rc = unsafe { libc::ftruncate(memfd.as_raw_fd(), 0) };
+        let err = std::io::Error::last_os_error();
+        guest.to_host.signal().unwrap();
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            status.success(),
+            "the host process ended with {status:?} (signal {:?}) after the guest truncated the \
+             memfd (ftruncate returned {rc})",
+            status.signal()
+        );
+        assert_eq!(rc, -1, "a sealed memfd cannot shrink");
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        // The host wrote its reply into the region, which is still whole.
+        let (h, buf) = guest.rx.read().unwrap().unwrap();
+        assert_eq!((h.trans_id, &buf[..4]), (1, &b"done"[..]));
+    }
+
+    /// A hand-off whose memfd could be resized is refused with a typed error before anything is
+    /// mapped: one without seals at all, one that may still grow, one whose seals can still be
+    /// added to (no F_SEAL_SEAL), and one that is not a memfd.
+    #[test]
+    fn an_unsealed_memfd_is_refused() {
+        let c = cfg();
+        let make = |flags: libc::c_uint, seals: libc::c_int| {
+            // SAFETY: a valid C string; we own the returned fd.
+            let fd = unsafe { libc::memfd_create(c"hostile".as_ptr(), libc::MFD_CLOEXEC | flags) };
+            assert!(fd >= 0);
+            // SAFETY: fresh fd owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: plain syscalls on our fd.
+            unsafe {
+                assert_eq!(
+                    libc::ftruncate(fd.as_raw_fd(), c.region_len() as libc::off_t),
+                    0
+                );
+                if seals != 0 {
+                    assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals), 0);
+                }
+            }
+            fd
+        };
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(c.region_len() as u64).unwrap();
+        let cases: [(OwnedFd, &str); 4] = [
+            (make(0, 0), "no seals"),
+            (
+                make(
+                    libc::MFD_ALLOW_SEALING,
+                    libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL,
+                ),
+                "may grow",
+            ),
+            (
+                make(
+                    libc::MFD_ALLOW_SEALING,
+                    libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+                ),
+                "seals not sealed",
+            ),
+            (OwnedFd::from(file), "a plain file"),
+        ];
+        for (memfd, what) in cases {
+            let (a, b) = UnixStream::pair().unwrap();
+            let (g2h, h2g) = (eventfd().unwrap(), eventfd().unwrap());
+            let fds = [memfd.as_raw_fd(), g2h.as_raw_fd(), h2g.as_raw_fd()];
+            send_with_fds(&a, &handoff_header(&c), &fds).unwrap();
+            let r = receive_host_end(&b);
+            assert!(
+                matches!(
+                    r,
+                    Err(ChannelError::Unsealed { .. }) | Err(ChannelError::BadHandoff(_))
+                ),
+                "{what}: {:?}",
+                r.as_ref().err()
+            );
+            if what != "a plain file" {
+                assert!(matches!(r, Err(ChannelError::Unsealed { .. })), "{what}");
+            }
+        }
+        // Our own channels are sealed.
+        let (_g, host) = create(&c).unwrap();
+        // SAFETY: fcntl on a descriptor the host end owns.
+        let seals = unsafe { libc::fcntl(host.extra.region.memfd.as_raw_fd(), libc::F_GET_SEALS) };
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        assert_eq!(seals & want, want);
     }
 }
