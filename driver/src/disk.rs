@@ -8,6 +8,13 @@
 //! a real backing file (`O_DIRECT` where the file system allows) on a small thread pool that
 //! reads and writes the shared slots directly, and sends a [`DiskCompletion`] back.
 //!
+//! Both sides validate every byte from the other. The host answers a request with bad arguments
+//! (unknown op, out-of-range LBA or buffer) with an error status; a packet the guest cannot
+//! legally send at all (not a request, or a request that does not decode) ends the service with
+//! [`DiskError::GuestProtocol`]. The guest accepts a completion only for a tag in flight, with a
+//! length that fits the request; anything else is [`DiskError::Protocol`] and breaks the channel,
+//! so every later call fails with [`DiskError::Broken`] (as a ring violation breaks the ring).
+//!
 //! Interrupt moderation on the completion path: a completion write that makes the inbound ring
 //! non-empty while the guest has not masked interrupts makes a signal *owed*; the host fires it
 //! after `moderation_frames` completions or `moderation_usecs` microseconds, whichever comes
@@ -149,9 +156,17 @@ pub enum DiskError {
     /// The peer broke the ring protocol; the channel is unusable.
     #[error("channel broken: {0}")]
     Ring(#[from] RingError),
-    /// The peer sent a well-framed packet that makes no sense; the channel is unusable.
+    /// The host sent a well-framed packet it cannot legally send (a completion for a tag not in
+    /// flight, a packet of the wrong type or length); the channel is unusable from then on.
     #[error("protocol violation by the host: {0}")]
     Protocol(String),
+    /// The guest sent a packet it cannot legally send (one that is not a request, a request that
+    /// does not decode); the host stops serving the channel.
+    #[error("protocol violation by the guest: {0}")]
+    GuestProtocol(String),
+    /// An earlier protocol violation broke the channel; every later call fails with this.
+    #[error("the channel is broken by an earlier protocol violation: {0}")]
+    Broken(String),
     /// The backing file could not be used.
     #[error("backing file {path}: {source}")]
     Backing {
@@ -242,6 +257,8 @@ pub struct DiskVsc {
     /// Completions reaped and not yet traced (see [`DiskVsc::flush_trace`]).
     records: Vec<CompletionRecord>,
     records_since: Option<Instant>,
+    /// The host's protocol violation that broke the channel: every later call fails with it.
+    broken: Option<String>,
 }
 
 impl DiskVsc {
@@ -285,7 +302,25 @@ impl DiskVsc {
             buf: Vec::with_capacity(64),
             records: Vec::with_capacity(trace::MAX_BATCH),
             records_since: None,
+            broken: None,
         }
+    }
+
+    /// Fails with [`DiskError::Broken`] once a protocol violation broke the channel.
+    fn check_broken(&self) -> Result<(), DiskError> {
+        match &self.broken {
+            Some(why) => Err(DiskError::Broken(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Passes `e` on, remembering a protocol violation so that every later call fails too (a
+    /// broken ring already does that by itself).
+    fn note(&mut self, e: DiskError) -> DiskError {
+        if let DiskError::Protocol(why) = &e {
+            self.broken.get_or_insert_with(|| why.clone());
+        }
+        e
     }
 
     /// Disk size in sectors.
@@ -506,7 +541,9 @@ impl DiskVsc {
 
     /// Submits a read or a flush (or a write of whatever the slot holds).
     pub fn submit(&mut self, op: u16, lba: u64, sectors: u32) -> Result<Submitted, DiskError> {
+        self.check_broken()?;
         self.submit_inner(op, lba, sectors, None)
+            .map_err(|e| self.note(e))
     }
 
     /// Submits a write of `data` (a multiple of 512 bytes).
@@ -517,12 +554,14 @@ impl DiskVsc {
                 data.len()
             )));
         }
+        self.check_broken()?;
         self.submit_inner(
             OP_WRITE,
             lba,
             (data.len() / SECTOR as usize) as u32,
             Some(data),
         )
+        .map_err(|e| self.note(e))
     }
 
     fn submit_inner(
@@ -686,8 +725,18 @@ impl DiskVsc {
     }
 
     /// Reaps completions into `out`, NAPI-style, waiting up to `timeout` for the first one.
-    /// Returns how many were reaped (0 on timeout).
+    /// Returns how many were reaped (0 on timeout). A protocol violation by the host is
+    /// [`DiskError::Protocol`], and every later call is [`DiskError::Broken`].
     pub fn reap(
+        &mut self,
+        out: &mut Vec<Completion>,
+        timeout: Duration,
+    ) -> Result<usize, DiskError> {
+        self.check_broken()?;
+        self.reap_inner(out, timeout).map_err(|e| self.note(e))
+    }
+
+    fn reap_inner(
         &mut self,
         out: &mut Vec<Completion>,
         timeout: Duration,
@@ -1058,12 +1107,26 @@ pub fn serve(
         // 1. Requests from the guest.
         let step: Result<(), DiskError> = (|| {
             while let Some(h) = host.rx.read_into(&mut buf)? {
-                let req = if h.ty == PACKET_TYPE_INBAND {
-                    DiskRequest::decode(&buf)
-                } else {
-                    None
+                // Only requests may come this way: anything else is a violation that ends the
+                // service (a request with bad arguments is answered with an error status).
+                let violation = |why: String| {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    DiskError::GuestProtocol(why)
                 };
-                if h.trans_id == SWITCH_TAG && req.is_some_and(|r| r.op == OP_SWITCH_CHANNEL) {
+                if h.ty != PACKET_TYPE_INBAND {
+                    return Err(violation(format!(
+                        "packet type {} (tag {:#x}) where a request was expected",
+                        h.ty, h.trans_id
+                    )));
+                }
+                let Some(req) = DiskRequest::decode(&buf) else {
+                    return Err(violation(format!(
+                        "a request of {} bytes (tag {:#x}) does not decode",
+                        buf.len(),
+                        h.trans_id
+                    )));
+                };
+                if h.trans_id == SWITCH_TAG && req.op == OP_SWITCH_CHANNEL {
                     // Everything earlier is read; it must all be completed too.
                     let idle = in_flight == 0 && outq.is_empty();
                     // Always taken (an offer over a socket must not linger), used only if idle.
@@ -1088,11 +1151,8 @@ pub fn serve(
                     continue;
                 }
                 stats.requests.fetch_add(1, Ordering::Relaxed);
-                let verdict = match req {
-                    Some(req) => validate(&req, capacity, host.extra.len(), options.max_io_bytes)
-                        .map(|_| req),
-                    None => Err(libc::EPROTO as u32),
-                };
+                let verdict =
+                    validate(&req, capacity, host.extra.len(), options.max_io_bytes).map(|_| req);
                 match verdict {
                     Ok(req) => {
                         in_flight += 1;
@@ -1238,7 +1298,7 @@ fn write_switch_ack(host: &mut HostEnd, status: u32) -> Result<(), DiskError> {
                 host.from_guest.wait(Duration::from_millis(1))?;
             }
             WriteOutcome::Full { .. } => {
-                return Err(DiskError::Protocol(
+                return Err(DiskError::GuestProtocol(
                     "the guest never made room for the channel switch acknowledgement".into(),
                 ))
             }
@@ -1526,14 +1586,10 @@ mod tests {
                 .try_write(PACKET_TYPE_INBAND, 1, i as u64, &[&req.encode()])
                 .unwrap();
         }
-        guest
-            .tx
-            .try_write(PACKET_TYPE_INBAND, 1, 100, &[b"short"])
-            .unwrap();
         guest.to_host.signal().unwrap();
         let mut buf = Vec::new();
         let mut statuses = Vec::new();
-        while statuses.len() < 7 {
+        while statuses.len() < 6 {
             match guest.rx.read_into(&mut buf).unwrap() {
                 Some(h) => {
                     statuses.push((h.trans_id, DiskCompletion::decode(&buf).unwrap().status))
@@ -1544,7 +1600,7 @@ mod tests {
             }
         }
         assert!(statuses.iter().all(|(_, s)| *s != 0), "{statuses:?}");
-        assert_eq!(control.stats().errors.load(Ordering::Relaxed), 7);
+        assert_eq!(control.stats().errors.load(Ordering::Relaxed), 6);
         // Then a corrupt ring index: the service stops with a typed error instead of crashing.
         // SAFETY: test pokes the outbound ring's write_index (first word of the region).
         unsafe {
@@ -1554,6 +1610,39 @@ mod tests {
         let r = t.join().unwrap();
         assert!(matches!(r, Err(DiskError::Ring(_))), "{r:?}");
         control.request_stop();
+    }
+
+    /// Packets a guest cannot legally send (not a request, or a request that does not decode)
+    /// break the channel: the service stops with a typed error instead of answering and going on.
+    #[test]
+    fn illegal_guest_packets_stop_the_service() {
+        let f = backing_with_pattern(16);
+        let cases: [(u16, &[u8], &str); 3] = [
+            (PACKET_TYPE_INBAND, b"short", "does not decode"),
+            (PACKET_TYPE_COMPLETION, &[0u8; 8], "packet type 11"),
+            (crate::ring::PACKET_TYPE_GPADL, &[0u8; 32], "packet type 8"),
+        ];
+        for (ty, payload, needle) in cases {
+            let (mut guest, control, t) = host_on_raw_channel(f.path());
+            guest.tx.try_write(ty, 1, 100, &[payload]).unwrap();
+            guest.to_host.signal().unwrap();
+            // A generous sanity bound, not a timing target: a service that carries on never ends.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !t.is_finished() {
+                if Instant::now() > deadline {
+                    control.request_stop();
+                    let _ = t.join();
+                    panic!("{needle}: the service kept serving after the violation");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let r = t.join().unwrap();
+            assert!(
+                matches!(r, Err(DiskError::GuestProtocol(ref m)) if m.contains(needle)),
+                "{needle}: {r:?}"
+            );
+            control.request_stop();
+        }
     }
 
     /// A switch request the host cannot honour (nothing offered in the hand-over slot) is
@@ -1622,6 +1711,21 @@ mod tests {
         assert!(
             matches!(err, DiskError::Protocol(ref m) if m.contains("unknown")),
             "{err}"
+        );
+        // The channel stays broken: every later call fails with the typed error, although the
+        // ring itself is intact and the host now behaves.
+        let broken = |r: Result<(), DiskError>| {
+            assert!(
+                matches!(r, Err(DiskError::Broken(ref m)) if m.contains("unknown")),
+                "{r:?}"
+            )
+        };
+        broken(vsc.reap(&mut Vec::new(), Duration::ZERO).map(|_| ()));
+        broken(vsc.submit(OP_READ, 0, 8).map(|_| ()));
+        broken(vsc.submit_write(0, &[0u8; 512]).map(|_| ()));
+        broken(
+            vsc.reap(&mut Vec::new(), Duration::from_millis(10))
+                .map(|_| ()),
         );
     }
 

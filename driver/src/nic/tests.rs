@@ -318,7 +318,8 @@ fn receive_buffer_exhaustion_stops_the_host_until_sections_return() {
             .unwrap();
         assert_eq!(data, frame(4 + k as u32, 100));
     }
-    // Returning a section twice is the guest's error, counted, and posts nothing.
+    // Returning a section twice is a completion for a tag not in flight: it breaks the
+    // channel, posts nothing, and every later turn fails.
     guest
         .tx
         .try_write(
@@ -328,14 +329,31 @@ fn receive_buffer_exhaustion_stops_the_host_until_sections_return() {
             &[&NicCompletion::default().encode()],
         )
         .unwrap();
-    vsp.poll_once(-1, Duration::from_millis(1)).unwrap();
+    expect_guest_violation(&mut vsp, "return of unknown rx");
     assert_eq!(stats.guest_errors.load(Ordering::Relaxed), 1);
     assert_eq!(vsp.posted_sections(), 0);
     assert!(inbound(&mut guest).is_empty());
 }
 
+/// The host's next turn fails with a guest protocol violation mentioning `needle`, and every
+/// turn after it with `Broken`.
+fn expect_guest_violation(vsp: &mut NicVsp<FramePipe>, needle: &str) {
+    let err = vsp.poll_once(-1, Duration::ZERO).unwrap_err();
+    assert!(
+        matches!(err, NicError::GuestProtocol(ref m) if m.contains(needle)),
+        "{err} (wanted {needle:?})"
+    );
+    for _ in 0..2 {
+        let err = vsp.poll_once(-1, Duration::ZERO).unwrap_err();
+        assert!(
+            matches!(err, NicError::Broken(ref m) if m.contains(needle)),
+            "{err} (wanted Broken: {needle:?})"
+        );
+    }
+}
+
 #[test]
-fn hostile_guest_messages_get_error_completions_and_break_nothing() {
+fn hostile_guest_requests_get_error_completions() {
     let opts = small_opts();
     let (mut guest, mut outer, mut vsp, stats) = vsp_on_raw_channel(opts);
     let bad_tx = [
@@ -366,44 +384,14 @@ fn hostile_guest_messages_get_error_completions_and_break_nothing() {
             .unwrap();
         expect.push((i as u64, libc::EINVAL as u32));
     }
-    let mut unknown = TxRequest {
-        section: 0,
-        len: 60,
-    }
-    .encode();
-    unknown[0] = 77;
-    for (id, ty, payload) in [
-        (10u64, PACKET_TYPE_INBAND, &unknown[..]),
-        (11, PACKET_TYPE_INBAND, b"abc"),
-        (12, PACKET_TYPE_GPADL, &unknown[..]),
-    ] {
-        guest
-            .tx
-            .try_write(ty, FLAG_COMPLETION_REQUESTED, id, &[payload])
-            .unwrap();
-        expect.push((id, libc::EPROTO as u32));
-    }
-    for post in [
-        RxPost {
-            first: u32::MAX,
-            count: 2,
-        },
-        RxPost { first: 3, count: 2 },
-        RxPost { first: 0, count: 2 },
-        RxPost { first: 1, count: 1 },
-    ] {
-        guest
-            .tx
-            .try_write(PACKET_TYPE_INBAND, 0, 0, &[&post.encode()])
-            .unwrap();
-    }
+    // A well-formed post of sections the host does not hold yet.
     guest
         .tx
         .try_write(
-            PACKET_TYPE_COMPLETION,
+            PACKET_TYPE_INBAND,
             0,
-            0xdead_0000_0001,
-            &[&NicCompletion::default().encode()],
+            0,
+            &[&RxPost { first: 0, count: 2 }.encode()],
         )
         .unwrap();
     vsp.poll_once(-1, Duration::from_millis(1)).unwrap();
@@ -415,9 +403,8 @@ fn hostile_guest_messages_get_error_completions_and_break_nothing() {
         })
         .collect();
     assert_eq!(got, expect);
-    // 7 bad requests, 2 bad posts, 1 duplicate post, 1 unknown return.
-    assert_eq!(stats.guest_errors.load(Ordering::Relaxed), 11);
-    assert_eq!(vsp.posted_sections(), 2, "only the good post counts");
+    assert_eq!(stats.guest_errors.load(Ordering::Relaxed), 4);
+    assert_eq!(vsp.posted_sections(), 2);
     // The service still works: a good frame goes out.
     let good = frame(5, 60);
     guest.extra.write_at(opts.send_offset(1), &good).unwrap();
@@ -455,6 +442,70 @@ fn hostile_guest_messages_get_error_completions_and_break_nothing() {
         vsp.poll_once(-1, Duration::ZERO),
         Err(NicError::Ring(RingError::Broken))
     ));
+}
+
+/// Packets a guest cannot legally send break the channel: the host's turn fails with a typed
+/// error naming the violation, and so does every later turn (it used to answer or count them
+/// and carry on).
+#[test]
+fn illegal_guest_packets_break_the_channel() {
+    let mut unknown = TxRequest {
+        section: 0,
+        len: 60,
+    }
+    .encode();
+    unknown[0] = 77;
+    let post = |first, count| RxPost { first, count }.encode().to_vec();
+    let done = NicCompletion::default().encode().to_vec();
+    let switch = proto::switch_request().to_vec();
+    /// Packets (type, tag, payload) the guest sends, and what the violation names.
+    type Case = (Vec<(u16, u64, Vec<u8>)>, &'static str);
+    let cases: Vec<Case> = vec![
+        (
+            vec![(PACKET_TYPE_INBAND, 10, unknown.to_vec())],
+            "does not decode",
+        ),
+        (
+            vec![(PACKET_TYPE_INBAND, 11, b"abc".to_vec())],
+            "does not decode",
+        ),
+        (
+            vec![(PACKET_TYPE_GPADL, 12, unknown.to_vec())],
+            "packet type 8",
+        ),
+        (vec![(PACKET_TYPE_INBAND, 13, switch)], "switch request"),
+        (
+            vec![(PACKET_TYPE_INBAND, 0, post(u32::MAX, 2))],
+            "outside the receive buffer",
+        ),
+        (
+            vec![(PACKET_TYPE_INBAND, 0, post(3, 2))],
+            "outside the receive buffer",
+        ),
+        (
+            vec![
+                (PACKET_TYPE_INBAND, 0, post(0, 2)),
+                (PACKET_TYPE_INBAND, 0, post(1, 1)),
+            ],
+            "posted twice",
+        ),
+        (
+            vec![(PACKET_TYPE_COMPLETION, 0xdead_0000_0001, done)],
+            "return of unknown rx",
+        ),
+    ];
+    for (packets, needle) in cases {
+        let (mut guest, _outer, mut vsp, stats) = vsp_on_raw_channel(small_opts());
+        for (ty, tag, payload) in &packets {
+            guest
+                .tx
+                .try_write(*ty, FLAG_COMPLETION_REQUESTED, *tag, &[payload])
+                .unwrap();
+        }
+        expect_guest_violation(&mut vsp, needle);
+        assert_eq!(stats.guest_errors.load(Ordering::Relaxed), 1, "{needle}");
+        assert!(inbound(&mut guest).is_empty(), "{needle}: nothing answered");
+    }
 }
 
 #[test]
@@ -508,12 +559,21 @@ fn rx_packet(host: &mut HostEnd, trans_id: u64, section: u32, len: u32) {
         .unwrap();
 }
 
+/// The guest's next turn fails with a protocol violation mentioning `needle`, and every turn
+/// after it with `Broken` (the channel stays broken although the ring itself is intact).
 fn expect_protocol_error(vsc: &mut NicVsc<FramePipe>, needle: &str) {
     let err = vsc.poll_once(-1, Duration::ZERO).unwrap_err();
     assert!(
         matches!(err, NicError::Protocol(ref m) if m.contains(needle)),
         "{err} (wanted {needle:?})"
     );
+    for _ in 0..2 {
+        let err = vsc.poll_once(-1, Duration::ZERO).unwrap_err();
+        assert!(
+            matches!(err, NicError::Broken(ref m) if m.contains(needle)),
+            "{err} (wanted Broken: {needle:?})"
+        );
+    }
 }
 
 #[test]
