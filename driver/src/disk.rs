@@ -14,6 +14,9 @@
 //! [`DiskError::GuestProtocol`]. The guest accepts a completion only for a tag in flight, with a
 //! length that fits the request; anything else is [`DiskError::Protocol`] and breaks the channel,
 //! so every later call fails with [`DiskError::Broken`] (as a ring violation breaks the ring).
+//! The service stops reading requests while those it holds (in flight on its workers, or
+//! completed and waiting for room in the inbound ring) reach `DiskOptions::queue_slots`, and
+//! resumes when they drain: no guest, reading its completions or not, can grow its memory.
 //!
 //! Interrupt moderation on the completion path: a completion write that makes the inbound ring
 //! non-empty while the guest has not masked interrupts makes a signal *owed*; the host fires it
@@ -806,6 +809,12 @@ pub struct VspStats {
     pub interrupts: AtomicU64,
     /// Times the completion ring was full.
     pub ring_full: AtomicU64,
+    /// The most requests the service held at once: handed to its workers or completed and
+    /// queued for the inbound ring. Never above the queue bound (`DiskOptions::queue_slots`).
+    pub queue_peak: AtomicU64,
+    /// Times the service stopped reading the guest's requests because that bound was reached
+    /// (it resumes when the guest reads its completions and the workers finish).
+    pub throttled: AtomicU64,
 }
 
 /// A backing file for the host service.
@@ -1097,6 +1106,12 @@ pub fn serve(
     let mut outq: VecDeque<Done> = VecDeque::new();
     let mut buf = Vec::with_capacity(64);
     let mut blocked_on_full = false;
+    // Requests held at once (in flight plus completions queued for the inbound ring) before the
+    // service stops reading the outbound ring: a guest driver never has more than its slots in
+    // flight, so this never holds back a well-behaved guest, and no guest can make the service
+    // queue more, whether or not it reads its completions.
+    let queue_bound = options.queue_slots.max(1) as usize;
+    let mut throttled = false;
     let result = loop {
         if stop.load(Ordering::Acquire) {
             break Ok(());
@@ -1106,7 +1121,19 @@ pub fn serve(
         moderation.usecs = live.knob(Knob::ModerationUsecs);
         // 1. Requests from the guest.
         let step: Result<(), DiskError> = (|| {
-            while let Some(h) = host.rx.read_into(&mut buf)? {
+            loop {
+                if in_flight + outq.len() >= queue_bound {
+                    // Resumed once the workers finish and the guest reads its completions.
+                    if !throttled {
+                        throttled = true;
+                        stats.throttled.fetch_add(1, Ordering::Relaxed);
+                    }
+                    break;
+                }
+                throttled = false;
+                let Some(h) = host.rx.read_into(&mut buf)? else {
+                    break;
+                };
                 // Only requests may come this way: anything else is a violation that ends the
                 // service (a request with bad arguments is answered with an error status).
                 let violation = |why: String| {
@@ -1179,6 +1206,9 @@ pub fn serve(
                 host.to_guest.signal()?;
                 trace::signal(dev, DIR_HOST_TO_GUEST, 0, &live.signals);
             }
+            stats
+                .queue_peak
+                .fetch_max((in_flight + outq.len()) as u64, Ordering::Relaxed);
             // 2. Completions from the workers, in the order they finished.
             while let Ok(done) = done_rx.try_recv() {
                 in_flight -= 1;
@@ -1248,7 +1278,10 @@ pub fn serve(
                 revents: 0,
             },
         ];
-        let busy = host.rx.has_data().unwrap_or(true) || (!outq.is_empty() && !blocked_on_full);
+        // Throttled, it sleeps until a worker finishes or the guest makes room (the guest's
+        // commit signals because a full write set pending_send_sz), whatever waits in the ring.
+        let more_requests = !throttled && host.rx.has_data().unwrap_or(true);
+        let busy = more_requests || (!outq.is_empty() && !blocked_on_full);
         if !busy {
             // ppoll, not poll: the moderation timer is in microseconds and poll's milliseconds
             // would stretch a 50 us deadline to 1 ms.
@@ -1643,6 +1676,98 @@ mod tests {
             );
             control.request_stop();
         }
+    }
+
+    /// A guest that floods requests (answered with an error status, so no I/O slows the host)
+    /// and never reads its inbound ring cannot grow the host: the service stops reading once
+    /// the completions it holds reach its queue bound, and resumes, losing nothing, when the
+    /// guest reads. (It used to read every request and queue every completion: 135-775 MB in
+    /// 10 s.) The assertions are on the service's own queue counters, not on time.
+    #[test]
+    fn a_flooding_guest_that_never_reads_cannot_grow_the_host() {
+        let f = backing_with_pattern(16);
+        let (mut guest, control, t) = host_on_raw_channel(f.path());
+        let bound = small().queue_slots as u64;
+        let bad = DiskRequest {
+            op: 99,
+            ..Default::default()
+        }
+        .encode();
+        let stats = control.stats();
+        const FLOOD: u64 = 20_000;
+        let mut written = 0u64;
+        // Write until the host stops taking requests (its throttle counter moved and a wait
+        // brought no progress), or until the whole flood went in, which a bounded host never
+        // allows: 8 KiB rings hold a few hundred packets.
+        let mut last_seen = u64::MAX;
+        while written < FLOOD {
+            match guest
+                .tx
+                .try_write(
+                    PACKET_TYPE_INBAND,
+                    FLAG_COMPLETION_REQUESTED,
+                    written,
+                    &[&bad],
+                )
+                .unwrap()
+            {
+                WriteOutcome::Written { .. } => {
+                    written += 1;
+                    guest.to_host.signal().unwrap();
+                }
+                WriteOutcome::Full { .. } => {
+                    let seen = stats.requests.load(Ordering::Relaxed);
+                    if stats.throttled.load(Ordering::Relaxed) > 0 && seen == last_seen {
+                        break;
+                    }
+                    last_seen = seen;
+                    guest.from_host.wait(Duration::from_millis(200)).unwrap();
+                }
+            }
+        }
+        let peak = stats.queue_peak.load(Ordering::Relaxed);
+        assert!(
+            written < FLOOD && peak <= bound,
+            "the host took {written} requests and held {peak} completions (bound {bound})"
+        );
+        // The guest starts reading: every request gets its completion, in order, and the host
+        // takes the rest of the flood.
+        let mut buf = Vec::new();
+        let mut next = 0u64;
+        while next < FLOOD {
+            while written < FLOOD {
+                match guest
+                    .tx
+                    .try_write(
+                        PACKET_TYPE_INBAND,
+                        FLAG_COMPLETION_REQUESTED,
+                        written,
+                        &[&bad],
+                    )
+                    .unwrap()
+                {
+                    WriteOutcome::Written { .. } => written += 1,
+                    WriteOutcome::Full { .. } => break,
+                }
+            }
+            guest.to_host.signal().unwrap();
+            while let Some(h) = guest.rx.read_into(&mut buf).unwrap() {
+                assert_eq!(h.trans_id, next);
+                let c = DiskCompletion::decode(&buf).unwrap();
+                assert_eq!(c.status, libc::EOPNOTSUPP as u32);
+                next += 1;
+            }
+            if guest.rx.commit().signal_writer {
+                guest.to_host.signal().unwrap();
+            }
+            if next < FLOOD {
+                guest.from_host.wait(Duration::from_millis(50)).unwrap();
+            }
+        }
+        assert!(stats.queue_peak.load(Ordering::Relaxed) <= bound);
+        assert_eq!(stats.requests.load(Ordering::Relaxed), FLOOD);
+        control.request_stop();
+        t.join().unwrap().unwrap();
     }
 
     /// A switch request the host cannot honour (nothing offered in the hand-over slot) is

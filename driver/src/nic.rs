@@ -20,7 +20,9 @@
 //! legally send (a completion for a tag not in flight, a post of a section the host holds, an
 //! unknown or undecodable message) breaks the channel like a ring violation does: a typed error
 //! ([`NicError::Protocol`], [`NicError::GuestProtocol`]) on that turn and [`NicError::Broken`]
-//! on every later one, never a panic.
+//! on every later one, never a panic. The host stops reading the guest's requests while the
+//! packets it holds for a full inbound ring reach `send_sections + recv_sections` (more than a
+//! well-behaved guest can cause), so no guest can grow its memory.
 //!
 //! Interrupt moderation and NAPI-like reaping work as for the disk (`disk.rs`): a packet that
 //! makes the inbound ring non-empty while the guest has not masked interrupts makes a signal
@@ -408,8 +410,15 @@ pub struct NicHostStats {
     pub interrupts: AtomicU64,
     /// Times the inbound ring was full.
     pub ring_full: AtomicU64,
-    /// Malformed messages from the guest (bad posts and returns, bad requests).
+    /// Malformed messages from the guest (bad requests, and the violation that broke the
+    /// channel, if any).
     pub guest_errors: AtomicU64,
+    /// The most packets the host held at once for the inbound ring (tx completions and rx
+    /// packets it could not write yet). Never above `send_sections + recv_sections`.
+    pub queue_peak: AtomicU64,
+    /// Times the host stopped reading the guest's requests because that bound was reached (it
+    /// resumes when the guest makes room in the inbound ring).
+    pub throttled: AtomicU64,
 }
 
 /// A snapshot of both sides' counters.

@@ -8,8 +8,8 @@ use std::time::Instant;
 use super::*;
 use crate::channel::{ChannelConfig, GuestEnd, HostEnd};
 use crate::ring::{
-    FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION, PACKET_TYPE_GPADL, PACKET_TYPE_INBAND,
-    PACKET_TYPE_TRANSFER_PAGES,
+    WriteOutcome, FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION, PACKET_TYPE_GPADL,
+    PACKET_TYPE_INBAND, PACKET_TYPE_TRANSFER_PAGES,
 };
 use crate::trace;
 
@@ -506,6 +506,76 @@ fn illegal_guest_packets_break_the_channel() {
         assert_eq!(stats.guest_errors.load(Ordering::Relaxed), 1, "{needle}");
         assert!(inbound(&mut guest).is_empty(), "{needle}: nothing answered");
     }
+}
+
+/// A guest that floods tx requests (bad ones, answered with `EINVAL` at once) and never reads
+/// its inbound ring cannot grow the host: once the completions it holds reach its bound the host
+/// stops reading requests, and it resumes, losing nothing, when the guest reads. The test drives
+/// the host's turns itself, so nothing depends on time. (The host used to take 128 requests a
+/// turn whatever it held: 0.7-2 GB in 10 s.)
+#[test]
+fn a_flooding_guest_that_never_reads_cannot_grow_the_host() {
+    let opts = small_opts();
+    let bound = (opts.send_sections + opts.recv_sections) as u64;
+    let (mut guest, _outer, mut vsp, stats) = vsp_on_raw_channel(opts);
+    let bad = TxRequest {
+        section: 99,
+        len: 60,
+    }
+    .encode();
+    let mut written = 0u64;
+    for _ in 0..200 {
+        while let WriteOutcome::Written { .. } = guest
+            .tx
+            .try_write(
+                PACKET_TYPE_INBAND,
+                FLAG_COMPLETION_REQUESTED,
+                written,
+                &[&bad],
+            )
+            .unwrap()
+        {
+            written += 1;
+        }
+        vsp.poll_once(-1, Duration::ZERO).unwrap();
+    }
+    // 8 KiB rings: the inbound one holds 255 completions (32 bytes each), the outbound 204
+    // requests (40 bytes each); the host holds at most `bound` more.
+    let peak = stats.queue_peak.load(Ordering::Relaxed);
+    assert!(
+        peak <= bound && written <= 255 + bound + 204,
+        "the host took {written} requests and held {peak} completions (bound {bound})"
+    );
+    assert!(stats.throttled.load(Ordering::Relaxed) > 0);
+    // The guest reads: every request is answered, in order, and the flood goes on to the end.
+    let mut next = 0u64;
+    while next < 5_000 {
+        for (h, p) in inbound(&mut guest) {
+            assert_eq!(h.trans_id, next);
+            assert_eq!(
+                NicCompletion::decode(&p).unwrap().status,
+                libc::EINVAL as u32
+            );
+            next += 1;
+        }
+        while written < 5_000 {
+            match guest
+                .tx
+                .try_write(
+                    PACKET_TYPE_INBAND,
+                    FLAG_COMPLETION_REQUESTED,
+                    written,
+                    &[&bad],
+                )
+                .unwrap()
+            {
+                WriteOutcome::Written { .. } => written += 1,
+                WriteOutcome::Full { .. } => break,
+            }
+        }
+        vsp.poll_once(-1, Duration::ZERO).unwrap();
+    }
+    assert!(stats.queue_peak.load(Ordering::Relaxed) <= bound);
 }
 
 #[test]

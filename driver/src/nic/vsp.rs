@@ -59,6 +59,10 @@ pub struct NicVsp<F: FrameIo> {
     frame: Vec<u8>,
     /// The guest's protocol violation that broke the channel: every later turn fails with it.
     broken: Option<String>,
+    /// Packets held for the inbound ring at which the host stops reading the guest's requests.
+    queue_bound: usize,
+    /// The bound was reached: the host is not reading the guest's requests.
+    throttled: bool,
 }
 
 impl<F: FrameIo> NicVsp<F> {
@@ -102,6 +106,10 @@ impl<F: FrameIo> NicVsp<F> {
             msg: Vec::with_capacity(MAX_MESSAGE as usize),
             frame: vec![0; opts.section_bytes as usize + 1],
             broken: None,
+            // A well-behaved guest has at most every send section in flight and every receive
+            // section filled, so it is never held back; no guest can make the host hold more.
+            queue_bound: (opts.send_sections + opts.recv_sections) as usize,
+            throttled: false,
         })
     }
 
@@ -132,6 +140,9 @@ impl<F: FrameIo> NicVsp<F> {
             p[..8].copy_from_slice(&c.encode());
             self.outq
                 .push_back((PACKET_TYPE_COMPLETION, 0, trans_id, p, 8));
+            self.stats
+                .queue_peak
+                .fetch_max(self.outq.len() as u64, Ordering::Relaxed);
         }
     }
 
@@ -210,10 +221,20 @@ impl<F: FrameIo> NicVsp<F> {
         }
     }
 
-    /// Handles up to one pass of the guest's packets; returns how many.
+    /// Handles up to one pass of the guest's packets; returns how many. Stops early, without
+    /// reading, while the packets held for the inbound ring are at the bound: they are the
+    /// guest's to read first.
     fn guest_pass(&mut self) -> Result<usize, NicError> {
         let mut n = 0;
         while n < HOST_PASS {
+            if self.outq.len() >= self.queue_bound {
+                if !self.throttled {
+                    self.throttled = true;
+                    self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                }
+                break;
+            }
+            self.throttled = false;
             let Some(h) = self.end.rx.read_into(&mut self.msg)? else {
                 break;
             };
@@ -439,7 +460,10 @@ impl<F: FrameIo> NicVsp<F> {
         let written = self.write_inbound()?;
         let received = self.backend_pass()?;
         self.moderate()?;
-        if from_guest + written + received > 0 || self.end.rx.has_data()? {
+        // Throttled, requests waiting in the ring are no work: sleep until the guest makes room
+        // (its commit signals, since the full write set pending_send_sz).
+        let more_requests = !self.throttled && self.end.rx.has_data()?;
+        if from_guest + written + received > 0 || more_requests {
             return Ok(true);
         }
         let timeout = match self.moderation_deadline() {
