@@ -440,8 +440,56 @@ fn hostile_guest_requests_get_error_completions() {
     );
     assert!(matches!(
         vsp.poll_once(-1, Duration::ZERO),
-        Err(NicError::Ring(RingError::Broken))
+        Err(NicError::Broken(ref m)) if m.contains("exceeds")
     ));
+}
+
+/// A broken inbound ring (the guest moved its read index out of range) stops the host for
+/// good, although the outbound ring is intact and holds a valid request: every later turn is
+/// `Broken` (found by the nic_host fuzz target: a later turn used to read the other ring and
+/// fail with a different error, or carry on).
+#[test]
+fn a_broken_inbound_ring_stops_the_host_although_the_outbound_one_is_intact() {
+    let opts = small_opts();
+    let (mut guest, _outer, mut vsp, _stats) = vsp_on_raw_channel(opts);
+    let bad = TxRequest {
+        section: 99,
+        len: 60,
+    };
+    guest
+        .tx
+        .try_write(
+            PACKET_TYPE_INBAND,
+            FLAG_COMPLETION_REQUESTED,
+            1,
+            &[&bad.encode()],
+        )
+        .unwrap();
+    // SAFETY: the test pokes the inbound ring's read index, the second word of its control
+    // page, which starts one control page and one 8 KiB data area before the extra area.
+    unsafe { (guest.extra.as_ptr().sub(4096 + 8192).add(4) as *mut u32).write_volatile(12) };
+    let err = vsp.poll_once(-1, Duration::ZERO).unwrap_err();
+    assert!(
+        matches!(err, NicError::Ring(RingError::IndexMisaligned { .. })),
+        "{err}"
+    );
+    // The guest now writes a good request on the intact outbound ring: nothing reads it.
+    guest
+        .tx
+        .try_write(
+            PACKET_TYPE_INBAND,
+            FLAG_COMPLETION_REQUESTED,
+            2,
+            &[&bad.encode()],
+        )
+        .unwrap();
+    for _ in 0..2 {
+        let err = vsp.poll_once(-1, Duration::ZERO).unwrap_err();
+        assert!(
+            matches!(err, NicError::Broken(ref m) if m.contains("not 8-byte aligned")),
+            "{err}"
+        );
+    }
 }
 
 /// Packets a guest cannot legally send break the channel: the host's turn fails with a typed

@@ -574,17 +574,18 @@ impl<F: FrameIo> NicVsc<F> {
     /// when there was nothing to do, sleep until the host signals, a frame waits in the backend,
     /// `wake_fd` is readable, or `timeout`. Returns whether it did any work.
     ///
-    /// A packet the host cannot legally send is [`NicError::Protocol`], and every later turn
-    /// [`NicError::Broken`].
+    /// A packet the host cannot legally send is [`NicError::Protocol`] (a broken ring
+    /// [`NicError::Ring`]), and every later turn [`NicError::Broken`].
     pub fn poll_once(&mut self, wake_fd: RawFd, timeout: Duration) -> Result<bool, NicError> {
         if let Some(why) = &self.broken {
             return Err(NicError::Broken(why.clone()));
         }
-        self.poll_once_inner(wake_fd, timeout).inspect_err(|e| {
-            if let NicError::Protocol(why) = e {
-                self.broken = Some(why.clone());
-            }
-        })
+        self.poll_once_inner(wake_fd, timeout)
+            .inspect_err(|e| match e {
+                NicError::Protocol(why) => self.broken = Some(why.clone()),
+                NicError::Ring(ring) => self.broken = Some(ring.to_string()),
+                _ => {}
+            })
     }
 
     fn poll_once_inner(&mut self, wake_fd: RawFd, timeout: Duration) -> Result<bool, NicError> {

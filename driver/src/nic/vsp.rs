@@ -450,12 +450,21 @@ impl<F: FrameIo> NicVsp<F> {
     /// frame waits in the backend while a section is posted, `wake_fd` is readable, the
     /// moderation timer, or `timeout`). Returns whether it did any work.
     ///
-    /// A packet the guest cannot legally send is [`NicError::GuestProtocol`], and every later turn
-    /// [`NicError::Broken`].
+    /// A packet the guest cannot legally send is [`NicError::GuestProtocol`] (a broken ring
+    /// [`NicError::Ring`]), and every later turn [`NicError::Broken`]: once either ring broke,
+    /// the other is not used either.
     pub fn poll_once(&mut self, wake_fd: RawFd, timeout: Duration) -> Result<bool, NicError> {
         if let Some(why) = &self.broken {
             return Err(NicError::Broken(why.clone()));
         }
+        self.poll_once_inner(wake_fd, timeout).inspect_err(|e| {
+            if let NicError::Ring(ring) = e {
+                self.broken = Some(ring.to_string());
+            }
+        })
+    }
+
+    fn poll_once_inner(&mut self, wake_fd: RawFd, timeout: Duration) -> Result<bool, NicError> {
         let from_guest = self.guest_pass()?;
         let written = self.write_inbound()?;
         let received = self.backend_pass()?;
