@@ -33,7 +33,7 @@ pub const MAX_RING_BYTES: usize = 64 << 20;
 pub const MAX_EXTRA_BYTES: usize = 1 << 30;
 const HANDOFF_MAGIC: u32 = 0x454e_4c54; // "ENLT"
 const HANDOFF_VERSION: u32 = 1;
-const HANDOFF_HEADER_LEN: usize = 40;
+pub(crate) const HANDOFF_HEADER_LEN: usize = 40;
 
 /// Sizes of a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,7 +162,7 @@ impl Drop for SharedRegion {
     }
 }
 
-fn eventfd() -> Result<OwnedFd, ChannelError> {
+pub(crate) fn eventfd() -> Result<OwnedFd, ChannelError> {
     // SAFETY: plain syscall; the returned fd is owned by us on success.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
     if fd < 0 {
@@ -323,6 +323,12 @@ impl SharedArea {
     /// Copies into the area; `None` if the range is outside it.
     pub fn write_at(&self, offset: usize, src: &[u8]) -> Option<()> {
         self.mem.write(offset, src).ok()
+    }
+
+    /// The memfd of the whole channel region (for the fuzzing harness's hostile peer).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn memfd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.region.memfd.as_fd()
     }
 
     /// Copies the first `len` bytes of this area into `dst` (a multiple of 8 bytes that fits in
@@ -560,7 +566,7 @@ pub fn create_for_peer(cfg: &ChannelConfig, sock: UnixStream) -> Result<GuestEnd
     Ok(guest)
 }
 
-fn handoff_header(cfg: &ChannelConfig) -> [u8; HANDOFF_HEADER_LEN] {
+pub(crate) fn handoff_header(cfg: &ChannelConfig) -> [u8; HANDOFF_HEADER_LEN] {
     let mut header = [0u8; HANDOFF_HEADER_LEN];
     header[0..4].copy_from_slice(&HANDOFF_MAGIC.to_le_bytes());
     header[4..8].copy_from_slice(&HANDOFF_VERSION.to_le_bytes());
@@ -660,7 +666,11 @@ fn check_is_eventfd(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), ChannelError>
     Ok(())
 }
 
-fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[RawFd]) -> Result<(), ChannelError> {
+pub(crate) fn send_with_fds(
+    sock: &UnixStream,
+    data: &[u8],
+    fds: &[RawFd],
+) -> Result<(), ChannelError> {
     let iov = [IoSlice::new(data)];
     // SAFETY: CMSG_SPACE is a pure computation.
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) } as usize;

@@ -48,7 +48,8 @@ use crate::channel::{
     self, ChannelConfig, ChannelError, GuestEnd, HostEnd, SharedArea, WaitResult,
 };
 use crate::ring::{
-    RingError, WriteOutcome, FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION, PACKET_TYPE_INBAND,
+    PacketHeader, RingError, WriteOutcome, FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION,
+    PACKET_TYPE_INBAND,
 };
 use crate::settings::{DeviceSettings, Knob};
 use crate::trace::{
@@ -106,7 +107,8 @@ pub struct DiskCompletion {
 const _: () = assert!(std::mem::size_of::<DiskCompletion>() == 8);
 
 impl DiskRequest {
-    fn encode(&self) -> [u8; 32] {
+    /// The wire form: little-endian fields in declaration order.
+    pub fn encode(&self) -> [u8; 32] {
         let mut b = [0u8; 32];
         b[0..2].copy_from_slice(&self.op.to_le_bytes());
         b[2..4].copy_from_slice(&self.reserved.to_le_bytes());
@@ -134,7 +136,8 @@ impl DiskRequest {
 }
 
 impl DiskCompletion {
-    fn encode(&self) -> [u8; 8] {
+    /// The wire form: `status`, `bytes`, little-endian.
+    pub fn encode(&self) -> [u8; 8] {
         let mut b = [0u8; 8];
         b[0..4].copy_from_slice(&self.status.to_le_bytes());
         b[4..8].copy_from_slice(&self.bytes.to_le_bytes());
@@ -317,11 +320,17 @@ impl DiskVsc {
         }
     }
 
-    /// Passes `e` on, remembering a protocol violation so that every later call fails too (a
-    /// broken ring already does that by itself).
+    /// Passes `e` on, remembering a protocol violation (or a broken ring) so that every later
+    /// call fails too: a driver whose completions it can no longer trust submits nothing more.
     fn note(&mut self, e: DiskError) -> DiskError {
-        if let DiskError::Protocol(why) = &e {
-            self.broken.get_or_insert_with(|| why.clone());
+        match &e {
+            DiskError::Protocol(why) => {
+                self.broken.get_or_insert_with(|| why.clone());
+            }
+            DiskError::Ring(ring) => {
+                self.broken.get_or_insert_with(|| ring.to_string());
+            }
+            _ => {}
         }
         e
     }
@@ -939,7 +948,52 @@ fn validate(req: &DiskRequest, capacity: u64, area_len: usize, max_io: u32) -> R
     Ok(())
 }
 
-fn do_io(file: &File, area: &SharedArea, req: &DiskRequest) -> DiskCompletion {
+/// What the service does with one packet from the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GuestPacket {
+    /// Move to the channel the guest offered (a ring resize).
+    Switch,
+    /// A valid request: hand it to the workers.
+    Io(DiskRequest),
+    /// A request with bad arguments: complete it at once with this status.
+    Reject(u32),
+}
+
+/// Decides what one packet from the guest is, from our own copy of it (`payload` was copied
+/// out of the ring once). `Err` is a packet the guest cannot legally send at all (not a
+/// request, or a request that does not decode), which ends the service.
+pub(crate) fn classify(
+    h: &PacketHeader,
+    payload: &[u8],
+    capacity: u64,
+    area_len: usize,
+    options: DiskOptions,
+) -> Result<GuestPacket, String> {
+    if h.ty != PACKET_TYPE_INBAND {
+        return Err(format!(
+            "packet type {} (tag {:#x}) where a request was expected",
+            h.ty, h.trans_id
+        ));
+    }
+    let Some(req) = DiskRequest::decode(payload) else {
+        return Err(format!(
+            "a request of {} bytes (tag {:#x}) does not decode",
+            payload.len(),
+            h.trans_id
+        ));
+    };
+    if h.trans_id == SWITCH_TAG && req.op == OP_SWITCH_CHANNEL {
+        return Ok(GuestPacket::Switch);
+    }
+    Ok(
+        match validate(&req, capacity, area_len, options.max_io_bytes) {
+            Ok(()) => GuestPacket::Io(req),
+            Err(status) => GuestPacket::Reject(status),
+        },
+    )
+}
+
+pub(crate) fn do_io(file: &File, area: &SharedArea, req: &DiskRequest) -> DiskCompletion {
     if req.op == OP_FLUSH {
         // SAFETY: plain syscall on an open file.
         let rc = unsafe { libc::fdatasync(file.as_raw_fd()) };
@@ -1134,54 +1188,39 @@ pub fn serve(
                 let Some(h) = host.rx.read_into(&mut buf)? else {
                     break;
                 };
-                // Only requests may come this way: anything else is a violation that ends the
-                // service (a request with bad arguments is answered with an error status).
-                let violation = |why: String| {
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
-                    DiskError::GuestProtocol(why)
-                };
-                if h.ty != PACKET_TYPE_INBAND {
-                    return Err(violation(format!(
-                        "packet type {} (tag {:#x}) where a request was expected",
-                        h.ty, h.trans_id
-                    )));
-                }
-                let Some(req) = DiskRequest::decode(&buf) else {
-                    return Err(violation(format!(
-                        "a request of {} bytes (tag {:#x}) does not decode",
-                        buf.len(),
-                        h.trans_id
-                    )));
-                };
-                if h.trans_id == SWITCH_TAG && req.op == OP_SWITCH_CHANNEL {
-                    // Everything earlier is read; it must all be completed too.
-                    let idle = in_flight == 0 && outq.is_empty();
-                    // Always taken (an offer over a socket must not linger), used only if idle.
-                    let next = live.take_offer().filter(|_| idle);
-                    let status = match (&next, idle) {
-                        (Some(_), _) => 0,
-                        (None, false) => libc::EBUSY as u32,
-                        (None, true) => libc::EPROTO as u32,
-                    };
-                    write_switch_ack(&mut host, status)?;
-                    stats.interrupts.fetch_add(1, Ordering::Relaxed);
-                    host.to_guest.signal()?;
-                    trace::signal(dev, DIR_HOST_TO_GUEST, 0, &live.signals);
-                    if let Some(next) = next {
-                        host.rx.commit();
-                        host = next;
-                        moderation.owed_since = None;
-                        blocked_on_full = false;
-                    } else {
+                let packet = match classify(&h, &buf, capacity, host.extra.len(), options) {
+                    Ok(p) => p,
+                    Err(why) => {
                         stats.errors.fetch_add(1, Ordering::Relaxed);
+                        return Err(DiskError::GuestProtocol(why));
                     }
-                    continue;
-                }
-                stats.requests.fetch_add(1, Ordering::Relaxed);
-                let verdict =
-                    validate(&req, capacity, host.extra.len(), options.max_io_bytes).map(|_| req);
-                match verdict {
-                    Ok(req) => {
+                };
+                match packet {
+                    GuestPacket::Switch => {
+                        // Everything earlier is read; it must all be completed too.
+                        let idle = in_flight == 0 && outq.is_empty();
+                        // Always taken (an offer over a socket must not linger), used only if idle.
+                        let next = live.take_offer().filter(|_| idle);
+                        let status = match (&next, idle) {
+                            (Some(_), _) => 0,
+                            (None, false) => libc::EBUSY as u32,
+                            (None, true) => libc::EPROTO as u32,
+                        };
+                        write_switch_ack(&mut host, status)?;
+                        stats.interrupts.fetch_add(1, Ordering::Relaxed);
+                        host.to_guest.signal()?;
+                        trace::signal(dev, DIR_HOST_TO_GUEST, 0, &live.signals);
+                        if let Some(next) = next {
+                            host.rx.commit();
+                            host = next;
+                            moderation.owed_since = None;
+                            blocked_on_full = false;
+                        } else {
+                            stats.errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    GuestPacket::Io(req) => {
+                        stats.requests.fetch_add(1, Ordering::Relaxed);
                         in_flight += 1;
                         job_tx
                             .send(Job {
@@ -1191,7 +1230,8 @@ pub fn serve(
                             })
                             .expect("workers outlive the loop")
                     }
-                    Err(status) => {
+                    GuestPacket::Reject(status) => {
+                        stats.requests.fetch_add(1, Ordering::Relaxed);
                         stats.errors.fetch_add(1, Ordering::Relaxed);
                         outq.push_back(Done {
                             tag: h.trans_id,

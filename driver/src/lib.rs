@@ -18,6 +18,8 @@
 //! - [`nic`]: a netvsc-like synthetic NIC (send/receive buffers over the channel) and
 //!   [`nic::NicBridge`], which runs it between two network namespaces.
 //! - [`netns`]: network namespaces and tap devices enlight creates and removes.
+//! - `fuzzing` (feature `fuzzing`, and in tests): the harnesses behind the cargo-fuzz targets in
+//!   `driver/fuzz/`; `cargo test` replays their seed corpora and every crash found.
 //!
 //! The cross-crate contracts are written down in `docs/architecture.md`.
 
@@ -25,6 +27,8 @@ pub mod channel;
 pub mod control;
 pub mod disk;
 pub mod emulated;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod netns;
 pub mod nic;
 pub mod registry;

@@ -200,11 +200,11 @@ impl NicOptions {
         Ok(())
     }
 
-    fn send_offset(&self, section: u32) -> usize {
+    pub(crate) fn send_offset(&self, section: u32) -> usize {
         section as usize * self.section_bytes as usize
     }
 
-    fn recv_offset(&self, section: u32) -> usize {
+    pub(crate) fn recv_offset(&self, section: u32) -> usize {
         (self.send_sections as usize + section as usize) * self.section_bytes as usize
     }
 
