@@ -769,6 +769,29 @@ mod tests {
         }
     }
 
+    /// Re-executes this test binary to run only the test `role`, which does its work when the
+    /// environment variable `env` names the socket it inherits (`theirs`).
+    fn spawn_role(role: &str, env: &str, theirs: UnixStream) -> std::process::Child {
+        // Let the child inherit its end: clear CLOEXEC on it.
+        // SAFETY: fcntl on a socket we own.
+        unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) };
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", role, "--nocapture", "--test-threads=1"])
+            .env(env, theirs.as_raw_fd().to_string())
+            // The child's own harness summary would read as one more test result in the log.
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// In a child started by `spawn_role`: the socket the parent handed over (None in a normal
+    /// test run).
+    fn role_socket(env: &str) -> Option<UnixStream> {
+        let fd: RawFd = std::env::var(env).ok()?.parse().unwrap();
+        // SAFETY: the parent passed this inherited, open socket fd to us and nobody else uses it.
+        Some(unsafe { UnixStream::from_raw_fd(fd) })
+    }
+
     #[test]
     fn rejects_bad_sizes() {
         for bad in [
@@ -1001,12 +1024,9 @@ mod tests {
     /// re-executed with ENLIGHT_CHANNEL_CHILD set to a socket fd number.
     #[test]
     fn channel_child_role() {
-        let Ok(fd) = std::env::var("ENLIGHT_CHANNEL_CHILD") else {
+        let Some(sock) = role_socket("ENLIGHT_CHANNEL_CHILD") else {
             return;
         };
-        let fd: RawFd = fd.parse().unwrap();
-        // SAFETY: the parent passed this inherited, open socket fd to us and nobody else uses it.
-        let sock = unsafe { UnixStream::from_raw_fd(fd) };
         let mut host = receive_host_end(&sock).unwrap();
         let mut buf = Vec::new();
         let mut echoed = 0;
@@ -1043,22 +1063,11 @@ mod tests {
             return;
         }
         let (ours, theirs) = UnixStream::pair().unwrap();
-        // Let the child inherit its end: clear CLOEXEC on it.
-        // SAFETY: fcntl on a socket we own.
-        unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) };
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "channel::tests::channel_child_role",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("ENLIGHT_CHANNEL_CHILD", theirs.as_raw_fd().to_string())
-            // The child's own harness summary would read as one more test result in the log.
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        drop(theirs);
+        let mut child = spawn_role(
+            "channel::tests::channel_child_role",
+            "ENLIGHT_CHANNEL_CHILD",
+            theirs,
+        );
         let (mut guest, host) = create(&cfg()).unwrap();
         guest.watch_peer(&ours).unwrap();
         host.send_to(&ours).unwrap();
@@ -1134,12 +1143,9 @@ mod tests {
     #[test]
     fn truncation_child_role() {
         use std::io::Write;
-        let Ok(fd) = std::env::var("ENLIGHT_TRUNCATE_CHILD") else {
+        let Some(sock) = role_socket("ENLIGHT_TRUNCATE_CHILD") else {
             return;
         };
-        let fd: RawFd = fd.parse().unwrap();
-        // SAFETY: the parent passed this inherited, open socket fd to us and nobody else uses it.
-        let sock = unsafe { UnixStream::from_raw_fd(fd) };
         let mut host = receive_host_end(&sock).unwrap();
         // Mapped: now the guest may try its worst.
         (&sock).write_all(b"R").unwrap();
@@ -1165,20 +1171,11 @@ mod tests {
             return;
         }
         let (ours, theirs) = UnixStream::pair().unwrap();
-        // SAFETY: fcntl on a socket we own: the child inherits it.
-        unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) };
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "channel::tests::truncation_child_role",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("ENLIGHT_TRUNCATE_CHILD", theirs.as_raw_fd().to_string())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        drop(theirs);
+        let mut child = spawn_role(
+            "channel::tests::truncation_child_role",
+            "ENLIGHT_TRUNCATE_CHILD",
+            theirs,
+        );
         let (mut guest, host) = create(&cfg()).unwrap();
         let memfd = host.extra.region.memfd.try_clone().unwrap();
         guest.tx.try_write(6, 1, 1, &[b"hello"]).unwrap();

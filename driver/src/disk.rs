@@ -1734,6 +1734,12 @@ mod tests {
         }
         .encode();
         let stats = control.stats();
+        let write = |guest: &mut channel::GuestEnd, tag: u64| {
+            guest
+                .tx
+                .try_write(PACKET_TYPE_INBAND, FLAG_COMPLETION_REQUESTED, tag, &[&bad])
+                .unwrap()
+        };
         const FLOOD: u64 = 20_000;
         let mut written = 0u64;
         // Write until the host stops taking requests (its throttle counter moved and a wait
@@ -1741,16 +1747,7 @@ mod tests {
         // allows: 8 KiB rings hold a few hundred packets.
         let mut last_seen = u64::MAX;
         while written < FLOOD {
-            match guest
-                .tx
-                .try_write(
-                    PACKET_TYPE_INBAND,
-                    FLAG_COMPLETION_REQUESTED,
-                    written,
-                    &[&bad],
-                )
-                .unwrap()
-            {
+            match write(&mut guest, written) {
                 WriteOutcome::Written { .. } => {
                     written += 1;
                     guest.to_host.signal().unwrap();
@@ -1776,16 +1773,7 @@ mod tests {
         let mut next = 0u64;
         while next < FLOOD {
             while written < FLOOD {
-                match guest
-                    .tx
-                    .try_write(
-                        PACKET_TYPE_INBAND,
-                        FLAG_COMPLETION_REQUESTED,
-                        written,
-                        &[&bad],
-                    )
-                    .unwrap()
-                {
+                match write(&mut guest, written) {
                     WriteOutcome::Written { .. } => written += 1,
                     WriteOutcome::Full { .. } => break,
                 }
