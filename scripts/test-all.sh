@@ -71,6 +71,42 @@ cargo fmt --all --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "data races with a peer scribbling into shared memory (ThreadSanitizer)"
+# Every access our channel ends make to memory a peer can write must be atomic
+# (driver/src/shmem.rs); driver/tests/peer_races.rs runs both ends beside a thread that scribbles
+# over the rings and the shared area, and ThreadSanitizer fails it on any non-atomic access. The
+# standard library is not rebuilt with the sanitizer (that needs its source, which the stable
+# toolchain here does not ship): hence RUSTC_BOOTSTRAP for -Z and the ABI-mismatch allowance.
+RUSTC_BOOTSTRAP=1 RUSTFLAGS="-Zsanitizer=thread -Cunsafe-allow-abi-mismatch=sanitizer" \
+    cargo test -p enlight-driver --test peer_races --locked \
+    --target "$(rustc -vV | sed -n 's/^host: //p')" --target-dir target/tsan
+
+step "fuzz targets: a short smoke run of each (cargo-fuzz, libFuzzer)"
+# The harnesses are library code (enlight_driver::fuzzing); cargo test below replays every seed
+# corpus file and every saved crash. Here each cargo-fuzz target runs for a few seconds on top of
+# its seeds, as libFuzzer builds it (coverage-instrumented, AddressSanitizer). cargo-fuzz passes
+# -Z flags, hence RUSTC_BOOTSTRAP on the stable toolchain; the debug build compiles fastest.
+# Fuzzing for longer: README.md. New inputs go to a scratch directory, not the seed corpus.
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --version 0.13.2 --locked
+fuzz_tmp="$(mktemp -d)"
+trap 'rm -rf "$fuzz_tmp"' EXIT
+(
+    cd driver
+    export RUSTC_BOOTSTRAP=1
+    cargo fuzz build --dev
+    for target in $(cargo fuzz list); do
+        mkdir -p "$fuzz_tmp/$target"
+        if ! cargo fuzz run --dev "$target" "$fuzz_tmp/$target" "fuzz/corpus/$target" -- \
+            -max_total_time=5 -timeout=20 -print_final_stats=1 >"$fuzz_tmp/$target.log" 2>&1; then
+            cat "$fuzz_tmp/$target.log" >&2
+            echo "test-all: fuzz target $target failed (input saved under driver/fuzz/artifacts/$target)" >&2
+            exit 1
+        fi
+        printf '%-16s %s\n' "$target" "$(grep -m1 'DONE' "$fuzz_tmp/$target.log")"
+    done
+)
+rm -rf "$fuzz_tmp"
+
 step "cargo test (unit, integration and privileged eBPF tests)"
 # Two test threads per binary keep the privileged tests (which attach uprobes and read shared
 # kernel maps) from timing each other out on a 2-core machine; tests that run a daemon also

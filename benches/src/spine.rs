@@ -58,6 +58,14 @@ struct Args {
     /// Where to write the raw results.
     #[arg(long, default_value = "benches/results/spine.json")]
     json: PathBuf,
+    /// Measure only the channel throughput, print its table and stop (no root needed, no JSON
+    /// written): a quick check of the ring's data path.
+    #[arg(long)]
+    channel_only: bool,
+    /// Write and read 320,000 packets of this many payload bytes in one thread, untimed, and stop:
+    /// for `valgrind --tool=callgrind`, which counts the ring's instructions exactly.
+    #[arg(long)]
+    ring_cost_only: Option<usize>,
 }
 
 #[derive(Serialize)]
@@ -194,6 +202,41 @@ fn make_backing(dir: &std::path::Path, written: bool) -> Result<tempfile::NamedT
         Backing::create(f.path(), 1 << 30)?;
     }
     Ok(f)
+}
+
+/// The ring's own cost per packet, without a second thread or signals: one thread writes 16
+/// packets into a 256 KiB ring and reads them back, 20,000 times; the best of 5 runs (the copies
+/// in and out of shared memory, the descriptor's validation, the index updates).
+fn ring_cost_ns(payload: usize) -> Result<f64> {
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let rounds = 20_000u64;
+        let start = Instant::now();
+        ring_cost_rounds(payload, rounds)?;
+        best = best.min(start.elapsed().as_nanos() as f64 / (rounds * 16) as f64);
+    }
+    Ok(best)
+}
+
+/// `rounds` times: 16 packets of `payload` bytes written, then read back and committed.
+fn ring_cost_rounds(payload: usize, rounds: u64) -> Result<()> {
+    let cfg = ChannelConfig {
+        out_ring_bytes: 256 * 1024,
+        in_ring_bytes: 4096,
+        extra_bytes: 0,
+    };
+    let (mut guest, mut host) = channel::create(&cfg)?;
+    let data = vec![0x5au8; payload];
+    let mut buf = Vec::with_capacity(payload + 16);
+    for i in 0..rounds {
+        for j in 0..16 {
+            let out = guest.tx.try_write(6, 0, i * 16 + j, &[&data])?;
+            anyhow::ensure!(matches!(out, WriteOutcome::Written { .. }), "ring full");
+        }
+        while host.rx.read_into(&mut buf)?.is_some() {}
+        host.rx.commit();
+    }
+    Ok(())
 }
 
 fn channel_throughput(payload: usize, secs: f64) -> Result<ChannelResult> {
@@ -685,9 +728,23 @@ fn main() -> Result<()> {
         .map(|n| n.get())
         .unwrap_or(1);
 
+    if let Some(payload) = args.ring_cost_only {
+        ring_cost_rounds(payload, 20_000)?;
+        return Ok(());
+    }
     let mut channel = Vec::new();
     for payload in [64, 1024, 4096] {
         channel.push(channel_throughput(payload, args.secs)?);
+    }
+    if args.channel_only {
+        println!("Machine: {machine} ({cpus} CPUs), kernel {kernel}\n");
+        print_channel(&channel);
+        println!("\n| one thread, 16 packets written then read | ns per packet (best of 5) |");
+        println!("|---|---|");
+        for payload in [64, 1024, 4096] {
+            println!("| {payload} B | {:.0} |", ring_cost_ns(payload)?);
+        }
+        return Ok(());
     }
 
     std::fs::create_dir_all(&args.dir)?;
@@ -866,15 +923,11 @@ fn cpus_allowed() -> usize {
     }
 }
 
-fn print_markdown(r: &Report) {
-    println!(
-        "Machine: {} ({} CPUs, this process on {}), kernel {}, backing file O_DIRECT: {}\n",
-        r.machine, r.cpus, r.cpus_allowed, r.kernel, r.direct_io
-    );
+fn print_channel(channel: &[ChannelResult]) {
     println!("| channel payload | messages/s | vs 64 B | signals per message |");
     println!("|---|---|---|---|");
-    let base = r.channel[0].messages_per_sec;
-    for c in &r.channel {
+    let base = channel[0].messages_per_sec;
+    for c in channel {
         println!(
             "| {} B | {:.0} | {:.2} | {:.4} |",
             c.payload_bytes,
@@ -883,6 +936,14 @@ fn print_markdown(r: &Report) {
             c.signals_per_message
         );
     }
+}
+
+fn print_markdown(r: &Report) {
+    println!(
+        "Machine: {} ({} CPUs, this process on {}), kernel {}, backing file O_DIRECT: {}\n",
+        r.machine, r.cpus, r.cpus_allowed, r.kernel, r.direct_io
+    );
+    print_channel(&r.channel);
     println!("\n| disk, 4 KiB random read | backing file | IOPS | vs QD1 | p50 | p99 |");
     println!("|---|---|---|---|---|---|");
     for pair in r.disk.chunks(2) {

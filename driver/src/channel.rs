@@ -12,7 +12,10 @@
 //! Both ends can live in one process (threads) or the host end can be handed to another process
 //! over a Unix socket ([`create_for_peer`], [`receive_host_end`]): the memfd and both eventfds
 //! travel as `SCM_RIGHTS`, the sizes in a small header the receiver validates against the memfd's
-//! real size. The socket then stays open as a liveness check: [`Waiter::wait`] reports
+//! real size. The memfd is sealed against shrinking and growing (`F_SEAL_SHRINK | F_SEAL_GROW |
+//! F_SEAL_SEAL`) before anyone maps it, and the receiver refuses one without those seals
+//! ([`ChannelError::Unsealed`]): a peer that could truncate the region under our mapping could
+//! kill us with SIGBUS on our next access. The socket then stays open as a liveness check: [`Waiter::wait`] reports
 //! [`WaitResult::PeerGone`] when the other process has exited.
 
 use std::io::{self, IoSlice, IoSliceMut};
@@ -22,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ring::{self, RingError, RingReader, RingWriter, PAGE_SIZE};
+use crate::shmem::SharedMem;
 
 /// Largest ring data area we accept from a peer or a config (64 MiB).
 pub const MAX_RING_BYTES: usize = 64 << 20;
@@ -29,7 +33,7 @@ pub const MAX_RING_BYTES: usize = 64 << 20;
 pub const MAX_EXTRA_BYTES: usize = 1 << 30;
 const HANDOFF_MAGIC: u32 = 0x454e_4c54; // "ENLT"
 const HANDOFF_VERSION: u32 = 1;
-const HANDOFF_HEADER_LEN: usize = 40;
+pub(crate) const HANDOFF_HEADER_LEN: usize = 40;
 
 /// Sizes of a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +97,13 @@ pub enum ChannelError {
     /// A ring could not be set up.
     #[error(transparent)]
     Ring(#[from] RingError),
+    /// The peer's memfd is not sealed against resizing: it could truncate the region under our
+    /// mapping and kill us with SIGBUS on the next access.
+    #[error(
+        "the peer's memfd is not sealed against resizing (seals {seals:#x}; need F_SEAL_SHRINK, \
+         F_SEAL_GROW and F_SEAL_SEAL, and no write seal)"
+    )]
+    Unsealed { seals: u32 },
 }
 
 fn os(what: &'static str) -> impl FnOnce(io::Error) -> ChannelError {
@@ -113,8 +124,8 @@ struct SharedRegion {
     memfd: OwnedFd,
 }
 
-// SAFETY: the mapping is shared memory accessed only through the ring code's atomics and raw
-// copies, or through raw pointers handed out by `extra_area` whose users synchronise themselves.
+// SAFETY: the mapping is shared memory accessed only through atomics (the rings' control pages
+// and `SharedMem` word copies) or by system calls on raw pointers handed out by `extra_area`.
 unsafe impl Send for SharedRegion {}
 // SAFETY: as above; SharedRegion itself has no interior state besides the immutable pointer.
 unsafe impl Sync for SharedRegion {}
@@ -151,7 +162,7 @@ impl Drop for SharedRegion {
     }
 }
 
-fn eventfd() -> Result<OwnedFd, ChannelError> {
+pub(crate) fn eventfd() -> Result<OwnedFd, ChannelError> {
     // SAFETY: plain syscall; the returned fd is owned by us on success.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
     if fd < 0 {
@@ -273,57 +284,57 @@ impl Waiter {
     }
 }
 
-/// A pointer into the shared extra area, kept alive with the mapping.
+/// The shared extra area, kept alive with the mapping. The peer may read and write it at any
+/// moment: every copy in or out is an atomic word copy ([`SharedMem`]).
 #[derive(Clone)]
 pub struct SharedArea {
     region: Arc<SharedRegion>,
-    offset: usize,
-    len: usize,
+    mem: SharedMem,
 }
 
 impl SharedArea {
-    /// Start of the area. The peer may read and write it concurrently: access it with raw
-    /// copies only (or through I/O syscalls), never through Rust references held across the peer's
-    /// accesses.
+    /// Start of the area, for system calls that read or write it themselves (`pread`,
+    /// `pwrite`). The peer may read and write it concurrently: never make a Rust reference
+    /// into it; copy with [`read_at`](Self::read_at)/[`write_at`](Self::write_at).
     pub fn as_ptr(&self) -> *mut u8 {
-        // SAFETY: offset <= region length by construction.
-        unsafe { self.region.ptr.add(self.offset) }
+        self.mem.as_ptr()
+    }
+
+    /// The area as shared memory (valid while this `SharedArea` or a clone of it lives).
+    pub fn mem(&self) -> SharedMem {
+        self.mem
     }
 
     /// Length of the area.
     pub fn len(&self) -> usize {
-        self.len
+        self.mem.len()
     }
 
     /// Whether the area is empty.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.mem.is_empty()
     }
 
-    /// Copies out of the area; `None` if the range is outside it.
+    /// Copies out of the area (each byte read once); `None` if the range is outside it.
     pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Option<()> {
-        let end = offset.checked_add(dst.len())?;
-        if end > self.len {
-            return None;
-        }
-        // SAFETY: [offset, end) is inside the area (checked above); dst is local memory.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), dst.as_mut_ptr(), dst.len())
-        };
-        Some(())
+        self.mem.read(offset, dst).ok()
     }
 
     /// Copies into the area; `None` if the range is outside it.
     pub fn write_at(&self, offset: usize, src: &[u8]) -> Option<()> {
-        let end = offset.checked_add(src.len())?;
-        if end > self.len {
-            return None;
-        }
-        // SAFETY: [offset, end) is inside the area (checked above); src is local memory.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.as_ptr().add(offset), src.len())
-        };
-        Some(())
+        self.mem.write(offset, src).ok()
+    }
+
+    /// The memfd of the whole channel region (for the fuzzing harness's hostile peer).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn memfd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.region.memfd.as_fd()
+    }
+
+    /// Copies the first `len` bytes of this area into `dst` (a multiple of 8 bytes that fits in
+    /// both areas); `None` otherwise.
+    pub fn copy_to(&self, dst: &SharedArea, len: usize) -> Option<()> {
+        self.mem.copy_to(0, &dst.mem, 0, len).ok()
     }
 }
 
@@ -389,8 +400,8 @@ macro_rules! end_methods {
             }
 
             /// Raw pointer and length of the shared buffer area, valid while any piece of this
-            /// channel lives. The peer may read and write it concurrently: copy with raw
-            /// pointers (or pass it to I/O syscalls), never hold Rust references into it.
+            /// channel lives. The peer may read and write it concurrently: copy through
+            /// [`SharedArea`] (or pass it to I/O syscalls), never hold Rust references into it.
             pub fn extra_area(&self) -> (*mut u8, usize) {
                 (self.extra.as_ptr(), self.extra.len())
             }
@@ -465,10 +476,14 @@ fn ends(
             RingWriter::new(in_base, in_len)?,
         )
     };
+    // SAFETY: the extra area is the page-aligned tail of the region after both rings, mapped
+    // while `region` lives (SharedArea holds it); this process touches it only through SharedMem
+    // or system calls.
+    let mem = unsafe { SharedMem::new(base.add(out_len + in_len), cfg.extra_bytes) }
+        .ok_or_else(|| ChannelError::BadConfig("extra area is not word-aligned".into()))?;
     let extra = SharedArea {
         region: Arc::clone(&parts.region),
-        offset: out_len + in_len,
-        len: cfg.extra_bytes,
+        mem,
     };
     let guest = GuestEnd {
         tx: g_tx,
@@ -503,7 +518,8 @@ fn create_parts(cfg: &ChannelConfig) -> Result<Parts, ChannelError> {
     cfg.validate()?;
     let name = c"enlight-channel";
     // SAFETY: name is a valid C string; the returned fd is owned by us on success.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(last_os("memfd_create"));
     }
@@ -512,6 +528,13 @@ fn create_parts(cfg: &ChannelConfig) -> Result<Parts, ChannelError> {
     // SAFETY: plain syscall on our fd.
     if unsafe { libc::ftruncate(memfd.as_raw_fd(), cfg.region_len() as libc::off_t) } != 0 {
         return Err(last_os("ftruncate of the channel memfd"));
+    }
+    // Fix the size for good before anyone maps it: a process holding the memfd could otherwise
+    // truncate it and turn the other side's next access into SIGBUS. The receiving side refuses
+    // a memfd without these seals (`check_seals`).
+    // SAFETY: plain syscall on our fd.
+    if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, REQUIRED_SEALS) } != 0 {
+        return Err(last_os("sealing the channel memfd"));
     }
     let region = SharedRegion::map(memfd, cfg.region_len())?;
     // SAFETY: the region is freshly mapped, zeroed by the kernel, and unused; each ring lies
@@ -543,7 +566,7 @@ pub fn create_for_peer(cfg: &ChannelConfig, sock: UnixStream) -> Result<GuestEnd
     Ok(guest)
 }
 
-fn handoff_header(cfg: &ChannelConfig) -> [u8; HANDOFF_HEADER_LEN] {
+pub(crate) fn handoff_header(cfg: &ChannelConfig) -> [u8; HANDOFF_HEADER_LEN] {
     let mut header = [0u8; HANDOFF_HEADER_LEN];
     header[0..4].copy_from_slice(&HANDOFF_MAGIC.to_le_bytes());
     header[4..8].copy_from_slice(&HANDOFF_VERSION.to_le_bytes());
@@ -578,6 +601,9 @@ pub fn receive_host_end(sock: &UnixStream) -> Result<HostEnd, ChannelError> {
     };
     cfg.validate()
         .map_err(|e| ChannelError::BadHandoff(e.to_string()))?;
+    // Seals first: once they are in place the size cannot change between the check below and
+    // the mapping (or ever after).
+    check_seals(memfd.as_fd())?;
     // SAFETY: zeroed stat is a valid out-parameter; fstat on an fd we own.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
@@ -605,6 +631,29 @@ pub fn receive_host_end(sock: &UnixStream) -> Result<HostEnd, ChannelError> {
     Ok(host)
 }
 
+/// Seals every channel memfd carries: its size can never change again, and no seal can be added
+/// (so no one can later forbid the writes both sides make).
+const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// Refuses a memfd the peer could still resize (or that forbids writing to it).
+fn check_seals(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), ChannelError> {
+    // SAFETY: plain syscall on a descriptor we own.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        let err = io::Error::last_os_error();
+        return Err(ChannelError::BadHandoff(format!(
+            "the region descriptor is not a memfd that can carry seals: {err}"
+        )));
+    }
+    let forbidden = libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE;
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS || seals & forbidden != 0 {
+        return Err(ChannelError::Unsealed {
+            seals: seals as u32,
+        });
+    }
+    Ok(())
+}
+
 fn check_is_eventfd(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), ChannelError> {
     let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
         .map_err(os("readlink of a received fd"))?;
@@ -617,7 +666,11 @@ fn check_is_eventfd(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), ChannelError>
     Ok(())
 }
 
-fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[RawFd]) -> Result<(), ChannelError> {
+pub(crate) fn send_with_fds(
+    sock: &UnixStream,
+    data: &[u8],
+    fds: &[RawFd],
+) -> Result<(), ChannelError> {
     let iov = [IoSlice::new(data)];
     // SAFETY: CMSG_SPACE is a pure computation.
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) } as usize;
@@ -714,6 +767,29 @@ mod tests {
             in_ring_bytes: 8192,
             extra_bytes: 4096,
         }
+    }
+
+    /// Re-executes this test binary to run only the test `role`, which does its work when the
+    /// environment variable `env` names the socket it inherits (`theirs`).
+    fn spawn_role(role: &str, env: &str, theirs: UnixStream) -> std::process::Child {
+        // Let the child inherit its end: clear CLOEXEC on it.
+        // SAFETY: fcntl on a socket we own.
+        unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) };
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", role, "--nocapture", "--test-threads=1"])
+            .env(env, theirs.as_raw_fd().to_string())
+            // The child's own harness summary would read as one more test result in the log.
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// In a child started by `spawn_role`: the socket the parent handed over (None in a normal
+    /// test run).
+    fn role_socket(env: &str) -> Option<UnixStream> {
+        let fd: RawFd = std::env::var(env).ok()?.parse().unwrap();
+        // SAFETY: the parent passed this inherited, open socket fd to us and nobody else uses it.
+        Some(unsafe { UnixStream::from_raw_fd(fd) })
     }
 
     #[test]
@@ -948,12 +1024,9 @@ mod tests {
     /// re-executed with ENLIGHT_CHANNEL_CHILD set to a socket fd number.
     #[test]
     fn channel_child_role() {
-        let Ok(fd) = std::env::var("ENLIGHT_CHANNEL_CHILD") else {
+        let Some(sock) = role_socket("ENLIGHT_CHANNEL_CHILD") else {
             return;
         };
-        let fd: RawFd = fd.parse().unwrap();
-        // SAFETY: the parent passed this inherited, open socket fd to us and nobody else uses it.
-        let sock = unsafe { UnixStream::from_raw_fd(fd) };
         let mut host = receive_host_end(&sock).unwrap();
         let mut buf = Vec::new();
         let mut echoed = 0;
@@ -990,22 +1063,11 @@ mod tests {
             return;
         }
         let (ours, theirs) = UnixStream::pair().unwrap();
-        // Let the child inherit its end: clear CLOEXEC on it.
-        // SAFETY: fcntl on a socket we own.
-        unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) };
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "channel::tests::channel_child_role",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("ENLIGHT_CHANNEL_CHILD", theirs.as_raw_fd().to_string())
-            // The child's own harness summary would read as one more test result in the log.
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        drop(theirs);
+        let mut child = spawn_role(
+            "channel::tests::channel_child_role",
+            "ENLIGHT_CHANNEL_CHILD",
+            theirs,
+        );
         let (mut guest, host) = create(&cfg()).unwrap();
         guest.watch_peer(&ours).unwrap();
         host.send_to(&ours).unwrap();
@@ -1075,5 +1137,138 @@ mod tests {
         send_with_fds(&a, &header, &fds).unwrap();
         let err = receive_host_end(&b).err().unwrap();
         assert!(err.to_string().contains("memfd is"), "{err}");
+    }
+    /// The host half of `a_peer_truncating_the_memfd_cannot_crash_the_host`: receives the host
+    /// end, waits for the guest's signal (sent after its truncation attempt) and uses both rings.
+    #[test]
+    fn truncation_child_role() {
+        use std::io::Write;
+        let Some(sock) = role_socket("ENLIGHT_TRUNCATE_CHILD") else {
+            return;
+        };
+        let mut host = receive_host_end(&sock).unwrap();
+        // Mapped: now the guest may try its worst.
+        (&sock).write_all(b"R").unwrap();
+        assert_eq!(
+            host.from_guest.wait(Duration::from_secs(30)).unwrap(),
+            WaitResult::Signalled
+        );
+        // With the region truncated under the mapping, either access is SIGBUS.
+        let (h, buf) = host.rx.read().unwrap().unwrap();
+        assert_eq!((h.trans_id, &buf[..5]), (1, &b"hello"[..]));
+        host.rx.commit();
+        host.tx.try_write(11, 0, 1, &[b"done"]).unwrap();
+    }
+
+    /// A guest process that truncates the memfd after handing the host end over cannot crash
+    /// the host: the memfd is sealed against resizing, so the truncation fails (it used to
+    /// succeed, and the host died of SIGBUS on its next ring access; the host runs in a child
+    /// process here so that the test sees that instead of dying of it).
+    #[test]
+    fn a_peer_truncating_the_memfd_cannot_crash_the_host() {
+        use std::io::Read;
+        if std::env::var("ENLIGHT_TRUNCATE_CHILD").is_ok() {
+            return;
+        }
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut child = spawn_role(
+            "channel::tests::truncation_child_role",
+            "ENLIGHT_TRUNCATE_CHILD",
+            theirs,
+        );
+        let (mut guest, host) = create(&cfg()).unwrap();
+        let memfd = host.extra.region.memfd.try_clone().unwrap();
+        guest.tx.try_write(6, 1, 1, &[b"hello"]).unwrap();
+        host.send_to(&ours).unwrap();
+        let mut mapped = [0u8; 1];
+        (&ours).read_exact(&mut mapped).unwrap();
+        // The hostile part: shrink the region to nothing under the host's mapping.
+        // SAFETY: plain syscall on a descriptor we own.
+        let rc = unsafe { libc::ftruncate(memfd.as_raw_fd(), 0) };
+        let err = std::io::Error::last_os_error();
+        guest.to_host.signal().unwrap();
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            status.success(),
+            "the host process ended with {status:?} (signal {:?}) after the guest truncated the \
+             memfd (ftruncate returned {rc})",
+            status.signal()
+        );
+        assert_eq!(rc, -1, "a sealed memfd cannot shrink");
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        // The host wrote its reply into the region, which is still whole.
+        let (h, buf) = guest.rx.read().unwrap().unwrap();
+        assert_eq!((h.trans_id, &buf[..4]), (1, &b"done"[..]));
+    }
+
+    /// A hand-off whose memfd could be resized is refused with a typed error before anything is
+    /// mapped: one without seals at all, one that may still grow, one whose seals can still be
+    /// added to (no F_SEAL_SEAL), and one that is not a memfd.
+    #[test]
+    fn an_unsealed_memfd_is_refused() {
+        let c = cfg();
+        let make = |flags: libc::c_uint, seals: libc::c_int| {
+            // SAFETY: a valid C string; we own the returned fd.
+            let fd = unsafe { libc::memfd_create(c"hostile".as_ptr(), libc::MFD_CLOEXEC | flags) };
+            assert!(fd >= 0);
+            // SAFETY: fresh fd owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: plain syscalls on our fd.
+            unsafe {
+                assert_eq!(
+                    libc::ftruncate(fd.as_raw_fd(), c.region_len() as libc::off_t),
+                    0
+                );
+                if seals != 0 {
+                    assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals), 0);
+                }
+            }
+            fd
+        };
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(c.region_len() as u64).unwrap();
+        let cases: [(OwnedFd, &str); 4] = [
+            (make(0, 0), "no seals"),
+            (
+                make(
+                    libc::MFD_ALLOW_SEALING,
+                    libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL,
+                ),
+                "may grow",
+            ),
+            (
+                make(
+                    libc::MFD_ALLOW_SEALING,
+                    libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+                ),
+                "seals not sealed",
+            ),
+            (OwnedFd::from(file), "a plain file"),
+        ];
+        for (memfd, what) in cases {
+            let (a, b) = UnixStream::pair().unwrap();
+            let (g2h, h2g) = (eventfd().unwrap(), eventfd().unwrap());
+            let fds = [memfd.as_raw_fd(), g2h.as_raw_fd(), h2g.as_raw_fd()];
+            send_with_fds(&a, &handoff_header(&c), &fds).unwrap();
+            let r = receive_host_end(&b);
+            assert!(
+                matches!(
+                    r,
+                    Err(ChannelError::Unsealed { .. }) | Err(ChannelError::BadHandoff(_))
+                ),
+                "{what}: {:?}",
+                r.as_ref().err()
+            );
+            if what != "a plain file" {
+                assert!(matches!(r, Err(ChannelError::Unsealed { .. })), "{what}");
+            }
+        }
+        // Our own channels are sealed.
+        let (_g, host) = create(&c).unwrap();
+        // SAFETY: fcntl on a descriptor the host end owns.
+        let seals = unsafe { libc::fcntl(host.extra.region.memfd.as_raw_fd(), libc::F_GET_SEALS) };
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        assert_eq!(seals & want, want);
     }
 }

@@ -312,12 +312,12 @@ struct Core {
     on_change: Option<OnChange>,
 }
 
-enum Request {
+pub(crate) enum Request {
     Get,
     Set(SettingsPatch),
 }
 
-fn parse_request(line: &[u8]) -> Result<Request, ControlError> {
+pub(crate) fn parse_request(line: &[u8]) -> Result<Request, ControlError> {
     let text = std::str::from_utf8(line)
         .map_err(|e| ControlError::Malformed(format!("request is not UTF-8 text: {e}")))?;
     let value: Value = serde_json::from_str(text)

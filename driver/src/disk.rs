@@ -8,6 +8,16 @@
 //! a real backing file (`O_DIRECT` where the file system allows) on a small thread pool that
 //! reads and writes the shared slots directly, and sends a [`DiskCompletion`] back.
 //!
+//! Both sides validate every byte from the other. The host answers a request with bad arguments
+//! (unknown op, out-of-range LBA or buffer) with an error status; a packet the guest cannot
+//! legally send at all (not a request, or a request that does not decode) ends the service with
+//! [`DiskError::GuestProtocol`]. The guest accepts a completion only for a tag in flight, with a
+//! length that fits the request; anything else is [`DiskError::Protocol`] and breaks the channel,
+//! so every later call fails with [`DiskError::Broken`] (as a ring violation breaks the ring).
+//! The service stops reading requests while those it holds (in flight on its workers, or
+//! completed and waiting for room in the inbound ring) reach `DiskOptions::queue_slots`, and
+//! resumes when they drain: no guest, reading its completions or not, can grow its memory.
+//!
 //! Interrupt moderation on the completion path: a completion write that makes the inbound ring
 //! non-empty while the guest has not masked interrupts makes a signal *owed*; the host fires it
 //! after `moderation_frames` completions or `moderation_usecs` microseconds, whichever comes
@@ -38,7 +48,8 @@ use crate::channel::{
     self, ChannelConfig, ChannelError, GuestEnd, HostEnd, SharedArea, WaitResult,
 };
 use crate::ring::{
-    RingError, WriteOutcome, FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION, PACKET_TYPE_INBAND,
+    PacketHeader, RingError, WriteOutcome, FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION,
+    PACKET_TYPE_INBAND,
 };
 use crate::settings::{DeviceSettings, Knob};
 use crate::trace::{
@@ -96,7 +107,8 @@ pub struct DiskCompletion {
 const _: () = assert!(std::mem::size_of::<DiskCompletion>() == 8);
 
 impl DiskRequest {
-    fn encode(&self) -> [u8; 32] {
+    /// The wire form: little-endian fields in declaration order.
+    pub fn encode(&self) -> [u8; 32] {
         let mut b = [0u8; 32];
         b[0..2].copy_from_slice(&self.op.to_le_bytes());
         b[2..4].copy_from_slice(&self.reserved.to_le_bytes());
@@ -124,7 +136,8 @@ impl DiskRequest {
 }
 
 impl DiskCompletion {
-    fn encode(&self) -> [u8; 8] {
+    /// The wire form: `status`, `bytes`, little-endian.
+    pub fn encode(&self) -> [u8; 8] {
         let mut b = [0u8; 8];
         b[0..4].copy_from_slice(&self.status.to_le_bytes());
         b[4..8].copy_from_slice(&self.bytes.to_le_bytes());
@@ -149,9 +162,17 @@ pub enum DiskError {
     /// The peer broke the ring protocol; the channel is unusable.
     #[error("channel broken: {0}")]
     Ring(#[from] RingError),
-    /// The peer sent a well-framed packet that makes no sense; the channel is unusable.
+    /// The host sent a well-framed packet it cannot legally send (a completion for a tag not in
+    /// flight, a packet of the wrong type or length); the channel is unusable from then on.
     #[error("protocol violation by the host: {0}")]
     Protocol(String),
+    /// The guest sent a packet it cannot legally send (one that is not a request, a request that
+    /// does not decode); the host stops serving the channel.
+    #[error("protocol violation by the guest: {0}")]
+    GuestProtocol(String),
+    /// An earlier protocol violation broke the channel; every later call fails with this.
+    #[error("the channel is broken by an earlier protocol violation: {0}")]
+    Broken(String),
     /// The backing file could not be used.
     #[error("backing file {path}: {source}")]
     Backing {
@@ -242,6 +263,8 @@ pub struct DiskVsc {
     /// Completions reaped and not yet traced (see [`DiskVsc::flush_trace`]).
     records: Vec<CompletionRecord>,
     records_since: Option<Instant>,
+    /// The host's protocol violation that broke the channel: every later call fails with it.
+    broken: Option<String>,
 }
 
 impl DiskVsc {
@@ -285,7 +308,31 @@ impl DiskVsc {
             buf: Vec::with_capacity(64),
             records: Vec::with_capacity(trace::MAX_BATCH),
             records_since: None,
+            broken: None,
         }
+    }
+
+    /// Fails with [`DiskError::Broken`] once a protocol violation broke the channel.
+    fn check_broken(&self) -> Result<(), DiskError> {
+        match &self.broken {
+            Some(why) => Err(DiskError::Broken(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Passes `e` on, remembering a protocol violation (or a broken ring) so that every later
+    /// call fails too: a driver whose completions it can no longer trust submits nothing more.
+    fn note(&mut self, e: DiskError) -> DiskError {
+        match &e {
+            DiskError::Protocol(why) => {
+                self.broken.get_or_insert_with(|| why.clone());
+            }
+            DiskError::Ring(ring) => {
+                self.broken.get_or_insert_with(|| ring.to_string());
+            }
+            _ => {}
+        }
+        e
     }
 
     /// Disk size in sectors.
@@ -393,11 +440,13 @@ impl DiskVsc {
         // Slots keep their data: a completed read's buffer stays readable until the slot is
         // reused (`read_completed`).
         let len = self.end.extra.len().min(guest.extra.len());
-        // SAFETY: both areas are at least `len` bytes and mapped while the ends live; nothing is
-        // in flight, so the host touches neither, and the new area is not shared with anyone yet.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.end.extra.as_ptr(), guest.extra.as_ptr(), len)
-        };
+        // Word by word, atomically: the old area is shared with the host (a hostile one may write
+        // it even with nothing in flight), the new one not yet with anyone.
+        if self.end.extra.copy_to(&guest.extra, len).is_none() {
+            return Ok(Err(format!(
+                "copying {len} bytes of slots to the new channel"
+            )));
+        }
         if let Err(e) = self.live.watch_peer(&mut guest) {
             return Ok(Err(format!("watching the host on the new channel: {e}")));
         }
@@ -504,7 +553,9 @@ impl DiskVsc {
 
     /// Submits a read or a flush (or a write of whatever the slot holds).
     pub fn submit(&mut self, op: u16, lba: u64, sectors: u32) -> Result<Submitted, DiskError> {
+        self.check_broken()?;
         self.submit_inner(op, lba, sectors, None)
+            .map_err(|e| self.note(e))
     }
 
     /// Submits a write of `data` (a multiple of 512 bytes).
@@ -515,12 +566,14 @@ impl DiskVsc {
                 data.len()
             )));
         }
+        self.check_broken()?;
         self.submit_inner(
             OP_WRITE,
             lba,
             (data.len() / SECTOR as usize) as u32,
             Some(data),
         )
+        .map_err(|e| self.note(e))
     }
 
     fn submit_inner(
@@ -684,8 +737,18 @@ impl DiskVsc {
     }
 
     /// Reaps completions into `out`, NAPI-style, waiting up to `timeout` for the first one.
-    /// Returns how many were reaped (0 on timeout).
+    /// Returns how many were reaped (0 on timeout). A protocol violation by the host is
+    /// [`DiskError::Protocol`], and every later call is [`DiskError::Broken`].
     pub fn reap(
+        &mut self,
+        out: &mut Vec<Completion>,
+        timeout: Duration,
+    ) -> Result<usize, DiskError> {
+        self.check_broken()?;
+        self.reap_inner(out, timeout).map_err(|e| self.note(e))
+    }
+
+    fn reap_inner(
         &mut self,
         out: &mut Vec<Completion>,
         timeout: Duration,
@@ -755,6 +818,12 @@ pub struct VspStats {
     pub interrupts: AtomicU64,
     /// Times the completion ring was full.
     pub ring_full: AtomicU64,
+    /// The most requests the service held at once: handed to its workers or completed and
+    /// queued for the inbound ring. Never above the queue bound (`DiskOptions::queue_slots`).
+    pub queue_peak: AtomicU64,
+    /// Times the service stopped reading the guest's requests because that bound was reached
+    /// (it resumes when the guest reads its completions and the workers finish).
+    pub throttled: AtomicU64,
 }
 
 /// A backing file for the host service.
@@ -911,7 +980,52 @@ fn validate(req: &DiskRequest, capacity: u64, area_len: usize, max_io: u32) -> R
     Ok(())
 }
 
-fn do_io(file: &File, area: &SharedArea, req: &DiskRequest) -> DiskCompletion {
+/// What the service does with one packet from the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GuestPacket {
+    /// Move to the channel the guest offered (a ring resize).
+    Switch,
+    /// A valid request: hand it to the workers.
+    Io(DiskRequest),
+    /// A request with bad arguments: complete it at once with this status.
+    Reject(u32),
+}
+
+/// Decides what one packet from the guest is, from our own copy of it (`payload` was copied
+/// out of the ring once). `Err` is a packet the guest cannot legally send at all (not a
+/// request, or a request that does not decode), which ends the service.
+pub(crate) fn classify(
+    h: &PacketHeader,
+    payload: &[u8],
+    capacity: u64,
+    area_len: usize,
+    options: DiskOptions,
+) -> Result<GuestPacket, String> {
+    if h.ty != PACKET_TYPE_INBAND {
+        return Err(format!(
+            "packet type {} (tag {:#x}) where a request was expected",
+            h.ty, h.trans_id
+        ));
+    }
+    let Some(req) = DiskRequest::decode(payload) else {
+        return Err(format!(
+            "a request of {} bytes (tag {:#x}) does not decode",
+            payload.len(),
+            h.trans_id
+        ));
+    };
+    if h.trans_id == SWITCH_TAG && req.op == OP_SWITCH_CHANNEL {
+        return Ok(GuestPacket::Switch);
+    }
+    Ok(
+        match validate(&req, capacity, area_len, options.max_io_bytes) {
+            Ok(()) => GuestPacket::Io(req),
+            Err(status) => GuestPacket::Reject(status),
+        },
+    )
+}
+
+pub(crate) fn do_io(file: &File, area: &SharedArea, req: &DiskRequest) -> DiskCompletion {
     if req.op == OP_FLUSH {
         // SAFETY: plain syscall on an open file.
         let rc = unsafe { libc::fdatasync(file.as_raw_fd()) };
@@ -1078,6 +1192,12 @@ pub fn serve(
     let mut outq: VecDeque<Done> = VecDeque::new();
     let mut buf = Vec::with_capacity(64);
     let mut blocked_on_full = false;
+    // Requests held at once (in flight plus completions queued for the inbound ring) before the
+    // service stops reading the outbound ring: a guest driver never has more than its slots in
+    // flight, so this never holds back a well-behaved guest, and no guest can make the service
+    // queue more, whether or not it reads its completions.
+    let queue_bound = options.queue_slots.max(1) as usize;
+    let mut throttled = false;
     let result = loop {
         if stop.load(Ordering::Acquire) {
             break Ok(());
@@ -1087,44 +1207,52 @@ pub fn serve(
         moderation.usecs = live.knob(Knob::ModerationUsecs);
         // 1. Requests from the guest.
         let step: Result<(), DiskError> = (|| {
-            while let Some(h) = host.rx.read_into(&mut buf)? {
-                let req = if h.ty == PACKET_TYPE_INBAND {
-                    DiskRequest::decode(&buf)
-                } else {
-                    None
-                };
-                if h.trans_id == SWITCH_TAG && req.is_some_and(|r| r.op == OP_SWITCH_CHANNEL) {
-                    // Everything earlier is read; it must all be completed too.
-                    let idle = in_flight == 0 && outq.is_empty();
-                    // Always taken (an offer over a socket must not linger), used only if idle.
-                    let next = live.take_offer().filter(|_| idle);
-                    let status = match (&next, idle) {
-                        (Some(_), _) => 0,
-                        (None, false) => libc::EBUSY as u32,
-                        (None, true) => libc::EPROTO as u32,
-                    };
-                    write_switch_ack(&mut host, status)?;
-                    stats.interrupts.fetch_add(1, Ordering::Relaxed);
-                    host.to_guest.signal()?;
-                    trace::signal(dev, DIR_HOST_TO_GUEST, 0, &live.signals);
-                    if let Some(next) = next {
-                        host.rx.commit();
-                        host = next;
-                        moderation.owed_since = None;
-                        blocked_on_full = false;
-                    } else {
-                        stats.errors.fetch_add(1, Ordering::Relaxed);
+            loop {
+                if in_flight + outq.len() >= queue_bound {
+                    // Resumed once the workers finish and the guest reads its completions.
+                    if !throttled {
+                        throttled = true;
+                        stats.throttled.fetch_add(1, Ordering::Relaxed);
                     }
-                    continue;
+                    break;
                 }
-                stats.requests.fetch_add(1, Ordering::Relaxed);
-                let verdict = match req {
-                    Some(req) => validate(&req, capacity, host.extra.len(), options.max_io_bytes)
-                        .map(|_| req),
-                    None => Err(libc::EPROTO as u32),
+                throttled = false;
+                let Some(h) = host.rx.read_into(&mut buf)? else {
+                    break;
                 };
-                match verdict {
-                    Ok(req) => {
+                let packet = match classify(&h, &buf, capacity, host.extra.len(), options) {
+                    Ok(p) => p,
+                    Err(why) => {
+                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                        return Err(DiskError::GuestProtocol(why));
+                    }
+                };
+                match packet {
+                    GuestPacket::Switch => {
+                        // Everything earlier is read; it must all be completed too.
+                        let idle = in_flight == 0 && outq.is_empty();
+                        // Always taken (an offer over a socket must not linger), used only if idle.
+                        let next = live.take_offer().filter(|_| idle);
+                        let status = match (&next, idle) {
+                            (Some(_), _) => 0,
+                            (None, false) => libc::EBUSY as u32,
+                            (None, true) => libc::EPROTO as u32,
+                        };
+                        write_switch_ack(&mut host, status)?;
+                        stats.interrupts.fetch_add(1, Ordering::Relaxed);
+                        host.to_guest.signal()?;
+                        trace::signal(dev, DIR_HOST_TO_GUEST, 0, &live.signals);
+                        if let Some(next) = next {
+                            host.rx.commit();
+                            host = next;
+                            moderation.owed_since = None;
+                            blocked_on_full = false;
+                        } else {
+                            stats.errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    GuestPacket::Io(req) => {
+                        stats.requests.fetch_add(1, Ordering::Relaxed);
                         in_flight += 1;
                         job_tx
                             .send(Job {
@@ -1134,7 +1262,8 @@ pub fn serve(
                             })
                             .expect("workers outlive the loop")
                     }
-                    Err(status) => {
+                    GuestPacket::Reject(status) => {
+                        stats.requests.fetch_add(1, Ordering::Relaxed);
                         stats.errors.fetch_add(1, Ordering::Relaxed);
                         outq.push_back(Done {
                             tag: h.trans_id,
@@ -1149,6 +1278,9 @@ pub fn serve(
                 host.to_guest.signal()?;
                 trace::signal(dev, DIR_HOST_TO_GUEST, 0, &live.signals);
             }
+            stats
+                .queue_peak
+                .fetch_max((in_flight + outq.len()) as u64, Ordering::Relaxed);
             // 2. Completions from the workers, in the order they finished.
             while let Ok(done) = done_rx.try_recv() {
                 in_flight -= 1;
@@ -1218,7 +1350,10 @@ pub fn serve(
                 revents: 0,
             },
         ];
-        let busy = host.rx.has_data().unwrap_or(true) || (!outq.is_empty() && !blocked_on_full);
+        // Throttled, it sleeps until a worker finishes or the guest makes room (the guest's
+        // commit signals because a full write set pending_send_sz), whatever waits in the ring.
+        let more_requests = !throttled && host.rx.has_data().unwrap_or(true);
+        let busy = more_requests || (!outq.is_empty() && !blocked_on_full);
         if !busy {
             // ppoll, not poll: the moderation timer is in microseconds and poll's milliseconds
             // would stretch a 50 us deadline to 1 ms.
@@ -1268,7 +1403,7 @@ fn write_switch_ack(host: &mut HostEnd, status: u32) -> Result<(), DiskError> {
                 host.from_guest.wait(Duration::from_millis(1))?;
             }
             WriteOutcome::Full { .. } => {
-                return Err(DiskError::Protocol(
+                return Err(DiskError::GuestProtocol(
                     "the guest never made room for the channel switch acknowledgement".into(),
                 ))
             }
@@ -1556,14 +1691,10 @@ mod tests {
                 .try_write(PACKET_TYPE_INBAND, 1, i as u64, &[&req.encode()])
                 .unwrap();
         }
-        guest
-            .tx
-            .try_write(PACKET_TYPE_INBAND, 1, 100, &[b"short"])
-            .unwrap();
         guest.to_host.signal().unwrap();
         let mut buf = Vec::new();
         let mut statuses = Vec::new();
-        while statuses.len() < 7 {
+        while statuses.len() < 6 {
             match guest.rx.read_into(&mut buf).unwrap() {
                 Some(h) => {
                     statuses.push((h.trans_id, DiskCompletion::decode(&buf).unwrap().status))
@@ -1574,7 +1705,7 @@ mod tests {
             }
         }
         assert!(statuses.iter().all(|(_, s)| *s != 0), "{statuses:?}");
-        assert_eq!(control.stats().errors.load(Ordering::Relaxed), 7);
+        assert_eq!(control.stats().errors.load(Ordering::Relaxed), 6);
         // Then a corrupt ring index: the service stops with a typed error instead of crashing.
         // SAFETY: test pokes the outbound ring's write_index (first word of the region).
         unsafe {
@@ -1584,6 +1715,119 @@ mod tests {
         let r = t.join().unwrap();
         assert!(matches!(r, Err(DiskError::Ring(_))), "{r:?}");
         control.request_stop();
+    }
+
+    /// Packets a guest cannot legally send (not a request, or a request that does not decode)
+    /// break the channel: the service stops with a typed error instead of answering and going on.
+    #[test]
+    fn illegal_guest_packets_stop_the_service() {
+        let f = backing_with_pattern(16);
+        let cases: [(u16, &[u8], &str); 3] = [
+            (PACKET_TYPE_INBAND, b"short", "does not decode"),
+            (PACKET_TYPE_COMPLETION, &[0u8; 8], "packet type 11"),
+            (crate::ring::PACKET_TYPE_GPADL, &[0u8; 32], "packet type 8"),
+        ];
+        for (ty, payload, needle) in cases {
+            let (mut guest, control, t) = host_on_raw_channel(f.path());
+            guest.tx.try_write(ty, 1, 100, &[payload]).unwrap();
+            guest.to_host.signal().unwrap();
+            // A generous sanity bound, not a timing target: a service that carries on never ends.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !t.is_finished() {
+                if Instant::now() > deadline {
+                    control.request_stop();
+                    let _ = t.join();
+                    panic!("{needle}: the service kept serving after the violation");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let r = t.join().unwrap();
+            assert!(
+                matches!(r, Err(DiskError::GuestProtocol(ref m)) if m.contains(needle)),
+                "{needle}: {r:?}"
+            );
+            control.request_stop();
+        }
+    }
+
+    /// A guest that floods requests (answered with an error status, so no I/O slows the host)
+    /// and never reads its inbound ring cannot grow the host: the service stops reading once
+    /// the completions it holds reach its queue bound, and resumes, losing nothing, when the
+    /// guest reads. (It used to read every request and queue every completion: 135-775 MB in
+    /// 10 s.) The assertions are on the service's own queue counters, not on time.
+    #[test]
+    fn a_flooding_guest_that_never_reads_cannot_grow_the_host() {
+        let f = backing_with_pattern(16);
+        let (mut guest, control, t) = host_on_raw_channel(f.path());
+        let bound = small().queue_slots as u64;
+        let bad = DiskRequest {
+            op: 99,
+            ..Default::default()
+        }
+        .encode();
+        let stats = control.stats();
+        let write = |guest: &mut channel::GuestEnd, tag: u64| {
+            guest
+                .tx
+                .try_write(PACKET_TYPE_INBAND, FLAG_COMPLETION_REQUESTED, tag, &[&bad])
+                .unwrap()
+        };
+        const FLOOD: u64 = 20_000;
+        let mut written = 0u64;
+        // Write until the host stops taking requests (its throttle counter moved and a wait
+        // brought no progress), or until the whole flood went in, which a bounded host never
+        // allows: 8 KiB rings hold a few hundred packets.
+        let mut last_seen = u64::MAX;
+        while written < FLOOD {
+            match write(&mut guest, written) {
+                WriteOutcome::Written { .. } => {
+                    written += 1;
+                    guest.to_host.signal().unwrap();
+                }
+                WriteOutcome::Full { .. } => {
+                    let seen = stats.requests.load(Ordering::Relaxed);
+                    if stats.throttled.load(Ordering::Relaxed) > 0 && seen == last_seen {
+                        break;
+                    }
+                    last_seen = seen;
+                    guest.from_host.wait(Duration::from_millis(200)).unwrap();
+                }
+            }
+        }
+        let peak = stats.queue_peak.load(Ordering::Relaxed);
+        assert!(
+            written < FLOOD && peak <= bound,
+            "the host took {written} requests and held {peak} completions (bound {bound})"
+        );
+        // The guest starts reading: every request gets its completion, in order, and the host
+        // takes the rest of the flood.
+        let mut buf = Vec::new();
+        let mut next = 0u64;
+        while next < FLOOD {
+            while written < FLOOD {
+                match write(&mut guest, written) {
+                    WriteOutcome::Written { .. } => written += 1,
+                    WriteOutcome::Full { .. } => break,
+                }
+            }
+            guest.to_host.signal().unwrap();
+            while let Some(h) = guest.rx.read_into(&mut buf).unwrap() {
+                assert_eq!(h.trans_id, next);
+                let c = DiskCompletion::decode(&buf).unwrap();
+                assert_eq!(c.status, libc::EOPNOTSUPP as u32);
+                next += 1;
+            }
+            if guest.rx.commit().signal_writer {
+                guest.to_host.signal().unwrap();
+            }
+            if next < FLOOD {
+                guest.from_host.wait(Duration::from_millis(50)).unwrap();
+            }
+        }
+        assert!(stats.queue_peak.load(Ordering::Relaxed) <= bound);
+        assert_eq!(stats.requests.load(Ordering::Relaxed), FLOOD);
+        control.request_stop();
+        t.join().unwrap().unwrap();
     }
 
     /// A switch request the host cannot honour (nothing offered in the hand-over slot) is
@@ -1652,6 +1896,21 @@ mod tests {
         assert!(
             matches!(err, DiskError::Protocol(ref m) if m.contains("unknown")),
             "{err}"
+        );
+        // The channel stays broken: every later call fails with the typed error, although the
+        // ring itself is intact and the host now behaves.
+        let broken = |r: Result<(), DiskError>| {
+            assert!(
+                matches!(r, Err(DiskError::Broken(ref m)) if m.contains("unknown")),
+                "{r:?}"
+            )
+        };
+        broken(vsc.reap(&mut Vec::new(), Duration::ZERO).map(|_| ()));
+        broken(vsc.submit(OP_READ, 0, 8).map(|_| ()));
+        broken(vsc.submit_write(0, &[0u8; 512]).map(|_| ()));
+        broken(
+            vsc.reap(&mut Vec::new(), Duration::from_millis(10))
+                .map(|_| ()),
         );
     }
 

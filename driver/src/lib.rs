@@ -1,6 +1,7 @@
 //! enlight's userspace synthetic drivers.
 //!
 //! Layout, bottom up:
+//! - [`shmem`]: every access to memory a peer may write (atomic word copies, each byte read once).
 //! - [`ring`]: one VMBus-style ring buffer in shared memory (Hyper-V layout, signalling and
 //!   flow-control rules). Everything the peer writes is untrusted and validated before use.
 //! - [`channel`]: a channel is two rings plus two eventfds in one memfd-backed region, usable from
@@ -17,6 +18,8 @@
 //! - [`nic`]: a netvsc-like synthetic NIC (send/receive buffers over the channel) and
 //!   [`nic::NicBridge`], which runs it between two network namespaces.
 //! - [`netns`]: network namespaces and tap devices enlight creates and removes.
+//! - `fuzzing` (feature `fuzzing`, and in tests): the harnesses behind the cargo-fuzz targets in
+//!   `driver/fuzz/`; `cargo test` replays their seed corpora and every crash found.
 //!
 //! The cross-crate contracts are written down in `docs/architecture.md`.
 
@@ -24,11 +27,14 @@ pub mod channel;
 pub mod control;
 pub mod disk;
 pub mod emulated;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod netns;
 pub mod nic;
 pub mod registry;
 pub mod ring;
 pub mod settings;
+pub mod shmem;
 pub mod trace;
 pub mod usdt;
 pub mod workload;

@@ -16,8 +16,13 @@
 //!
 //! Both sides validate every byte from the other: the guest accepts a completion only for a tag
 //! in flight and an rx packet only for a section it posted, with a length inside the section; the
-//! host completes a malformed request with an error status and ignores (and counts) a bad post or
-//! return. A broken ring is a typed error that stops the side that saw it, never a panic.
+//! host completes a tx request with bad arguments with an error status. A packet the peer cannot
+//! legally send (a completion for a tag not in flight, a post of a section the host holds, an
+//! unknown or undecodable message) breaks the channel like a ring violation does: a typed error
+//! ([`NicError::Protocol`], [`NicError::GuestProtocol`]) on that turn and [`NicError::Broken`]
+//! on every later one, never a panic. The host stops reading the guest's requests while the
+//! packets it holds for a full inbound ring reach `send_sections + recv_sections` (more than a
+//! well-behaved guest can cause), so no guest can grow its memory.
 //!
 //! Interrupt moderation and NAPI-like reaping work as for the disk (`disk.rs`): a packet that
 //! makes the inbound ring non-empty while the guest has not masked interrupts makes a signal
@@ -96,9 +101,17 @@ pub enum NicError {
     /// The peer broke the ring protocol; the channel is unusable.
     #[error("channel broken: {0}")]
     Ring(#[from] RingError),
-    /// The host sent a well-framed packet that makes no sense; the channel is unusable.
+    /// The host sent a well-framed packet it cannot legally send; the channel is unusable from
+    /// then on.
     #[error("protocol violation by the host: {0}")]
     Protocol(String),
+    /// The guest sent a packet it cannot legally send (a return of a section not in flight, a
+    /// post of a section it does not own, a message that does not decode); the host stops.
+    #[error("protocol violation by the guest: {0}")]
+    GuestProtocol(String),
+    /// An earlier protocol violation broke the channel; every later call fails with this.
+    #[error("the channel is broken by an earlier protocol violation: {0}")]
+    Broken(String),
     /// A backend (tap) failed.
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
@@ -187,11 +200,11 @@ impl NicOptions {
         Ok(())
     }
 
-    fn send_offset(&self, section: u32) -> usize {
+    pub(crate) fn send_offset(&self, section: u32) -> usize {
         section as usize * self.section_bytes as usize
     }
 
-    fn recv_offset(&self, section: u32) -> usize {
+    pub(crate) fn recv_offset(&self, section: u32) -> usize {
         (self.send_sections as usize + section as usize) * self.section_bytes as usize
     }
 
@@ -397,8 +410,15 @@ pub struct NicHostStats {
     pub interrupts: AtomicU64,
     /// Times the inbound ring was full.
     pub ring_full: AtomicU64,
-    /// Malformed messages from the guest (bad posts and returns, bad requests).
+    /// Malformed messages from the guest (bad requests, and the violation that broke the
+    /// channel, if any).
     pub guest_errors: AtomicU64,
+    /// The most packets the host held at once for the inbound ring (tx completions and rx
+    /// packets it could not write yet). Never above `send_sections + recv_sections`.
+    pub queue_peak: AtomicU64,
+    /// Times the host stopped reading the guest's requests because that bound was reached (it
+    /// resumes when the guest makes room in the inbound ring).
+    pub throttled: AtomicU64,
 }
 
 /// A snapshot of both sides' counters.

@@ -21,13 +21,16 @@
 //! out-of-bounds access, no hang.
 //!
 //! Memory model: indices and flags are accessed as atomics with full fences where Linux has
-//! `virt_mb()`. Packet bytes are copied with raw-pointer copies, never through Rust references,
-//! because the peer may write them concurrently (a hostile peer can make us copy garbage, which
-//! validation then rejects, but never make us read outside the region).
+//! `virt_mb()`. Packet bytes are copied in and out as whole aligned words with relaxed atomic
+//! loads and stores ([`crate::shmem`]), never through Rust references or `memcpy`, because the
+//! peer may write them concurrently: a hostile peer can make us copy garbage, which validation of
+//! our own copy then rejects, but never make us read a byte twice, read outside the region, or
+//! race in the sense of Rust's memory model.
 
-use std::ptr;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+
+use crate::shmem::SharedMem;
 
 /// Size of a page, the control page and the granularity of ring sizes.
 pub const PAGE_SIZE: usize = 4096;
@@ -227,21 +230,24 @@ pub struct RingStats {
     pub packets: AtomicU64,
 }
 
-/// The shared part common to both ends: a pointer to the control page and the data area.
+/// The shared part common to both ends: the control page and the data area.
 struct RingMem {
-    base: *mut u8,
+    control: *const RingControl,
+    /// The data area; every access to it is an atomic word copy (see [`crate::shmem`]).
+    data: SharedMem,
     data_len: u32,
 }
 
-// SAFETY: RingMem only holds a pointer into a shared mapping that outlives it (the caller of
-// `RingWriter::new`/`RingReader::new` guarantees that); all accesses go through atomics or
-// raw-pointer copies, which are valid from any thread.
+// SAFETY: RingMem only holds pointers into a shared mapping that outlives it (the caller of
+// `RingWriter::new`/`RingReader::new` guarantees that); all accesses go through atomics, which are
+// valid from any thread.
 unsafe impl Send for RingMem {}
 
 impl RingMem {
     /// # Safety
     /// `base` must point to `len` bytes of readable and writable memory that stay mapped for the
-    /// lifetime of the returned value, aligned to 4 bytes.
+    /// lifetime of the returned value, aligned to 8 bytes, and accessed in this process only
+    /// through ring ends (see [`SharedMem::new`]).
     unsafe fn new(base: *mut u8, len: usize) -> Result<Self, RingError> {
         if len <= PAGE_SIZE
             || !len.is_multiple_of(PAGE_SIZE)
@@ -250,48 +256,31 @@ impl RingMem {
         {
             return Err(RingError::BadLayout { len });
         }
+        // SAFETY: the data area is the region after the control page, inside it; the caller's
+        // guarantees carry over.
+        let data = unsafe { SharedMem::new(base.add(PAGE_SIZE), len - PAGE_SIZE) }
+            .ok_or(RingError::BadLayout { len })?;
         Ok(RingMem {
-            base,
+            control: base as *const RingControl,
+            data,
             data_len: (len - PAGE_SIZE) as u32,
         })
     }
 
     fn control(&self) -> &RingControl {
         // SAFETY: `new` checked the region holds at least a control page; RingControl is made of
-        // atomics and plain reserved words, valid for any bit pattern, and we only touch it
-        // through atomics, so concurrent writes by the peer are not a data race.
-        unsafe { &*(self.base as *const RingControl) }
+        // atomics only, valid for any bit pattern, so concurrent writes by the peer are not a
+        // data race.
+        unsafe { &*self.control }
     }
 
-    fn data(&self) -> *mut u8 {
-        // SAFETY: the data area starts one page after the base, inside the region.
-        unsafe { self.base.add(PAGE_SIZE) }
-    }
-
-    /// Copies `dst.len()` bytes out of the data area starting at `offset`, wrapping at the end.
+    /// Copies `dst.len()` bytes (a multiple of 8) out of the data area starting at `offset` (a
+    /// validated, 8-aligned index), wrapping at the end: each word is read once, atomically.
     fn copy_out(&self, offset: u32, dst: &mut [u8]) {
         debug_assert!(offset < self.data_len && dst.len() <= self.data_len as usize);
-        let first = dst.len().min((self.data_len - offset) as usize);
-        // SAFETY: offset < data_len (validated by callers) and first <= data_len - offset, so the
-        // source lies inside the data area; the rest (dst.len() - first <= data_len) comes from
-        // the start of the data area. dst is local memory, never overlapping the mapping.
-        unsafe {
-            ptr::copy_nonoverlapping(self.data().add(offset as usize), dst.as_mut_ptr(), first);
-            ptr::copy_nonoverlapping(self.data(), dst.as_mut_ptr().add(first), dst.len() - first);
-        }
-    }
-
-    /// Copies `src` into the data area starting at `offset`, wrapping at the end. Returns the
-    /// offset after the copy.
-    fn copy_in(&self, offset: u32, src: &[u8]) -> u32 {
-        debug_assert!(offset < self.data_len && src.len() <= self.data_len as usize);
-        let first = src.len().min((self.data_len - offset) as usize);
-        // SAFETY: as in copy_out, with the roles of source and destination swapped.
-        unsafe {
-            ptr::copy_nonoverlapping(src.as_ptr(), self.data().add(offset as usize), first);
-            ptr::copy_nonoverlapping(src.as_ptr().add(first), self.data(), src.len() - first);
-        }
-        ((offset as usize + src.len()) % self.data_len as usize) as u32
+        self.data
+            .read_wrapping(offset as usize, dst)
+            .expect("callers pass validated, aligned offsets and lengths within the ring");
     }
 
     fn check_index(&self, which: &'static str, value: u32) -> Result<u32, RingError> {
@@ -323,13 +312,13 @@ impl RingMem {
 /// creates the shared region, before either side uses it.
 ///
 /// # Safety
-/// `base` must point to `len` writable bytes, 4-byte aligned, not used by anyone else yet.
+/// `base` must point to `len` writable bytes, 8-byte aligned, not used by anyone else yet.
 pub unsafe fn ring_init(base: *mut u8, len: usize) -> Result<(), RingError> {
     // SAFETY: forwarded from the caller.
     let mem = unsafe { RingMem::new(base, len)? };
     // SAFETY: the control page is inside the region (checked by RingMem::new) and nobody else
     // uses it yet.
-    unsafe { ptr::write_bytes(base, 0, PAGE_SIZE) };
+    unsafe { std::ptr::write_bytes(base, 0, PAGE_SIZE) };
     mem.control()
         .feature_bits
         .store(FEAT_PENDING_SEND_SZ, Ordering::SeqCst);
@@ -373,8 +362,9 @@ impl RingWriter {
     /// A writer over an initialised ring (see [`ring_init`]).
     ///
     /// # Safety
-    /// `base` must point to `len` readable and writable bytes, 4-byte aligned, that stay mapped
-    /// while the writer lives, and only one writer may exist per ring.
+    /// `base` must point to `len` readable and writable bytes, 8-byte aligned, that stay mapped
+    /// while the writer lives and that this process accesses only through ring ends (see
+    /// [`SharedMem::new`]), and only one writer may exist per ring.
     pub unsafe fn new(base: *mut u8, len: usize) -> Result<Self, RingError> {
         // SAFETY: forwarded from the caller.
         let mem = unsafe { RingMem::new(base, len)? };
@@ -481,17 +471,16 @@ impl RingWriter {
             flags,
             trans_id,
         };
-        let mut at = self.mem.copy_in(old_write, &desc.to_bytes());
+        // Whole words, each stored once, atomically: the reader may be reading (and a hostile
+        // one writing) this memory at any moment.
+        let mut words = self.mem.data.word_writer(old_write as usize);
+        words.push(&desc.to_bytes());
         for piece in payload {
-            at = self.mem.copy_in(at, piece);
+            words.push(piece);
         }
-        let pad = align8(payload_len) - payload_len;
-        if pad > 0 {
-            at = self.mem.copy_in(at, &[0u8; 8][..pad]);
-        }
-        at = self
-            .mem
-            .copy_in(at, &((old_write as u64) << 32).to_le_bytes());
+        words.pad_to_word();
+        words.push(&((old_write as u64) << 32).to_le_bytes());
+        let at = words.finish() as u32;
         self.write = at;
 
         // Publish: the packet bytes must be visible before the index (Linux: virt_mb()).
@@ -677,10 +666,11 @@ impl RingReader {
                 max: self.max_payload,
             });
         }
-        buf.clear();
-        buf.resize(payload_len as usize, 0);
         let payload_at = (self.read + desc.offset8 as u32 * 8) % self.mem.data_len;
-        self.mem.copy_out(payload_at, buf);
+        self.mem
+            .data
+            .read_wrapping_to_vec(payload_at as usize, payload_len as usize, buf)
+            .expect("a validated payload lies within the ring");
         self.read = (self.read + desc.len8 as u32 * 8 + TRAILER_LEN as u32) % self.mem.data_len;
         self.stats.packets.fetch_add(1, Ordering::Relaxed);
         Ok(Some(PacketHeader {
@@ -760,6 +750,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::VecDeque;
+    use std::ptr;
 
     /// A heap region standing in for shared memory, 4 KiB aligned.
     pub(crate) struct Region {

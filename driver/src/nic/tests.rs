@@ -8,8 +8,8 @@ use std::time::Instant;
 use super::*;
 use crate::channel::{ChannelConfig, GuestEnd, HostEnd};
 use crate::ring::{
-    FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION, PACKET_TYPE_GPADL, PACKET_TYPE_INBAND,
-    PACKET_TYPE_TRANSFER_PAGES,
+    WriteOutcome, FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION, PACKET_TYPE_GPADL,
+    PACKET_TYPE_INBAND, PACKET_TYPE_TRANSFER_PAGES,
 };
 use crate::trace;
 
@@ -318,7 +318,8 @@ fn receive_buffer_exhaustion_stops_the_host_until_sections_return() {
             .unwrap();
         assert_eq!(data, frame(4 + k as u32, 100));
     }
-    // Returning a section twice is the guest's error, counted, and posts nothing.
+    // Returning a section twice is a completion for a tag not in flight: it breaks the
+    // channel, posts nothing, and every later turn fails.
     guest
         .tx
         .try_write(
@@ -328,14 +329,31 @@ fn receive_buffer_exhaustion_stops_the_host_until_sections_return() {
             &[&NicCompletion::default().encode()],
         )
         .unwrap();
-    vsp.poll_once(-1, Duration::from_millis(1)).unwrap();
+    expect_guest_violation(&mut vsp, "return of unknown rx");
     assert_eq!(stats.guest_errors.load(Ordering::Relaxed), 1);
     assert_eq!(vsp.posted_sections(), 0);
     assert!(inbound(&mut guest).is_empty());
 }
 
+/// The host's next turn fails with a guest protocol violation mentioning `needle`, and every
+/// turn after it with `Broken`.
+fn expect_guest_violation(vsp: &mut NicVsp<FramePipe>, needle: &str) {
+    let err = vsp.poll_once(-1, Duration::ZERO).unwrap_err();
+    assert!(
+        matches!(err, NicError::GuestProtocol(ref m) if m.contains(needle)),
+        "{err} (wanted {needle:?})"
+    );
+    for _ in 0..2 {
+        let err = vsp.poll_once(-1, Duration::ZERO).unwrap_err();
+        assert!(
+            matches!(err, NicError::Broken(ref m) if m.contains(needle)),
+            "{err} (wanted Broken: {needle:?})"
+        );
+    }
+}
+
 #[test]
-fn hostile_guest_messages_get_error_completions_and_break_nothing() {
+fn hostile_guest_requests_get_error_completions() {
     let opts = small_opts();
     let (mut guest, mut outer, mut vsp, stats) = vsp_on_raw_channel(opts);
     let bad_tx = [
@@ -366,44 +384,14 @@ fn hostile_guest_messages_get_error_completions_and_break_nothing() {
             .unwrap();
         expect.push((i as u64, libc::EINVAL as u32));
     }
-    let mut unknown = TxRequest {
-        section: 0,
-        len: 60,
-    }
-    .encode();
-    unknown[0] = 77;
-    for (id, ty, payload) in [
-        (10u64, PACKET_TYPE_INBAND, &unknown[..]),
-        (11, PACKET_TYPE_INBAND, b"abc"),
-        (12, PACKET_TYPE_GPADL, &unknown[..]),
-    ] {
-        guest
-            .tx
-            .try_write(ty, FLAG_COMPLETION_REQUESTED, id, &[payload])
-            .unwrap();
-        expect.push((id, libc::EPROTO as u32));
-    }
-    for post in [
-        RxPost {
-            first: u32::MAX,
-            count: 2,
-        },
-        RxPost { first: 3, count: 2 },
-        RxPost { first: 0, count: 2 },
-        RxPost { first: 1, count: 1 },
-    ] {
-        guest
-            .tx
-            .try_write(PACKET_TYPE_INBAND, 0, 0, &[&post.encode()])
-            .unwrap();
-    }
+    // A well-formed post of sections the host does not hold yet.
     guest
         .tx
         .try_write(
-            PACKET_TYPE_COMPLETION,
+            PACKET_TYPE_INBAND,
             0,
-            0xdead_0000_0001,
-            &[&NicCompletion::default().encode()],
+            0,
+            &[&RxPost { first: 0, count: 2 }.encode()],
         )
         .unwrap();
     vsp.poll_once(-1, Duration::from_millis(1)).unwrap();
@@ -415,9 +403,8 @@ fn hostile_guest_messages_get_error_completions_and_break_nothing() {
         })
         .collect();
     assert_eq!(got, expect);
-    // 7 bad requests, 2 bad posts, 1 duplicate post, 1 unknown return.
-    assert_eq!(stats.guest_errors.load(Ordering::Relaxed), 11);
-    assert_eq!(vsp.posted_sections(), 2, "only the good post counts");
+    assert_eq!(stats.guest_errors.load(Ordering::Relaxed), 4);
+    assert_eq!(vsp.posted_sections(), 2);
     // The service still works: a good frame goes out.
     let good = frame(5, 60);
     guest.extra.write_at(opts.send_offset(1), &good).unwrap();
@@ -453,8 +440,190 @@ fn hostile_guest_messages_get_error_completions_and_break_nothing() {
     );
     assert!(matches!(
         vsp.poll_once(-1, Duration::ZERO),
-        Err(NicError::Ring(RingError::Broken))
+        Err(NicError::Broken(ref m)) if m.contains("exceeds")
     ));
+}
+
+/// A broken inbound ring (the guest moved its read index out of range) stops the host for
+/// good, although the outbound ring is intact and holds a valid request: every later turn is
+/// `Broken` (found by the nic_host fuzz target: a later turn used to read the other ring and
+/// fail with a different error, or carry on).
+#[test]
+fn a_broken_inbound_ring_stops_the_host_although_the_outbound_one_is_intact() {
+    let opts = small_opts();
+    let (mut guest, _outer, mut vsp, _stats) = vsp_on_raw_channel(opts);
+    let bad = TxRequest {
+        section: 99,
+        len: 60,
+    };
+    guest
+        .tx
+        .try_write(
+            PACKET_TYPE_INBAND,
+            FLAG_COMPLETION_REQUESTED,
+            1,
+            &[&bad.encode()],
+        )
+        .unwrap();
+    // SAFETY: the test pokes the inbound ring's read index, the second word of its control
+    // page, which starts one control page and one 8 KiB data area before the extra area.
+    unsafe { (guest.extra.as_ptr().sub(4096 + 8192).add(4) as *mut u32).write_volatile(12) };
+    let err = vsp.poll_once(-1, Duration::ZERO).unwrap_err();
+    assert!(
+        matches!(err, NicError::Ring(RingError::IndexMisaligned { .. })),
+        "{err}"
+    );
+    // The guest now writes a good request on the intact outbound ring: nothing reads it.
+    guest
+        .tx
+        .try_write(
+            PACKET_TYPE_INBAND,
+            FLAG_COMPLETION_REQUESTED,
+            2,
+            &[&bad.encode()],
+        )
+        .unwrap();
+    for _ in 0..2 {
+        let err = vsp.poll_once(-1, Duration::ZERO).unwrap_err();
+        assert!(
+            matches!(err, NicError::Broken(ref m) if m.contains("not 8-byte aligned")),
+            "{err}"
+        );
+    }
+}
+
+/// Packets a guest cannot legally send break the channel: the host's turn fails with a typed
+/// error naming the violation, and so does every later turn (it used to answer or count them
+/// and carry on).
+#[test]
+fn illegal_guest_packets_break_the_channel() {
+    let mut unknown = TxRequest {
+        section: 0,
+        len: 60,
+    }
+    .encode();
+    unknown[0] = 77;
+    let post = |first, count| RxPost { first, count }.encode().to_vec();
+    let done = NicCompletion::default().encode().to_vec();
+    let switch = proto::switch_request().to_vec();
+    /// Packets (type, tag, payload) the guest sends, and what the violation names.
+    type Case = (Vec<(u16, u64, Vec<u8>)>, &'static str);
+    let cases: Vec<Case> = vec![
+        (
+            vec![(PACKET_TYPE_INBAND, 10, unknown.to_vec())],
+            "does not decode",
+        ),
+        (
+            vec![(PACKET_TYPE_INBAND, 11, b"abc".to_vec())],
+            "does not decode",
+        ),
+        (
+            vec![(PACKET_TYPE_GPADL, 12, unknown.to_vec())],
+            "packet type 8",
+        ),
+        (vec![(PACKET_TYPE_INBAND, 13, switch)], "switch request"),
+        (
+            vec![(PACKET_TYPE_INBAND, 0, post(u32::MAX, 2))],
+            "outside the receive buffer",
+        ),
+        (
+            vec![(PACKET_TYPE_INBAND, 0, post(3, 2))],
+            "outside the receive buffer",
+        ),
+        (
+            vec![
+                (PACKET_TYPE_INBAND, 0, post(0, 2)),
+                (PACKET_TYPE_INBAND, 0, post(1, 1)),
+            ],
+            "posted twice",
+        ),
+        (
+            vec![(PACKET_TYPE_COMPLETION, 0xdead_0000_0001, done)],
+            "return of unknown rx",
+        ),
+    ];
+    for (packets, needle) in cases {
+        let (mut guest, _outer, mut vsp, stats) = vsp_on_raw_channel(small_opts());
+        for (ty, tag, payload) in &packets {
+            guest
+                .tx
+                .try_write(*ty, FLAG_COMPLETION_REQUESTED, *tag, &[payload])
+                .unwrap();
+        }
+        expect_guest_violation(&mut vsp, needle);
+        assert_eq!(stats.guest_errors.load(Ordering::Relaxed), 1, "{needle}");
+        assert!(inbound(&mut guest).is_empty(), "{needle}: nothing answered");
+    }
+}
+
+/// A guest that floods tx requests (bad ones, answered with `EINVAL` at once) and never reads
+/// its inbound ring cannot grow the host: once the completions it holds reach its bound the host
+/// stops reading requests, and it resumes, losing nothing, when the guest reads. The test drives
+/// the host's turns itself, so nothing depends on time. (The host used to take 128 requests a
+/// turn whatever it held: 0.7-2 GB in 10 s.)
+#[test]
+fn a_flooding_guest_that_never_reads_cannot_grow_the_host() {
+    let opts = small_opts();
+    let bound = (opts.send_sections + opts.recv_sections) as u64;
+    let (mut guest, _outer, mut vsp, stats) = vsp_on_raw_channel(opts);
+    let bad = TxRequest {
+        section: 99,
+        len: 60,
+    }
+    .encode();
+    let mut written = 0u64;
+    for _ in 0..200 {
+        while let WriteOutcome::Written { .. } = guest
+            .tx
+            .try_write(
+                PACKET_TYPE_INBAND,
+                FLAG_COMPLETION_REQUESTED,
+                written,
+                &[&bad],
+            )
+            .unwrap()
+        {
+            written += 1;
+        }
+        vsp.poll_once(-1, Duration::ZERO).unwrap();
+    }
+    // 8 KiB rings: the inbound one holds 255 completions (32 bytes each), the outbound 204
+    // requests (40 bytes each); the host holds at most `bound` more.
+    let peak = stats.queue_peak.load(Ordering::Relaxed);
+    assert!(
+        peak <= bound && written <= 255 + bound + 204,
+        "the host took {written} requests and held {peak} completions (bound {bound})"
+    );
+    assert!(stats.throttled.load(Ordering::Relaxed) > 0);
+    // The guest reads: every request is answered, in order, and the flood goes on to the end.
+    let mut next = 0u64;
+    while next < 5_000 {
+        for (h, p) in inbound(&mut guest) {
+            assert_eq!(h.trans_id, next);
+            assert_eq!(
+                NicCompletion::decode(&p).unwrap().status,
+                libc::EINVAL as u32
+            );
+            next += 1;
+        }
+        while written < 5_000 {
+            match guest
+                .tx
+                .try_write(
+                    PACKET_TYPE_INBAND,
+                    FLAG_COMPLETION_REQUESTED,
+                    written,
+                    &[&bad],
+                )
+                .unwrap()
+            {
+                WriteOutcome::Written { .. } => written += 1,
+                WriteOutcome::Full { .. } => break,
+            }
+        }
+        vsp.poll_once(-1, Duration::ZERO).unwrap();
+    }
+    assert!(stats.queue_peak.load(Ordering::Relaxed) <= bound);
 }
 
 #[test]
@@ -508,12 +677,21 @@ fn rx_packet(host: &mut HostEnd, trans_id: u64, section: u32, len: u32) {
         .unwrap();
 }
 
+/// The guest's next turn fails with a protocol violation mentioning `needle`, and every turn
+/// after it with `Broken` (the channel stays broken although the ring itself is intact).
 fn expect_protocol_error(vsc: &mut NicVsc<FramePipe>, needle: &str) {
     let err = vsc.poll_once(-1, Duration::ZERO).unwrap_err();
     assert!(
         matches!(err, NicError::Protocol(ref m) if m.contains(needle)),
         "{err} (wanted {needle:?})"
     );
+    for _ in 0..2 {
+        let err = vsc.poll_once(-1, Duration::ZERO).unwrap_err();
+        assert!(
+            matches!(err, NicError::Broken(ref m) if m.contains(needle)),
+            "{err} (wanted Broken: {needle:?})"
+        );
+    }
 }
 
 #[test]

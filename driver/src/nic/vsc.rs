@@ -52,6 +52,8 @@ pub struct NicVsc<F: FrameIo> {
     frame: Vec<u8>,
     records: Vec<CompletionRecord>,
     records_since: Option<Instant>,
+    /// The host's protocol violation that broke the channel: every later turn fails with it.
+    broken: Option<String>,
 }
 
 impl<F: FrameIo> NicVsc<F> {
@@ -93,6 +95,7 @@ impl<F: FrameIo> NicVsc<F> {
             frame: vec![0; opts.section_bytes as usize + 1],
             records: Vec::with_capacity(trace::MAX_BATCH),
             records_since: None,
+            broken: None,
         })
     }
 
@@ -570,7 +573,22 @@ impl<F: FrameIo> NicVsc<F> {
     /// One turn of the driver: reap (NAPI-like), return and post receive sections, send frames;
     /// when there was nothing to do, sleep until the host signals, a frame waits in the backend,
     /// `wake_fd` is readable, or `timeout`. Returns whether it did any work.
+    ///
+    /// A packet the host cannot legally send is [`NicError::Protocol`] (a broken ring
+    /// [`NicError::Ring`]), and every later turn [`NicError::Broken`].
     pub fn poll_once(&mut self, wake_fd: RawFd, timeout: Duration) -> Result<bool, NicError> {
+        if let Some(why) = &self.broken {
+            return Err(NicError::Broken(why.clone()));
+        }
+        self.poll_once_inner(wake_fd, timeout)
+            .inspect_err(|e| match e {
+                NicError::Protocol(why) => self.broken = Some(why.clone()),
+                NicError::Ring(ring) => self.broken = Some(ring.to_string()),
+                _ => {}
+            })
+    }
+
+    fn poll_once_inner(&mut self, wake_fd: RawFd, timeout: Duration) -> Result<bool, NicError> {
         self.resize_if_requested()?;
         let n = self.reap_pass()?;
         let returned = self.flush_returns()?;

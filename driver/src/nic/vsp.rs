@@ -57,6 +57,12 @@ pub struct NicVsp<F: FrameIo> {
     moderation: Moderation,
     msg: Vec<u8>,
     frame: Vec<u8>,
+    /// The guest's protocol violation that broke the channel: every later turn fails with it.
+    broken: Option<String>,
+    /// Packets held for the inbound ring at which the host stops reading the guest's requests.
+    queue_bound: usize,
+    /// The bound was reached: the host is not reading the guest's requests.
+    throttled: bool,
 }
 
 impl<F: FrameIo> NicVsp<F> {
@@ -99,6 +105,11 @@ impl<F: FrameIo> NicVsp<F> {
             },
             msg: Vec::with_capacity(MAX_MESSAGE as usize),
             frame: vec![0; opts.section_bytes as usize + 1],
+            broken: None,
+            // A well-behaved guest has at most every send section in flight and every receive
+            // section filled, so it is never held back; no guest can make the host hold more.
+            queue_bound: (opts.send_sections + opts.recv_sections) as usize,
+            throttled: false,
         })
     }
 
@@ -112,6 +123,14 @@ impl<F: FrameIo> NicVsp<F> {
         log::debug!("nic{}: malformed message from the guest: {what}", self.dev);
     }
 
+    /// A packet the guest cannot legally send: counted, and the channel is broken for good.
+    fn violation(&mut self, why: String) -> NicError {
+        self.stats.guest_errors.fetch_add(1, Ordering::Relaxed);
+        log::warn!("nic{}: protocol violation by the guest: {why}", self.dev);
+        self.broken = Some(why.clone());
+        NicError::GuestProtocol(why)
+    }
+
     fn complete_tx(&mut self, trans_id: u64, flags: u16, c: NicCompletion) {
         if c.status != 0 {
             self.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
@@ -121,6 +140,9 @@ impl<F: FrameIo> NicVsp<F> {
             p[..8].copy_from_slice(&c.encode());
             self.outq
                 .push_back((PACKET_TYPE_COMPLETION, 0, trans_id, p, 8));
+            self.stats
+                .queue_peak
+                .fetch_max(self.outq.len() as u64, Ordering::Relaxed);
         }
     }
 
@@ -165,59 +187,89 @@ impl<F: FrameIo> NicVsp<F> {
         self.complete_tx(trans_id, flags, c);
     }
 
-    fn handle_post(&mut self, post: RxPost) {
+    fn handle_post(&mut self, post: RxPost) -> Result<(), NicError> {
         let end = post.first.checked_add(post.count);
         if end.is_none_or(|e| e > self.opts.recv_sections) {
-            return self.guest_error(format_args!("{post:?} outside the receive buffer"));
+            return Err(self.violation(format!("{post:?} outside the receive buffer")));
         }
-        for s in post.first..post.first + post.count {
-            if self.rx[s as usize] == RxSection::Guest {
-                self.rx[s as usize] = RxSection::Posted;
-                self.posted.push_back(s);
-            } else {
-                self.guest_error(format_args!("section {s} posted twice"));
-            }
+        let sections = post.first..post.first + post.count;
+        if let Some(s) = sections
+            .clone()
+            .find(|&s| self.rx[s as usize] != RxSection::Guest)
+        {
+            return Err(self.violation(format!("section {s} posted twice")));
         }
+        for s in sections {
+            self.rx[s as usize] = RxSection::Posted;
+            self.posted.push_back(s);
+        }
+        Ok(())
     }
 
-    fn handle_return(&mut self, trans_id: u64) {
+    fn handle_return(&mut self, trans_id: u64) -> Result<(), NicError> {
         let section = (trans_id & 0xffff_ffff) as usize;
         let generation = (trans_id >> 32) as u32;
         match self.rx.get(section) {
             Some(RxSection::InFlight(g)) if *g == generation => {
                 self.rx[section] = RxSection::Posted;
                 self.posted.push_back(section as u32);
+                Ok(())
             }
-            _ => self.guest_error(format_args!("return of unknown rx {trans_id:#x}")),
+            _ => Err(self.violation(format!(
+                "return of unknown rx {trans_id:#x} (a completion for a tag not in flight)"
+            ))),
         }
     }
 
-    /// Handles up to one pass of the guest's packets; returns how many.
+    /// Handles up to one pass of the guest's packets; returns how many. Stops early, without
+    /// reading, while the packets held for the inbound ring are at the bound: they are the
+    /// guest's to read first.
     fn guest_pass(&mut self) -> Result<usize, NicError> {
         let mut n = 0;
         while n < HOST_PASS {
+            if self.outq.len() >= self.queue_bound {
+                if !self.throttled {
+                    self.throttled = true;
+                    self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                }
+                break;
+            }
+            self.throttled = false;
             let Some(h) = self.end.rx.read_into(&mut self.msg)? else {
                 break;
             };
             n += 1;
+            // A request with bad arguments is answered with an error status; a packet the
+            // guest cannot legally send at all breaks the channel.
             match (h.ty, GuestMessage::decode(&self.msg)) {
                 (PACKET_TYPE_INBAND, Some(GuestMessage::Tx(req))) => {
                     self.handle_tx(h.trans_id, h.flags, req)
                 }
-                (PACKET_TYPE_INBAND, Some(GuestMessage::RxPost(post))) => self.handle_post(post),
+                (PACKET_TYPE_INBAND, Some(GuestMessage::RxPost(post))) => self.handle_post(post)?,
                 (PACKET_TYPE_INBAND, Some(GuestMessage::Switch)) if h.trans_id == SWITCH_TAG => {
                     // Every earlier request is handled; what follows is on the new channel.
                     self.end.rx.commit();
                     self.switch_channel()?;
                 }
-                (PACKET_TYPE_COMPLETION, _) => self.handle_return(h.trans_id),
+                (PACKET_TYPE_INBAND, Some(GuestMessage::Switch)) => {
+                    return Err(self.violation(format!(
+                        "a switch request with tag {:#x} instead of the switch tag",
+                        h.trans_id
+                    )))
+                }
+                (PACKET_TYPE_INBAND, None) => {
+                    return Err(self.violation(format!(
+                        "a message of {} bytes (tag {:#x}) does not decode",
+                        self.msg.len(),
+                        h.trans_id
+                    )))
+                }
+                (PACKET_TYPE_COMPLETION, _) => self.handle_return(h.trans_id)?,
                 (ty, _) => {
-                    self.guest_error(format_args!("packet type {ty}, {} bytes", self.msg.len()));
-                    let c = NicCompletion {
-                        status: libc::EPROTO as u32,
-                        len: 0,
-                    };
-                    self.complete_tx(h.trans_id, h.flags, c);
+                    return Err(self.violation(format!(
+                        "packet type {ty} (tag {:#x}) from the guest",
+                        h.trans_id
+                    )))
                 }
             }
         }
@@ -397,12 +449,30 @@ impl<F: FrameIo> NicVsp<F> {
     /// One turn of the service; sleeps when there was nothing to do (until the guest signals, a
     /// frame waits in the backend while a section is posted, `wake_fd` is readable, the
     /// moderation timer, or `timeout`). Returns whether it did any work.
+    ///
+    /// A packet the guest cannot legally send is [`NicError::GuestProtocol`] (a broken ring
+    /// [`NicError::Ring`]), and every later turn [`NicError::Broken`]: once either ring broke,
+    /// the other is not used either.
     pub fn poll_once(&mut self, wake_fd: RawFd, timeout: Duration) -> Result<bool, NicError> {
+        if let Some(why) = &self.broken {
+            return Err(NicError::Broken(why.clone()));
+        }
+        self.poll_once_inner(wake_fd, timeout).inspect_err(|e| {
+            if let NicError::Ring(ring) = e {
+                self.broken = Some(ring.to_string());
+            }
+        })
+    }
+
+    fn poll_once_inner(&mut self, wake_fd: RawFd, timeout: Duration) -> Result<bool, NicError> {
         let from_guest = self.guest_pass()?;
         let written = self.write_inbound()?;
         let received = self.backend_pass()?;
         self.moderate()?;
-        if from_guest + written + received > 0 || self.end.rx.has_data()? {
+        // Throttled, requests waiting in the ring are no work: sleep until the guest makes room
+        // (its commit signals, since the full write set pending_send_sz).
+        let more_requests = !self.throttled && self.end.rx.has_data()?;
+        if from_guest + written + received > 0 || more_requests {
             return Ok(true);
         }
         let timeout = match self.moderation_deadline() {
