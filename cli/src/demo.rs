@@ -22,17 +22,18 @@ use enlight_driver::workload::WorkloadSnapshot;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Stop after this many seconds (default: run until Ctrl-C).
-    #[arg(long, value_name = "SECS")]
+    /// Stop after this many seconds, 1..=31536000 (default: run until Ctrl-C, SIGTERM or
+    /// SIGHUP, or until its output is closed).
+    #[arg(long, value_name = "SECS", value_parser = crate::ranges::int(1..=31_536_000u64))]
     duration: Option<u64>,
     /// Address for enlightd's /metrics and JSON API.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
     listen: SocketAddr,
-    /// Workload for the demo disk (see `enlight disk --help`).
-    #[arg(long, default_value = "qd=32,bs=4k,rw=70,pattern=random")]
+    /// Workload for the demo disk (keys and their ranges: `enlight disk --help`).
+    #[arg(long, default_value = "qd=32,bs=4k,rw=70,pattern=random", value_parser = crate::ranges::plan_text)]
     workload: String,
-    /// Size of the temporary backing file in MiB.
-    #[arg(long, default_value_t = 256)]
+    /// Size of the temporary backing file in MiB, 1..=1048576.
+    #[arg(long, default_value_t = 256, value_parser = crate::ranges::mib)]
     size_mib: u64,
     /// The tuner: `auto` changes the disk's settings live through its control socket,
     /// `dry-run` only recommends, `off` runs none.

@@ -20,6 +20,7 @@ mod demo;
 mod disk;
 mod emulated;
 mod nic;
+mod ranges;
 mod restore;
 mod signals;
 mod top;

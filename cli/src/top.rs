@@ -11,10 +11,10 @@ pub struct TopArgs {
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub daemon: String,
     /// How often to read the daemon, in milliseconds (50..=10000).
-    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=10_000))]
+    #[arg(long, default_value_t = 500, value_parser = crate::ranges::int(50..=10_000u64))]
     pub interval_ms: u64,
     /// Panic after this many seconds (for tests of terminal restoration).
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, value_parser = crate::ranges::duration_secs())]
     pub panic_after_secs: Option<f64>,
 }
 

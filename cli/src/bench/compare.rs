@@ -30,8 +30,8 @@ pub struct CompareArgs {
     /// Directory for compare.json, compare.md and compare.png.
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
-    /// Seconds per disk run [default: 3, or 1 with --quick].
-    #[arg(long)]
+    /// Seconds per disk run, 0.1..=3600 [default: 3, or 1 with --quick].
+    #[arg(long, value_parser = crate::ranges::seconds(0.1..=3600.0))]
     seconds: Option<f64>,
 }
 

@@ -53,8 +53,8 @@ pub struct TuneBenchArgs {
     /// Where tune.md, tune.json and tune.png go (tune-quick.* with --quick).
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
-    /// Controller tick, milliseconds.
-    #[arg(long, default_value_t = 500)]
+    /// Controller tick, milliseconds, 50..=60000.
+    #[arg(long, default_value_t = 500, value_parser = crate::ranges::int(50..=60_000u64))]
     tick_ms: u64,
     /// Pin each device process (all its threads) to this CPU, or `none`. The default, the
     /// machine's last CPU when it has more than one, keeps the scheduler's thread placement from
@@ -579,7 +579,7 @@ pub fn run(args: TuneBenchArgs) -> Result<()> {
     } else {
         (45.0, EVAL_FROM_S)
     };
-    let tick = Duration::from_millis(args.tick_ms.max(50));
+    let tick = Duration::from_millis(args.tick_ms);
     let grid = grid(args.quick);
     let pin = device_cpu(args.cpu.as_deref())?;
     let mut h = Harness::new(pin)?;
