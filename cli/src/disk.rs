@@ -172,6 +172,7 @@ pub fn run(args: DiskArgs) -> Result<()> {
             args.dev_id,
             plan.max_queue_depth(),
             Duration::from_secs_f64(secs),
+            signals::stop_flag(),
         )?;
     }
     let stdout = std::io::stdout();

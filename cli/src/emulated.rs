@@ -161,7 +161,12 @@ pub fn run(args: EmulatedDiskArgs) -> Result<()> {
     let registration = Registration::register(&runtime_dir, &record)
         .with_context(|| format!("registering in {}", runtime_dir.display()))?;
     if let Some(secs) = args.wait_for_probes {
-        workload::wait_for_probes(args.dev_id, spec.queue_depth, Duration::from_secs_f64(secs))?;
+        workload::wait_for_probes(
+            args.dev_id,
+            spec.queue_depth,
+            Duration::from_secs_f64(secs),
+            signals::stop_flag(),
+        )?;
     }
     let transport = disk.transport();
     let stdout = std::io::stdout();
@@ -264,7 +269,12 @@ pub fn run_nic(args: EmulatedNicArgs) -> Result<()> {
     let registration = Registration::register(&runtime_dir, &record)
         .with_context(|| format!("registering in {}", runtime_dir.display()))?;
     if let Some(secs) = args.wait_for_probes {
-        workload::wait_for_probes(args.dev_id, 1, Duration::from_secs_f64(secs))?;
+        workload::wait_for_probes(
+            args.dev_id,
+            1,
+            Duration::from_secs_f64(secs),
+            signals::stop_flag(),
+        )?;
     }
     fn print(v: &impl Serialize) {
         let mut out = std::io::stdout().lock();

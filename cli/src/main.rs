@@ -16,6 +16,7 @@
 //!   kernel device settings enlight changed; `enlight bench tune|compare` are the benchmarks.
 
 mod bench;
+mod children;
 mod demo;
 mod disk;
 mod emulated;

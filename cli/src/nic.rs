@@ -123,7 +123,7 @@ fn label_of(name: &str) -> String {
 pub fn run(args: NicArgs) -> Result<()> {
     if args.cleanup {
         let removed = netns::remove_leftovers()?;
-        println!("{}", serde_json::json!({ "removed_leftovers": removed }));
+        signals::line(serde_json::json!({ "removed_leftovers": removed }));
         return Ok(());
     }
     signals::install_stop_handlers().context("installing signal handlers")?;
@@ -187,7 +187,12 @@ pub fn run(args: NicArgs) -> Result<()> {
         .with_context(|| format!("serving {}", socket.display()))?;
 
     if let Some(secs) = args.wait_for_probes {
-        workload::wait_for_probes(args.dev_id, 0, Duration::from_secs_f64(secs))?;
+        workload::wait_for_probes(
+            args.dev_id,
+            0,
+            Duration::from_secs_f64(secs),
+            signals::stop_flag(),
+        )?;
     }
     let emit = |line: &dyn erased::Line| {
         let mut out = std::io::stdout().lock();

@@ -90,7 +90,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
         .into_string()?;
     let devices: Vec<DeviceView> =
         serde_json::from_str(&body).with_context(|| format!("reading {url}"))?;
-    print!("{}", render(&devices, args.device.as_deref())?);
+    crate::signals::text(render(&devices, args.device.as_deref())?);
     Ok(())
 }
 

@@ -383,10 +383,20 @@ impl Stats {
     }
 }
 
-/// Waits until a tracer enables `enlight:workload_start` (the attacher enables it last).
-pub fn wait_for_probes(dev: u32, queue_depth: u32, timeout: Duration) -> Result<(), WorkloadError> {
+/// Waits until a tracer enables `enlight:workload_start` (the attacher enables it last), or
+/// until `stop` is set (then returns at once: the caller's run sees `stop` and ends, so a device
+/// asked to stop while it waits for its tracer stops within one poll).
+pub fn wait_for_probes(
+    dev: u32,
+    queue_depth: u32,
+    timeout: Duration,
+    stop: &AtomicBool,
+) -> Result<(), WorkloadError> {
     let deadline = Instant::now() + timeout;
     while !trace::workload_start(dev, queue_depth) {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         if Instant::now() >= deadline {
             return Err(WorkloadError::ProbesNotAttached(timeout));
         }
@@ -878,8 +888,12 @@ mod tests {
     #[test]
     fn waiting_for_absent_probes_times_out() {
         assert!(matches!(
-            wait_for_probes(0, 1, Duration::from_millis(30)),
+            wait_for_probes(0, 1, Duration::from_millis(30), &AtomicBool::new(false)),
             Err(WorkloadError::ProbesNotAttached(_))
         ));
+        // A stop request ends the wait at once (a device told to stop while it waits).
+        let started = Instant::now();
+        wait_for_probes(0, 1, Duration::from_secs(60), &AtomicBool::new(true)).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }
