@@ -152,6 +152,7 @@ pub fn run(args: EmulatedDiskArgs) -> Result<()> {
         kind: kind.into(),
         dev_id: args.dev_id,
         pid: std::process::id(),
+        pid_start_time: registry::start_time_of(std::process::id()),
         exe: std::env::current_exe().context("locating this executable")?,
         started_unix_ms: registry::now_unix_ms(),
         // No VMBus rings and no moderation: the record carries the defaults, which nothing reads.
@@ -261,6 +262,7 @@ pub fn run_nic(args: EmulatedNicArgs) -> Result<()> {
         kind: "emulated".into(),
         dev_id: args.dev_id,
         pid: std::process::id(),
+        pid_start_time: registry::start_time_of(std::process::id()),
         exe: std::env::current_exe().context("locating this executable")?,
         started_unix_ms: registry::now_unix_ms(),
         settings: DeviceSettings::default(),

@@ -161,6 +161,7 @@ pub fn run(args: NicArgs) -> Result<()> {
         kind: "synthetic".into(),
         dev_id: args.dev_id,
         pid: std::process::id(),
+        pid_start_time: registry::start_time_of(std::process::id()),
         exe: std::env::current_exe().context("locating this executable")?,
         started_unix_ms: registry::now_unix_ms(),
         settings,

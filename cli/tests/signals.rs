@@ -318,3 +318,83 @@ fn a_device_process_stops_cleanly_on_sighup() {
         "socket left behind"
     );
 }
+
+/// Stale state (issue 12, item 10): a device killed with SIGKILL leaves its record and control
+/// socket; a device starting under the same name removes them first, while a name whose
+/// device still runs is refused, naming that device's pid (enlightd removes such leftovers on
+/// discovery too: daemon/src/collector.rs).
+#[test]
+fn a_killed_devices_leftovers_go_and_a_live_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = |name: &str, extra: &[&str]| {
+        let mut c = Command::new(ENLIGHT);
+        c.args([
+            "disk",
+            "--name",
+            name,
+            "--create-mib",
+            "8",
+            "--workload",
+            "qd=1",
+        ])
+        .args(extra)
+        .arg("--backing")
+        .arg(dir.path().join(format!("{name}.img")))
+        .arg("--runtime-dir")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        c
+    };
+    let mut first = disk("k0", &[]).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(first.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let (record, socket) = (
+        dir.path().join("devices/k0.json"),
+        dir.path().join("control/k0.sock"),
+    );
+    assert!(record.exists() && socket.exists(), "SIGKILL leaves both");
+    let again = disk("k0", &["--duration", "0.5"]).output().unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(!record.exists() && !socket.exists(), "leftovers removed");
+
+    // A device with no control socket (emulated) cannot take the name of a running one.
+    let emulated = |name: &str| {
+        let mut c = Command::new(ENLIGHT);
+        c.args(["emulated-disk", "--name", name, "--create-mib", "4"])
+            .args(["--workload", "qd=1,rw=100"])
+            .arg("--backing")
+            .arg(dir.path().join("e.img"))
+            .arg("--runtime-dir")
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let mut running = emulated("e0").spawn().unwrap();
+    let mut out = BufReader::new(running.stdout.take().unwrap());
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let second = emulated("e0").args(["--duration", "1"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(running.id() as libc::pid_t, libc::SIGTERM) };
+    let status = wait_exit(&mut running, Duration::from_secs(30));
+    assert!(
+        !second.status.success() && stderr.contains(&format!("pid {}", running.id())),
+        "{stderr}"
+    );
+    assert!(
+        status.success(),
+        "the first keeps running and stops cleanly"
+    );
+    assert!(!dir.path().join("devices/e0.json").exists());
+}

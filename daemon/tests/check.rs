@@ -99,6 +99,7 @@ fn check_reports_a_device_it_cannot_attach_to() {
         kind: "synthetic".into(),
         dev_id: 0,
         pid: sleeper.id(),
+        pid_start_time: None,
         exe: sleep_exe,
         started_unix_ms: 0,
         settings: Default::default(),

@@ -67,6 +67,7 @@ fn record() -> DeviceRecord {
         kind: "synthetic".into(),
         dev_id: 0,
         pid: 4242,
+        pid_start_time: None,
         exe: "/bin/true".into(),
         started_unix_ms: 0,
         settings: DeviceSettings::default(),
