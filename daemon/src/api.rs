@@ -127,6 +127,9 @@ pub struct HealthView {
     /// The kernel probes: which are attached (and why not), KVM exits per VMM, Hyper-V events.
     #[serde(default)]
     pub kernel: crate::kernel::KernelState,
+    /// The tuner's audit log (absent when no tuner runs): its path and its write failures.
+    #[serde(default)]
+    pub tuner_audit_log: Option<crate::tuner::shell::AuditHealth>,
 }
 
 /// The health view.
@@ -144,5 +147,6 @@ pub fn health(state: &State) -> HealthView {
         recent_errors: state.recent_errors.clone(),
         ticks: state.ticks,
         kernel: state.kernel.clone(),
+        tuner_audit_log: None,
     }
 }
