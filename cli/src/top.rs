@@ -19,10 +19,14 @@ pub struct TopArgs {
 }
 
 pub fn run(args: TopArgs) -> Result<()> {
+    // SIGTERM and SIGHUP (a closed terminal) end it like `q`, restoring the terminal; Ctrl-C
+    // in the raw-mode terminal is a key, which the TUI handles itself.
+    crate::signals::install_stop_handlers()?;
     enlight_tui::run(&enlight_tui::Options {
         daemon: args.daemon.clone(),
         interval: Duration::from_millis(args.interval_ms),
         panic_after: args.panic_after_secs.map(Duration::from_secs_f64),
+        stop: Some(crate::signals::stop_flag()),
     })
     .with_context(|| format!("enlight top (daemon {})", args.daemon))
 }
