@@ -161,10 +161,8 @@ impl Demo {
 
     fn signal(&self, sig: libc::c_int) {
         // SAFETY: kill(2) on our own child, not yet reaped.
-        assert_eq!(
-            unsafe { libc::kill(self.child.id() as libc::pid_t, sig) },
-            0
-        );
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0);
     }
 }
 

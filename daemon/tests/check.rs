@@ -292,8 +292,7 @@ fn a_second_daemon_on_a_runtime_directory_refuses_naming_the_first() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
     assert!(
-        stdout.contains(&format!("FAIL runtime directory"))
-            && stdout.contains(&format!("pid {me}")),
+        stdout.contains("FAIL runtime directory") && stdout.contains(&format!("pid {me}")),
         "{stdout}"
     );
 }
