@@ -277,31 +277,44 @@ fn a_killed_demo_leaves_no_process_and_the_next_removes_its_directory() {
     );
 }
 
+/// `enlight disk --name <name>` on a fresh 8 MiB file in `dir`, a QD1 workload, its stdout piped.
+fn disk(dir: &Path, name: &str, extra: &[&str]) -> Command {
+    let mut c = Command::new(ENLIGHT);
+    c.args([
+        "disk",
+        "--name",
+        name,
+        "--create-mib",
+        "8",
+        "--workload",
+        "qd=1",
+    ])
+    .args(extra)
+    .arg("--backing")
+    .arg(dir.join(format!("{name}.img")))
+    .arg("--runtime-dir")
+    .arg(dir)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    c
+}
+
+/// Reads a device process's first line (it is running and registered by then).
+fn first_line(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line
+}
+
 /// A device process stops cleanly on SIGHUP too (a closed terminal): its registry record and
 /// control socket are removed.
 #[test]
 fn a_device_process_stops_cleanly_on_sighup() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(ENLIGHT)
-        .args([
-            "disk",
-            "--name",
-            "hup0",
-            "--create-mib",
-            "8",
-            "--workload",
-            "qd=1",
-        ])
-        .arg("--backing")
-        .arg(dir.path().join("hup0.img"))
-        .arg("--runtime-dir")
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    out.read_line(&mut first).unwrap();
+    let mut child = disk(dir.path(), "hup0", &[]).spawn().unwrap();
+    first_line(&mut child);
     assert!(dir.path().join("devices/hup0.json").exists());
     // SAFETY: kill(2) on our own child, not yet reaped.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) };
@@ -324,31 +337,8 @@ fn a_device_process_stops_cleanly_on_sighup() {
 #[test]
 fn a_killed_devices_leftovers_go_and_a_live_name_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let disk = |name: &str, extra: &[&str]| {
-        let mut c = Command::new(ENLIGHT);
-        c.args([
-            "disk",
-            "--name",
-            name,
-            "--create-mib",
-            "8",
-            "--workload",
-            "qd=1",
-        ])
-        .args(extra)
-        .arg("--backing")
-        .arg(dir.path().join(format!("{name}.img")))
-        .arg("--runtime-dir")
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        c
-    };
-    let mut first = disk("k0", &[]).spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(first.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut first = disk(dir.path(), "k0", &[]).spawn().unwrap();
+    first_line(&mut first);
     first.kill().unwrap();
     first.wait().unwrap();
     let (record, socket) = (
@@ -356,7 +346,9 @@ fn a_killed_devices_leftovers_go_and_a_live_name_is_refused() {
         dir.path().join("control/k0.sock"),
     );
     assert!(record.exists() && socket.exists(), "SIGKILL leaves both");
-    let again = disk("k0", &["--duration", "0.5"]).output().unwrap();
+    let again = disk(dir.path(), "k0", &["--duration", "0.5"])
+        .output()
+        .unwrap();
     assert!(
         again.status.success(),
         "{}",
@@ -365,10 +357,11 @@ fn a_killed_devices_leftovers_go_and_a_live_name_is_refused() {
     assert!(!record.exists() && !socket.exists(), "leftovers removed");
 
     // A device with no control socket (emulated) cannot take the name of a running one.
-    let emulated = |name: &str| {
+    let emulated = |extra: &[&str]| {
         let mut c = Command::new(ENLIGHT);
-        c.args(["emulated-disk", "--name", name, "--create-mib", "4"])
+        c.args(["emulated-disk", "--name", "e0", "--create-mib", "4"])
             .args(["--workload", "qd=1,rw=100"])
+            .args(extra)
             .arg("--backing")
             .arg(dir.path().join("e.img"))
             .arg("--runtime-dir")
@@ -377,11 +370,9 @@ fn a_killed_devices_leftovers_go_and_a_live_name_is_refused() {
             .stderr(Stdio::piped());
         c
     };
-    let mut running = emulated("e0").spawn().unwrap();
-    let mut out = BufReader::new(running.stdout.take().unwrap());
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let second = emulated("e0").args(["--duration", "1"]).output().unwrap();
+    let mut running = emulated(&[]).spawn().unwrap();
+    first_line(&mut running);
+    let second = emulated(&["--duration", "1"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&second.stderr);
     // SAFETY: kill(2) on our own child, not yet reaped.
     unsafe { libc::kill(running.id() as libc::pid_t, libc::SIGTERM) };

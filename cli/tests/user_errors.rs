@@ -262,31 +262,37 @@ fn intact(path: &Path, mib: usize) {
     );
 }
 
+/// Runs `enlight <cmd> --create-mib <mib> <extra>` on `img` for 0.2 s of reads (reads only, so
+/// any change to the file is the sizing's doing).
+fn sized(cmd: &str, img: &Path, mib: &str, extra: &[&str]) -> Output {
+    Command::new(ENLIGHT)
+        .args([
+            cmd,
+            "--create-mib",
+            mib,
+            "--duration",
+            "0.2",
+            "--workload",
+            "rw=100",
+        ])
+        .args(extra)
+        .arg("--backing")
+        .arg(img)
+        .arg("--runtime-dir")
+        .arg(img.with_extension("run"))
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn a_backing_file_the_user_named_is_never_shrunk() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("existing.img");
     user_file(&img, 4);
-    let run_dir = dir.path().join("run");
     for cmd in ["disk", "emulated-disk"] {
         for mib in ["0", "1"] {
-            let out = Command::new(ENLIGHT)
-                .args([
-                    cmd,
-                    "--create-mib",
-                    mib,
-                    "--duration",
-                    "0.2",
-                    "--workload",
-                    "rw=100",
-                ])
-                .arg("--backing")
-                .arg(&img)
-                .arg("--runtime-dir")
-                .arg(&run_dir)
-                .env_remove("RUST_BACKTRACE")
-                .output()
-                .unwrap();
+            let out = sized(cmd, &img, mib, &[]);
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(
                 !out.status.success() && out.status.code() != Some(101),
@@ -304,22 +310,7 @@ fn a_backing_file_the_user_named_is_never_shrunk() {
         }
     }
     // Growing keeps every byte that was there.
-    let out = Command::new(ENLIGHT)
-        .args([
-            "disk",
-            "--create-mib",
-            "8",
-            "--duration",
-            "0.2",
-            "--workload",
-            "rw=100",
-        ])
-        .arg("--backing")
-        .arg(&img)
-        .arg("--runtime-dir")
-        .arg(&run_dir)
-        .output()
-        .unwrap();
+    let out = sized("disk", &img, "8", &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -332,23 +323,7 @@ fn a_backing_file_the_user_named_is_never_shrunk() {
         "growing overwrote data"
     );
     // With the flag that says so, the file is cut down.
-    let out = Command::new(ENLIGHT)
-        .args([
-            "disk",
-            "--create-mib",
-            "2",
-            "--shrink",
-            "--duration",
-            "0.2",
-            "--workload",
-            "rw=100",
-        ])
-        .arg("--backing")
-        .arg(&img)
-        .arg("--runtime-dir")
-        .arg(&run_dir)
-        .output()
-        .unwrap();
+    let out = sized("disk", &img, "2", &["--shrink"]);
     assert!(
         out.status.success(),
         "{}",
