@@ -4,7 +4,9 @@
 //! read/write workload at queue depth 32, runs enlightd in this process with a private runtime
 //! directory so it finds exactly that device, and prints one line per second: IOPS and
 //! p50/p99/p999 as the eBPF-fed histograms see them next to the workload's own figures. Stops on
-//! Ctrl-C or after `--duration`, and removes everything it created.
+//! Ctrl-C, SIGTERM, SIGHUP, a closed stdout (`enlight demo | head -1`) or after `--duration`,
+//! all the same way, and removes everything it created; its device process dies with it even
+//! when the demo itself is killed with SIGKILL (the next demo then removes its directory).
 //!
 //! The tuner runs too (`--tune auto` by default): each decision it takes on the disk is printed
 //! under the summary line as it happens, with the settings it changed and its reason.
@@ -20,19 +22,23 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use enlight_driver::workload::WorkloadSnapshot;
 
+use crate::children::DieWithParent;
+use crate::signals;
+
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Stop after this many seconds (default: run until Ctrl-C).
-    #[arg(long, value_name = "SECS")]
+    /// Stop after this many seconds, 1..=31536000 (default: run until Ctrl-C, SIGTERM or
+    /// SIGHUP, or until its output is closed).
+    #[arg(long, value_name = "SECS", value_parser = crate::ranges::int(1..=31_536_000u64))]
     duration: Option<u64>,
     /// Address for enlightd's /metrics and JSON API.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
     listen: SocketAddr,
-    /// Workload for the demo disk (see `enlight disk --help`).
-    #[arg(long, default_value = "qd=32,bs=4k,rw=70,pattern=random")]
+    /// Workload for the demo disk (keys and their ranges: `enlight disk --help`).
+    #[arg(long, default_value = "qd=32,bs=4k,rw=70,pattern=random", value_parser = crate::ranges::plan_text)]
     workload: String,
-    /// Size of the temporary backing file in MiB.
-    #[arg(long, default_value_t = 256)]
+    /// Size of the temporary backing file in MiB, 1..=1048576.
+    #[arg(long, default_value_t = 256, value_parser = crate::ranges::mib)]
     size_mib: u64,
     /// The tuner: `auto` changes the disk's settings live through its control socket,
     /// `dry-run` only recommends, `off` runs none.
@@ -66,9 +72,18 @@ pub fn run(args: DemoArgs) -> Result<()> {
     runtime.block_on(run_async(args))
 }
 
+/// The demo's temporary directory is `<TMPDIR>/enlight-demo-<pid>-XXXXXX`: the pid says whose
+/// it is, so a directory whose demo no longer runs (a SIGKILLed one: no handler runs then) is
+/// removed by the next demo.
+const SCRATCH_PREFIX: &str = "enlight-demo-";
+
 async fn run_async(args: DemoArgs) -> Result<()> {
+    // Before anything exists that would need cleaning up: SIGINT, SIGTERM and SIGHUP all end
+    // the demo the way Ctrl-C does (a closed stdout too, through `signals::line`).
+    let wake = watch_stop_signals().context("installing signal handlers")?;
+    remove_leftovers(&std::env::temp_dir());
     let scratch = tempfile::Builder::new()
-        .prefix("enlight-demo-")
+        .prefix(&format!("{SCRATCH_PREFIX}{}-", std::process::id()))
         .tempdir()
         .context("creating a temporary directory")?;
     let runtime_dir = scratch.path().join("run");
@@ -100,26 +115,30 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     let server = tokio::spawn(daemon.serve(listener, async {
         let _ = stopped.await;
     }));
+    if signals::stop_requested() {
+        // Stopped while enlightd was starting: nothing else was started.
+        let _ = stop_daemon.send(());
+        server.await.context("joining enlightd")??;
+        return Ok(());
+    }
 
-    let mut child = spawn_device(&backing, &runtime_dir, &args)?;
+    let mut device = DeviceProcess::spawn(&backing, &runtime_dir, &args)?;
     let feed = Arc::new(Mutex::new(DeviceFeed::default()));
-    let reader = read_device_feed(&mut child, Arc::clone(&feed))?;
+    let reader = read_device_feed(&mut device.child, Arc::clone(&feed))?;
 
-    println!(
+    signals::line(format_args!(
         "enlight demo: synthetic disk 'disk0' ({}), workload {}",
         backing.display(),
         args.workload
-    );
-    println!(
+    ));
+    signals::line(format_args!(
         "metrics: http://{metrics_addr}/metrics   devices: http://{metrics_addr}/api/v1/devices"
-    );
-    println!("{}", summary_header());
+    ));
+    signals::line(summary_header());
 
     let started = Instant::now();
     let deadline = args.duration.map(|s| started + Duration::from_secs(s));
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("installing the SIGINT handler")?;
-    let mut interrupted = false;
+    let mut wake = wake;
     let mut last_decision_ms = 0;
     // A row per collector interval, both halves over the same span: the eBPF counts as the
     // collector read them at two consecutive ticks, the workload's as it reported them (every
@@ -127,13 +146,16 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     let mut last_tick = handle.ticks();
     let mut previous: Option<Moment> = None;
     loop {
+        if signals::stop_requested() {
+            break;
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            _ = interrupt.recv() => { interrupted = true; }
+            _ = wake.changed() => continue,
         }
         let finished = feed.lock().expect("feed lock").finished;
         let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
-        if interrupted || timed_out || finished {
+        if timed_out || finished {
             break;
         }
         let (ticks, read_at) = handle.ticks_and_read_at();
@@ -165,7 +187,7 @@ async fn run_async(args: DemoArgs) -> Result<()> {
             workload,
         };
         if let Some(before) = &previous {
-            println!("{}", summary_line(started.elapsed(), before, &now));
+            signals::line(summary_line(started.elapsed(), before, &now));
         }
         previous = Some(now);
         let decision = devices
@@ -175,23 +197,23 @@ async fn run_async(args: DemoArgs) -> Result<()> {
             .and_then(|t| t.last_decision.as_ref());
         if let Some(d) = decision.filter(|d| d.ts_unix_ms != last_decision_ms) {
             last_decision_ms = d.ts_unix_ms;
-            println!("{}", decision_line(d));
+            signals::line(decision_line(d));
         }
     }
 
     // Stop the device first so its final figures reach the maps, then wait for two more
     // collector intervals (the first reads them, the second is a margin), and print the final
     // comparison.
-    if interrupted {
+    if signals::stop_requested() {
         eprintln!("enlight demo: stopping the device and reading its last figures...");
     }
-    stop_device(&mut child)?;
+    device.stop()?;
     let _ = reader.join();
     wait_for_ticks(&handle, 2, Duration::from_secs(10)).await;
     let workload = feed.lock().expect("feed lock").latest.clone();
     let devices = handle.devices();
     let ebpf = devices.iter().find(|d| d.name == "disk0");
-    println!(
+    signals::line(format_args!(
         "final: I/Os counted by eBPF {} / by the workload {}; p50/p99/p999 eBPF {}/{}/{}, workload {}/{}/{}",
         ebpf.map(|d| d.total.ops_total.to_string()).unwrap_or_else(|| "-".into()),
         workload.as_ref().map(|w| w.ops_total.to_string()).unwrap_or_else(|| "-".into()),
@@ -201,7 +223,7 @@ async fn run_async(args: DemoArgs) -> Result<()> {
         us(workload.as_ref().map(|w| w.p50_ns as f64 / 1e9)),
         us(workload.as_ref().map(|w| w.p99_ns as f64 / 1e9)),
         us(workload.as_ref().map(|w| w.p999_ns as f64 / 1e9)),
-    );
+    ));
 
     // Cleaning up takes a moment (detaching the uprobes, removing the backing file): say so.
     let cleanup = Instant::now();
@@ -231,6 +253,67 @@ struct Moment {
     workload: Option<WorkloadSnapshot>,
 }
 
+/// Turns SIGINT, SIGTERM and SIGHUP into the stop flag of [`signals`] (what a closed stdout
+/// sets too) and a wake-up of the returned receiver. The handlers are in place when this
+/// returns. A second signal ends the demo at once (its device process dies with it, and the
+/// next demo removes its directory).
+fn watch_stop_signals() -> std::io::Result<tokio::sync::watch::Receiver<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let (tx, rx) = tokio::sync::watch::channel(());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+                _ = hup.recv() => {}
+            }
+            if signals::stop_requested() && !signals::stdout_closed() {
+                eprintln!("enlight demo: a second signal: exiting without cleaning up");
+                std::process::exit(1);
+            }
+            signals::stop_flag().store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = tx.send(());
+        }
+    });
+    Ok(rx)
+}
+
+/// Removes the directories of demos that no longer run from `tmp` (named
+/// `enlight-demo-<pid>-*`, with `<pid>` gone); anything else is left alone.
+fn remove_leftovers(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let is_dir = entry
+            .path()
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_dir());
+        if !is_dir || enlight_driver::registry::pid_alive(pid) {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => log::info!(
+                "removed {}, left by a demo (pid {pid}) that was killed",
+                entry.path().display()
+            ),
+            Err(e) => log::warn!("removing {}: {e}", entry.path().display()),
+        }
+    }
+}
+
 /// Waits until the collector has completed `n` more intervals (at most `limit`; a stalled
 /// collector is reported, and the caller prints what it has). A whole tick holds the state lock
 /// that [`enlightd::DaemonHandle::ticks`] takes, so the next tick starts after this call: with
@@ -251,28 +334,76 @@ async fn wait_for_ticks(handle: &enlightd::DaemonHandle, n: u64, limit: Duration
     }
 }
 
-fn spawn_device(backing: &Path, runtime_dir: &Path, args: &DemoArgs) -> Result<Child> {
-    let exe = std::env::current_exe().context("locating the enlight executable")?;
-    let child = Command::new(exe)
-        .arg("disk")
-        .arg("--name")
-        .arg("disk0")
-        .arg("--backing")
-        .arg(backing)
-        .arg("--create-mib")
-        .arg(args.size_mib.to_string())
-        .arg("--runtime-dir")
-        .arg(runtime_dir)
-        .arg("--workload")
-        .arg(&args.workload)
-        .arg("--wait-for-probes")
-        .arg("20")
-        .args(["--json", "--report-ms", "100"])
-        .stdout(Stdio::piped())
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting the device process (enlight disk)")?;
-    Ok(child)
+/// The demo's device process (`enlight disk`): it dies with the demo whatever kills the demo
+/// (SIGTERM through `PR_SET_PDEATHSIG`), and is stopped when this is dropped on an error path.
+struct DeviceProcess {
+    child: Child,
+}
+
+impl DeviceProcess {
+    fn spawn(backing: &Path, runtime_dir: &Path, args: &DemoArgs) -> Result<DeviceProcess> {
+        let exe = std::env::current_exe().context("locating the enlight executable")?;
+        let child = Command::new(exe)
+            .arg("disk")
+            .arg("--name")
+            .arg("disk0")
+            .arg("--backing")
+            .arg(backing)
+            .arg("--create-mib")
+            .arg(args.size_mib.to_string())
+            .arg("--runtime-dir")
+            .arg(runtime_dir)
+            .arg("--workload")
+            .arg(&args.workload)
+            .arg("--wait-for-probes")
+            .arg("20")
+            .args(["--json", "--report-ms", "100"])
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .die_with_parent(libc::SIGTERM)
+            .spawn()
+            .context("starting the device process (enlight disk)")?;
+        Ok(DeviceProcess { child })
+    }
+
+    /// SIGTERM (in-flight I/O completes, the record goes), then waits for it to exit.
+    fn stop(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_none() {
+            // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        let status = self
+            .child
+            .wait()
+            .context("waiting for the device process")?;
+        // A stop signal that reached the device before its handlers were installed (it had
+        // only just started, or Ctrl-C reached the whole process group) ends it by default
+        // action: a stop all the same, and what it leaves is inside our temporary directory.
+        let stopped_early = std::os::unix::process::ExitStatusExt::signal(&status)
+            .is_some_and(|s| signals::STOP_SIGNALS.contains(&s));
+        if !status.success() && !stopped_early {
+            bail!("device process exited with {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DeviceProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while let Ok(None) = self.child.try_wait() {
+                if Instant::now() > deadline {
+                    let _ = self.child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.wait();
+        }
+    }
 }
 
 fn read_device_feed(
@@ -305,18 +436,6 @@ fn read_device_feed(
         }
         feed.lock().expect("feed lock").finished = true;
     }))
-}
-
-fn stop_device(child: &mut Child) -> Result<()> {
-    if child.try_wait()?.is_none() {
-        // SAFETY: kill(2) on the pid of a child we have not reaped yet.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    }
-    let status = child.wait().context("waiting for the device process")?;
-    if !status.success() {
-        bail!("device process exited with {status}");
-    }
-    Ok(())
 }
 
 /// One tuner decision, as the tuner states it (the knobs it moved and why).

@@ -21,59 +21,66 @@ use clap::Args;
 use enlight_driver::control::{self, ControlServer};
 use enlight_driver::disk::{Backing, DiskOptions, SyntheticDisk};
 use enlight_driver::registry::{self, DeviceRecord, Registration};
-use enlight_driver::settings::DeviceSettings;
+use enlight_driver::settings::{DeviceSettings, Knob};
 use enlight_driver::workload::{self, Limit};
 
-use crate::signals;
+use crate::{ranges, signals};
 
 #[derive(Args, Debug)]
 pub struct DiskArgs {
     /// Device name (unique in the runtime directory).
     #[arg(long, default_value = "disk0")]
     name: String,
-    /// Device id inside this process (the `dev` argument of the USDT probes).
-    #[arg(long, default_value_t = 0)]
+    /// Device id inside this process (the `dev` argument of the USDT probes), 0..=65535.
+    #[arg(long, default_value_t = 0, value_parser = crate::ranges::int(0..=65535u32))]
     dev_id: u32,
-    /// Backing file.
+    /// Backing file: the disk's contents (the workload writes to it unless rw=100).
     #[arg(long)]
     backing: PathBuf,
-    /// Create (or extend) the backing file to this many MiB first (written out with zeros, so
-    /// that deleting it later is quick).
-    #[arg(long, value_name = "MIB")]
+    /// Create the backing file with this many MiB (1..=1048576), written out with zeros so that
+    /// deleting it later is quick, or grow a smaller one to it (its bytes are kept). A larger
+    /// existing file is refused unless --shrink is given.
+    #[arg(long, value_name = "MIB", value_parser = ranges::mib)]
     create_mib: Option<u64>,
+    /// Let --create-mib cut an existing larger backing file down to MIB, destroying the data
+    /// past that point.
+    #[arg(long, requires = "create_mib")]
+    shrink: bool,
     /// Runtime directory: the registry record goes to <DIR>/devices/<name>.json, the control
     /// socket to <DIR>/control/<name>.sock [default: $ENLIGHT_RUNTIME_DIR or /run/enlight].
     #[arg(long)]
     runtime_dir: Option<PathBuf>,
-    /// Workload: comma-separated key=value: qd, bs (k/m suffixes), rw (read %), pattern
-    /// (random|sequential), ios or duration (10s, 500ms), seed, rate (IOPS, open loop), mix
-    /// (SIZE:PERCENT at a second block size), burst (ON:OFF). Phases run in turn: join specs
-    /// with ';' (every phase but the last needs ios or duration).
-    #[arg(long, default_value = "qd=32,bs=4k,rw=70,pattern=random")]
-    workload: String,
-    /// Stop after this many seconds (overrides the workload's own limit).
-    #[arg(long, value_name = "SECS")]
+    /// Workload: comma-separated key=value: qd (1..=4096), bs (512..=16m, a multiple of 512;
+    /// k/m suffixes), rw (read %, 0..=100), pattern (random|sequential), ios (1.., I/Os) or
+    /// duration (0..=31536000 s: 10s, 1.5, 500ms), seed (any u64), rate (IOPS, open loop,
+    /// 0..=10000000), mix (SIZE:PERCENT at a second block size), burst (ON:OFF, each
+    /// 0..=3600 s). Phases run in turn: join specs with ';' (every phase but the last needs ios
+    /// or duration).
+    #[arg(long, default_value = "qd=32,bs=4k,rw=70,pattern=random", value_parser = ranges::plan)]
+    workload: workload::Plan,
+    /// Stop after this many seconds, 0.001..=31536000 (overrides the workload's own limit).
+    #[arg(long, value_name = "SECS", value_parser = ranges::duration_secs())]
     duration: Option<f64>,
-    /// Wait up to SECS for a tracer (enlightd) to attach every probe before starting.
-    #[arg(long, value_name = "SECS")]
+    /// Wait up to SECS (0..=3600) for a tracer (enlightd) to attach every probe before starting.
+    #[arg(long, value_name = "SECS", value_parser = ranges::probe_wait_secs())]
     wait_for_probes: Option<f64>,
-    /// Ring data area per direction, bytes (a multiple of 4096).
-    #[arg(long)]
+    /// Ring data area per direction, bytes: 8192..=67108864, a multiple of 4096.
+    #[arg(long, value_parser = ranges::knob(Knob::RingOutBytes))]
     ring_bytes: Option<u32>,
-    /// Interrupt moderation: signal after this many completions...
-    #[arg(long)]
+    /// Interrupt moderation: signal after this many completions (1..=1024)...
+    #[arg(long, value_parser = ranges::knob(Knob::ModerationFrames))]
     moderation_frames: Option<u32>,
-    /// ...or this many microseconds, whichever first.
-    #[arg(long)]
+    /// ...or this many microseconds (0..=100000), whichever first.
+    #[arg(long, value_parser = ranges::knob(Knob::ModerationUsecs))]
     moderation_usecs: Option<u32>,
-    /// Completions reaped per polling pass.
-    #[arg(long)]
+    /// Completions reaped per polling pass, 1..=4096.
+    #[arg(long, value_parser = ranges::knob(Knob::PollBudget))]
     poll_budget: Option<u32>,
-    /// Host I/O worker threads.
-    #[arg(long, default_value_t = 4)]
+    /// Host I/O worker threads, 1..=64.
+    #[arg(long, default_value_t = 4, value_parser = crate::ranges::int(1..=64u32))]
     workers: u32,
-    /// How often to print the workload's figures, in milliseconds (`enlight demo` reads them
-    /// every 100 ms to line them up with enlightd's collector).
+    /// How often to print the workload's figures, in milliseconds (10..=60000; `enlight demo`
+    /// reads them every 100 ms to line them up with enlightd's collector).
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     report_ms: u64,
     /// Print one JSON object per line (the workload's figures; the last has "done": true)
@@ -82,9 +89,27 @@ pub struct DiskArgs {
     json: bool,
 }
 
+/// Creates or grows the backing file as `--create-mib` asks (shrinks it only with `--shrink`),
+/// with the flags to use in the refusal.
+pub fn size_backing(path: &std::path::Path, mib: u64, shrink: bool) -> Result<()> {
+    let bytes = mib << 20;
+    let sized = if shrink {
+        Backing::resize(path, bytes)
+    } else {
+        Backing::create_written(path, bytes)
+    };
+    match sized {
+        Err(e @ enlight_driver::disk::DiskError::WouldShrink { .. }) => Err(anyhow::anyhow!(
+            "{e}; pass --shrink to cut it down to {mib} MiB, or leave out --create-mib to use it \
+             as it is"
+        )),
+        other => Ok(other?),
+    }
+}
+
 pub fn run(args: DiskArgs) -> Result<()> {
     signals::install_stop_handlers().context("installing signal handlers")?;
-    let mut plan: workload::Plan = args.workload.parse()?;
+    let mut plan = args.workload.clone();
     if let Some(secs) = args.duration {
         plan.limit_last(Limit::Duration(Duration::from_secs_f64(secs)));
     }
@@ -98,7 +123,7 @@ pub fn run(args: DiskArgs) -> Result<()> {
     };
     settings.validate()?;
     if let Some(mib) = args.create_mib {
-        Backing::create_written(&args.backing, mib << 20)?;
+        size_backing(&args.backing, mib, args.shrink)?;
     }
     let options = DiskOptions {
         max_io_bytes: plan
@@ -142,6 +167,7 @@ pub fn run(args: DiskArgs) -> Result<()> {
             kind: "synthetic".into(),
             dev_id: args.dev_id,
             pid: std::process::id(),
+            pid_start_time: registry::start_time_of(std::process::id()),
             exe: std::env::current_exe().context("locating this executable")?,
             started_unix_ms: registry::now_unix_ms(),
             settings: live.current(),
@@ -157,6 +183,7 @@ pub fn run(args: DiskArgs) -> Result<()> {
             args.dev_id,
             plan.max_queue_depth(),
             Duration::from_secs_f64(secs),
+            signals::stop_flag(),
         )?;
     }
     let stdout = std::io::stdout();

@@ -15,42 +15,46 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use enlight_driver::disk::Backing;
 use enlight_driver::emulated::{self, BlockTransport, ThreadIdeDisk, TransportKind};
 use enlight_driver::registry::{self, DeviceRecord, Registration};
 use enlight_driver::settings::DeviceSettings;
 use enlight_driver::workload::{self, Limit, WorkloadSnapshot, WorkloadSpec};
 use serde::Serialize;
 
-use crate::signals;
+use crate::{ranges, signals};
 
 #[derive(Args, Debug)]
 pub struct EmulatedDiskArgs {
     /// Device name (unique in the runtime directory).
     #[arg(long, default_value = "emu0")]
     name: String,
-    /// Device id inside this process (the `dev` argument of the USDT probes).
-    #[arg(long, default_value_t = 0)]
+    /// Device id inside this process (the `dev` argument of the USDT probes), 0..=65535.
+    #[arg(long, default_value_t = 0, value_parser = crate::ranges::int(0..=65535u32))]
     dev_id: u32,
-    /// Backing file.
+    /// Backing file: the disk's contents (the workload writes to it unless rw=100).
     #[arg(long)]
     backing: PathBuf,
-    /// Create (or extend) the backing file to this many MiB first (written out with zeros, so
-    /// that deleting it later is quick).
-    #[arg(long, value_name = "MIB")]
+    /// Create the backing file with this many MiB (1..=1048576), written out with zeros so that
+    /// deleting it later is quick, or grow a smaller one to it (its bytes are kept). A larger
+    /// existing file is refused unless --shrink is given.
+    #[arg(long, value_name = "MIB", value_parser = ranges::mib)]
     create_mib: Option<u64>,
+    /// Let --create-mib cut an existing larger backing file down to MIB, destroying the data
+    /// past that point.
+    #[arg(long, requires = "create_mib")]
+    shrink: bool,
     /// Registry directory [default: $ENLIGHT_RUNTIME_DIR or /run/enlight].
     #[arg(long)]
     runtime_dir: Option<PathBuf>,
-    /// Workload, as for `enlight disk` (qd requests are submitted together and served one after
-    /// another: an IDE channel has no queue). Block size at most 128k.
-    #[arg(long, default_value = "qd=1,bs=4k,rw=70,pattern=random")]
-    workload: String,
-    /// Stop after this many seconds (overrides the workload's own limit).
-    #[arg(long, value_name = "SECS")]
+    /// Workload, as for `enlight disk` (one phase; qd requests are submitted together and
+    /// served one after another: an IDE channel has no queue). Block size at most 128k.
+    #[arg(long, default_value = "qd=1,bs=4k,rw=70,pattern=random", value_parser = ranges::spec)]
+    workload: WorkloadSpec,
+    /// Stop after this many seconds, 0.001..=31536000 (overrides the workload's own limit).
+    #[arg(long, value_name = "SECS", value_parser = ranges::duration_secs())]
     duration: Option<f64>,
-    /// Wait up to SECS for a tracer (enlightd) to attach every probe before starting.
-    #[arg(long, value_name = "SECS")]
+    /// Wait up to SECS (0..=3600) for a tracer (enlightd) to attach every probe before starting.
+    #[arg(long, value_name = "SECS", value_parser = ranges::probe_wait_secs())]
     wait_for_probes: Option<f64>,
     /// How register accesses reach the model: thread, kvm, or auto (kvm when it works).
     #[arg(long, default_value = "thread")]
@@ -112,7 +116,7 @@ pub fn open_disk(
 
 pub fn run(args: EmulatedDiskArgs) -> Result<()> {
     signals::install_stop_handlers().context("installing signal handlers")?;
-    let mut spec: WorkloadSpec = args.workload.parse()?;
+    let mut spec = args.workload;
     if let Some(secs) = args.duration {
         spec.limit = Limit::Duration(Duration::from_secs_f64(secs));
     }
@@ -124,7 +128,7 @@ pub fn run(args: EmulatedDiskArgs) -> Result<()> {
         );
     }
     if let Some(mib) = args.create_mib {
-        Backing::create_written(&args.backing, mib << 20)?;
+        crate::disk::size_backing(&args.backing, mib, args.shrink)?;
     }
     let (mut disk, kind): (Box<dyn BlockTransport>, &str) = match args.device.as_str() {
         "ide" => (
@@ -154,6 +158,7 @@ pub fn run(args: EmulatedDiskArgs) -> Result<()> {
         kind: kind.into(),
         dev_id: args.dev_id,
         pid: std::process::id(),
+        pid_start_time: registry::start_time_of(std::process::id()),
         exe: std::env::current_exe().context("locating this executable")?,
         started_unix_ms: registry::now_unix_ms(),
         // No VMBus rings and no moderation: the record carries the defaults, which nothing reads.
@@ -163,7 +168,12 @@ pub fn run(args: EmulatedDiskArgs) -> Result<()> {
     let registration = Registration::register(&runtime_dir, &record)
         .with_context(|| format!("registering in {}", runtime_dir.display()))?;
     if let Some(secs) = args.wait_for_probes {
-        workload::wait_for_probes(args.dev_id, spec.queue_depth, Duration::from_secs_f64(secs))?;
+        workload::wait_for_probes(
+            args.dev_id,
+            spec.queue_depth,
+            Duration::from_secs_f64(secs),
+            signals::stop_flag(),
+        )?;
     }
     let transport = disk.transport();
     let stdout = std::io::stdout();
@@ -216,17 +226,19 @@ pub struct EmulatedNicArgs {
     /// namespace names).
     #[arg(long, default_value = "emunic0")]
     name: String,
-    /// Device id inside this process (the `dev` argument of the USDT probes).
-    #[arg(long, default_value_t = 0)]
+    /// Device id inside this process (the `dev` argument of the USDT probes and the last byte
+    /// of the NIC's MAC address), 0..=255.
+    #[arg(long, default_value_t = 0, value_parser = crate::ranges::int(0..=255u32))]
     dev_id: u32,
     /// Registry directory [default: $ENLIGHT_RUNTIME_DIR or /run/enlight].
     #[arg(long)]
     runtime_dir: Option<PathBuf>,
-    /// Stop after this many seconds (else at SIGINT/SIGTERM).
-    #[arg(long, value_name = "SECS")]
+    /// Stop after this many seconds, 0.001..=31536000 (else at SIGINT/SIGTERM/SIGHUP).
+    #[arg(long, value_name = "SECS", value_parser = ranges::duration_secs())]
     duration: Option<f64>,
-    /// Wait up to SECS for a tracer (enlightd) to attach every probe before carrying frames.
-    #[arg(long, value_name = "SECS")]
+    /// Wait up to SECS (0..=3600) for a tracer (enlightd) to attach every probe before carrying
+    /// frames.
+    #[arg(long, value_name = "SECS", value_parser = ranges::probe_wait_secs())]
     wait_for_probes: Option<f64>,
     /// How the guest driver's register accesses reach the NE2000 model: thread (a hand-off to
     /// the model's thread per access), kvm (a guest program in a real VM whose `in`/`out`
@@ -280,6 +292,7 @@ pub fn run_nic(args: EmulatedNicArgs) -> Result<()> {
         kind: "emulated".into(),
         dev_id: args.dev_id,
         pid: std::process::id(),
+        pid_start_time: registry::start_time_of(std::process::id()),
         exe: std::env::current_exe().context("locating this executable")?,
         started_unix_ms: registry::now_unix_ms(),
         settings: DeviceSettings::default(),
@@ -288,7 +301,12 @@ pub fn run_nic(args: EmulatedNicArgs) -> Result<()> {
     let registration = Registration::register(&runtime_dir, &record)
         .with_context(|| format!("registering in {}", runtime_dir.display()))?;
     if let Some(secs) = args.wait_for_probes {
-        workload::wait_for_probes(args.dev_id, 1, Duration::from_secs_f64(secs))?;
+        workload::wait_for_probes(
+            args.dev_id,
+            1,
+            Duration::from_secs_f64(secs),
+            signals::stop_flag(),
+        )?;
     }
     let json = crate::output::json_wanted(args.json);
     let print = |v: &dyn lines::Line| {

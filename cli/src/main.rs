@@ -16,13 +16,25 @@
 //! - `enlight tune --dry-run` prints the tuner's recommendations; `enlight restore` puts back the
 //!   kernel device settings enlight changed; `enlight bench tune|compare` are the benchmarks.
 
+/// `eprintln!` for the whole of `enlight`: a closed stderr (`enlight bench compare 2>&1 | head
+/// -1`) loses the line instead of panicking as std's does (it shadows std's macro in every
+/// module below). stdout goes through `signals::line`, which also stops the command.
+macro_rules! eprintln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod bench;
+mod children;
 mod demo;
 mod disk;
 mod docs;
 mod emulated;
 mod nic;
 mod output;
+mod ranges;
 mod restore;
 mod signals;
 mod top;

@@ -19,50 +19,54 @@ use enlight_driver::control::{self, ControlServer, Tunable};
 use enlight_driver::netns::{self, NetPair};
 use enlight_driver::nic::{LatencyFigures, NicBridge, NicCounters, NicOptions};
 use enlight_driver::registry::{self, DeviceRecord, Registration};
-use enlight_driver::settings::DeviceSettings;
+use enlight_driver::settings::{DeviceSettings, Knob};
 use enlight_driver::workload;
 use serde::Serialize;
 
-use crate::signals;
+use crate::{ranges, signals};
 
 #[derive(Args, Debug)]
 pub struct NicArgs {
     /// Device name (unique in the runtime directory).
     #[arg(long, default_value = "nic0")]
     name: String,
-    /// Device id inside this process (the `dev` argument of the USDT probes).
-    #[arg(long, default_value_t = 0)]
+    /// Device id inside this process (the `dev` argument of the USDT probes), 0..=255.
+    #[arg(long, default_value_t = 0, value_parser = crate::ranges::int(0..=255u32))]
     dev_id: u32,
     /// Registry directory [default: $ENLIGHT_RUNTIME_DIR or /run/enlight].
     #[arg(long)]
     runtime_dir: Option<PathBuf>,
-    /// Stop after this many seconds (default: run until SIGINT/SIGTERM).
-    #[arg(long, value_name = "SECS")]
+    /// Stop after this many seconds, 0.001..=31536000 (default: run until SIGINT, SIGTERM or
+    /// SIGHUP).
+    #[arg(long, value_name = "SECS", value_parser = ranges::duration_secs())]
     duration: Option<f64>,
-    /// Wait up to SECS for a tracer (enlightd) to attach every probe before announcing "ready".
-    #[arg(long, value_name = "SECS")]
+    /// Wait up to SECS (0..=3600) for a tracer (enlightd) to attach every probe before
+    /// announcing "ready".
+    #[arg(long, value_name = "SECS", value_parser = ranges::probe_wait_secs())]
     wait_for_probes: Option<f64>,
-    /// MTU of both taps.
-    #[arg(long, default_value_t = 1500)]
+    /// MTU of both taps, 68..=65535 (the buffers it needs must also fit the channel).
+    #[arg(long, default_value_t = 1500, value_parser = crate::ranges::int(68..=65535u32))]
     mtu: u32,
-    /// Ring data area per direction at start, bytes (a multiple of 4096; the control socket can
-    /// resize each ring while traffic flows).
-    #[arg(long)]
+    /// Ring data area per direction at start, bytes: 8192..=67108864, a multiple of 4096 (the
+    /// control socket can resize each ring while traffic flows).
+    #[arg(long, value_parser = ranges::knob(Knob::RingOutBytes))]
     ring_bytes: Option<u32>,
-    /// Interrupt moderation: signal after this many packets...
-    #[arg(long)]
+    /// Interrupt moderation: signal after this many packets (1..=1024)...
+    #[arg(long, value_parser = ranges::knob(Knob::ModerationFrames))]
     moderation_frames: Option<u32>,
-    /// ...or this many microseconds, whichever first.
-    #[arg(long)]
+    /// ...or this many microseconds (0..=100000), whichever first.
+    #[arg(long, value_parser = ranges::knob(Knob::ModerationUsecs))]
     moderation_usecs: Option<u32>,
-    /// Packets the guest reaps per polling pass.
-    #[arg(long)]
+    /// Packets the guest reaps per polling pass, 1..=4096.
+    #[arg(long, value_parser = ranges::knob(Knob::PollBudget))]
     poll_budget: Option<u32>,
-    /// Send buffer sections (tx frames in flight).
-    #[arg(long, default_value_t = NicOptions::default().send_sections)]
+    /// Send buffer sections (tx frames in flight), 1..=65536.
+    #[arg(long, default_value_t = NicOptions::default().send_sections,
+          value_parser = crate::ranges::int(1..=65536u32))]
     send_sections: u32,
-    /// Receive buffer sections (rx frames the guest has not returned).
-    #[arg(long, default_value_t = NicOptions::default().recv_sections)]
+    /// Receive buffer sections (rx frames the guest has not returned), 1..=65536.
+    #[arg(long, default_value_t = NicOptions::default().recv_sections,
+          value_parser = crate::ranges::int(1..=65536u32))]
     recv_sections: u32,
     /// Only remove the namespaces left behind by killed runs, then exit.
     #[arg(long)]
@@ -124,7 +128,7 @@ fn label_of(name: &str) -> String {
 pub fn run(args: NicArgs) -> Result<()> {
     if args.cleanup {
         let removed = netns::remove_leftovers()?;
-        println!("{}", serde_json::json!({ "removed_leftovers": removed }));
+        signals::line(serde_json::json!({ "removed_leftovers": removed }));
         return Ok(());
     }
     signals::install_stop_handlers().context("installing signal handlers")?;
@@ -162,6 +166,7 @@ pub fn run(args: NicArgs) -> Result<()> {
         kind: "synthetic".into(),
         dev_id: args.dev_id,
         pid: std::process::id(),
+        pid_start_time: registry::start_time_of(std::process::id()),
         exe: std::env::current_exe().context("locating this executable")?,
         started_unix_ms: registry::now_unix_ms(),
         settings,
@@ -188,7 +193,12 @@ pub fn run(args: NicArgs) -> Result<()> {
         .with_context(|| format!("serving {}", socket.display()))?;
 
     if let Some(secs) = args.wait_for_probes {
-        workload::wait_for_probes(args.dev_id, 0, Duration::from_secs_f64(secs))?;
+        workload::wait_for_probes(
+            args.dev_id,
+            0,
+            Duration::from_secs_f64(secs),
+            signals::stop_flag(),
+        )?;
     }
     let json = crate::output::json_wanted(args.json);
     let emit = |line: &dyn erased::Line| {

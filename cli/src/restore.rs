@@ -55,11 +55,11 @@ pub fn run(args: RestoreArgs) -> Result<()> {
         .unwrap_or_else(enlight_driver::registry::runtime_dir);
     let mut tuner = KernelTuner::open(&dir).context("opening the kernel settings journal")?;
     if args.list {
-        print!("{}", render_entries(tuner.journal().entries()));
+        crate::signals::text(render_entries(tuner.journal().entries()));
         return Ok(());
     }
     let report = tuner.restore();
-    print!("{}", render_report(&report));
+    crate::signals::text(render_report(&report));
     if !report.failed.is_empty() {
         bail!(
             "{} setting(s) could not be restored; they stay in {}",

@@ -153,9 +153,9 @@ pub fn run(args: TuneArgs) -> Result<()> {
     let devices: Vec<DeviceView> =
         serde_json::from_str(&body).with_context(|| format!("reading {url}"))?;
     if args.json {
-        print!("{}", render_json(&devices, args.device.as_deref())?);
+        crate::signals::text(render_json(&devices, args.device.as_deref())?);
     } else {
-        print!("{}", render(&devices, args.device.as_deref())?);
+        crate::signals::text(render(&devices, args.device.as_deref())?);
     }
     Ok(())
 }

@@ -185,7 +185,9 @@ fn bpftrace_lists_every_enlight_probe_of_the_binary() {
 #[test]
 fn demo_runs_and_leaves_nothing_behind() {
     let _serial = require_privileges();
-    let before: Vec<_> = leftovers();
+    // A temporary directory of the test's own: another `enlight demo` on the machine (another
+    // test binary, a user) makes and removes its own in the shared /tmp meanwhile.
+    let tmp = tempfile::tempdir().unwrap();
     let out = Command::new(ENLIGHT)
         .args([
             "demo",
@@ -196,6 +198,7 @@ fn demo_runs_and_leaves_nothing_behind() {
             "--size-mib",
             "32",
         ])
+        .env("TMPDIR", tmp.path())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -205,6 +208,10 @@ fn demo_runs_and_leaves_nothing_behind() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("/metrics"), "{stdout}");
+    assert!(
+        stdout.contains(&tmp.path().display().to_string()),
+        "the demo worked in the TMPDIR it was given: {stdout}"
+    );
     let last = stdout.lines().last().unwrap();
     // "final: I/Os counted by eBPF N / by the workload N; ..."
     let counts: Vec<&str> = last
@@ -217,19 +224,13 @@ fn demo_runs_and_leaves_nothing_behind() {
         counts[1].trim_end_matches(';'),
         "{last}"
     );
-    assert_eq!(leftovers(), before, "demo left temporary files behind");
-}
-
-fn leftovers() -> Vec<std::path::PathBuf> {
-    let mut v: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("enlight-demo-"))
-        })
         .collect();
-    v.sort();
-    v
+    assert!(
+        left.is_empty(),
+        "demo left temporary files behind: {left:?}"
+    );
 }

@@ -405,8 +405,12 @@ fn a_killed_nic_leaves_namespaces_that_the_next_run_removes() {
     let removed: Vec<String> =
         serde_json::from_value(second.ready["removed_leftovers"].clone()).unwrap();
     for n in &names {
-        assert!(removed.contains(n), "{n} not in {removed:?}");
         assert!(!netns_exists(n), "{n} still exists");
+        if !removed.contains(n) {
+            // Any enlight NIC starting on the machine removes dead processes' namespaces: one
+            // of another run (not this test's) may have been first.
+            eprintln!("note: {n} was removed by another process, not in {removed:?}");
+        }
     }
     let mine = [second.netns("guest"), second.netns("host")];
     let c = second.stop_after_duration();

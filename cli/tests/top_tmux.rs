@@ -327,3 +327,36 @@ fn a_panic_in_top_restores_the_terminal() {
     );
     assert_cooked(&screen);
 }
+
+/// SIGTERM and SIGHUP end `enlight top` the way `q` does (issue 12, item 6): exit 0 and the
+/// terminal back in cooked mode, not killed with the terminal left raw.
+#[test]
+fn signals_end_top_and_restore_the_terminal() {
+    for sig in [libc::SIGTERM, libc::SIGHUP] {
+        let port = free_port();
+        let tmux = Tmux::start(&shell_after(&format!("--daemon 127.0.0.1:{port}")));
+        tmux.wait_for("disconnected", 30, |s| s.contains("DISCONNECTED"));
+        let out = tmux
+            .cmd()
+            .args(["display-message", "-p", "-t", "top", "#{pane_pid}"])
+            .output()
+            .unwrap();
+        let shell: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"))
+            .unwrap_or_default();
+        let top: i32 = children
+            .split_whitespace()
+            .next()
+            .unwrap_or_else(|| panic!("no enlight top under the pane's shell {shell}"))
+            .parse()
+            .unwrap();
+        // SAFETY: kill(2) on the `enlight top` this test started (through tmux).
+        assert_eq!(unsafe { libc::kill(top, sig) }, 0);
+        let screen = tmux.wait_for("the TUI to exit", 30, exited);
+        assert!(
+            screen.contains("TOP-EXITED=0"),
+            "signal {sig}: not a clean exit: {screen}"
+        );
+        assert_cooked(&screen);
+    }
+}

@@ -162,6 +162,9 @@ pub struct HealthView {
     /// memory.
     #[serde(default)]
     pub self_cost: crate::selfcost::SelfCost,
+    /// The tuner's audit log (absent when no tuner runs): its path and its write failures.
+    #[serde(default)]
+    pub tuner_audit_log: Option<crate::tuner::shell::AuditHealth>,
 }
 
 /// The health view.
@@ -180,5 +183,6 @@ pub fn health(state: &State) -> HealthView {
         ticks: state.ticks,
         kernel: state.kernel.clone(),
         self_cost: state.self_cost.clone(),
+        tuner_audit_log: None,
     }
 }

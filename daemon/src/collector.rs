@@ -294,10 +294,27 @@ impl<P: ProbeSource> Collector<P> {
         state.peak_window = self.peak_window;
         state.interval = Duration::from_secs_f64(dt);
 
-        // 1. The registry: new devices, new instances of known ones, vanished ones.
-        let (records, errors) = registry::list(&self.runtime_dir);
+        // 1. The registry: new devices, new instances of known ones, vanished ones. Records
+        // whose process is gone (killed devices leave theirs, and a pid may since belong to
+        // another process) are removed with their control sockets: they are no device.
+        let registry::Scan {
+            live: records,
+            stale,
+            errors,
+        } = registry::scan(&self.runtime_dir);
         for e in errors {
             state.error("registry", e.to_string());
+        }
+        for r in stale {
+            match registry::remove_stale(&self.runtime_dir, &r) {
+                Ok(true) => log::info!(
+                    "removed the registry record of device {} (pid {}): its process is gone",
+                    r.name,
+                    r.pid
+                ),
+                Ok(false) => {}
+                Err(e) => state.error("registry", format!("removing a stale record: {e}")),
+            }
         }
         let live: BTreeSet<String> = records.iter().map(|r| r.name.clone()).collect();
         for record in records {
@@ -312,7 +329,7 @@ impl<P: ProbeSource> Collector<P> {
             }
             let entry = state.devices.entry(record.name.clone());
             let dev = entry.or_insert_with(|| DeviceState::new(record.clone()));
-            if dev.record.pid != record.pid {
+            if (dev.record.pid, dev.record.pid_start_time) != (record.pid, record.pid_start_time) {
                 log::info!(
                     "device {} found again in a new process: pid {} (was {}); its counters carry on",
                     record.name,
@@ -588,6 +605,7 @@ pub(crate) mod tests {
             kind: "synthetic".into(),
             dev_id: 0,
             pid,
+            pid_start_time: None,
             exe: "/proc/self/exe".into(),
             started_unix_ms: 0,
             settings: DeviceSettings::default(),
@@ -720,6 +738,89 @@ pub(crate) mod tests {
         let d = &state.devices["live0"];
         assert_eq!(d.record.settings.poll_budget, 8);
         assert_eq!(d.settings_changes.get(&4), Some(&1));
+    }
+
+    /// Issue 12, item 10: a record whose pid now belongs to another process, an old-format
+    /// record (no start time) whose pid runs another executable, and the record of a device
+    /// killed with SIGKILL (its control socket left too) are no devices: not attached, not on
+    /// /metrics, and their files are removed on discovery.
+    #[test]
+    fn stale_records_are_no_devices_and_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut other = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = other.id();
+        // Field 22 of /proc/<pid>/stat, read here rather than through the registry's reader.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let start: u64 = stat[stat.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .nth(19)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let devices = dir.path().join("devices");
+        std::fs::create_dir_all(&devices).unwrap();
+        let json = |name: &str, pid: u32, extra: serde_json::Value| {
+            let mut v = serde_json::json!({
+                "name": name, "device": "disk", "kind": "synthetic", "dev_id": 0, "pid": pid,
+                "exe": "/bin/true", "started_unix_ms": 0,
+                "settings": DeviceSettings::default(),
+            });
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            std::fs::write(devices.join(format!("{name}.json")), v.to_string()).unwrap();
+        };
+        json(
+            "reused",
+            pid,
+            serde_json::json!({"pid_start_time": start + 7}),
+        );
+        json("oldformat", pid, serde_json::json!({}));
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = dead.id();
+        dead.wait().unwrap();
+        let socket = dir.path().join("control/killed.sock");
+        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        json(
+            "killed",
+            dead_pid,
+            serde_json::json!({"control": socket.to_str().unwrap()}),
+        );
+        let fake = FakeProbes::default();
+        let mut c = Collector::new(fake.clone(), dir.path().into(), Duration::from_secs(60));
+        let mut st = State::default();
+        c.tick(&mut st);
+        c.tick(&mut st);
+        let _ = other.kill();
+        let _ = other.wait();
+        let views = crate::api::devices(&st);
+        assert!(
+            views.iter().all(|d| !d.attached),
+            "shown as attached: {views:?}"
+        );
+        assert_eq!(crate::api::health(&st).devices_attached, 0);
+        let text = crate::metrics::render(&st);
+        assert!(
+            !text.contains("enlight_probe_attached{device=\"reused\"")
+                && !text.contains("enlight_probe_attached{device=\"oldformat\""),
+            "{text}"
+        );
+        assert!(fake.calls.lock().unwrap().is_empty(), "attached to {pid}");
+        for name in ["reused", "oldformat", "killed"] {
+            assert!(
+                !devices.join(format!("{name}.json")).exists(),
+                "{name}'s record is still there"
+            );
+        }
+        assert!(
+            !socket.exists(),
+            "the killed device's socket is still there"
+        );
+        assert_eq!(st.errors.get("registry"), None, "{:?}", st.recent_errors);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod kernel;
 pub mod logging;
 pub mod metrics;
 pub mod peaks;
+pub mod runtime_lock;
 pub mod selfcost;
 #[doc(hidden)]
 pub mod testing;
@@ -54,6 +55,19 @@ pub enum DaemonError {
     /// A thread could not be started.
     #[error("starting the collector thread: {0}")]
     Thread(std::io::Error),
+    /// Another enlightd serves the runtime directory (or it cannot be locked).
+    #[error(transparent)]
+    Locked(#[from] runtime_lock::LockError),
+    /// A tuner is configured and its audit log cannot be written: it would tune with no trail.
+    #[error(
+        "tuner audit log {path}: {source} (set [tuner] audit_log to a file enlightd can write)"
+    )]
+    AuditLog {
+        /// The log.
+        path: std::path::PathBuf,
+        /// Why it cannot be opened.
+        source: std::io::Error,
+    },
 }
 
 /// Read access to the daemon's state.
@@ -87,7 +101,9 @@ impl DaemonHandle {
 
     /// The daemon's own health.
     pub fn health(&self) -> HealthView {
-        api::health(&self.state.lock().expect("state lock"))
+        let mut h = api::health(&self.state.lock().expect("state lock"));
+        h.tuner_audit_log = self.tuner.audit_health();
+        h
     }
 
     /// Collector intervals completed so far.
@@ -115,11 +131,16 @@ pub struct Daemon {
     /// The kernel's BPF run-time statistics, on while this lives (enlightd's self-cost);
     /// dropped after the collector has stopped.
     _run_stats: Option<std::os::fd::OwnedFd>,
+    /// One daemon per runtime directory; released when the daemon is dropped.
+    _lock: runtime_lock::RuntimeLock,
 }
 
 impl Daemon {
-    /// Checks privileges, loads the real probes and starts collecting.
+    /// Locks the runtime directory, checks privileges, loads the real probes and starts
+    /// collecting.
     pub fn start(config: Config) -> Result<Daemon, DaemonError> {
+        // First: a second daemon on the directory is told so before it loads anything.
+        let lock = runtime_lock::RuntimeLock::acquire(&config.runtime_dir)?;
         enlight_probes::preflight()?;
         // The programs' run counts and times (what they cost) advance only while the kernel's
         // run-time statistics are on: on for as long as the daemon runs, off when it stops
@@ -128,7 +149,7 @@ impl Daemon {
         let run_stats = enlight_probes::enable_run_stats();
         let probes = enlight_probes::Probes::load()?;
         let kernel = kernel::collector::start(&config);
-        let mut daemon = Daemon::start_full(config, probes, kernel)?;
+        let mut daemon = Daemon::start_locked(config, probes, kernel, lock)?;
         {
             let mut st = daemon.handle.state.lock().expect("state lock");
             match &run_stats {
@@ -157,8 +178,37 @@ impl Daemon {
     pub fn start_full<P: ProbeSource + 'static>(
         config: Config,
         probes: P,
-        mut kernel: Option<kernel::collector::RealKernelCollector>,
+        kernel: Option<kernel::collector::RealKernelCollector>,
     ) -> Result<Daemon, DaemonError> {
+        let lock = runtime_lock::RuntimeLock::acquire(&config.runtime_dir)?;
+        Daemon::start_locked(config, probes, kernel, lock)
+    }
+
+    fn start_locked<P: ProbeSource + 'static>(
+        config: Config,
+        probes: P,
+        mut kernel: Option<kernel::collector::RealKernelCollector>,
+        lock: runtime_lock::RuntimeLock,
+    ) -> Result<Daemon, DaemonError> {
+        if config.tuner.any_enabled() {
+            // A tuner that cannot keep its audit trail does not start (`--check` says so too).
+            let path = config.tuner.audit_path(&config.runtime_dir);
+            tuner::audit::AuditLog::open(&path)
+                .map_err(|source| DaemonError::AuditLog { path, source })?;
+        }
+        if config.kernel.enabled {
+            for name in kernel::unknown_tune_names(&config.kernel) {
+                log::warn!(
+                    "[kernel] tune names {name:?}, which is no disk or NIC of this machine: \
+                     it is ignored until such a device appears"
+                );
+            }
+        } else if !config.kernel.tune.is_empty() {
+            log::warn!(
+                "[kernel] tune names devices, but the kernel's devices are not observed \
+                 ([kernel] enabled = false, no --kernel): tune is ignored"
+            );
+        }
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let interval = Duration::from_millis(config.interval_ms);
@@ -207,6 +257,7 @@ impl Daemon {
             tuner: (config.tuner.clone(), config.runtime_dir.clone(), interval),
             kernel_config: config.kernel.clone(),
             _run_stats: None,
+            _lock: lock,
         })
     }
 
@@ -415,6 +466,30 @@ mod tests {
     use crate::collector::tests::{io, record, FakeProbes};
     use enlight_driver::registry::Registration;
     use enlight_probes::IoKey;
+
+    /// Issue 12, item 9: a second daemon on the same runtime directory refuses to start and
+    /// names the first's pid; once the first is gone, the directory is free again.
+    #[test]
+    fn one_daemon_per_runtime_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            runtime_dir: dir.path().join("run"),
+            interval_ms: 50,
+            ..Config::default()
+        };
+        let first = Daemon::start_with(config.clone(), FakeProbes::default()).unwrap();
+        let second = Daemon::start_with(config.clone(), FakeProbes::default());
+        let e = second
+            .err()
+            .expect("a second daemon on the same directory is refused");
+        assert!(
+            e.to_string()
+                .contains(&format!("pid {}", std::process::id())),
+            "{e}"
+        );
+        drop(first);
+        drop(Daemon::start_with(config, FakeProbes::default()).unwrap());
+    }
 
     #[test]
     fn http_endpoints_serve_the_collected_state() {

@@ -16,7 +16,10 @@
 //! was wrong and cannot disturb the device's I/O. One change runs at a time (a second gets
 //! `busy`); an applied change bumps `generation`, fires the `settings_change` USDT probe once per
 //! changed knob, and calls the device's `on_change` hook (which rewrites its registry record).
-//! A change runs to completion on the server's thread even if its client disconnects.
+//! A change runs to completion on the server's thread even if its client disconnects. Every
+//! line gets exactly one reply (an empty one gets `malformed`); a connection that sends no
+//! complete line for [`IDLE_TIMEOUT`] is closed, so idle clients cannot fill the
+//! [`MAX_CONNECTIONS`] slots.
 
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -25,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -41,6 +44,11 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub const MAX_CONNECTIONS: usize = 16;
 /// How long a client waits for a response (a ring resize waits for in-flight I/O to drain).
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
+/// A connection that completes no request line for this long is closed (after a `malformed`
+/// reply if it had sent part of a line), so idle or stalled clients cannot hold the
+/// [`MAX_CONNECTIONS`] slots and lock everyone else out. [`ControlClient`] reconnects on its
+/// own when the server closed its idle connection.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often server threads look at the stop flag.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -478,6 +486,17 @@ impl ControlServer {
         dev: u32,
         on_change: Option<OnChange>,
     ) -> Result<ControlServer, ControlError> {
+        ControlServer::start_with_idle_timeout(path, device, dev, on_change, IDLE_TIMEOUT)
+    }
+
+    /// [`ControlServer::start`] with another idle timeout than [`IDLE_TIMEOUT`] (tests).
+    pub fn start_with_idle_timeout(
+        path: &Path,
+        device: Arc<dyn Tunable>,
+        dev: u32,
+        on_change: Option<OnChange>,
+        idle_timeout: Duration,
+    ) -> Result<ControlServer, ControlError> {
         let io = |source| ControlError::Io {
             path: path.to_path_buf(),
             source,
@@ -512,7 +531,7 @@ impl ControlServer {
             let (stop, core) = (Arc::clone(&stop), Arc::clone(&core));
             std::thread::Builder::new()
                 .name(format!("control-{dev}"))
-                .spawn(move || accept_loop(listener, core, stop))
+                .spawn(move || accept_loop(listener, core, stop, idle_timeout))
                 .map_err(io)?
         };
         Ok(ControlServer {
@@ -544,7 +563,12 @@ impl Drop for ControlServer {
     }
 }
 
-fn accept_loop(listener: UnixListener, core: Arc<Core>, stop: Arc<AtomicBool>) {
+fn accept_loop(
+    listener: UnixListener,
+    core: Arc<Core>,
+    stop: Arc<AtomicBool>,
+    idle_timeout: Duration,
+) {
     let active = Arc::new(AtomicUsize::new(0));
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
@@ -565,7 +589,7 @@ fn accept_loop(listener: UnixListener, core: Arc<Core>, stop: Arc<AtomicBool>) {
                 let spawned = std::thread::Builder::new()
                     .name("control-conn".into())
                     .spawn(move || {
-                        serve_connection(stream, &core, &stop);
+                        serve_connection(stream, &core, &stop, idle_timeout);
                         active.fetch_sub(1, Ordering::SeqCst);
                     });
                 match spawned {
@@ -599,25 +623,42 @@ fn write_line(stream: &mut UnixStream, v: &Value) -> io::Result<()> {
     stream.write_all(&body)
 }
 
-/// Reads requests line by line until the client closes, sends an over-long line, or the server
-/// stops. Every failure is confined to this connection.
-fn serve_connection(mut stream: UnixStream, core: &Core, stop: &AtomicBool) {
+/// Reads requests line by line until the client closes, sends an over-long line, stays idle
+/// (no complete line) for `idle_timeout`, or the server stops. Every line gets one reply; every
+/// failure is confined to this connection.
+fn serve_connection(
+    mut stream: UnixStream,
+    core: &Core,
+    stop: &AtomicBool,
+    idle_timeout: Duration,
+) {
     if stream.set_nonblocking(false).is_err()
-        || stream.set_read_timeout(Some(POLL_INTERVAL)).is_err()
+        || stream
+            .set_read_timeout(Some(POLL_INTERVAL.min(idle_timeout)))
+            .is_err()
         || stream.set_write_timeout(Some(CLIENT_TIMEOUT)).is_err()
     {
         return;
     }
     let mut buf: Vec<u8> = Vec::with_capacity(512);
     let mut chunk = [0u8; 4096];
+    // The idle clock restarts at each complete line, not at each byte: a client trickling a
+    // line byte by byte is as idle as a silent one.
+    let mut last_line = Instant::now();
     loop {
         while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=nl).collect();
             let line = line[..nl].strip_suffix(b"\r").unwrap_or(&line[..nl]);
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let response = core.handle(line);
+            last_line = Instant::now();
+            let response = if line.iter().all(u8::is_ascii_whitespace) {
+                ControlError::Malformed(
+                    "empty request line: send one JSON object per line, e.g. {\"op\":\"get\"}"
+                        .into(),
+                )
+                .to_wire()
+            } else {
+                core.handle(line)
+            };
             // The change (if any) is applied whatever happens to the client now.
             if write_line(&mut stream, &response).is_err() {
                 return;
@@ -631,6 +672,16 @@ fn serve_connection(mut stream: UnixStream, core: &Core, stop: &AtomicBool) {
             return;
         }
         if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        if last_line.elapsed() >= idle_timeout {
+            if !buf.is_empty() {
+                let e = ControlError::Malformed(format!(
+                    "no end of line within {} ms of the last request; closing the connection",
+                    idle_timeout.as_millis()
+                ));
+                let _ = write_line(&mut stream, &e.to_wire());
+            }
             return;
         }
         match stream.read(&mut chunk) {
@@ -717,15 +768,58 @@ impl ControlClient {
         serde_json::from_value(v).map_err(|e| ControlError::BadResponse(e.to_string()))
     }
 
-    /// Sends one raw line (no newline) and returns the raw response line: for tests and tools.
-    pub fn raw(&mut self, line: &[u8]) -> Result<String, ControlError> {
-        let io = |source| ControlError::Io {
-            path: self.path.clone(),
-            source,
+    /// Whether the server has closed this connection (its idle timeout): nothing to read but
+    /// the end of the stream. A reply never arrives unasked, so anything else means open.
+    fn closed_by_server(&self) -> bool {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.stream);
+        let mut fds = [libc::pollfd {
+            fd,
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd on the socket we own, no waiting.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) } <= 0 {
+            return false;
+        }
+        let mut byte = 0u8;
+        // SAFETY: a one-byte peek into a local; MSG_DONTWAIT never blocks.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
         };
+        n == 0 || (n < 0 && fds[0].revents & (libc::POLLHUP | libc::POLLERR) != 0)
+    }
+
+    /// Sends one raw line (no newline) and returns the raw response line: for tests and tools.
+    /// A connection the server closed while idle is opened again first (the request had not
+    /// been sent, so nothing is sent twice).
+    pub fn raw(&mut self, line: &[u8]) -> Result<String, ControlError> {
+        if self.buf.is_empty() && self.closed_by_server() {
+            let path = self.path.clone();
+            *self = ControlClient::connect(&path)?;
+        }
         let mut body = line.to_vec();
         body.push(b'\n');
-        self.stream.write_all(&body).map_err(io)?;
+        if let Err(e) = self.stream.write_all(&body) {
+            // A server that refused the connection (`busy`: every slot taken) wrote why and
+            // closed before our request went out: its reason is the answer.
+            if matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) {
+                if let Ok(reply) = self.read_line() {
+                    return Ok(reply);
+                }
+            }
+            return Err(ControlError::Io {
+                path: self.path.clone(),
+                source: e,
+            });
+        }
         self.read_line()
     }
 
@@ -1114,5 +1208,86 @@ mod tests {
         );
         assert!(SettingsPatch::default().is_empty());
         assert!(serde_json::from_str::<SettingsPatch>(r#"{"bogus":1}"#).is_err());
+    }
+
+    /// Issue 12, item 11: a connection that sends no complete line for the idle timeout is
+    /// closed, so sixteen idle clients no longer lock everyone else out, and the tuner's own
+    /// long-lived client reconnects by itself.
+    #[test]
+    fn idle_connections_time_out_so_others_get_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path(), "idle0");
+        let idle = Duration::from_millis(400);
+        let _server =
+            ControlServer::start_with_idle_timeout(&path, FakeDevice::new(false), 0, None, idle)
+                .unwrap();
+        let mut tuner = ControlClient::connect(&path).unwrap();
+        tuner.get().unwrap();
+        let mut idlers: Vec<UnixStream> = (0..MAX_CONNECTIONS - 2)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        // One more trickles a line byte by byte: as idle as the others.
+        let mut trickler = UnixStream::connect(&path).unwrap();
+        trickler
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        // Every slot is taken now: a newcomer is told so at once.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut late = ControlClient::connect(&path).unwrap();
+        assert!(matches!(late.get(), Err(ControlError::Busy(_))));
+        for b in br#"{"op":"#.iter() {
+            let _ = trickler.write_all(&[*b]);
+            std::thread::sleep(Duration::from_millis(60));
+        }
+        // Past the idle timeout every idle connection is closed (the trickler is told why) and
+        // a newcomer is served.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match ControlClient::connect(&path).and_then(|mut c| c.get()) {
+                Ok((s, _, _)) => {
+                    assert_eq!(s, DeviceSettings::default());
+                    break;
+                }
+                Err(ControlError::Busy(_)) => {
+                    assert!(Instant::now() < deadline, "still locked out");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let mut reply = String::new();
+        let _ = trickler.read_to_string(&mut reply);
+        let (kind, message) = error_of(reply.trim());
+        assert_eq!(kind, "malformed");
+        assert!(message.contains("no end of line"), "{message}");
+        for s in &mut idlers {
+            let mut rest = Vec::new();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            assert_eq!(
+                s.read_to_end(&mut rest).unwrap(),
+                0,
+                "closed without a word"
+            );
+        }
+        // The long-lived client finds its connection closed and opens a new one.
+        assert_eq!(tuner.get().unwrap().0, DeviceSettings::default());
+    }
+
+    /// Issue 12, item 11: every line gets a reply, an empty one included.
+    #[test]
+    fn every_line_gets_a_reply_an_empty_one_too() {
+        let s = serve(false);
+        let mut c = UnixStream::connect(&s.path).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"\n   \r\n{\"op\":\"get\"}\n").unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(c));
+        for _ in 0..2 {
+            let line = lines.next().unwrap().unwrap();
+            let (kind, message) = error_of(&line);
+            assert_eq!(kind, "malformed");
+            assert!(message.contains("empty request line"), "{message}");
+        }
+        let v: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(v["ok"], Value::Bool(true), "{v}");
     }
 }

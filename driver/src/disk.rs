@@ -191,6 +191,16 @@ pub enum DiskError {
     /// A settings value is out of range.
     #[error(transparent)]
     Settings(#[from] crate::settings::SettingsError),
+    /// Sizing an existing backing file down was refused (it would destroy data).
+    #[error("backing file {path} is {have} bytes, larger than the {want} asked for: refusing to shrink it (that would destroy the data past {want} bytes)")]
+    WouldShrink {
+        /// The file.
+        path: String,
+        /// Its size.
+        have: u64,
+        /// The size asked for.
+        want: u64,
+    },
 }
 
 /// Sizes of a disk's data path.
@@ -871,55 +881,92 @@ impl Backing {
         })
     }
 
-    /// Creates (or extends) a backing file of `bytes` with its new part written out (zeros)
-    /// and on disk. Slower to create than [`Backing::create`], but the blocks are plain written
-    /// extents: random writes into a file of unwritten (fallocated) extents split it into tens
-    /// of thousands of extents, each converted on its first write and freed (and, on a file
-    /// system mounted with `discard`, discarded) one by one when the file is deleted, which took
-    /// `enlight demo` over a minute after a few minutes' run. Existing contents are kept.
-    pub fn create_written(path: &Path, bytes: u64) -> Result<(), DiskError> {
-        use std::io::{Seek, SeekFrom, Write};
-        let err = |source| DiskError::Backing {
-            path: path.display().to_string(),
-            source,
-        };
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(err)?;
-        let mut len = f.metadata().map_err(err)?.len();
-        if len >= bytes {
-            return Ok(());
-        }
-        f.seek(SeekFrom::Start(len)).map_err(err)?;
-        let chunk = vec![0u8; 1 << 20];
-        while len < bytes {
-            let n = (bytes - len).min(chunk.len() as u64) as usize;
-            f.write_all(&chunk[..n]).map_err(err)?;
-            len += n as u64;
-        }
-        f.sync_data().map_err(err)
+    /// Creates a backing file of `bytes`, allocated on disk, or grows an existing one to that
+    /// size; bytes already in the file are never touched. An existing file larger than `bytes`
+    /// is refused ([`DiskError::WouldShrink`]): a file the user named is never cut down without
+    /// [`Backing::resize`], which the caller asks for explicitly.
+    pub fn create(path: &Path, bytes: u64) -> Result<(), DiskError> {
+        Backing::size_to(path, bytes, false, Fill::Allocate)
     }
 
-    /// Creates (or extends) a backing file of `bytes`, allocated on disk.
-    pub fn create(path: &Path, bytes: u64) -> Result<(), DiskError> {
+    /// As [`Backing::create`], but the part it adds is written out (zeros) and on disk. Slower
+    /// to create, but the blocks are plain written extents: random writes into a file of
+    /// unwritten (fallocated) extents split it into tens of thousands of extents, each
+    /// converted on its first write and freed (and, on a file system mounted with `discard`,
+    /// discarded) one by one when the file is deleted, which took `enlight demo` over a minute
+    /// after a few minutes' run.
+    pub fn create_written(path: &Path, bytes: u64) -> Result<(), DiskError> {
+        Backing::size_to(path, bytes, false, Fill::Zeros)
+    }
+
+    /// As [`Backing::create_written`], but also cuts an existing larger file down to `bytes`
+    /// (destroying what lies past that point): only at the user's explicit request
+    /// (`enlight disk --shrink`).
+    pub fn resize(path: &Path, bytes: u64) -> Result<(), DiskError> {
+        Backing::size_to(path, bytes, true, Fill::Zeros)
+    }
+
+    fn size_to(path: &Path, bytes: u64, shrink: bool, fill: Fill) -> Result<(), DiskError> {
         let err = |source| DiskError::Backing {
             path: path.display().to_string(),
             source,
         };
+        if bytes == 0 || bytes > i64::MAX as u64 {
+            return Err(DiskError::Invalid(format!(
+                "backing file {}: a size of {bytes} bytes is outside 1..={}",
+                path.display(),
+                i64::MAX
+            )));
+        }
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(path)
             .map_err(err)?;
-        // SAFETY: plain syscall on our file.
-        if unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, bytes as libc::off_t) } != 0 {
-            f.set_len(bytes).map_err(err)?;
+        let meta = f.metadata().map_err(err)?;
+        if !meta.is_file() {
+            return Err(DiskError::Invalid(format!(
+                "backing file {}: not a regular file, so it cannot be created or sized",
+                path.display()
+            )));
         }
-        Ok(())
+        if meta.len() > bytes {
+            if !shrink {
+                return Err(DiskError::WouldShrink {
+                    path: path.display().to_string(),
+                    have: meta.len(),
+                    want: bytes,
+                });
+            }
+            f.set_len(bytes).map_err(err)?;
+            return Ok(());
+        }
+        match fill {
+            Fill::Allocate => {
+                // posix_fallocate only ever grows a file (and allocates what it adds); where
+                // the file system lacks it, set_len grows it sparse. Neither runs on a larger
+                // file (above).
+                // SAFETY: plain syscall on our file.
+                if unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, bytes as libc::off_t) } != 0 {
+                    f.set_len(bytes).map_err(err)?;
+                }
+                Ok(())
+            }
+            Fill::Zeros => {
+                use std::io::{Seek, SeekFrom, Write};
+                let mut f = f;
+                let mut len = meta.len();
+                f.seek(SeekFrom::Start(len)).map_err(err)?;
+                let chunk = vec![0u8; 1 << 20];
+                while len < bytes {
+                    let n = (bytes - len).min(chunk.len() as u64) as usize;
+                    f.write_all(&chunk[..n]).map_err(err)?;
+                    len += n as u64;
+                }
+                f.sync_data().map_err(err)
+            }
+        }
     }
 
     /// Size in sectors.
@@ -937,6 +984,15 @@ impl Backing {
     pub fn file(&self) -> &File {
         &self.file
     }
+}
+
+/// How [`Backing`] fills the part of a file it adds.
+#[derive(Clone, Copy)]
+enum Fill {
+    /// Allocated but unwritten extents (`posix_fallocate`): fast to create.
+    Allocate,
+    /// Zeros written out: plain extents, quick to delete after random writes.
+    Zeros,
 }
 
 struct Job {
@@ -1547,6 +1603,40 @@ impl SyntheticDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backing_files_grow_but_are_never_shrunk_unasked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("user.img");
+        std::fs::write(&p, vec![7u8; 8192]).unwrap();
+        for bytes in [0, 4096] {
+            assert!(Backing::create(&p, bytes).is_err(), "{bytes}");
+            assert_eq!(
+                std::fs::read(&p).unwrap(),
+                vec![7u8; 8192],
+                "{bytes}: file changed"
+            );
+        }
+        assert!(matches!(
+            Backing::create(&p, 4096),
+            Err(DiskError::WouldShrink {
+                have: 8192,
+                want: 4096,
+                ..
+            })
+        ));
+        Backing::create(&p, 8192).unwrap();
+        Backing::create(&p, 16384).unwrap();
+        let grown = std::fs::read(&p).unwrap();
+        assert_eq!((grown.len(), &grown[..8192]), (16384, &[7u8; 8192][..]));
+        Backing::resize(&p, 4096).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), vec![7u8; 4096]);
+        assert!(Backing::resize(&p, 0).is_err());
+        assert!(
+            Backing::create(Path::new("/dev/null"), 4096).is_err(),
+            "not a regular file"
+        );
+    }
 
     fn backing_with_pattern(sectors: u64) -> tempfile::NamedTempFile {
         let f = tempfile::NamedTempFile::new_in(std::env::temp_dir()).unwrap();

@@ -137,7 +137,13 @@ pub fn remove_leftovers() -> Result<Vec<String>, NetError> {
         if pid == std::process::id() || pid_alive(pid) {
             continue;
         }
-        ip(&["netns", "delete", &name])?;
+        if let Err(e) = ip(&["netns", "delete", &name]) {
+            // Another process removing the same leftovers at the same moment got there first.
+            if Path::new(NETNS_RUN_DIR).join(&name).exists() {
+                return Err(e);
+            }
+            continue;
+        }
         log::info!("removed leftover network namespace {name} of dead process {pid}");
         removed.push(name);
     }

@@ -97,6 +97,25 @@ pub struct SpecError {
     reason: String,
 }
 
+/// The accepted range of every workload key, as `enlight disk --help` and the errors state
+/// them (one place, so the two cannot disagree).
+pub mod limits {
+    use std::ops::RangeInclusive;
+
+    /// `qd`: requests kept in flight.
+    pub const QUEUE_DEPTH: RangeInclusive<u32> = 1..=4096;
+    /// `bs` and the size of `mix`: bytes, a multiple of 512 up to 16 MiB.
+    pub const BLOCK_SIZE: RangeInclusive<u64> = 512..=16 << 20;
+    /// `rw` and the percentage of `mix`.
+    pub const PERCENT: RangeInclusive<u8> = 0..=100;
+    /// `rate`: submissions per second (0: closed loop).
+    pub const RATE_IOPS: RangeInclusive<u32> = 0..=10_000_000;
+    /// `duration` (and `--duration`): up to a year, in seconds.
+    pub const DURATION_MAX_SECS: u64 = 31_536_000;
+    /// Each half of `burst`: up to an hour, in seconds.
+    pub const BURST_MAX_SECS: u64 = 3600;
+}
+
 fn parse_size(v: &str) -> Option<u64> {
     let v = v.trim().to_ascii_lowercase();
     let (num, mult) = match v.strip_suffix('k') {
@@ -109,16 +128,31 @@ fn parse_size(v: &str) -> Option<u64> {
     num.parse::<u64>().ok()?.checked_mul(mult)
 }
 
-fn parse_duration(v: &str) -> Option<Duration> {
+/// A block size in [`limits::BLOCK_SIZE`], a multiple of 512.
+fn parse_block_size(v: &str) -> Option<u32> {
+    parse_size(v)
+        .filter(|b| limits::BLOCK_SIZE.contains(b) && b % SECTOR as u64 == 0)
+        .map(|b| b as u32)
+}
+
+/// `10s`, `1.5` (seconds), `500ms`: at most `max_secs` (so neither `inf`, `NaN` nor a number
+/// too large for a [`Duration`] gets through).
+pub fn parse_duration(v: &str, max_secs: u64) -> Option<Duration> {
     let v = v.trim();
     if let Some(ms) = v.strip_suffix("ms") {
-        return ms.parse().ok().map(Duration::from_millis);
+        return ms
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|ms| *ms <= max_secs.saturating_mul(1000))
+            .map(Duration::from_millis);
     }
     v.strip_suffix('s')
         .unwrap_or(v)
+        .trim()
         .parse::<f64>()
         .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0)
+        .filter(|s| s.is_finite() && (0.0..=max_secs as f64).contains(s))
         .map(Duration::from_secs_f64)
 }
 
@@ -128,7 +162,8 @@ impl FromStr for WorkloadSpec {
     /// Parses `key=value` pairs separated by commas: `qd`, `bs` (bytes, `k`/`m` suffixes), `rw`
     /// (read percentage), `pattern` (`random`|`sequential`), `ios` or `duration` (`10s`, `500ms`),
     /// `seed`, `rate` (IOPS, open loop), `mix` (`SIZE:PERCENT`: that share of I/Os at a second
-    /// block size), `burst` (`ON:OFF` durations). Unspecified keys keep their defaults.
+    /// block size), `burst` (`ON:OFF` durations). Unspecified keys keep their defaults. A value
+    /// out of range is an error that names the key and its range ([`limits`]).
     fn from_str(s: &str) -> Result<Self, SpecError> {
         let err = |reason: String| SpecError {
             spec: s.to_string(),
@@ -139,53 +174,104 @@ impl FromStr for WorkloadSpec {
             let (k, v) = part
                 .split_once('=')
                 .ok_or_else(|| err(format!("{part:?} is not key=value")))?;
-            let bad = || err(format!("bad value for {k}: {v:?}"));
-            match k.trim() {
+            let (k, v) = (k.trim(), v.trim());
+            // The error of a bad value: the key, the value, and what the key accepts.
+            let bad = |accepts: String| err(format!("{k} = {v} is outside {accepts}"));
+            let (qd, bs, pct, rate) = (
+                limits::QUEUE_DEPTH,
+                limits::BLOCK_SIZE,
+                limits::PERCENT,
+                limits::RATE_IOPS,
+            );
+            let sizes = format!(
+                "{}..={} bytes, a multiple of 512 (k/m suffixes: 4k, 1m)",
+                bs.start(),
+                bs.end()
+            );
+            let durations = |max: u64| format!("0..={max} seconds (e.g. 10s, 1.5, 500ms)");
+            match k {
                 "qd" => {
                     spec.queue_depth = v
                         .parse()
                         .ok()
-                        .filter(|q| (1..=4096).contains(q))
-                        .ok_or_else(bad)?
+                        .filter(|q| qd.contains(q))
+                        .ok_or_else(|| bad(format!("{qd:?} (requests in flight)")))?
                 }
-                "bs" => {
-                    spec.block_size = parse_size(v)
-                        .filter(|b| *b > 0 && *b % SECTOR as u64 == 0 && *b <= 16 << 20)
-                        .ok_or_else(bad)? as u32
+                "bs" => spec.block_size = parse_block_size(v).ok_or_else(|| bad(sizes))?,
+                "rw" => {
+                    spec.read_percent = v
+                        .parse()
+                        .ok()
+                        .filter(|p| pct.contains(p))
+                        .ok_or_else(|| bad(format!("{pct:?} (percent reads)")))?
                 }
-                "rw" => spec.read_percent = v.parse().ok().filter(|p| *p <= 100).ok_or_else(bad)?,
                 "pattern" => {
                     spec.pattern = match v {
                         "random" | "rand" => Pattern::Random,
                         "sequential" | "seq" => Pattern::Sequential,
-                        _ => return Err(bad()),
+                        _ => {
+                            return Err(err(format!(
+                                "pattern = {v} is neither random nor sequential"
+                            )))
+                        }
                     }
                 }
                 "ios" => {
-                    spec.limit = Limit::Ios(v.parse().ok().filter(|n| *n > 0).ok_or_else(bad)?)
+                    spec.limit = Limit::Ios(
+                        v.parse()
+                            .ok()
+                            .filter(|n| *n > 0)
+                            .ok_or_else(|| bad(format!("1..={} (I/Os)", u64::MAX)))?,
+                    )
                 }
-                "duration" => spec.limit = Limit::Duration(parse_duration(v).ok_or_else(bad)?),
-                "seed" => spec.seed = v.parse().map_err(|_| bad())?,
+                "duration" => {
+                    spec.limit = Limit::Duration(
+                        parse_duration(v, limits::DURATION_MAX_SECS)
+                            .ok_or_else(|| bad(durations(limits::DURATION_MAX_SECS)))?,
+                    )
+                }
+                "seed" => {
+                    spec.seed = v
+                        .parse()
+                        .map_err(|_| bad(format!("0..={} (an integer)", u64::MAX)))?
+                }
                 "rate" => {
                     spec.rate_iops = v
                         .parse()
                         .ok()
-                        .filter(|r| *r <= 10_000_000)
-                        .ok_or_else(bad)?
+                        .filter(|r| rate.contains(r))
+                        .ok_or_else(|| bad(format!("{rate:?} (IOPS; 0: closed loop)")))?
                 }
                 "mix" => {
-                    let (size, pct) = v.split_once(':').ok_or_else(bad)?;
-                    spec.mix_block_size = parse_size(size)
-                        .filter(|b| *b > 0 && *b % SECTOR as u64 == 0 && *b <= 16 << 20)
-                        .ok_or_else(bad)? as u32;
-                    spec.mix_percent = pct.parse().ok().filter(|p| *p <= 100).ok_or_else(bad)?;
+                    let accepts = || {
+                        err(format!(
+                            "{k} = {v}: expected SIZE:PERCENT, SIZE in {sizes}, PERCENT in \
+                             {pct:?} (e.g. mix=64k:30)"
+                        ))
+                    };
+                    let (size, share) = v.split_once(':').ok_or_else(accepts)?;
+                    spec.mix_block_size = parse_block_size(size).ok_or_else(accepts)?;
+                    spec.mix_percent = share
+                        .trim()
+                        .parse()
+                        .ok()
+                        .filter(|p| pct.contains(p))
+                        .ok_or_else(accepts)?;
                 }
                 "burst" => {
-                    let (on, off) = v.split_once(':').ok_or_else(bad)?;
-                    let on = parse_duration(on)
+                    let max = limits::BURST_MAX_SECS;
+                    let accepts = || {
+                        err(format!(
+                            "{k} = {v}: expected ON:OFF, each in {} (ON above 0; e.g. \
+                             burst=100ms:100ms)",
+                            durations(max)
+                        ))
+                    };
+                    let (on, off) = v.split_once(':').ok_or_else(accepts)?;
+                    let on = parse_duration(on, max)
                         .filter(|d| !d.is_zero())
-                        .ok_or_else(bad)?;
-                    let off = parse_duration(off).ok_or_else(bad)?;
+                        .ok_or_else(accepts)?;
+                    let off = parse_duration(off, max).ok_or_else(accepts)?;
                     spec.burst = Some((on, off));
                 }
                 other => return Err(err(format!("unknown key {other:?}"))),
@@ -297,10 +383,20 @@ impl Stats {
     }
 }
 
-/// Waits until a tracer enables `enlight:workload_start` (the attacher enables it last).
-pub fn wait_for_probes(dev: u32, queue_depth: u32, timeout: Duration) -> Result<(), WorkloadError> {
+/// Waits until a tracer enables `enlight:workload_start` (the attacher enables it last), or
+/// until `stop` is set (then returns at once: the caller's run sees `stop` and ends, so a device
+/// asked to stop while it waits for its tracer stops within one poll).
+pub fn wait_for_probes(
+    dev: u32,
+    queue_depth: u32,
+    timeout: Duration,
+    stop: &AtomicBool,
+) -> Result<(), WorkloadError> {
     let deadline = Instant::now() + timeout;
     while !trace::workload_start(dev, queue_depth) {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         if Instant::now() >= deadline {
             return Err(WorkloadError::ProbesNotAttached(timeout));
         }
@@ -698,6 +794,39 @@ mod tests {
     }
 
     #[test]
+    fn numbers_out_of_range_name_the_key_and_its_range() {
+        for (spec, needle) in [
+            ("qd=0", "qd = 0 is outside 1..=4096"),
+            ("qd=4097", "1..=4096"),
+            ("bs=3", "512..=16777216"),
+            ("bs=99999999999999999999k", "a multiple of 512"),
+            ("rw=101", "rw = 101 is outside 0..=100"),
+            ("ios=0", "ios = 0"),
+            ("duration=inf", "0..=31536000 seconds"),
+            ("duration=NaN", "0..=31536000 seconds"),
+            ("duration=1e300", "0..=31536000 seconds"),
+            ("duration=-1", "0..=31536000 seconds"),
+            ("duration=99999999999999999999ms", "0..=31536000 seconds"),
+            ("duration=31536001", "0..=31536000 seconds"),
+            ("rate=10000001", "0..=10000000"),
+            ("seed=-1", "18446744073709551615"),
+            ("mix=4k:101", "PERCENT in 0..=100"),
+            ("mix=3:10", "SIZE in 512..=16777216"),
+            ("burst=1e300:1", "each in 0..=3600 seconds"),
+            ("burst=1s:inf", "each in 0..=3600 seconds"),
+            ("pattern=zigzag", "neither random nor sequential"),
+        ] {
+            let e = spec.parse::<WorkloadSpec>().unwrap_err().to_string();
+            assert!(e.contains(needle), "{spec}: {e}");
+        }
+        // The largest values are accepted.
+        let s: WorkloadSpec = "qd=4096,bs=16m,duration=31536000,rate=10000000,burst=3600s:3600s"
+            .parse()
+            .unwrap();
+        assert_eq!(s.limit, Limit::Duration(Duration::from_secs(31_536_000)));
+    }
+
+    #[test]
     fn parses_rates_mixes_bursts_and_phases() {
         let s: WorkloadSpec = "qd=4,rate=2000,mix=64k:30,burst=100ms:50ms"
             .parse()
@@ -774,8 +903,12 @@ mod tests {
     #[test]
     fn waiting_for_absent_probes_times_out() {
         assert!(matches!(
-            wait_for_probes(0, 1, Duration::from_millis(30)),
+            wait_for_probes(0, 1, Duration::from_millis(30), &AtomicBool::new(false)),
             Err(WorkloadError::ProbesNotAttached(_))
         ));
+        // A stop request ends the wait at once (a device told to stop while it waits).
+        let started = Instant::now();
+        wait_for_probes(0, 1, Duration::from_secs(60), &AtomicBool::new(true)).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

@@ -197,15 +197,26 @@ fn irq_counts_agree_with_proc_interrupts() {
     let _serial = require_privileges();
     let probes = KernelProbes::load(&Selection(vec![Group::Irq])).expect("load");
     assert!(probes.group_attached(Group::Irq), "{:?}", probes.status());
-    let irqs = numbered_irqs();
+    // Disk traffic the test makes: direct I/O to a loop device lands on the disk holding its
+    // backing file, whose interrupts are the ones compared. Other IRQs (the machine's own
+    // network traffic, timers of other devices) carry nothing this test drives, and on a busy
+    // machine they differ for reasons of their own (issue 12, item 13: a virtio-net IRQ).
+    let disk = LoopDevice::new(16);
+    let irqs: Vec<u32> = irqs_of_disk_under(&disk.backing)
+        .into_iter()
+        .filter(|irq| handlers(*irq) == 1) // a shared IRQ runs several handlers per interrupt
+        .collect();
+    assert!(
+        !irqs.is_empty(),
+        "no single-handler IRQ found for the disk under {}",
+        disk.backing.display()
+    );
     // Snapshots of the probes sit between two reads of /proc/interrupts each, so every IRQ's
     // probe delta is bounded by the inner and the outer /proc deltas.
     let p0 = read_all(&irqs);
     let m0 = probes.recursion_misses()["enlight_irq_entry"];
     let s0 = probes.snapshot().unwrap();
     let p0b = read_all(&irqs);
-    // Disk traffic that the machine's disk interrupts must carry.
-    let disk = LoopDevice::new(16);
     let _ = fio(&[
         "--name=enlight-irq-test",
         &format!("--filename={}", disk.path.display()),
@@ -225,13 +236,8 @@ fn irq_counts_agree_with_proc_interrupts() {
     // in /proc/interrupts that the tracepoint never reports (measured: 0-3 of 1,500-8,500 with
     // no misses), so the lower bound allows 2 + 0.5%.
     let missed = probes.recursion_misses()["enlight_irq_entry"] - m0;
-    let mut checked = 0;
     let mut busiest = (0u32, 0u64);
     for (i, irq) in irqs.iter().enumerate() {
-        // A shared IRQ runs several handlers per interrupt; compare single-handler ones.
-        if handlers(*irq) != 1 {
-            continue;
-        }
         let probe = s1.irqs.get(irq).copied().unwrap_or(0) - s0.irqs.get(irq).copied().unwrap_or(0);
         let (inner, outer) = (p1[i] - p0b[i], p1b[i] - p0[i]);
         assert!(
@@ -241,25 +247,52 @@ fn irq_counts_agree_with_proc_interrupts() {
         if probe > busiest.1 {
             busiest = (*irq, probe);
         }
-        checked += 1;
     }
     eprintln!(
-        "{checked} IRQs checked; busiest irq {} with {} interrupts; {missed} misses",
+        "disk IRQs {irqs:?} checked; busiest irq {} with {} interrupts; {missed} misses",
         busiest.0, busiest.1
     );
     assert!(
         busiest.1 > 100,
-        "the disk workload raised no interrupts: {busiest:?}"
+        "the disk workload raised no interrupts on {irqs:?}: {busiest:?}"
     );
 }
 
-fn numbered_irqs() -> Vec<u32> {
-    std::fs::read_to_string("/proc/interrupts")
-        .unwrap()
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().next()?.strip_suffix(':')?.parse().ok())
-        .collect()
+/// The IRQs of the hardware under the block device that holds `file`: from the file's device
+/// number to its sysfs device, then up to the first ancestor that lists interrupts (a PCI
+/// function's `msi_irqs/`, or its legacy `irq`).
+fn irqs_of_disk_under(file: &std::path::Path) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(file).unwrap().dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let mut dir =
+        std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")).unwrap_or_else(|e| {
+            panic!(
+                "{} is on device {major}:{minor}, which is no block device ({e}): the test needs \
+                 its temporary files on a disk",
+                file.display()
+            )
+        });
+    while dir.starts_with("/sys/devices") {
+        let msi: Vec<u32> = std::fs::read_dir(dir.join("msi_irqs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        if !msi.is_empty() {
+            return msi;
+        }
+        if let Some(irq) = std::fs::read_to_string(dir.join("irq"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            .filter(|irq| *irq > 0)
+        {
+            return vec![irq];
+        }
+        dir.pop();
+    }
+    Vec::new()
 }
 
 fn read_all(irqs: &[u32]) -> Vec<u64> {

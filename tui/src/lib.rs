@@ -42,6 +42,9 @@ pub struct Options {
     pub interval: Duration,
     /// Panic after this long (tests use it to check that a panic restores the terminal).
     pub panic_after: Option<Duration>,
+    /// Set (by a signal handler: SIGTERM, SIGHUP) to end the TUI the way `q` does, restoring
+    /// the terminal; looked at after every batch of events (at least once per poll interval).
+    pub stop: Option<&'static AtomicBool>,
 }
 
 /// Errors that end `enlight top` (a daemon that is down is not one: it is shown and retried).
@@ -92,6 +95,9 @@ pub fn run(options: &Options) -> Result<(), TopError> {
                 }
                 None => {}
             }
+        }
+        if options.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            break;
         }
         if options.panic_after.is_some_and(|d| start.elapsed() >= d) {
             panic!("enlight top: --panic-after reached (a test of terminal restoration)");

@@ -19,6 +19,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+
+use crate::children::DieWithParent;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
@@ -30,8 +32,8 @@ pub struct CompareArgs {
     /// Directory for compare.json, compare.md and compare.png.
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
-    /// Seconds per disk run [default: 3, or 1 with --quick].
-    #[arg(long)]
+    /// Seconds per disk run, 0.1..=3600 [default: 3, or 1 with --quick].
+    #[arg(long, value_parser = crate::ranges::seconds(0.1..=3600.0))]
     seconds: Option<f64>,
 }
 
@@ -161,6 +163,7 @@ fn wait_rusage(pid: u32) -> Result<(bool, f64)> {
 fn run_child(mut cmd: Command) -> Result<(u32, Finished)> {
     let mut child = cmd
         .stdout(Stdio::piped())
+        .die_with_parent(libc::SIGTERM)
         .spawn()
         .context("spawning a device process")?;
     let pid = child.id();
@@ -342,6 +345,7 @@ impl Bench {
             .arg("--runtime-dir")
             .arg(self.dir.path())
             .stdout(Stdio::piped())
+            .die_with_parent(libc::SIGTERM)
             .spawn()
             .with_context(|| format!("spawning enlight {subcommand}"))?;
         let pid = child.id();
@@ -363,6 +367,7 @@ impl Bench {
             .args(["netns", "exec", &ends.host_netns, "ping", "-c"])
             .arg(pings.to_string())
             .args(["-i", "0.01", "-W", "2", &ends.guest_ip])
+            .die_with_parent(libc::SIGKILL)
             .output()
             .context("running ping (apt-get install iputils-ping)")?;
         let mut rtts: Vec<f64> = String::from_utf8_lossy(&ping.stdout)
@@ -390,6 +395,7 @@ impl Bench {
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .die_with_parent(libc::SIGKILL)
             .spawn()
             .context("running iperf3 (apt-get install iperf3)")?;
         // iperf3 3.12 with -J exits 0 even when it could not connect, saying so only in the
@@ -409,6 +415,7 @@ impl Bench {
                     "-t",
                 ])
                 .arg(format!("{}", self.seconds.max(2.0)))
+                .die_with_parent(libc::SIGKILL)
                 .output()
                 .context("running iperf3")?;
             let j: serde_json::Value = serde_json::from_slice(&client.stdout).unwrap_or_default();
@@ -587,6 +594,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
                         ..Default::default()
                     }
                 } else {
+                    crate::signals::check_stop()?;
                     eprintln!("compare: disk {kind}/{transport} bs={bs} qd={qd}");
                     let mut run = bench.disk_run(kind, transport, bs, qd)?;
                     // eBPF must have seen every I/O the workload did; an attach that failed
@@ -615,6 +623,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
     }
     nic_cases.push(("synthetic", "thread"));
     for (kind, transport) in nic_cases {
+        crate::signals::check_stop()?;
         eprintln!("compare: NIC {kind}/{transport} (ping, iperf3)");
         let pings = match (transport, args.quick) {
             ("kvm", _) => 50,
@@ -630,7 +639,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
     let md = markdown(&report);
     std::fs::write(args.out.join("compare.md"), &md)?;
     png(&report, &args.out.join("compare.png"))?;
-    println!("{md}");
+    crate::signals::line(md);
     eprintln!(
         "compare: wrote {}, compare.md and compare.png",
         json.display()

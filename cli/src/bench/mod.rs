@@ -31,6 +31,9 @@ pub enum BenchCommand {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    // SIGINT, SIGTERM and SIGHUP stop a benchmark between steps (crate::signals::check_stop),
+    // unwinding through the destructors that stop its device processes and remove its files.
+    crate::signals::install_stop_handlers()?;
     match args.command {
         BenchCommand::Tune(a) => tune::run(a),
         BenchCommand::Compare(a) => compare::run(a),

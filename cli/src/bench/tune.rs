@@ -53,8 +53,8 @@ pub struct TuneBenchArgs {
     /// Where tune.md, tune.json and tune.png go (tune-quick.* with --quick).
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
-    /// Controller tick, milliseconds.
-    #[arg(long, default_value_t = 500)]
+    /// Controller tick, milliseconds, 50..=60000.
+    #[arg(long, default_value_t = 500, value_parser = crate::ranges::int(50..=60_000u64))]
     tick_ms: u64,
     /// Pin each device process (all its threads) to this CPU, or `none`. The default, the
     /// machine's last CPU when it has more than one, keeps the scheduler's thread placement from
@@ -305,11 +305,17 @@ fn plan(phases: &[String], phase_s: f64) -> String {
         .join(";")
 }
 
-fn sleep_until(t: Instant) {
-    let now = Instant::now();
-    if t > now {
-        std::thread::sleep(t - now);
+/// Sleeps until `t`, or fails early once a stop signal came (the run unwinds and its device
+/// process is stopped).
+fn sleep_until(t: Instant) -> Result<()> {
+    while Instant::now() < t {
+        crate::signals::check_stop()?;
+        std::thread::sleep(
+            t.saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(100)),
+        );
     }
+    crate::signals::check_stop()
 }
 
 /// Grid points re-measured before the oracle picks its best (the best of many noisy
@@ -329,10 +335,10 @@ fn measure_point(
         .backend
         .apply(current, point)
         .with_context(|| format!("putting {point:?} in force"))?;
-    std::thread::sleep(settle);
+    sleep_until(Instant::now() + settle)?;
     let c0 = h.cumulative(dev.pid)?;
     let t0 = Instant::now();
-    std::thread::sleep(measure);
+    sleep_until(t0 + measure)?;
     let c1 = h.cumulative(dev.pid)?;
     let w = Window::between(&c0, &c1, t0.elapsed().as_secs_f64());
     Ok(score::merge([&w]))
@@ -424,7 +430,7 @@ fn run_controller(
     let mut next = t0 + tick;
     let mut points = Vec::new();
     loop {
-        sleep_until(next);
+        sleep_until(next)?;
         next += tick;
         let exited = dev.exited()?;
         let now = Instant::now();
@@ -579,7 +585,7 @@ pub fn run(args: TuneBenchArgs) -> Result<()> {
     } else {
         (45.0, EVAL_FROM_S)
     };
-    let tick = Duration::from_millis(args.tick_ms.max(50));
+    let tick = Duration::from_millis(args.tick_ms);
     let grid = grid(args.quick);
     let pin = device_cpu(args.cpu.as_deref())?;
     let mut h = Harness::new(pin)?;
@@ -654,7 +660,7 @@ pub fn run(args: TuneBenchArgs) -> Result<()> {
         Ok(()) => {}
         Err(e) => eprintln!("warning: no PNG: {e:#}"),
     }
-    println!("{md}");
+    crate::signals::line(md);
     eprintln!("wrote {}/{stem}.{{md,json,png}}", args.out.display());
     Ok(())
 }

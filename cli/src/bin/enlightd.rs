@@ -27,13 +27,15 @@ struct Flags {
     /// Device registry directory [default: $ENLIGHT_RUNTIME_DIR or /run/enlight].
     #[arg(long, value_name = "DIR")]
     runtime_dir: Option<PathBuf>,
-    /// Collector interval in milliseconds [default: 1000].
+    /// Collector interval in milliseconds, 50..=60000 [default: 1000].
     #[arg(long, value_name = "MS")]
     interval_ms: Option<u64>,
     /// Also observe the running kernel's own disks and NICs (as `[kernel] enabled = true`).
     #[arg(long)]
     kernel: bool,
-    /// Load and attach everything it would, print a report, exit non-zero on any failure.
+    /// Check everything the daemon would use (configuration, runtime directory and its lock,
+    /// audit log, [kernel] tune names, privileges, probes, devices, the listen address), print a
+    /// report, exit non-zero on anything the daemon would fail on or skip.
     #[arg(long)]
     check: bool,
     /// Tune every device with a control interface (the tuner's mode `auto`; docs/tuner.md).
@@ -89,55 +91,99 @@ fn config_from(flags: &Flags) -> Result<Config> {
     Ok(config)
 }
 
-/// `--check`: every step on its own line; the first failure ends it.
+/// One line of `--check`'s report. A closed stdout (`enlightd --check | head -1`) does not panic:
+/// the rest of the report is dropped and the exit code still says how the checks went.
+fn say(line: impl std::fmt::Display) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
+/// `--check`: every check on its own line (`ok`, `FAIL` or `skip`), the ones that need no
+/// privileges first; it fails on anything the daemon would fail on or silently skip.
 fn check(flags: &Flags) -> Result<()> {
     let config = config_from(flags)?;
-    println!(
+    say(format_args!(
         "ok   config ({})",
         flags
             .config
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "defaults".into())
-    );
+    ));
+    let mut failed = false;
+    let mut fail = |line: String| {
+        failed = true;
+        say(format_args!("FAIL {line}"));
+    };
+    // The runtime directory: another daemon on it makes this one refuse to start.
+    match enlightd::runtime_lock::RuntimeLock::holder(&config.runtime_dir) {
+        Ok(None) => say(format_args!(
+            "ok   runtime directory {}: no other enlightd",
+            config.runtime_dir.display()
+        )),
+        Ok(Some(pid)) => fail(format!(
+            "runtime directory {}: enlightd pid {pid} already serves it (a second daemon \
+             refuses to start)",
+            config.runtime_dir.display()
+        )),
+        Err(e) => fail(e.to_string()),
+    }
+    // The tuner's audit log: the daemon refuses to tune without it.
+    if config.tuner.any_enabled() {
+        let path = config.tuner.audit_path(&config.runtime_dir);
+        match enlightd::tuner::audit::AuditLog::open(&path) {
+            Ok(_) => say(format_args!("ok   tuner audit log {}", path.display())),
+            Err(e) => fail(format!(
+                "tuner audit log {}: {e} (the daemon would not start its tuner)",
+                path.display()
+            )),
+        }
+    }
+    // `[kernel] tune`: names the daemon could never tune.
+    if !config.kernel.tune.is_empty() && !config.kernel.enabled {
+        fail(format!(
+            "[kernel] tune = {:?}, but the kernel's devices are not observed ([kernel] enabled = \
+             false and no --kernel): the daemon would ignore it",
+            config.kernel.tune
+        ));
+    } else {
+        for name in enlightd::kernel::unknown_tune_names(&config.kernel) {
+            fail(format!(
+                "[kernel] tune names {name:?}, which is no disk or NIC of this machine (under {})",
+                config.kernel.sysfs.display()
+            ));
+        }
+    }
     enlight_probes::preflight()?;
-    println!("ok   privileges, kernel BTF, tracefs, uprobe PMU");
+    say("ok   privileges, kernel BTF, tracefs, uprobe PMU");
     let mut probes = enlight_probes::Probes::load().context("loading the eBPF programs")?;
-    println!(
+    say(format_args!(
         "ok   eBPF programs loaded and verified ({})",
         enlight_probes::PROGRAMS.map(|(_, p)| p).join(", ")
-    );
+    ));
     let (records, errors) = enlight_driver::registry::list(&config.runtime_dir);
     for e in &errors {
-        println!("FAIL registry: {e}");
+        fail(format!("registry: {e}"));
     }
-    println!(
+    say(format_args!(
         "ok   registry {}: {} device(s)",
         config.runtime_dir.display(),
         records.len()
-    );
-    let mut failed = !errors.is_empty();
+    ));
     for r in &records {
         match probes.attach_process(r.pid, &r.exe) {
-            Ok(report) if report.missing.is_empty() => {
-                println!(
-                    "ok   {} (pid {}): {} sites attached",
-                    r.name, r.pid, report.sites_attached
-                )
-            }
-            Ok(report) => {
-                failed = true;
-                println!(
-                    "FAIL {} (pid {}): no site for {}",
-                    r.name,
-                    r.pid,
-                    report.missing.join(", ")
-                );
-            }
-            Err(e) => {
-                failed = true;
-                println!("FAIL {} (pid {}): {e}", r.name, r.pid);
-            }
+            Ok(report) if report.missing.is_empty() => say(format_args!(
+                "ok   {} (pid {}): {} sites attached",
+                r.name, r.pid, report.sites_attached
+            )),
+            Ok(report) => fail(format!(
+                "{} (pid {}): no site for {}",
+                r.name,
+                r.pid,
+                report.missing.join(", ")
+            )),
+            Err(e) => fail(format!("{} (pid {}): {e}", r.name, r.pid)),
         }
         probes.detach_process(r.pid);
     }
@@ -147,25 +193,25 @@ fn check(flags: &Flags) -> Result<()> {
             .context("loading the kernel-device eBPF programs")?;
         for (probe, s) in kernel.status() {
             match &s.reason {
-                None => println!("ok   kernel probe {probe} attached"),
-                Some(why) => println!("skip kernel probe {probe}: {why}"),
+                None => say(format_args!("ok   kernel probe {probe} attached")),
+                Some(why) => say(format_args!("skip kernel probe {probe}: {why}")),
             }
         }
         let devices = enlightd::kernel::discovery::discover(&config.kernel.sysfs);
         for d in &devices {
-            println!(
+            say(format_args!(
                 "ok   kernel {} {} (driver {}, {}, {} queue(s))",
                 d.device,
                 d.name,
                 d.driver,
                 d.class.name(),
                 d.queues
-            );
+            ));
         }
     }
     std::net::TcpListener::bind(config.listen)
         .with_context(|| format!("binding {}", config.listen))?;
-    println!("ok   can listen on {}", config.listen);
+    say(format_args!("ok   can listen on {}", config.listen));
     anyhow::ensure!(!failed, "some checks failed");
     Ok(())
 }

@@ -268,6 +268,7 @@ mod tests {
             kind: "kernel".into(),
             dev_id: 0,
             pid: 0,
+            pid_start_time: None,
             exe: PathBuf::new(),
             started_unix_ms: 0,
             settings: DeviceSettings::default(),

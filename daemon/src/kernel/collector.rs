@@ -329,6 +329,7 @@ impl<S: KernelSource> KernelCollector<S> {
                     kind: "kernel".into(),
                     dev_id: d.dev.or(d.ifindex).unwrap_or(0),
                     pid: 0,
+                    pid_start_time: None,
                     exe: PathBuf::new(),
                     started_unix_ms: 0,
                     settings: Default::default(),

@@ -18,8 +18,21 @@ use serde::{Deserialize, Serialize};
 
 pub use discovery::DriverClass;
 
+/// What each `[kernel]` key accepts (docs/kernel.md), named in every error about the key.
+pub const KEYS: &[crate::config::KeySpec] = &[
+    crate::config::KeySpec::text("kernel.enabled", "true or false"),
+    crate::config::KeySpec::text(
+        "kernel.tune",
+        "a list of kernel device names, e.g. [\"eth1\", \"vdb\"] (each a NIC or disk that \
+         exists; needs enabled = true or --kernel)",
+    ),
+    crate::config::KeySpec::text("kernel.dry_run", "true or false"),
+    crate::config::KeySpec::text("kernel.restore_on_exit", "true or false"),
+    crate::config::KeySpec::text("kernel.sysfs", "the directory sysfs is mounted on (/sys)"),
+];
+
 /// `[kernel]` in enlightd's configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KernelConfig {
     /// Observe the kernel's own devices: load the kernel probes and list devices from sysfs.
@@ -34,6 +47,42 @@ pub struct KernelConfig {
     pub restore_on_exit: bool,
     /// Where sysfs is mounted.
     pub sysfs: std::path::PathBuf,
+}
+
+/// The names in `[kernel] tune` that are no disk or NIC of this machine (as discovered from
+/// `config.sysfs`).
+pub fn unknown_tune_names(config: &KernelConfig) -> Vec<String> {
+    let devices = discovery::discover(&config.sysfs);
+    config
+        .tune
+        .iter()
+        .filter(|n| !devices.iter().any(|d| &d.name == *n))
+        .cloned()
+        .collect()
+}
+
+impl KernelConfig {
+    /// Checks what can be checked without looking at the machine (`enlightd --check` also
+    /// checks that every device in `tune` exists).
+    pub fn validate(&self) -> Result<(), crate::config::KeyError> {
+        if let Some(name) = self
+            .tune
+            .iter()
+            .find(|n| n.is_empty() || n.len() > 64 || n.contains('/') || n.starts_with('.'))
+        {
+            return Err(crate::config::KeyError::new(
+                "kernel.tune",
+                format!("kernel.tune names {name:?}, which is no kernel device name"),
+            ));
+        }
+        if self.sysfs.as_os_str().is_empty() {
+            return Err(crate::config::KeyError::new(
+                "kernel.sysfs",
+                "kernel.sysfs is empty",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for KernelConfig {

@@ -16,13 +16,55 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::decide::{Policy, TunerParams};
 use super::{Objective, TunerMode};
+use crate::config::{spec, KeyError, KeySpec};
+
+/// What each `[tuner]` key accepts (docs/tuner.md), checked by [`TunerConfig::validate`] and
+/// named in every error about the key.
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::text("tuner.mode", "\"off\", \"auto\" or \"dry_run\""),
+    KeySpec::text(
+        "tuner.objective",
+        "\"latency\", \"throughput\" or \"balanced\"",
+    ),
+    KeySpec::int("tuner.slo_p99_us", 1, 10_000_000, "microseconds"),
+    KeySpec::int(
+        "tuner.min_change_interval_ms",
+        100,
+        3_600_000,
+        "milliseconds",
+    ),
+    KeySpec::int("tuner.trial_windows", 2, 100, "collector intervals"),
+    KeySpec::int("tuner.settle_windows", 0, 100, "collector intervals"),
+    KeySpec::int("tuner.min_improvement_pct", 0, 99, "percent"),
+    KeySpec::int("tuner.phase_change_pct", 1, 99, "percent"),
+    KeySpec::text(
+        "tuner.audit_log",
+        "a file path enlightd can create and append to (default <runtime_dir>/tuner-audit.jsonl)",
+    ),
+    KeySpec::int("tuner.decisions_kept", 1, 1_000_000, "decisions"),
+    KeySpec::text(
+        "tuner.devices",
+        "tables [tuner.devices.NAME] with mode, objective, slo_p99_us, pinned",
+    ),
+    KeySpec::text(
+        "tuner.devices.*",
+        "a table of mode, objective, slo_p99_us, pinned",
+    ),
+    KeySpec::text("tuner.devices.*.mode", "\"off\", \"auto\" or \"dry_run\""),
+    KeySpec::text(
+        "tuner.devices.*.objective",
+        "\"latency\", \"throughput\" or \"balanced\"",
+    ),
+    KeySpec::int("tuner.devices.*.slo_p99_us", 1, 10_000_000, "microseconds"),
+    KeySpec::text("tuner.devices.*.pinned", "true or false"),
+];
 
 /// The tuner's configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TunerConfig {
     /// Mode of every device without its own.
@@ -50,7 +92,7 @@ pub struct TunerConfig {
 }
 
 /// One device's overrides.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeviceTunerConfig {
     pub mode: Option<TunerMode>,
@@ -122,31 +164,39 @@ impl TunerConfig {
             .unwrap_or_else(|| runtime_dir.join("tuner-audit.jsonl"))
     }
 
-    /// Checks ranges.
-    pub fn validate(&self) -> Result<(), String> {
-        self.params()
-            .validate()
-            .map_err(|e| format!("[tuner] {e}"))?;
-        if !(1..=10_000_000).contains(&self.slo_p99_us) {
-            return Err(format!(
-                "[tuner] slo_p99_us = {} is outside 1..=10000000",
-                self.slo_p99_us
-            ));
+    /// Checks ranges: every key by its own name (the TOML's, never the decision function's) and
+    /// the range of its [`KEYS`] entry.
+    pub fn validate(&self) -> Result<(), KeyError> {
+        for (key, value) in [
+            ("tuner.slo_p99_us", self.slo_p99_us),
+            ("tuner.min_change_interval_ms", self.min_change_interval_ms),
+            ("tuner.trial_windows", self.trial_windows.into()),
+            ("tuner.settle_windows", self.settle_windows.into()),
+            ("tuner.min_improvement_pct", self.min_improvement_pct.into()),
+            ("tuner.phase_change_pct", self.phase_change_pct.into()),
+            ("tuner.decisions_kept", self.decisions_kept as u64),
+        ] {
+            spec(key).check(key, value)?;
         }
         for (name, d) in &self.devices {
-            if let Some(slo) = d.slo_p99_us.filter(|s| !(1..=10_000_000).contains(s)) {
-                return Err(format!(
-                    "[tuner.devices.{name}] slo_p99_us = {slo} is outside 1..=10000000"
+            if let Some(slo) = d.slo_p99_us {
+                spec("tuner.devices.*.slo_p99_us")
+                    .check(&format!("tuner.devices.{name}.slo_p99_us"), slo)?;
+            }
+        }
+        if let Some(path) = &self.audit_log {
+            if path.as_os_str().is_empty() || path.is_dir() {
+                return Err(KeyError::new(
+                    "tuner.audit_log",
+                    format!("tuner.audit_log = {path:?} is not a file path"),
                 ));
             }
         }
-        if self.decisions_kept == 0 || self.decisions_kept > 1_000_000 {
-            return Err(format!(
-                "[tuner] decisions_kept = {} is outside 1..=1000000",
-                self.decisions_kept
-            ));
-        }
-        Ok(())
+        // Every key is in range, so the decision function's own check passes; it stays as the
+        // decision function's guard (its message would name its internal parameters).
+        self.params()
+            .validate()
+            .map_err(|e| KeyError::new("tuner", format!("[tuner] {e}")))
     }
 }
 
@@ -195,6 +245,7 @@ mod tests {
         assert!(bad
             .validate()
             .unwrap_err()
+            .message
             .contains("min_change_interval_ms"));
     }
 }

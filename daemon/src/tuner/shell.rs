@@ -48,10 +48,35 @@ struct Public {
     /// Pin requests: pinned, and a sequence number (every request counts, repeats too).
     pins: BTreeMap<String, (bool, u64)>,
     pin_requests: u64,
-    audit_errors: u64,
+    audit: AuditHealth,
+}
+
+/// The audit log's health, on `/api/v1/health` (`tuner_audit_log`): a tuner that cannot write
+/// its audit trail says so there, not only in the daemon's log.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AuditHealth {
+    /// The audit log's path.
+    pub path: Option<std::path::PathBuf>,
+    /// Decisions that could not be written (and failed opens).
+    pub write_errors: u64,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
 }
 
 impl TunerShared {
+    /// The audit log's health (`None` when no tuner runs).
+    pub fn audit_health(&self) -> Option<AuditHealth> {
+        let p = self.public.lock().expect("tuner lock");
+        p.enabled.then(|| p.audit.clone())
+    }
+
+    fn audit_failed(&self, path: &Path, e: &std::io::Error) {
+        log::error!("tuner audit log {}: {e}", path.display());
+        let mut p = self.public.lock().expect("tuner lock");
+        p.audit.write_errors += 1;
+        p.audit.last_error = Some(format!("{}: {e}", path.display()));
+    }
+
     /// Called by the collector after each tick: the tick number and when its maps were read.
     pub fn note_tick(&self, ticks: u64) {
         self.note_tick_at(ticks, Instant::now());
@@ -225,8 +250,7 @@ impl Shell {
         let audit = match AuditLog::open(&path) {
             Ok(a) => Some(a),
             Err(e) => {
-                log::error!("tuner audit log {}: {e}", path.display());
-                shared.public.lock().expect("tuner lock").audit_errors += 1;
+                shared.audit_failed(&path, &e);
                 None
             }
         };
@@ -234,6 +258,7 @@ impl Shell {
             let mut p = shared.public.lock().expect("tuner lock");
             p.enabled = config.any_enabled();
             p.decisions_kept = config.decisions_kept;
+            p.audit.path = Some(path);
         }
         Shell {
             config,
@@ -379,8 +404,7 @@ impl Shell {
             log::info!("tuner: {} {action}: {}", d.device, d.reason);
             if let Some(a) = &mut self.audit {
                 if let Err(e) = a.record(d) {
-                    log::error!("tuner audit log {}: {e}", a.path().display());
-                    self.shared.public.lock().expect("tuner lock").audit_errors += 1;
+                    self.shared.audit_failed(a.path(), &e);
                 }
             }
         }

@@ -25,6 +25,8 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
 /// A loop device over a file in a temporary directory; detached on drop.
 pub struct LoopDevice {
     pub path: PathBuf,
+    /// The file under it (direct I/O to the loop device lands on the disk holding this).
+    pub backing: PathBuf,
     pub major: u32,
     pub minor: u32,
     _dir: tempfile::TempDir,
@@ -59,6 +61,7 @@ impl LoopDevice {
         let (major, minor) = majmin.trim().split_once(':').unwrap();
         LoopDevice {
             path,
+            backing: file,
             major: major.parse().unwrap(),
             minor: minor.parse().unwrap(),
             _dir: dir,

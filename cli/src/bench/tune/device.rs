@@ -17,6 +17,8 @@ use enlight_probes::{DevKey, IoKey, Probes};
 use enlightd::tuner::backend::{ControlBackend, SettingsBackend};
 use enlightd::tuner::{Bounds, Cumulative};
 
+use crate::children::DieWithParent;
+
 /// Name of every benchmark device.
 pub const DEVICE: &str = "bench0";
 
@@ -81,7 +83,8 @@ fn in_netns(ns: &str, program: &str) -> Command {
     c.args(["netns", "exec", ns, program])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(Stdio::null())
+        .die_with_parent(libc::SIGKILL);
     c
 }
 
@@ -221,6 +224,7 @@ impl Harness {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            .die_with_parent(libc::SIGTERM)
             .spawn()
             .with_context(|| format!("starting {what}"))?;
         let pid = child.id();

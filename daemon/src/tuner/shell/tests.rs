@@ -67,6 +67,7 @@ fn record() -> DeviceRecord {
         kind: "synthetic".into(),
         dev_id: 0,
         pid: 4242,
+        pid_start_time: None,
         exe: "/bin/true".into(),
         started_unix_ms: 0,
         settings: DeviceSettings::default(),
@@ -110,6 +111,7 @@ async fn run_rig_with(
 ) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.jsonl");
+    let audit = config.audit_log.clone().unwrap_or(audit);
     let config = TunerConfig {
         audit_log: Some(audit.clone()),
         ..config
@@ -210,6 +212,35 @@ async fn changes_go_through_the_backend_at_most_one_per_interval_and_are_recorde
     );
     assert!(text.contains("enlight_tuner_pinned{device=\"disk0\",kind=\"synthetic\"} 0"));
     crate::testing::promtool_check(&text);
+}
+
+/// Issue 12, item 12: an audit log that cannot be written is on /api/v1/health (the tuner goes
+/// on, but not silently). /dev/full opens for appending and fails every write.
+#[tokio::test(start_paused = true)]
+async fn audit_write_failures_show_in_the_health() {
+    let config = TunerConfig {
+        audit_log: Some("/dev/full".into()),
+        ..latency_config(TunerMode::Auto)
+    };
+    let rig = run_rig(config, None, false, 30).await;
+    assert!(
+        !rig.dev.lock().unwrap().applied.is_empty(),
+        "decisions were made"
+    );
+    let h = rig.shared.audit_health().expect("a tuner runs");
+    assert_eq!(h.path.as_deref(), Some(std::path::Path::new("/dev/full")));
+    assert!(h.write_errors > 0, "{h:?}");
+    assert!(
+        h.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("/dev/full")),
+        "{h:?}"
+    );
+    assert_eq!(
+        TunerShared::default().audit_health(),
+        None,
+        "no tuner, no entry"
+    );
 }
 
 #[tokio::test(start_paused = true)]
