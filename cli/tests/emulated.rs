@@ -13,7 +13,7 @@ use enlightd::Daemon;
 mod support;
 use support::{
     daemon_config, final_line, missing_replies, require_privileges, settle, start_daemon,
-    PING_DEADLINE,
+    KillOnDrop, PING_DEADLINE,
 };
 
 const ENLIGHT: &str = env!("CARGO_BIN_EXE_enlight");
@@ -55,15 +55,24 @@ fn final_report(child: Child) -> serde_json::Value {
     v
 }
 
-/// Reads an emulated NIC's ready line (its namespaces and addresses), sends ten 1000-byte pings
-/// from the host namespace to the guest through it (every one answered, however late within
-/// the deadline), stops it with SIGTERM and returns the ready line and its final report (`done`
-/// checked).
-fn ping_ten_then_stop(mut child: Child, what: &str) -> (serde_json::Value, serde_json::Value) {
-    let mut out = BufReader::new(child.stdout.take().unwrap());
+/// Reads an emulated NIC's ready line (its namespaces and addresses), waits until enlightd has
+/// attached to it (its guest waits for the probes, so a ping sent before would only measure how
+/// long a busy machine takes to start enlightd), sends ten 1000-byte pings from the host
+/// namespace to the guest through it (every one answered, however late within the deadline),
+/// stops it with SIGTERM and returns the ready line and its final report (`done` checked). A
+/// failed assertion kills the device rather than leave it running.
+fn ping_ten_then_stop(
+    child: Child,
+    handle: &enlightd::DaemonHandle,
+    name: &str,
+    what: &str,
+) -> (serde_json::Value, serde_json::Value) {
+    let mut child = KillOnDrop(child);
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
     let mut first = String::new();
     out.read_line(&mut first).unwrap();
     let ends: serde_json::Value = serde_json::from_str(&first).unwrap();
+    wait_attached(handle, name);
     let ping = Command::new("ip")
         .args(["netns", "exec", ends["host_netns"].as_str().unwrap()])
         .args(["ping", "-c", "10", "-i", "0.05", "-s", "1000"])
@@ -78,16 +87,32 @@ fn ping_ten_then_stop(mut child: Child, what: &str) -> (serde_json::Value, serde
         "{what}: no reply to icmp_seq {missing:?}:\n{text}"
     );
     // SAFETY: kill(2) on our own child, not yet reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     let last = out
         .lines()
         .map_while(Result::ok)
         .last()
         .expect("final figures");
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
     let report: serde_json::Value = serde_json::from_str(&last).unwrap();
     assert_eq!(report["done"], true);
     (ends, report)
+}
+
+/// Waits until enlightd has attached its probes to the device `name`.
+fn wait_attached(handle: &enlightd::DaemonHandle, name: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !handle
+        .devices()
+        .iter()
+        .any(|d| d.name == name && d.attached)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "enlightd did not attach to {name} within 120 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// Completed operations of one op (`tx`, `rx`, ...) of a device as enlightd reports it.
@@ -156,6 +181,17 @@ fn emulated_disk_on_threads_is_observed_with_exact_trap_counts() {
 /// before the workload and stopped after it.
 struct KvmCounter {
     child: Child,
+}
+
+/// A failed assertion must not leave bpftrace running (it outlived its test once, holding the
+/// tracepoints and whatever file descriptors it inherited).
+impl Drop for KvmCounter {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl KvmCounter {
@@ -267,7 +303,7 @@ fn emulated_nic_carries_ping_and_is_observed() {
             "--name",
             "enic0",
             "--wait-for-probes",
-            "30",
+            "120",
             "--duration",
             "60",
         ])
@@ -276,7 +312,8 @@ fn emulated_nic_carries_ping_and_is_observed() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn enlight emulated-nic");
-    let (ends, report) = ping_ten_then_stop(child, "ping through the emulated NIC");
+    let (ends, report) =
+        ping_ten_then_stop(child, &handle, "enic0", "ping through the emulated NIC");
     settle(&handle, 3);
     let d = handle
         .devices()
@@ -366,7 +403,7 @@ fn emulated_nic_on_kvm_carries_ping_with_pio_exits_matching_kvm_pio() {
             "--transport",
             "kvm",
             "--wait-for-probes",
-            "30",
+            "120",
             "--duration",
             "60",
         ])
@@ -380,7 +417,8 @@ fn emulated_nic_on_kvm_carries_ping_with_pio_exits_matching_kvm_pio() {
     let counter = KvmCounter::start(child.id());
     let daemon = start_daemon_with_kernel_probes(dir.path());
     let handle = daemon.handle();
-    let (ends, report) = ping_ten_then_stop(child, "ping through the NE2000 on KVM");
+    let (ends, report) =
+        ping_ten_then_stop(child, &handle, "enick", "ping through the NE2000 on KVM");
     let (pio, mmio, _exits) = counter.stop();
     assert_eq!(report["transport"], "kvm");
     settle(&handle, 3);
