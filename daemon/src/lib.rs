@@ -142,6 +142,13 @@ impl Daemon {
         // First: a second daemon on the directory is told so before it loads anything.
         let lock = runtime_lock::RuntimeLock::acquire(&config.runtime_dir)?;
         enlight_probes::preflight()?;
+        if !enlight_probes::can_attach_uprobes() {
+            log::warn!(
+                "no CAP_SYS_ADMIN: the kernel refuses uprobes without it, so no USDT site of our \
+                 devices can be attached (kernel devices are still traced) and the programs' run \
+                 times stay off (BPF_ENABLE_STATS needs it too)"
+            );
+        }
         // The programs' run counts and times (what they cost) advance only while the kernel's
         // run-time statistics are on: on for as long as the daemon runs, off when it stops
         // (the kernel counts holders; it needs CAP_SYS_ADMIN, and without it the daemon runs

@@ -49,7 +49,7 @@ pub const PROGRAMS: [(&str, &str); 4] = [
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
     /// Neither root nor the capabilities.
-    #[error("enlight needs root or CAP_BPF+CAP_PERFMON to load eBPF programs: run it with sudo (or setcap cap_bpf,cap_perfmon+ep on the binary)")]
+    #[error("enlight needs root or CAP_BPF+CAP_PERFMON to load eBPF programs (and CAP_SYS_ADMIN to attach USDT sites): run it with sudo (or setcap cap_bpf,cap_perfmon,cap_sys_admin+ep on the binary)")]
     NotPrivileged,
     /// No kernel BTF.
     #[error("the kernel has no BTF (/sys/kernel/btf/vmlinux is missing): boot a kernel built with CONFIG_DEBUG_INFO_BTF=y")]
@@ -60,6 +60,16 @@ pub enum PreflightError {
     /// No uprobe PMU.
     #[error("the kernel has no uprobe PMU (/sys/bus/event_source/devices/uprobe): it needs CONFIG_UPROBE_EVENTS=y")]
     NoUprobes,
+}
+
+/// Whether this process may attach uprobes (the USDT sites): the kernel's uprobe PMU asks for
+/// `CAP_SYS_ADMIN` itself, not `CAP_PERFMON`, since upstream commit ba677dbe77af "perf: Revert to
+/// requiring CAP_SYS_ADMIN for uprobes" (2025, backported to the stable kernels down to 5.15: a
+/// uprobe placed mid-instruction can corrupt the traced process). Without it
+/// the programs load and the kernel tracepoints attach, but every USDT site is refused (EACCES).
+pub fn can_attach_uprobes() -> bool {
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    attach::effective_caps() & CAP_SYS_ADMIN != 0
 }
 
 /// Checks privileges and kernel features; mounts tracefs if it is missing.
