@@ -569,3 +569,77 @@ impl Drop for Guest {
         self.netns.take();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> Image {
+        Image {
+            kernel: "/c/vmlinuz".into(),
+            initrd: "/c/initrd.cpio".into(),
+            kernel_release: "6.1.0-57-amd64".into(),
+            kernel_package: "linux-image-6.1.0-57-amd64".into(),
+            rebuilt: false,
+        }
+    }
+
+    #[test]
+    fn every_device_gets_its_qemu_model_and_every_nic_its_tap() {
+        let spec = GuestSpec {
+            disks: vec![DiskKind::Ide, DiskKind::VirtioBlk, DiskKind::VirtioScsi],
+            nics: vec![NicKind::E1000, NicKind::VirtioNet],
+            ..GuestSpec::default()
+        };
+        let nics: Vec<GuestNic> = spec
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, k)| nic_plan(i, *k))
+            .collect();
+        let files: Vec<PathBuf> = (0..3).map(|i| format!("/r/d{i}.img").into()).collect();
+        let a = qemu_args(
+            &spec,
+            &image(),
+            Path::new("/r/console.log"),
+            Path::new("/r/agent.sock"),
+            &files,
+            &nics,
+        )
+        .join(" ");
+        assert!(a.contains("-accel tcg"), "{a}");
+        assert!(
+            a.contains("file=/r/d0.img,if=ide,format=raw,index=0"),
+            "{a}"
+        );
+        assert!(a.contains("virtio-blk-pci,drive=d1"), "{a}");
+        assert!(
+            a.contains("virtio-scsi-pci,id=scsi0") && a.contains("scsi-hd,drive=d2"),
+            "{a}"
+        );
+        assert!(
+            a.contains("tap,id=n0,ifname=labtap0,script=no,downscript=no"),
+            "{a}"
+        );
+        assert!(
+            a.contains("e1000-82545em,netdev=n0,mac=52:54:00:4c:00:00"),
+            "{a}"
+        );
+        assert!(
+            a.contains("virtio-net-pci,netdev=n1,mac=52:54:00:4c:00:01"),
+            "{a}"
+        );
+        assert!(
+            a.contains("lab.net=52:54:00:4c:00:00,10.78.0.2/24;52:54:00:4c:00:01,10.78.1.2/24"),
+            "{a}"
+        );
+        assert!(a.contains("-serial file:/r/console.log") && a.contains("-serial chardev:agent"));
+    }
+
+    #[test]
+    fn the_last_console_line_skips_escapes_and_blank_lines() {
+        let text = "SeaBIOS\n\u{1b}[2J\u{1b}[0mBooting from ROM...\n\n  \n";
+        assert_eq!(last_console_line(text), "Booting from ROM...");
+        assert_eq!(last_console_line(""), "(no console output)");
+    }
+}

@@ -182,6 +182,10 @@ fn fetch_kernel(cache: &Path, package: &str) -> Result<PathBuf, LabError> {
     std::fs::remove_file(&deb).map_err(|e| LabError::io("removing the .deb", e))?;
     std::fs::write(root.join(".complete"), package)
         .map_err(|e| LabError::io("marking the kernel complete", e))?;
+    if dir.join(".complete").exists() {
+        // Another lab fetched it meanwhile; ours goes with the staging directory.
+        return Ok(dir);
+    }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&root, &dir)
         .map_err(|e| LabError::io(format!("moving to {}", dir.display()), e))?;
@@ -373,9 +377,15 @@ fn build_initrd(
             }
         }
     }
-    let partial = out.with_extension("cpio.partial");
-    let file = std::fs::File::create(&partial)
-        .map_err(|e| LabError::io(format!("creating {}", partial.display()), e))?;
+    // A uniquely named temporary file renamed into place: two labs building the same image at
+    // once each write their own, and the rename is atomic.
+    let partial = tempfile::Builder::new()
+        .prefix(".partial-")
+        .tempfile_in(cache)
+        .map_err(|e| LabError::io("creating the image file", e))?;
+    let file = partial
+        .reopen()
+        .map_err(|e| LabError::io("opening the image file", e))?;
     let mut child = Command::new(busybox)
         .args(["cpio", "-o", "-H", "newc"])
         .current_dir(root)
@@ -394,11 +404,11 @@ fn build_initrd(
         .wait()
         .map_err(|e| LabError::io("waiting for busybox cpio", e))?;
     if !status.success() {
-        let _ = std::fs::remove_file(&partial);
         return Err(LabError::Tool(format!("busybox cpio failed ({status})")));
     }
-    std::fs::rename(&partial, out)
-        .map_err(|e| LabError::io(format!("moving to {}", out.display()), e))?;
+    partial
+        .persist(out)
+        .map_err(|e| LabError::io(format!("moving to {}", out.display()), e.error))?;
     Ok(())
 }
 
