@@ -381,9 +381,16 @@ impl Guest {
             writer,
             next_id: 1,
         };
-        // The first command proves the loop answers (the shell may still be starting).
-        self.run("true", Duration::from_secs(60))?;
-        Ok(())
+        // The first command proves the loop answers; asked again every few seconds in case a
+        // line was lost while the shell started (a late answer to an earlier one is skipped).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.run("true", Duration::from_secs(5)) {
+                Ok(_) => return Ok(()),
+                Err(LabError::Deadline { .. }) if Instant::now() < deadline && !stop() => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Runs `command` (one line of `sh`) in the guest; its combined output and exit status.
@@ -429,6 +436,11 @@ impl Guest {
                     if let Some(rc) = trimmed.strip_prefix(&end) {
                         let status = rc.trim().parse().unwrap_or(-1);
                         return Ok(CommandOutput { status, output });
+                    }
+                    if trimmed.starts_with("@@LAB-END ") {
+                        // The end of an earlier command we stopped waiting for.
+                        output.clear();
+                        continue;
                     }
                     output.push_str(trimmed);
                     output.push('\n');

@@ -120,9 +120,12 @@ for n in $(echo "$nets" | tr ';' ' '); do
         fi
     done
 done
-stty -F /dev/ttyS1 raw -echo
-echo "ENLIGHT-LAB-READY $(uname -r)"
-exec /bin/sh /lab-agent < /dev/ttyS1 > /dev/ttyS1 2>&1
+# The command port is opened once and kept open from here on: a serial port nobody holds open
+# drops what it receives, and the host writes as soon as it sees the line below.
+exec < /dev/ttyS1 > /dev/ttyS1 2>&1
+stty raw -echo
+echo "ENLIGHT-LAB-READY $(uname -r)" > /dev/console
+exec /bin/sh /lab-agent
 "#
     .to_string()
 }
@@ -445,7 +448,8 @@ mod tests {
         let init = init_script();
         let ready = init.find("ENLIGHT-LAB-READY").unwrap();
         let agent = init.find("exec /bin/sh /lab-agent").unwrap();
-        assert!(ready < agent);
+        let port_open = init.find("exec < /dev/ttyS1").unwrap();
+        assert!(port_open < ready && ready < agent);
         assert!(agent_script().contains("@@LAB-END $id $rc"));
     }
 }

@@ -40,8 +40,10 @@ pub struct GuestDiskRun {
     /// Latency percentiles from the guest's probes (request issue to completion), µs.
     pub p50_us: f64,
     pub p99_us: f64,
-    /// The disk's interrupts (guest irq probe) per I/O.
-    pub interrupts_per_io: f64,
+    /// The disk's interrupts (guest irq probe) per I/O; `None` when enlightd mapped no IRQ to
+    /// the device (legacy IDE's IRQs 14/15 are named `ata_piix`, after the driver, not the
+    /// disk or its PCI function).
+    pub interrupts_per_io: Option<f64>,
 }
 
 /// One NIC's run.
@@ -58,8 +60,8 @@ pub struct GuestNicRun {
     pub pings: u32,
     /// Packets through the NIC (the guest's probes, tx + rx).
     pub frames: u64,
-    /// The NIC's interrupts (guest irq probe) per packet.
-    pub interrupts_per_frame: f64,
+    /// The NIC's interrupts (guest irq probe) per packet; `None` when no IRQ is mapped to it.
+    pub interrupts_per_frame: Option<f64>,
 }
 
 /// Everything one guest comparison measured.
@@ -127,6 +129,19 @@ pub fn ping_rtts_us(text: &str) -> Vec<f64> {
     v
 }
 
+/// Whether enlightd found the device's IRQs (else its interrupt count means nothing).
+fn irqs_known(v: &DeviceView) -> bool {
+    v.kernel.as_ref().is_some_and(|k| !k.irqs.is_empty())
+}
+
+fn per(n: u64, d: u64) -> f64 {
+    if d > 0 {
+        n as f64 / d as f64
+    } else {
+        0.0
+    }
+}
+
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted
         .get(((sorted.len() as f64 * q).ceil() as usize).saturating_sub(1))
@@ -174,11 +189,7 @@ fn disk_run(
         // this run's.
         p50_us: after.total.p50_seconds.unwrap_or(0.0) * 1e6,
         p99_us: after.total.p99_seconds.unwrap_or(0.0) * 1e6,
-        interrupts_per_io: if ops > 0 {
-            irqs as f64 / ops as f64
-        } else {
-            0.0
-        },
+        interrupts_per_io: irqs_known(&after).then(|| per(irqs, ops)),
     })
 }
 
@@ -241,11 +252,7 @@ fn nic_run(
         ping_p99_us: quantile(&rtts, 0.99),
         pings: rtts.len() as u32,
         frames,
-        interrupts_per_frame: if frames > 0 {
-            irqs as f64 / frames as f64
-        } else {
-            0.0
-        },
+        interrupts_per_frame: irqs_known(&after).then(|| per(irqs, frames)),
     })
 }
 
@@ -351,6 +358,10 @@ pub fn run(
     Ok(())
 }
 
+fn per_or_na(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a (no IRQ mapped)".into(), |v| format!("{v:.2}"))
+}
+
 /// The Markdown tables of a guest report (the accelerator first, always).
 pub fn markdown(r: &GuestReport) -> String {
     let mut o = String::new();
@@ -374,8 +385,14 @@ pub fn markdown(r: &GuestReport) -> String {
     for d in &r.disks {
         let _ = writeln!(
             o,
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
-            d.device, d.driver, d.iops, d.fio_iops, d.p50_us, d.p99_us, d.interrupts_per_io
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+            d.device,
+            d.driver,
+            d.iops,
+            d.fio_iops,
+            d.p50_us,
+            d.p99_us,
+            per_or_na(d.interrupts_per_io)
         );
     }
     let _ = writeln!(
@@ -387,14 +404,14 @@ pub fn markdown(r: &GuestReport) -> String {
     for n in &r.nics {
         let _ = writeln!(
             o,
-            "| {} | {} | {:.1} | {:.0} | {:.0} | {} | {:.2} |",
+            "| {} | {} | {:.1} | {:.0} | {:.0} | {} | {} |",
             n.device,
             n.driver,
             n.iperf3_mbit_s,
             n.ping_p50_us,
             n.ping_p99_us,
             n.frames,
-            n.interrupts_per_frame
+            per_or_na(n.interrupts_per_frame)
         );
     }
     if !r.notes.is_empty() {
@@ -423,9 +440,15 @@ pub fn png(r: &GuestReport, path: &Path) -> Result<()> {
             r.disks.iter().map(|d| d.iops).collect(),
         ),
         (
-            format!("Disk interrupts per I/O ({})", r.accelerator),
+            format!(
+                "Disk interrupts per I/O ({}; none = not mapped)",
+                r.accelerator
+            ),
             &disk_names,
-            r.disks.iter().map(|d| d.interrupts_per_io).collect(),
+            r.disks
+                .iter()
+                .map(|d| d.interrupts_per_io.unwrap_or(0.0))
+                .collect(),
         ),
         (
             format!("NIC iperf3 Mbit/s ({})", r.accelerator),
@@ -482,14 +505,14 @@ mod tests {
                     device: "ide".into(),
                     driver: "ata_piix".into(),
                     iops: 500.0,
-                    interrupts_per_io: 1.0,
+                    interrupts_per_io: None,
                     ..Default::default()
                 },
                 GuestDiskRun {
                     device: "virtio-blk".into(),
                     driver: "virtio_blk".into(),
                     iops: 900.0,
-                    interrupts_per_io: 1.0,
+                    interrupts_per_io: Some(1.0),
                     ..Default::default()
                 },
             ],
@@ -513,6 +536,10 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| ide | ata_piix | 500 |"), "{md}");
+        assert!(
+            md.contains("n/a (no IRQ mapped)") && md.contains("| 1.00 |"),
+            "{md}"
+        );
     }
 
     #[test]
