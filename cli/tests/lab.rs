@@ -359,14 +359,7 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
     let console = guest.console_log().to_path_buf();
     let run_dir = console.parent().unwrap().to_path_buf();
     drop(guest);
-    let netns_list = String::from_utf8_lossy(
-        &std::process::Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .into_owned();
+    let netns_list = ip_netns(&["list"]);
     assert!(!netns_list.contains(&netns), "{netns} left behind");
     assert!(!run_dir.exists(), "{} left behind", run_dir.display());
     let qemus = std::process::Command::new("pgrep")
@@ -378,7 +371,44 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
         "QEMU left running: {}",
         String::from_utf8_lossy(&qemus.stdout)
     );
+
+    // 6. A boot that misses its deadline is an error naming the last console line, and leaves
+    // nothing; the namespace of a lab killed with SIGKILL (its pid gone) goes when the next
+    // lab starts.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = gone.id();
+    gone.wait().unwrap();
+    let stale = format!("enlight-lab-{dead_pid}-0");
+    ip_netns(&["add", &stale]);
+    let short = GuestSpec {
+        boot_timeout: Duration::from_millis(1500),
+        ..spec.clone()
+    };
+    let err = match Guest::boot(&short, &image, &|_| {}, &|| false) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a guest booted within 1.5 s under {accel}"),
+    };
+    assert!(
+        err.contains("did not reach its command loop") && err.contains("last console line"),
+        "{err}"
+    );
+    let after = ip_netns(&["list"]);
+    assert!(!after.contains(&stale), "stale namespace kept: {after}");
+    assert!(
+        !after.contains("enlight-lab-"),
+        "a lab namespace left: {after}"
+    );
     eprintln!("lab: whole test {:?}", started.elapsed());
+}
+
+fn ip_netns(args: &[&str]) -> String {
+    let out = std::process::Command::new("ip")
+        .arg("netns")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ip netns {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 struct KillOnDrop(std::process::Child);

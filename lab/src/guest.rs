@@ -191,6 +191,13 @@ pub fn last_console_line(text: &str) -> String {
         .unwrap_or_else(|| "(no console output)".into())
 }
 
+/// The last `n` non-empty console lines (pure), for errors: the log itself is removed with the
+/// guest's run directory.
+pub fn console_tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// A command's result in the guest.
 #[derive(Clone, Debug)]
 pub struct CommandOutput {
@@ -336,7 +343,7 @@ impl Guest {
                     what: what.into(),
                     status: status.to_string(),
                     last_line: last,
-                    log: self.console.display().to_string(),
+                    log: console_tail(&self.console_text(), 15),
                 })
             }
             _ => None,
@@ -366,7 +373,7 @@ impl Guest {
                     what: what.into(),
                     secs: timeout.as_secs(),
                     last_line: self.last_console_line(),
-                    log: self.console.display().to_string(),
+                    log: console_tail(&self.console_text(), 15),
                 });
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -415,7 +422,7 @@ impl Guest {
                     what: format!("finish {command:?}"),
                     secs: timeout.as_secs(),
                     last_line: self.last_console_line(),
-                    log: self.console.display().to_string(),
+                    log: console_tail(&self.console_text(), 15),
                 });
             }
             agent
@@ -653,5 +660,6 @@ mod tests {
         let text = "SeaBIOS\n\u{1b}[2J\u{1b}[0mBooting from ROM...\n\n  \n";
         assert_eq!(last_console_line(text), "Booting from ROM...");
         assert_eq!(last_console_line(""), "(no console output)");
+        assert_eq!(console_tail("a\n\nb\nc\n", 2), "b\nc");
     }
 }

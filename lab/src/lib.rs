@@ -116,14 +116,14 @@ pub enum LabError {
     Tool(String),
     #[error("guest kernel modules: {0}")]
     Module(String),
-    #[error("the guest did not {what} within {secs} s; last console line: {last_line:?} (console log: {log})")]
+    #[error("the guest did not {what} within {secs} s; last console line: {last_line:?}\n--- the console's last lines (its log goes with the guest's run directory) ---\n{log}")]
     Deadline {
         what: String,
         secs: u64,
         last_line: String,
         log: String,
     },
-    #[error("the guest exited ({status}) before {what}; last console line: {last_line:?} (console log: {log})")]
+    #[error("the guest exited ({status}) before {what}; last console line: {last_line:?}\n--- the console's last lines (its log goes with the guest's run directory) ---\n{log}")]
     Exited {
         what: String,
         status: String,
