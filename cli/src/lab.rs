@@ -247,7 +247,7 @@ fn serve(guest: &Guest, forward: &SocketAddr, run: Option<&str>) -> Result<()> {
         eprintln!("enlight lab: disk {} ({})", kind.name(), kind.driver());
     }
     crate::signals::line(format!(
-        "guest {} ({}) ready: metrics http://{bound}/metrics  API http://{bound}/api/v1/devices  (enlight top --addr {bound})",
+        "guest {} ({}) ready: metrics http://{bound}/metrics  API http://{bound}/api/v1/devices  (enlight top --daemon {bound})",
         guest.kernel_release, guest.accel
     ));
     if let Some(cmd) = run {
