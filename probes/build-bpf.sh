@@ -3,12 +3,18 @@
 # stripped so no build path leaks in). The objects are committed, so building enlight needs no
 # clang; `--check` rebuilds each into a temporary file and fails if any differs from the committed
 # one. DO NOT EDIT a .bpf.o by hand: change the C source and rerun this script.
+#
+# -mcpu=v2: clang 14's default (v1) has no JLT/JLE/JSLT/JSLE, so bounds checks compile to
+# reversed JGT/JGE branches that the 6.1 verifier (Debian 12's guest kernel) cannot follow:
+# it rejects enlight_io_reap ("R0 invalid mem access 'scalar'") and enlight_blk_complete,
+# while 6.18 accepts them. v3 (32-bit jumps and ALU) fails on 6.1 too (enlight_io_reap:
+# "invalid indirect access to stack"). v2 objects load on 6.1 and 6.18 (docs/lab.md).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 src="$here/src/bpf"
 build() {
     local source="$1" target="$2"
-    (cd "$src" && clang -O2 -g -target bpf -D__TARGET_ARCH_x86 \
+    (cd "$src" && clang -O2 -g -target bpf -mcpu=v2 -D__TARGET_ARCH_x86 \
         -I/usr/include/"$(uname -m)"-linux-gnu \
         -fdebug-prefix-map="$src"=. -fdebug-compilation-dir=. \
         -Wall -Werror -c "$source" -o "$target")

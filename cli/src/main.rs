@@ -12,6 +12,7 @@
 //! - `enlight nic` is a device process for the synthetic NIC: guest and host sides on taps in two
 //!   network namespaces it creates, so real traffic (ping, iperf3) crosses the rings.
 //! - `enlight emulated-nic` runs an emulated NE2000 between two namespaces it creates.
+//! - `enlight lab` boots a real Linux guest under QEMU with enlightd inside (crate `enlight-lab`).
 //! - `enlight top` watches a running enlightd in the terminal (crate `enlight-tui`).
 //! - `enlight tune --dry-run` prints the tuner's recommendations; `enlight restore` puts back the
 //!   kernel device settings enlight changed; `enlight bench tune|compare` are the benchmarks.
@@ -32,6 +33,7 @@ mod demo;
 mod disk;
 mod docs;
 mod emulated;
+mod lab;
 mod nic;
 mod output;
 mod ranges;
@@ -70,6 +72,9 @@ enum Command {
     /// Run one synthetic (netvsc-like) NIC between two network namespaces it creates (and
     /// removes); ping/iperf3 between them go through its rings.
     Nic(nic::NicArgs),
+    /// Boot a real Linux guest (Debian's kernel under QEMU) with emulated or paravirtual disks
+    /// and NICs, and run enlightd inside it; its /metrics and API are forwarded to the host.
+    Lab(lab::LabArgs),
     /// Watch a running enlightd live in the terminal: devices, latency histograms, the tuner.
     Top(top::TopArgs),
     /// Benchmarks of the whole system (`enlight bench tune`, `enlight bench compare`).
@@ -97,6 +102,7 @@ fn main() -> Result<()> {
         Command::EmulatedDisk(args) => emulated::run(args),
         Command::EmulatedNic(args) => emulated::run_nic(args),
         Command::Nic(args) => nic::run(args),
+        Command::Lab(args) => lab::run(args),
         Command::Top(args) => top::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Tune(args) => tune::run(args),

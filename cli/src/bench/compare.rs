@@ -32,9 +32,21 @@ pub struct CompareArgs {
     /// Directory for compare.json, compare.md and compare.png.
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
-    /// Seconds per disk run, 0.1..=3600 [default: 3, or 1 with --quick].
+    /// Seconds per disk run, 0.1..=3600 [default: 3, or 1 with --quick; with --guest 10, or
+    /// 3 with --quick].
     #[arg(long, value_parser = crate::ranges::seconds(0.1..=3600.0))]
     seconds: Option<f64>,
+    /// Compare inside a real guest kernel instead (`enlight lab`): IDE against virtio-blk,
+    /// e1000 against virtio-net, measured by the guest's enlightd; writes compare-guest.json,
+    /// compare-guest.md and compare-guest.png. The report names the accelerator (TCG or KVM).
+    #[arg(long)]
+    guest: bool,
+    /// With --guest: the lab's image cache (as `enlight lab --cache`).
+    #[arg(long, value_name = "DIR", requires = "guest")]
+    cache: Option<PathBuf>,
+    /// With --guest: the enlightd to run in the guest [default: the one beside this enlight].
+    #[arg(long, value_name = "PATH", requires = "guest")]
+    enlightd: Option<PathBuf>,
 }
 
 /// One disk run (or a skipped one, with the reason).
@@ -117,7 +129,7 @@ pub struct Report {
     pub notes: Vec<String>,
 }
 
-fn machine() -> (String, String, usize) {
+pub(super) fn machine() -> (String, String, usize) {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
@@ -503,6 +515,15 @@ fn estimated_batch_s(transport: &str, bs: u32, qd: u32) -> f64 {
 }
 
 pub fn run(args: CompareArgs) -> Result<()> {
+    if args.guest {
+        return super::guest::run(
+            args.quick,
+            args.seconds,
+            &args.out,
+            args.cache,
+            args.enlightd,
+        );
+    }
     enlight_probes::preflight().context("the comparison is measured by the eBPF probes")?;
     let seconds = args.seconds.unwrap_or(if args.quick { 1.0 } else { 3.0 });
     let (kernel, cpu, cores) = machine();
@@ -743,10 +764,9 @@ const FONT_PATHS: [&str; 2] = [
     "/usr/share/fonts/dejavu/DejaVuSans.ttf",
 ];
 
-/// Two panels against I/O size at queue depth 1: throughput (MB/s) and traps per I/O, one line
-/// per (kind, transport), both on log scales.
-pub fn png(r: &Report, path: &Path) -> Result<()> {
-    use plotters::prelude::*;
+/// Registers DejaVu Sans as plotters' "sans-serif".
+pub(super) fn register_font() -> Result<()> {
+    use plotters::style::FontStyle;
     let font = FONT_PATHS
         .iter()
         .find_map(|p| std::fs::read(p).ok())
@@ -755,6 +775,14 @@ pub fn png(r: &Report, path: &Path) -> Result<()> {
     let font: &'static [u8] = Box::leak(font.into_boxed_slice());
     plotters::style::register_font("sans-serif", FontStyle::Normal, font)
         .map_err(|_| anyhow::anyhow!("DejaVuSans.ttf is not a usable font"))?;
+    Ok(())
+}
+
+/// Two panels against I/O size at queue depth 1: throughput (MB/s) and traps per I/O, one line
+/// per (kind, transport), both on log scales.
+pub fn png(r: &Report, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    register_font()?;
     let root = BitMapBackend::new(path, (1400, 520)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, 2));

@@ -5,9 +5,11 @@
 //!   controller after Linux's lib/dim, enlight's tuner) on every scenario, against an oracle
 //!   that sweeps the settings grid per workload phase.
 //! - `enlight bench compare` ([`compare`]): emulated against enlightened devices, side by side,
-//!   with traps and VM exits per I/O measured by the probes.
+//!   with traps and VM exits per I/O measured by the probes; `--guest` ([`guest`]) compares
+//!   IDE with virtio-blk and e1000 with virtio-net inside a real guest kernel (`enlight lab`).
 
 pub mod compare;
+pub mod guest;
 pub mod tune;
 
 use anyhow::Result;
@@ -26,7 +28,9 @@ pub enum BenchCommand {
     Tune(tune::TuneBenchArgs),
     /// Emulated against enlightened I/O: disk (emulated IDE over threads and KVM, synthetic)
     /// by I/O size and queue depth, and the emulated NIC's ping and iperf3; observed by the eBPF
-    /// probes (needs root). Writes compare.json, compare.md and compare.png.
+    /// probes (needs root). Writes compare.json, compare.md and compare.png. With --guest: IDE
+    /// vs virtio-blk and e1000 vs virtio-net inside a real guest kernel (QEMU; the report names
+    /// the accelerator, TCG or KVM).
     Compare(compare::CompareArgs),
 }
 

@@ -1,0 +1,421 @@
+//! enlightd inside a real guest kernel (privileged; boots QEMU, TCG on this machine).
+//!
+//! One guest (Debian's 6.1 kernel, the image the lab builds around the enlightd and enlight this
+//! test run built), with a virtio-blk disk, an emulated IDE disk and an emulated e1000, runs
+//! enlightd with its kernel probes and the tuner allowed to change the e1000. The test checks,
+//! from the host through the lab's port forward and command channel:
+//! - every kernel probe attached on 6.1, or reported absent with its reason;
+//! - per disk, under fio inside the guest, the probes' read count and latency-histogram count
+//!   against the guest's own /proc/diskstats (allowing the documented 2 + 0.1% shortfall);
+//! - a tuner change of the e1000's rx-usecs, with ping traffic from the host through the tap,
+//!   seen by `ethtool -c` in the guest; after `kill -9` of the guest's enlightd the change stays
+//!   and the journal holds the original, which `enlight restore` puts back;
+//! - nothing left behind: no QEMU, network namespace, tap or run directory.
+//!
+//! Kept to one boot (a few minutes under TCG on two cores) so CI can run it every time.
+
+#[path = "../src/children.rs"]
+#[allow(dead_code)]
+mod children;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use children::DieWithParent;
+use enlight_lab::{DiskKind, Guest, GuestSpec, Image, ImageSpec, NicKind};
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+fn get(addr: &str, path: &str) -> Option<String> {
+    ureq::get(&format!("http://{addr}{path}"))
+        .timeout(SECS(20))
+        .call()
+        .ok()?
+        .into_string()
+        .ok()
+}
+
+/// The value of every sample of `family` whose labels include all of `labels`, summed.
+fn metric(text: &str, family: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(family) && l[family.len()..].starts_with('{'))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Reads completed (field 4) for `disk` from /proc/diskstats text.
+fn diskstats_reads(text: &str, disk: &str) -> u64 {
+    text.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(2) == Some(&disk))
+        .and_then(|f| f.get(3)?.parse().ok())
+        .unwrap_or_else(|| panic!("{disk} not in /proc/diskstats: {text}"))
+}
+
+fn rx_usecs(ethtool_c: &str) -> u64 {
+    ethtool_c
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("rx-usecs:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no rx-usecs in {ethtool_c}"))
+}
+
+#[test]
+fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
+    let started = Instant::now();
+    if std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("qemu-system-x86_64 is missing (apt-get install qemu-system-x86 busybox-static)");
+    }
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("lab-cache");
+    let image = Image::prepare(&ImageSpec {
+        cache_dir: cache,
+        executables: vec![
+            "ethtool".into(),
+            "fio".into(),
+            "iperf3".into(),
+            env!("CARGO_BIN_EXE_enlightd").into(),
+            env!("CARGO_BIN_EXE_enlight").into(),
+        ],
+    })
+    .expect("guest image");
+    eprintln!(
+        "lab: image ready after {:?} ({})",
+        started.elapsed(),
+        image.initrd.display()
+    );
+    let (accel, why) = enlight_lab::accel::detect();
+    eprintln!("lab: accelerator {accel} ({why})");
+    let spec = GuestSpec {
+        accel,
+        disks: vec![DiskKind::VirtioBlk, DiskKind::Ide],
+        nics: vec![NicKind::E1000],
+        disk_mib: 128,
+        boot_timeout: SECS(150),
+        ..GuestSpec::default()
+    };
+    let guest = Guest::boot(
+        &spec,
+        &image,
+        &|c| {
+            c.die_with_parent(libc::SIGKILL);
+        },
+        &|| false,
+    )
+    .expect("guest boots");
+    let netns = guest.netns_name().to_string();
+    eprintln!(
+        "lab: guest {} up after {:?}",
+        guest.kernel_release,
+        started.elapsed()
+    );
+    assert!(
+        guest.kernel_release.starts_with("6.1."),
+        "{}",
+        guest.kernel_release
+    );
+    let t = SECS(60);
+    let nic = &guest.nics[0];
+    let ifname = guest
+        .check(
+            &format!(
+                "for i in /sys/class/net/*; do [ \"$(cat $i/address)\" = {} ] && echo ${{i##*/}}; done; true",
+                nic.mac
+            ),
+            t,
+        )
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(ifname.starts_with("eth"), "e1000 interface: {ifname:?}");
+    let original_usecs = rx_usecs(&guest.check(&format!("ethtool -c {ifname}"), t).unwrap());
+
+    // enlightd with the kernel side on, allowed to tune the e1000 only.
+    let config = format!(
+        "[tuner]\\nmode = \\\"auto\\\"\\nobjective = \\\"latency\\\"\\ntrial_windows = 2\\nsettle_windows = 0\\nmin_change_interval_ms = 100\\n[kernel]\\nenabled = true\\ntune = [\\\"{ifname}\\\"]\\ndry_run = false\\n"
+    );
+    guest
+        .check(&format!("printf \"{config}\" > /tmp/enlightd.toml"), t)
+        .unwrap();
+    guest
+        .check(
+            "enlightd --config /tmp/enlightd.toml --listen 0.0.0.0:9464 --interval-ms 500 --runtime-dir /run/enlight > /tmp/enlightd.log 2>&1 &",
+            t,
+        )
+        .unwrap();
+    let fwd = guest
+        .forward("127.0.0.1:0".parse().unwrap(), 9464)
+        .unwrap()
+        .to_string();
+    let deadline = Instant::now() + SECS(150);
+    let health: serde_json::Value = loop {
+        if let Some(h) = get(&fwd, "/api/v1/health") {
+            let v: serde_json::Value = serde_json::from_str(&h).unwrap();
+            if v["kernel"]["probes"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty())
+            {
+                break v;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest enlightd never served its kernel probes: {}",
+            guest.check("cat /tmp/enlightd.log", t).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    eprintln!("lab: enlightd up after {:?}", started.elapsed());
+
+    // 1. Every kernel probe attached on 6.1, or absent with its reason.
+    let must_attach = [
+        "block:block_rq_issue",
+        "block:block_rq_complete",
+        "irq:irq_handler_entry",
+        "napi:napi_poll",
+        "net:net_dev_xmit",
+        "net:netif_receive_skb",
+    ];
+    let probes = health["kernel"]["probes"].as_array().unwrap();
+    for p in probes {
+        let name = p["probe"].as_str().unwrap();
+        let attached = p["attached"].as_bool().unwrap();
+        if must_attach.contains(&name) {
+            assert!(attached, "{name} did not attach on 6.1: {p}");
+        } else if !attached {
+            let reason = p["reason"].as_str().unwrap_or("");
+            assert!(
+                reason.contains("does not exist") || reason.contains("no hyperv"),
+                "{name} not attached for a reason other than absence: {p}"
+            );
+        }
+    }
+    for m in must_attach {
+        assert!(
+            probes.iter().any(|p| p["probe"] == m),
+            "{m} missing from {probes:?}"
+        );
+    }
+
+    // 2. Block latency counts against the guest's /proc/diskstats, under fio, per disk.
+    for (kind, disk) in [(DiskKind::VirtioBlk, "vda"), (DiskKind::Ide, "sda")] {
+        let before_stats = guest.check("cat /proc/diskstats", t).unwrap();
+        let before = get(&fwd, "/metrics").unwrap();
+        let fio = guest
+            .check(
+                &format!("fio --name=lab --filename=/dev/{disk} --rw=randread --bs=4k --direct=1 --ioengine=psync --size=96m --runtime=3 --time_based --output-format=terse --terse-version=3"),
+                SECS(90),
+            )
+            .unwrap();
+        // Two collector intervals for the last completions to reach /metrics.
+        std::thread::sleep(Duration::from_millis(1500));
+        let after_stats = guest.check("cat /proc/diskstats", t).unwrap();
+        let after = get(&fwd, "/metrics").unwrap();
+        let ds = diskstats_reads(&after_stats, disk) - diskstats_reads(&before_stats, disk);
+        let labels = [("device", disk), ("op", "read")];
+        let ops = metric(&after, "enlight_io_ops_total", &labels)
+            - metric(&before, "enlight_io_ops_total", &labels);
+        let hist = metric(&after, "enlight_io_latency_seconds_count", &labels)
+            - metric(&before, "enlight_io_latency_seconds_count", &labels);
+        // Terse v3 field 6: KiB read; 4 KiB per I/O.
+        let fio_ios: u64 = fio
+            .trim()
+            .lines()
+            .last()
+            .and_then(|l| l.split(';').nth(5)?.parse::<u64>().ok())
+            .map(|kib| kib / 4)
+            .unwrap_or_else(|| panic!("fio's terse output: {fio}"));
+        eprintln!(
+            "lab: {} ({disk}): probes {ops} reads ({hist} in the latency histogram), /proc/diskstats {ds}, fio {fio_ios}",
+            kind.name()
+        );
+        assert!(ds > 50, "fio barely ran on {disk}: {ds} reads");
+        assert_eq!(fio_ios, ds, "{disk}: fio's reads and /proc/diskstats'");
+        let slack = 2.0 + ds as f64 * 0.001;
+        assert!(
+            ops <= ds as f64 && ops >= ds as f64 - slack,
+            "{disk}: probes counted {ops} reads, /proc/diskstats {ds}"
+        );
+        assert_eq!(hist, ops, "{disk}: histogram count {hist} != ops {ops}");
+        assert!(
+            metric(
+                &after,
+                "enlight_io_latency_seconds_count",
+                &[("device", disk), ("driver", kind.driver())]
+            ) > 0.0,
+            "{disk} series carry driver={}",
+            kind.driver()
+        );
+    }
+    eprintln!("lab: disks checked after {:?}", started.elapsed());
+
+    // 3. The tuner changes the e1000's rx-usecs under host->guest traffic; ethtool sees it.
+    let mut ping = guest.host_command("ping");
+    ping.args([
+        "-q",
+        "-i",
+        "0.005",
+        "-w",
+        "120",
+        &nic.guest_addr.to_string(),
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .die_with_parent(libc::SIGKILL);
+    let mut ping = KillOnDrop(ping.spawn().unwrap());
+    let deadline = Instant::now() + SECS(90);
+    let changed = loop {
+        let decisions: serde_json::Value = serde_json::from_str(
+            &get(
+                &fwd,
+                &format!("/api/v1/tuner/decisions?device={ifname}&limit=50"),
+            )
+            .unwrap_or_else(|| "[]".into()),
+        )
+        .unwrap_or(serde_json::Value::Null);
+        if let Some(d) = decisions.as_array().and_then(|a| {
+            a.iter().rev().find(|d| {
+                d["action"] == "change"
+                    && d["from"]["moderation_usecs"] != d["to"]["moderation_usecs"]
+            })
+        }) {
+            break d.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tuner changed nothing on {ifname} within 90 s: {decisions}; log: {}",
+            guest.check("tail -20 /tmp/enlightd.log", t).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    // Freeze the tuner where it is, so what ethtool reads is what the API says.
+    ureq::post(&format!("http://{fwd}/api/v1/devices/{ifname}/pin"))
+        .timeout(SECS(20))
+        .call()
+        .expect("pin the e1000");
+    std::thread::sleep(Duration::from_millis(1200));
+    drop(ping.0.kill());
+    let _ = ping.0.wait();
+    let now_usecs = rx_usecs(&guest.check(&format!("ethtool -c {ifname}"), t).unwrap());
+    let devices: serde_json::Value =
+        serde_json::from_str(&get(&fwd, "/api/v1/devices").unwrap()).unwrap();
+    let api_usecs = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == ifname.as_str())
+        .map(|d| d["kernel"]["nic"]["coalesce"]["rx_usecs"].clone())
+        .unwrap_or(serde_json::Value::Null);
+    eprintln!(
+        "lab: tuner changed {ifname} rx-usecs {} -> {}; ethtool -c now {now_usecs}, API {api_usecs} (original {original_usecs})",
+        changed["from"]["moderation_usecs"], changed["to"]["moderation_usecs"]
+    );
+    assert_ne!(
+        now_usecs, original_usecs,
+        "ethtool -c shows the original rx-usecs after a change: {changed}"
+    );
+    assert_eq!(
+        api_usecs.as_u64(),
+        Some(now_usecs),
+        "the API's coalescing of {ifname} and ethtool -c disagree"
+    );
+
+    // 4. kill -9 the guest's enlightd: the change stays, the journal has the original, and
+    // `enlight restore` puts it back.
+    guest
+        .check("kill -9 $(pidof enlightd); sleep 1; ! pidof enlightd", t)
+        .unwrap();
+    assert_eq!(
+        rx_usecs(&guest.check(&format!("ethtool -c {ifname}"), t).unwrap()),
+        now_usecs,
+        "a killed enlightd cannot have restored anything"
+    );
+    let list = guest
+        .check("enlight restore --list --runtime-dir /run/enlight", t)
+        .unwrap();
+    assert!(
+        list.contains(&ifname) && list.contains(&format!("original {original_usecs}")),
+        "journal after kill -9: {list}"
+    );
+    let restored = guest
+        .check("enlight restore --runtime-dir /run/enlight", t)
+        .unwrap();
+    assert_eq!(
+        rx_usecs(&guest.check(&format!("ethtool -c {ifname}"), t).unwrap()),
+        original_usecs,
+        "restore: {restored}"
+    );
+    eprintln!("lab: restore checked after {:?}", started.elapsed());
+
+    // 5. Nothing left behind.
+    let console = guest.console_log().to_path_buf();
+    let run_dir = console.parent().unwrap().to_path_buf();
+    drop(guest);
+    let netns_list = ip_netns(&["list"]);
+    assert!(!netns_list.contains(&netns), "{netns} left behind");
+    assert!(!run_dir.exists(), "{} left behind", run_dir.display());
+    let qemus = std::process::Command::new("pgrep")
+        .args(["-f", &run_dir.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        qemus.stdout.is_empty(),
+        "QEMU left running: {}",
+        String::from_utf8_lossy(&qemus.stdout)
+    );
+
+    // 6. A boot that misses its deadline is an error naming the last console line, and leaves
+    // nothing; the namespace of a lab killed with SIGKILL (its pid gone) goes when the next
+    // lab starts.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = gone.id();
+    gone.wait().unwrap();
+    let stale = format!("enlight-lab-{dead_pid}-0");
+    ip_netns(&["add", &stale]);
+    let short = GuestSpec {
+        boot_timeout: Duration::from_millis(1500),
+        ..spec.clone()
+    };
+    let err = match Guest::boot(&short, &image, &|_| {}, &|| false) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a guest booted within 1.5 s under {accel}"),
+    };
+    assert!(
+        err.contains("did not reach its command loop") && err.contains("last console line"),
+        "{err}"
+    );
+    let after = ip_netns(&["list"]);
+    assert!(!after.contains(&stale), "stale namespace kept: {after}");
+    assert!(
+        !after.contains("enlight-lab-"),
+        "a lab namespace left: {after}"
+    );
+    eprintln!("lab: whole test {:?}", started.elapsed());
+}
+
+fn ip_netns(args: &[&str]) -> String {
+    let out = std::process::Command::new("ip")
+        .arg("netns")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ip netns {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
