@@ -43,14 +43,21 @@ pub struct LabArgs {
     /// Host address forwarded to the guest's enlightd (/metrics, API; port 0 picks one).
     #[arg(long, default_value = "127.0.0.1:9470", value_name = "ADDR")]
     pub forward: SocketAddr,
-    /// Extra flags for the guest's enlightd (e.g. "--tune"); it always runs with --kernel.
+    /// Extra flags for the guest's enlightd (e.g. --enlightd-flags=--dry-run); it always runs
+    /// with --kernel.
     #[arg(long, value_name = "FLAGS", default_value = "")]
     pub enlightd_flags: String,
-    /// Write the guest's serial console here (a file you name is appended to, never truncated)
-    /// [default: a file in the guest's run directory, removed on exit].
+    /// Let the guest's enlightd tune this kernel device live (repeat for more; guest names such
+    /// as eth0): the tuner runs in auto mode with `[kernel] tune` naming these and `dry_run =
+    /// false`; `enlight restore` in the guest puts the originals back.
+    #[arg(long = "tune", value_name = "DEVICE")]
+    pub tune: Vec<String>,
+    /// Append the guest's serial console to this file when the lab ends (never truncated)
+    /// [default: kept only in the guest's run directory, removed on exit].
     #[arg(long, value_name = "PATH")]
     pub console_log: Option<PathBuf>,
-    /// Run this command in the guest once enlightd is up, print its output, then stop.
+    /// Run this command in the guest once enlightd has been started (under TCG it takes a
+    /// minute or more before it serves), print its output, then stop.
     #[arg(long, value_name = "SH")]
     pub run: Option<String>,
 }
@@ -132,11 +139,30 @@ pub fn sibling_enlightd() -> Result<PathBuf> {
 }
 
 /// Builds (or takes from the cache) the image, boots a guest, and starts enlightd in it.
+/// The guest enlightd's configuration when it may tune `devices` (pure): auto tuner, the
+/// kernel side on, only those devices changed. One line for the guest's `printf`.
+pub fn tune_config(devices: &[String]) -> Result<String> {
+    for d in devices {
+        anyhow::ensure!(
+            !d.is_empty()
+                && d.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+            "--tune {d:?}: not a device name"
+        );
+    }
+    let names: Vec<String> = devices.iter().map(|d| format!("\\\"{d}\\\"")).collect();
+    Ok(format!(
+        "[tuner]\\nmode = \\\"auto\\\"\\n[kernel]\\nenabled = true\\ntune = [{}]\\ndry_run = false\\n",
+        names.join(", ")
+    ))
+}
+
 pub fn boot(
     cache: PathBuf,
     enlightd: PathBuf,
     spec: &GuestSpec,
     enlightd_flags: &str,
+    tune: &[String],
 ) -> Result<Guest> {
     let image = Image::prepare(&ImageSpec {
         cache_dir: cache,
@@ -162,9 +188,17 @@ pub fn boot(
         },
         &crate::signals::stop_requested,
     )?;
+    let mut flags = enlightd_flags.to_string();
+    if !tune.is_empty() {
+        guest.check(
+            &format!("printf \"{}\" > /etc/enlightd.toml", tune_config(tune)?),
+            Duration::from_secs(30),
+        )?;
+        flags.push_str(" --config /etc/enlightd.toml");
+    }
     guest.check(
         &format!(
-            "enlightd --kernel --listen 0.0.0.0:9464 --interval-ms 500 {enlightd_flags} > /tmp/enlightd.log 2>&1 &"
+            "enlightd --kernel --listen 0.0.0.0:9464 --interval-ms 500 {flags} > /tmp/enlightd.log 2>&1 &"
         ),
         Duration::from_secs(30),
     )?;
@@ -202,7 +236,7 @@ pub fn run(args: LabArgs) -> Result<()> {
     };
     let cache = args.cache.unwrap_or_else(default_cache);
     let result = (|| -> Result<()> {
-        let guest = boot(cache, enlightd, &spec, &args.enlightd_flags)?;
+        let guest = boot(cache, enlightd, &spec, &args.enlightd_flags, &args.tune)?;
         let result = serve(&guest, &args.forward, args.run.as_deref());
         if let Some(p) = &args.console_log {
             append_console(&guest, p);
@@ -261,4 +295,20 @@ fn serve(guest: &Guest, forward: &SocketAddr, run: Option<&str>) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tuning_config_names_only_the_given_devices() {
+        let c = tune_config(&["eth0".into(), "vda".into()]).unwrap();
+        // What the guest's printf turns it into.
+        let text = c.replace("\\n", "\n").replace("\\\"", "\"");
+        assert!(text.contains("mode = \"auto\""), "{text}");
+        assert!(text.contains("tune = [\"eth0\", \"vda\"]"), "{text}");
+        assert!(text.contains("dry_run = false"), "{text}");
+        assert!(tune_config(&["eth0; rm -rf /".into()]).is_err());
+    }
 }

@@ -191,6 +191,34 @@ pub fn last_console_line(text: &str) -> String {
         .unwrap_or_else(|| "(no console output)".into())
 }
 
+/// The pid in a run directory's name, `enlight-lab-<pid>-XXXXXX` (pure).
+pub fn run_dir_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("enlight-lab-")?;
+    let (pid, suffix) = rest.split_once('-')?;
+    (!suffix.is_empty()).then_some(())?;
+    pid.parse().ok()
+}
+
+/// Removes the run directories (disk images, sockets, console) of labs whose process is gone:
+/// a lab killed with SIGKILL cannot remove its own (its QEMU dies with it).
+pub fn remove_stale_run_dirs(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = run_dir_owner(&name) {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                log::warn!(
+                    "lab: removing {} left by a lab that died",
+                    e.path().display()
+                );
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
 /// The last `n` non-empty console lines (pure), for errors: the log itself is removed with the
 /// guest's run directory.
 pub fn console_tail(text: &str, n: usize) -> String {
@@ -242,8 +270,9 @@ impl Guest {
         prepare: &dyn Fn(&mut Command),
         stop: &dyn Fn() -> bool,
     ) -> Result<Guest, LabError> {
+        remove_stale_run_dirs(&std::env::temp_dir());
         let dir = tempfile::Builder::new()
-            .prefix("enlight-lab-")
+            .prefix(&format!("enlight-lab-{}-", std::process::id()))
             .tempdir()
             .map_err(|e| LabError::io("creating the guest's run directory", e))?;
         let console = spec
@@ -653,6 +682,14 @@ mod tests {
             "{a}"
         );
         assert!(a.contains("-serial file:/r/console.log") && a.contains("-serial chardev:agent"));
+    }
+
+    #[test]
+    fn a_run_directory_names_its_lab() {
+        assert_eq!(run_dir_owner("enlight-lab-4242-aBc123"), Some(4242));
+        assert_eq!(run_dir_owner("enlight-lab-4242-"), None);
+        assert_eq!(run_dir_owner("enlight-lab-x-abc"), None);
+        assert_eq!(run_dir_owner("enlight-demo-4242-abc"), None);
     }
 
     #[test]

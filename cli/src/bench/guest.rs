@@ -285,6 +285,7 @@ pub fn run(
         enlightd,
         &spec,
         "",
+        &[],
     )?;
     let addr = guest.forward("127.0.0.1:0".parse()?, 9464)?.to_string();
     let mut ifnames = Vec::new();
