@@ -377,6 +377,9 @@ impl Shell {
                     }
                     decisions.push(d);
                 }
+                if let Some(said) = slot.tuner.take_announcement() {
+                    log::info!("tuner: {name}: {said}");
+                }
             }
             views.insert(
                 name.clone(),
