@@ -213,6 +213,18 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     let workload = feed.lock().expect("feed lock").latest.clone();
     let devices = handle.devices();
     let ebpf = devices.iter().find(|d| d.name == "disk0");
+    // The run's totals, as `enlight bench demo` compares them with and without the tuner.
+    if let (Some(d), Some(w)) = (ebpf, workload.as_ref()) {
+        let ops = d.total.ops_total;
+        signals::line(format_args!(
+            "totals: {ops} I/Os in {:.1} s ({:.0} IOPS), {} interrupts ({:.4} per I/O), p99 {}",
+            w.elapsed_s,
+            ops as f64 / w.elapsed_s.max(1e-3),
+            d.interrupts_total,
+            d.interrupts_total as f64 / ops.max(1) as f64,
+            us(d.total.p99_seconds),
+        ));
+    }
     signals::line(format_args!(
         "final: I/Os counted by eBPF {} / by the workload {}; p50/p99/p999 eBPF {}/{}/{}, workload {}/{}/{}",
         ebpf.map(|d| d.total.ops_total.to_string()).unwrap_or_else(|| "-".into()),

@@ -6,8 +6,11 @@
 //!   that sweeps the settings grid per workload phase.
 //! - `enlight bench compare` ([`compare`]): emulated against enlightened devices, side by side,
 //!   with traps and VM exits per I/O measured by the probes.
+//! - `enlight bench demo` ([`demo`]): the demo's workload with the tuner off and on, side by
+//!   side.
 
 pub mod compare;
+pub mod demo;
 pub mod tune;
 
 use anyhow::Result;
@@ -28,6 +31,10 @@ pub enum BenchCommand {
     /// by I/O size and queue depth, and the emulated NIC's ping and iperf3; observed by the eBPF
     /// probes (needs root). Writes compare.json, compare.md and compare.png.
     Compare(compare::CompareArgs),
+    /// `enlight demo` with `--tune off` and `--tune auto`, side by side (off, auto, auto, off):
+    /// IOPS, interrupts per I/O and p99 of each run and their ratios (needs root). Writes
+    /// demo.md and demo.json.
+    Demo(demo::DemoBenchArgs),
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -37,5 +44,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.command {
         BenchCommand::Tune(a) => tune::run(a),
         BenchCommand::Compare(a) => compare::run(a),
+        BenchCommand::Demo(a) => demo::run(a),
     }
 }
