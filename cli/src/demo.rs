@@ -140,6 +140,7 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     let deadline = args.duration.map(|s| started + Duration::from_secs(s));
     let mut wake = wake;
     let mut last_decision_ms = 0;
+    let mut last_state = None;
     // A row per collector interval, both halves over the same span: the eBPF counts as the
     // collector read them at two consecutive ticks, the workload's as it reported them (every
     // 100 ms) closest to those two reads.
@@ -198,6 +199,21 @@ async fn run_async(args: DemoArgs) -> Result<()> {
         if let Some(d) = decision.filter(|d| d.ts_unix_ms != last_decision_ms) {
             last_decision_ms = d.ts_unix_ms;
             signals::line(decision_line(d));
+        }
+        // Parking is no decision: say it when the tuner's state turns to converged.
+        let state = devices
+            .iter()
+            .find(|d| d.name == "disk0")
+            .and_then(|d| d.tuner.as_ref())
+            .map(|t| t.state);
+        if state != last_state {
+            if state == Some(enlightd::tuner::TunerState::Converged) {
+                signals::line(
+                    "       tuner parked: no move left whose effect stands out of the noise \
+                     (enlightd's log has the tally); exploring again on a phase change",
+                );
+            }
+            last_state = state;
         }
     }
 
