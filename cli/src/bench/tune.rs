@@ -699,8 +699,8 @@ pub fn run(args: TuneBenchArgs) -> Result<()> {
             let o = sweep(&mut h, spec, &grid, length, s)?;
             if let (Some(best), Some(st)) = (o.best, o.best_settings) {
                 eprintln!(
-                    "   oracle {spec}: {st:?} -> {:.0} ops/s, p99 {:.0} us, {:.3} irq/op",
-                    best.ops_per_sec, best.p99_us, best.interrupts_per_op
+                    "   oracle {}: {st:?} -> {:.0} ops/s, p99 {:.0} us, {:.3} irq/op",
+                    o.spec, best.ops_per_sec, best.p99_us, best.interrupts_per_op
                 );
             }
             oracle.push(o);
