@@ -140,6 +140,7 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     let deadline = args.duration.map(|s| started + Duration::from_secs(s));
     let mut wake = wake;
     let mut last_decision_ms = 0;
+    let mut last_state = None;
     // A row per collector interval, both halves over the same span: the eBPF counts as the
     // collector read them at two consecutive ticks, the workload's as it reported them (every
     // 100 ms) closest to those two reads.
@@ -199,6 +200,21 @@ async fn run_async(args: DemoArgs) -> Result<()> {
             last_decision_ms = d.ts_unix_ms;
             signals::line(decision_line(d));
         }
+        // Parking is no decision: say it when the tuner's state turns to converged.
+        let state = devices
+            .iter()
+            .find(|d| d.name == "disk0")
+            .and_then(|d| d.tuner.as_ref())
+            .map(|t| t.state);
+        if state != last_state {
+            if state == Some(enlightd::tuner::TunerState::Converged) {
+                signals::line(
+                    "       tuner parked: no move left whose effect stands out of the noise \
+                     (enlightd's log has the tally); exploring again on a phase change",
+                );
+            }
+            last_state = state;
+        }
     }
 
     // Stop the device first so its final figures reach the maps, then wait for two more
@@ -213,6 +229,18 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     let workload = feed.lock().expect("feed lock").latest.clone();
     let devices = handle.devices();
     let ebpf = devices.iter().find(|d| d.name == "disk0");
+    // The run's totals, as `enlight bench demo` compares them with and without the tuner.
+    if let (Some(d), Some(w)) = (ebpf, workload.as_ref()) {
+        let ops = d.total.ops_total;
+        signals::line(format_args!(
+            "totals: {ops} I/Os in {:.1} s ({:.0} IOPS), {} interrupts ({:.4} per I/O), p99 {}",
+            w.elapsed_s,
+            ops as f64 / w.elapsed_s.max(1e-3),
+            d.interrupts_total,
+            d.interrupts_total as f64 / ops.max(1) as f64,
+            us(d.total.p99_seconds),
+        ));
+    }
     signals::line(format_args!(
         "final: I/Os counted by eBPF {} / by the workload {}; p50/p99/p999 eBPF {}/{}/{}, workload {}/{}/{}",
         ebpf.map(|d| d.total.ops_total.to_string()).unwrap_or_else(|| "-".into()),

@@ -53,7 +53,8 @@ pub struct DiskArgs {
     /// Workload: comma-separated key=value: qd (1..=4096), bs (512..=16m, a multiple of 512;
     /// k/m suffixes), rw (read %, 0..=100), pattern (random|sequential), ios (1.., I/Os) or
     /// duration (0..=31536000 s: 10s, 1.5, 500ms), seed (any u64), rate (IOPS, open loop,
-    /// 0..=10000000), mix (SIZE:PERCENT at a second block size), burst (ON:OFF, each
+    /// 0..=10000000), ramp (IOPS at the end of the phase: the rate moves linearly from rate to
+    /// it over the duration), mix (SIZE:PERCENT at a second block size), burst (ON:OFF, each
     /// 0..=3600 s). Phases run in turn: join specs with ';' (every phase but the last needs ios
     /// or duration).
     #[arg(long, default_value = "qd=32,bs=4k,rw=70,pattern=random", value_parser = ranges::plan)]

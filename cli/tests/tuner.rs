@@ -149,9 +149,7 @@ fn wait_for_socket(path: &Path) -> ControlClient {
 
 #[test]
 fn enlightd_tunes_a_live_disk_through_its_socket_records_it_and_resumes_after_a_restart() {
-    if let Err(e) = enlight_probes::preflight() {
-        panic!("privileged tuner test cannot run: {e}");
-    }
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.jsonl");
     let config = Config {
@@ -288,4 +286,122 @@ fn enlightd_tunes_a_live_disk_through_its_socket_records_it_and_resumes_after_a_
     );
     second.stop(&rt);
     drop(device);
+}
+
+/// The smoke runs below each start their own device processes and probes: one at a time, and
+/// not next to the test above.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    if let Err(e) = enlight_probes::preflight() {
+        panic!("privileged end-to-end test cannot run: {e}");
+    }
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// `enlight bench tune --smoke` runs every part (oracle sweep, static, DIM, the tuner) on the
+/// drift scenario and on a two-phase one, and scores each phase on the windows wholly inside it.
+#[test]
+fn bench_tune_smoke_runs_the_drift_and_a_two_phase_scenario() {
+    let _serial = one_at_a_time();
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(ENLIGHT)
+        .args(["bench", "tune", "--smoke", "--scenario", "phase-change"])
+        .args(["--scenario", "drift", "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report = json(&out.path().join("tune-smoke.json"));
+    assert_eq!(report["smoke"], true);
+    let scenarios = report["scenarios"].as_array().unwrap();
+    assert_eq!(scenarios.len(), 2);
+    for s in scenarios {
+        let name = s["scenario"]["name"].as_str().unwrap();
+        let phase_s = s["phase_s"].as_f64().unwrap();
+        let phases = s["scenario"]["phases"].as_array().unwrap().len();
+        let runs = s["runs"].as_array().unwrap();
+        let names: Vec<&str> = runs
+            .iter()
+            .map(|r| r["controller"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["static", "dim", "enlight"], "{name}");
+        for r in runs {
+            let points = r["points"].as_array().unwrap();
+            assert!(!points.is_empty(), "{name}: no windows");
+            assert_eq!(r["phases"].as_array().unwrap().len(), phases, "{name}");
+            for p in points {
+                let (t0, t1) = (p["t_start"].as_f64().unwrap(), p["t"].as_f64().unwrap());
+                let phase = p["phase"].as_u64().unwrap() as f64;
+                // A window belongs to the phase it starts in, and one that ends in the next
+                // phase says so (it is scored in neither).
+                assert!(
+                    t0 >= phase * phase_s - 1e-9 && t0 < (phase + 1.0) * phase_s,
+                    "{p}"
+                );
+                let crosses = t1 > (phase + 1.0) * phase_s;
+                assert_eq!(p["straddles"].as_bool().unwrap(), crosses, "{name}: {p}");
+            }
+        }
+        if name == "drift" {
+            // The oracle sweeps the ramp's mean rate: its points are measured one after another.
+            assert_eq!(
+                s["oracle"][0]["spec"].as_str().unwrap(),
+                "qd=32,bs=4k,rw=70,rate=11000"
+            );
+        }
+    }
+    assert!(out.path().join("tune-smoke.md").exists());
+}
+
+/// `enlight bench demo` runs the demo with the tuner off and on, side by side, and reads each
+/// run's totals; nothing is left in the temporary directory.
+#[test]
+fn bench_demo_runs_the_demo_with_the_tuner_off_and_on() {
+    let _serial = one_at_a_time();
+    let out = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = Command::new(ENLIGHT)
+        .args([
+            "bench",
+            "demo",
+            "--seconds",
+            "3",
+            "--pairs",
+            "1",
+            "--size-mib",
+            "32",
+        ])
+        .arg("--out")
+        .arg(out.path())
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report = json(&out.path().join("demo.json"));
+    let runs = report["runs"].as_array().unwrap();
+    let tunes: Vec<&str> = runs.iter().map(|r| r["tune"].as_str().unwrap()).collect();
+    assert_eq!(tunes, ["off", "auto", "auto", "off"]);
+    for r in runs {
+        assert!(r["ios"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["iops"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let md = std::fs::read_to_string(out.path().join("demo.md")).unwrap();
+    assert!(md.contains("| interrupts per I/O |"), "{md}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }

@@ -7,8 +7,11 @@
 //! - `enlight bench compare` ([`compare`]): emulated against enlightened devices, side by side,
 //!   with traps and VM exits per I/O measured by the probes; `--guest` ([`guest`]) compares
 //!   IDE with virtio-blk and e1000 with virtio-net inside a real guest kernel (`enlight lab`).
+//! - `enlight bench demo` ([`demo`]): the demo's workload with the tuner off and on, side by
+//!   side.
 
 pub mod compare;
+pub mod demo;
 pub mod guest;
 pub mod tune;
 
@@ -32,6 +35,10 @@ pub enum BenchCommand {
     /// vs virtio-blk and e1000 vs virtio-net inside a real guest kernel (QEMU; the report names
     /// the accelerator, TCG or KVM).
     Compare(compare::CompareArgs),
+    /// `enlight demo` with `--tune off` and `--tune auto`, side by side (off, auto, auto, off):
+    /// IOPS, interrupts per I/O and p99 of each run and their ratios (needs root). Writes
+    /// demo.md and demo.json.
+    Demo(demo::DemoBenchArgs),
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -41,5 +48,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.command {
         BenchCommand::Tune(a) => tune::run(a),
         BenchCommand::Compare(a) => compare::run(a),
+        BenchCommand::Demo(a) => demo::run(a),
     }
 }

@@ -45,12 +45,17 @@ pub const EVAL_FROM_S: f64 = 30.0;
 #[derive(Args, Debug)]
 pub struct TuneBenchArgs {
     /// Short phases and a small grid (about 10 minutes instead of about 30).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "smoke")]
     quick: bool,
+    /// Phases of a few seconds and a grid of two points: checks that every part runs, end to
+    /// end, in about half a minute per scenario. Its figures mean nothing; writes tune-smoke.*.
+    #[arg(long)]
+    smoke: bool,
     /// Run only these scenarios (by name; repeatable).
     #[arg(long = "scenario", value_name = "NAME")]
     scenarios: Vec<String>,
-    /// Where tune.md, tune.json and tune.png go (tune-quick.* with --quick).
+    /// Where tune.md, tune.json and tune.png go (tune-quick.* with --quick, tune-smoke.* with
+    /// --smoke).
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
     /// Controller tick, milliseconds, 50..=60000.
@@ -144,6 +149,13 @@ pub fn scenarios() -> Vec<Scenario> {
             5_000,
         ),
         s(
+            "drift",
+            "open loop ramping down from 16000 to 6000 IOPS at QD <= 32 whatever the settings",
+            &["qd=32,bs=4k,rw=70,rate=16000,ramp=6000"],
+            Objective::Balanced,
+            5_000,
+        ),
+        s(
             "mixed-sizes",
             "closed loop, QD 16, 70% 4 KiB and 30% 64 KiB",
             &["qd=16,bs=4k,mix=64k:30,rw=70"],
@@ -186,9 +198,53 @@ fn start_device(
     }
 }
 
+/// How long a run lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Length {
+    Full,
+    Quick,
+    Smoke,
+}
+
+/// The workload the oracle sweeps for a phase: a ramp (a rate that drifts by itself) is swept at
+/// its mean rate, so that the points, measured one after another, are measured at one rate.
+pub fn oracle_spec(spec: &str) -> String {
+    let parts: Vec<&str> = spec.split(',').collect();
+    let value = |key: &str| {
+        parts
+            .iter()
+            .find_map(|p| p.strip_prefix(key)?.strip_prefix('=')?.parse::<u64>().ok())
+    };
+    match (value("rate"), value("ramp")) {
+        (Some(from), Some(to)) => parts
+            .iter()
+            .filter(|p| !p.starts_with("ramp="))
+            .map(|p| {
+                if p.starts_with("rate=") {
+                    format!("rate={}", (from + to) / 2)
+                } else {
+                    p.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => spec.to_string(),
+    }
+}
+
 /// The oracle's settings grid (ring sizes stay at their default: no disk scenario fills them).
-pub fn grid(quick: bool) -> Vec<DeviceSettings> {
-    let (frames, usecs, budgets): (&[u32], &[u32], &[u32]) = if quick {
+pub fn grid(length: Length) -> Vec<DeviceSettings> {
+    if length == Length::Smoke {
+        return vec![
+            DeviceSettings::default(),
+            DeviceSettings {
+                moderation_frames: 1,
+                moderation_usecs: 0,
+                ..DeviceSettings::default()
+            },
+        ];
+    }
+    let (frames, usecs, budgets): (&[u32], &[u32], &[u32]) = if length == Length::Quick {
         (&[1, 8, 64], &[0, 50, 200], &[64])
     } else {
         (&[1, 8, 64], &[0, 20, 100, 500], &[16, 64, 256])
@@ -214,7 +270,15 @@ pub fn grid(quick: bool) -> Vec<DeviceSettings> {
 pub struct Point {
     /// Seconds since the workload started (end of the window).
     pub t: f64,
+    /// Seconds since the workload started (start of the window).
+    #[serde(default)]
+    pub t_start: f64,
+    /// The phase the window started in.
     pub phase: usize,
+    /// The window spans a phase boundary: it holds traffic of two phases and is scored in
+    /// neither.
+    #[serde(default)]
+    pub straddles: bool,
     /// The settings in force during the window.
     pub settings: DeviceSettings,
     pub figures: Option<Figures>,
@@ -273,6 +337,9 @@ pub struct ScenarioResult {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub quick: bool,
+    /// A smoke run (`--smoke`): seconds-long phases, figures that mean nothing.
+    #[serde(default)]
+    pub smoke: bool,
     pub machine: String,
     pub kernel: String,
     pub started_unix_ms: u64,
@@ -351,14 +418,15 @@ fn sweep(
     h: &mut Harness,
     spec: &str,
     grid: &[DeviceSettings],
-    quick: bool,
+    length: Length,
     s: &Scenario,
 ) -> Result<PhaseOracle> {
-    let (settle, measure) = if quick {
-        (Duration::from_millis(500), Duration::from_millis(1000))
-    } else {
-        (Duration::from_millis(500), Duration::from_millis(1500))
+    let (settle, measure) = match length {
+        Length::Smoke => (Duration::from_millis(200), Duration::from_millis(300)),
+        Length::Quick => (Duration::from_millis(500), Duration::from_millis(1000)),
+        Length::Full => (Duration::from_millis(500), Duration::from_millis(1500)),
     };
+    let spec = &oracle_spec(spec);
     let total = (settle + measure).as_secs_f64() * grid.len() as f64
         + (settle + 2 * measure).as_secs_f64() * (FINALISTS + 1) as f64
         + 3.0;
@@ -436,11 +504,13 @@ fn run_controller(
         let now = Instant::now();
         let cum = h.cumulative(dev.pid)?;
         let window = Window::between(&prev, &cum, now.duration_since(prev_t).as_secs_f64());
+        let t_start = prev_t.duration_since(t0).as_secs_f64();
         prev = cum;
         prev_t = now;
         let t = now.duration_since(t0).as_secs_f64();
-        let phase = ((t - 1e-9) / phase_s).floor().max(0.0) as usize;
-        if exited || phase >= s.phases.len() {
+        let phase_at = |t: f64| (t / phase_s).floor().max(0.0) as usize;
+        let (phase, phase_end) = (phase_at(t_start), phase_at(t - 1e-9));
+        if exited || phase_end >= s.phases.len() {
             break;
         }
         if let Ok((reported, _)) = dev.get() {
@@ -462,7 +532,9 @@ fn run_controller(
         }
         points.push(Point {
             t,
+            t_start,
             phase,
+            straddles: phase_end != phase,
             settings: during,
             figures: score::merge([&window]),
             change,
@@ -510,7 +582,13 @@ fn score_run(
         .enumerate()
         .map(|(i, o)| {
             let start = i as f64 * phase_s;
-            let in_phase: Vec<&Point> = run.points.iter().filter(|p| p.phase == i).collect();
+            // Windows wholly inside the phase: the one across the boundary holds the previous
+            // phase's traffic too.
+            let in_phase: Vec<&Point> = run
+                .points
+                .iter()
+                .filter(|p| p.phase == i && !p.straddles)
+                .collect();
             let eval: Vec<&Window> = in_phase
                 .iter()
                 .filter(|p| p.t - start > eval_from)
@@ -526,7 +604,7 @@ fn score_run(
                 (0..in_phase.len()).find_map(|k| {
                     let rest = score::merge(in_phase[k..].iter().map(|p| &p.window))?;
                     (score::fraction(s.objective, slo, &rest, &best) >= 0.95)
-                        .then(|| (in_phase[k].t - start - 0.0).max(0.0))
+                        .then(|| (in_phase[k].t_start - start).max(0.0))
                 })
             });
             let changes: Vec<f64> = in_phase
@@ -545,7 +623,8 @@ fn score_run(
         .collect();
 }
 
-fn machine() -> (String, String) {
+/// The CPU model with the number of CPUs, and the kernel release.
+pub(crate) fn machine() -> (String, String) {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -580,18 +659,26 @@ pub fn run(args: TuneBenchArgs) -> Result<()> {
         .into_iter()
         .filter(|s| args.scenarios.is_empty() || args.scenarios.contains(&s.name))
         .collect();
-    let (phase_s, eval_from) = if args.quick {
-        (20.0, 12.0)
+    let length = if args.smoke {
+        Length::Smoke
+    } else if args.quick {
+        Length::Quick
     } else {
-        (45.0, EVAL_FROM_S)
+        Length::Full
+    };
+    let (phase_s, eval_from) = match length {
+        Length::Smoke => (4.0, 2.0),
+        Length::Quick => (20.0, 12.0),
+        Length::Full => (45.0, EVAL_FROM_S),
     };
     let tick = Duration::from_millis(args.tick_ms);
-    let grid = grid(args.quick);
+    let grid = grid(length);
     let pin = device_cpu(args.cpu.as_deref())?;
     let mut h = Harness::new(pin)?;
     let (machine, kernel) = machine();
     let mut report = Report {
         quick: args.quick,
+        smoke: args.smoke,
         machine,
         kernel,
         started_unix_ms: enlight_driver::registry::now_unix_ms(),
@@ -609,11 +696,11 @@ pub fn run(args: TuneBenchArgs) -> Result<()> {
         );
         let mut oracle = Vec::new();
         for spec in &s.phases {
-            let o = sweep(&mut h, spec, &grid, args.quick, s)?;
+            let o = sweep(&mut h, spec, &grid, length, s)?;
             if let (Some(best), Some(st)) = (o.best, o.best_settings) {
                 eprintln!(
-                    "   oracle {spec}: {st:?} -> {:.0} ops/s, p99 {:.0} us, {:.3} irq/op",
-                    best.ops_per_sec, best.p99_us, best.interrupts_per_op
+                    "   oracle {}: {st:?} -> {:.0} ops/s, p99 {:.0} us, {:.3} irq/op",
+                    o.spec, best.ops_per_sec, best.p99_us, best.interrupts_per_op
                 );
             }
             oracle.push(o);
@@ -649,7 +736,11 @@ pub fn run(args: TuneBenchArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let stem = if args.quick { "tune-quick" } else { "tune" };
+    let stem = match length {
+        Length::Smoke => "tune-smoke",
+        Length::Quick => "tune-quick",
+        Length::Full => "tune",
+    };
     let md = report::markdown(&report);
     std::fs::write(args.out.join(format!("{stem}.md")), &md)?;
     std::fs::write(
@@ -667,7 +758,16 @@ pub fn run(args: TuneBenchArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::device_cpu;
+    use super::{device_cpu, oracle_spec};
+
+    #[test]
+    fn the_oracle_sweeps_a_ramp_at_its_mean_rate() {
+        assert_eq!(
+            oracle_spec("qd=32,bs=4k,rate=16000,ramp=6000,rw=70"),
+            "qd=32,bs=4k,rate=11000,rw=70"
+        );
+        assert_eq!(oracle_spec("qd=4,rate=2000"), "qd=4,rate=2000");
+    }
 
     #[test]
     fn the_device_cpu_is_the_last_by_default_and_checked_when_given() {

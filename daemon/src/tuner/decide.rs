@@ -4,15 +4,18 @@
 //!
 //! How it searches: hill climbing over one knob at a time on fixed ladders ([`super::Knob`]),
 //! in an order that depends on the objective (the prior: for latency, less moderation first; for
-//! throughput and balanced, more). A move is a *trial*: the candidate is applied, the first
-//! window after the change is discarded (it straddles the change), then `trial_windows` windows
-//! are measured and compared with the incumbent's windows ([`super::measure::compare`]). A
-//! significantly better candidate becomes the incumbent and the same move is tried again; any
-//! other outcome reverts to the incumbent and the next move is tried. When no move is left the
-//! tuner is *converged*: it parks and watches. If the workload then changes (ops/s or bytes
-//! per op far from what was measured at convergence, for `phase_windows` windows in a row) it
-//! re-explores; if that happens soon after an accepted change on an unchanged workload, it
-//! treats it as a regression and reverts that change.
+//! throughput and balanced, more). A move is a *trial*, A-B-A: the incumbent's recent windows
+//! (A), the candidate applied and, after a discarded settle window, measured for
+//! `trial_windows` windows (B), then the incumbent put back and measured again (A). The judge
+//! ([`super::judge`]) estimates the candidate's effect on each metric with the drift of the
+//! workload taken out, with confidence intervals, and keeps the candidate only when every
+//! constraint of the objective is shown to hold and the objective shown to improve (then the
+//! candidate is applied again and the same move is tried next); inconclusive is a revert. When no
+//! move is left the tuner is *converged*: it parks, says why, and watches. If the workload then
+//! changes (ops/s or bytes per op far from the recent windows', in the same direction for
+//! `phase_windows` windows in a row: a step, not a slow drift or a noisy window) it re-explores;
+//! if that happens soon after an accepted change on an unchanged workload, it treats it as a
+//! regression and reverts that change.
 //!
 //! Guardrails: every proposed setting is within the device's [`Bounds`]; at most one change per
 //! `min_change_interval_ms`; a pinned device is measured, never changed; in dry run the tuner
@@ -23,7 +26,8 @@ use std::collections::VecDeque;
 use enlight_driver::settings::DeviceSettings;
 use serde::{Deserialize, Serialize};
 
-use super::measure::{compare, compare_p99, Cmp, Measurement, Metric};
+use super::judge::{self, Judgement, Rules, Segment, Verdict};
+use super::measure::{Measurement, Metric};
 use super::window::Window;
 use super::{Action, Bounds, Controller, Direction, Knob, Objective, TunerMode, TunerState};
 
@@ -141,16 +145,60 @@ pub struct Outcome {
 enum Phase {
     /// Measuring the incumbent.
     Baseline,
-    /// A candidate is in force.
+    /// A trial: the candidate in force (`Candidate`), then the incumbent again (`Remeasure`).
     Trial {
         mv: Move,
         candidate: DeviceSettings,
-        m: Measurement,
+        /// The candidate's windows, for the judge and as a measurement.
+        b: Segment,
+        bm: Measurement,
         skip: u32,
+        stage: Stage,
+        /// The earlier rounds' windows, while a promising candidate is measured again.
+        first: Option<Box<EarlierRounds>>,
     },
-    /// Parked; `recent` holds the last windows, compared with the incumbent's measurement.
-    Converged { deviant: u32 },
+    /// Parked: each window is compared with the recent ones (`history`, ops/s and bytes/op) to
+    /// tell a phase change; `deviant` counts windows in a row off in the direction `sign`.
+    Converged {
+        deviant: u32,
+        sign: (i8, i8),
+        history: VecDeque<(f64, f64)>,
+    },
 }
+
+#[derive(Debug, Clone)]
+enum Stage {
+    /// The candidate is in force.
+    Candidate,
+    /// The incumbent is back in force and measured again.
+    Remeasure { a2: Segment },
+}
+
+/// The earlier A-B-A rounds of a trial whose candidate looked promising. One round is never
+/// enough to keep a candidate: at the tuner's confidence a candidate that does nothing looks
+/// better about one trial in fifty, and a search makes dozens of trials. A promising round (the
+/// objective improved at the tuner's confidence, or by at least the margin; no constraint
+/// broken) earns another round, up to [`MAX_ROUNDS`]; the candidate is kept when all rounds
+/// together show it better at a stricter confidence ([`POOLED_Z_EXTRA`] more) and the latest
+/// round alone points the same way.
+#[derive(Debug, Clone)]
+struct EarlierRounds {
+    /// The incumbent's windows of the earlier rounds (the latest round's "after" windows are
+    /// the next round's "before").
+    a: Segment,
+    /// The candidate's windows of the earlier rounds.
+    b: Segment,
+    rounds: u32,
+    first_why: String,
+}
+
+/// Rounds a trial runs at most.
+const MAX_ROUNDS: u32 = 3;
+/// How much stricter (in `z`) all rounds together must be than one round.
+const POOLED_Z_EXTRA: f64 = 1.0;
+
+/// Recent windows a parked tuner compares each window with.
+const PHASE_HISTORY: usize = 16;
 
 /// One device's tuner.
 #[derive(Debug, Clone)]
@@ -161,6 +209,14 @@ pub struct DeviceTuner {
     /// The best settings known, and their measurement.
     incumbent: Option<DeviceSettings>,
     incumbent_m: Measurement,
+    /// The incumbent's latest windows with their times (the A before a candidate's B).
+    a_seg: Segment,
+    /// Throughput given up in this phase by kept changes (their estimated effects multiplied).
+    ops_budget: f64,
+    /// Verdicts since the last kept change: flat, inconclusive, worse.
+    tally: [u32; 3],
+    /// Something to say that is no decision (parking), for the shell's log.
+    announcement: Option<String>,
     skip: u32,
     queue: VecDeque<Move>,
     best_ops_seen: f64,
@@ -173,6 +229,8 @@ pub struct DeviceTuner {
     failures: u32,
     frozen: bool,
     recommendation: Option<DeviceSettings>,
+    /// Candidates judged (and not kept) from the current incumbent: not tried again from it.
+    judged: Vec<DeviceSettings>,
 }
 
 /// One move: a knob, a direction and how many rungs at once.
@@ -265,6 +323,10 @@ fn fmt_settings_delta(a: &DeviceSettings, b: &DeviceSettings) -> String {
     }
 }
 
+fn pct(v: f64) -> String {
+    format!("{:+.1}%", v * 100.0)
+}
+
 fn us(ns: Option<u64>) -> String {
     ns.map(|v| format!("{:.1}us", v as f64 / 1e3))
         .unwrap_or_else(|| "n/a".into())
@@ -279,6 +341,10 @@ impl DeviceTuner {
             phase: Phase::Baseline,
             incumbent: None,
             incumbent_m: Measurement::default(),
+            a_seg: Segment::default(),
+            ops_budget: 1.0,
+            tally: [0; 3],
+            announcement: None,
             skip: 0,
             queue: prior(policy.objective),
             best_ops_seen: 0.0,
@@ -289,6 +355,7 @@ impl DeviceTuner {
             failures: 0,
             frozen: false,
             recommendation: None,
+            judged: Vec::new(),
         }
     }
 
@@ -337,6 +404,7 @@ impl DeviceTuner {
         self.expected = None;
         self.phase = Phase::Baseline;
         self.incumbent_m = Measurement::default();
+        self.a_seg = Segment::default();
         self.note = Some(format!("applying failed ({error})"));
         if self.failures >= self.params.max_apply_failures {
             self.frozen = true;
@@ -347,10 +415,13 @@ impl DeviceTuner {
     pub fn applied(&mut self, in_force: DeviceSettings) {
         self.failures = 0;
         self.expected = Some(in_force);
-        if let Phase::Trial { candidate, .. } = &mut self.phase {
-            *candidate = in_force;
-        } else {
-            self.incumbent = Some(in_force);
+        match &mut self.phase {
+            Phase::Trial {
+                candidate,
+                stage: Stage::Candidate,
+                ..
+            } => *candidate = in_force,
+            _ => self.incumbent = Some(in_force),
         }
     }
 
@@ -367,9 +438,32 @@ impl DeviceTuner {
             self.expected = Some(c);
         }
         self.incumbent_m = Measurement::default();
+        self.a_seg = Segment::default();
+        self.ops_budget = 1.0;
+        self.tally = [0; 3];
+        self.judged.clear();
         self.skip = self.params.settle_windows;
         self.queue = prior(self.policy.objective);
         self.note = Some(why.to_string());
+    }
+
+    /// What the tuner has to say that is no decision (that it parked, and why), once.
+    pub fn take_announcement(&mut self) -> Option<String> {
+        self.announcement.take()
+    }
+
+    /// The judge's rules for this device now.
+    fn rules(&self) -> Rules {
+        let p = &self.params;
+        Rules {
+            objective: self.policy.objective,
+            slo_p99_ns: self.policy.slo_p99_ns,
+            z: p.z,
+            margin: p.min_improvement,
+            tolerance: p.throughput_tolerance,
+            cluster: p.tail_cluster,
+            ops_budget: self.ops_budget,
+        }
     }
 
     fn cap(&self) -> usize {
@@ -379,86 +473,6 @@ impl DeviceTuner {
     fn rate_ok(&self, now_ms: u64) -> bool {
         self.last_change_ms
             .is_none_or(|t| now_ms.saturating_sub(t) >= self.params.min_change_interval_ms)
-    }
-
-    /// Whether `b` is better than `a` for the objective, with the reason either way.
-    fn better(&self, a: &Measurement, b: &Measurement) -> (Cmp, String) {
-        let p = &self.params;
-        let slo = self.policy.slo_p99_ns;
-        let (p99a, p99b) = (a.p99_ns(), b.p99_ns());
-        let cmp_p99 = compare_p99(a, b, p.min_improvement, p.z, p.tail_cluster);
-        let cmp_ops = compare(
-            &a.values(Metric::OpsPerSec),
-            &b.values(Metric::OpsPerSec),
-            p.min_improvement,
-            p.z,
-        );
-        let cmp_irq = compare(
-            &a.values(Metric::InterruptsPerOp),
-            &b.values(Metric::InterruptsPerOp),
-            p.min_improvement,
-            p.z,
-        );
-        let ops_a = a.mean(Metric::OpsPerSec).unwrap_or(0.0);
-        let ops_b = b.mean(Metric::OpsPerSec).unwrap_or(0.0);
-        let irq_a = a.mean(Metric::InterruptsPerOp).unwrap_or(0.0);
-        let irq_b = b.mean(Metric::InterruptsPerOp).unwrap_or(0.0);
-        let figures = format!(
-            "p99 {}→{}, {:.0}→{:.0} ops/s, {:.3}→{:.3} interrupts/op",
-            us(p99a),
-            us(p99b),
-            ops_a,
-            ops_b,
-            irq_a,
-            irq_b
-        );
-        let floor = (1.0 - p.throughput_tolerance) * self.best_ops_seen;
-        let feasible = |v: Option<u64>| v.is_some_and(|v| v <= slo);
-        let verdict = match self.policy.objective {
-            Objective::Latency => {
-                if ops_b < floor && cmp_ops == Cmp::Lower {
-                    (
-                        Cmp::Lower,
-                        format!("throughput fell below 95% of the best seen ({floor:.0} ops/s)"),
-                    )
-                } else {
-                    (cmp_p99.flip(), "compared p99".to_string())
-                }
-            }
-            Objective::Throughput | Objective::Balanced => {
-                let (fa, fb) = (feasible(p99a), feasible(p99b));
-                if fa && !fb {
-                    (Cmp::Lower, format!("p99 over the SLO of {}", us(Some(slo))))
-                } else if !fa && fb {
-                    (
-                        if cmp_p99 == Cmp::Lower {
-                            Cmp::Higher
-                        } else {
-                            Cmp::Same
-                        },
-                        "p99 back under the SLO".to_string(),
-                    )
-                } else if !fa && !fb {
-                    (
-                        cmp_p99.flip(),
-                        format!("both over the SLO of {}: compared p99", us(Some(slo))),
-                    )
-                } else if self.policy.objective == Objective::Throughput {
-                    (cmp_ops, "compared ops/s under the SLO".to_string())
-                } else if ops_b < floor && cmp_ops == Cmp::Lower {
-                    (
-                        Cmp::Lower,
-                        format!("throughput fell below 95% of the best seen ({floor:.0} ops/s)"),
-                    )
-                } else {
-                    (
-                        cmp_irq.flip(),
-                        "compared interrupts/op under the SLO".to_string(),
-                    )
-                }
-            }
-        };
-        (verdict.0, format!("{}: {figures}", verdict.1))
     }
 
     fn take_note(&mut self) -> String {
@@ -504,6 +518,10 @@ impl DeviceTuner {
             let Some(candidate) = mv.knob.step_n(&incumbent, mv.dir, mv.stride, bounds) else {
                 continue;
             };
+            // A longer stride that lands where a shorter one already did (a ladder's end).
+            if self.judged.contains(&candidate) {
+                continue;
+            }
             let value = self.objective_value();
             let reason = format!(
                 "{}{} objective: trying {} ({} windows measured at the current settings, p99 {})",
@@ -531,8 +549,11 @@ impl DeviceTuner {
             self.phase = Phase::Trial {
                 mv,
                 candidate,
-                m: Measurement::default(),
+                b: Segment::default(),
+                bm: Measurement::default(),
                 skip: self.params.settle_windows,
+                stage: Stage::Candidate,
+                first: None,
             };
             self.last_change_ms = Some(now_ms);
             self.expected = Some(candidate);
@@ -543,9 +564,49 @@ impl DeviceTuner {
                 objective_value: value,
             });
         }
-        self.phase = Phase::Converged { deviant: 0 };
-        self.recommendation = None;
+        self.converge();
         None
+    }
+
+    /// No move left: park, and say why.
+    fn converge(&mut self) {
+        let history = self
+            .a_seg
+            .samples
+            .iter()
+            .map(|w| (w.ops_per_sec, w.bytes_per_op))
+            .collect();
+        self.phase = Phase::Converged {
+            deviant: 0,
+            sign: (0, 0),
+            history,
+        };
+        self.recommendation = None;
+        if self.policy.mode == TunerMode::DryRun {
+            return;
+        }
+        let [flat, inconclusive, worse] = self.tally;
+        let settings = self
+            .incumbent
+            .map(|s| {
+                format!(
+                    "moderation_usecs {}, moderation_frames {}, poll_budget {}, ring_bytes {}",
+                    s.moderation_usecs,
+                    s.moderation_frames,
+                    s.poll_budget,
+                    Knob::RingBytes.get(&s)
+                )
+            })
+            .unwrap_or_default();
+        let note = self.take_note();
+        self.announcement = Some(format!(
+            "{note}parked at {settings}: no move left whose effect on the {} objective stands \
+             out of the noise ({} trials since the last kept change: {flat} flat within ±{:.0}%, \
+             {inconclusive} inconclusive, {worse} worse); exploring again on a phase change",
+            self.policy.objective.name(),
+            flat + inconclusive + worse,
+            self.params.min_improvement * 100.0,
+        ));
     }
 
     /// One interval: the window just measured at `current`, within `bounds`, at `now_ms`.
@@ -593,6 +654,9 @@ impl DeviceTuner {
         }
         let cap = self.cap();
         let min_ops = self.params.min_window_ops;
+        let t_s = now_ms as f64 / 1e3;
+        let rules = self.rules();
+        let rate_ok = self.rate_ok(now_ms);
         match &mut self.phase {
             Phase::Baseline => {
                 if self.skip > 0 {
@@ -600,7 +664,11 @@ impl DeviceTuner {
                     return None;
                 }
                 self.incumbent_m.push(window, min_ops, cap);
-                if !ready(&self.params, &self.incumbent_m) {
+                self.a_seg.push(t_s, window, min_ops);
+                self.a_seg.keep_last(cap);
+                let a_ready = self.a_seg.len() >= self.params.trial_windows as usize
+                    && self.a_seg.ops() >= self.params.min_point_ops;
+                if !ready(&self.params, &self.incumbent_m) || !a_ready {
                     return None;
                 }
                 self.best_ops_seen = self
@@ -608,139 +676,316 @@ impl DeviceTuner {
                     .max(self.incumbent_m.mean(Metric::OpsPerSec).unwrap_or(0.0));
                 self.next_move(now_ms, bounds)
             }
-            Phase::Trial { skip, m, .. } => {
+            Phase::Trial {
+                skip,
+                b,
+                bm,
+                stage: Stage::Candidate,
+                ..
+            } => {
                 if *skip > 0 {
                     *skip -= 1;
                     return None;
                 }
-                m.push(window, min_ops, cap);
-                let (done, abandoned) = (ready(&self.params, m), m.len() >= cap);
-                // A candidate already significantly worse after two windows is not measured
-                // further: most moves are bad, and each bad window costs the workload.
-                let early = (!done && !abandoned && m.len() >= 2).then(|| m.clone());
-                let early_worse =
-                    early.is_some_and(|m| self.better(&self.incumbent_m, &m).0 == Cmp::Lower);
-                if !done && !abandoned && !early_worse {
-                    return None;
-                }
-                if !self.rate_ok(now_ms) {
+                b.push(t_s, window, min_ops);
+                bm.push(window, min_ops, cap);
+                let done = b.len() >= self.params.trial_windows as usize
+                    && b.ops() >= self.params.min_point_ops;
+                let abandoned = b.len() >= cap;
+                // A candidate already plainly worse after two windows (against the incumbent's
+                // windows before it) is not measured further: most moves are bad, and each bad
+                // window costs the workload. The incumbent is measured again all the same, and
+                // the verdict is the drift-corrected one.
+                let early_worse = !done
+                    && !abandoned
+                    && b.len() >= 2
+                    && judge::judge(&rules, &self.a_seg, b, &Segment::default()).verdict
+                        == Verdict::Worse;
+                if (!done && !abandoned && !early_worse) || !self.rate_ok(now_ms) {
                     return None;
                 }
                 let Phase::Trial {
-                    mv, candidate, m, ..
+                    mv,
+                    candidate,
+                    b,
+                    bm,
+                    first,
+                    ..
                 } = std::mem::replace(&mut self.phase, Phase::Baseline)
                 else {
                     unreachable!("matched above")
                 };
                 let incumbent = self.incumbent.expect("a trial starts from an incumbent");
-                let bpo_a = self.incumbent_m.mean(Metric::BytesPerOp).unwrap_or(0.0);
-                let bpo_b = m.mean(Metric::BytesPerOp).unwrap_or(0.0);
-                let shifted =
-                    bpo_a > 0.0 && ((bpo_b - bpo_a) / bpo_a).abs() > self.params.phase_change;
-                let (verdict, why) = if early_worse {
-                    let (c, why) = self.better(&self.incumbent_m, &m);
-                    (Some(c), format!("{why}, after {} windows", m.len()))
+                let first_look = judge::judge(&rules, &self.a_seg, &b, &Segment::default());
+                let why = if early_worse {
+                    format!("plainly worse after {} windows", b.len())
                 } else if !done {
-                    (
-                        None,
-                        "not enough samples for a p99 in the trial".to_string(),
-                    )
-                } else if shifted {
-                    (
-                        None,
-                        format!("the workload changed during the trial (bytes/op {bpo_a:.0}→{bpo_b:.0})"),
-                    )
+                    "too few completions".to_string()
                 } else {
-                    let (c, why) = self.better(&self.incumbent_m, &m);
-                    (Some(c), why)
+                    format!("{} windows", b.len())
                 };
-                if verdict == Some(Cmp::Higher) {
-                    self.best_ops_seen = self
-                        .best_ops_seen
-                        .max(m.mean(Metric::OpsPerSec).unwrap_or(0.0));
-                    self.note = Some(format!(
-                        "kept {} ({why})",
-                        fmt_settings_delta(&incumbent, &candidate)
-                    ));
-                    self.previous = Some((incumbent, self.incumbent_m.clone(), now_ms, mv));
-                    self.incumbent = Some(candidate);
-                    self.incumbent_m = m;
-                    // Same move again first; never straight back.
-                    let mut q: VecDeque<Move> = prior(self.policy.objective)
-                        .into_iter()
-                        .filter(|o| o.knob != mv.knob)
-                        .collect();
-                    q.push_front(mv);
-                    if mv.stride > 1 {
-                        q.push_back(Move { stride: 1, ..mv });
-                    }
-                    self.queue = q;
-                    return self.next_move(now_ms, bounds);
-                }
-                if verdict == Some(Cmp::Same) && mv.stride < MAX_STRIDE {
-                    self.queue.push_front(Move {
-                        stride: MAX_STRIDE,
-                        ..mv
-                    });
-                }
-                if shifted {
-                    self.incumbent_m = Measurement::default();
-                }
-                self.skip = self.params.settle_windows;
+                let value = bm.objective_value(self.policy.objective);
+                let reason = format!(
+                    "{}measured {} ({why}; {}); back to the incumbent to measure it again, so \
+                     that a drift of the workload is neither credited to nor blamed on the change",
+                    self.take_note(),
+                    fmt_settings_delta(&incumbent, &candidate),
+                    first_look
+                        .effects
+                        .iter()
+                        .map(|e| format!("{}: {}", e.metric, pct(e.estimate)))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                );
+                self.phase = Phase::Trial {
+                    mv,
+                    candidate,
+                    b,
+                    bm,
+                    skip: self.params.settle_windows,
+                    stage: Stage::Remeasure {
+                        a2: Segment::default(),
+                    },
+                    first,
+                };
                 self.last_change_ms = Some(now_ms);
                 self.expected = Some(incumbent);
-                let value = m.objective_value(self.policy.objective);
                 Some(Outcome {
                     action: Action::Revert,
                     to: incumbent,
-                    reason: format!(
-                        "{}reverting {}: {why}",
-                        self.take_note(),
-                        fmt_settings_delta(&incumbent, &candidate)
-                    ),
+                    reason,
                     objective_value: value,
                 })
             }
-            Phase::Converged { deviant } => {
-                let reference = &self.incumbent_m;
+            Phase::Trial {
+                skip,
+                b,
+                stage: Stage::Remeasure { a2 },
+                ..
+            } => {
+                if *skip > 0 {
+                    *skip -= 1;
+                    return None;
+                }
+                a2.push(t_s, window, min_ops);
+                self.incumbent_m.push(window, min_ops, cap);
+                let done = a2.len()
+                    >= self.params.trial_windows.min(b.len().max(2) as u32) as usize
+                    && a2.ops() >= self.params.min_point_ops.min(b.ops());
+                if !done && a2.len() < cap {
+                    return None;
+                }
+                if !rate_ok {
+                    // Whatever comes next may be a change: keep measuring the incumbent until
+                    // one is allowed.
+                    return None;
+                }
+                let a_before = std::mem::take(&mut self.a_seg);
+                let (j, shifted) = {
+                    let bpo = |s: &Segment| s.mean(|w| w.bytes_per_op).unwrap_or(0.0);
+                    let (bpo_a, bpo_b) = (bpo(a2), bpo(b));
+                    let shifted =
+                        bpo_a > 0.0 && ((bpo_b - bpo_a) / bpo_a).abs() > self.params.phase_change;
+                    let mut j = judge::judge(&rules, &a_before, b, a2);
+                    if shifted {
+                        j.verdict = Verdict::Inconclusive;
+                        j.why = format!(
+                            "the workload changed during the trial (bytes/op {bpo_a:.0}→{bpo_b:.0}); {}",
+                            j.why
+                        );
+                    }
+                    (j, shifted)
+                };
+                let promising = !j.constraint_broken
+                    && (j.objective_improved
+                        || j.gain.is_some_and(|g| g >= self.params.min_improvement));
+                let Phase::Trial {
+                    mv,
+                    candidate,
+                    b,
+                    bm,
+                    stage: Stage::Remeasure { a2 },
+                    first,
+                    ..
+                } = std::mem::replace(&mut self.phase, Phase::Baseline)
+                else {
+                    unreachable!("matched above")
+                };
+                let incumbent = self.incumbent.expect("a trial starts from an incumbent");
+                let delta = fmt_settings_delta(&incumbent, &candidate);
+                // All rounds so far: the earlier ones' windows and this one's.
+                let (rounds, pooled, first_why, a_all, b_all) = match first {
+                    None => (1, j.clone(), j.why.clone(), a_before, b),
+                    Some(e) => {
+                        let mut a_all = e.a;
+                        a_all.samples.extend(a_before.samples);
+                        let mut b_all = e.b;
+                        b_all.samples.extend(b.samples);
+                        // The constraints at the tuner's confidence, the objective at a
+                        // stricter one (this is a second look at the same question).
+                        let strict = Rules {
+                            z: rules.z + POOLED_Z_EXTRA,
+                            ..rules
+                        };
+                        let mut pooled = judge::judge(&rules, &a_all, &b_all, &a2);
+                        let strict_improved =
+                            judge::judge(&strict, &a_all, &b_all, &a2).objective_improved;
+                        let latest_agrees = j.gain.is_some_and(|g| g > 0.0);
+                        pooled.why = format!(
+                            "{} rounds together: {}; this round alone: {}",
+                            e.rounds + 1,
+                            pooled.why,
+                            j.why
+                        );
+                        if pooled.keep() && !strict_improved {
+                            pooled.verdict = Verdict::Inconclusive;
+                            pooled.why = format!(
+                                "{} not shown to improve at the stricter z = {:.1} of {} rounds; {}",
+                                self.policy.objective.name(),
+                                strict.z,
+                                e.rounds + 1,
+                                pooled.why
+                            );
+                        } else if pooled.keep() && !latest_agrees {
+                            pooled.verdict = Verdict::Inconclusive;
+                            pooled.why = format!("this round points the other way; {}", pooled.why);
+                        }
+                        (e.rounds + 1, pooled, e.first_why, a_all, b_all)
+                    }
+                };
+                let pooled_promising = !pooled.constraint_broken
+                    && (pooled.objective_improved
+                        || pooled
+                            .gain
+                            .is_some_and(|g| g >= self.params.min_improvement));
+                let again = !shifted
+                    && rounds < MAX_ROUNDS
+                    && if rounds == 1 {
+                        promising
+                    } else {
+                        !pooled.keep() && pooled_promising
+                    };
+                if rounds >= 2 && pooled.keep() && !shifted {
+                    let mut verdict = pooled;
+                    verdict.why = format!("{} (first round: {first_why})", verdict.why);
+                    return self.keep_or_reject(
+                        now_ms, bounds, mv, incumbent, candidate, b_all, bm, a2, verdict, shifted,
+                    );
+                }
+                if !again {
+                    return self.keep_or_reject(
+                        now_ms, bounds, mv, incumbent, candidate, b_all, bm, a2, pooled, shifted,
+                    );
+                }
+                // Promising: measure it again before keeping it.
+                let reason = format!(
+                    "{}{delta} looks promising after {rounds} round{} ({}); applying it again for \
+                     another A-B-A round before keeping it",
+                    self.take_note(),
+                    if rounds == 1 { "" } else { "s" },
+                    pooled.why
+                );
+                let value = self.objective_value();
+                self.a_seg = a2;
+                self.phase = Phase::Trial {
+                    mv,
+                    candidate,
+                    b: Segment::default(),
+                    bm,
+                    skip: self.params.settle_windows,
+                    stage: Stage::Candidate,
+                    first: Some(Box::new(EarlierRounds {
+                        a: a_all,
+                        b: b_all,
+                        rounds,
+                        first_why,
+                    })),
+                };
+                self.last_change_ms = Some(now_ms);
+                self.expected = Some(candidate);
+                Some(Outcome {
+                    action: Action::Change,
+                    to: candidate,
+                    reason,
+                    objective_value: value,
+                })
+            }
+            Phase::Converged {
+                deviant,
+                sign,
+                history,
+            } => {
+                if window.ops == 0 || window.duration_s <= 0.0 {
+                    return None;
+                }
                 let pc = self.params.phase_change;
-                let rel = |a: f64, b: f64| if a > 0.0 { ((b - a) / a).abs() } else { 0.0 };
-                let ops_ref = reference.mean(Metric::OpsPerSec).unwrap_or(0.0);
-                let bpo_ref = reference.mean(Metric::BytesPerOp).unwrap_or(0.0);
-                let p99_ref = reference.p99_ns().unwrap_or(0) as f64;
-                let w_p99 = (window.ops >= min_ops)
-                    .then(|| window.quantile_ns(0.99))
-                    .flatten()
-                    .map(|v| v as f64);
+                // The reference is the median of the recent windows, so a slow drift moves it
+                // along and only a step stands out; before enough windows, the incumbent's.
+                let median = |f: fn(&(f64, f64)) -> f64| {
+                    let mut v: Vec<f64> = history.iter().map(f).collect();
+                    v.sort_by(f64::total_cmp);
+                    v.get(v.len() / 2).copied()
+                };
+                let (ops_ref, bpo_ref) = match (median(|h| h.0), median(|h| h.1)) {
+                    (Some(o), Some(b)) if history.len() >= 3 => (o, b),
+                    _ => (
+                        self.incumbent_m.mean(Metric::OpsPerSec).unwrap_or(0.0),
+                        self.incumbent_m.mean(Metric::BytesPerOp).unwrap_or(0.0),
+                    ),
+                };
+                let rel = |a: f64, b: f64| if a > 0.0 { (b - a) / a } else { 0.0 };
                 let d_ops = rel(ops_ref, window.ops_per_sec());
                 let d_bpo = rel(bpo_ref, window.bytes_per_op());
-                let d_p99 = w_p99.map(|v| rel(p99_ref, v)).unwrap_or(0.0);
-                // The workload's signature: rate and size. Not p99: on a busy machine one
-                // window's p99 swings by multiples without anything changing.
-                let _ = d_p99;
-                let deviates = d_ops > pc || d_bpo > pc;
-                *deviant = if deviates { *deviant + 1 } else { 0 };
+                let dir = |d: f64| -> i8 {
+                    if d.abs() > pc {
+                        d.signum() as i8
+                    } else {
+                        0
+                    }
+                };
+                let now_sign = (dir(d_ops), dir(d_bpo));
+                if now_sign == (0, 0) {
+                    *deviant = 0;
+                    history.push_back((window.ops_per_sec(), window.bytes_per_op()));
+                    while history.len() > PHASE_HISTORY {
+                        history.pop_front();
+                    }
+                    return None;
+                }
+                // Deviant windows count only in a row and the same way: noise flips sides.
+                *deviant = if *deviant > 0 && *sign == now_sign {
+                    *deviant + 1
+                } else {
+                    1
+                };
+                *sign = now_sign;
                 if *deviant < self.params.phase_windows {
                     return None;
                 }
+                let p99_ref = self.incumbent_m.p99_ns();
+                let w_p99 = (window.ops >= min_ops)
+                    .then(|| window.quantile_ns(0.99))
+                    .flatten();
                 let what = format!(
                     "ops/s {:.0}→{:.0}, bytes/op {:.0}→{:.0}, p99 {}→{}",
                     ops_ref,
                     window.ops_per_sec(),
                     bpo_ref,
                     window.bytes_per_op(),
-                    us(Some(p99_ref as u64)),
-                    us(w_p99.map(|v| v as u64))
+                    us(p99_ref),
+                    us(w_p99)
                 );
                 let recent_change = self.previous.as_ref().is_some_and(|(_, _, at, _)| {
                     now_ms.saturating_sub(*at) <= self.params.regression_guard_ms
                 });
-                if recent_change && d_bpo <= pc / 3.0 && self.rate_ok(now_ms) {
+                if recent_change && d_bpo.abs() <= pc / 3.0 && self.rate_ok(now_ms) {
                     let (prev, prev_m, _, mv) = self.previous.take().expect("checked");
                     let from = self.incumbent.expect("converged from an incumbent");
                     let value = self.objective_value();
                     self.incumbent = Some(prev);
+                    self.judged.clear();
                     self.incumbent_m = prev_m;
+                    self.a_seg = Segment::default();
                     self.phase = Phase::Baseline;
                     self.skip = self.params.settle_windows;
                     self.queue = prior(self.policy.objective)
@@ -767,6 +1012,92 @@ impl DeviceTuner {
                 None
             }
         }
+    }
+
+    /// The end of a trial: the judge's verdict on the candidate, measured between two
+    /// measurements of the incumbent (which is in force again).
+    #[allow(clippy::too_many_arguments)]
+    fn keep_or_reject(
+        &mut self,
+        now_ms: u64,
+        bounds: &Bounds,
+        mv: Move,
+        incumbent: DeviceSettings,
+        candidate: DeviceSettings,
+        b: Segment,
+        bm: Measurement,
+        a2: Segment,
+        j: Judgement,
+        shifted: bool,
+    ) -> Option<Outcome> {
+        let delta = fmt_settings_delta(&incumbent, &candidate);
+        if j.keep() {
+            self.best_ops_seen = self
+                .best_ops_seen
+                .max(bm.mean(Metric::OpsPerSec).unwrap_or(0.0));
+            self.ops_budget = (self.ops_budget * (1.0 + j.ops_estimate.unwrap_or(0.0))).min(1.0);
+            self.tally = [0; 3];
+            self.judged.clear();
+            let value = self.objective_value();
+            self.previous = Some((incumbent, self.incumbent_m.clone(), now_ms, mv));
+            self.incumbent = Some(candidate);
+            self.incumbent_m = bm;
+            // The candidate's windows are the A of the next trial (the judge fits the drift
+            // over their times, however far back).
+            self.a_seg = b;
+            self.skip = self.params.settle_windows;
+            // Same move again first, twice as far (a trial costs two rounds: where a knob keeps
+            // paying, the search gets there sooner); then one rung at a time; never straight
+            // back.
+            let mut q: VecDeque<Move> = prior(self.policy.objective)
+                .into_iter()
+                .filter(|o| o.knob != mv.knob)
+                .collect();
+            q.push_front(Move {
+                stride: (mv.stride * 2).min(MAX_STRIDE),
+                ..mv
+            });
+            q.push_back(Move { stride: 1, ..mv });
+            self.queue = q;
+            self.last_change_ms = Some(now_ms);
+            self.expected = Some(candidate);
+            return Some(Outcome {
+                action: Action::Change,
+                to: candidate,
+                reason: format!("{}kept {delta}: {}", self.take_note(), j.why),
+                objective_value: value,
+            });
+        }
+        self.judged.push(candidate);
+        match j.verdict {
+            Verdict::Flat => self.tally[0] += 1,
+            Verdict::Inconclusive => self.tally[1] += 1,
+            Verdict::Worse => self.tally[2] += 1,
+            Verdict::Better => {}
+        }
+        // A move that makes no difference, or one that pointed the right way without showing
+        // it, is retried once further along its ladder (flat stretches; a larger step has a
+        // larger effect to measure); one that pointed the wrong way is not.
+        let pointed_right = j.verdict == Verdict::Inconclusive && j.gain.is_some_and(|g| g > 0.0);
+        if (j.verdict == Verdict::Flat || pointed_right) && mv.stride < MAX_STRIDE && !shifted {
+            self.queue.push_front(Move {
+                stride: MAX_STRIDE,
+                ..mv
+            });
+        }
+        if shifted {
+            self.incumbent_m = Measurement::default();
+            self.a_seg = Segment::default();
+        } else {
+            self.a_seg = a2;
+        }
+        let earlier = self.take_note();
+        self.note = Some(format!("{earlier}not kept: {delta}: {}", j.why));
+        self.skip = 0;
+        if self.a_seg.is_empty() {
+            return None;
+        }
+        self.next_move(now_ms, bounds)
     }
 }
 

@@ -5,6 +5,9 @@
 //! - [`window`]: one interval's deltas of the cumulative counters and latency buckets.
 //! - [`measure`]: a settings point's windows together, and the statistics that decide whether
 //!   one point is better than another with confidence (not from a single sample).
+//! - [`judge`]: how a trial is judged: the incumbent measured before and after the candidate
+//!   (A-B-A), each effect with the drift taken out and a confidence interval, and the verdict as
+//!   a non-inferiority test (every constraint shown to hold and the objective shown improved).
 //! - [`decide`]: [`decide::DeviceTuner`], the pure decision function: (policy, current settings,
 //!   bounds, window, time) → a change, a revert, a recommendation or nothing, with a reason. No
 //!   I/O, no clock: everything it knows comes in as arguments, so it is property-tested.
@@ -21,6 +24,7 @@ pub mod backend;
 pub mod config;
 pub mod decide;
 pub mod dim;
+pub mod judge;
 pub mod measure;
 pub mod shell;
 pub mod window;

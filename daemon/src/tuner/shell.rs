@@ -157,7 +157,7 @@ impl TunerShared {
             (
                 "enlight_tuner_reverts_total",
                 "counter",
-                "Changes the tuner undid because they were not better or regressed.",
+                "Changes the tuner undid: the incumbent put back after a candidate, to measure it again (every trial is A-B-A), or a regression reverted.",
             ),
             (
                 "enlight_tuner_pinned",
@@ -376,6 +376,9 @@ impl Shell {
                         }
                     }
                     decisions.push(d);
+                }
+                if let Some(said) = slot.tuner.take_announcement() {
+                    log::info!("tuner: {name}: {said}");
                 }
             }
             views.insert(

@@ -34,7 +34,13 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(
         o,
         "# enlight bench tune{}\n",
-        if r.quick { " --quick" } else { "" }
+        if r.smoke {
+            " --smoke (seconds-long phases: these figures mean nothing)"
+        } else if r.quick {
+            " --quick"
+        } else {
+            ""
+        }
     );
     let first = r.scenarios.first();
     let _ = writeln!(
