@@ -45,6 +45,7 @@ impl KernelSource for KernelProbes {
                 probe: probe.clone(),
                 attached: s.attached,
                 reason: s.reason.clone(),
+                state: super::ProbeState::of(s.attached, s.absent, s.reason.as_deref()),
             })
             .collect()
     }
@@ -458,14 +459,19 @@ impl<S: KernelSource> KernelCollector<S> {
                 0.0
             };
             if d.device == "disk" {
-                info.block_queue = queues
-                    .all(&d.name)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v))
+                let settings = queues.settings(&d.name);
+                info.block_queue = settings
+                    .iter()
+                    .map(|q| (q.name.to_string(), q.value))
                     .collect();
+                dev.knobs = super::knobs::disk(&settings);
             } else {
                 info.nic = KernelTuner::nic_settings(&d.name, None).ok();
+                dev.knobs = super::knobs::nic(
+                    &d.driver,
+                    info.nic.as_ref(),
+                    &super::napi::NapiSysfs::at(&self.sysfs).all(&d.name),
+                );
             }
             info.tuning = match policy(&self.options.tune, self.options.dry_run, &d.name) {
                 Permission::Apply => "apply".into(),
@@ -529,11 +535,13 @@ pub(crate) mod tests {
                     probe: "block:block_rq_issue".into(),
                     attached: true,
                     reason: None,
+                    state: crate::kernel::ProbeState::Attached,
                 },
                 ProbeView {
                     probe: "hyperv:vmbus_*".into(),
                     attached: false,
                     reason: Some("no hyperv tracepoints".into()),
+                    state: crate::kernel::ProbeState::Absent,
                 },
             ]
         }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use super::blockq::{BlockQueueError, BlockQueues};
 use super::ethtool::{Ethtool, EthtoolError, NicPatch, NicSettings};
 use super::journal::{Journal, JournalError, KnobValue, Target};
+use super::napi::{NapiError, NapiSysfs, NAPI_KNOBS};
 
 /// Why a change was not made.
 #[derive(Debug, thiserror::Error)]
@@ -17,7 +18,17 @@ pub enum TuneError {
     #[error(transparent)]
     BlockQueue(#[from] BlockQueueError),
     #[error(transparent)]
+    Napi(#[from] NapiError),
+    #[error(transparent)]
     Journal(#[from] JournalError),
+    /// NAPI sysfs knobs are reachable only for the daemon's own network namespace (sysfs shows
+    /// the namespace it was mounted in).
+    #[error("{knob} on {iface} (netns {}): sysfs here shows another network namespace", netns.display())]
+    ForeignNetns {
+        iface: String,
+        knob: String,
+        netns: PathBuf,
+    },
     /// The network namespace could not be entered.
     #[error("entering network namespace {path}: {source}")]
     Netns {
@@ -166,6 +177,7 @@ pub struct RestoreReport {
 pub struct KernelTuner {
     journal: Journal,
     queues: BlockQueues,
+    napi: NapiSysfs,
 }
 
 impl KernelTuner {
@@ -174,6 +186,7 @@ impl KernelTuner {
         Ok(KernelTuner {
             journal: Journal::open(runtime_dir)?,
             queues: BlockQueues::default(),
+            napi: NapiSysfs::default(),
         })
     }
 
@@ -224,6 +237,40 @@ impl KernelTuner {
         })?
     }
 
+    /// Sets NAPI sysfs `knob` (`napi_defer_hard_irqs`, `gro_flush_timeout`) of `iface` to
+    /// `value`: checked first (knob, range), the original journalled, then written. Only the
+    /// daemon's own network namespace (`netns` `None`).
+    pub fn set_napi(
+        &mut self,
+        iface: &str,
+        netns: Option<&Path>,
+        knob: &str,
+        value: u64,
+    ) -> Result<u64, TuneError> {
+        if let Some(ns) = netns {
+            return Err(TuneError::ForeignNetns {
+                iface: iface.into(),
+                knob: knob.into(),
+                netns: ns.into(),
+            });
+        }
+        let target = Target::Nic {
+            iface: iface.into(),
+            netns: None,
+        };
+        let original = self.napi.get(iface, knob)?;
+        self.napi.check(iface, knob, value)?;
+        // Both knobs are at most i32::MAX and 10 ms in ns ([`super::napi::range`]) and so are
+        // the originals the kernel reports for them unless someone wrote a larger timer.
+        let as_u32 = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        self.journal
+            .record_original(&target, knob, KnobValue::U32(as_u32(original)))?;
+        let now = self.napi.set(iface, knob, value)?;
+        self.journal
+            .note_applied(&target, knob, KnobValue::U32(as_u32(now)))?;
+        Ok(now)
+    }
+
     /// Sets block queue `knob` of `disk` to `value`, journalling the original first.
     pub fn set_block(&mut self, disk: &str, knob: &str, value: u32) -> Result<u32, TuneError> {
         let target = Target::Block { disk: disk.into() };
@@ -255,6 +302,23 @@ impl KernelTuner {
         let entries: Vec<_> = self.journal.entries().to_vec();
         for e in entries {
             let result: Result<(), String> = match &e.target {
+                Target::Nic { iface, netns } if NAPI_KNOBS.contains(&e.knob.as_str()) => {
+                    match (netns, e.original) {
+                        (None, KnobValue::U32(v)) => self
+                            .napi
+                            .put_back(iface, &e.knob, v as u64)
+                            .map(|_| ())
+                            .map_err(|err| err.to_string()),
+                        (Some(ns), _) => Err(format!(
+                            "{} of {iface}: netns {} is not this sysfs's",
+                            e.knob,
+                            ns.display()
+                        )),
+                        (None, KnobValue::Bool(_)) => {
+                            Err(format!("{}: not a boolean knob", e.knob))
+                        }
+                    }
+                }
                 Target::Nic { iface, netns } => match patch_of(&e.knob, e.original) {
                     None => Err(format!("unknown NIC knob {}", e.knob)),
                     Some(patch) => in_netns(netns.as_deref(), || {
