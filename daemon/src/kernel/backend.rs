@@ -21,7 +21,7 @@ use enlight_driver::registry::DeviceRecord;
 use enlight_driver::settings::DeviceSettings;
 
 use super::ethtool::NicPatch;
-use super::napi::{NapiSysfs, NAPI_KNOBS};
+use super::napi::NAPI_KNOBS;
 use super::tune::{policy, KernelTuner, Permission, TuneError};
 use super::KernelConfig;
 use crate::knobs::Knob;
@@ -31,16 +31,11 @@ use crate::tuner::Bounds;
 /// The NAPI weight the kernel polls NIC queues with.
 pub const NAPI_WEIGHT: u32 = 64;
 
-/// The knobs of NIC `iface` (in `netns`, if given) as read now. NAPI sysfs knobs only for the
-/// daemon's own network namespace.
+/// The knobs of NIC `iface` (in `netns`, if given) as read now.
 pub fn nic_knobs(iface: &str, netns: Option<&Path>) -> Result<Vec<Knob>, TuneError> {
     let ethtool = KernelTuner::nic_settings(iface, netns)?;
     let driver = super::tune::in_netns(netns, || super::ethtool::driver_name(iface))?;
-    let napi = if netns.is_none() {
-        NapiSysfs::default().all(iface)
-    } else {
-        Vec::new()
-    };
+    let napi = KernelTuner::napi_settings(iface, netns)?;
     Ok(super::knobs::nic(&driver, Some(&ethtool), &napi))
 }
 

@@ -21,15 +21,7 @@ pub enum TuneError {
     Napi(#[from] NapiError),
     #[error(transparent)]
     Journal(#[from] JournalError),
-    /// NAPI sysfs knobs are reachable only for the daemon's own network namespace (sysfs shows
-    /// the namespace it was mounted in).
-    #[error("{knob} on {iface} (netns {}): sysfs here shows another network namespace", netns.display())]
-    ForeignNetns {
-        iface: String,
-        knob: String,
-        netns: PathBuf,
-    },
-    /// The network namespace could not be entered.
+    /// The network namespace could not be entered (or its sysfs mounted).
     #[error("entering network namespace {path}: {source}")]
     Netns {
         path: PathBuf,
@@ -87,6 +79,73 @@ pub fn in_netns<T: Send>(
         })
         .join()
         .expect("netns thread panicked")
+    })
+}
+
+/// Runs `f` on a thread that sees the sysfs of the network namespace at `netns` at `/sys`
+/// (`None`: here, the real `/sys`). sysfs shows the interfaces of the namespace it was mounted
+/// in, so the thread gets a mount namespace of its own (every mount private, nothing
+/// propagates back), enters the network namespace and mounts a fresh sysfs over `/sys` there,
+/// as `ip netns exec` does. The mount namespace goes with the thread.
+pub fn in_netns_sysfs<T: Send>(
+    netns: Option<&Path>,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, TuneError> {
+    let Some(path) = netns else {
+        return Ok(f());
+    };
+    let failed = |path: &Path| TuneError::Netns {
+        path: path.into(),
+        source: std::io::Error::last_os_error(),
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(path).map_err(|source| TuneError::Netns {
+                path: path.into(),
+                source,
+            })?;
+            use std::os::fd::AsRawFd;
+            // SAFETY: unshare of this (scoped) thread's filesystem attributes and mount
+            // namespace; no other thread shares them afterwards.
+            if unsafe { libc::unshare(libc::CLONE_FS | libc::CLONE_NEWNS) } != 0 {
+                return Err(failed(path));
+            }
+            // SAFETY: valid NUL-terminated strings; makes every mount of this thread's new
+            // mount namespace private, so the sysfs mounted below never shows outside it.
+            if unsafe {
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                )
+            } != 0
+            {
+                return Err(failed(path));
+            }
+            // SAFETY: setns on an open namespace file; it affects only this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(failed(path));
+            }
+            // SAFETY: valid NUL-terminated strings; a sysfs of the network namespace just
+            // entered, over /sys in this thread's private mount namespace only.
+            if unsafe {
+                libc::mount(
+                    c"sysfs".as_ptr(),
+                    c"/sys".as_ptr(),
+                    c"sysfs".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            } != 0
+            {
+                return Err(failed(path));
+            }
+            Ok(f())
+        })
+        .join()
+        .expect("netns sysfs thread panicked")
     })
 }
 
@@ -237,9 +296,9 @@ impl KernelTuner {
         })?
     }
 
-    /// Sets NAPI sysfs `knob` (`napi_defer_hard_irqs`, `gro_flush_timeout`) of `iface` to
-    /// `value`: checked first (knob, range), the original journalled, then written. Only the
-    /// daemon's own network namespace (`netns` `None`).
+    /// Sets NAPI sysfs `knob` (`napi_defer_hard_irqs`, `gro_flush_timeout`) of `iface` (in
+    /// `netns`, if given) to `value`: checked first (knob, range), the original journalled,
+    /// then written. Returns the value the kernel reports afterwards.
     pub fn set_napi(
         &mut self,
         iface: &str,
@@ -247,28 +306,31 @@ impl KernelTuner {
         knob: &str,
         value: u64,
     ) -> Result<u64, TuneError> {
-        if let Some(ns) = netns {
-            return Err(TuneError::ForeignNetns {
-                iface: iface.into(),
-                knob: knob.into(),
-                netns: ns.into(),
-            });
-        }
         let target = Target::Nic {
             iface: iface.into(),
-            netns: None,
+            netns: netns.map(Path::to_path_buf),
         };
-        let original = self.napi.get(iface, knob)?;
-        self.napi.check(iface, knob, value)?;
-        // Both knobs are at most i32::MAX and 10 ms in ns ([`super::napi::range`]) and so are
-        // the originals the kernel reports for them unless someone wrote a larger timer.
-        let as_u32 = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
-        self.journal
-            .record_original(&target, knob, KnobValue::U32(as_u32(original)))?;
-        let now = self.napi.set(iface, knob, value)?;
-        self.journal
-            .note_applied(&target, knob, KnobValue::U32(as_u32(now)))?;
-        Ok(now)
+        let journal = &mut self.journal;
+        let napi = &self.napi;
+        in_netns_sysfs(netns, || -> Result<u64, TuneError> {
+            let original = napi.get(iface, knob)?;
+            napi.check(iface, knob, value)?;
+            // Both knobs are at most i32::MAX and 10 ms in ns ([`super::napi::range`]), and
+            // so are the originals unless someone wrote a timer of more than 4 s.
+            let as_u32 = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+            journal.record_original(&target, knob, KnobValue::U32(as_u32(original)))?;
+            let now = napi.set(iface, knob, value)?;
+            journal.note_applied(&target, knob, KnobValue::U32(as_u32(now)))?;
+            Ok(now)
+        })?
+    }
+
+    /// The NAPI sysfs knobs of `iface` (in `netns`, if given).
+    pub fn napi_settings(
+        iface: &str,
+        netns: Option<&Path>,
+    ) -> Result<Vec<(&'static str, u64)>, TuneError> {
+        in_netns_sysfs(netns, || NapiSysfs::default().all(iface))
     }
 
     /// Sets block queue `knob` of `disk` to `value`, journalling the original first.
@@ -303,20 +365,18 @@ impl KernelTuner {
         for e in entries {
             let result: Result<(), String> = match &e.target {
                 Target::Nic { iface, netns } if NAPI_KNOBS.contains(&e.knob.as_str()) => {
-                    match (netns, e.original) {
-                        (None, KnobValue::U32(v)) => self
-                            .napi
-                            .put_back(iface, &e.knob, v as u64)
-                            .map(|_| ())
-                            .map_err(|err| err.to_string()),
-                        (Some(ns), _) => Err(format!(
-                            "{} of {iface}: netns {} is not this sysfs's",
-                            e.knob,
-                            ns.display()
-                        )),
-                        (None, KnobValue::Bool(_)) => {
-                            Err(format!("{}: not a boolean knob", e.knob))
+                    match e.original {
+                        KnobValue::U32(v) => {
+                            let napi = &self.napi;
+                            in_netns_sysfs(netns.as_deref(), || {
+                                napi.put_back(iface, &e.knob, v as u64)
+                                    .map(|_| ())
+                                    .map_err(|err| err.to_string())
+                            })
+                            .map_err(|err| err.to_string())
+                            .and_then(|r| r)
                         }
+                        KnobValue::Bool(_) => Err(format!("{}: not a boolean knob", e.knob)),
                     }
                 }
                 Target::Nic { iface, netns } => match patch_of(&e.knob, e.original) {
