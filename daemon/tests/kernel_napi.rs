@@ -53,6 +53,14 @@ fn check_knobs_against_sysfs_and_ethtool(ns: &NetNs, iface: &str) -> Vec<String>
     for k in &knobs {
         let want: u64 = match (k.source, k.name.as_str()) {
             (Source::Sysfs, name) => sysfs(ns, iface, name),
+            // Each NAPI instance holds the interface-wide value written through sysfs (the
+            // kernel copies it into every instance), and no irq-suspend timeout here.
+            (Source::NetdevNetlink, name) => match name.split_once('/').unwrap().1 {
+                "defer_hard_irqs" => sysfs(ns, iface, "napi_defer_hard_irqs"),
+                "gro_flush_timeout" => sysfs(ns, iface, "gro_flush_timeout"),
+                "irq_suspend_timeout" => 0,
+                other => panic!("{other}"),
+            },
             (Source::EthtoolNetlink, "rx_frames") => ethtool_field(&coalesce, "rx-frames:", 0)
                 .unwrap()
                 .parse()
@@ -111,7 +119,13 @@ fn every_knob_shown_for_a_veth_and_a_tap_is_what_sysfs_and_ethtool_say() {
         "-c",
         "echo 40000 > /sys/class/net/b/gro_flush_timeout",
     ]);
+    // GRO on: veth gets NAPI instances, which netdev netlink lists.
+    pair.ns_b.exec(&["ethtool", "-K", "b", "gro", "on"]);
     let veth = check_knobs_against_sysfs_and_ethtool(&pair.ns_b, "b");
+    assert!(
+        veth.iter().any(|k| k.ends_with("/gro_flush_timeout")),
+        "per-NAPI knobs through netdev netlink (kernel 6.13+): {veth:?}"
+    );
     assert!(
         veth.iter().any(|k| k == "napi_defer_hard_irqs")
             && veth.iter().any(|k| k == "gro_flush_timeout"),
@@ -263,6 +277,48 @@ fn the_tuner_moderates_a_veths_napi_through_sysfs_and_the_journal_puts_it_back()
     assert_eq!((now.moderation_frames, now.moderation_usecs), (10, 200));
     assert_eq!(sysfs(&pair.ns_b, "b", "napi_defer_hard_irqs"), 10);
     assert_eq!(sysfs(&pair.ns_b, "b", "gro_flush_timeout"), 200_000);
+    // Every NAPI instance has it too, as the netdev netlink dump reports it.
+    let instances = enlightd::kernel::backend::napi_instances("b", Some(&netns));
+    assert!(!instances.is_empty(), "veth with GRO has NAPI instances");
+    for n in &instances {
+        assert_eq!(
+            (n.defer_hard_irqs, n.gro_flush_timeout),
+            (Some(10), Some(200_000)),
+            "{n:?}"
+        );
+    }
+    // Per instance through napi-set: one instance's timer, the interface-wide value untouched.
+    let first = instances[0].id;
+    enlightd::kernel::tune::in_netns(Some(&netns), || {
+        enlightd::kernel::netdev::Netdev::open()
+            .unwrap()
+            .set(
+                "b",
+                first,
+                &enlightd::kernel::netdev::NapiPatch {
+                    gro_flush_timeout: Some(150_000),
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+    })
+    .unwrap();
+    let again = enlightd::kernel::backend::napi_instances("b", Some(&netns));
+    assert_eq!(
+        again
+            .iter()
+            .find(|n| n.id == first)
+            .unwrap()
+            .gro_flush_timeout,
+        Some(150_000)
+    );
+    assert_eq!(sysfs(&pair.ns_b, "b", "gro_flush_timeout"), 200_000);
+    // Back to the interface-wide value before measuring.
+    pair.ns_b.exec(&[
+        "sh",
+        "-c",
+        "echo 200000 > /sys/class/net/b/gro_flush_timeout",
+    ]);
     // Journalled before the change, with the originals.
     let journal = KernelTuner::open(runtime.path()).unwrap();
     let target = Target::Nic {

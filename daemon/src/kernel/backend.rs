@@ -36,7 +36,35 @@ pub fn nic_knobs(iface: &str, netns: Option<&Path>) -> Result<Vec<Knob>, TuneErr
     let ethtool = KernelTuner::nic_settings(iface, netns)?;
     let driver = super::tune::in_netns(netns, || super::ethtool::driver_name(iface))?;
     let napi = KernelTuner::napi_settings(iface, netns)?;
-    Ok(super::knobs::nic(&driver, Some(&ethtool), &napi))
+    let mut knobs = super::knobs::nic(&driver, Some(&ethtool), &napi);
+    knobs.extend(super::knobs::napi_instances(&napi_instances(iface, netns)));
+    Ok(knobs)
+}
+
+/// The NAPI instances of `iface` (in `netns`, if given) through netdev netlink; none on a
+/// kernel without the family's NAPI operations (the sysfs knobs still apply there).
+pub fn napi_instances(iface: &str, netns: Option<&Path>) -> Vec<super::netdev::NapiInstance> {
+    let read = || -> Result<Vec<super::netdev::NapiInstance>, super::netdev::NetdevError> {
+        let name = std::ffi::CString::new(iface)
+            .map_err(|_| super::netdev::NetdevError::Decode(format!("bad name {iface:?}")))?;
+        // SAFETY: a valid NUL-terminated name; if_nametoindex only reads it.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            return Ok(Vec::new());
+        }
+        super::netdev::Netdev::open()?.napis(iface, ifindex)
+    };
+    match super::tune::in_netns(netns, read) {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            log::debug!("{iface}: {e}");
+            Vec::new()
+        }
+        Err(e) => {
+            log::debug!("{iface}: {e}");
+            Vec::new()
+        }
+    }
 }
 
 /// The ethtool patch of one knob change (`None`: not an ethtool knob).

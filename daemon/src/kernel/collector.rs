@@ -472,6 +472,9 @@ impl<S: KernelSource> KernelCollector<S> {
                     info.nic.as_ref(),
                     &super::napi::NapiSysfs::at(&self.sysfs).all(&d.name),
                 );
+                dev.knobs.extend(super::knobs::napi_instances(
+                    &super::backend::napi_instances(&d.name, None),
+                ));
             }
             info.tuning = match policy(&self.options.tune, self.options.dry_run, &d.name) {
                 Permission::Apply => "apply".into(),

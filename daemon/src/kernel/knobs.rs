@@ -112,6 +112,40 @@ pub fn nic(driver: &str, ethtool: Option<&NicSettings>, napi: &[(&'static str, u
     out
 }
 
+/// The per-instance NAPI knobs (netdev netlink, 6.13+): `napi<id>/defer_hard_irqs`,
+/// `napi<id>/gro_flush_timeout` and `napi<id>/irq_suspend_timeout` of each NAPI instance, as
+/// the kernel reports them (an attribute it does not report is no knob). The tuner moves the
+/// interface-wide sysfs knobs, which set every instance; these show where instances differ.
+pub fn napi_instances(instances: &[super::netdev::NapiInstance]) -> Vec<Knob> {
+    let mut out = Vec::new();
+    for n in instances {
+        let defer = n
+            .defer_hard_irqs
+            .map(|v| ("defer_hard_irqs", v as u64, Unit::Count));
+        let gro = n
+            .gro_flush_timeout
+            .map(|v| ("gro_flush_timeout", v, Unit::Nanoseconds));
+        let suspend = n
+            .irq_suspend_timeout
+            .map(|v| ("irq_suspend_timeout", v, Unit::Nanoseconds));
+        for (name, v, unit) in [defer, gro, suspend].into_iter().flatten() {
+            let max = match name {
+                "defer_hard_irqs" => super::napi::DEFER_MAX,
+                _ => u64::MAX,
+            };
+            out.push(Knob::new(
+                &format!("napi{}/{name}", n.id),
+                v,
+                (Some(0), Some(max)),
+                unit,
+                Source::NetdevNetlink,
+                Disruption::Live,
+            ));
+        }
+    }
+    out
+}
+
 /// One block queue setting as read from sysfs: name, value, whether writable for this device,
 /// and its range.
 pub struct QueueSetting {

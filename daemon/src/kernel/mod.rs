@@ -12,6 +12,7 @@ pub mod journal;
 pub mod knobs;
 pub mod metrics;
 pub mod napi;
+pub mod netdev;
 pub mod tune;
 
 use std::collections::BTreeMap;
