@@ -127,6 +127,9 @@ pub fn render(devices: &[DeviceView], only: Option<&str>) -> Result<String> {
             )),
             None => out.push_str("  recommended: nothing yet (still measuring)\n"),
         }
+        if let Some(why) = &t.pinned_reason {
+            out.push_str(&format!("  pinned: {why}\n"));
+        }
         for why in not_explored(d) {
             out.push_str(&format!("  not explored: {why}\n"));
         }
@@ -201,6 +204,7 @@ mod tests {
             state: TunerState::Idle,
             pinned: false,
             last_decision: None,
+            pinned_reason: None,
             recommendation: Some(DeviceSettings {
                 moderation_usecs: 20,
                 ..settings
@@ -267,6 +271,7 @@ mod tests {
             state: TunerState::Exploring,
             pinned: false,
             last_decision: None,
+            pinned_reason: None,
             recommendation: Some(DeviceSettings {
                 moderation_frames: 2,
                 moderation_usecs: 50,

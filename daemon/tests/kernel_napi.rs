@@ -363,13 +363,34 @@ fn the_tuner_moderates_a_veths_napi_through_sysfs_and_the_journal_puts_it_back()
         "nothing half-applied"
     );
 
+    // An operator changes a knob enlight set: the next read (every tick) sees it, names what
+    // changed from what to what, and enlight never writes over it.
+    pair.ns_b.exec(&[
+        "sh",
+        "-c",
+        "echo 50000 > /sys/class/net/b/gro_flush_timeout",
+    ]);
+    let (seen, _) = backend.get().unwrap();
+    assert_eq!(seen.moderation_usecs, 50);
+    let why = backend
+        .changed_by_someone_else()
+        .expect("the operator's change is seen");
+    assert!(
+        why.contains("gro_flush_timeout on b changed from 200000 ns (set by enlight) to 50000 ns"),
+        "{why}"
+    );
+    let e = backend.apply(&seen, &to).unwrap_err().to_string();
+    assert!(e.contains("someone else"), "{e}");
+    assert_eq!(sysfs(&pair.ns_b, "b", "gro_flush_timeout"), 50_000);
+
     // The tuner goes away without restoring (as enlightd killed with SIGKILL): the journal
-    // on disk puts the originals back.
+    // on disk puts back the originals of what enlight still owns, and leaves the operator's.
     std::mem::forget(backend);
     let report = KernelTuner::open(runtime.path()).unwrap().restore();
-    assert_eq!(report.restored.len(), 2, "{:?}", report.failed);
+    assert_eq!(report.restored.len(), 1, "{:?}", report.failed);
+    assert_eq!(report.left.len(), 1, "{:?}", report.left);
     assert_eq!(sysfs(&pair.ns_b, "b", "napi_defer_hard_irqs"), original.0);
-    assert_eq!(sysfs(&pair.ns_b, "b", "gro_flush_timeout"), original.1);
+    assert_eq!(sysfs(&pair.ns_b, "b", "gro_flush_timeout"), 50_000);
     assert!(KernelTuner::open(runtime.path())
         .unwrap()
         .journal()

@@ -107,6 +107,41 @@ pub struct KernelNicBackend {
     netns: Option<PathBuf>,
     permission: Permission,
     tuner: KernelTuner,
+    /// The knobs this backend set, with the value the kernel reported afterwards: re-read
+    /// every tick, so a change by anyone else is seen within one.
+    owned: std::collections::BTreeMap<String, u64>,
+    /// Someone else's change: no write from this backend after it (the tuner pins the device;
+    /// unpinning opens a fresh backend).
+    someone_else: Option<String>,
+    /// Whether the tuner has been told.
+    reported: bool,
+}
+
+/// Whether someone else changed a knob enlight set: the first knob whose value in `knobs`
+/// differs from what enlight left it at (`owned`), said as what changed from what to what. A
+/// pure function.
+pub fn changed_by_someone_else(
+    iface: &str,
+    owned: &std::collections::BTreeMap<String, u64>,
+    knobs: &[Knob],
+) -> Option<String> {
+    owned.iter().find_map(|(name, ours)| {
+        let k = knobs.iter().find(|k| &k.name == name)?;
+        (k.value != *ours).then(|| {
+            let show = |v: u64| {
+                Knob {
+                    value: v,
+                    ..k.clone()
+                }
+                .display_value()
+            };
+            format!(
+                "{name} on {iface} changed from {} (set by enlight) to {} by someone else",
+                show(*ours),
+                show(k.value)
+            )
+        })
+    })
 }
 
 impl KernelNicBackend {
@@ -124,7 +159,23 @@ impl KernelNicBackend {
             permission,
             tuner: KernelTuner::open(runtime_dir)
                 .map_err(|e| BackendError::Unreachable(e.to_string()))?,
+            owned: Default::default(),
+            someone_else: None,
+            reported: false,
         })
+    }
+
+    /// Reads the knobs and notes a change of an owned knob by someone else (the knob is no
+    /// longer ours then: enlight never writes over it).
+    fn read(&mut self) -> Result<Vec<Knob>, BackendError> {
+        let knobs = nic_knobs(&self.iface, self.netns.as_deref())
+            .map_err(|e| BackendError::Unreachable(e.to_string()))?;
+        if let Some(why) = changed_by_someone_else(&self.iface, &self.owned, &knobs) {
+            self.owned.clear();
+            self.someone_else = Some(why);
+            self.reported = false;
+        }
+        Ok(knobs)
     }
 }
 
@@ -153,9 +204,16 @@ impl KernelNicBackend {
 
 impl SettingsBackend for KernelNicBackend {
     fn get(&mut self) -> Result<(DeviceSettings, Bounds), BackendError> {
-        let knobs = nic_knobs(&self.iface, self.netns.as_deref())
-            .map_err(|e| BackendError::Unreachable(e.to_string()))?;
+        let knobs = self.read()?;
         Ok(crate::knobs::tuner_space(&knobs, NAPI_WEIGHT))
+    }
+
+    fn changed_by_someone_else(&mut self) -> Option<String> {
+        if self.reported {
+            return None;
+        }
+        self.reported = true;
+        self.someone_else.clone()
     }
 
     fn apply(
@@ -169,9 +227,15 @@ impl SettingsBackend for KernelNicBackend {
                 message: format!("{}: recommend only ({why})", self.iface),
             });
         }
-        // What is in force now, not what the tuner last saw: only real differences are written.
-        let knobs = nic_knobs(&self.iface, self.netns.as_deref())
-            .map_err(|e| BackendError::Unreachable(e.to_string()))?;
+        // What is in force now, not what the tuner last saw: only real differences are written,
+        // and nothing once someone else has changed a knob enlight set.
+        let knobs = self.read()?;
+        if let Some(why) = &self.someone_else {
+            return Err(BackendError::Rejected {
+                kind: "busy".into(),
+                message: format!("{why}: enlight leaves it alone"),
+            });
+        }
         let mut done: Vec<(String, u64)> = Vec::new();
         for (knob, before, after) in crate::knobs::changes_to(&knobs, to) {
             if let Err(e) = self.set_one(&knob, after) {
@@ -186,7 +250,14 @@ impl SettingsBackend for KernelNicBackend {
             }
             done.push((knob, before));
         }
-        Ok(self.get()?.0)
+        let after = nic_knobs(&self.iface, self.netns.as_deref())
+            .map_err(|e| BackendError::Unreachable(e.to_string()))?;
+        for (name, _) in &done {
+            if let Some(k) = after.iter().find(|k| &k.name == name) {
+                self.owned.insert(name.clone(), k.value);
+            }
+        }
+        Ok(crate::knobs::tuner_space(&after, NAPI_WEIGHT).0)
     }
 }
 
@@ -281,6 +352,23 @@ mod tests {
         assert_eq!(
             crate::knobs::changes_to(&knobs, &to),
             vec![("rx_frames".to_string(), 0, 8)]
+        );
+    }
+
+    #[test]
+    fn a_knob_someone_else_changed_is_named_with_both_values() {
+        let knobs = crate::kernel::knobs::nic(
+            "veth",
+            None,
+            &[("napi_defer_hard_irqs", 10), ("gro_flush_timeout", 50_000)],
+        );
+        let mut owned = std::collections::BTreeMap::new();
+        owned.insert("napi_defer_hard_irqs".to_string(), 10);
+        assert_eq!(changed_by_someone_else("b", &owned, &knobs), None);
+        owned.insert("gro_flush_timeout".to_string(), 200_000);
+        assert_eq!(
+            changed_by_someone_else("b", &owned, &knobs).as_deref(),
+            Some("gro_flush_timeout on b changed from 200000 ns (set by enlight) to 50000 ns by someone else")
         );
     }
 

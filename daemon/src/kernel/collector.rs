@@ -127,6 +127,9 @@ impl<S: KernelSource> Drop for KernelCollector<S> {
                         "restored {target} {knob} = {v} (its value before enlight changed it)"
                     );
                 }
+                for (target, knob, why) in &report.left {
+                    log::warn!("not restoring {target} {knob}: {why}");
+                }
                 for (target, knob, why) in &report.failed {
                     log::warn!("could not restore {target} {knob}: {why} (run `enlight restore`)");
                 }

@@ -230,6 +230,10 @@ pub struct RestoreReport {
     pub restored: Vec<(Target, String, KnobValue)>,
     /// `(target, knob, why not)`: these stay in the journal.
     pub failed: Vec<(Target, String, String)>,
+    /// `(target, knob, what happened)`: someone else changed the knob after enlight did, so
+    /// their value stays (enlight never writes over an operator's change) and the knob leaves
+    /// the journal.
+    pub left: Vec<(Target, String, String)>,
 }
 
 /// Applies kernel settings with the journal.
@@ -363,14 +367,24 @@ impl KernelTuner {
         let mut report = RestoreReport::default();
         let entries: Vec<_> = self.journal.entries().to_vec();
         for e in entries {
-            let result: Result<(), String> = match &e.target {
+            // Ok(Some(why)): left as someone else set it.
+            let result: Result<Option<String>, String> = match &e.target {
                 Target::Nic { iface, netns } if NAPI_KNOBS.contains(&e.knob.as_str()) => {
                     match e.original {
                         KnobValue::U32(v) => {
                             let napi = &self.napi;
+                            let applied = e.applied;
                             in_netns_sysfs(netns.as_deref(), || {
+                                let now = napi.get(iface, &e.knob).map_err(|err| err.to_string())?;
+                                if let Some(KnobValue::U32(ours)) = applied {
+                                    if now != ours as u64 {
+                                        return Ok(Some(format!(
+                                            "changed from {ours} (set by enlight) to {now} by someone else: left as it is"
+                                        )));
+                                    }
+                                }
                                 napi.put_back(iface, &e.knob, v as u64)
-                                    .map(|_| ())
+                                    .map(|_| None)
                                     .map_err(|err| err.to_string())
                             })
                             .map_err(|err| err.to_string())
@@ -384,7 +398,7 @@ impl KernelTuner {
                     Some(patch) => in_netns(netns.as_deref(), || {
                         Ethtool::open()
                             .and_then(|mut t| t.apply(iface, &patch))
-                            .map(|_| ())
+                            .map(|_| None)
                             .map_err(|err| err.to_string())
                     })
                     .map_err(|err| err.to_string())
@@ -394,17 +408,19 @@ impl KernelTuner {
                     KnobValue::U32(v) => self
                         .queues
                         .set(disk, &e.knob, v)
-                        .map(|_| ())
+                        .map(|_| None)
                         .map_err(|err| err.to_string()),
                     KnobValue::Bool(_) => Err(format!("{}: not a boolean knob", e.knob)),
                 },
             };
             match result {
-                Ok(()) => {
+                Ok(left) => {
                     if let Err(err) = self.journal.forget(&e.target, &e.knob) {
                         report
                             .failed
                             .push((e.target.clone(), e.knob.clone(), err.to_string()));
+                    } else if let Some(why) = left {
+                        report.left.push((e.target, e.knob, why));
                     } else {
                         report.restored.push((e.target, e.knob, e.original));
                     }
