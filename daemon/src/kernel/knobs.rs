@@ -230,6 +230,35 @@ mod tests {
         assert_eq!(ring_disruption("virtio_net"), Disruption::ResetsQueue);
     }
 
+    /// docs/kernel.md's driver catalogue and [`ring_disruption`] say the same for every driver
+    /// the table lists.
+    #[test]
+    fn the_driver_catalogue_and_the_code_agree() {
+        let doc = include_str!("../../../docs/kernel.md");
+        let start = doc
+            .find("<!-- driver-catalogue: start -->")
+            .expect("catalogue");
+        let end = doc
+            .find("<!-- driver-catalogue: end -->")
+            .expect("catalogue end");
+        let rows: Vec<Vec<&str>> = doc[start..end]
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| driver") && !l.starts_with("|---"))
+            .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
+            .collect();
+        assert!(rows.len() >= 7, "{rows:?}");
+        for row in rows {
+            assert_eq!(
+                ring_disruption(row[0]).name(),
+                row[1],
+                "{}: the catalogue says {}, the code {}",
+                row[0],
+                row[1],
+                ring_disruption(row[0]).name()
+            );
+        }
+    }
+
     #[test]
     fn only_writable_queue_settings_are_disk_knobs() {
         let k = disk(&[
