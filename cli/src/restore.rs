@@ -43,6 +43,9 @@ pub fn render_report(report: &RestoreReport) -> String {
     for (target, knob, why) in &report.failed {
         out.push_str(&format!("FAILED   {target} {knob}: {why}\n"));
     }
+    for (target, knob, why) in &report.left {
+        out.push_str(&format!("left     {target} {knob}: {why}\n"));
+    }
     if out.is_empty() {
         out.push_str("nothing to restore: enlight changed no kernel device setting\n");
     }
@@ -78,6 +81,7 @@ mod tests {
     #[test]
     fn reports_name_every_knob() {
         let report = RestoreReport {
+            left: vec![],
             restored: vec![(
                 Target::Block { disk: "vdb".into() },
                 "read_ahead_kb".into(),

@@ -7,7 +7,6 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use enlight_driver::settings::DeviceSettings;
 use enlightd::DeviceView;
 
 #[derive(Args, Debug)]
@@ -73,18 +72,19 @@ pub fn render_json(devices: &[DeviceView], only: Option<&str>) -> Result<String>
         .map(|d| {
             serde_json::json!({
                 "name": d.name, "kind": d.kind, "device": d.device,
-                "settings": d.settings, "tuner": d.tuner,
+                "settings": d.settings, "knobs": d.knobs, "tuner": d.tuner,
             })
         })
         .collect();
     Ok(serde_json::to_string_pretty(&out)? + "\n")
 }
 
-fn settings_line(s: &DeviceSettings) -> String {
-    format!(
-        "ring {}/{} B, moderation {} frames or {} us, poll budget {}",
-        s.ring_out_bytes, s.ring_in_bytes, s.moderation_frames, s.moderation_usecs, s.poll_budget
-    )
+/// Why each knob the tuner never changes live is left alone (recommend only).
+fn not_explored(d: &DeviceView) -> Vec<String> {
+    d.knobs
+        .iter()
+        .filter_map(|k| k.not_explored_because())
+        .collect()
 }
 
 /// The report for a list of devices (pure, tested).
@@ -94,8 +94,11 @@ pub fn render(devices: &[DeviceView], only: Option<&str>) -> Result<String> {
     for d in devices.iter().filter(|d| only.is_none_or(|n| d.name == n)) {
         let Some(t) = &d.tuner else {
             out.push_str(&format!(
-                "{} ({} {}): no tuner runs for this device\n",
-                d.name, d.kind, d.device
+                "{} ({} {}): no tuner runs for this device; knobs: {}\n",
+                d.name,
+                d.kind,
+                d.device,
+                enlightd::knobs::line(&d.knobs)
             ));
             continue;
         };
@@ -113,14 +116,22 @@ pub fn render(devices: &[DeviceView], only: Option<&str>) -> Result<String> {
             } else {
                 ""
             },
-            settings_line(&d.settings)
+            enlightd::knobs::line(&d.knobs)
         ));
+        // The recommendation in the device's own knobs (the tuner's settings point mapped
+        // onto the knobs riding its ladders).
         match &t.recommendation {
-            Some(r) if *r != d.settings => {
-                out.push_str(&format!("  recommended: {}\n", settings_line(r)))
-            }
-            Some(_) => out.push_str("  recommended: keep the current settings\n"),
+            Some(r) => out.push_str(&format!(
+                "  recommended: {}\n",
+                enlightd::knobs::changes_line(&d.knobs, r)
+            )),
             None => out.push_str("  recommended: nothing yet (still measuring)\n"),
+        }
+        if let Some(why) = &t.pinned_reason {
+            out.push_str(&format!("  pinned: {why}\n"));
+        }
+        for why in not_explored(d) {
+            out.push_str(&format!("  not explored: {why}\n"));
         }
         if let Some(dec) = &t.last_decision {
             out.push_str(&format!(
@@ -163,6 +174,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use enlight_driver::settings::DeviceSettings;
     use enlightd::tuner::{Objective, TunerMode, TunerState, TunerView};
 
     #[test]
@@ -171,12 +183,16 @@ mod tests {
             "attached":true,"attach_error":null,
             "settings":{"ring_out_bytes":262144,"ring_in_bytes":262144,"moderation_frames":8,
                         "moderation_usecs":50,"poll_budget":64},
+            "knobs":[],
             "total":{"op":"all","ops_total":0,"bytes_total":0,"errors_total":0,"ops_per_sec":0.0,
                      "bytes_per_sec":0.0,"p50_seconds":null,"p90_seconds":null,"p99_seconds":null,
                      "p999_seconds":null},
             "ops":[],"interrupts_total":0,"interrupts_per_sec":0.0,"doorbells_total":0,
             "ring_full_out_total":0,"ring_full_in_total":0,"irq_masked_total":0}]"#;
         let mut devices: Vec<DeviceView> = serde_json::from_str(json).unwrap();
+        let settings = devices[0].settings.unwrap();
+        devices[0].knobs =
+            enlightd::knobs::synthetic(&settings, &enlight_driver::control::Limits::synthetic());
         let text = render(&devices, None).unwrap();
         assert!(
             text.contains("no tuner runs") && text.contains("no device has a tuner"),
@@ -188,14 +204,15 @@ mod tests {
             state: TunerState::Idle,
             pinned: false,
             last_decision: None,
+            pinned_reason: None,
             recommendation: Some(DeviceSettings {
                 moderation_usecs: 20,
-                ..devices[0].settings
+                ..settings
             }),
         });
         let text = render(&devices, Some("disk0")).unwrap();
         assert!(
-            text.contains("recommended: ring 262144/262144 B, moderation 8 frames or 20 us"),
+            text.contains("recommended: moderation_usecs 50 us → 20 us\n"),
             "{text}"
         );
         assert!(
@@ -209,6 +226,77 @@ mod tests {
         assert_eq!(json[0]["tuner"]["mode"], "dry_run");
         assert_eq!(json[0]["tuner"]["state"], "idle");
         assert_eq!(json[0]["settings"]["moderation_frames"], 8);
+        assert_eq!(json[0]["knobs"][2]["name"], "moderation_frames");
         assert!(render_json(&devices, Some("nope")).is_err());
+    }
+
+    /// A kernel NIC shows its own knobs, the recommendation in them, and why its rings are
+    /// never explored; an emulated device shows it has none.
+    #[test]
+    fn kernel_and_emulated_devices_show_only_their_own_knobs() {
+        let nic = enlightd::kernel::ethtool::NicSettings {
+            rings: Some(enlightd::kernel::ethtool::Rings {
+                rx: 1024,
+                tx: 1024,
+                rx_max: 8192,
+                tx_max: 8192,
+            }),
+            coalesce: None,
+        };
+        let knobs = enlightd::kernel::knobs::nic(
+            "hv_netvsc",
+            Some(&nic),
+            &[("napi_defer_hard_irqs", 0), ("gro_flush_timeout", 0)],
+        );
+        let (now, _) = enlightd::knobs::tuner_space(&knobs, 64);
+        let view = |name: &str, kind: &str, knobs: Vec<enlightd::knobs::Knob>| DeviceView {
+            name: name.into(),
+            device: "nic".into(),
+            kind: kind.into(),
+            knobs,
+            ..serde_json::from_value::<DeviceView>(serde_json::json!({
+                "name":"x","device":"nic","kind":"kernel","pid":0,"present":true,
+                "attached":true,"attach_error":null,
+                "total":{"op":"all","ops_total":0,"bytes_total":0,"errors_total":0,
+                         "ops_per_sec":0.0,"bytes_per_sec":0.0,"p50_seconds":null,
+                         "p90_seconds":null,"p99_seconds":null,"p999_seconds":null},
+                "ops":[],"interrupts_total":0,"interrupts_per_sec":0.0,"doorbells_total":0,
+                "ring_full_out_total":0,"ring_full_in_total":0,"irq_masked_total":0}))
+            .unwrap()
+        };
+        let mut eth = view("eth1", "kernel", knobs);
+        eth.tuner = Some(TunerView {
+            mode: TunerMode::DryRun,
+            objective: Objective::Latency,
+            state: TunerState::Exploring,
+            pinned: false,
+            last_decision: None,
+            pinned_reason: None,
+            recommendation: Some(DeviceSettings {
+                moderation_frames: 2,
+                moderation_usecs: 50,
+                ..now
+            }),
+        });
+        let emu = view("ide0", "emulated", vec![]);
+        let text = render(&[eth, emu], None).unwrap();
+        assert!(
+            text.contains("current:     rx_ring 1024 (detaches), tx_ring 1024 (detaches), napi_defer_hard_irqs 0, gro_flush_timeout 0 ns"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "recommended: napi_defer_hard_irqs 0 → 2, gro_flush_timeout 0 ns → 50000 ns"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("not explored: rx_ring detaches and re-creates the device"));
+        assert!(text.contains(
+            "ide0 (emulated nic): no tuner runs for this device; knobs: no tunable knobs"
+        ));
+        assert!(
+            !text.contains("moderation_frames") && !text.contains("ring_out"),
+            "{text}"
+        );
     }
 }

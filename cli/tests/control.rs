@@ -174,7 +174,7 @@ fn ebpf_counts_every_applied_change_and_metrics_follow_the_device() {
         .into_iter()
         .find(|d| d.name == "ctl0")
         .unwrap();
-    assert_eq!(view.settings, last);
+    assert_eq!(view.settings, Some(last));
     enlightd::testing::promtool_check(&text);
 
     // Every request through all those resizes is still counted exactly once by both sides.

@@ -120,7 +120,7 @@ fn metrics_during_a_live_workload_pass_promtool_and_add_up() {
     for needle in [
         "enlight_io_latency_seconds_bucket{device=\"live0\",kind=\"synthetic\",op=\"read\",le=\"+Inf\"}",
         "enlight_interrupts_total{device=\"live0\",kind=\"synthetic\"}",
-        "enlight_probe_attached{device=\"live0\",kind=\"synthetic\",probe=\"io_reap\"} 1",
+        "enlight_probe_attached{device=\"live0\",kind=\"synthetic\",probe=\"io_reap\",state=\"attached\"} 1",
         "enlight_ring_size_bytes{device=\"live0\",kind=\"synthetic\",direction=\"out\"} 262144",
         "enlight_devices 1",
     ] {

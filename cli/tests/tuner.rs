@@ -228,12 +228,12 @@ fn enlightd_tunes_a_live_disk_through_its_socket_records_it_and_resumes_after_a_
     let deadline = Instant::now() + Duration::from_secs(30);
     let devices = loop {
         let devices = first.devices();
-        if devices[0].settings == now || Instant::now() > deadline {
+        if devices[0].settings == Some(now) || Instant::now() > deadline {
             break devices;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(devices[0].settings, now);
+    assert_eq!(devices[0].settings, Some(now));
     let view = devices[0].tuner.clone().expect("a tuner view");
     assert_eq!(
         (view.mode, view.pinned, view.state),

@@ -36,7 +36,14 @@ pub struct DeviceView {
     pub present: bool,
     pub attached: bool,
     pub attach_error: Option<String>,
-    pub settings: enlight_driver::settings::DeviceSettings,
+    /// The control-socket settings of a device that has them (synthetic devices); absent for
+    /// emulated and kernel devices, whose knobs (if any) are in `knobs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<enlight_driver::settings::DeviceSettings>,
+    /// The knobs the device really has, each with its value read from its source, limits, unit,
+    /// source and disruption (empty: none, e.g. an emulated device).
+    #[serde(default)]
+    pub knobs: Vec<crate::knobs::Knob>,
     /// Every op together.
     pub total: OpView,
     /// Per op.
@@ -112,7 +119,12 @@ pub fn device_view_with_peaks(d: &DeviceState, peak_window_secs: u64) -> DeviceV
         present: d.present,
         attached: d.attached,
         attach_error: d.attach_error.clone(),
-        settings: d.record.settings,
+        settings: d
+            .knobs
+            .iter()
+            .any(|k| k.source == crate::knobs::Source::ControlSocket)
+            .then_some(d.record.settings),
+        knobs: d.knobs.clone(),
         total: op_view(
             "all".into(),
             &all,

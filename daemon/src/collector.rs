@@ -140,6 +140,12 @@ pub struct DeviceState {
     pub settings_changes: BTreeMap<u32, u64>,
     /// Per op: each recent interval's rate and highest latency bucket (microbursts).
     pub peaks: BTreeMap<u32, crate::peaks::PeakWindow>,
+    /// The knobs the device really has, with their values in force (see [`crate::knobs`]):
+    /// a synthetic device's control-socket knobs, a kernel device's from ethtool and sysfs,
+    /// none for an emulated device.
+    pub knobs: Vec<crate::knobs::Knob>,
+    /// The limits the device's control socket reported (asked once per process).
+    pub control_limits: Option<enlight_driver::control::Limits>,
     /// A device of the running kernel (kind `kernel`): its driver, class and tuning state.
     /// `None` for registry devices. Kernel devices are kept by [`crate::kernel::collector`];
     /// this collector leaves them alone.
@@ -168,6 +174,8 @@ impl DeviceState {
             traps: 0,
             settings_changes: BTreeMap::new(),
             peaks: BTreeMap::new(),
+            knobs: Vec::new(),
+            control_limits: None,
             kernel: None,
             base_ops: BTreeMap::new(),
             base_events: DevEvents::default(),
@@ -176,6 +184,28 @@ impl DeviceState {
             gone_since: None,
         }
     }
+}
+
+/// A registry device's knobs: those of its control socket (asked for its limits once per
+/// process; the values are the ones the device writes into its record on every change), none
+/// without a control socket (an emulated device) or while the socket does not answer.
+fn registry_knobs(dev: &mut DeviceState) -> Vec<crate::knobs::Knob> {
+    let Some(path) = dev.record.control.as_ref() else {
+        return Vec::new();
+    };
+    if dev.control_limits.is_none() {
+        match enlight_driver::control::ControlClient::connect(path).and_then(|mut c| c.get()) {
+            Ok((_, limits, _)) => dev.control_limits = Some(limits),
+            Err(e) => {
+                log::debug!("{}: control socket: {e}", dev.record.name);
+                return Vec::new();
+            }
+        }
+    }
+    dev.control_limits
+        .as_ref()
+        .map(|l| crate::knobs::synthetic(&dev.record.settings, l))
+        .unwrap_or_default()
 }
 
 /// The key of [`DeviceState::peaks`] for every op of a device together.
@@ -348,10 +378,12 @@ impl<P: ProbeSource> Collector<P> {
                 dev.base_settings_changes = dev.settings_changes.clone();
                 dev.attached = false;
                 dev.attach_error = None;
+                dev.control_limits = None;
             }
             // Re-read every tick: a device rewrites its record when its settings change, so the
             // settings gauges and the API follow it live.
             dev.record = record;
+            dev.knobs = registry_knobs(dev);
             dev.present = true;
             dev.gone_since = None;
         }

@@ -15,6 +15,7 @@ pub mod collector;
 pub mod config;
 pub mod histograms;
 pub mod kernel;
+pub mod knobs;
 pub mod logging;
 pub mod metrics;
 pub mod peaks;

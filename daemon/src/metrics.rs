@@ -242,7 +242,11 @@ pub fn render(state: &State) -> String {
         "Settings changes applied through the device's control socket, by knob (settings_change probe).",
     );
     for d in devices() {
-        for knob in enlight_driver::settings::Knob::ALL {
+        // Only the knobs the device has (an emulated device has none).
+        for knob in enlight_driver::settings::Knob::ALL
+            .into_iter()
+            .filter(|k| crate::knobs::has(&d.knobs, k.name()))
+        {
             let l = labels(&[
                 ("device", &d.record.name),
                 ("kind", &d.record.kind),
@@ -311,9 +315,13 @@ pub fn render(state: &State) -> String {
         "gauge",
         "Ring data area per direction.",
     );
+    // The settings gauges: only for knobs the device has (its control socket's).
     for d in devices() {
         let s = &d.record.settings;
         for (dir, v) in [("out", s.ring_out_bytes), ("in", s.ring_in_bytes)] {
+            if !crate::knobs::has(&d.knobs, &format!("ring_{dir}_bytes")) {
+                continue;
+            }
             let l = labels(&[
                 ("device", &d.record.name),
                 ("kind", &d.record.kind),
@@ -342,7 +350,7 @@ pub fn render(state: &State) -> String {
     ];
     for (name, help, value) in knobs {
         header(&mut out, name, "gauge", help);
-        for d in devices() {
+        for d in devices().filter(|d| crate::knobs::has(&d.knobs, &name["enlight_".len()..])) {
             let _ = writeln!(out, "{name}{} {}", dev_labels(d), value(&d.record.settings));
         }
     }
@@ -379,6 +387,7 @@ pub fn render(state: &State) -> String {
                 ("device", &d.record.name),
                 ("kind", &d.record.kind),
                 ("probe", probe),
+                ("state", if attached { "attached" } else { "detached" }),
             ]);
             let _ = writeln!(out, "enlight_probe_attached{l} {}", attached as u8);
         }
@@ -445,6 +454,7 @@ pub fn render(state: &State) -> String {
     crate::selfcost::render_metrics(&mut out, &state.self_cost);
     // The driver label of kernel devices, and the kernel-only families.
     crate::kernel::metrics::finish(&mut out, state);
+    crate::knobs::render_metrics(&mut out, state);
     out
 }
 
@@ -457,13 +467,26 @@ mod tests {
     use enlight_probes::IoKey;
     use std::time::Duration;
 
-    fn state_with_device() -> (State, tempfile::TempDir, Registration) {
+    fn state_with_device() -> (
+        State,
+        tempfile::TempDir,
+        Registration,
+        enlight_driver::control::ControlServer,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let me = std::process::id();
         let fake = FakeProbes::default();
         let mut r = record("disk\"0", me);
         r.name = "disk_0".into();
         r.kind = "synth\"etic".into(); // exercises label escaping
+                                       // A real control socket: the device's knobs (and so its settings gauges) come from it.
+        let socket = dir.path().join("control/disk_0.sock");
+        let knobs = std::sync::Arc::new(
+            enlight_driver::nic::NicKnobs::new(&r.settings).expect("valid settings"),
+        );
+        let server =
+            enlight_driver::control::ControlServer::start(&socket, knobs, 0, None).unwrap();
+        r.control = Some(socket);
         let reg = Registration::register(dir.path(), &r).unwrap();
         fake.snapshot.lock().unwrap().settings_changes.insert(
             enlight_probes::KnobKey {
@@ -484,12 +507,12 @@ mod tests {
         let mut c = Collector::new(fake, dir.path().into(), Duration::from_secs(60));
         let mut state = State::default();
         c.tick(&mut state);
-        (state, dir, reg)
+        (state, dir, reg, server)
     }
 
     #[test]
     fn histogram_is_cumulative_and_complete() {
-        let (state, _dir, _reg) = state_with_device();
+        let (state, _dir, _reg, _server) = state_with_device();
         let text = render(&state);
         let bucket = |le: &str| -> u64 {
             let needle = format!("op=\"read\",le=\"{le}\"}} ");
@@ -521,7 +544,7 @@ mod tests {
             "enlight_settings_changes_total{device=\"disk_0\",kind=\"synth\\\"etic\",knob=\"ring_out_bytes\"} 0"
         ));
         assert!(text.contains(
-            "enlight_probe_attached{device=\"disk_0\",kind=\"synth\\\"etic\",probe=\"io_reap\"} 1"
+            "enlight_probe_attached{device=\"disk_0\",kind=\"synth\\\"etic\",probe=\"io_reap\",state=\"attached\"} 1"
         ));
     }
 
@@ -540,8 +563,52 @@ mod tests {
     /// Debian's promtool, a parser nobody here wrote, accepts the exposition.
     #[test]
     fn promtool_accepts_the_exposition() {
-        let (state, _dir, _reg) = state_with_device();
+        let (state, _dir, _reg, _server) = state_with_device();
         crate::testing::promtool_check(&render(&state));
         crate::testing::promtool_check(&render(&State::default()));
+    }
+
+    /// A device shows the knobs it has and no other: the synthetic one its control socket's
+    /// five (values and limits from the device), an emulated one (no control socket) none.
+    #[test]
+    fn settings_gauges_only_for_knobs_a_device_has() {
+        let (mut state, dir, _reg, _server) = state_with_device();
+        let text = render(&state);
+        assert!(text.contains(
+            "enlight_knob_value{device=\"disk_0\",kind=\"synth\\\"etic\",knob=\"moderation_frames\",unit=\"frames\",source=\"control-socket\",disruption=\"live\"} 8"
+        ), "{text}");
+        assert!(text.contains(
+            "enlight_knob_limit{device=\"disk_0\",kind=\"synth\\\"etic\",knob=\"moderation_frames\",limit=\"max\"} 1024"
+        ));
+        let mut emu = record("emu0", std::process::id());
+        emu.kind = "emulated".into();
+        let _emu = Registration::register(dir.path(), &emu).unwrap();
+        let mut c = Collector::new(
+            FakeProbes::default(),
+            dir.path().into(),
+            Duration::from_secs(60),
+        );
+        c.tick(&mut state);
+        let text = render(&state);
+        assert!(state.devices["emu0"].knobs.is_empty());
+        assert!(!state.devices["disk_0"].knobs.is_empty());
+        for line in text.lines().filter(|l| l.contains("device=\"emu0\"")) {
+            assert!(
+                ![
+                    "enlight_knob",
+                    "enlight_ring_size",
+                    "enlight_moderation",
+                    "enlight_poll_budget",
+                    "enlight_settings_changes"
+                ]
+                .iter()
+                .any(|f| line.starts_with(f)),
+                "an emulated device has no knobs: {line}"
+            );
+        }
+        assert!(text.contains("enlight_moderation_frames{device=\"disk_0\""));
+        let view = crate::api::device_view(&state.devices["emu0"]);
+        assert!(view.settings.is_none() && view.knobs.is_empty());
+        crate::testing::promtool_check(&text);
     }
 }

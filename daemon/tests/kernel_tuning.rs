@@ -266,8 +266,9 @@ fn the_tuners_backend_changes_a_kernel_nics_coalescing_through_the_journal() {
         .unwrap();
     assert_eq!(from.moderation_frames, original);
     assert_eq!(
-        bounds.moderation_usecs.0, bounds.moderation_usecs.1,
-        "tun has no rx-usecs: pinned"
+        bounds.moderation_usecs,
+        (0, 1000),
+        "tun has no rx-usecs: NAPI's gro_flush_timeout rides the delay ladder"
     );
     let to = enlight_driver::settings::DeviceSettings {
         moderation_frames: if original == 32 { 16 } else { 32 },

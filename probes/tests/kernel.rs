@@ -411,12 +411,14 @@ fn absent_tracepoints_are_reported_and_never_fatal() {
     if tracefs.events("hyperv").is_empty() {
         let h = &status[HYPERV_PROBE];
         assert!(!h.attached);
+        assert!(h.absent, "a tracepoint the kernel lacks is absent: {h:?}");
         assert!(h.reason.as_deref().unwrap().contains("hyperv"), "{h:?}");
     }
     // Every fixed probe whose tracepoint exists is attached; one that does not, says so.
     for (name, s) in status.iter().filter(|(n, _)| !n.starts_with("hyperv")) {
         let (cat, ev) = name.split_once(':').unwrap();
         assert_eq!(s.attached, tracefs.exists(cat, ev), "{name}: {s:?}");
+        assert_eq!(s.absent, !tracefs.exists(cat, ev), "{name}: {s:?}");
         if !s.attached {
             assert!(s.reason.as_deref().unwrap().contains("does not exist"));
         }
@@ -429,6 +431,10 @@ fn absent_tracepoints_are_reported_and_never_fatal() {
         .expect("a missing tracepoint is not fatal");
     let s = &probes.status()["hyperv:vmbus_on_msg_dpc"];
     assert!(!s.attached);
+    assert!(
+        !s.absent,
+        "claimed present, failed to attach: detached, not absent"
+    );
     assert!(
         s.reason.as_deref().unwrap().contains("vmbus_on_msg_dpc"),
         "{s:?}"

@@ -33,6 +33,48 @@ pub struct Settings {
     pub poll_budget: Option<u64>,
 }
 
+/// One knob a device really has (enlightd's `knobs`), with its value read from its source.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Knob {
+    pub name: String,
+    pub value: u64,
+    pub min: Option<u64>,
+    pub max: Option<u64>,
+    /// `bytes`, `KiB`, `descriptors`, `frames`, `us`, `ns`, `count`, `bool`, `choice`
+    /// (snake_case names on the wire: `kibibytes`, `microseconds`, ...).
+    pub unit: String,
+    /// `control-socket`, `ethtool-netlink`, `sysfs` or `netdev-netlink`.
+    pub source: String,
+    /// `live`, `resets-queue` or `detaches`.
+    pub disruption: String,
+    pub choices: Vec<String>,
+}
+
+impl Knob {
+    /// `name value[ unit]`, a non-live knob with its disruption.
+    pub fn display(&self) -> String {
+        let v = match self.unit.as_str() {
+            "choice" => self
+                .choices
+                .get(self.value as usize)
+                .cloned()
+                .unwrap_or_else(|| self.value.to_string()),
+            "boolean" => (if self.value != 0 { "on" } else { "off" }).into(),
+            "microseconds" => format!("{} us", self.value),
+            "nanoseconds" => format!("{} ns", self.value),
+            "kibibytes" => format!("{} KiB", self.value),
+            "bytes" => format!("{} B", self.value),
+            _ => self.value.to_string(),
+        };
+        if self.disruption.is_empty() || self.disruption == "live" {
+            format!("{} {v}", self.name)
+        } else {
+            format!("{} {v} ({})", self.name, self.disruption)
+        }
+    }
+}
+
 /// One tuner decision (contract 6).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
@@ -77,7 +119,10 @@ pub struct DeviceView {
     pub present: bool,
     pub attached: bool,
     pub attach_error: Option<String>,
+    /// A control-socket device's settings (absent for emulated and kernel devices).
     pub settings: Settings,
+    /// The knobs the device really has (none: an emulated device).
+    pub knobs: Vec<Knob>,
     pub total: OpView,
     pub ops: Vec<OpView>,
     pub interrupts_total: u64,

@@ -372,12 +372,32 @@ fn summary_lines(app: &App, d: &DeviceView) -> Vec<Line<'static>> {
             .chain([Span::raw(" ")])
             .collect::<Vec<_>>(),
         ),
-        Line::raw(format!(
-            "irq/s {}  irq/op {per_op}  ring out/in {ring}  moderation {}  budget {}",
-            fmt_count(irq),
-            moderation(s),
-            s.poll_budget.map_or("-".into(), |b| b.to_string())
-        )),
+        // A control-socket device's settings (or an older enlightd's, which sent no knobs).
+        if d.knobs.iter().any(|k| k.source == "control-socket")
+            || (d.knobs.is_empty() && d.settings != Settings::default())
+        {
+            Line::raw(format!(
+                "irq/s {}  irq/op {per_op}  ring out/in {ring}  moderation {}  budget {}",
+                fmt_count(irq),
+                moderation(s),
+                s.poll_budget.map_or("-".into(), |b| b.to_string())
+            ))
+        } else {
+            // Only the knobs the device has, with the values read from it.
+            Line::raw(format!(
+                "irq/s {}  irq/op {per_op}  knobs: {}",
+                fmt_count(irq),
+                if d.knobs.is_empty() {
+                    "none".to_string()
+                } else {
+                    d.knobs
+                        .iter()
+                        .map(|k| k.display())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            ))
+        },
     ]
 }
 
@@ -1025,6 +1045,55 @@ mod tests {
         let mut app = sample_app();
         key(&mut app, KeyCode::Char(' '));
         assert!(screen(&app, 80, 24)[0].ends_with("window 10s  PAUSED"));
+    }
+
+    /// A kernel NIC's detail shows the knobs it has with their values, an emulated device
+    /// says it has none; neither shows ring or moderation settings it does not have.
+    #[test]
+    fn kernel_and_emulated_devices_show_only_their_own_knobs() {
+        let mut app = App::new("http://127.0.0.1:9464");
+        for t in 0..=3u64 {
+            let mut k = device("veth1", "kernel", 100 * t, None);
+            k.knobs = vec![
+                crate::model::Knob {
+                    name: "napi_defer_hard_irqs".into(),
+                    value: 2,
+                    unit: "count".into(),
+                    source: "sysfs".into(),
+                    disruption: "live".into(),
+                    ..Default::default()
+                },
+                crate::model::Knob {
+                    name: "gro_flush_timeout".into(),
+                    value: 20_000,
+                    unit: "nanoseconds".into(),
+                    source: "sysfs".into(),
+                    disruption: "live".into(),
+                    ..Default::default()
+                },
+            ];
+            let e = device("ide0", "emulated", 100 * t, None);
+            let p = poll(t + 1, vec![(k, vec![[1000, 1010, 100 * t]]), (e, vec![])]);
+            app.on_event(Event::Update {
+                at: t as f64,
+                poll: p,
+            });
+        }
+        key(&mut app, KeyCode::Enter);
+        let s = screen(&app, 120, 40).join("\n");
+        assert!(
+            s.contains("knobs: napi_defer_hard_irqs 2, gro_flush_timeout 20000 ns"),
+            "{s}"
+        );
+        assert!(
+            !s.contains("ring out/in") && !s.contains("moderation"),
+            "{s}"
+        );
+        key(&mut app, KeyCode::Esc);
+        key(&mut app, KeyCode::Down);
+        key(&mut app, KeyCode::Enter);
+        let s = screen(&app, 120, 40).join("\n");
+        assert!(s.contains("knobs: none"), "{s}");
     }
 
     #[test]

@@ -194,6 +194,7 @@ fn check(flags: &Flags) -> Result<()> {
         for (probe, s) in kernel.status() {
             match &s.reason {
                 None => say(format_args!("ok   kernel probe {probe} attached")),
+                Some(why) if s.absent => say(format_args!("absent kernel probe {probe}: {why}")),
                 Some(why) => say(format_args!("skip kernel probe {probe}: {why}")),
             }
         }

@@ -120,6 +120,28 @@ impl BlockQueues {
             .collect())
     }
 
+    /// Every known knob of `disk` the kernel has, with whether it is writable for this device
+    /// and its range (the knobs [`super::knobs::disk`] shows).
+    pub fn settings(&self, disk: &str) -> Vec<super::knobs::QueueSetting> {
+        use std::os::unix::fs::PermissionsExt;
+        let Ok(dir) = self.disk_dir(disk) else {
+            return Vec::new();
+        };
+        BLOCK_KNOBS
+            .iter()
+            .filter_map(|k| {
+                let path = dir.join("queue").join(k);
+                let writable = std::fs::metadata(&path).ok()?.permissions().mode() & 0o200 != 0;
+                Some(super::knobs::QueueSetting {
+                    name: k,
+                    value: Self::read_u32(&path).ok()?,
+                    writable,
+                    range: self.range(disk, k).ok()?,
+                })
+            })
+            .collect()
+    }
+
     /// The range `knob` accepts on `disk`.
     pub fn range(&self, disk: &str, knob: &str) -> Result<(u32, u32), BlockQueueError> {
         let knob = knob_name(knob)?;

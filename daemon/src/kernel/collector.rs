@@ -45,6 +45,7 @@ impl KernelSource for KernelProbes {
                 probe: probe.clone(),
                 attached: s.attached,
                 reason: s.reason.clone(),
+                state: super::ProbeState::of(s.attached, s.absent, s.reason.as_deref()),
             })
             .collect()
     }
@@ -125,6 +126,9 @@ impl<S: KernelSource> Drop for KernelCollector<S> {
                     log::info!(
                         "restored {target} {knob} = {v} (its value before enlight changed it)"
                     );
+                }
+                for (target, knob, why) in &report.left {
+                    log::warn!("not restoring {target} {knob}: {why}");
                 }
                 for (target, knob, why) in &report.failed {
                     log::warn!("could not restore {target} {knob}: {why} (run `enlight restore`)");
@@ -458,14 +462,22 @@ impl<S: KernelSource> KernelCollector<S> {
                 0.0
             };
             if d.device == "disk" {
-                info.block_queue = queues
-                    .all(&d.name)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v))
+                let settings = queues.settings(&d.name);
+                info.block_queue = settings
+                    .iter()
+                    .map(|q| (q.name.to_string(), q.value))
                     .collect();
+                dev.knobs = super::knobs::disk(&settings);
             } else {
                 info.nic = KernelTuner::nic_settings(&d.name, None).ok();
+                dev.knobs = super::knobs::nic(
+                    &d.driver,
+                    info.nic.as_ref(),
+                    &super::napi::NapiSysfs::at(&self.sysfs).all(&d.name),
+                );
+                dev.knobs.extend(super::knobs::napi_instances(
+                    &super::backend::napi_instances(&d.name, None),
+                ));
             }
             info.tuning = match policy(&self.options.tune, self.options.dry_run, &d.name) {
                 Permission::Apply => "apply".into(),
@@ -529,11 +541,13 @@ pub(crate) mod tests {
                     probe: "block:block_rq_issue".into(),
                     attached: true,
                     reason: None,
+                    state: crate::kernel::ProbeState::Attached,
                 },
                 ProbeView {
                     probe: "hyperv:vmbus_*".into(),
                     attached: false,
                     reason: Some("no hyperv tracepoints".into()),
+                    state: crate::kernel::ProbeState::Absent,
                 },
             ]
         }

@@ -22,11 +22,19 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// Lines of `enlight_probe_attached` for the kernel probes (inside that family's block):
-/// `{kind="kernel",probe="block:block_rq_issue",reason="..."}`, 0 with the reason when a
-/// probe is not attached.
+/// `{device="kernel",kind="kernel",probe="block:block_rq_issue",state="attached"}`, 0 with the
+/// reason when a probe is not attached. A kernel probe serves every kernel device, so its
+/// `device` label is `kernel` (the alert and the panels group by device: an empty label read
+/// "probes of  detached"); `state` tells a tracepoint this kernel lacks (`absent`, never an
+/// alert) from one that failed to attach (`detached`).
 pub fn probe_attached_lines(out: &mut String, state: &State) {
     for p in &state.kernel.probes {
-        let mut l = vec![("kind", "kernel"), ("probe", p.probe.as_str())];
+        let mut l = vec![
+            ("device", "kernel"),
+            ("kind", "kernel"),
+            ("probe", p.probe.as_str()),
+            ("state", p.state.name()),
+        ];
         if let Some(r) = &p.reason {
             l.push(("reason", r.as_str()));
         }
@@ -352,7 +360,7 @@ mod tests {
             "enlight_kernel_block_queue_setting{device=\"loop3\",kind=\"kernel\",driver=\"loop\",knob=\"read_ahead_kb\"} 128"
         ));
         assert!(text.contains(
-            "enlight_probe_attached{kind=\"kernel\",probe=\"hyperv:vmbus_*\",reason=\"no hyperv tracepoints\"} 0"
+            "enlight_probe_attached{device=\"kernel\",kind=\"kernel\",probe=\"hyperv:vmbus_*\",state=\"absent\",reason=\"no hyperv tracepoints\"} 0"
         ));
         assert!(!text.contains("enlight_ring_size_bytes{device=\"loop3\""));
         assert!(!text.contains("enlight_moderation_frames{device=\"loop3\""));

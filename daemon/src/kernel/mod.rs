@@ -9,7 +9,10 @@ pub mod collector;
 pub mod discovery;
 pub mod ethtool;
 pub mod journal;
+pub mod knobs;
 pub mod metrics;
+pub mod napi;
+pub mod netdev;
 pub mod tune;
 
 use std::collections::BTreeMap;
@@ -130,6 +133,48 @@ pub struct ProbeView {
     pub probe: String,
     pub attached: bool,
     pub reason: Option<String>,
+    /// Attached, detached (the kernel has the tracepoint but it is not attached), absent (this
+    /// kernel has no such tracepoint: nothing is missing) or off (not selected).
+    #[serde(default)]
+    pub state: ProbeState,
+}
+
+/// A probe's state, the `state` label of `enlight_probe_attached`. Only `detached` means
+/// figures are missing (and only it fires `EnlightProbeDetached`): a tracepoint this kernel
+/// does not have (`hyperv:vmbus_*` on any guest that is not on Hyper-V) is `absent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeState {
+    #[default]
+    Attached,
+    Detached,
+    Absent,
+    Off,
+}
+
+impl ProbeState {
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProbeState::Attached => "attached",
+            ProbeState::Detached => "detached",
+            ProbeState::Absent => "absent",
+            ProbeState::Off => "off",
+        }
+    }
+
+    /// The state of a probe from what the loader reports. A pure function.
+    pub fn of(attached: bool, absent: bool, reason: Option<&str>) -> ProbeState {
+        if attached {
+            ProbeState::Attached
+        } else if absent {
+            ProbeState::Absent
+        } else if reason == Some("not selected") {
+            ProbeState::Off
+        } else {
+            ProbeState::Detached
+        }
+    }
 }
 
 /// The kernel side of the daemon's state.
@@ -154,4 +199,26 @@ pub struct KernelState {
     /// Program runs the kernel skipped because the program was already running on that CPU
     /// (an interrupt arrived while it ran): the one way events are lost with room in the maps.
     pub recursion_misses: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProbeState;
+
+    #[test]
+    fn a_tracepoint_the_kernel_lacks_is_absent_not_detached() {
+        assert_eq!(ProbeState::of(true, false, None), ProbeState::Attached);
+        assert_eq!(
+            ProbeState::of(false, true, Some("no hyperv tracepoints")),
+            ProbeState::Absent
+        );
+        assert_eq!(
+            ProbeState::of(false, false, Some("not selected")),
+            ProbeState::Off
+        );
+        assert_eq!(
+            ProbeState::of(false, false, Some("the verifier refused it")),
+            ProbeState::Detached
+        );
+    }
 }

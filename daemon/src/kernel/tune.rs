@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use super::blockq::{BlockQueueError, BlockQueues};
 use super::ethtool::{Ethtool, EthtoolError, NicPatch, NicSettings};
 use super::journal::{Journal, JournalError, KnobValue, Target};
+use super::napi::{NapiError, NapiSysfs, NAPI_KNOBS};
 
 /// Why a change was not made.
 #[derive(Debug, thiserror::Error)]
@@ -17,8 +18,10 @@ pub enum TuneError {
     #[error(transparent)]
     BlockQueue(#[from] BlockQueueError),
     #[error(transparent)]
+    Napi(#[from] NapiError),
+    #[error(transparent)]
     Journal(#[from] JournalError),
-    /// The network namespace could not be entered.
+    /// The network namespace could not be entered (or its sysfs mounted).
     #[error("entering network namespace {path}: {source}")]
     Netns {
         path: PathBuf,
@@ -76,6 +79,73 @@ pub fn in_netns<T: Send>(
         })
         .join()
         .expect("netns thread panicked")
+    })
+}
+
+/// Runs `f` on a thread that sees the sysfs of the network namespace at `netns` at `/sys`
+/// (`None`: here, the real `/sys`). sysfs shows the interfaces of the namespace it was mounted
+/// in, so the thread gets a mount namespace of its own (every mount private, nothing
+/// propagates back), enters the network namespace and mounts a fresh sysfs over `/sys` there,
+/// as `ip netns exec` does. The mount namespace goes with the thread.
+pub fn in_netns_sysfs<T: Send>(
+    netns: Option<&Path>,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, TuneError> {
+    let Some(path) = netns else {
+        return Ok(f());
+    };
+    let failed = |path: &Path| TuneError::Netns {
+        path: path.into(),
+        source: std::io::Error::last_os_error(),
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(path).map_err(|source| TuneError::Netns {
+                path: path.into(),
+                source,
+            })?;
+            use std::os::fd::AsRawFd;
+            // SAFETY: unshare of this (scoped) thread's filesystem attributes and mount
+            // namespace; no other thread shares them afterwards.
+            if unsafe { libc::unshare(libc::CLONE_FS | libc::CLONE_NEWNS) } != 0 {
+                return Err(failed(path));
+            }
+            // SAFETY: valid NUL-terminated strings; makes every mount of this thread's new
+            // mount namespace private, so the sysfs mounted below never shows outside it.
+            if unsafe {
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                )
+            } != 0
+            {
+                return Err(failed(path));
+            }
+            // SAFETY: setns on an open namespace file; it affects only this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(failed(path));
+            }
+            // SAFETY: valid NUL-terminated strings; a sysfs of the network namespace just
+            // entered, over /sys in this thread's private mount namespace only.
+            if unsafe {
+                libc::mount(
+                    c"sysfs".as_ptr(),
+                    c"/sys".as_ptr(),
+                    c"sysfs".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            } != 0
+            {
+                return Err(failed(path));
+            }
+            Ok(f())
+        })
+        .join()
+        .expect("netns sysfs thread panicked")
     })
 }
 
@@ -160,12 +230,17 @@ pub struct RestoreReport {
     pub restored: Vec<(Target, String, KnobValue)>,
     /// `(target, knob, why not)`: these stay in the journal.
     pub failed: Vec<(Target, String, String)>,
+    /// `(target, knob, what happened)`: someone else changed the knob after enlight did, so
+    /// their value stays (enlight never writes over an operator's change) and the knob leaves
+    /// the journal.
+    pub left: Vec<(Target, String, String)>,
 }
 
 /// Applies kernel settings with the journal.
 pub struct KernelTuner {
     journal: Journal,
     queues: BlockQueues,
+    napi: NapiSysfs,
 }
 
 impl KernelTuner {
@@ -174,6 +249,7 @@ impl KernelTuner {
         Ok(KernelTuner {
             journal: Journal::open(runtime_dir)?,
             queues: BlockQueues::default(),
+            napi: NapiSysfs::default(),
         })
     }
 
@@ -224,6 +300,43 @@ impl KernelTuner {
         })?
     }
 
+    /// Sets NAPI sysfs `knob` (`napi_defer_hard_irqs`, `gro_flush_timeout`) of `iface` (in
+    /// `netns`, if given) to `value`: checked first (knob, range), the original journalled,
+    /// then written. Returns the value the kernel reports afterwards.
+    pub fn set_napi(
+        &mut self,
+        iface: &str,
+        netns: Option<&Path>,
+        knob: &str,
+        value: u64,
+    ) -> Result<u64, TuneError> {
+        let target = Target::Nic {
+            iface: iface.into(),
+            netns: netns.map(Path::to_path_buf),
+        };
+        let journal = &mut self.journal;
+        let napi = &self.napi;
+        in_netns_sysfs(netns, || -> Result<u64, TuneError> {
+            let original = napi.get(iface, knob)?;
+            napi.check(iface, knob, value)?;
+            // Both knobs are at most i32::MAX and 10 ms in ns ([`super::napi::range`]), and
+            // so are the originals unless someone wrote a timer of more than 4 s.
+            let as_u32 = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+            journal.record_original(&target, knob, KnobValue::U32(as_u32(original)))?;
+            let now = napi.set(iface, knob, value)?;
+            journal.note_applied(&target, knob, KnobValue::U32(as_u32(now)))?;
+            Ok(now)
+        })?
+    }
+
+    /// The NAPI sysfs knobs of `iface` (in `netns`, if given).
+    pub fn napi_settings(
+        iface: &str,
+        netns: Option<&Path>,
+    ) -> Result<Vec<(&'static str, u64)>, TuneError> {
+        in_netns_sysfs(netns, || NapiSysfs::default().all(iface))
+    }
+
     /// Sets block queue `knob` of `disk` to `value`, journalling the original first.
     pub fn set_block(&mut self, disk: &str, knob: &str, value: u32) -> Result<u32, TuneError> {
         let target = Target::Block { disk: disk.into() };
@@ -254,13 +367,38 @@ impl KernelTuner {
         let mut report = RestoreReport::default();
         let entries: Vec<_> = self.journal.entries().to_vec();
         for e in entries {
-            let result: Result<(), String> = match &e.target {
+            // Ok(Some(why)): left as someone else set it.
+            let result: Result<Option<String>, String> = match &e.target {
+                Target::Nic { iface, netns } if NAPI_KNOBS.contains(&e.knob.as_str()) => {
+                    match e.original {
+                        KnobValue::U32(v) => {
+                            let napi = &self.napi;
+                            let applied = e.applied;
+                            in_netns_sysfs(netns.as_deref(), || {
+                                let now = napi.get(iface, &e.knob).map_err(|err| err.to_string())?;
+                                if let Some(KnobValue::U32(ours)) = applied {
+                                    if now != ours as u64 {
+                                        return Ok(Some(format!(
+                                            "changed from {ours} (set by enlight) to {now} by someone else: left as it is"
+                                        )));
+                                    }
+                                }
+                                napi.put_back(iface, &e.knob, v as u64)
+                                    .map(|_| None)
+                                    .map_err(|err| err.to_string())
+                            })
+                            .map_err(|err| err.to_string())
+                            .and_then(|r| r)
+                        }
+                        KnobValue::Bool(_) => Err(format!("{}: not a boolean knob", e.knob)),
+                    }
+                }
                 Target::Nic { iface, netns } => match patch_of(&e.knob, e.original) {
                     None => Err(format!("unknown NIC knob {}", e.knob)),
                     Some(patch) => in_netns(netns.as_deref(), || {
                         Ethtool::open()
                             .and_then(|mut t| t.apply(iface, &patch))
-                            .map(|_| ())
+                            .map(|_| None)
                             .map_err(|err| err.to_string())
                     })
                     .map_err(|err| err.to_string())
@@ -270,17 +408,19 @@ impl KernelTuner {
                     KnobValue::U32(v) => self
                         .queues
                         .set(disk, &e.knob, v)
-                        .map(|_| ())
+                        .map(|_| None)
                         .map_err(|err| err.to_string()),
                     KnobValue::Bool(_) => Err(format!("{}: not a boolean knob", e.knob)),
                 },
             };
             match result {
-                Ok(()) => {
+                Ok(left) => {
                     if let Err(err) = self.journal.forget(&e.target, &e.knob) {
                         report
                             .failed
                             .push((e.target.clone(), e.knob.clone(), err.to_string()));
+                    } else if let Some(why) = left {
+                        report.left.push((e.target, e.knob, why));
                     } else {
                         report.restored.push((e.target, e.knob, e.original));
                     }

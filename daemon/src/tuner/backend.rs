@@ -47,6 +47,11 @@ pub trait SettingsBackend: Send {
         from: &DeviceSettings,
         to: &DeviceSettings,
     ) -> Result<DeviceSettings, BackendError>;
+    /// After [`SettingsBackend::get`]: why the device must be left alone, if someone else
+    /// changed a knob this backend had set (said once per change; the tuner pins the device).
+    fn changed_by_someone_else(&mut self) -> Option<String> {
+        None
+    }
 }
 
 /// Picks the backend of a device.

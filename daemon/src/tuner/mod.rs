@@ -122,6 +122,10 @@ pub struct TunerView {
     pub pinned: bool,
     pub last_decision: Option<Decision>,
     pub recommendation: Option<DeviceSettings>,
+    /// Why the tuner pinned the device itself: someone else changed a knob it had set (the
+    /// tuner never writes over an operator's change; unpin to let it tune again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_reason: Option<String>,
 }
 
 /// The range of each knob a device accepts (from its control interface).

@@ -225,6 +225,8 @@ struct Slot {
     prev: Option<(Cumulative, Instant)>,
     /// The last pin request applied (its sequence number).
     pin_seen: u64,
+    /// Why the tuner pinned the device itself (an operator's change), while pinned.
+    pinned_reason: Option<String>,
 }
 
 /// The tuner's loop state.
@@ -293,6 +295,7 @@ impl Shell {
                 pid: sample.record.pid,
                 prev: None,
                 pin_seen: 0,
+                pinned_reason: None,
             });
             if slot.pid != sample.record.pid {
                 // A new process serves the device: start over from what it reports.
@@ -302,12 +305,15 @@ impl Shell {
                     pid: sample.record.pid,
                     prev: None,
                     pin_seen: 0,
+                    pinned_reason: None,
                 };
             }
             // Every unpin request (even a repeated one) also clears a freeze.
             if let Some((pinned, seq)) = api_pin {
                 if !pinned && seq != slot.pin_seen {
                     slot.tuner.unfreeze();
+                    // A fresh backend: one that saw an operator's change refuses to write.
+                    slot.backend = None;
                 }
                 slot.pin_seen = seq;
             }
@@ -337,6 +343,28 @@ impl Shell {
                     continue;
                 }
             };
+            // An operator changed a knob the tuner had set: pin the device (within this tick),
+            // never write over it, and say why (log, audit log, API, `enlight tune`).
+            if let Some(why) = backend.changed_by_someone_else() {
+                log::warn!("tuner: {name}: {why}; pinned (unpin to let the tuner act again)");
+                self.shared.set_pinned(&name, true);
+                policy.pinned = true;
+                slot.tuner.set_pinned(true);
+                slot.pin_seen = self.shared.pins().get(&name).map_or(0, |p| p.1);
+                slot.pinned_reason = Some(why.clone());
+                decisions.push(Decision {
+                    ts_unix_ms: enlight_driver::registry::now_unix_ms(),
+                    device: name.clone(),
+                    action: Action::Recommend,
+                    from: current,
+                    to: current,
+                    reason: format!("pinned: {why}; enlight will not write it until unpinned"),
+                    objective_value: None,
+                });
+            }
+            if !policy.pinned {
+                slot.pinned_reason = None;
+            }
             let window = match &slot.prev {
                 Some((prev, prev_at)) if at > *prev_at => Some(Window::between(
                     prev,
@@ -391,6 +419,7 @@ impl Shell {
                         pinned: policy.pinned,
                         last_decision: None,
                         recommendation: slot.tuner.recommendation(),
+                        pinned_reason: slot.pinned_reason.clone(),
                     },
                     sample.record.kind.clone(),
                     slot.tuner.objective_value(),

@@ -151,6 +151,9 @@ pub struct ProbeStatus {
     pub attached: bool,
     /// Why it is not (absent tracepoint, the kernel refused, not selected).
     pub reason: Option<String>,
+    /// Not attached because this kernel has no such tracepoint (as opposed to one the kernel
+    /// has but refused, or one not selected): nothing is missing from the figures then.
+    pub absent: bool,
 }
 
 /// The object itself did not load; every other failure is a [`ProbeStatus`].
@@ -364,10 +367,12 @@ impl KernelProbes {
                     group,
                     attached: false,
                     reason: Some("not selected".into()),
+                    absent: false,
                 }
             } else {
                 let (category, name) = probe.split_once(':').expect("category:name");
-                let result = if !catalog.exists(category, name) {
+                let absent = !catalog.exists(category, name);
+                let result = if absent {
                     Err(format!("tracepoint {probe} does not exist in this kernel"))
                 } else {
                     attach_one(&mut ebpf, program, how, category, name, btf.as_ref())
@@ -377,6 +382,7 @@ impl KernelProbes {
                         group,
                         attached: true,
                         reason: None,
+                        absent: false,
                     },
                     Err(reason) => {
                         log::info!("kernel probe {probe} not attached: {reason}");
@@ -384,6 +390,7 @@ impl KernelProbes {
                             group,
                             attached: false,
                             reason: Some(reason),
+                            absent,
                         }
                     }
                 }
@@ -681,6 +688,7 @@ fn attach_hyperv(
                 group: Group::Hyperv,
                 attached: false,
                 reason: Some("not selected".into()),
+                absent: false,
             },
         );
         return;
@@ -695,6 +703,7 @@ fn attach_hyperv(
                     "this kernel has no hyperv:vmbus_* tracepoints (not a Hyper-V guest, or hv_vmbus not loaded)"
                         .into(),
                 ),
+                absent: true,
             },
         );
         return;
@@ -711,6 +720,7 @@ fn attach_hyperv(
                 group: Group::Hyperv,
                 attached: result.is_ok(),
                 reason: result.err().map(|e| format!("hyperv:{event}: {e}")),
+                absent: false,
             },
         );
     }

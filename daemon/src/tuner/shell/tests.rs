@@ -13,6 +13,9 @@ struct FakeDevice {
     applied: Vec<(u64, DeviceSettings)>,
     /// Refuse every change, as a busy device would.
     refuse: bool,
+    /// Someone else changes a knob after this many applied changes (reported once).
+    admin_after: Option<usize>,
+    admin_reported: bool,
 }
 
 type Shared = Arc<Mutex<FakeDevice>>;
@@ -43,6 +46,15 @@ impl SettingsBackend for FakeBackend {
         let t = self.clock.elapsed().as_millis() as u64;
         d.applied.push((t, *to));
         Ok(*to)
+    }
+    fn changed_by_someone_else(&mut self) -> Option<String> {
+        let mut d = self.dev.lock().unwrap();
+        let due = d.admin_after.is_some_and(|n| d.applied.len() >= n);
+        (due && !d.admin_reported).then(|| {
+            d.admin_reported = true;
+            "moderation_usecs on disk0 changed from 20 us (set by enlight) to 7 us by someone else"
+                .to_string()
+        })
     }
 }
 
@@ -99,7 +111,7 @@ struct Rig {
 
 /// Runs the shell for `secs` of paused time with a fake collector ticking every 500 ms.
 async fn run_rig(config: TunerConfig, start: Option<DeviceSettings>, pin: bool, secs: u64) -> Rig {
-    run_rig_with(config, start, pin, secs, false).await
+    run_rig_with(config, start, pin, secs, FakeDevice::default()).await
 }
 
 async fn run_rig_with(
@@ -107,7 +119,7 @@ async fn run_rig_with(
     start: Option<DeviceSettings>,
     pin: bool,
     secs: u64,
-    refuse: bool,
+    fake: FakeDevice,
 ) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.jsonl");
@@ -118,8 +130,7 @@ async fn run_rig_with(
     };
     let dev: Shared = Arc::new(Mutex::new(FakeDevice {
         settings: start,
-        applied: Vec::new(),
-        refuse,
+        ..fake
     }));
     let clock = tokio::time::Instant::now();
     let shared = Arc::new(TunerShared::default());
@@ -295,7 +306,17 @@ async fn a_restarted_shell_resumes_from_what_the_device_reports() {
 
 #[tokio::test(start_paused = true)]
 async fn refused_changes_are_recorded_and_freeze_the_device() {
-    let rig = run_rig_with(latency_config(TunerMode::Auto), None, false, 60, true).await;
+    let rig = run_rig_with(
+        latency_config(TunerMode::Auto),
+        None,
+        false,
+        60,
+        FakeDevice {
+            refuse: true,
+            ..FakeDevice::default()
+        },
+    )
+    .await;
     let decisions = rig.shared.decisions(None, 100);
     assert_eq!(
         decisions.len(),
@@ -312,4 +333,43 @@ async fn refused_changes_are_recorded_and_freeze_the_device() {
     assert!(text.contains(
         "enlight_tuner_changes_total{device=\"disk0\",kind=\"synthetic\",controller=\"enlight\"} 0"
     ));
+}
+
+/// Someone else changes a knob the tuner set: the device is pinned within that tick, the tuner
+/// never writes again, and the reason is in the view, the decisions and the audit log.
+#[tokio::test(start_paused = true)]
+async fn a_change_by_someone_else_pins_the_device_and_the_tuner_never_writes_again() {
+    let rig = run_rig_with(
+        latency_config(TunerMode::Auto),
+        None,
+        false,
+        90,
+        FakeDevice {
+            admin_after: Some(1),
+            ..FakeDevice::default()
+        },
+    )
+    .await;
+    let applied = rig.dev.lock().unwrap().applied.clone();
+    assert_eq!(
+        applied.len(),
+        1,
+        "no write after the operator's: {applied:?}"
+    );
+    let view = rig.shared.view("disk0").unwrap();
+    assert!(view.pinned, "{view:?}");
+    assert!(
+        view.pinned_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("by someone else")),
+        "{view:?}"
+    );
+    let decisions = rig.shared.decisions(Some("disk0"), 1000);
+    assert!(
+        decisions.iter().any(|d| d
+            .reason
+            .starts_with("pinned: moderation_usecs on disk0 changed")),
+        "{decisions:?}"
+    );
+    assert_eq!(crate::tuner::audit::read(&rig.audit).unwrap(), decisions);
 }
