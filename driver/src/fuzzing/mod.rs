@@ -93,6 +93,10 @@ struct Shared {
     busy: AtomicBool,
     stores: AtomicU64,
     thread: Mutex<Option<Thread>>,
+    /// Held by the one [`ScribbleGuard`] alive: the windows are process-wide, so two callers at
+    /// once (tests run on several threads) would have the scribbler write into memory the other
+    /// has already unmapped (seen as SIGSEGV in the driver's unit tests).
+    session: Mutex<()>,
 }
 
 fn shared() -> &'static Shared {
@@ -106,6 +110,7 @@ fn shared() -> &'static Shared {
             busy: AtomicBool::new(false),
             stores: AtomicU64::new(0),
             thread: Mutex::new(None),
+            session: Mutex::new(()),
         }));
         let t = std::thread::Builder::new()
             .name("fuzz-scribbler".into())
@@ -183,7 +188,7 @@ fn scribble_loop(s: &'static Shared) {
 /// While this guard lives, the scribbler thread writes random words into its windows; dropping
 /// it waits until the scribbler has stopped touching them (so they may be unmapped).
 pub struct ScribbleGuard {
-    _private: (),
+    _session: std::sync::MutexGuard<'static, ()>,
 }
 
 /// A peer that writes during our reads: starts scribbling into `windows` (at most 8) and returns
@@ -195,6 +200,9 @@ pub struct ScribbleGuard {
 pub unsafe fn scribble(windows: &[Window], seed: u64) -> ScribbleGuard {
     let s = shared();
     assert!(windows.len() <= MAX_WINDOWS);
+    // One session at a time; a caller that panicked while holding it left nothing behind (its
+    // guard's drop stopped the scribbler), so a poisoned lock is still good.
+    let session = s.session.lock().unwrap_or_else(|p| p.into_inner());
     for (slot, w) in s.windows.iter().zip(windows) {
         assert!(w.width == 4 || w.width == 8);
         assert!((w.ptr as usize).is_multiple_of(w.width) && w.len.is_multiple_of(w.width));
@@ -215,7 +223,7 @@ pub unsafe fn scribble(windows: &[Window], seed: u64) -> ScribbleGuard {
     while s.stores.load(Ordering::Relaxed) == before && std::time::Instant::now() < deadline {
         std::hint::spin_loop();
     }
-    ScribbleGuard { _private: () }
+    ScribbleGuard { _session: session }
 }
 
 impl Drop for ScribbleGuard {
