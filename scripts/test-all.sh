@@ -31,9 +31,9 @@ fi
 # loop device; ethtool -g/-c against our netlink reads and writes). systemd, util-linux, xz-utils:
 # the package test verifies the unit (systemd-analyze), runs its command line under its
 # capability bounds (setpriv, nsenter) and compresses the package (xz).
-# qemu-system-x86, busybox-static: the guest lab (cli/tests/lab.rs boots Debian's kernel, which
-# it fetches with apt-get download, around a busybox initramfs).
-packages=(clang llvm libbpf-dev bpftool bpftrace prometheus tmux iproute2 iputils-ping iperf3 fonts-dejavu-core fio ethtool systemd util-linux xz-utils qemu-system-x86 busybox-static)
+# qemu-system-x86, busybox-static, binutils: the guest lab (cli/tests/lab.rs boots Debian's kernel,
+# which it fetches with apt-get download, around a busybox initramfs; objcopy strips debug info).
+packages=(clang llvm libbpf-dev bpftool bpftrace prometheus tmux iproute2 iputils-ping iperf3 fonts-dejavu-core fio ethtool systemd util-linux xz-utils qemu-system-x86 busybox-static binutils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

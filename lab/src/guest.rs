@@ -165,6 +165,13 @@ pub fn qemu_args(
 
 /// The last line of console output worth naming (pure): escape sequences and blank lines
 /// dropped.
+/// The least guest memory that unpacks an initramfs of `image_bytes` (pure): the kernel keeps
+/// the image and the unpacked files (in tmpfs) in RAM together, and needs about 256 MiB for
+/// itself, the modules and enlightd. Below it the boot ends in "Unable to mount root fs".
+pub fn memory_needed_mib(image_bytes: u64) -> u64 {
+    2 * image_bytes.div_ceil(1 << 20) + 256
+}
+
 pub fn last_console_line(text: &str) -> String {
     text.lines()
         .map(|l| {
@@ -270,6 +277,18 @@ impl Guest {
         prepare: &dyn Fn(&mut Command),
         stop: &dyn Fn() -> bool,
     ) -> Result<Guest, LabError> {
+        let image_bytes = std::fs::metadata(&image.initrd)
+            .map_err(|e| LabError::io(format!("reading {}", image.initrd.display()), e))?
+            .len();
+        let needed_mib = memory_needed_mib(image_bytes);
+        if u64::from(spec.memory_mib) < needed_mib {
+            return Err(LabError::ImageTooLarge {
+                image: image.initrd.display().to_string(),
+                image_mib: image_bytes >> 20,
+                memory_mib: spec.memory_mib,
+                needed_mib,
+            });
+        }
         remove_stale_run_dirs(&std::env::temp_dir());
         let dir = tempfile::Builder::new()
             .prefix(&format!("enlight-lab-{}-", std::process::id()))
@@ -682,6 +701,14 @@ mod tests {
             "{a}"
         );
         assert!(a.contains("-serial file:/r/console.log") && a.contains("-serial chardev:agent"));
+    }
+
+    #[test]
+    fn a_guest_needs_room_for_its_image_twice() {
+        assert_eq!(memory_needed_mib(0), 256);
+        assert_eq!(memory_needed_mib(110 << 20), 476);
+        // A debug enlightd left unstripped made a ~450 MB image: not for a 1 GiB guest.
+        assert!(memory_needed_mib(450 << 20) > 1024);
     }
 
     #[test]

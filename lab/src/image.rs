@@ -6,8 +6,8 @@
 //! - Root file system: an initramfs (`newc` cpio, packed by busybox, uncompressed: the guest
 //!   unpacks it faster than a gzip one under TCG) holding busybox-static and its applets, the
 //!   modules of every device the lab offers (in load order, [`crate::modules`]), the
-//!   executables asked for (ethtool, fio, iperf3, enlightd, enlight) with every shared library
-//!   `ldd` lists, and the lab's `/init`.
+//!   executables asked for (ethtool, fio, iperf3, enlightd, enlight; their debug information
+//!   stripped) with every shared library `ldd` lists, and the lab's `/init`.
 //! - Cache: `<cache>/initrd-<fingerprint>.cpio`, the fingerprint a SHA-256 of the kernel
 //!   package, the init script, the module list and each input file's path, size and
 //!   modification time: rebuilding enlightd (or upgrading fio) changes it, and the image is
@@ -248,6 +248,9 @@ impl Image {
         }
         let mut h = Sha256::new();
         h.update(format!("{package}\n{release}\n"));
+        // How the image is packed (bump when build_initrd changes what it makes of the same
+        // inputs): 2 = executables stripped of debug information.
+        h.update("layout 2\n");
         h.update(init_script());
         h.update(agent_script());
         for (m, p) in &modules {
@@ -296,6 +299,15 @@ fn copy_into(root: &Path, src: &Path, dest: &Path) -> Result<(), LabError> {
     Ok(())
 }
 
+/// Removes debug information from an executable copied into the image. A debug build of
+/// enlightd carries hundreds of MB of DWARF; the guest kernel holds the initramfs and its
+/// unpacked copy in RAM at once, so an image that size does not unpack in a 1 GiB guest (the
+/// kernel then panics: "Unable to mount root fs"). binutils' objcopy does it (no crate rewrites
+/// ELF sections in place; binutils comes with gcc, which the build needs anyway).
+fn strip_debug(path: &Path) -> Result<(), LabError> {
+    run_tool(Command::new("objcopy").arg("--strip-debug").arg(path)).map(drop)
+}
+
 fn build_initrd(
     cache: &Path,
     out: &Path,
@@ -333,7 +345,9 @@ fn build_initrd(
     }
     for exe in executables {
         let name = exe.file_name().unwrap_or_default();
-        copy_into(root, exe, &Path::new("/bin").join(name))?;
+        let dest = Path::new("/bin").join(name);
+        copy_into(root, exe, &dest)?;
+        strip_debug(&root.join(dest.strip_prefix("/").unwrap_or(&dest)))?;
     }
     for l in libs {
         copy_into(root, l, l)?;

@@ -130,6 +130,13 @@ pub enum LabError {
         last_line: String,
         log: String,
     },
+    #[error("the guest image {image} is {image_mib} MiB, too large for a guest of {memory_mib} MiB: the kernel holds the image and its unpacked copy in RAM at once (give the guest at least {needed_mib} MiB)")]
+    ImageTooLarge {
+        image: String,
+        image_mib: u64,
+        memory_mib: u32,
+        needed_mib: u64,
+    },
     #[error("guest command channel: {0}")]
     Channel(String),
 }
