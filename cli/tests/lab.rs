@@ -258,11 +258,14 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
     eprintln!("lab: disks checked after {:?}", started.elapsed());
 
     // 3. The tuner changes the e1000's rx-usecs under host->guest traffic; ethtool sees it.
+    // 1000 echoes a second: the tuner judges a settings point only once it has seen 2000
+    // operations (TunerParams::min_point_ops) within at most 8 windows, which 200 a second
+    // never reach.
     let mut ping = guest.host_command("ping");
     ping.args([
         "-q",
         "-i",
-        "0.005",
+        "0.001",
         "-w",
         "120",
         &nic.guest_addr.to_string(),
