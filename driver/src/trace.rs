@@ -150,7 +150,8 @@ impl SignalCounts {
 /// The semaphore of every `io_reap` site: it also tells [`SignalCounts`] whether to count.
 #[cfg(target_arch = "x86_64")]
 #[link_section = ".probes"]
-static mut IO_REAP_SEMAPHORE: u16 = 0;
+static mut IO_REAP_SEMAPHORE: crate::usdt::PageAlignedSemaphore =
+    crate::usdt::PageAlignedSemaphore::new();
 
 /// Whether a tracer is attached to `io_reap`. (Other architectures use the `probe` crate's
 /// sites, whose semaphores are private: there devices always count, and the first traced hit

@@ -31,18 +31,49 @@ macro_rules! usdt_lazy {
     }};
     ($provider:ident, $name:ident $(, $arg:expr)* $(,)?) => {{
         #[link_section = ".probes"]
-        static mut SEMAPHORE: u16 = 0;
+        static mut SEMAPHORE: $crate::usdt::PageAlignedSemaphore =
+            $crate::usdt::PageAlignedSemaphore::new();
         $crate::usdt_lazy!(semaphore = SEMAPHORE; $provider, $name $(, $arg)*)
     }};
 }
 
-/// Whether a USDT semaphore (a `static mut u16` in `.probes`) is set: a tracer is attached.
+/// A USDT semaphore on a page of its own (declare it `static mut` in `.probes`).
+///
+/// A tracer gives the kernel the semaphore's file offset, and the kernel increments it in the
+/// first writable mapping of that file page. If the semaphore's page is also the last page of
+/// the segment before it (the partial page RELRO leaves writable), the kernel increments that
+/// copy and the program never sees the tracer: with one debug build of `enlight` every device
+/// waited for probes that had attached (`enlight bench tune`: "the workload did not start").
+/// Page alignment keeps a semaphore's page its own, whatever the linker's layout; it costs a
+/// page of zeros per semaphore (a dozen in `enlight`). `enlight_probes::usdt` refuses a
+/// semaphore that is shadowed, with the reason.
+#[repr(C, align(4096))]
+pub struct PageAlignedSemaphore {
+    /// The count the tracer increments (first field: the semaphore's address is the static's).
+    pub count: u16,
+}
+
+impl PageAlignedSemaphore {
+    /// Zero: no tracer.
+    pub const fn new() -> Self {
+        PageAlignedSemaphore { count: 0 }
+    }
+}
+
+impl Default for PageAlignedSemaphore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Whether a USDT semaphore (a `static mut` [`PageAlignedSemaphore`] or `u16` in `.probes`) is
+/// set: a tracer is attached.
 #[macro_export]
 macro_rules! semaphore_set {
     ($sem:path) => {
-        // SAFETY: a plain load of a u16 the tracer may change at any time (hence volatile); the
-        // static lives for the whole program.
-        (unsafe { ::core::ptr::read_volatile(&raw const $sem) } != 0)
+        // SAFETY: a plain load of the u16 at the start of the semaphore (its count), which the
+        // tracer may change at any time (hence volatile); the static lives for the whole program.
+        (unsafe { ::core::ptr::read_volatile((&raw const $sem).cast::<u16>()) } != 0)
     };
 }
 

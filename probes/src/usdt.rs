@@ -51,6 +51,14 @@ pub enum UsdtError {
         arg: String,
         reason: String,
     },
+    /// A semaphore the kernel would set in another segment's copy of its page
+    /// ([`semaphore_shadowed`]): the probe would never see a tracer attach.
+    #[error("{path}: probe {probe}: its semaphore (file offset {offset:#x}) shares a page with the writable end of an earlier segment, so the kernel would set that copy and the program would never see a tracer; link the semaphores on a page of their own (enlight's are: enlight_driver::usdt::PageAlignedSemaphore)")]
+    SemaphoreShadowed {
+        path: String,
+        probe: String,
+        offset: u64,
+    },
     /// An address outside every loadable segment.
     #[error("{path}: probe {probe}: address {addr:#x} is not in any loadable segment")]
     NoSegment {
@@ -168,6 +176,28 @@ struct Segment {
     offset: u64,
     size: u64,
     executable: bool,
+    writable: bool,
+}
+
+const PAGE: u64 = 4096;
+
+/// Whether the semaphore at virtual address `addr` (file offset `offset`) sits on a file page
+/// that a writable segment at a lower address also maps (pure). The kernel finds the semaphore
+/// to increment by its file offset, in the first writable mapping of that file page (lowest
+/// address first, `find_ref_ctr_vma`): when the end of an earlier segment (the partial page
+/// RELRO leaves writable) shares the page, it increments that copy, and the program, reading
+/// its own, never sees a tracer. Seen with a debug build of `enlight` whose `.probes` started
+/// 0xf62 bytes into the page where the RELRO segment ended.
+fn semaphore_shadowed(segments: &[Segment], addr: u64, offset: u64) -> bool {
+    let page = offset / PAGE;
+    segments.iter().any(|s| {
+        s.writable
+            && s.vaddr < addr
+            && !(addr >= s.vaddr && addr - s.vaddr < s.size)
+            && s.size > 0
+            && s.offset / PAGE <= page
+            && page <= (s.offset + s.size - 1) / PAGE
+    })
 }
 
 /// The file offset of virtual address `addr`, if a segment (an executable one, if `code`) maps
@@ -200,15 +230,16 @@ pub fn sites_in(path: &str, data: &[u8]) -> Result<Vec<Site>, UsdtError> {
         .segments()
         .map(|s| {
             let (offset, size) = s.file_range();
-            let executable = match s.flags() {
-                object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
-                _ => false,
+            let p_flags = match s.flags() {
+                object::SegmentFlags::Elf { p_flags } => p_flags,
+                _ => 0,
             };
             Segment {
                 vaddr: s.address(),
                 offset,
                 size,
-                executable,
+                executable: p_flags & object::elf::PF_X != 0,
+                writable: p_flags & object::elf::PF_W != 0,
             }
         })
         .collect();
@@ -284,7 +315,15 @@ pub fn sites_in(path: &str, data: &[u8]) -> Result<Vec<Site>, UsdtError> {
         let semaphore_offset = if semaphore == 0 {
             0
         } else {
-            to_offset(&name, semaphore)?
+            let offset = to_offset(&name, semaphore)?;
+            if semaphore_shadowed(&segments, semaphore, offset) {
+                return Err(UsdtError::SemaphoreShadowed {
+                    path: path.to_string(),
+                    probe: format!("{provider}:{name}"),
+                    offset,
+                });
+            }
+            offset
         };
         out.push(Site {
             provider,
@@ -357,6 +396,50 @@ mod tests {
         assert_eq!(bytes[site.file_offset as usize], 0x90);
     }
 
+    /// The two writable segments of the debug `enlight` whose devices never saw a tracer.
+    fn debug_enlight_segments() -> Vec<Segment> {
+        let seg = |vaddr, offset, size| Segment {
+            vaddr,
+            offset,
+            size,
+            executable: false,
+            writable: true,
+        };
+        vec![
+            seg(0x19b7f50, 0x19b5f50, 0x121160),
+            seg(0x1ada0b0, 0x1ad70b0, 0xec2),
+        ]
+    }
+
+    #[test]
+    fn a_semaphore_on_the_page_where_relro_ends_is_shadowed() {
+        let segs = debug_enlight_segments();
+        // `.probes` 0xf62 bytes into the page the first segment's end shares: refused.
+        assert!(semaphore_shadowed(&segs, 0x1adaf62, 0x1ad7f62));
+        // The same semaphore a page further on (page-aligned `.probes`): its page is its own.
+        assert!(!semaphore_shadowed(&segs, 0x1adb000, 0x1ad8000));
+        // A semaphore in the first segment is found first: fine.
+        assert!(!semaphore_shadowed(&segs, 0x1a00000, 0x19fe000));
+    }
+
+    #[test]
+    fn the_enlight_binaries_semaphores_are_on_pages_of_their_own() {
+        // This test binary's sites (the driver's macro, page-aligned semaphores) parse without
+        // a shadowed semaphore, whatever the linker made of this build.
+        #[inline(never)]
+        fn fire(x: u64) -> bool {
+            enlight_driver::usdt_lazy!(enlight_test, own_page_site, x)
+        }
+        assert!(!fire(1));
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let site = sites(&exe)
+            .unwrap()
+            .into_iter()
+            .find(|s| s.name == "own_page_site")
+            .expect("site present");
+        assert_eq!(site.semaphore_offset % PAGE, 0, "{site:?}");
+    }
+
     #[test]
     fn an_enlight_site_is_a_five_byte_nop_with_its_arguments() {
         // The driver's own macro: a 5-byte nop, so that the kernel can optimise the uprobe.
@@ -387,18 +470,21 @@ mod tests {
                 offset: 0,
                 size: 0x6000,
                 executable: false,
+                writable: false,
             },
             Segment {
                 vaddr: 0x7000,
                 offset: 0x6000,
                 size: 0x9000,
                 executable: true,
+                writable: false,
             },
             Segment {
                 vaddr: 0x11000,
                 offset: 0xf000,
                 size: 0x1000,
                 executable: false,
+                writable: true,
             },
         ];
         // A site in text maps into the file; one the linker discarded (address 0 + offset)
