@@ -40,7 +40,7 @@ enum Attach {
 /// Groups of probes that can be switched on and off together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Group {
-    /// Block request latency (issue → complete).
+    /// Block request latency (issue → complete, one program at completion).
     Block,
     /// Packets per interface (xmit, receive).
     Net,
@@ -56,13 +56,7 @@ pub enum Group {
 
 /// `(probe name, program, how, group)` of every fixed probe. `hyperv:vmbus_*` events are found
 /// at load time (their set varies between kernels) and all share `enlight_count_event`.
-const PROBES: [(&str, &str, Attach, Group); 9] = [
-    (
-        "block:block_rq_issue",
-        "enlight_blk_issue",
-        Attach::Btf,
-        Group::Block,
-    ),
+const PROBES: [(&str, &str, Attach, Group); 8] = [
     (
         "block:block_rq_complete",
         "enlight_blk_complete",
@@ -278,10 +272,16 @@ pub struct KvmKey {
 pub struct KernelHealth {
     /// Map updates that failed (map full): events lost.
     pub events_lost: u64,
-    /// Block completions whose issue was never seen (in flight at attach time, or evicted).
+    /// Completed requests with no start time stamped in them (neither the issue time nor the
+    /// allocation time: a queue with no statistics, no scheduler and no blk-stat consumer), so
+    /// with no latency. The name is from when an issue program recorded start times.
     pub completions_without_issue: u64,
     /// Failed kernel memory reads.
     pub read_failures: u64,
+    /// Completions timed from the request's allocation because its queue keeps no issue time
+    /// (no blk-stat consumer such as the writeback throttle): their latency includes the time
+    /// spent in the I/O scheduler.
+    pub timed_from_allocation: u64,
 }
 
 /// Everything the kernel-device maps hold, summed over CPUs; cumulative since load.
@@ -554,6 +554,7 @@ impl KernelProbes {
             events_lost: sum(KHEALTH_MAP_FULL)?,
             completions_without_issue: sum(KHEALTH_NO_START)?,
             read_failures: sum(KHEALTH_READ_FAILED)?,
+            timed_from_allocation: sum(KHEALTH_FROM_ALLOC)?,
         };
         Ok(snap)
     }
@@ -629,13 +630,6 @@ impl KernelProbes {
             }
         }
         Ok(())
-    }
-
-    /// Number of requests whose issue time is held (in flight, as the programs see them).
-    pub fn blk_in_flight(&self) -> Result<usize, KernelProbeError> {
-        let m = AyaHashMap::<&MapData, u64, u64>::try_from(self.map("blk_start")?)
-            .map_err(map_err("blk_start"))?;
-        Ok(m.keys().flatten().count())
     }
 }
 
