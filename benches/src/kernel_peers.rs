@@ -267,6 +267,15 @@ struct PeersReport {
     ratios_bpftrace: Vec<f64>,
     /// enlight below both peers in every round.
     below_both_every_round: bool,
+    irq: IrqCost,
+}
+
+/// enlight's IRQ program on interrupts unrelated to the bench.
+#[derive(Serialize)]
+struct IrqCost {
+    runs: u64,
+    ns_per_run: f64,
+    secs: u32,
 }
 
 pub struct PeersArgs {
@@ -370,6 +379,26 @@ pub fn run(args: &PeersArgs) -> Result<()> {
             measures.push(m);
         }
     }
+    // The IRQ program alone, during one more fio run: on a tmpfs-backed loop device no
+    // interrupt is the bench's own, so every run is an unrelated interrupt (issue 17: 1.6-2.0 us
+    // each), the case its early exit is for.
+    let irq = {
+        let probes = KernelProbes::load(&Selection(vec![Group::Irq]))?;
+        if !probes.group_attached(Group::Irq) {
+            bail!("enlight's IRQ probe did not attach: {:?}", probes.status());
+        }
+        let s0 = probes.program_stats();
+        fio_ios(&lo.dev, args.secs, args.iodepth)?;
+        let s1 = probes.program_stats();
+        let key = "enlight_irq_entry";
+        let (a, b) = (&s0[key], &s1[key]);
+        let runs = b.run_cnt - a.run_cnt;
+        IrqCost {
+            runs,
+            ns_per_run: (b.run_time_ns - a.run_time_ns) as f64 / runs.max(1) as f64,
+            secs: args.secs,
+        }
+    };
     drop(lo);
     let per_round = |tool: Tool| -> Vec<f64> {
         (0..args.rounds)
@@ -438,6 +467,10 @@ pub fn run(args: &PeersArgs) -> Result<()> {
             )
         }
     );
+    println!(
+        "\nenlight_irq_entry alone, during one more {} s fio run (no interrupt is the bench's): {} runs, {:.0} ns per run",
+        irq.secs, irq.runs, irq.ns_per_run
+    );
     let report = PeersReport {
         machine,
         kernel,
@@ -449,6 +482,7 @@ pub fn run(args: &PeersArgs) -> Result<()> {
         ratios_biolatency,
         ratios_bpftrace,
         below_both_every_round,
+        irq,
     };
     if let Some(parent) = args.json.parent() {
         std::fs::create_dir_all(parent)?;

@@ -55,10 +55,14 @@ struct {
 	__type(value, struct enlight_nic_stats);
 } nic_stats_zero SEC(".maps");
 
-/* Handler invocations per IRQ number. */
+/* Handler invocations per IRQ number: one counter per IRQ, indexed by it. An array, not a hash:
+ * the lookup is inlined (no helper call, no hashing, no bucket walk) and touches one cache line,
+ * which is what a run costs when interrupts are rare and everything it touches is cold
+ * (issue 17: 1.6-2.0 us per run of the per-CPU hash version on unrelated interrupts). Shared by
+ * all CPUs (atomic adds; an IRQ is normally handled on one CPU), read in one batch. */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 4096);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, ENLIGHT_IRQ_SLOTS);
 	__type(key, __u32);
 	__type(value, __u64);
 } irq_counts SEC(".maps");
@@ -273,20 +277,12 @@ SEC("tp_btf/irq_handler_entry")
 int BPF_PROG(enlight_irq_entry, int irq)
 {
 	__u32 key = (__u32)irq;
-	__u64 one = 1, *v = bpf_map_lookup_elem(&irq_counts, &key);
+	__u64 *v = bpf_map_lookup_elem(&irq_counts, &key);
 
-	if (v) {
-		*v += 1;
-		return 0;
-	}
-	if (bpf_map_update_elem(&irq_counts, &key, &one, BPF_NOEXIST)) {
-		/* Another CPU created it: count there. */
-		v = bpf_map_lookup_elem(&irq_counts, &key);
-		if (v)
-			*v += 1;
-		else
-			health_inc(ENLIGHT_KHEALTH_MAP_FULL);
-	}
+	if (v)
+		__sync_fetch_and_add(v, 1);
+	else
+		health_inc(ENLIGHT_KHEALTH_MAP_FULL); /* an IRQ number past ENLIGHT_IRQ_SLOTS */
 	return 0;
 }
 

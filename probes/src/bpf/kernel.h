@@ -18,6 +18,10 @@
 /* NAPI poll sizes: exact counts for 0..63 packets per poll, the last slot holds 64 and more. */
 #define ENLIGHT_NAPI_SLOTS 65
 
+/* IRQ numbers counted: 0 .. ENLIGHT_IRQ_SLOTS - 1 (x86's nr_irqs stays below this up to about
+ * 500 CPUs); a higher one counts as an event lost. */
+#define ENLIGHT_IRQ_SLOTS 16384
+
 /* A network interface: its namespace (the inode of /proc/<pid>/ns/net) and ifindex in it. */
 struct enlight_nic_key {
 	__u32 netns;

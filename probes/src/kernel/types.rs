@@ -9,6 +9,9 @@ pub const OP_DISCARD: u32 = 5;
 /// `ENLIGHT_KOP_OTHER`: zone management and driver passthrough requests.
 pub const OP_OTHER: u32 = 6;
 
+/// `ENLIGHT_IRQ_SLOTS`: entries of `irq_counts`, one per IRQ number.
+pub const IRQ_SLOTS: u32 = 16384;
+
 /// `struct enlight_nic_key`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
