@@ -9,6 +9,11 @@
 //!
 //! Prints a Markdown report with the machine and kernel and each round's IOPS, and writes the
 //! raw figures as JSON. Needs root (loop devices, eBPF).
+//!
+//! `--peers` measures instead what enlight's block programs cost per fio I/O against
+//! libbpf-tools `biolatency -D` and a bpftrace one-liner (`kernel_peers.rs`).
+
+mod kernel_peers;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,9 +37,14 @@ struct Args {
     /// fio queue depth (libaio); 1 uses psync.
     #[arg(long, default_value_t = 1)]
     iodepth: u32,
-    /// Where to write the raw results.
-    #[arg(long, default_value = "benches/results/kernel.json")]
-    json: PathBuf,
+    /// Where to write the raw results (default: benches/results/kernel.json, or
+    /// kernel-peers.json with --peers).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Compare enlight's block programs with `biolatency -D` and bpftrace (program time per fio
+    /// I/O, rounds rotating the three) instead of measuring IOPS with and without.
+    #[arg(long)]
+    peers: bool,
 }
 
 #[derive(Serialize)]
@@ -201,6 +211,20 @@ fn first_line(cmd: &str, args: &[&str]) -> String {
 fn main() -> Result<()> {
     let args = Args::parse();
     enlight_probes::preflight()?;
+    if args.peers {
+        return kernel_peers::run(&kernel_peers::PeersArgs {
+            secs: args.secs,
+            rounds: args.rounds,
+            iodepth: args.iodepth,
+            json: args
+                .json
+                .unwrap_or_else(|| "benches/results/kernel-peers.json".into()),
+        });
+    }
+    let json = args
+        .json
+        .clone()
+        .unwrap_or_else(|| "benches/results/kernel.json".into());
     let machine = format!(
         "{}, {} CPUs",
         first_line(
@@ -320,10 +344,10 @@ fn main() -> Result<()> {
         program_costs,
         probe_ns_per_io,
     };
-    if let Some(parent) = args.json.parent() {
+    if let Some(parent) = json.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    std::fs::write(&args.json, serde_json::to_vec_pretty(&report)?)?;
-    eprintln!("raw results: {}", args.json.display());
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)?;
+    eprintln!("raw results: {}", json.display());
     Ok(())
 }

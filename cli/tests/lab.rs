@@ -177,7 +177,6 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
 
     // 1. Every kernel probe attached on 6.1, or absent with its reason.
     let must_attach = [
-        "block:block_rq_issue",
         "block:block_rq_complete",
         "irq:irq_handler_entry",
         "napi:napi_poll",

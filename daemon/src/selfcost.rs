@@ -26,7 +26,7 @@ pub struct ProgramReading {
 /// One program's cost, cumulative and over the last collector interval.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct ProgramCost {
-    /// The program's name in the object (`enlight_io_reap`, `enlight_block_rq_issue`, ...).
+    /// The program's name in the object (`enlight_io_reap`, `enlight_blk_complete`, ...).
     pub program: String,
     /// The kernel's program id (`bpftool prog show id N`).
     pub id: u32,

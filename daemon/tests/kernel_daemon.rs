@@ -183,7 +183,7 @@ fn enlightd_serves_a_loop_device_as_a_kernel_device() {
         "enlight_io_ops_total{{device=\"{name}\",kind=\"kernel\",driver=\"loop\",op=\"read\"}} "
     )));
     assert!(
-        text.contains("enlight_probe_attached{device=\"kernel\",kind=\"kernel\",probe=\"block:block_rq_issue\",state=\"attached\"} 1")
+        text.contains("enlight_probe_attached{device=\"kernel\",kind=\"kernel\",probe=\"block:block_rq_complete\",state=\"attached\"} 1")
     );
     enlightd::testing::promtool_check(&text);
     let health = handle.health();

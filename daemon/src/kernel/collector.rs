@@ -538,7 +538,7 @@ pub(crate) mod tests {
         fn status(&self) -> Vec<ProbeView> {
             vec![
                 ProbeView {
-                    probe: "block:block_rq_issue".into(),
+                    probe: "block:block_rq_complete".into(),
                     attached: true,
                     reason: None,
                     state: crate::kernel::ProbeState::Attached,

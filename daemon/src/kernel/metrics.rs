@@ -22,7 +22,7 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// Lines of `enlight_probe_attached` for the kernel probes (inside that family's block):
-/// `{device="kernel",kind="kernel",probe="block:block_rq_issue",state="attached"}`, 0 with the
+/// `{device="kernel",kind="kernel",probe="block:block_rq_complete",state="attached"}`, 0 with the
 /// reason when a probe is not attached. A kernel probe serves every kernel device, so its
 /// `device` label is `kernel` (the alert and the panels group by device: an empty label read
 /// "probes of  detached"); `state` tells a tracepoint this kernel lacks (`absent`, never an

@@ -18,6 +18,10 @@
 /* NAPI poll sizes: exact counts for 0..63 packets per poll, the last slot holds 64 and more. */
 #define ENLIGHT_NAPI_SLOTS 65
 
+/* IRQ numbers counted: 0 .. ENLIGHT_IRQ_SLOTS - 1 (x86's nr_irqs stays below this up to about
+ * 500 CPUs); a higher one counts as an event lost. */
+#define ENLIGHT_IRQ_SLOTS 16384
+
 /* A network interface: its namespace (the inode of /proc/<pid>/ns/net) and ifindex in it. */
 struct enlight_nic_key {
 	__u32 netns;
@@ -68,9 +72,10 @@ enum enlight_kvm_field {
 /* Indices of the kernel programs' health counters (a per-CPU array of __u64). */
 enum enlight_kernel_health {
 	ENLIGHT_KHEALTH_MAP_FULL = 0,     /* a map update failed: events lost */
-	ENLIGHT_KHEALTH_NO_START = 1,     /* a completion whose issue we never saw */
-	ENLIGHT_KHEALTH_READ_FAILED = 2,  /* reading kernel memory failed */
-	ENLIGHT_KHEALTH_COUNT = 3,
+	ENLIGHT_KHEALTH_NO_START = 1,     /* a completed request with no start time stamped in it */
+	ENLIGHT_KHEALTH_READ_FAILED = 2,  /* reading kernel memory failed (a request with no disk) */
+	ENLIGHT_KHEALTH_FROM_ALLOC = 3,   /* latency timed from allocation: the queue keeps no issue time */
+	ENLIGHT_KHEALTH_COUNT = 4,
 };
 
 /* The kernel types read, only the fields used (CO-RE relocates their offsets). */
@@ -87,6 +92,8 @@ struct request {
 	struct request_queue *q;
 	unsigned int cmd_flags;
 	unsigned int __data_len;
+	__u64 start_time_ns;
+	__u64 io_start_time_ns;
 } __attribute__((preserve_access_index));
 
 struct ns_common {

@@ -40,7 +40,7 @@ enum Attach {
 /// Groups of probes that can be switched on and off together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Group {
-    /// Block request latency (issue → complete).
+    /// Block request latency (issue → complete, one program at completion).
     Block,
     /// Packets per interface (xmit, receive).
     Net,
@@ -56,13 +56,7 @@ pub enum Group {
 
 /// `(probe name, program, how, group)` of every fixed probe. `hyperv:vmbus_*` events are found
 /// at load time (their set varies between kernels) and all share `enlight_count_event`.
-const PROBES: [(&str, &str, Attach, Group); 9] = [
-    (
-        "block:block_rq_issue",
-        "enlight_blk_issue",
-        Attach::Btf,
-        Group::Block,
-    ),
+const PROBES: [(&str, &str, Attach, Group); 8] = [
     (
         "block:block_rq_complete",
         "enlight_blk_complete",
@@ -278,10 +272,16 @@ pub struct KvmKey {
 pub struct KernelHealth {
     /// Map updates that failed (map full): events lost.
     pub events_lost: u64,
-    /// Block completions whose issue was never seen (in flight at attach time, or evicted).
+    /// Completed requests with no start time stamped in them (neither the issue time nor the
+    /// allocation time: a queue with no statistics, no scheduler and no blk-stat consumer), so
+    /// with no latency. The name is from when an issue program recorded start times.
     pub completions_without_issue: u64,
     /// Failed kernel memory reads.
     pub read_failures: u64,
+    /// Completions timed from the request's allocation because its queue keeps no issue time
+    /// (no blk-stat consumer such as the writeback throttle): their latency includes the time
+    /// spent in the I/O scheduler.
+    pub timed_from_allocation: u64,
 }
 
 /// Everything the kernel-device maps hold, summed over CPUs; cumulative since load.
@@ -509,11 +509,19 @@ impl KernelProbes {
                 s.add_raw(v);
             }
         }
-        let irqs = PerCpuHashMap::<&MapData, u32, u64>::try_from(self.map("irq_counts")?)
-            .map_err(map_err("irq_counts"))?;
-        for entry in irqs.iter() {
-            let (irq, values) = entry.map_err(map_err("irq_counts"))?;
-            *snap.irqs.entry(irq).or_default() += values.iter().sum::<u64>();
+        let aya::maps::Map::Array(irqs) = self.map("irq_counts")? else {
+            return Err(KernelProbeError::Map {
+                name: "irq_counts",
+                reason: "not an array".into(),
+            });
+        };
+        let counts =
+            read_u64_array(irqs.fd().as_fd(), IRQ_SLOTS).map_err(|e| KernelProbeError::Map {
+                name: "irq_counts",
+                reason: format!("batch lookup: {e}"),
+            })?;
+        for (irq, n) in counts.into_iter().enumerate().filter(|(_, n)| *n > 0) {
+            snap.irqs.insert(irq as u32, n);
         }
         let kvm = PerCpuHashMap::<&MapData, KvmKeyRaw, u64>::try_from(self.map("kvm_counts")?)
             .map_err(map_err("kvm_counts"))?;
@@ -554,6 +562,7 @@ impl KernelProbes {
             events_lost: sum(KHEALTH_MAP_FULL)?,
             completions_without_issue: sum(KHEALTH_NO_START)?,
             read_failures: sum(KHEALTH_READ_FAILED)?,
+            timed_from_allocation: sum(KHEALTH_FROM_ALLOC)?,
         };
         Ok(snap)
     }
@@ -630,13 +639,59 @@ impl KernelProbes {
         }
         Ok(())
     }
+}
 
-    /// Number of requests whose issue time is held (in flight, as the programs see them).
-    pub fn blk_in_flight(&self) -> Result<usize, KernelProbeError> {
-        let m = AyaHashMap::<&MapData, u64, u64>::try_from(self.map("blk_start")?)
-            .map_err(map_err("blk_start"))?;
-        Ok(m.keys().flatten().count())
+/// Every value of an array map of `n` u64s, in one `BPF_MAP_LOOKUP_BATCH` call (one system
+/// call instead of one per entry: `irq_counts` has 16,384), more only if the kernel stops short.
+fn read_u64_array(map: std::os::fd::BorrowedFd<'_>, n: u32) -> std::io::Result<Vec<u64>> {
+    use std::os::fd::AsRawFd;
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let mut keys = vec![0u32; n as usize];
+    let mut values = vec![0u64; n as usize];
+    let mut done = 0usize;
+    let mut next_key = 0u32;
+    while done < n as usize {
+        // union bpf_attr's batch member: in_batch, out_batch, keys, values (u64 pointers),
+        // count, map_fd (u32), elem_flags, flags (u64).
+        let mut attr = [0u64; 8];
+        attr[0] = if done == 0 {
+            0
+        } else {
+            &next_key as *const u32 as u64
+        };
+        attr[1] = &mut next_key as *mut u32 as u64;
+        attr[2] = keys[done..].as_mut_ptr() as u64;
+        attr[3] = values[done..].as_mut_ptr() as u64;
+        attr[4] = (n as usize - done) as u64 | (map.as_raw_fd() as u64) << 32;
+        // SAFETY: attr is a valid bpf_attr prefix for this command; in_batch and out_batch point
+        // to a u32 (the array's key size) that outlives the call; keys and values have room for
+        // `count` entries from `done` on, and the kernel writes at most `count`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(&attr) as u32,
+            )
+        };
+        let err = (rc < 0).then(std::io::Error::last_os_error);
+        let copied = (attr[4] & 0xffff_ffff) as usize;
+        done += copied;
+        match err {
+            None if copied > 0 => {}
+            // ENOENT: the end of the map, after what was copied.
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Some(e) => return Err(e),
+            None => break,
+        }
     }
+    let mut out = vec![0u64; n as usize];
+    for (k, v) in keys[..done].iter().zip(&values[..done]) {
+        if let Some(slot) = out.get_mut(*k as usize) {
+            *slot = *v;
+        }
+    }
+    Ok(out)
 }
 
 /// Tells the KVM programs where their fields are (from the tracefs formats).

@@ -9,6 +9,9 @@ pub const OP_DISCARD: u32 = 5;
 /// `ENLIGHT_KOP_OTHER`: zone management and driver passthrough requests.
 pub const OP_OTHER: u32 = 6;
 
+/// `ENLIGHT_IRQ_SLOTS`: entries of `irq_counts`, one per IRQ number.
+pub const IRQ_SLOTS: u32 = 16384;
+
 /// `struct enlight_nic_key`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -65,12 +68,14 @@ pub const KVM_MMIO_TYPE: u32 = 3;
 
 /// `enum enlight_kernel_health`.
 pub const KHEALTH_MAP_FULL: u32 = 0;
-/// A completion whose issue the programs never saw.
+/// A completed request with no start time stamped in it.
 pub const KHEALTH_NO_START: u32 = 1;
 /// Reading kernel memory failed.
 pub const KHEALTH_READ_FAILED: u32 = 2;
+/// A latency timed from the request's allocation (its queue keeps no issue time).
+pub const KHEALTH_FROM_ALLOC: u32 = 3;
 /// Entries of the health array.
-pub const KHEALTH_COUNT: u32 = 3;
+pub const KHEALTH_COUNT: u32 = 4;
 
 const _: () = assert!(std::mem::size_of::<NicKeyRaw>() == 8);
 const _: () = assert!(std::mem::size_of::<NicStatsRaw>() == 8 * (9 + NAPI_SLOTS));
