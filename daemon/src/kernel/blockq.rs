@@ -307,10 +307,9 @@ impl BlockQueues {
             && self.scheduler(disk).is_ok_and(|s| s.choices.len() > 1)
     }
 
-    /// Switches `disk` to scheduler `name`, which must be one the device offers; returns the
-    /// one in force afterwards. (The kernel drains the queue for the switch, and resets
-    /// `nr_requests` to the new scheduler's default.)
-    pub fn set_scheduler(&self, disk: &str, name: &str) -> Result<String, BlockQueueError> {
+    /// Checks that `disk`'s scheduler can be switched to `name`: the file is writable and
+    /// `name` is one the device offers. Returns the scheduler in force now.
+    pub fn check_scheduler(&self, disk: &str, name: &str) -> Result<Scheduler, BlockQueueError> {
         use std::os::unix::fs::PermissionsExt;
         let path = self.disk_dir(disk)?.join("queue").join(SCHEDULER);
         let now = self.scheduler(disk)?;
@@ -328,6 +327,15 @@ impl BlockQueues {
                 offered: now.choices,
             });
         }
+        Ok(now)
+    }
+
+    /// Switches `disk` to scheduler `name` after [`Self::check_scheduler`]; returns the one in
+    /// force afterwards. (The kernel drains the queue for the switch, and resets `nr_requests`
+    /// to the new scheduler's default.)
+    pub fn set_scheduler(&self, disk: &str, name: &str) -> Result<String, BlockQueueError> {
+        self.check_scheduler(disk, name)?;
+        let path = self.disk_dir(disk)?.join("queue").join(SCHEDULER);
         std::fs::write(&path, format!("{name}\n")).map_err(|source| BlockQueueError::Io {
             path: path.clone(),
             source,
@@ -338,6 +346,23 @@ impl BlockQueues {
     /// Writes `value` to `knob` on `disk` after checking the knob is there, writable, and
     /// `value` is in range; returns the value the kernel reports afterwards (it may round).
     pub fn set(&self, disk: &str, knob: &str, value: u32) -> Result<u32, BlockQueueError> {
+        let path = self.check(disk, knob, value)?;
+        std::fs::write(&path, format!("{value}\n")).map_err(|source| {
+            if source.raw_os_error() == Some(libc::EINVAL) && knob == "nr_requests" {
+                // Devices without a scheduler take no nr_requests change.
+                self.unsupported(disk, knob, &format!("the kernel refused it: {source}"))
+            } else {
+                BlockQueueError::Io {
+                    path: path.clone(),
+                    source,
+                }
+            }
+        })?;
+        Self::read_u32(&path)
+    }
+
+    /// Checks that `knob` exists on `disk`, is writable and takes `value`; returns its file.
+    pub fn check(&self, disk: &str, knob: &str, value: u32) -> Result<PathBuf, BlockQueueError> {
         let knob = knob_name(knob)?;
         let path = Self::knob_path(&self.disk_dir(disk)?, knob);
         let meta = std::fs::metadata(&path)
@@ -358,18 +383,7 @@ impl BlockQueues {
                 max,
             });
         }
-        std::fs::write(&path, format!("{value}\n")).map_err(|source| {
-            if source.raw_os_error() == Some(libc::EINVAL) && knob == "nr_requests" {
-                // Devices without a scheduler take no nr_requests change.
-                self.unsupported(disk, knob, &format!("the kernel refused it: {source}"))
-            } else {
-                BlockQueueError::Io {
-                    path: path.clone(),
-                    source,
-                }
-            }
-        })?;
-        Self::read_u32(&path)
+        Ok(path)
     }
 
     fn unsupported(&self, disk: &str, knob: &str, why: &str) -> BlockQueueError {

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::blockq::{BlockQueueError, BlockQueues};
+use super::blockq::{BlockQueueError, BlockQueues, SCHEDULER};
 use super::ethtool::{Ethtool, EthtoolError, NicPatch, NicSettings};
 use super::journal::{Journal, JournalError, KnobValue, Target};
 use super::napi::{NapiError, NapiSysfs, NAPI_KNOBS};
@@ -223,6 +223,16 @@ fn patch_of(knob: &str, value: KnobValue) -> Option<NicPatch> {
     Some(p)
 }
 
+/// The order [`KernelTuner::restore`] puts entries back in: a disk's scheduler before its
+/// other knobs (switching the scheduler resets `nr_requests` to the new one's default, so
+/// `nr_requests` goes back after it), everything else as journalled. A pure function.
+pub fn restore_order(entries: &[super::journal::Entry]) -> Vec<super::journal::Entry> {
+    let mut out = entries.to_vec();
+    // A stable sort: only schedulers move, to the front.
+    out.sort_by_key(|e| !(matches!(e.target, Target::Block { .. }) && e.knob == SCHEDULER));
+    out
+}
+
 /// What [`KernelTuner::restore`] did.
 #[derive(Debug, Default)]
 pub struct RestoreReport {
@@ -249,6 +259,16 @@ impl KernelTuner {
         Ok(KernelTuner {
             journal: Journal::open(runtime_dir)?,
             queues: BlockQueues::default(),
+            napi: NapiSysfs::default(),
+        })
+    }
+
+    /// A tuner journalling under `runtime_dir`, writing block queues under `sysfs` (tests give
+    /// a tree of their own).
+    pub fn open_at(runtime_dir: &Path, sysfs: &Path) -> Result<KernelTuner, TuneError> {
+        Ok(KernelTuner {
+            journal: Journal::open(runtime_dir)?,
+            queues: BlockQueues::at(sysfs),
             napi: NapiSysfs::default(),
         })
     }
@@ -286,7 +306,7 @@ impl KernelTuner {
             let now = nic_knobs(&current);
             for (knob, _) in patch_knobs(patch) {
                 if let Some((_, original)) = now.iter().find(|(k, _)| *k == knob) {
-                    journal.record_original(&target, knob, *original)?;
+                    journal.record_original(&target, knob, original.clone())?;
                 }
                 // A knob the driver lacks has no original: apply() refuses it below, typed.
             }
@@ -341,18 +361,8 @@ impl KernelTuner {
     pub fn set_block(&mut self, disk: &str, knob: &str, value: u32) -> Result<u32, TuneError> {
         let target = Target::Block { disk: disk.into() };
         let original = self.queues.get(disk, knob)?;
-        // Checks (writable, range) before the journal is touched.
-        let (min, max) = self.queues.range(disk, knob)?;
-        if !(min..=max).contains(&value) {
-            return Err(BlockQueueError::OutOfRange {
-                disk: disk.into(),
-                knob: knob.into(),
-                value,
-                min,
-                max,
-            }
-            .into());
-        }
+        // Checks (there, writable, in range) before the journal is touched.
+        self.queues.check(disk, knob, value)?;
         self.journal
             .record_original(&target, knob, KnobValue::U32(original))?;
         let now = self.queues.set(disk, knob, value)?;
@@ -361,11 +371,30 @@ impl KernelTuner {
         Ok(now)
     }
 
+    /// Switches the I/O scheduler of `disk` to `name` (one the device offers), journalling the
+    /// original first. Returns the scheduler in force afterwards.
+    pub fn set_scheduler(&mut self, disk: &str, name: &str) -> Result<String, TuneError> {
+        let target = Target::Block { disk: disk.into() };
+        // Checks (writable, offered) before the journal is touched.
+        let now = self.queues.check_scheduler(disk, name)?;
+        self.journal
+            .record_original(&target, SCHEDULER, KnobValue::Text(now.name().into()))?;
+        let after = self.queues.set_scheduler(disk, name)?;
+        self.journal
+            .note_applied(&target, SCHEDULER, KnobValue::Text(after.clone()))?;
+        Ok(after)
+    }
+
+    /// The block queues this tuner writes.
+    pub fn queues(&self) -> &BlockQueues {
+        &self.queues
+    }
+
     /// Puts every journalled original back; each restored knob leaves the journal, a failed
     /// one stays (with the reason in the report) so a later restore can retry.
     pub fn restore(&mut self) -> RestoreReport {
         let mut report = RestoreReport::default();
-        let entries: Vec<_> = self.journal.entries().to_vec();
+        let entries = restore_order(self.journal.entries());
         for e in entries {
             // Ok(Some(why)): left as someone else set it.
             let result: Result<Option<String>, String> = match &e.target {
@@ -390,10 +419,10 @@ impl KernelTuner {
                             .map_err(|err| err.to_string())
                             .and_then(|r| r)
                         }
-                        KnobValue::Bool(_) => Err(format!("{}: not a boolean knob", e.knob)),
+                        _ => Err(format!("{}: not a number: {}", e.knob, e.original)),
                     }
                 }
-                Target::Nic { iface, netns } => match patch_of(&e.knob, e.original) {
+                Target::Nic { iface, netns } => match patch_of(&e.knob, e.original.clone()) {
                     None => Err(format!("unknown NIC knob {}", e.knob)),
                     Some(patch) => in_netns(netns.as_deref(), || {
                         Ethtool::open()
@@ -404,13 +433,18 @@ impl KernelTuner {
                     .map_err(|err| err.to_string())
                     .and_then(|r| r),
                 },
-                Target::Block { disk } => match e.original {
+                Target::Block { disk } => match &e.original {
                     KnobValue::U32(v) => self
                         .queues
-                        .set(disk, &e.knob, v)
+                        .set(disk, &e.knob, *v)
                         .map(|_| None)
                         .map_err(|err| err.to_string()),
-                    KnobValue::Bool(_) => Err(format!("{}: not a boolean knob", e.knob)),
+                    KnobValue::Text(name) if e.knob == SCHEDULER => self
+                        .queues
+                        .set_scheduler(disk, name)
+                        .map(|_| None)
+                        .map_err(|err| err.to_string()),
+                    other => Err(format!("{}: cannot be set to {other}", e.knob)),
                 },
             };
             match result {
@@ -454,6 +488,88 @@ mod tests {
         ));
     }
 
+    fn fake_disk(root: &Path, disk: &str) {
+        let q = root.join("block").join(disk).join("queue");
+        std::fs::create_dir_all(&q).unwrap();
+        for (k, v) in [
+            ("nr_requests", "128"),
+            ("read_ahead_kb", "128"),
+            ("max_sectors_kb", "512"),
+            ("max_hw_sectors_kb", "1024"),
+            ("scheduler", "[none] mq-deadline kyber"),
+        ] {
+            std::fs::write(q.join(k), format!("{v}\n")).unwrap();
+        }
+        let mq = root.join("block").join(disk).join("mq/0");
+        std::fs::create_dir_all(&mq).unwrap();
+        std::fs::write(mq.join("nr_tags"), "128\n").unwrap();
+    }
+
+    /// A bad value, a knob the device lacks, a scheduler it does not offer and a device that
+    /// vanished: each a typed error naming the device and knob, nothing written, nothing
+    /// journalled; then a good change is journalled and restored, scheduler first.
+    #[test]
+    fn disk_changes_are_checked_before_the_journal_and_restored_scheduler_first() {
+        use crate::kernel::blockq::BlockQueueError as B;
+        let sys = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        fake_disk(sys.path(), "vdz");
+        let mut t = KernelTuner::open_at(run.path(), sys.path()).unwrap();
+        let e = t.set_block("vdz", "nr_requests", 256).unwrap_err();
+        assert!(
+            matches!(&e, TuneError::BlockQueue(B::OutOfRange { max: 128, .. })),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("vdz: nr_requests = 256"), "{e}");
+        let e = t.set_block("vdz", "queue_depth", 16).unwrap_err();
+        assert!(
+            matches!(&e, TuneError::BlockQueue(B::Unsupported { knob, .. }) if knob == "queue_depth"),
+            "{e:?}"
+        );
+        let e = t.set_scheduler("vdz", "bfq").unwrap_err();
+        assert!(
+            matches!(&e, TuneError::BlockQueue(B::NoSuchChoice { .. })),
+            "{e:?}"
+        );
+        let e = t.set_block("vdgone", "nr_requests", 64).unwrap_err();
+        assert!(
+            matches!(&e, TuneError::BlockQueue(B::NoSuchDevice(d)) if d == "vdgone"),
+            "{e:?}"
+        );
+        assert!(t.journal().entries().is_empty());
+        assert_eq!(
+            std::fs::read_to_string(sys.path().join("block/vdz/queue/nr_requests")).unwrap(),
+            "128\n"
+        );
+
+        assert_eq!(t.set_block("vdz", "nr_requests", 64).unwrap(), 64);
+        assert_eq!(t.set_scheduler("vdz", "kyber").unwrap(), "kyber");
+        // What the kernel shows after the switch (a plain file keeps what was written).
+        let sched = sys.path().join("block/vdz/queue/scheduler");
+        std::fs::write(&sched, "none mq-deadline [kyber]\n").unwrap();
+        let order: Vec<_> = restore_order(t.journal().entries())
+            .into_iter()
+            .map(|e| e.knob)
+            .collect();
+        assert_eq!(order, ["scheduler", "nr_requests"]);
+        // Vanished mid-tuning: the restore fails, typed in the report, and the entries stay.
+        let moved = sys.path().join("elsewhere");
+        std::fs::rename(sys.path().join("block/vdz"), &moved).unwrap();
+        let report = t.restore();
+        assert_eq!(report.failed.len(), 2, "{:?}", report.failed);
+        assert!(report.failed[0].2.contains("no block device vdz"));
+        assert_eq!(t.journal().entries().len(), 2);
+        // Back: restored, the journal empty.
+        std::fs::rename(&moved, sys.path().join("block/vdz")).unwrap();
+        let report = t.restore();
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        assert_eq!(report.restored.len(), 2);
+        assert!(t.journal().entries().is_empty());
+        let q = BlockQueues::at(sys.path());
+        assert_eq!(q.scheduler("vdz").unwrap().name(), "none");
+        assert_eq!(q.get("vdz", "nr_requests").unwrap(), 128);
+    }
+
     #[test]
     fn patches_and_knobs_round_trip() {
         let p = NicPatch {
@@ -465,7 +581,7 @@ mod tests {
         let knobs = patch_knobs(&p);
         assert_eq!(knobs.len(), 3);
         for (k, v) in knobs {
-            let single = patch_of(k, v).unwrap();
+            let single = patch_of(k, v.clone()).unwrap();
             assert_eq!(patch_knobs(&single), vec![(k, v)]);
         }
         assert!(patch_of("rx_ring", KnobValue::Bool(true)).is_none());
