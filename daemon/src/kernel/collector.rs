@@ -467,7 +467,14 @@ impl<S: KernelSource> KernelCollector<S> {
                     .iter()
                     .map(|q| (q.name.to_string(), q.value))
                     .collect();
-                dev.knobs = super::knobs::disk(&settings);
+                dev.knobs = super::knobs::disk(
+                    &settings,
+                    queues
+                        .scheduler(&d.name)
+                        .ok()
+                        .filter(|_| queues.scheduler_writable(&d.name))
+                        .as_ref(),
+                );
             } else {
                 info.nic = KernelTuner::nic_settings(&d.name, None).ok();
                 dev.knobs = super::knobs::nic(

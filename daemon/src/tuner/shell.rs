@@ -385,6 +385,9 @@ impl Shell {
                         reason: o.reason,
                         objective_value: o.objective_value,
                     };
+                    if let Some(said) = backend.in_own_knobs(&o.to) {
+                        let _ = write!(d.reason, " [{said}]");
+                    }
                     if o.action != Action::Recommend {
                         match backend.apply(&current, &o.to) {
                             Ok(in_force) => {
