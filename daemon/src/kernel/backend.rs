@@ -436,11 +436,24 @@ impl SettingsBackend for KernelDiskBackend {
             done.push((knob, before));
         }
         let after = self.knobs()?;
-        // What enlight owns now, as read back: the knobs just set, and those set before whose
-        // value a scheduler switch just reset (the kernel's doing, on enlight's write).
-        let mut owned: Vec<String> = self.owned.keys().cloned().collect();
-        owned.extend(done.into_iter().map(|(k, _)| k));
-        for name in owned {
+        // What enlight owns now, as read back: every knob of this disk in the journal (the
+        // ones just set, and nr_requests after a scheduler switch reset it: the kernel's
+        // doing, on enlight's write, and restored with the rest).
+        let target = super::journal::Target::Block {
+            disk: self.disk.clone(),
+        };
+        let journalled: Vec<String> = self
+            .tuner
+            .journal()
+            .entries()
+            .iter()
+            .filter(|e| e.target == target)
+            .map(|e| e.knob.clone())
+            .collect();
+        for name in journalled
+            .into_iter()
+            .chain(done.into_iter().map(|(k, _)| k))
+        {
             if let Some(k) = after.iter().find(|k| k.name == name) {
                 self.owned.insert(name, k.value);
             }

@@ -372,16 +372,30 @@ impl KernelTuner {
     }
 
     /// Switches the I/O scheduler of `disk` to `name` (one the device offers), journalling the
-    /// original first. Returns the scheduler in force afterwards.
+    /// original first, and `nr_requests`' too (the kernel resets it on the switch). Returns
+    /// the scheduler in force afterwards.
     pub fn set_scheduler(&mut self, disk: &str, name: &str) -> Result<String, TuneError> {
         let target = Target::Block { disk: disk.into() };
         // Checks (writable, offered) before the journal is touched.
         let now = self.queues.check_scheduler(disk, name)?;
+        // The switch resets nr_requests to the new scheduler's default: its original is
+        // journalled too, so a restore (scheduler first) puts back the depth that was there.
+        let depth = self.queues.get(disk, "nr_requests").ok();
         self.journal
             .record_original(&target, SCHEDULER, KnobValue::Text(now.name().into()))?;
+        if let Some(d) = depth {
+            self.journal
+                .record_original(&target, "nr_requests", KnobValue::U32(d))?;
+        }
         let after = self.queues.set_scheduler(disk, name)?;
         self.journal
             .note_applied(&target, SCHEDULER, KnobValue::Text(after.clone()))?;
+        if let Ok(d) = self.queues.get(disk, "nr_requests") {
+            if depth.is_some() {
+                self.journal
+                    .note_applied(&target, "nr_requests", KnobValue::U32(d))?;
+            }
+        }
         Ok(after)
     }
 
@@ -542,8 +556,21 @@ mod tests {
             "128\n"
         );
 
-        assert_eq!(t.set_block("vdz", "nr_requests", 64).unwrap(), 64);
+        // A scheduler switch alone journals nr_requests too (the kernel resets it).
         assert_eq!(t.set_scheduler("vdz", "kyber").unwrap(), "kyber");
+        assert_eq!(
+            t.journal()
+                .original(&Target::Block { disk: "vdz".into() }, "nr_requests"),
+            Some(KnobValue::U32(128))
+        );
+        std::fs::write(
+            sys.path().join("block/vdz/queue/scheduler"),
+            "none mq-deadline [kyber]\n",
+        )
+        .unwrap();
+        // The fake's kyber default; with a scheduler up to MAX_SCHED_RQ.
+        std::fs::write(sys.path().join("block/vdz/queue/nr_requests"), "256\n").unwrap();
+        assert_eq!(t.set_block("vdz", "nr_requests", 64).unwrap(), 64);
         // What the kernel shows after the switch (a plain file keeps what was written).
         let sched = sys.path().join("block/vdz/queue/scheduler");
         std::fs::write(&sched, "none mq-deadline [kyber]\n").unwrap();
@@ -552,6 +579,12 @@ mod tests {
             .map(|e| e.knob)
             .collect();
         assert_eq!(order, ["scheduler", "nr_requests"]);
+        assert_eq!(
+            t.journal()
+                .original(&Target::Block { disk: "vdz".into() }, "nr_requests"),
+            Some(KnobValue::U32(128)),
+            "the first original is kept"
+        );
         // Vanished mid-tuning: the restore fails, typed in the report, and the entries stay.
         let moved = sys.path().join("elsewhere");
         std::fs::rename(sys.path().join("block/vdz"), &moved).unwrap();
