@@ -197,6 +197,13 @@ impl Knob {
     /// Why the tuner never explores this knob live (`None`: it may).
     pub fn not_explored_because(&self) -> Option<String> {
         match self.disruption {
+            // The ring ladder is tried only when writers found a ring full; no disk reports
+            // that, so a disk's largest request stays where it is.
+            Disruption::Live if self.tuner_kind == Some(TunerKind::MaxIo) => Some(format!(
+                "{} rides the ring ladder, which the tuner tries only when a ring fills (no \
+                 kernel disk reports that): recommend only",
+                self.name
+            )),
             Disruption::Live => None,
             Disruption::ResetsQueue => Some(format!(
                 "{} resets the queue when changed: recommend only",

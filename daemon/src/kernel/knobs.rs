@@ -387,6 +387,11 @@ mod tests {
         assert_eq!(s.ring_out_bytes, s.ring_in_bytes);
         assert_eq!(b.ring_bytes.1, 1280 * 1024);
         assert!(T::RingBytes.step(&s, Direction::Up, &b).is_none());
+        assert!(k[4]
+            .not_explored_because()
+            .unwrap()
+            .contains("max_sectors_kb rides the ring ladder"));
+        assert!(k[..4].iter().all(|k| k.not_explored_because().is_none()));
         let small = T::RingBytes.step(&s, Direction::Down, &b).unwrap();
         assert_eq!(
             crate::knobs::changes_line(&k, &small),
