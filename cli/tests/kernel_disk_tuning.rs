@@ -180,10 +180,33 @@ fn the_tuner_changes_a_loop_disk_and_every_original_comes_back() {
     let _load = fio(&disk.path, 120);
     let mut daemon = enlightd(dir.path(), &name);
     let tuned = wait_for_a_change(dir.path(), &name, &original);
-    daemon.0.kill().unwrap();
-    daemon.0.wait().unwrap();
     let what = changed(&original, &tuned);
     eprintln!("the tuner changed {name}: {what:?}");
+    // The audit log says the change in the disk's own knobs (written just after the change).
+    let knob = what[0].split(' ').next().unwrap().to_string();
+    let said = |audit: &str| {
+        audit.lines().any(|l| {
+            let d: serde_json::Value = serde_json::from_str(l).unwrap();
+            d["action"] == "change"
+                && d["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains(&format!("[{knob} ")))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let audit = loop {
+        let audit = std::fs::read_to_string(run.join("tuner-audit.jsonl")).unwrap_or_default();
+        if said(&audit) || Instant::now() > deadline {
+            break audit;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        said(&audit),
+        "no change of {knob} in the audit log:\n{audit}"
+    );
+    daemon.0.kill().unwrap();
+    daemon.0.wait().unwrap();
     // The journal was written before the change, with the originals.
     let entries = enlightd::kernel::journal::Journal::open(&run)
         .unwrap()
@@ -202,8 +225,8 @@ fn the_tuner_changes_a_loop_disk_and_every_original_comes_back() {
             e.knob
         );
     }
-    // Nothing restored it: the change outlives the killed daemon (a trial lasts several
-    // 200 ms windows; the kill came within 20 ms of the change).
+    // Nothing restored it: the change outlives the killed daemon (a trial lasts four 200 ms
+    // windows; the kill came as soon as the audit log had the change).
     assert_ne!(
         sysfs_knobs(&name),
         original,
