@@ -207,6 +207,13 @@ impl KernelNicBackend {
 }
 
 impl SettingsBackend for KernelNicBackend {
+    fn recommend_only(&self) -> Option<String> {
+        match &self.permission {
+            Permission::Apply => None,
+            Permission::RecommendOnly(why) => Some(why.clone()),
+        }
+    }
+
     fn get(&mut self) -> Result<(DeviceSettings, Bounds), BackendError> {
         let knobs = self.read()?;
         Ok(crate::knobs::tuner_space(&knobs, NAPI_WEIGHT))
@@ -385,6 +392,13 @@ impl KernelDiskBackend {
 }
 
 impl SettingsBackend for KernelDiskBackend {
+    fn recommend_only(&self) -> Option<String> {
+        match &self.permission {
+            Permission::Apply => None,
+            Permission::RecommendOnly(why) => Some(why.clone()),
+        }
+    }
+
     fn get(&mut self) -> Result<(DeviceSettings, Bounds), BackendError> {
         let knobs = self.read()?;
         Ok(crate::knobs::tuner_space(&knobs, 0))
