@@ -15,6 +15,15 @@ use enlightd::kernel::journal::{Journal, KnobValue, Target};
 use enlightd::kernel::tune::{KernelTuner, TuneError};
 use support::*;
 
+/// Writes a value into a sysfs file on drop (a test's own change undone, also on a panic).
+struct WriteOnDrop(String, String);
+
+impl Drop for WriteOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.0, format!("{}\n", self.1));
+    }
+}
+
 /// Puts back whatever the journal under its directory holds, on drop (also on a panic).
 struct RestoreOnDrop(PathBuf);
 
@@ -302,7 +311,8 @@ fn the_tuners_backend_changes_a_kernel_nics_coalescing_through_the_journal() {
 /// The tuner's disk backend on a loop device: its search space from the device's own knobs
 /// and ranges, a change of scheduler and nr_requests written in that order (the switch resets
 /// nr_requests), journalled before the change, an operator's change seen at the next read,
-/// typed errors for what the device does not take, and a restore that puts it all back.
+/// typed errors for what the device does not take, and a restore that puts back enlight's
+/// changes and leaves the operator's in force.
 #[test]
 fn the_tuners_disk_backend_switches_scheduler_and_depth_and_restore_puts_them_back() {
     use enlightd::kernel::backend::KernelDiskBackend;
@@ -407,7 +417,11 @@ fn the_tuners_disk_backend_switches_scheduler_and_depth_and_restore_puts_them_ba
     drop(tuner);
 
     // An operator's change: seen at the next read, never written over.
-    std::fs::write(format!("/sys/block/{name}/queue/nr_requests"), "8\n").unwrap();
+    let operator = WriteOnDrop(
+        format!("/sys/block/{name}/queue/nr_requests"),
+        original.1.clone(),
+    );
+    std::fs::write(&operator.0, "8\n").unwrap();
     backend.get().unwrap();
     let why = backend.changed_by_someone_else().expect("seen");
     assert!(
@@ -417,11 +431,25 @@ fn the_tuners_disk_backend_switches_scheduler_and_depth_and_restore_puts_them_ba
     assert!(backend.apply(&now, &to).is_err());
     assert_eq!(read("queue/nr_requests"), "8");
 
-    // Killed without a restore; the journal puts the scheduler back first, then the depth.
+    // Killed without a restore; the journal puts the scheduler back and leaves the operator's
+    // depth in force, although putting the scheduler back made the kernel reset it.
     std::mem::forget(backend);
     let report = KernelTuner::open(runtime.path()).unwrap().restore();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
-    assert_eq!(report.restored.len(), 2, "{:?}", report.restored);
+    assert_eq!(report.restored.len(), 1, "{:?}", report.restored);
+    assert_eq!(report.left.len(), 1, "{:?}", report.left);
+    assert_eq!(
+        (sched(), read("queue/read_ahead_kb")),
+        (original.0.clone(), original.2.clone())
+    );
+    assert_eq!(read("queue/nr_requests"), "8", "the operator's value");
+    assert!(KernelTuner::open(runtime.path())
+        .unwrap()
+        .journal()
+        .entries()
+        .is_empty());
+    // The test, as the operator, puts its own change back (also on a panic: the guard).
+    drop(operator);
     assert_eq!(
         (
             sched(),

@@ -409,6 +409,19 @@ impl KernelTuner {
     pub fn restore(&mut self) -> RestoreReport {
         let mut report = RestoreReport::default();
         let entries = restore_order(self.journal.entries());
+        // Disk knobs someone else changed after enlight did, with their value now: read
+        // before anything is written, since putting a scheduler back resets nr_requests.
+        let operators: Vec<(Target, String, KnobValue)> = entries
+            .iter()
+            .filter_map(|e| {
+                let Target::Block { disk } = &e.target else {
+                    return None;
+                };
+                let now = self.block_value(disk, &e.knob)?;
+                (e.applied.as_ref().is_some_and(|ours| *ours != now))
+                    .then(|| (e.target.clone(), e.knob.clone(), now))
+            })
+            .collect();
         for e in entries {
             // Ok(Some(why)): left as someone else set it.
             let result: Result<Option<String>, String> = match &e.target {
@@ -447,6 +460,21 @@ impl KernelTuner {
                     .map_err(|err| err.to_string())
                     .and_then(|r| r),
                 },
+                Target::Block { .. }
+                    if operators
+                        .iter()
+                        .any(|(t, k, _)| *t == e.target && *k == e.knob) =>
+                {
+                    let now = &operators
+                        .iter()
+                        .find(|(t, k, _)| *t == e.target && *k == e.knob)
+                        .expect("checked")
+                        .2;
+                    Ok(Some(format!(
+                        "changed from {} (set by enlight) to {now} by someone else: left as it is",
+                        e.applied.as_ref().expect("an operator's change has ours")
+                    )))
+                }
                 Target::Block { disk } => match &e.original {
                     KnobValue::U32(v) => self
                         .queues
@@ -476,7 +504,40 @@ impl KernelTuner {
                 Err(why) => report.failed.push((e.target, e.knob, why)),
             }
         }
+        // An operator's value that a scheduler put back has reset (nr_requests) goes back in.
+        for (target, knob, value) in operators {
+            let Target::Block { disk } = &target else {
+                continue;
+            };
+            if self.block_value(disk, &knob).as_ref() == Some(&value) {
+                continue;
+            }
+            let put = match &value {
+                KnobValue::U32(v) => self.queues.set(disk, &knob, *v).map(|_| ()),
+                KnobValue::Text(name) => self.queues.set_scheduler(disk, name).map(|_| ()),
+                KnobValue::Bool(_) => Ok(()),
+            };
+            if let Err(err) = put {
+                report.failed.push((
+                    target.clone(),
+                    knob.clone(),
+                    format!("putting back the operator's {value} after the scheduler: {err}"),
+                ));
+            }
+        }
         report
+    }
+
+    /// A disk knob's value now (the scheduler by name), `None` if it cannot be read.
+    fn block_value(&self, disk: &str, knob: &str) -> Option<KnobValue> {
+        if knob == SCHEDULER {
+            self.queues
+                .scheduler(disk)
+                .ok()
+                .map(|s| KnobValue::Text(s.name().into()))
+        } else {
+            self.queues.get(disk, knob).ok().map(KnobValue::U32)
+        }
     }
 }
 
@@ -601,6 +662,40 @@ mod tests {
         let q = BlockQueues::at(sys.path());
         assert_eq!(q.scheduler("vdz").unwrap().name(), "none");
         assert_eq!(q.get("vdz", "nr_requests").unwrap(), 128);
+    }
+
+    /// An operator's change of a disk knob enlight set is left by the restore, and stays in
+    /// force even when putting the scheduler back made the kernel reset it.
+    #[test]
+    fn a_restore_leaves_an_operators_disk_change_in_force() {
+        let sys = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        fake_disk(sys.path(), "vdz");
+        let q = sys.path().join("block/vdz/queue");
+        let mut t = KernelTuner::open_at(run.path(), sys.path()).unwrap();
+        t.set_scheduler("vdz", "mq-deadline").unwrap();
+        std::fs::write(q.join("scheduler"), "none [mq-deadline] kyber\n").unwrap();
+        std::fs::write(q.join("nr_requests"), "256\n").unwrap();
+        t.set_block("vdz", "nr_requests", 64).unwrap();
+        t.set_block("vdz", "read_ahead_kb", 512).unwrap();
+        // The operator: nr_requests 32.
+        std::fs::write(q.join("nr_requests"), "32\n").unwrap();
+        let report = t.restore();
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        let restored: Vec<_> = report.restored.iter().map(|r| r.1.as_str()).collect();
+        assert_eq!(restored, ["scheduler", "read_ahead_kb"]);
+        assert_eq!(report.left.len(), 1);
+        assert!(
+            report.left[0]
+                .2
+                .contains("changed from 64 (set by enlight) to 32"),
+            "{:?}",
+            report.left
+        );
+        let read = |k: &str| std::fs::read_to_string(q.join(k)).unwrap();
+        assert_eq!(read("nr_requests"), "32\n");
+        assert_eq!(read("read_ahead_kb"), "128\n");
+        assert!(t.journal().entries().is_empty());
     }
 
     #[test]
