@@ -8,7 +8,8 @@
 //! - a kernel NIC, what ethtool netlink reports for its driver (rings, coalescing the driver
 //!   has) and NAPI moderation from sysfs (`napi_defer_hard_irqs`, `gro_flush_timeout`, which
 //!   every netdev has);
-//! - a kernel disk, its writable block queue settings in sysfs.
+//! - a kernel disk, its writable block queue settings in sysfs (a SCSI disk's
+//!   `device/queue_depth` too) and its I/O scheduler, a choice among those it lists.
 //!
 //! The tuner's search space comes from the same list ([`TunerKind`]): a knob rides the ladder of
 //! its kind, and a knob that is not [`Disruption::Live`] is never explored (recommend only, with

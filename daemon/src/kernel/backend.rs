@@ -1,4 +1,6 @@
-//! Kernel NICs as the tuner sees devices: a [`SettingsBackend`] over the knobs the NIC really
+//! Kernel NICs and disks as the tuner sees devices. [`KernelDiskBackend`] serves a disk's
+//! queue depth, I/O scheduler, read-ahead and largest request (see its docs); the rest of
+//! this note is about NICs: a [`SettingsBackend`] over the knobs the NIC really
 //! has ([`super::knobs::nic`]: ethtool rings and coalescing, NAPI moderation in sysfs), and a
 //! [`BackendFactory`] that serves kernel devices with it and every other device with the
 //! control-socket factory.
