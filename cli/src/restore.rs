@@ -28,7 +28,11 @@ pub fn render_entries(entries: &[Entry]) -> String {
     entries
         .iter()
         .map(|e| {
-            let now = e.applied.map(|v| format!(", now {v}")).unwrap_or_default();
+            let now = e
+                .applied
+                .as_ref()
+                .map(|v| format!(", now {v}"))
+                .unwrap_or_default();
             format!("{} {}: original {}{now}\n", e.target, e.knob, e.original)
         })
         .collect()

@@ -299,4 +299,65 @@ mod tests {
             "{text}"
         );
     }
+
+    /// A kernel disk shows its own knobs (the scheduler by name), the recommendation in them,
+    /// and why max_sectors_kb is not explored.
+    #[test]
+    fn a_kernel_disk_shows_its_queue_knobs_and_the_recommendation_in_them() {
+        let q = |name: &'static str, value: u32, range: (u32, u32)| {
+            enlightd::kernel::knobs::QueueSetting {
+                name,
+                value,
+                writable: true,
+                range,
+            }
+        };
+        let sched = enlightd::kernel::blockq::parse_scheduler("none [mq-deadline] kyber");
+        let knobs = enlightd::kernel::knobs::disk(
+            &[
+                q("nr_requests", 256, (4, 2048)),
+                q("read_ahead_kb", 128, (0, 1 << 20)),
+                q("max_sectors_kb", 1280, (4, 1280)),
+            ],
+            sched.as_ref(),
+        );
+        let (now, _) = enlightd::knobs::tuner_space(&knobs, 0);
+        let mut disk: DeviceView = serde_json::from_value(serde_json::json!({
+            "name":"vda","device":"disk","kind":"kernel","pid":0,"present":true,
+            "attached":true,"attach_error":null,
+            "total":{"op":"all","ops_total":0,"bytes_total":0,"errors_total":0,
+                     "ops_per_sec":0.0,"bytes_per_sec":0.0,"p50_seconds":null,
+                     "p90_seconds":null,"p99_seconds":null,"p999_seconds":null},
+            "ops":[],"interrupts_total":0,"interrupts_per_sec":0.0,"doorbells_total":0,
+            "ring_full_out_total":0,"ring_full_in_total":0,"irq_masked_total":0}))
+        .unwrap();
+        disk.knobs = knobs;
+        disk.tuner = Some(TunerView {
+            mode: TunerMode::DryRun,
+            objective: Objective::Latency,
+            state: TunerState::Exploring,
+            pinned: false,
+            last_decision: None,
+            pinned_reason: None,
+            recommendation: Some(DeviceSettings {
+                moderation_frames: 128,
+                moderation_usecs: 0,
+                ..now
+            }),
+        });
+        let text = render(&[disk], None).unwrap();
+        assert!(
+            text.contains("current:     scheduler mq-deadline, nr_requests 256, read_ahead_kb 128 KiB, max_sectors_kb 1280 KiB"),
+            "{text}"
+        );
+        assert!(
+            text.contains("recommended: scheduler mq-deadline → none, nr_requests 256 → 128"),
+            "{text}"
+        );
+        assert!(
+            text.contains("not explored: max_sectors_kb rides the ring ladder"),
+            "{text}"
+        );
+        assert!(!text.contains("moderation_frames"), "{text}");
+    }
 }

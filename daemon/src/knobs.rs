@@ -8,7 +8,8 @@
 //! - a kernel NIC, what ethtool netlink reports for its driver (rings, coalescing the driver
 //!   has) and NAPI moderation from sysfs (`napi_defer_hard_irqs`, `gro_flush_timeout`, which
 //!   every netdev has);
-//! - a kernel disk, its writable block queue settings in sysfs.
+//! - a kernel disk, its writable block queue settings in sysfs (a SCSI disk's
+//!   `device/queue_depth` too) and its I/O scheduler, a choice among those it lists.
 //!
 //! The tuner's search space comes from the same list ([`TunerKind`]): a knob rides the ladder of
 //! its kind, and a knob that is not [`Disruption::Live`] is never explored (recommend only, with
@@ -116,6 +117,30 @@ pub enum TunerKind {
     Ring,
     /// Polling budget.
     PollBudget,
+    /// A disk's queue depth (`nr_requests`, or a SCSI disk's `device/queue_depth`): rides the
+    /// count ladder, as requests.
+    QueueDepth,
+    /// A disk's I/O scheduler: a choice, its index riding the delay ladder's rungs (index `i`
+    /// is rung `i` of [`crate::tuner::USECS_LADDER`]), so each step is the next scheduler the
+    /// device lists.
+    Scheduler,
+    /// A disk's `read_ahead_kb`: rides the budget ladder, in KiB.
+    ReadAhead,
+    /// A disk's largest request, `max_sectors_kb`: rides the ring ladder, in bytes (the tuner
+    /// tries that ladder only where writers found a ring full, which no kernel disk reports,
+    /// so it is shown and recommended, not explored).
+    MaxIo,
+}
+
+/// The tuner slot (field of [`DeviceSettings`]) a knob kind rides.
+fn slot(kind: TunerKind) -> TunerKind {
+    match kind {
+        TunerKind::QueueDepth => TunerKind::ModerationCount,
+        TunerKind::Scheduler => TunerKind::ModerationDelay,
+        TunerKind::ReadAhead => TunerKind::PollBudget,
+        TunerKind::MaxIo => TunerKind::Ring,
+        k => k,
+    }
 }
 
 /// One knob of one device.
@@ -173,6 +198,13 @@ impl Knob {
     /// Why the tuner never explores this knob live (`None`: it may).
     pub fn not_explored_because(&self) -> Option<String> {
         match self.disruption {
+            // The ring ladder is tried only when writers found a ring full; no disk reports
+            // that, so a disk's largest request stays where it is.
+            Disruption::Live if self.tuner_kind == Some(TunerKind::MaxIo) => Some(format!(
+                "{} rides the ring ladder, which the tuner tries only when a ring fills (no \
+                 kernel disk reports that): recommend only",
+                self.name
+            )),
             Disruption::Live => None,
             Disruption::ResetsQueue => Some(format!(
                 "{} resets the queue when changed: recommend only",
@@ -247,6 +279,11 @@ impl Knob {
         let v = match (kind, self.unit) {
             (TunerKind::ModerationDelay, Unit::Nanoseconds) => value / 1000,
             (TunerKind::Ring, Unit::Descriptors) => value * RING_UNIT,
+            (TunerKind::MaxIo, _) => value * 1024,
+            (TunerKind::Scheduler, _) => {
+                let ladder = crate::tuner::USECS_LADDER;
+                ladder[(value as usize).min(ladder.len() - 1)] as u64
+            }
             _ => value,
         };
         Some(v.min(u32::MAX as u64) as u32)
@@ -259,16 +296,22 @@ impl Knob {
         let v = match self.name.as_str() {
             "ring_out_bytes" | "tx_ring" => s.ring_out_bytes,
             "ring_in_bytes" | "rx_ring" => s.ring_in_bytes,
-            _ => match kind {
+            _ => match slot(kind) {
                 TunerKind::ModerationCount => s.moderation_frames,
                 TunerKind::ModerationDelay => s.moderation_usecs,
-                TunerKind::Ring => s.ring_in_bytes,
                 TunerKind::PollBudget => s.poll_budget,
+                _ => s.ring_in_bytes,
             },
         } as u64;
         Some(match (kind, self.unit) {
             (TunerKind::ModerationDelay, Unit::Nanoseconds) => v * 1000,
             (TunerKind::Ring, Unit::Descriptors) => v / RING_UNIT,
+            (TunerKind::MaxIo, _) => v / 1024,
+            // The highest rung at or below `v`: its index is the choice.
+            (TunerKind::Scheduler, _) => crate::tuner::USECS_LADDER
+                .iter()
+                .rposition(|&r| r as u64 <= v)
+                .unwrap_or(0) as u64,
             _ => v,
         })
     }
@@ -283,6 +326,12 @@ pub fn explored_range(kind: TunerKind) -> (u32, u32) {
         TunerKind::ModerationDelay => (0, 1000),
         TunerKind::Ring => (4 * RING_UNIT as u32, 4096 * RING_UNIT as u32),
         TunerKind::PollBudget => (1, 512),
+        // BLKDEV_MIN_RQ up to the count ladder's top (the device's own cap narrows it).
+        TunerKind::QueueDepth => (1, 256),
+        TunerKind::Scheduler => (0, *crate::tuner::USECS_LADDER.last().expect("rungs")),
+        // 0 turns read-ahead off: never explored, only kept if it is what the device has.
+        TunerKind::ReadAhead => (4, 512),
+        TunerKind::MaxIo => explored_range(TunerKind::Ring),
     }
 }
 
@@ -320,11 +369,11 @@ pub fn tuner_space(knobs: &[Knob], pinned_budget: u32) -> (DeviceSettings, crate
         } else {
             (v, v)
         };
-        match kind {
+        match slot(kind) {
             TunerKind::ModerationCount => (s.moderation_frames, b.moderation_frames) = (v, range),
             TunerKind::ModerationDelay => (s.moderation_usecs, b.moderation_usecs) = (v, range),
             TunerKind::PollBudget => (s.poll_budget, b.poll_budget) = (v, range),
-            TunerKind::Ring => {
+            _ => {
                 if k.name.starts_with("tx") || k.name.contains("out") {
                     s.ring_out_bytes = v;
                 } else {
@@ -333,6 +382,14 @@ pub fn tuner_space(knobs: &[Knob], pinned_budget: u32) -> (DeviceSettings, crate
                 rings.push(range);
             }
         }
+    }
+    if rings.len() == 1 {
+        // One ring-like knob (a disk's max_sectors_kb): both directions stand for it.
+        s.ring_out_bytes = s.ring_in_bytes;
+    }
+    if knobs.iter().any(|k| k.tuner_kind == Some(TunerKind::MaxIo)) {
+        // max_sectors_kb in bytes: any KiB is a valid value.
+        b.ring_page = 1024;
     }
     if rings.iter().all(|r| r.0 < r.1) && !rings.is_empty() {
         // One range for both directions, explored only when every ring is live.

@@ -68,6 +68,44 @@ fn enlightd_serves_a_loop_device_as_a_kernel_device() {
         "not named in [kernel] tune: {}",
         k.tuning
     );
+    // Every knob shown is what sysfs says (the scheduler by name), and the ones the tuner
+    // moves are there: depth, scheduler, read-ahead, largest request.
+    let sysfs = |file: &str| {
+        std::fs::read_to_string(format!("/sys/block/{name}/queue/{file}"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    for knob in &d.knobs {
+        let shown = if knob.name == "scheduler" {
+            knob.choices[knob.value as usize].clone()
+        } else {
+            knob.value.to_string()
+        };
+        let real = if knob.name == "scheduler" {
+            enlightd::kernel::blockq::parse_scheduler(&sysfs("scheduler"))
+                .unwrap()
+                .name()
+                .to_string()
+        } else {
+            sysfs(&knob.name)
+        };
+        assert_eq!(shown, real, "{}", knob.name);
+    }
+    for tuned in [
+        "nr_requests",
+        "scheduler",
+        "read_ahead_kb",
+        "max_sectors_kb",
+    ] {
+        assert!(
+            d.knobs
+                .iter()
+                .any(|k| k.name == tuned && k.tuner_kind.is_some()),
+            "{tuned}: {:?}",
+            d.knobs
+        );
+    }
 
     // Settle, then a baseline of both counts: the device quiet, and two collector ticks so the
     // daemon's view holds everything the device did before.

@@ -15,6 +15,26 @@ use enlightd::kernel::journal::{Journal, KnobValue, Target};
 use enlightd::kernel::tune::{KernelTuner, TuneError};
 use support::*;
 
+/// Writes a value into a sysfs file on drop (a test's own change undone, also on a panic).
+struct WriteOnDrop(String, String);
+
+impl Drop for WriteOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.0, format!("{}\n", self.1));
+    }
+}
+
+/// Puts back whatever the journal under its directory holds, on drop (also on a panic).
+struct RestoreOnDrop(PathBuf);
+
+impl Drop for RestoreOnDrop {
+    fn drop(&mut self) {
+        if let Ok(mut t) = KernelTuner::open(&self.0) {
+            t.restore();
+        }
+    }
+}
+
 fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
@@ -285,5 +305,157 @@ fn the_tuners_backend_changes_a_kernel_nics_coalescing_through_the_journal() {
     assert_eq!(
         ethtool_field(&ns.exec(&["ethtool", "-c", "tap1"]), "rx-frames:", 0),
         original.to_string()
+    );
+}
+
+/// The tuner's disk backend on a loop device: its search space from the device's own knobs
+/// and ranges, a change of scheduler and nr_requests written in that order (the switch resets
+/// nr_requests), journalled before the change, an operator's change seen at the next read,
+/// typed errors for what the device does not take, and a restore that puts back enlight's
+/// changes and leaves the operator's in force.
+#[test]
+fn the_tuners_disk_backend_switches_scheduler_and_depth_and_restore_puts_them_back() {
+    use enlightd::kernel::backend::KernelDiskBackend;
+    use enlightd::kernel::blockq::parse_scheduler;
+    use enlightd::kernel::tune::Permission;
+    use enlightd::tuner::backend::SettingsBackend;
+    require_root();
+    let disk = LoopDevice::new(8);
+    let name = disk.name();
+    let read = |path: &str| -> String {
+        std::fs::read_to_string(format!("/sys/block/{name}/{path}"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let sched = || parse_scheduler(&read("queue/scheduler")).unwrap();
+    let original = (
+        sched(),
+        read("queue/nr_requests"),
+        read("queue/read_ahead_kb"),
+    );
+    let runtime = tempfile::tempdir().unwrap();
+    // A panic below must not leave the device changed (loop devices keep their queue
+    // settings after they are detached): the journal puts it back first.
+    let _restore = RestoreOnDrop(runtime.path().to_path_buf());
+    assert!(original.0.choices.len() > 1, "{:?}", original.0);
+    let mut backend = KernelDiskBackend::open(&name, Permission::Apply, runtime.path()).unwrap();
+    let (from, bounds) = backend.get().unwrap();
+    assert_eq!(from.moderation_frames.to_string(), original.1);
+    // From BLKDEV_MIN_RQ up to the tag depth without an elevator (or MAX_SCHED_RQ), within
+    // the count ladder.
+    let cap = if original.0.name() == "none" {
+        read("mq/0/nr_tags").parse().unwrap()
+    } else {
+        enlightd::kernel::blockq::MAX_SCHED_RQ
+    };
+    assert_eq!(
+        bounds.moderation_frames,
+        (4, cap.min(256).max(from.moderation_frames))
+    );
+    assert_eq!(from.poll_budget.to_string(), original.2);
+
+    // Another scheduler the device lists, and a shallower queue.
+    let other = (original.0.current + 1) % original.0.choices.len();
+    let other_name = original.0.choices[other].clone();
+    let depth: u32 = if original.1 == "32" { 16 } else { 32 };
+    let to = enlight_driver::settings::DeviceSettings {
+        moderation_usecs: enlightd::tuner::USECS_LADDER[other],
+        moderation_frames: depth,
+        ..from
+    };
+    assert_eq!(
+        backend.in_own_knobs(&to).unwrap(),
+        format!(
+            "scheduler {} → {other_name}, nr_requests {} → {depth}",
+            original.0.name(),
+            original.1
+        )
+    );
+    let now = backend.apply(&from, &to).unwrap();
+    assert_eq!(sched().name(), other_name);
+    assert_eq!(
+        read("queue/nr_requests"),
+        depth.to_string(),
+        "written after the switch"
+    );
+    assert_eq!(now.moderation_frames, depth);
+    let journal = Journal::open(runtime.path()).unwrap();
+    let target = Target::Block { disk: name.clone() };
+    assert_eq!(
+        journal.original(&target, "scheduler"),
+        Some(KnobValue::Text(original.0.name().into()))
+    );
+    assert_eq!(
+        journal
+            .original(&target, "nr_requests")
+            .map(|v| v.to_string()),
+        Some(original.1.clone())
+    );
+
+    // What the device does not take: typed, naming disk, knob (and driver), nothing written.
+    let mut tuner = KernelTuner::open(runtime.path()).unwrap();
+    let e = tuner.set_scheduler(&name, "no-such-elevator").unwrap_err();
+    assert!(
+        matches!(&e, TuneError::BlockQueue(BlockQueueError::NoSuchChoice { disk, .. }) if disk == &name),
+        "{e:?}"
+    );
+    let e = tuner.set_block(&name, "queue_depth", 8).unwrap_err();
+    assert!(
+        matches!(&e, TuneError::BlockQueue(BlockQueueError::Unsupported { driver, knob, .. }) if driver == "loop" && knob == "queue_depth"),
+        "{e:?}"
+    );
+    let e = tuner
+        .set_block(
+            &name,
+            "nr_requests",
+            enlightd::kernel::blockq::MAX_SCHED_RQ + 1,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("out of range"), "{e}");
+    assert_eq!(tuner.journal().entries().len(), 2, "nothing new journalled");
+    drop(tuner);
+
+    // An operator's change: seen at the next read, never written over.
+    let operator = WriteOnDrop(
+        format!("/sys/block/{name}/queue/nr_requests"),
+        original.1.clone(),
+    );
+    std::fs::write(&operator.0, "8\n").unwrap();
+    backend.get().unwrap();
+    let why = backend.changed_by_someone_else().expect("seen");
+    assert!(
+        why.contains(&format!("nr_requests on {name} changed from {depth}")),
+        "{why}"
+    );
+    assert!(backend.apply(&now, &to).is_err());
+    assert_eq!(read("queue/nr_requests"), "8");
+
+    // Killed without a restore; the journal puts the scheduler back and leaves the operator's
+    // depth in force, although putting the scheduler back made the kernel reset it.
+    std::mem::forget(backend);
+    let report = KernelTuner::open(runtime.path()).unwrap().restore();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(report.restored.len(), 1, "{:?}", report.restored);
+    assert_eq!(report.left.len(), 1, "{:?}", report.left);
+    assert_eq!(
+        (sched(), read("queue/read_ahead_kb")),
+        (original.0.clone(), original.2.clone())
+    );
+    assert_eq!(read("queue/nr_requests"), "8", "the operator's value");
+    assert!(KernelTuner::open(runtime.path())
+        .unwrap()
+        .journal()
+        .entries()
+        .is_empty());
+    // The test, as the operator, puts its own change back (also on a panic: the guard).
+    drop(operator);
+    assert_eq!(
+        (
+            sched(),
+            read("queue/nr_requests"),
+            read("queue/read_ahead_kb")
+        ),
+        original
     );
 }

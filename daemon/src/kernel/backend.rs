@@ -1,4 +1,6 @@
-//! Kernel NICs as the tuner sees devices: a [`SettingsBackend`] over the knobs the NIC really
+//! Kernel NICs and disks as the tuner sees devices. [`KernelDiskBackend`] serves a disk's
+//! queue depth, I/O scheduler, read-ahead and largest request (see its docs); the rest of
+//! this note is about NICs: a [`SettingsBackend`] over the knobs the NIC really
 //! has ([`super::knobs::nic`]: ethtool rings and coalescing, NAPI moderation in sysfs), and a
 //! [`BackendFactory`] that serves kernel devices with it and every other device with the
 //! control-socket factory.
@@ -20,6 +22,7 @@ use std::path::{Path, PathBuf};
 use enlight_driver::registry::DeviceRecord;
 use enlight_driver::settings::DeviceSettings;
 
+use super::blockq::BlockQueues;
 use super::ethtool::NicPatch;
 use super::napi::NAPI_KNOBS;
 use super::tune::{policy, KernelTuner, Permission, TuneError};
@@ -84,16 +87,19 @@ fn ethtool_patch(knob: &str, value: u64) -> Option<NicPatch> {
 }
 
 fn rejected(e: &TuneError) -> BackendError {
+    use super::blockq::BlockQueueError as Q;
     use super::ethtool::EthtoolError as E;
     use super::napi::NapiError as N;
     BackendError::Rejected {
         kind: match e {
-            TuneError::Ethtool(E::Unsupported { .. }) | TuneError::Napi(N::Unsupported { .. }) => {
-                "unsupported"
-            }
+            TuneError::Ethtool(E::Unsupported { .. })
+            | TuneError::Napi(N::Unsupported { .. })
+            | TuneError::BlockQueue(Q::Unsupported { .. } | Q::UnknownKnob(_)) => "unsupported",
             TuneError::Ethtool(E::OutOfRange { .. })
             | TuneError::Napi(N::OutOfRange { .. })
-            | TuneError::BlockQueue(_) => "out_of_range",
+            | TuneError::BlockQueue(Q::OutOfRange { .. } | Q::NoSuchChoice { .. }) => {
+                "out_of_range"
+            }
             _ => "internal",
         }
         .into(),
@@ -203,9 +209,22 @@ impl KernelNicBackend {
 }
 
 impl SettingsBackend for KernelNicBackend {
+    fn recommend_only(&self) -> Option<String> {
+        match &self.permission {
+            Permission::Apply => None,
+            Permission::RecommendOnly(why) => Some(why.clone()),
+        }
+    }
+
     fn get(&mut self) -> Result<(DeviceSettings, Bounds), BackendError> {
         let knobs = self.read()?;
         Ok(crate::knobs::tuner_space(&knobs, NAPI_WEIGHT))
+    }
+
+    fn in_own_knobs(&mut self, to: &DeviceSettings) -> Option<String> {
+        nic_knobs(&self.iface, self.netns.as_deref())
+            .ok()
+            .map(|k| crate::knobs::changes_line(&k, to))
     }
 
     fn changed_by_someone_else(&mut self) -> Option<String> {
@@ -261,8 +280,206 @@ impl SettingsBackend for KernelNicBackend {
     }
 }
 
-/// Serves kernel NICs with [`KernelNicBackend`] and every other device with the control
-/// socket ([`ControlSocketFactory`]). Kernel disks have no [`DeviceSettings`] knobs.
+/// The knobs of kernel disk `disk` as read now under `queues`' sysfs
+/// ([`super::knobs::disk`]); a disk that is gone is an error.
+pub fn disk_knobs(queues: &BlockQueues, disk: &str) -> Result<Vec<Knob>, TuneError> {
+    // NoSuchDevice for a disk that vanished.
+    queues.all(disk)?;
+    let scheduler = queues
+        .scheduler(disk)
+        .ok()
+        .filter(|_| queues.scheduler_writable(disk));
+    Ok(super::knobs::disk(
+        &queues.settings(disk),
+        scheduler.as_ref(),
+    ))
+}
+
+/// One kernel disk's knobs, for the tuner: its queue depth (`nr_requests`, or a SCSI disk's
+/// `device/queue_depth`), I/O scheduler, `read_ahead_kb` and `max_sectors_kb`, each within the
+/// range the device permits ([`crate::knobs::tuner_space`] over [`super::knobs::disk`]).
+/// Every change goes through [`KernelTuner`] (journalled first), only when the policy says
+/// `Apply`; a change of several knobs that fails part-way puts back the ones already made;
+/// a knob enlight set that anyone else changes is seen at the next read (every tick), and
+/// enlight never writes over it.
+pub struct KernelDiskBackend {
+    disk: String,
+    permission: Permission,
+    tuner: KernelTuner,
+    /// The knobs this backend set, with the value read back afterwards.
+    owned: std::collections::BTreeMap<String, u64>,
+    someone_else: Option<String>,
+    reported: bool,
+}
+
+/// What the tuner's point `to` means in the disk's own knobs.
+fn choice_name(knobs: &[Knob], knob: &str, value: u64) -> Option<String> {
+    knobs
+        .iter()
+        .find(|k| k.name == knob)
+        .and_then(|k| k.choices.get(value as usize).cloned())
+}
+
+impl KernelDiskBackend {
+    /// Disk `disk` under the real `/sys`, journalling under `runtime_dir`, changing it only if
+    /// `permission` is `Apply`.
+    pub fn open(
+        disk: &str,
+        permission: Permission,
+        runtime_dir: &Path,
+    ) -> Result<KernelDiskBackend, BackendError> {
+        Self::open_at(disk, permission, runtime_dir, Path::new("/sys"))
+    }
+
+    /// As [`Self::open`], with sysfs at `sysfs` (tests give a tree of their own).
+    pub fn open_at(
+        disk: &str,
+        permission: Permission,
+        runtime_dir: &Path,
+        sysfs: &Path,
+    ) -> Result<KernelDiskBackend, BackendError> {
+        Ok(KernelDiskBackend {
+            disk: disk.into(),
+            permission,
+            tuner: KernelTuner::open_at(runtime_dir, sysfs)
+                .map_err(|e| BackendError::Unreachable(e.to_string()))?,
+            owned: Default::default(),
+            someone_else: None,
+            reported: false,
+        })
+    }
+
+    fn knobs(&self) -> Result<Vec<Knob>, BackendError> {
+        disk_knobs(self.tuner.queues(), &self.disk)
+            .map_err(|e| BackendError::Unreachable(e.to_string()))
+    }
+
+    fn read(&mut self) -> Result<Vec<Knob>, BackendError> {
+        let knobs = self.knobs()?;
+        if let Some(why) = changed_by_someone_else(&self.disk, &self.owned, &knobs) {
+            self.owned.clear();
+            self.someone_else = Some(why);
+            self.reported = false;
+        }
+        Ok(knobs)
+    }
+
+    /// Sets one knob (journalled by [`KernelTuner`]); the scheduler by the name of its choice.
+    fn set_one(&mut self, knobs: &[Knob], knob: &str, value: u64) -> Result<(), TuneError> {
+        if knob == super::blockq::SCHEDULER {
+            let name = choice_name(knobs, knob, value).ok_or_else(|| {
+                super::blockq::BlockQueueError::NoSuchChoice {
+                    disk: self.disk.clone(),
+                    value: format!("#{value}"),
+                    offered: knobs
+                        .iter()
+                        .find(|k| k.name == knob)
+                        .map(|k| k.choices.clone())
+                        .unwrap_or_default(),
+                }
+            })?;
+            self.tuner.set_scheduler(&self.disk, &name).map(|_| ())
+        } else {
+            let v =
+                u32::try_from(value).map_err(|_| super::blockq::BlockQueueError::OutOfRange {
+                    disk: self.disk.clone(),
+                    knob: knob.into(),
+                    value: u32::MAX,
+                    min: 0,
+                    max: u32::MAX,
+                })?;
+            self.tuner.set_block(&self.disk, knob, v).map(|_| ())
+        }
+    }
+}
+
+impl SettingsBackend for KernelDiskBackend {
+    fn recommend_only(&self) -> Option<String> {
+        match &self.permission {
+            Permission::Apply => None,
+            Permission::RecommendOnly(why) => Some(why.clone()),
+        }
+    }
+
+    fn get(&mut self) -> Result<(DeviceSettings, Bounds), BackendError> {
+        let knobs = self.read()?;
+        Ok(crate::knobs::tuner_space(&knobs, 0))
+    }
+
+    fn changed_by_someone_else(&mut self) -> Option<String> {
+        if self.reported {
+            return None;
+        }
+        self.reported = true;
+        self.someone_else.clone()
+    }
+
+    fn in_own_knobs(&mut self, to: &DeviceSettings) -> Option<String> {
+        self.knobs()
+            .ok()
+            .map(|k| crate::knobs::changes_line(&k, to))
+    }
+
+    fn apply(
+        &mut self,
+        _from: &DeviceSettings,
+        to: &DeviceSettings,
+    ) -> Result<DeviceSettings, BackendError> {
+        if let Permission::RecommendOnly(why) = &self.permission {
+            return Err(BackendError::Rejected {
+                kind: "unsupported".into(),
+                message: format!("{}: recommend only ({why})", self.disk),
+            });
+        }
+        let knobs = self.read()?;
+        if let Some(why) = &self.someone_else {
+            return Err(BackendError::Rejected {
+                kind: "busy".into(),
+                message: format!("{why}: enlight leaves it alone"),
+            });
+        }
+        // In the knobs' order: the scheduler before nr_requests (switching resets it).
+        let mut done: Vec<(String, u64)> = Vec::new();
+        for (knob, before, after) in crate::knobs::changes_to(&knobs, to) {
+            if let Err(e) = self.set_one(&knobs, &knob, after) {
+                for (k, v) in done.iter().rev() {
+                    if let Err(undo) = self.set_one(&knobs, k, *v) {
+                        log::warn!("{}: putting {k} back to {v}: {undo}", self.disk);
+                    }
+                }
+                return Err(rejected(&e));
+            }
+            done.push((knob, before));
+        }
+        let after = self.knobs()?;
+        // What enlight owns now, as read back: every knob of this disk in the journal (the
+        // ones just set, and nr_requests after a scheduler switch reset it: the kernel's
+        // doing, on enlight's write, and restored with the rest).
+        let target = super::journal::Target::Block {
+            disk: self.disk.clone(),
+        };
+        let journalled: Vec<String> = self
+            .tuner
+            .journal()
+            .entries()
+            .iter()
+            .filter(|e| e.target == target)
+            .map(|e| e.knob.clone())
+            .collect();
+        for name in journalled
+            .into_iter()
+            .chain(done.into_iter().map(|(k, _)| k))
+        {
+            if let Some(k) = after.iter().find(|k| k.name == name) {
+                self.owned.insert(name, k.value);
+            }
+        }
+        Ok(crate::knobs::tuner_space(&after, 0).0)
+    }
+}
+
+/// Serves kernel NICs with [`KernelNicBackend`], kernel disks with [`KernelDiskBackend`] and
+/// every other device with the control socket ([`ControlSocketFactory`]).
 pub struct KernelAwareFactory {
     config: KernelConfig,
     runtime_dir: PathBuf,
@@ -286,10 +503,16 @@ impl BackendFactory for KernelAwareFactory {
         if record.kind != "kernel" {
             return ControlSocketFactory.open(record);
         }
+        let permission = policy(&self.config.tune, self.config.dry_run, &record.name);
+        if record.device == "disk" {
+            return Some(
+                KernelDiskBackend::open(&record.name, permission, &self.runtime_dir)
+                    .map(|b| Box::new(b) as Box<dyn SettingsBackend>),
+            );
+        }
         if record.device != "nic" {
             return None;
         }
-        let permission = policy(&self.config.tune, self.config.dry_run, &record.name);
         Some(
             KernelNicBackend::open(&record.name, None, permission, &self.runtime_dir)
                 .map(|b| Box::new(b) as Box<dyn SettingsBackend>),
@@ -410,10 +633,92 @@ mod tests {
             control: None,
         };
         assert!(
-            factory.open(&record).is_none(),
-            "kernel disks have no tuner knobs"
+            factory.open(&record).is_some(),
+            "kernel disks are tuned (recommend only here: not named)"
         );
         record.kind = "synthetic".into();
         assert!(factory.open(&record).is_none(), "no control socket");
+    }
+
+    fn fake_disk(root: &Path, disk: &str) {
+        let q = root.join("block").join(disk).join("queue");
+        std::fs::create_dir_all(&q).unwrap();
+        for (k, v) in [
+            ("nr_requests", "128"),
+            ("read_ahead_kb", "128"),
+            ("max_sectors_kb", "1280"),
+            ("max_hw_sectors_kb", "1280"),
+            ("scheduler", "[none] mq-deadline kyber"),
+        ] {
+            std::fs::write(q.join(k), format!("{v}\n")).unwrap();
+        }
+        let mq = root.join("block").join(disk).join("mq/0");
+        std::fs::create_dir_all(&mq).unwrap();
+        std::fs::write(mq.join("nr_tags"), "128\n").unwrap();
+    }
+
+    /// The disk backend on a fake sysfs tree: the tuner's point becomes knob writes, each
+    /// journalled; an operator's change is seen at the next read and never written over; a
+    /// disk that vanished is unreachable. (The real kernel: cli/tests/kernel_disk_tuning.rs.)
+    #[test]
+    fn a_disk_backend_writes_its_knobs_through_the_journal_and_backs_off() {
+        let sys = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        fake_disk(sys.path(), "vdz");
+        let mut b =
+            KernelDiskBackend::open_at("vdz", Permission::Apply, run.path(), sys.path()).unwrap();
+        let (from, bounds) = b.get().unwrap();
+        assert_eq!(from.moderation_frames, 128);
+        assert_eq!(bounds.moderation_frames, (4, 128));
+        let to = DeviceSettings {
+            moderation_frames: 64,
+            poll_budget: 256,
+            ..from
+        };
+        assert_eq!(
+            b.in_own_knobs(&to).unwrap(),
+            "nr_requests 128 → 64, read_ahead_kb 128 KiB → 256 KiB"
+        );
+        let now = b.apply(&from, &to).unwrap();
+        assert_eq!((now.moderation_frames, now.poll_budget), (64, 256));
+        let read =
+            |k: &str| std::fs::read_to_string(sys.path().join("block/vdz/queue").join(k)).unwrap();
+        assert_eq!(read("nr_requests"), "64\n");
+        let j = crate::kernel::journal::Journal::open(run.path()).unwrap();
+        let target = crate::kernel::journal::Target::Block { disk: "vdz".into() };
+        assert_eq!(
+            j.original(&target, "nr_requests"),
+            Some(crate::kernel::journal::KnobValue::U32(128))
+        );
+        assert_eq!(
+            j.original(&target, "read_ahead_kb"),
+            Some(crate::kernel::journal::KnobValue::U32(128))
+        );
+        // Beyond the tag depth: refused, typed, and nothing half-applied.
+        let too_deep = DeviceSettings {
+            moderation_frames: 256,
+            poll_budget: 512,
+            ..now
+        };
+        let e = b.apply(&now, &too_deep).unwrap_err();
+        assert!(
+            matches!(&e, BackendError::Rejected { kind, message } if kind == "out_of_range" && message.contains("nr_requests")),
+            "{e:?}"
+        );
+        assert_eq!(read("read_ahead_kb"), "256\n");
+        // An operator's change.
+        std::fs::write(sys.path().join("block/vdz/queue/nr_requests"), "32\n").unwrap();
+        b.get().unwrap();
+        let why = b.changed_by_someone_else().unwrap();
+        assert!(
+            why.contains("nr_requests on vdz changed from 64 (set by enlight) to 32"),
+            "{why}"
+        );
+        let e = b.apply(&now, &to).unwrap_err();
+        assert!(e.to_string().contains("someone else"), "{e}");
+        assert_eq!(read("nr_requests"), "32\n");
+        // Gone.
+        std::fs::remove_dir_all(sys.path().join("block/vdz")).unwrap();
+        assert!(matches!(b.get(), Err(BackendError::Unreachable(m)) if m.contains("vdz")));
     }
 }

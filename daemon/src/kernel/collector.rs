@@ -467,7 +467,14 @@ impl<S: KernelSource> KernelCollector<S> {
                     .iter()
                     .map(|q| (q.name.to_string(), q.value))
                     .collect();
-                dev.knobs = super::knobs::disk(&settings);
+                dev.knobs = super::knobs::disk(
+                    &settings,
+                    queues
+                        .scheduler(&d.name)
+                        .ok()
+                        .filter(|_| queues.scheduler_writable(&d.name))
+                        .as_ref(),
+                );
             } else {
                 info.nic = KernelTuner::nic_settings(&d.name, None).ok();
                 dev.knobs = super::knobs::nic(
@@ -593,6 +600,19 @@ pub(crate) mod tests {
         assert_eq!(info.driver, "loop");
         assert_eq!(info.block_queue["read_ahead_kb"], 128);
         assert_eq!(info.tuning, "apply");
+        // The tuner's objective for the disk comes from these same block-probe figures (ops
+        // and latency buckets), as for a NIC from its packet figures; its knobs from sysfs.
+        let sample = crate::tuner::shell::samples(&state)
+            .into_iter()
+            .find(|s| s.record.name == "loop3")
+            .expect("a kernel disk is a tuner sample");
+        assert_eq!(sample.cumulative.ops, 100);
+        assert_eq!(sample.cumulative.buckets.values().sum::<u64>(), 100);
+        let ra = d.knobs.iter().find(|k| k.name == "read_ahead_kb").unwrap();
+        assert_eq!(
+            (ra.value, ra.tuner_kind),
+            (128, Some(crate::knobs::TunerKind::ReadAhead))
+        );
         assert_eq!(state.kernel.probes.len(), 2);
         assert_eq!(state.kernel.probes_loaded, Some(true));
 

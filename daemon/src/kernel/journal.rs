@@ -36,11 +36,13 @@ impl std::fmt::Display for Target {
 }
 
 /// A knob's value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum KnobValue {
     Bool(bool),
     U32(u32),
+    /// A choice by name (a disk's I/O scheduler).
+    Text(String),
 }
 
 impl std::fmt::Display for KnobValue {
@@ -48,6 +50,7 @@ impl std::fmt::Display for KnobValue {
         match self {
             KnobValue::Bool(b) => write!(f, "{}", if *b { "on" } else { "off" }),
             KnobValue::U32(v) => write!(f, "{v}"),
+            KnobValue::Text(t) => write!(f, "{t}"),
         }
     }
 }
@@ -138,7 +141,7 @@ impl Journal {
         self.entries
             .iter()
             .find(|e| &e.target == target && e.knob == knob)
-            .map(|e| e.original)
+            .map(|e| e.original.clone())
     }
 
     /// Records `original` for a knob about to change (unless an earlier original is already
@@ -260,10 +263,27 @@ mod tests {
         .unwrap();
         j.record_original(&nic("eth9"), "adaptive_rx", KnobValue::Bool(false))
             .unwrap();
+        j.record_original(
+            &Target::Block {
+                disk: "loop7".into(),
+            },
+            "scheduler",
+            KnobValue::Text("none".into()),
+        )
+        .unwrap();
         drop(j);
         // As if the daemon had been killed: a new process reads what is on disk.
         let j = Journal::open(dir.path()).unwrap();
-        assert_eq!(j.entries().len(), 3);
+        assert_eq!(j.entries().len(), 4);
+        assert_eq!(
+            j.original(
+                &Target::Block {
+                    disk: "loop7".into()
+                },
+                "scheduler"
+            ),
+            Some(KnobValue::Text("none".into()))
+        );
         assert_eq!(
             j.original(&nic("eth9"), "rx_frames"),
             Some(KnobValue::U32(1))

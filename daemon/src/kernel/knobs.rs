@@ -155,26 +155,57 @@ pub struct QueueSetting {
     pub range: (u32, u32),
 }
 
-/// A kernel disk's knobs: its writable block queue settings (a read-only one is no knob).
-pub fn disk(settings: &[QueueSetting]) -> Vec<Knob> {
-    settings
+/// A kernel disk's knobs: its I/O scheduler when the device offers more than one and lets it
+/// be changed, then its writable block queue settings (a read-only one is no knob). The
+/// scheduler comes first because switching it resets `nr_requests`: a change of both writes
+/// the scheduler first. The tuner moves the queue depth (a SCSI disk's `queue_depth` where it
+/// has a writable one, else `nr_requests`), the scheduler, `read_ahead_kb` and
+/// `max_sectors_kb`; `rq_affinity` and `nomerges` are shown, not tuned.
+pub fn disk(settings: &[QueueSetting], scheduler: Option<&super::blockq::Scheduler>) -> Vec<Knob> {
+    let mut out = Vec::new();
+    if let Some(s) = scheduler.filter(|s| s.choices.len() > 1) {
+        let mut k = Knob::new(
+            super::blockq::SCHEDULER,
+            s.current as u64,
+            (Some(0), Some(s.choices.len() as u64 - 1)),
+            Unit::Choice,
+            Source::Sysfs,
+            // The kernel drains the queue for the switch; nothing is dropped.
+            Disruption::Live,
+        )
+        .tuned_as(TunerKind::Scheduler);
+        k.choices = s.choices.clone();
+        out.push(k);
+    }
+    let scsi_depth = settings
         .iter()
-        .filter(|s| s.writable)
-        .map(|s| {
-            let unit = match s.name {
-                "read_ahead_kb" | "max_sectors_kb" => Unit::Kibibytes,
-                _ => Unit::Count,
-            };
-            Knob::new(
-                s.name,
-                s.value as u64,
-                (Some(s.range.0 as u64), Some(s.range.1 as u64)),
-                unit,
-                Source::Sysfs,
-                Disruption::Live,
-            )
-        })
-        .collect()
+        .any(|s| s.name == "queue_depth" && s.writable);
+    for s in settings.iter().filter(|s| s.writable) {
+        let unit = match s.name {
+            "read_ahead_kb" | "max_sectors_kb" => Unit::Kibibytes,
+            _ => Unit::Count,
+        };
+        let kind = match s.name {
+            "queue_depth" => Some(TunerKind::QueueDepth),
+            "nr_requests" if !scsi_depth => Some(TunerKind::QueueDepth),
+            "read_ahead_kb" => Some(TunerKind::ReadAhead),
+            "max_sectors_kb" => Some(TunerKind::MaxIo),
+            _ => None,
+        };
+        let k = Knob::new(
+            s.name,
+            s.value as u64,
+            (Some(s.range.0 as u64), Some(s.range.1 as u64)),
+            unit,
+            Source::Sysfs,
+            Disruption::Live,
+        );
+        out.push(match kind {
+            Some(kind) => k.tuned_as(kind),
+            None => k,
+        });
+    }
+    out
 }
 
 #[cfg(test)]
@@ -261,22 +292,147 @@ mod tests {
 
     #[test]
     fn only_writable_queue_settings_are_disk_knobs() {
-        let k = disk(&[
-            QueueSetting {
-                name: "nr_requests",
-                value: 128,
-                writable: true,
-                range: (4, 65536),
-            },
-            QueueSetting {
-                name: "max_sectors_kb",
-                value: 512,
-                writable: false,
-                range: (4, 512),
-            },
-        ]);
+        let k = disk(
+            &[
+                QueueSetting {
+                    name: "nr_requests",
+                    value: 128,
+                    writable: true,
+                    range: (4, 65536),
+                },
+                QueueSetting {
+                    name: "max_sectors_kb",
+                    value: 512,
+                    writable: false,
+                    range: (4, 512),
+                },
+            ],
+            None,
+        );
         assert_eq!(k.len(), 1);
         assert_eq!(k[0].name, "nr_requests");
         assert_eq!(k[0].max, Some(65536));
+        assert_eq!(k[0].tuner_kind, Some(TunerKind::QueueDepth));
+    }
+
+    fn q(name: &'static str, value: u32, range: (u32, u32)) -> QueueSetting {
+        QueueSetting {
+            name,
+            value,
+            writable: true,
+            range,
+        }
+    }
+
+    /// A loop device as this kernel shows it (`[none] mq-deadline kyber`, 128 tags,
+    /// max_hw_sectors_kb 1280): the tuner's search space comes from its own knobs and ranges.
+    #[test]
+    fn a_disks_search_space_comes_from_its_knobs() {
+        use crate::tuner::{Direction, Knob as T};
+        let sched = crate::kernel::blockq::parse_scheduler("[none] mq-deadline kyber").unwrap();
+        let k = disk(
+            &[
+                q("nr_requests", 128, (4, 128)),
+                q("read_ahead_kb", 128, (0, 1 << 20)),
+                q("rq_affinity", 1, (0, 2)),
+                q("max_sectors_kb", 1280, (4, 1280)),
+            ],
+            Some(&sched),
+        );
+        let names: Vec<_> = k.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "scheduler",
+                "nr_requests",
+                "read_ahead_kb",
+                "rq_affinity",
+                "max_sectors_kb"
+            ]
+        );
+        assert_eq!(k[0].display_value(), "none");
+        assert_eq!(k[3].tuner_kind, None, "rq_affinity is shown, not tuned");
+        let (s, b) = crate::knobs::tuner_space(&k, 0);
+        assert!(b.contains(&s), "{s:?} {b:?}");
+        // nr_requests: the count ladder, from BLKDEV_MIN_RQ up to the device's tag depth.
+        assert_eq!(s.moderation_frames, 128);
+        assert_eq!(b.moderation_frames, (4, 128));
+        assert!(T::ModerationFrames.step(&s, Direction::Up, &b).is_none());
+        let down = T::ModerationFrames.step(&s, Direction::Down, &b).unwrap();
+        assert_eq!(
+            crate::knobs::changes_to(&k, &down),
+            vec![("nr_requests".to_string(), 128, 64)]
+        );
+        // The scheduler: one rung per choice, in the device's order.
+        assert_eq!((s.moderation_usecs, b.moderation_usecs), (0, (0, 10)));
+        let next = T::ModerationUsecs.step(&s, Direction::Up, &b).unwrap();
+        assert_eq!(
+            crate::knobs::changes_line(&k, &next),
+            "scheduler none → mq-deadline"
+        );
+        let last = T::ModerationUsecs.step_n(&s, Direction::Up, 4, &b).unwrap();
+        assert_eq!(
+            crate::knobs::changes_line(&k, &last),
+            "scheduler none → kyber"
+        );
+        // read_ahead_kb on the budget ladder.
+        assert_eq!((s.poll_budget, b.poll_budget), (128, (4, 512)));
+        let ra = T::PollBudget.step(&s, Direction::Up, &b).unwrap();
+        assert_eq!(
+            crate::knobs::changes_line(&k, &ra),
+            "read_ahead_kb 128 KiB → 256 KiB"
+        );
+        // max_sectors_kb, in bytes on the ring ladder, never above max_hw_sectors_kb.
+        assert_eq!(s.ring_in_bytes, 1280 * 1024);
+        assert_eq!(s.ring_out_bytes, s.ring_in_bytes);
+        assert_eq!(b.ring_bytes.1, 1280 * 1024);
+        assert!(T::RingBytes.step(&s, Direction::Up, &b).is_none());
+        assert!(k[4]
+            .not_explored_because()
+            .unwrap()
+            .contains("max_sectors_kb rides the ring ladder"));
+        assert!(k[..4].iter().all(|k| k.not_explored_because().is_none()));
+        let small = T::RingBytes.step(&s, Direction::Down, &b).unwrap();
+        assert_eq!(
+            crate::knobs::changes_line(&k, &small),
+            "max_sectors_kb 1280 KiB → 1024 KiB"
+        );
+        // Everything at once: the scheduler is written first.
+        let all = enlight_driver::settings::DeviceSettings {
+            moderation_frames: 64,
+            moderation_usecs: 5,
+            ..s
+        };
+        let order: Vec<_> = crate::knobs::changes_to(&k, &all)
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(order, ["scheduler", "nr_requests"]);
+    }
+
+    /// A SCSI disk (hv_storvsc, virtio-scsi) with a writable queue_depth: that is its depth
+    /// knob; nr_requests is shown, not tuned. A device with one scheduler has no scheduler knob.
+    #[test]
+    fn a_scsi_disks_queue_depth_takes_the_depth_ladder() {
+        let k = disk(
+            &[
+                q("nr_requests", 254, (4, 254)),
+                q("queue_depth", 30, (1, 254)),
+            ],
+            crate::kernel::blockq::parse_scheduler("none").as_ref(),
+        );
+        assert!(!k.iter().any(|k| k.name == "scheduler"));
+        let by = |n: &str| k.iter().find(|k| k.name == n).unwrap();
+        assert_eq!(by("nr_requests").tuner_kind, None);
+        assert_eq!(by("queue_depth").tuner_kind, Some(TunerKind::QueueDepth));
+        let (s, b) = crate::knobs::tuner_space(&k, 0);
+        assert_eq!((s.moderation_frames, b.moderation_frames), (30, (1, 254)));
+        let up = crate::tuner::Knob::ModerationFrames
+            .step(&s, crate::tuner::Direction::Up, &b)
+            .unwrap();
+        assert_eq!(
+            crate::knobs::changes_to(&k, &up),
+            vec![("queue_depth".to_string(), 30, 32)]
+        );
     }
 }

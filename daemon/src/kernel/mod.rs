@@ -205,6 +205,32 @@ pub struct KernelState {
 mod tests {
     use super::ProbeState;
 
+    /// `[kernel] tune` names disks as it names NICs: by their kernel name, checked against
+    /// what sysfs lists (a disk with no media, e.g. an unbound loop device, is no device).
+    #[test]
+    fn tune_names_disks_by_their_kernel_name() {
+        let sys = tempfile::tempdir().unwrap();
+        for (disk, size) in [("loop3", "16384"), ("loop4", "0")] {
+            let d = sys.path().join("block").join(disk);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("size"), format!("{size}\n")).unwrap();
+            std::fs::write(d.join("dev"), "7:3\n").unwrap();
+        }
+        let config = super::KernelConfig {
+            enabled: true,
+            tune: vec!["loop3".into(), "loop4".into(), "vdq".into()],
+            dry_run: false,
+            sysfs: sys.path().into(),
+            ..Default::default()
+        };
+        assert!(config.validate().is_ok());
+        assert_eq!(super::unknown_tune_names(&config), ["loop4", "vdq"]);
+        assert_eq!(
+            super::tune::policy(&config.tune, config.dry_run, "loop3"),
+            super::tune::Permission::Apply
+        );
+    }
+
     #[test]
     fn a_tracepoint_the_kernel_lacks_is_absent_not_detached() {
         assert_eq!(ProbeState::of(true, false, None), ProbeState::Attached);

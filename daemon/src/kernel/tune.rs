@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::blockq::{BlockQueueError, BlockQueues};
+use super::blockq::{BlockQueueError, BlockQueues, SCHEDULER};
 use super::ethtool::{Ethtool, EthtoolError, NicPatch, NicSettings};
 use super::journal::{Journal, JournalError, KnobValue, Target};
 use super::napi::{NapiError, NapiSysfs, NAPI_KNOBS};
@@ -223,6 +223,16 @@ fn patch_of(knob: &str, value: KnobValue) -> Option<NicPatch> {
     Some(p)
 }
 
+/// The order [`KernelTuner::restore`] puts entries back in: a disk's scheduler before its
+/// other knobs (switching the scheduler resets `nr_requests` to the new one's default, so
+/// `nr_requests` goes back after it), everything else as journalled. A pure function.
+pub fn restore_order(entries: &[super::journal::Entry]) -> Vec<super::journal::Entry> {
+    let mut out = entries.to_vec();
+    // A stable sort: only schedulers move, to the front.
+    out.sort_by_key(|e| !(matches!(e.target, Target::Block { .. }) && e.knob == SCHEDULER));
+    out
+}
+
 /// What [`KernelTuner::restore`] did.
 #[derive(Debug, Default)]
 pub struct RestoreReport {
@@ -249,6 +259,16 @@ impl KernelTuner {
         Ok(KernelTuner {
             journal: Journal::open(runtime_dir)?,
             queues: BlockQueues::default(),
+            napi: NapiSysfs::default(),
+        })
+    }
+
+    /// A tuner journalling under `runtime_dir`, writing block queues under `sysfs` (tests give
+    /// a tree of their own).
+    pub fn open_at(runtime_dir: &Path, sysfs: &Path) -> Result<KernelTuner, TuneError> {
+        Ok(KernelTuner {
+            journal: Journal::open(runtime_dir)?,
+            queues: BlockQueues::at(sysfs),
             napi: NapiSysfs::default(),
         })
     }
@@ -286,7 +306,7 @@ impl KernelTuner {
             let now = nic_knobs(&current);
             for (knob, _) in patch_knobs(patch) {
                 if let Some((_, original)) = now.iter().find(|(k, _)| *k == knob) {
-                    journal.record_original(&target, knob, *original)?;
+                    journal.record_original(&target, knob, original.clone())?;
                 }
                 // A knob the driver lacks has no original: apply() refuses it below, typed.
             }
@@ -341,18 +361,8 @@ impl KernelTuner {
     pub fn set_block(&mut self, disk: &str, knob: &str, value: u32) -> Result<u32, TuneError> {
         let target = Target::Block { disk: disk.into() };
         let original = self.queues.get(disk, knob)?;
-        // Checks (writable, range) before the journal is touched.
-        let (min, max) = self.queues.range(disk, knob)?;
-        if !(min..=max).contains(&value) {
-            return Err(BlockQueueError::OutOfRange {
-                disk: disk.into(),
-                knob: knob.into(),
-                value,
-                min,
-                max,
-            }
-            .into());
-        }
+        // Checks (there, writable, in range) before the journal is touched.
+        self.queues.check(disk, knob, value)?;
         self.journal
             .record_original(&target, knob, KnobValue::U32(original))?;
         let now = self.queues.set(disk, knob, value)?;
@@ -361,11 +371,57 @@ impl KernelTuner {
         Ok(now)
     }
 
+    /// Switches the I/O scheduler of `disk` to `name` (one the device offers), journalling the
+    /// original first, and `nr_requests`' too (the kernel resets it on the switch). Returns
+    /// the scheduler in force afterwards.
+    pub fn set_scheduler(&mut self, disk: &str, name: &str) -> Result<String, TuneError> {
+        let target = Target::Block { disk: disk.into() };
+        // Checks (writable, offered) before the journal is touched.
+        let now = self.queues.check_scheduler(disk, name)?;
+        // The switch resets nr_requests to the new scheduler's default: its original is
+        // journalled too, so a restore (scheduler first) puts back the depth that was there.
+        let depth = self.queues.get(disk, "nr_requests").ok();
+        self.journal
+            .record_original(&target, SCHEDULER, KnobValue::Text(now.name().into()))?;
+        if let Some(d) = depth {
+            self.journal
+                .record_original(&target, "nr_requests", KnobValue::U32(d))?;
+        }
+        let after = self.queues.set_scheduler(disk, name)?;
+        self.journal
+            .note_applied(&target, SCHEDULER, KnobValue::Text(after.clone()))?;
+        if let Ok(d) = self.queues.get(disk, "nr_requests") {
+            if depth.is_some() {
+                self.journal
+                    .note_applied(&target, "nr_requests", KnobValue::U32(d))?;
+            }
+        }
+        Ok(after)
+    }
+
+    /// The block queues this tuner writes.
+    pub fn queues(&self) -> &BlockQueues {
+        &self.queues
+    }
+
     /// Puts every journalled original back; each restored knob leaves the journal, a failed
     /// one stays (with the reason in the report) so a later restore can retry.
     pub fn restore(&mut self) -> RestoreReport {
         let mut report = RestoreReport::default();
-        let entries: Vec<_> = self.journal.entries().to_vec();
+        let entries = restore_order(self.journal.entries());
+        // Disk knobs someone else changed after enlight did, with their value now: read
+        // before anything is written, since putting a scheduler back resets nr_requests.
+        let operators: Vec<(Target, String, KnobValue)> = entries
+            .iter()
+            .filter_map(|e| {
+                let Target::Block { disk } = &e.target else {
+                    return None;
+                };
+                let now = self.block_value(disk, &e.knob)?;
+                (e.applied.as_ref().is_some_and(|ours| *ours != now))
+                    .then(|| (e.target.clone(), e.knob.clone(), now))
+            })
+            .collect();
         for e in entries {
             // Ok(Some(why)): left as someone else set it.
             let result: Result<Option<String>, String> = match &e.target {
@@ -390,10 +446,10 @@ impl KernelTuner {
                             .map_err(|err| err.to_string())
                             .and_then(|r| r)
                         }
-                        KnobValue::Bool(_) => Err(format!("{}: not a boolean knob", e.knob)),
+                        _ => Err(format!("{}: not a number: {}", e.knob, e.original)),
                     }
                 }
-                Target::Nic { iface, netns } => match patch_of(&e.knob, e.original) {
+                Target::Nic { iface, netns } => match patch_of(&e.knob, e.original.clone()) {
                     None => Err(format!("unknown NIC knob {}", e.knob)),
                     Some(patch) => in_netns(netns.as_deref(), || {
                         Ethtool::open()
@@ -404,13 +460,33 @@ impl KernelTuner {
                     .map_err(|err| err.to_string())
                     .and_then(|r| r),
                 },
-                Target::Block { disk } => match e.original {
+                Target::Block { .. }
+                    if operators
+                        .iter()
+                        .any(|(t, k, _)| *t == e.target && *k == e.knob) =>
+                {
+                    let now = &operators
+                        .iter()
+                        .find(|(t, k, _)| *t == e.target && *k == e.knob)
+                        .expect("checked")
+                        .2;
+                    Ok(Some(format!(
+                        "changed from {} (set by enlight) to {now} by someone else: left as it is",
+                        e.applied.as_ref().expect("an operator's change has ours")
+                    )))
+                }
+                Target::Block { disk } => match &e.original {
                     KnobValue::U32(v) => self
                         .queues
-                        .set(disk, &e.knob, v)
+                        .set(disk, &e.knob, *v)
                         .map(|_| None)
                         .map_err(|err| err.to_string()),
-                    KnobValue::Bool(_) => Err(format!("{}: not a boolean knob", e.knob)),
+                    KnobValue::Text(name) if e.knob == SCHEDULER => self
+                        .queues
+                        .set_scheduler(disk, name)
+                        .map(|_| None)
+                        .map_err(|err| err.to_string()),
+                    other => Err(format!("{}: cannot be set to {other}", e.knob)),
                 },
             };
             match result {
@@ -428,7 +504,40 @@ impl KernelTuner {
                 Err(why) => report.failed.push((e.target, e.knob, why)),
             }
         }
+        // An operator's value that a scheduler put back has reset (nr_requests) goes back in.
+        for (target, knob, value) in operators {
+            let Target::Block { disk } = &target else {
+                continue;
+            };
+            if self.block_value(disk, &knob).as_ref() == Some(&value) {
+                continue;
+            }
+            let put = match &value {
+                KnobValue::U32(v) => self.queues.set(disk, &knob, *v).map(|_| ()),
+                KnobValue::Text(name) => self.queues.set_scheduler(disk, name).map(|_| ()),
+                KnobValue::Bool(_) => Ok(()),
+            };
+            if let Err(err) = put {
+                report.failed.push((
+                    target.clone(),
+                    knob.clone(),
+                    format!("putting back the operator's {value} after the scheduler: {err}"),
+                ));
+            }
+        }
         report
+    }
+
+    /// A disk knob's value now (the scheduler by name), `None` if it cannot be read.
+    fn block_value(&self, disk: &str, knob: &str) -> Option<KnobValue> {
+        if knob == SCHEDULER {
+            self.queues
+                .scheduler(disk)
+                .ok()
+                .map(|s| KnobValue::Text(s.name().into()))
+        } else {
+            self.queues.get(disk, knob).ok().map(KnobValue::U32)
+        }
     }
 }
 
@@ -454,6 +563,141 @@ mod tests {
         ));
     }
 
+    fn fake_disk(root: &Path, disk: &str) {
+        let q = root.join("block").join(disk).join("queue");
+        std::fs::create_dir_all(&q).unwrap();
+        for (k, v) in [
+            ("nr_requests", "128"),
+            ("read_ahead_kb", "128"),
+            ("max_sectors_kb", "512"),
+            ("max_hw_sectors_kb", "1024"),
+            ("scheduler", "[none] mq-deadline kyber"),
+        ] {
+            std::fs::write(q.join(k), format!("{v}\n")).unwrap();
+        }
+        let mq = root.join("block").join(disk).join("mq/0");
+        std::fs::create_dir_all(&mq).unwrap();
+        std::fs::write(mq.join("nr_tags"), "128\n").unwrap();
+    }
+
+    /// A bad value, a knob the device lacks, a scheduler it does not offer and a device that
+    /// vanished: each a typed error naming the device and knob, nothing written, nothing
+    /// journalled; then a good change is journalled and restored, scheduler first.
+    #[test]
+    fn disk_changes_are_checked_before_the_journal_and_restored_scheduler_first() {
+        use crate::kernel::blockq::BlockQueueError as B;
+        let sys = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        fake_disk(sys.path(), "vdz");
+        let mut t = KernelTuner::open_at(run.path(), sys.path()).unwrap();
+        let e = t.set_block("vdz", "nr_requests", 256).unwrap_err();
+        assert!(
+            matches!(&e, TuneError::BlockQueue(B::OutOfRange { max: 128, .. })),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("vdz: nr_requests = 256"), "{e}");
+        let e = t.set_block("vdz", "queue_depth", 16).unwrap_err();
+        assert!(
+            matches!(&e, TuneError::BlockQueue(B::Unsupported { knob, .. }) if knob == "queue_depth"),
+            "{e:?}"
+        );
+        let e = t.set_scheduler("vdz", "bfq").unwrap_err();
+        assert!(
+            matches!(&e, TuneError::BlockQueue(B::NoSuchChoice { .. })),
+            "{e:?}"
+        );
+        let e = t.set_block("vdgone", "nr_requests", 64).unwrap_err();
+        assert!(
+            matches!(&e, TuneError::BlockQueue(B::NoSuchDevice(d)) if d == "vdgone"),
+            "{e:?}"
+        );
+        assert!(t.journal().entries().is_empty());
+        assert_eq!(
+            std::fs::read_to_string(sys.path().join("block/vdz/queue/nr_requests")).unwrap(),
+            "128\n"
+        );
+
+        // A scheduler switch alone journals nr_requests too (the kernel resets it).
+        assert_eq!(t.set_scheduler("vdz", "kyber").unwrap(), "kyber");
+        assert_eq!(
+            t.journal()
+                .original(&Target::Block { disk: "vdz".into() }, "nr_requests"),
+            Some(KnobValue::U32(128))
+        );
+        std::fs::write(
+            sys.path().join("block/vdz/queue/scheduler"),
+            "none mq-deadline [kyber]\n",
+        )
+        .unwrap();
+        // The fake's kyber default; with a scheduler up to MAX_SCHED_RQ.
+        std::fs::write(sys.path().join("block/vdz/queue/nr_requests"), "256\n").unwrap();
+        assert_eq!(t.set_block("vdz", "nr_requests", 64).unwrap(), 64);
+        // What the kernel shows after the switch (a plain file keeps what was written).
+        let sched = sys.path().join("block/vdz/queue/scheduler");
+        std::fs::write(&sched, "none mq-deadline [kyber]\n").unwrap();
+        let order: Vec<_> = restore_order(t.journal().entries())
+            .into_iter()
+            .map(|e| e.knob)
+            .collect();
+        assert_eq!(order, ["scheduler", "nr_requests"]);
+        assert_eq!(
+            t.journal()
+                .original(&Target::Block { disk: "vdz".into() }, "nr_requests"),
+            Some(KnobValue::U32(128)),
+            "the first original is kept"
+        );
+        // Vanished mid-tuning: the restore fails, typed in the report, and the entries stay.
+        let moved = sys.path().join("elsewhere");
+        std::fs::rename(sys.path().join("block/vdz"), &moved).unwrap();
+        let report = t.restore();
+        assert_eq!(report.failed.len(), 2, "{:?}", report.failed);
+        assert!(report.failed[0].2.contains("no block device vdz"));
+        assert_eq!(t.journal().entries().len(), 2);
+        // Back: restored, the journal empty.
+        std::fs::rename(&moved, sys.path().join("block/vdz")).unwrap();
+        let report = t.restore();
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        assert_eq!(report.restored.len(), 2);
+        assert!(t.journal().entries().is_empty());
+        let q = BlockQueues::at(sys.path());
+        assert_eq!(q.scheduler("vdz").unwrap().name(), "none");
+        assert_eq!(q.get("vdz", "nr_requests").unwrap(), 128);
+    }
+
+    /// An operator's change of a disk knob enlight set is left by the restore, and stays in
+    /// force even when putting the scheduler back made the kernel reset it.
+    #[test]
+    fn a_restore_leaves_an_operators_disk_change_in_force() {
+        let sys = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        fake_disk(sys.path(), "vdz");
+        let q = sys.path().join("block/vdz/queue");
+        let mut t = KernelTuner::open_at(run.path(), sys.path()).unwrap();
+        t.set_scheduler("vdz", "mq-deadline").unwrap();
+        std::fs::write(q.join("scheduler"), "none [mq-deadline] kyber\n").unwrap();
+        std::fs::write(q.join("nr_requests"), "256\n").unwrap();
+        t.set_block("vdz", "nr_requests", 64).unwrap();
+        t.set_block("vdz", "read_ahead_kb", 512).unwrap();
+        // The operator: nr_requests 32.
+        std::fs::write(q.join("nr_requests"), "32\n").unwrap();
+        let report = t.restore();
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        let restored: Vec<_> = report.restored.iter().map(|r| r.1.as_str()).collect();
+        assert_eq!(restored, ["scheduler", "read_ahead_kb"]);
+        assert_eq!(report.left.len(), 1);
+        assert!(
+            report.left[0]
+                .2
+                .contains("changed from 64 (set by enlight) to 32"),
+            "{:?}",
+            report.left
+        );
+        let read = |k: &str| std::fs::read_to_string(q.join(k)).unwrap();
+        assert_eq!(read("nr_requests"), "32\n");
+        assert_eq!(read("read_ahead_kb"), "128\n");
+        assert!(t.journal().entries().is_empty());
+    }
+
     #[test]
     fn patches_and_knobs_round_trip() {
         let p = NicPatch {
@@ -465,7 +709,7 @@ mod tests {
         let knobs = patch_knobs(&p);
         assert_eq!(knobs.len(), 3);
         for (k, v) in knobs {
-            let single = patch_of(k, v).unwrap();
+            let single = patch_of(k, v.clone()).unwrap();
             assert_eq!(patch_knobs(&single), vec![(k, v)]);
         }
         assert!(patch_of("rx_ring", KnobValue::Bool(true)).is_none());

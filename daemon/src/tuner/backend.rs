@@ -52,6 +52,17 @@ pub trait SettingsBackend: Send {
     fn changed_by_someone_else(&mut self) -> Option<String> {
         None
     }
+    /// Why this device may only get recommendations (a kernel device not named in `[kernel]
+    /// tune`, or `[kernel] dry_run`): the tuner then runs it in dry-run mode rather than
+    /// trying changes that can only fail. `None`: changes may be applied.
+    fn recommend_only(&self) -> Option<String> {
+        None
+    }
+    /// `to` said in the device's own knobs (`nr_requests 128 → 64`), where they are not the
+    /// tuner's settings themselves (kernel devices); `None`: the settings say it.
+    fn in_own_knobs(&mut self, _to: &DeviceSettings) -> Option<String> {
+        None
+    }
 }
 
 /// Picks the backend of a device.

@@ -325,10 +325,27 @@ impl Shell {
                         log::warn!("tuner: {name}: {e}");
                         continue;
                     }
-                    Some(Ok(b)) => slot.backend = Some(b),
+                    Some(Ok(b)) => {
+                        if let (TunerMode::Auto, Some(why)) = (policy.mode, b.recommend_only()) {
+                            // Changes could only fail: the tuner recommends instead.
+                            log::info!("tuner: {name}: recommend only ({why})");
+                            slot.tuner = DeviceTuner::new(
+                                super::decide::Policy {
+                                    mode: TunerMode::DryRun,
+                                    ..policy
+                                },
+                                params,
+                            );
+                            slot.tuner.set_pinned(policy.pinned);
+                        }
+                        slot.backend = Some(b);
+                    }
                 }
             }
             let backend = slot.backend.as_mut().expect("opened above");
+            if policy.mode == TunerMode::Auto && backend.recommend_only().is_some() {
+                policy.mode = TunerMode::DryRun;
+            }
             let (current, bounds) = match backend.get() {
                 Ok(v) => v,
                 Err(e) => {
@@ -385,6 +402,9 @@ impl Shell {
                         reason: o.reason,
                         objective_value: o.objective_value,
                     };
+                    if let Some(said) = backend.in_own_knobs(&o.to) {
+                        let _ = write!(d.reason, " [{said}]");
+                    }
                     if o.action != Action::Recommend {
                         match backend.apply(&current, &o.to) {
                             Ok(in_force) => {

@@ -16,6 +16,8 @@ struct FakeDevice {
     /// Someone else changes a knob after this many applied changes (reported once).
     admin_after: Option<usize>,
     admin_reported: bool,
+    /// The backend says the device may only get recommendations.
+    recommend_only: bool,
 }
 
 type Shared = Arc<Mutex<FakeDevice>>;
@@ -46,6 +48,13 @@ impl SettingsBackend for FakeBackend {
         let t = self.clock.elapsed().as_millis() as u64;
         d.applied.push((t, *to));
         Ok(*to)
+    }
+    fn recommend_only(&self) -> Option<String> {
+        self.dev
+            .lock()
+            .unwrap()
+            .recommend_only
+            .then(|| "disk0 is not named in [kernel] tune".to_string())
     }
     fn changed_by_someone_else(&mut self) -> Option<String> {
         let mut d = self.dev.lock().unwrap();
@@ -223,6 +232,37 @@ async fn changes_go_through_the_backend_at_most_one_per_interval_and_are_recorde
     );
     assert!(text.contains("enlight_tuner_pinned{device=\"disk0\",kind=\"synthetic\"} 0"));
     crate::testing::promtool_check(&text);
+}
+
+/// A device the backend may only recommend for (a kernel device not named in `[kernel] tune`)
+/// runs in dry-run mode under `mode = "auto"`: recommendations, never a change that could
+/// only fail (and freeze the tuner).
+#[tokio::test(start_paused = true)]
+async fn a_recommend_only_backend_gets_recommendations_not_failed_changes() {
+    let rig = run_rig_with(
+        latency_config(TunerMode::Auto),
+        None,
+        false,
+        30,
+        FakeDevice {
+            recommend_only: true,
+            ..FakeDevice::default()
+        },
+    )
+    .await;
+    assert!(rig.dev.lock().unwrap().applied.is_empty());
+    let decisions = rig.shared.decisions(Some("disk0"), 1000);
+    assert!(!decisions.is_empty(), "it recommends");
+    assert!(
+        decisions
+            .iter()
+            .all(|d| d.action == Action::Recommend && !d.reason.contains("applying failed")),
+        "{decisions:?}"
+    );
+    let view = rig.shared.view("disk0").unwrap();
+    assert_eq!(view.mode, TunerMode::DryRun);
+    assert_ne!(view.state, TunerState::Frozen);
+    assert!(view.recommendation.is_some());
 }
 
 /// Issue 12, item 12: an audit log that cannot be written is on /api/v1/health (the tuner goes
