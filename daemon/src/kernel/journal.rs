@@ -107,23 +107,71 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The entries of the journal at `path` (none if there is no file).
+fn read_entries(path: &Path) -> Result<Vec<Entry>, JournalError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(serde_json::from_slice::<File>(&bytes)
+            .map_err(|e| JournalError::Corrupt {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?
+            .entries),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(JournalError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 impl Journal {
     /// Loads the journal of `runtime_dir` (empty if there is none yet).
     pub fn open(runtime_dir: &Path) -> Result<Journal, JournalError> {
         let path = journal_path(runtime_dir);
-        let entries = match std::fs::read(&path) {
-            Ok(bytes) => {
-                serde_json::from_slice::<File>(&bytes)
-                    .map_err(|e| JournalError::Corrupt {
-                        path: path.clone(),
-                        message: e.to_string(),
-                    })?
-                    .entries
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(source) => return Err(JournalError::Io { path, source }),
-        };
+        let entries = read_entries(&path)?;
         Ok(Journal { path, entries })
+    }
+
+    /// Applies `change` to the journal as it is on disk now, under an exclusive lock, and
+    /// writes it back if `change` says it changed anything. Several `Journal`s share one file
+    /// (each kernel device's tuner backend has its own, and `enlight restore` may run beside
+    /// the daemon): a change made from memory alone would write over the others' entries, and
+    /// their originals would be lost (the lab test found a disk's original gone this way after
+    /// a NIC's change was journalled).
+    fn update(
+        &mut self,
+        mut change: impl FnMut(&mut Vec<Entry>) -> bool,
+    ) -> Result<(), JournalError> {
+        let dir = self.path.parent().expect("journal path has a parent");
+        if !dir.exists() {
+            // No journal on disk: a change that would change nothing in an empty one (a forget,
+            // a note) creates nothing.
+            self.entries.clear();
+            if !change(&mut Vec::new()) {
+                return Ok(());
+            }
+        }
+        let _lock = self.lock()?;
+        self.entries = read_entries(&self.path)?;
+        if change(&mut self.entries) {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// An exclusive `flock` on the journal's directory (created if missing), released when the
+    /// returned file is dropped. The directory, not a lock file: nothing is left behind in the
+    /// runtime directory when the journal empties.
+    fn lock(&self) -> Result<std::fs::File, JournalError> {
+        let dir = self.path.parent().expect("journal path has a parent");
+        let io = |source| JournalError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let d = std::fs::File::open(dir).map_err(io)?;
+        d.lock().map_err(io)?;
+        Ok(d)
     }
 
     /// Every entry.
@@ -152,17 +200,21 @@ impl Journal {
         knob: &str,
         original: KnobValue,
     ) -> Result<(), JournalError> {
-        if self.original(target, knob).is_none() {
-            self.entries.push(Entry {
-                target: target.clone(),
-                knob: knob.into(),
-                original,
-                applied: None,
-                recorded_unix_ms: now_ms(),
-            });
-            self.save()?;
-        }
-        Ok(())
+        self.update(|entries| {
+            let known = entries
+                .iter()
+                .any(|e| &e.target == target && e.knob == knob);
+            if !known {
+                entries.push(Entry {
+                    target: target.clone(),
+                    knob: knob.into(),
+                    original: original.clone(),
+                    applied: None,
+                    recorded_unix_ms: now_ms(),
+                });
+            }
+            !known
+        })
     }
 
     /// Notes the value a knob now has.
@@ -172,25 +224,32 @@ impl Journal {
         knob: &str,
         value: KnobValue,
     ) -> Result<(), JournalError> {
-        if let Some(e) = self
-            .entries
-            .iter_mut()
-            .find(|e| &e.target == target && e.knob == knob)
-        {
-            e.applied = Some(value);
-            self.save()?;
-        }
-        Ok(())
+        self.update(|entries| {
+            match entries
+                .iter_mut()
+                .find(|e| &e.target == target && e.knob == knob)
+            {
+                Some(e) => {
+                    e.applied = Some(value.clone());
+                    true
+                }
+                None => false,
+            }
+        })
     }
 
     /// Drops a knob (its original is back in force).
     pub fn forget(&mut self, target: &Target, knob: &str) -> Result<(), JournalError> {
-        let before = self.entries.len();
-        self.entries
-            .retain(|e| !(&e.target == target && e.knob == knob));
-        if self.entries.len() != before {
-            self.save()?;
-        }
+        self.update(|entries| {
+            let before = entries.len();
+            entries.retain(|e| !(&e.target == target && e.knob == knob));
+            entries.len() != before
+        })
+    }
+
+    /// Reads the journal again from disk (another `Journal` may have changed it).
+    pub fn reload(&mut self) -> Result<(), JournalError> {
+        self.entries = read_entries(&self.path)?;
         Ok(())
     }
 
@@ -233,6 +292,44 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_journals_on_one_file_keep_each_others_entries() {
+        // As enlightd has it: one journal per tuned device, all opened before any change.
+        let dir = tempfile::tempdir().unwrap();
+        let mut nic_side = Journal::open(dir.path()).unwrap();
+        let mut disk_side = Journal::open(dir.path()).unwrap();
+        let eth = nic("eth0");
+        let vda = Target::Block { disk: "vda".into() };
+        nic_side
+            .record_original(&eth, "rx_usecs", KnobValue::U32(3))
+            .unwrap();
+        disk_side
+            .record_original(&vda, "nr_requests", KnobValue::U32(256))
+            .unwrap();
+        nic_side
+            .note_applied(&eth, "rx_usecs", KnobValue::U32(0))
+            .unwrap();
+        let on_disk = Journal::open(dir.path()).unwrap();
+        assert_eq!(on_disk.entries().len(), 2, "{:?}", on_disk.entries());
+        assert_eq!(
+            on_disk.original(&vda, "nr_requests"),
+            Some(KnobValue::U32(256))
+        );
+        // Forgetting one keeps the other's.
+        nic_side.forget(&eth, "rx_usecs").unwrap();
+        let on_disk = Journal::open(dir.path()).unwrap();
+        assert_eq!(on_disk.entries().len(), 1);
+        disk_side.forget(&vda, "nr_requests").unwrap();
+        assert!(!journal_path(dir.path()).exists());
+        // A forget on a runtime directory with no journal creates nothing.
+        let empty = tempfile::tempdir().unwrap();
+        Journal::open(empty.path())
+            .unwrap()
+            .forget(&vda, "nr_requests")
+            .unwrap();
+        assert_eq!(std::fs::read_dir(empty.path()).unwrap().count(), 0);
+    }
 
     fn nic(iface: &str) -> Target {
         Target::Nic {

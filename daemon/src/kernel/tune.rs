@@ -408,6 +408,10 @@ impl KernelTuner {
     /// one stays (with the reason in the report) so a later restore can retry.
     pub fn restore(&mut self) -> RestoreReport {
         let mut report = RestoreReport::default();
+        // What is on disk now: other tuners (one per device) journal into the same file.
+        if let Err(e) = self.journal.reload() {
+            log::warn!("restore: {e}; restoring what this tuner knows");
+        }
         let entries = restore_order(self.journal.entries());
         // Disk knobs someone else changed after enlight did, with their value now: read
         // before anything is written, since putting a scheduler back resets nr_requests.
