@@ -2,7 +2,8 @@
 //!
 //! One guest (Debian's 6.1 kernel, the image the lab builds around the enlightd and enlight this
 //! test run built), with a virtio-blk disk, an emulated IDE disk and an emulated e1000, runs
-//! enlightd with its kernel probes and the tuner allowed to change the e1000. The test checks,
+//! enlightd with its kernel probes and the tuner allowed to change the e1000 and the virtio-blk
+//! disk. The test checks,
 //! from the host through the lab's port forward and command channel:
 //! - every kernel probe attached on 6.1, or reported absent with its reason;
 //! - per disk, under fio inside the guest, the probes' read count and latency-histogram count
@@ -10,6 +11,8 @@
 //! - a tuner change of the e1000's rx-usecs, with ping traffic from the host through the tap,
 //!   seen by `ethtool -c` in the guest; after `kill -9` of the guest's enlightd the change stays
 //!   and the journal holds the original, which `enlight restore` puts back;
+//! - likewise for the virtio-blk disk's queue knobs (nr_requests, scheduler, read_ahead_kb,
+//!   max_sectors_kb) under fio inside the guest, read from the guest's sysfs;
 //! - nothing left behind: no QEMU, network namespace, tap or run directory.
 //!
 //! Kept to one boot (a few minutes under TCG on two cores) so CI can run it every time.
@@ -137,10 +140,13 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
         .to_string();
     assert!(ifname.starts_with("eth"), "e1000 interface: {ifname:?}");
     let original_usecs = rx_usecs(&guest.check(&format!("ethtool -c {ifname}"), t).unwrap());
+    // The virtio-blk disk's queue knobs the tuner may change, as the guest's sysfs has them.
+    let vda_knobs = || guest.check(VDA_KNOBS, t).unwrap();
+    let vda_original = vda_knobs();
 
-    // enlightd with the kernel side on, allowed to tune the e1000 only.
+    // enlightd with the kernel side on, allowed to tune the e1000 and the virtio-blk disk.
     let config = format!(
-        "[tuner]\\nmode = \\\"auto\\\"\\nobjective = \\\"latency\\\"\\ntrial_windows = 2\\nsettle_windows = 0\\nmin_change_interval_ms = 100\\n[kernel]\\nenabled = true\\ntune = [\\\"{ifname}\\\"]\\ndry_run = false\\n"
+        "[tuner]\\nmode = \\\"auto\\\"\\nobjective = \\\"latency\\\"\\ntrial_windows = 2\\nsettle_windows = 0\\nmin_change_interval_ms = 100\\n[kernel]\\nenabled = true\\ntune = [\\\"{ifname}\\\", \\\"vda\\\"]\\ndry_run = false\\n"
     );
     guest
         .check(&format!("printf \"{config}\" > /tmp/enlightd.toml"), t)
@@ -273,39 +279,80 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
     .stderr(std::process::Stdio::null())
     .die_with_parent(libc::SIGKILL);
     let mut ping = KillOnDrop(ping.spawn().unwrap());
-    let deadline = Instant::now() + SECS(90);
-    let changed = loop {
-        let decisions: serde_json::Value = serde_json::from_str(
-            &get(
-                &fwd,
-                &format!("/api/v1/tuner/decisions?device={ifname}&limit=50"),
-            )
-            .unwrap_or_else(|| "[]".into()),
+    // And fio on the virtio-blk disk inside the guest, for the disk's tuner.
+    guest
+        .check(
+            "fio --name=tune --filename=/dev/vda --rw=randread --bs=4k --direct=1 --ioengine=psync --size=96m --runtime=150 --time_based > /dev/null 2>&1 &",
+            t,
         )
-        .unwrap_or(serde_json::Value::Null);
-        if let Some(d) = decisions.as_array().and_then(|a| {
-            a.iter().rev().find(|d| {
-                d["action"] == "change"
-                    && d["from"]["moderation_usecs"] != d["to"]["moderation_usecs"]
-            })
-        }) {
-            break d.clone();
+        .unwrap();
+    // Each device is caught changed in the device itself (ethtool -c, sysfs) and pinned there
+    // at once, so that what the guest shows is what the API says. A trial lasts a few windows
+    // and may be reverted before the pin takes effect: a device found back at its original after
+    // the pin is unpinned and watched again.
+    let eth_usecs = || rx_usecs(&guest.check(&format!("ethtool -c {ifname}"), t).unwrap());
+    let pin = |device: &str, on: bool| {
+        let verb = if on { "pin" } else { "unpin" };
+        ureq::post(&format!("http://{fwd}/api/v1/devices/{device}/{verb}"))
+            .timeout(SECS(20))
+            .call()
+            .unwrap_or_else(|e| panic!("{verb} {device}: {e}"));
+    };
+    let deadline = Instant::now() + SECS(120);
+    let (mut eth_tuned, mut vda_tuned): (Option<u64>, Option<String>) = (None, None);
+    while eth_tuned.is_none() || vda_tuned.is_none() {
+        if eth_tuned.is_none() && eth_usecs() != original_usecs {
+            pin(&ifname, true);
+            std::thread::sleep(Duration::from_millis(1200));
+            match eth_usecs() {
+                now if now != original_usecs => eth_tuned = Some(now),
+                _ => pin(&ifname, false),
+            }
+        }
+        if vda_tuned.is_none() && vda_knobs() != vda_original {
+            pin("vda", true);
+            std::thread::sleep(Duration::from_millis(1200));
+            match vda_knobs() {
+                now if now != vda_original => vda_tuned = Some(now),
+                _ => pin("vda", false),
+            }
         }
         assert!(
             Instant::now() < deadline,
-            "the tuner changed nothing on {ifname} within 90 s: {decisions}; log: {}",
+            "the tuner did not change both {ifname} ({eth_tuned:?}) and vda ({vda_tuned:?}) within 120 s; decisions: {}; log: {}",
+            get(&fwd, "/api/v1/tuner/decisions?limit=20").unwrap_or_default(),
             guest.check("tail -20 /tmp/enlightd.log", t).unwrap()
         );
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    // Freeze the tuner where it is, so what ethtool reads is what the API says.
-    ureq::post(&format!("http://{fwd}/api/v1/devices/{ifname}/pin"))
-        .timeout(SECS(20))
-        .call()
-        .expect("pin the e1000");
-    std::thread::sleep(Duration::from_millis(1200));
+        std::thread::sleep(Duration::from_millis(300));
+    }
     drop(ping.0.kill());
     let _ = ping.0.wait();
+    guest
+        .check("kill $(pidof fio) 2>/dev/null; true", t)
+        .unwrap();
+    let vda_tuned = vda_tuned.unwrap();
+    assert_eq!(vda_knobs(), vda_tuned, "vda changed after it was pinned");
+    eprintln!("lab: tuner changed vda's queue from\n{vda_original}to\n{vda_tuned}");
+    // The tuner's own record of the change ethtool shows.
+    let decisions: serde_json::Value = serde_json::from_str(
+        &get(
+            &fwd,
+            &format!("/api/v1/tuner/decisions?device={ifname}&limit=200"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let changed = decisions
+        .as_array()
+        .and_then(|a| {
+            a.iter().rev().find(|d| {
+                d["action"] == "change"
+                    && d["to"]["moderation_usecs"].as_u64() == eth_tuned
+                    && d["from"]["moderation_usecs"] != d["to"]["moderation_usecs"]
+            })
+        })
+        .unwrap_or_else(|| panic!("no tuner decision set rx-usecs {eth_tuned:?}: {decisions}"))
+        .clone();
     let now_usecs = rx_usecs(&guest.check(&format!("ethtool -c {ifname}"), t).unwrap());
     let devices: serde_json::Value =
         serde_json::from_str(&get(&fwd, "/api/v1/devices").unwrap()).unwrap();
@@ -340,11 +387,14 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
         now_usecs,
         "a killed enlightd cannot have restored anything"
     );
+    assert_eq!(vda_knobs(), vda_tuned, "vda after kill -9");
     let list = guest
         .check("enlight restore --list --runtime-dir /run/enlight", t)
         .unwrap();
     assert!(
-        list.contains(&ifname) && list.contains(&format!("original {original_usecs}")),
+        list.contains(&ifname)
+            && list.contains(&format!("original {original_usecs}"))
+            && list.contains("vda"),
         "journal after kill -9: {list}"
     );
     let restored = guest
@@ -355,6 +405,7 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
         original_usecs,
         "restore: {restored}"
     );
+    assert_eq!(vda_knobs(), vda_original, "vda after restore: {restored}");
     eprintln!("lab: restore checked after {:?}", started.elapsed());
 
     // 5. Nothing left behind.
@@ -402,6 +453,11 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
     );
     eprintln!("lab: whole test {:?}", started.elapsed());
 }
+
+/// The virtio-blk disk's queue knobs the tuner may change (the scheduler with the current one
+/// in brackets), one per line.
+const VDA_KNOBS: &str =
+    "cd /sys/block/vda/queue && cat nr_requests read_ahead_kb max_sectors_kb scheduler";
 
 fn ip_netns(args: &[&str]) -> String {
     let out = std::process::Command::new("ip")
