@@ -222,8 +222,24 @@ impl KvmCounter {
     /// Stops bpftrace and returns the (kvm_pio, kvm_mmio, kvm_exit) counts; an event that never
     /// fired counts 0.
     fn stop(mut self) -> (u64, u64, u64) {
-        // SAFETY: kill(2) on our own child, not yet reaped; SIGINT makes bpftrace print its maps.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        // SIGINT makes bpftrace print its maps and exit. Sent again every second until it has:
+        // once, here, bpftrace took the first SIGINT and went back to an epoll_wait with no
+        // timeout without noticing it (a lost wake-up in its event loop), and the test hung
+        // until a second SIGINT by hand. Its output (three lines) fits in the pipe meanwhile.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut next_signal = std::time::Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "bpftrace did not exit within 30 s of SIGINT"
+            );
+            if std::time::Instant::now() >= next_signal {
+                // SAFETY: kill(2) on our own child, not yet reaped.
+                unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+                next_signal += std::time::Duration::from_secs(1);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let mut text = String::new();
         self.child
             .stdout
@@ -231,7 +247,6 @@ impl KvmCounter {
             .unwrap()
             .read_to_string(&mut text)
             .unwrap();
-        self.child.wait().unwrap();
         let get = |name: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(&format!("@{name}: ")))
