@@ -16,9 +16,11 @@
 /// enabled. Arguments are integers or pointers (passed as 8-byte signed values).
 ///
 /// `usdt_lazy!(semaphore = STATIC; provider, name, args...)` uses a semaphore the caller
-/// declared (a `static mut` [`PageAlignedSemaphore`] in `.probes`), so other code can read whether the probe is
-/// traced without firing it (see [`semaphore_set!`](crate::semaphore_set)). Every site of one
-/// probe name must then name the same semaphore.
+/// declared (a `static mut`
+/// [`PageAlignedSemaphore`](crate::usdt::PageAlignedSemaphore) in `.probes`), so other code can
+/// read whether the probe is traced without firing it (see
+/// [`semaphore_set!`](crate::semaphore_set)). Every site of one probe name must then name the
+/// same semaphore.
 #[cfg(target_arch = "x86_64")]
 #[macro_export]
 macro_rules! usdt_lazy {
