@@ -396,6 +396,24 @@ impl BlockQueues {
     }
 }
 
+/// A fake sysfs block queue for unit tests: `/block/<disk>/queue/<knob>` under `root` for each
+/// of `knobs`, the scheduler list `[none] mq-deadline kyber`, and one hardware queue of 128
+/// tags.
+#[cfg(test)]
+pub(crate) fn fake_queue(root: &Path, disk: &str, knobs: &[(&str, &str)]) {
+    let q = root.join("block").join(disk).join("queue");
+    std::fs::create_dir_all(&q).unwrap();
+    for (k, v) in knobs
+        .iter()
+        .chain(&[("scheduler", "[none] mq-deadline kyber")])
+    {
+        std::fs::write(q.join(k), format!("{v}\n")).unwrap();
+    }
+    let mq = root.join("block").join(disk).join("mq/0");
+    std::fs::create_dir_all(&mq).unwrap();
+    std::fs::write(mq.join("nr_tags"), "128\n").unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,22 +421,18 @@ mod tests {
     /// A fake sysfs tree: only for the pure checks (names, ranges, permissions); the real
     /// writes are tested on a loop device in tests/kernel_tuning.rs.
     fn fake_disk(root: &Path, disk: &str) {
-        let q = root.join("block").join(disk).join("queue");
-        std::fs::create_dir_all(&q).unwrap();
-        for (k, v) in [
-            ("nr_requests", "256"),
-            ("read_ahead_kb", "128"),
-            ("rq_affinity", "1"),
-            ("nomerges", "0"),
-            ("max_sectors_kb", "512"),
-            ("max_hw_sectors_kb", "1024"),
-            ("scheduler", "[none] mq-deadline kyber"),
-        ] {
-            std::fs::write(q.join(k), format!("{v}\n")).unwrap();
-        }
-        let mq = root.join("block").join(disk).join("mq/0");
-        std::fs::create_dir_all(&mq).unwrap();
-        std::fs::write(mq.join("nr_tags"), "128\n").unwrap();
+        fake_queue(
+            root,
+            disk,
+            &[
+                ("nr_requests", "256"),
+                ("read_ahead_kb", "128"),
+                ("rq_affinity", "1"),
+                ("nomerges", "0"),
+                ("max_sectors_kb", "512"),
+                ("max_hw_sectors_kb", "1024"),
+            ],
+        );
     }
 
     /// A fake SCSI disk: `device/` is a link into a device tree with the host's `can_queue`

@@ -568,20 +568,16 @@ mod tests {
     }
 
     fn fake_disk(root: &Path, disk: &str) {
-        let q = root.join("block").join(disk).join("queue");
-        std::fs::create_dir_all(&q).unwrap();
-        for (k, v) in [
-            ("nr_requests", "128"),
-            ("read_ahead_kb", "128"),
-            ("max_sectors_kb", "512"),
-            ("max_hw_sectors_kb", "1024"),
-            ("scheduler", "[none] mq-deadline kyber"),
-        ] {
-            std::fs::write(q.join(k), format!("{v}\n")).unwrap();
-        }
-        let mq = root.join("block").join(disk).join("mq/0");
-        std::fs::create_dir_all(&mq).unwrap();
-        std::fs::write(mq.join("nr_tags"), "128\n").unwrap();
+        crate::kernel::blockq::fake_queue(
+            root,
+            disk,
+            &[
+                ("nr_requests", "128"),
+                ("read_ahead_kb", "128"),
+                ("max_sectors_kb", "512"),
+                ("max_hw_sectors_kb", "1024"),
+            ],
+        );
     }
 
     /// A bad value, a knob the device lacks, a scheduler it does not offer and a device that
