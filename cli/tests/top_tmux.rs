@@ -178,6 +178,9 @@ fn top_shows_live_figures_survives_a_daemon_restart_and_restores_the_terminal() 
         "--daemon 127.0.0.1:{port} --interval-ms 200"
     )));
     // The device row with real figures: ops/s and a p50 near what the daemon itself reports.
+    // The workload starts when its probes attach, which can be late in a daemon tick: that first
+    // tick's rate is true but covers a few milliseconds of I/O (CI once read 66 ops/s from it).
+    // Wait for a full tick of I/O, over 100 ops/s, before comparing.
     let screen = tmux.wait_for("a device row with figures", 30, |s| {
         s.contains("● connected")
             && s.lines().any(|l| {
@@ -186,7 +189,7 @@ fn top_shows_live_figures_survives_a_daemon_restart_and_restores_the_terminal() 
                         .nth(2)
                         .and_then(parse_count)
                         .unwrap_or(0.0)
-                        > 0.0
+                        > 100.0
                     && l.split_whitespace()
                         .nth(4)
                         .and_then(parse_latency)
