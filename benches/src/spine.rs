@@ -66,6 +66,22 @@ struct Args {
     /// for `valgrind --tool=callgrind`, which counts the ring's instructions exactly.
     #[arg(long)]
     ring_cost_only: Option<usize>,
+    /// Run this many QD32 random 4 KiB reads on the allocated (CPU-bound) backing file in
+    /// `--dir`, untimed, and stop: for `valgrind --tool=callgrind`, counting the driver's
+    /// instructions per I/O with `--semaphores on` against `off` (no tracer attached either way).
+    #[arg(long)]
+    disk_cost_only: Option<u64>,
+    /// With `--disk-cost-only`: set every enlight USDT semaphore in this process as a tracer
+    /// would, without attaching anything, so the driver runs its traced paths.
+    #[arg(long, value_enum, default_value_t = Semaphores::Off)]
+    semaphores: Semaphores,
+}
+
+/// Whether `--disk-cost-only` runs with the USDT semaphores set.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Semaphores {
+    On,
+    Off,
 }
 
 #[derive(Serialize)]
@@ -236,6 +252,24 @@ fn ring_cost_rounds(payload: usize, rounds: u64) -> Result<()> {
         while host.rx.read_into(&mut buf)?.is_some() {}
         host.rx.commit();
     }
+    Ok(())
+}
+
+/// `ios` QD32 reads through the synthetic disk (guest driver and host service in this process),
+/// with the USDT semaphores set or not: the subject of `--disk-cost-only`.
+fn disk_cost_rounds(dir: &std::path::Path, ios: u64, semaphores_on: bool) -> Result<()> {
+    let backing = make_backing(dir, false)?;
+    let (mut vsc, _vsp, mut spec) = continuous_qd32(backing.path(), Duration::from_secs(3600))?;
+    spec.limit = Limit::Ios(ios);
+    let _semaphores = semaphores_on
+        .then(toggled::Semaphores::force_on_without_tracer)
+        .transpose()?;
+    let report = workload::run(&mut vsc, &spec, &AtomicBool::new(false), |_| {})?;
+    anyhow::ensure!(
+        report.ops_total == ios,
+        "the workload completed {} of {ios} I/Os",
+        report.ops_total
+    );
     Ok(())
 }
 
@@ -731,6 +765,9 @@ fn main() -> Result<()> {
     if let Some(payload) = args.ring_cost_only {
         ring_cost_rounds(payload, 20_000)?;
         return Ok(());
+    }
+    if let Some(ios) = args.disk_cost_only {
+        return disk_cost_rounds(&args.dir, ios, args.semaphores == Semaphores::On);
     }
     let mut channel = Vec::new();
     for payload in [64, 1024, 4096] {

@@ -30,9 +30,10 @@ const SETTLE: Duration = Duration::from_millis(20);
 /// Slices per quartet, and whether the probes are on in each.
 const QUARTET: [bool; 4] = [true, false, false, true];
 
-/// The semaphores of this process's attached enlight sites, with the values the kernel gave
-/// them when it attached.
-struct Semaphores {
+/// The semaphores of this process's enlight sites, each with the value "on" writes and dropping
+/// puts back: the kernel's (what it gave them when it attached), or 0 for semaphores set with no
+/// tracer attached.
+pub struct Semaphores {
     cells: Vec<(*mut u16, u16)>,
 }
 
@@ -41,6 +42,25 @@ impl Semaphores {
     /// notes, turned into addresses through the writable mapping of the executable that holds
     /// them (`/proc/self/maps`). Every one must be set (the probes attached).
     fn of_this_process(probes: &[&str]) -> Result<Semaphores> {
+        Self::find(probes, true)
+    }
+
+    /// The semaphores of every enlight site in this executable, set to 1 as if a tracer had
+    /// attached, with none attached: the driver then runs its traced paths (records, signal
+    /// counts, batch flushes) while every site stays a plain nop. What `--disk-cost-only` counts
+    /// under callgrind. Dropping them puts 0 back.
+    pub fn force_on_without_tracer() -> Result<Semaphores> {
+        let mut semaphores = Self::find(&enlight_driver::trace::PROBE_NAMES, false)?;
+        for (cell, restore) in &mut semaphores.cells {
+            // SAFETY: as in `find`; nothing else writes these semaphores (no tracer attached).
+            unsafe { std::ptr::write_volatile(*cell, 1) };
+            *restore = 0;
+        }
+        Ok(semaphores)
+    }
+
+    /// Finds the semaphores; with `attached`, each must already be set by the kernel.
+    fn find(probes: &[&str], attached: bool) -> Result<Semaphores> {
         let exe = std::fs::read_link("/proc/self/exe")?;
         let mut offsets: Vec<u64> = enlight_probes::usdt::sites(&exe)?
             .into_iter()
@@ -69,7 +89,7 @@ impl Semaphores {
             // the notes require; the kernel itself reads and writes it the same way.
             let value = unsafe { std::ptr::read_volatile(cell) };
             anyhow::ensure!(
-                value > 0,
+                value > 0 || !attached,
                 "the semaphore at {off:#x} is 0: are the probes attached?"
             );
             cells.push((cell, value));
