@@ -455,14 +455,29 @@ impl KernelTuner {
                 }
                 Target::Nic { iface, netns } => match patch_of(&e.knob, e.original.clone()) {
                     None => Err(format!("unknown NIC knob {}", e.knob)),
-                    Some(patch) => in_netns(netns.as_deref(), || {
-                        Ethtool::open()
-                            .and_then(|mut t| t.apply(iface, &patch))
-                            .map(|_| None)
-                            .map_err(|err| err.to_string())
-                    })
-                    .map_err(|err| err.to_string())
-                    .and_then(|r| r),
+                    Some(patch) => {
+                        let applied = e.applied.clone();
+                        let knob = e.knob.as_str();
+                        in_netns(netns.as_deref(), || {
+                            let mut t = Ethtool::open().map_err(|err| err.to_string())?;
+                            // An admin's value since enlight's change stays (the ethtool
+                            // monitor pinned the device for it; a restore must not undo it).
+                            let now = t.settings(iface).map_err(|err| err.to_string())?;
+                            let now = nic_knobs(&now).into_iter().find(|(k, _)| *k == knob);
+                            if let (Some(ours), Some((_, now))) = (&applied, now) {
+                                if now != *ours {
+                                    return Ok(Some(format!(
+                                        "changed from {ours} (set by enlight) to {now} by someone else: left as it is"
+                                    )));
+                                }
+                            }
+                            t.apply(iface, &patch)
+                                .map(|_| None)
+                                .map_err(|err| err.to_string())
+                        })
+                        .map_err(|err| err.to_string())
+                        .and_then(|r| r)
+                    }
                 },
                 Target::Block { .. }
                     if operators
