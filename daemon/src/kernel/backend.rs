@@ -264,7 +264,12 @@ impl KernelNicBackend {
 impl KernelNicBackend {
     /// Sets one knob through its source (journalled by [`KernelTuner`]).
     fn set_one(&mut self, knob: &str, value: u64) -> Result<(), TuneError> {
-        if NAPI_KNOBS.contains(&knob) {
+        if let Some((id, attr)) = super::tune::parse_napi_instance_knob(knob) {
+            // A NAPI instance's own setting: netdev napi-set, journalled the same way.
+            self.tuner
+                .set_napi_instance(&self.iface, self.netns.as_deref(), id, attr, value)
+                .map(|_| ())
+        } else if NAPI_KNOBS.contains(&knob) {
             self.tuner
                 .set_napi(&self.iface, self.netns.as_deref(), knob, value)
                 .map(|_| ())

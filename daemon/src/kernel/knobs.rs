@@ -129,10 +129,8 @@ pub fn napi_instances(instances: &[super::netdev::NapiInstance]) -> Vec<Knob> {
             .irq_suspend_timeout
             .map(|v| ("irq_suspend_timeout", v, Unit::Nanoseconds));
         for (name, v, unit) in [defer, gro, suspend].into_iter().flatten() {
-            let max = match name {
-                "defer_hard_irqs" => super::napi::DEFER_MAX,
-                _ => u64::MAX,
-            };
+            // What enlight writes (KernelTuner::set_napi_instance checks the same).
+            let (_, max) = super::tune::napi_instance_range(name);
             out.push(Knob::new(
                 &format!("napi{}/{name}", n.id),
                 v,
