@@ -482,9 +482,13 @@ impl enlightd::tuner::backend::BackendFactory for TapFactory {
         use enlightd::kernel::backend::KernelNicBackend;
         use enlightd::kernel::tune::Permission;
         use enlightd::tuner::backend::SettingsBackend;
-        let mut b =
-            KernelNicBackend::open(self.iface, Some(&self.netns), Permission::Apply, &self.runtime)
-                .unwrap();
+        let mut b = KernelNicBackend::open(
+            self.iface,
+            Some(&self.netns),
+            Permission::Apply,
+            &self.runtime,
+        )
+        .unwrap();
         let (from, _) = b.get().unwrap();
         let to = enlight_driver::settings::DeviceSettings {
             moderation_frames: self.set_to,
@@ -611,11 +615,16 @@ async fn an_admins_ethtool_change_pins_the_device_before_the_next_tick() {
         "tapm: pinned {:.1} ms after `ethtool -C` returned (ticks every 30 s)",
         took.as_secs_f64() * 1000.0
     );
-    assert!(took < Duration::from_secs(1), "{took:?}: not the notification path");
+    assert!(
+        took < Duration::from_secs(1),
+        "{took:?}: not the notification path"
+    );
     let why = view.pinned_reason.unwrap();
     assert_eq!(
         why,
-        format!("rx_frames on tapm changed from {ours} (set by enlight) to {admins} by someone else")
+        format!(
+            "rx_frames on tapm changed from {ours} (set by enlight) to {admins} by someone else"
+        )
     );
     let audit = std::fs::read_to_string(runtime.path().join("audit.jsonl")).unwrap();
     assert!(audit.contains(&why), "{audit}");
@@ -636,7 +645,11 @@ async fn an_admins_ethtool_change_pins_the_device_before_the_next_tick() {
         }
         shared.note_tick_at(k, base + Duration::from_millis(500 * k));
         tokio::time::sleep(Duration::from_millis(150)).await;
-        assert_eq!(rx_frames(), admins, "tick {k}: enlight wrote over the admin");
+        assert_eq!(
+            rx_frames(),
+            admins,
+            "tick {k}: enlight wrote over the admin"
+        );
     }
     assert!(shared.view("tapm").unwrap().pinned);
     let _ = stop.send(());

@@ -148,10 +148,7 @@ pub fn judge_notice(
     let mut theirs = std::collections::BTreeMap::new();
     let mut knobs = Vec::new();
     for (name, value) in notified {
-        if let Some(i) = pending
-            .iter()
-            .position(|(k, v)| k == name && v == value)
-        {
+        if let Some(i) = pending.iter().position(|(k, v)| k == name && v == value) {
             let mut at = 0;
             pending.retain(|(k, _)| {
                 at += 1;
@@ -636,8 +633,7 @@ mod tests {
     /// business.
     #[test]
     fn a_notice_of_our_own_writes_is_told_from_an_admins_change() {
-        let owned: std::collections::BTreeMap<String, u64> =
-            [("rx_frames".to_string(), 16)].into();
+        let owned: std::collections::BTreeMap<String, u64> = [("rx_frames".to_string(), 16)].into();
         let shown = crate::kernel::knobs::nic(
             "tun",
             Some(&NicSettings {
@@ -652,12 +648,21 @@ mod tests {
         let n = |v: u64| vec![("rx_frames".to_string(), v), ("tx_usecs".to_string(), 99)];
         // enlight wrote 8 then 16; both notifications come after the second write.
         let mut pending = vec![("rx_frames".to_string(), 8), ("rx_frames".to_string(), 16)];
-        assert_eq!(judge_notice("tap0", &owned, &mut pending, &n(8), &shown), None);
+        assert_eq!(
+            judge_notice("tap0", &owned, &mut pending, &n(8), &shown),
+            None
+        );
         assert_eq!(pending, [("rx_frames".to_string(), 16)]);
-        assert_eq!(judge_notice("tap0", &owned, &mut pending, &n(16), &shown), None);
+        assert_eq!(
+            judge_notice("tap0", &owned, &mut pending, &n(16), &shown),
+            None
+        );
         assert!(pending.is_empty());
         // The state enlight left, notified again (someone changed tx_usecs): not a change.
-        assert_eq!(judge_notice("tap0", &owned, &mut pending, &n(16), &shown), None);
+        assert_eq!(
+            judge_notice("tap0", &owned, &mut pending, &n(16), &shown),
+            None
+        );
         // An admin's 2.
         let why = judge_notice("tap0", &owned, &mut pending, &n(2), &shown).unwrap();
         assert_eq!(

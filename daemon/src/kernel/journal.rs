@@ -424,10 +424,17 @@ mod tests {
         assert_eq!(big, KnobValue::U64(5_000_000_000));
         j.record_original(&nic("eth9"), "napi8193/irq_suspend_timeout", big.clone())
             .unwrap();
-        j.record_original(&nic("eth9"), "napi8193/gro_flush_timeout", KnobValue::number(20_000))
-            .unwrap();
+        j.record_original(
+            &nic("eth9"),
+            "napi8193/gro_flush_timeout",
+            KnobValue::number(20_000),
+        )
+        .unwrap();
         let j = Journal::open(dir.path()).unwrap();
-        assert_eq!(j.original(&nic("eth9"), "napi8193/irq_suspend_timeout"), Some(big));
+        assert_eq!(
+            j.original(&nic("eth9"), "napi8193/irq_suspend_timeout"),
+            Some(big)
+        );
         assert_eq!(
             j.original(&nic("eth9"), "napi8193/gro_flush_timeout"),
             Some(KnobValue::U32(20_000))

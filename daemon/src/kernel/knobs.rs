@@ -403,13 +403,21 @@ mod tests {
                 row[6]
             );
             if kind != "nic" {
-                assert!(driver_rule(driver).is_none(), "{driver}: a disk with a NIC rule");
+                assert!(
+                    driver_rule(driver).is_none(),
+                    "{driver}: a disk with a NIC rule"
+                );
                 continue;
             }
             nics += 1;
-            let rule = driver_rule(driver).unwrap_or_else(|| panic!("{driver}: no rule in DRIVERS"));
+            let rule =
+                driver_rule(driver).unwrap_or_else(|| panic!("{driver}: no rule in DRIVERS"));
             let rings = rule.rings.map_or("none", |d| d.name());
-            assert_eq!(rings, row[2], "{driver}: ring change: code {rings}, catalogue {}", row[2]);
+            assert_eq!(
+                rings, row[2],
+                "{driver}: ring change: code {rings}, catalogue {}",
+                row[2]
+            );
             let mut doc_knobs = names(row[3]);
             let mut code: Vec<String> = rule.coalesce.iter().map(|s| s.to_string()).collect();
             doc_knobs.sort();
@@ -433,8 +441,14 @@ mod tests {
         assert_eq!(ring_disruption("hv_netvsc"), Disruption::Detaches);
         assert_eq!(ring_disruption("mlx5_core"), Disruption::ResetsQueue);
         assert_eq!(ring_disruption("some_new_nic"), Disruption::ResetsQueue);
-        assert_eq!(coalesce_disruption("mlx5_core", "adaptive_rx"), Disruption::ResetsQueue);
-        assert_eq!(coalesce_disruption("mlx5_core", "rx_usecs"), Disruption::Live);
+        assert_eq!(
+            coalesce_disruption("mlx5_core", "adaptive_rx"),
+            Disruption::ResetsQueue
+        );
+        assert_eq!(
+            coalesce_disruption("mlx5_core", "rx_usecs"),
+            Disruption::Live
+        );
         assert_eq!(coalesce_disruption("ena", "adaptive_rx"), Disruption::Live);
         // e1000 admits rx-usecs only: a reported rx-frames is shown, not tuned.
         let s = NicSettings {

@@ -227,8 +227,11 @@ fn patch_of(knob: &str, value: KnobValue) -> Option<NicPatch> {
 }
 
 /// The settings of one NAPI instance (netdev netlink, [`super::netdev`]) enlight writes.
-pub const NAPI_INSTANCE_KNOBS: [&str; 3] =
-    ["defer_hard_irqs", "gro_flush_timeout", "irq_suspend_timeout"];
+pub const NAPI_INSTANCE_KNOBS: [&str; 3] = [
+    "defer_hard_irqs",
+    "gro_flush_timeout",
+    "irq_suspend_timeout",
+];
 
 /// The largest `irq_suspend_timeout` enlight writes, ns: a second (the kernel takes any u64;
 /// a suspended IRQ is re-armed when the timer fires, so longer only stalls an idle queue).
@@ -948,7 +951,12 @@ mod tests {
             parse_napi_instance_knob(&napi_instance_knob(8193, "gro_flush_timeout")),
             Some((8193, "gro_flush_timeout"))
         );
-        for bad in ["napi_defer_hard_irqs", "napiX/gro_flush_timeout", "napi1/mtu", "rx_usecs"] {
+        for bad in [
+            "napi_defer_hard_irqs",
+            "napiX/gro_flush_timeout",
+            "napi1/mtu",
+            "rx_usecs",
+        ] {
             assert_eq!(parse_napi_instance_knob(bad), None, "{bad}");
         }
         let nic = Target::Nic {
@@ -980,7 +988,10 @@ mod tests {
                 "napi8194/defer_hard_irqs"
             ]
         );
-        assert_eq!(napi_instance_range("irq_suspend_timeout").1, IRQ_SUSPEND_MAX_NS);
+        assert_eq!(
+            napi_instance_range("irq_suspend_timeout").1,
+            IRQ_SUSPEND_MAX_NS
+        );
         assert_eq!(
             napi_instance_patch("defer_hard_irqs", 3),
             NapiPatch {

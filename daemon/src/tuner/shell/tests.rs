@@ -458,10 +458,17 @@ fn a_notification_of_someone_elses_change_pins_between_ticks() {
     // enlight's own value: nothing.
     assert!(shell.notified(&notice).is_none());
     assert!(!shared.view("disk0").unwrap().pinned);
-    dev.lock().unwrap().notice_says =
-        Some("rx_frames on disk0 changed from 8 frames (set by enlight) to 2 frames by someone else".into());
+    dev.lock().unwrap().notice_says = Some(
+        "rx_frames on disk0 changed from 8 frames (set by enlight) to 2 frames by someone else"
+            .into(),
+    );
     let d = shell.notified(&notice).expect("pinned");
-    assert!(d.reason.starts_with("pinned: rx_frames on disk0 changed from 8"), "{}", d.reason);
+    assert!(
+        d.reason
+            .starts_with("pinned: rx_frames on disk0 changed from 8"),
+        "{}",
+        d.reason
+    );
     let view = shared.view("disk0").unwrap();
     assert!(view.pinned);
     assert!(view.pinned_reason.unwrap().contains("by someone else"));
@@ -471,11 +478,18 @@ fn a_notification_of_someone_elses_change_pins_between_ticks() {
     for k in 1..=40 {
         let s = dev.lock().unwrap().settings.unwrap_or_default();
         window_at(&s, &mut c, k);
-        shell.tick(base + Duration::from_millis(500 * k), 500 * k, vec![sample(&c)]);
+        shell.tick(
+            base + Duration::from_millis(500 * k),
+            500 * k,
+            vec![sample(&c)],
+        );
     }
     assert!(dev.lock().unwrap().applied.is_empty());
     assert!(shared.view("disk0").unwrap().pinned);
     let mut metrics = String::new();
     shared.render_metrics(&mut metrics);
-    assert!(metrics.contains("enlight_tuner_pinned{device=\"disk0\",kind=\"synthetic\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("enlight_tuner_pinned{device=\"disk0\",kind=\"synthetic\"} 1"),
+        "{metrics}"
+    );
 }
