@@ -318,9 +318,25 @@ impl Daemon {
         let source = move || tuner::shell::samples(&state.lock().expect("state lock"));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let poll = (interval / 5).max(Duration::from_millis(10));
-        let task = tokio::spawn(tuner::shell::run(shell, source, poll, async {
-            let _ = rx.await;
-        }));
+        // Kernel devices: an admin's ethtool change is seen as the kernel announces it (the
+        // ethtool monitor group), not only at the next tick's re-read.
+        let (notify, notices) = tokio::sync::mpsc::unbounded_channel();
+        let listener = self
+            .kernel_config
+            .enabled
+            .then(|| kernel::monitor::listen(None, notify))
+            .flatten();
+        let task = tokio::spawn(tuner::shell::run_notified(
+            shell,
+            source,
+            poll,
+            notices,
+            async move {
+                let _ = rx.await;
+                // Stops the monitor's thread with the tuner.
+                drop(listener);
+            },
+        ));
         (Some(tx), Some(task))
     }
 

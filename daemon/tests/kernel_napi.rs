@@ -287,44 +287,67 @@ fn the_tuner_moderates_a_veths_napi_through_sysfs_and_the_journal_puts_it_back()
             "{n:?}"
         );
     }
-    // Per instance through napi-set: one instance's timer, the interface-wide value untouched.
+    // Per instance through napi-set, journalled like every knob: one instance's timer and
+    // deferral, the interface-wide value untouched. Checked with the netdev netlink dump (the
+    // daemon's own reader, a separate napi-get: no `ynl` here, and neither sysfs nor `ip`
+    // shows per-instance values).
     let first = instances[0].id;
-    enlightd::kernel::tune::in_netns(Some(&netns), || {
-        enlightd::kernel::netdev::Netdev::open()
-            .unwrap()
-            .set(
-                "b",
-                first,
-                &enlightd::kernel::netdev::NapiPatch {
-                    gro_flush_timeout: Some(150_000),
-                    ..Default::default()
-                },
-            )
-            .unwrap()
-    })
-    .unwrap();
-    let again = enlightd::kernel::backend::napi_instances("b", Some(&netns));
+    let mut tuner = KernelTuner::open(runtime.path()).unwrap();
     assert_eq!(
-        again
-            .iter()
-            .find(|n| n.id == first)
-            .unwrap()
-            .gro_flush_timeout,
-        Some(150_000)
+        tuner
+            .set_napi_instance("b", Some(&netns), first, "gro_flush_timeout", 150_000)
+            .unwrap(),
+        150_000
+    );
+    assert_eq!(
+        tuner
+            .set_napi_instance("b", Some(&netns), first, "defer_hard_irqs", 3)
+            .unwrap(),
+        3
+    );
+    let e = tuner
+        .set_napi_instance("b", Some(&netns), first, "gro_flush_timeout", 50_000_000)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("napi{first}/gro_flush_timeout")) && e.contains("veth"),
+        "{e}"
+    );
+    let e = tuner
+        .set_napi_instance("b", Some(&netns), 999_999, "gro_flush_timeout", 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no such instance"), "{e}");
+    let again = enlightd::kernel::backend::napi_instances("b", Some(&netns));
+    let one = again.iter().find(|n| n.id == first).unwrap();
+    assert_eq!(
+        (one.gro_flush_timeout, one.defer_hard_irqs),
+        (Some(150_000), Some(3))
     );
     assert_eq!(sysfs(&pair.ns_b, "b", "gro_flush_timeout"), 200_000);
-    // Back to the interface-wide value before measuring.
-    pair.ns_b.exec(&[
-        "sh",
-        "-c",
-        "echo 200000 > /sys/class/net/b/gro_flush_timeout",
-    ]);
-    // Journalled before the change, with the originals.
-    let journal = KernelTuner::open(runtime.path()).unwrap();
+    // Journalled before the change: the instance's originals are the interface-wide
+    // originals (enlight's sysfs write had set the instance).
     let target = Target::Nic {
         iface: "b".into(),
         netns: Some(netns.clone()),
     };
+    assert_eq!(
+        tuner
+            .journal()
+            .original(&target, &format!("napi{first}/defer_hard_irqs")),
+        Some(KnobValue::U32(original.0 as u32))
+    );
+    // Back to the interface-wide timer before measuring, through the journal (the first
+    // original is kept).
+    tuner
+        .set_napi_instance("b", Some(&netns), first, "gro_flush_timeout", 200_000)
+        .unwrap();
+    tuner
+        .set_napi_instance("b", Some(&netns), first, "defer_hard_irqs", 10)
+        .unwrap();
+    drop(tuner);
+    // Journalled before the change, with the originals.
+    let journal = KernelTuner::open(runtime.path()).unwrap();
     assert_eq!(
         journal.journal().original(&target, "napi_defer_hard_irqs"),
         Some(KnobValue::U32(original.0 as u32))
@@ -386,11 +409,29 @@ fn the_tuner_moderates_a_veths_napi_through_sysfs_and_the_journal_puts_it_back()
     // The tuner goes away without restoring (as enlightd killed with SIGKILL): the journal
     // on disk puts back the originals of what enlight still owns, and leaves the operator's.
     std::mem::forget(backend);
+    // The per-instance timer goes with the operator's interface-wide one (their write set
+    // every instance); the per-instance deferral enlight set is put back, after the
+    // interface-wide knob.
     let report = KernelTuner::open(runtime.path()).unwrap().restore();
-    assert_eq!(report.restored.len(), 1, "{:?}", report.failed);
-    assert_eq!(report.left.len(), 1, "{:?}", report.left);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let restored: Vec<_> = report.restored.iter().map(|r| r.1.clone()).collect();
+    assert_eq!(
+        restored,
+        [
+            "napi_defer_hard_irqs".to_string(),
+            format!("napi{first}/defer_hard_irqs")
+        ]
+    );
+    assert_eq!(report.left.len(), 2, "{:?}", report.left);
     assert_eq!(sysfs(&pair.ns_b, "b", "napi_defer_hard_irqs"), original.0);
     assert_eq!(sysfs(&pair.ns_b, "b", "gro_flush_timeout"), 50_000);
+    for n in enlightd::kernel::backend::napi_instances("b", Some(&netns)) {
+        assert_eq!(
+            (n.defer_hard_irqs, n.gro_flush_timeout),
+            (Some(original.0 as u32), Some(50_000)),
+            "{n:?}"
+        );
+    }
     assert!(KernelTuner::open(runtime.path())
         .unwrap()
         .journal()

@@ -459,3 +459,207 @@ fn the_tuners_disk_backend_switches_scheduler_and_depth_and_restore_puts_them_ba
         original
     );
 }
+
+/// The tuner's backend on a tap, with the tuner's earlier change of `rx-frames` made when the
+/// shell opens it (as a tuner that has been tuning has one).
+struct TapFactory {
+    iface: &'static str,
+    netns: PathBuf,
+    runtime: PathBuf,
+    set_to: u32,
+}
+
+impl enlightd::tuner::backend::BackendFactory for TapFactory {
+    fn open(
+        &self,
+        _record: &enlight_driver::registry::DeviceRecord,
+    ) -> Option<
+        Result<
+            Box<dyn enlightd::tuner::backend::SettingsBackend>,
+            enlightd::tuner::backend::BackendError,
+        >,
+    > {
+        use enlightd::kernel::backend::KernelNicBackend;
+        use enlightd::kernel::tune::Permission;
+        use enlightd::tuner::backend::SettingsBackend;
+        let mut b = KernelNicBackend::open(
+            self.iface,
+            Some(&self.netns),
+            Permission::Apply,
+            &self.runtime,
+        )
+        .unwrap();
+        let (from, _) = b.get().unwrap();
+        let to = enlight_driver::settings::DeviceSettings {
+            moderation_frames: self.set_to,
+            ..from
+        };
+        b.apply(&from, &to).unwrap();
+        Some(Ok(Box::new(b)))
+    }
+}
+
+/// Issue 13 item 5 through the notification path: a tap (`tun` is the device type here that
+/// has ethtool coalescing, `rx-frames`, so `ethtool -C` on it sends ETHTOOL_MSG_COALESCE_NTF;
+/// veth has neither coalescing nor rings) under the tuner's shell, with the ethtool monitor
+/// listening in its namespace and the collector ticking every 30 s. enlight's own write is
+/// notified too and pins nothing; an admin's `ethtool -C` pins the device in far less than a
+/// tick (only the monitor can explain it: no tick comes), with the audit log, API view and
+/// /metrics saying what changed from what to what; the ticks after it never write the tap,
+/// and a restore leaves the admin's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admins_ethtool_change_pins_the_device_before_the_next_tick() {
+    use enlightd::tuner::config::TunerConfig;
+    use enlightd::tuner::shell::{run_notified, DeviceSample, Shell, TunerShared};
+    use enlightd::tuner::TunerMode;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    require_root();
+    let ns = NetNs::new("enl-kmon");
+    ns.exec(&["ip", "tuntap", "add", "dev", "tapm", "mode", "tap"]);
+    ns.exec(&["ip", "link", "set", "dev", "tapm", "up"]);
+    let netns = PathBuf::from(format!("/run/netns/{}", ns.name));
+    let runtime = tempfile::tempdir().unwrap();
+    let _restore = RestoreOnDrop(runtime.path().into());
+    let rx_frames = || -> u32 {
+        ethtool_field(&ns.exec(&["ethtool", "-c", "tapm"]), "rx-frames:", 0)
+            .parse()
+            .unwrap()
+    };
+    let original = rx_frames();
+    let ours = if original == 32 { 16 } else { 32 };
+    let admins = ours / 2 + 1;
+
+    let shared = Arc::new(TunerShared::default());
+    let config = TunerConfig {
+        mode: TunerMode::Auto,
+        audit_log: Some(runtime.path().join("audit.jsonl")),
+        ..TunerConfig::default()
+    };
+    let shell = Shell::new(
+        config,
+        runtime.path(),
+        Box::new(TapFactory {
+            iface: "tapm",
+            netns: netns.clone(),
+            runtime: runtime.path().into(),
+            set_to: ours,
+        }),
+        Arc::clone(&shared),
+    );
+    let (tx, notices) = tokio::sync::mpsc::unbounded_channel();
+    let listener = enlightd::kernel::monitor::Monitor::open(Some(&netns))
+        .unwrap()
+        .spawn(tx)
+        .unwrap();
+    let record = enlight_driver::registry::DeviceRecord {
+        name: "tapm".into(),
+        device: "nic".into(),
+        kind: "kernel".into(),
+        dev_id: 0,
+        pid: std::process::id(),
+        pid_start_time: None,
+        exe: "/bin/true".into(),
+        started_unix_ms: 0,
+        settings: Default::default(),
+        control: None,
+    };
+    let cumulative = Arc::new(std::sync::Mutex::new(
+        enlightd::tuner::window::Cumulative::default(),
+    ));
+    let source = {
+        let c = Arc::clone(&cumulative);
+        move || {
+            vec![DeviceSample {
+                record: record.clone(),
+                cumulative: c.lock().unwrap().clone(),
+            }]
+        }
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(run_notified(
+        shell,
+        source,
+        Duration::from_millis(50),
+        notices,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    // The first tick: the shell opens the backend, which makes the tuner's change (notified).
+    let base = Instant::now();
+    shared.note_tick_at(1, base);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shared.view("tapm").is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(shared.view("tapm").is_some(), "the shell ticked");
+    assert_eq!(rx_frames(), ours);
+    // Our own write's notification has had time to arrive: no pin for it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !shared.view("tapm").unwrap().pinned,
+        "enlight's own write pinned the device"
+    );
+
+    // The admin, mid-tick-interval (the next tick is 30 s away).
+    let t0 = Instant::now();
+    ns.exec(&["ethtool", "-C", "tapm", "rx-frames", &admins.to_string()]);
+    while !shared.view("tapm").unwrap().pinned && t0.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let took = t0.elapsed();
+    let view = shared.view("tapm").unwrap();
+    assert!(view.pinned, "not pinned within 10 s");
+    eprintln!(
+        "tapm: pinned {:.1} ms after `ethtool -C` returned (ticks every 30 s)",
+        took.as_secs_f64() * 1000.0
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "{took:?}: not the notification path"
+    );
+    let why = view.pinned_reason.unwrap();
+    assert_eq!(
+        why,
+        format!(
+            "rx_frames on tapm changed from {ours} (set by enlight) to {admins} by someone else"
+        )
+    );
+    let audit = std::fs::read_to_string(runtime.path().join("audit.jsonl")).unwrap();
+    assert!(audit.contains(&why), "{audit}");
+    let mut metrics = String::new();
+    shared.render_metrics(&mut metrics);
+    assert!(
+        metrics.contains("enlight_tuner_pinned{device=\"tapm\",kind=\"kernel\"} 1"),
+        "{metrics}"
+    );
+
+    // Ticks go on every 500 ms with traffic figures; the tuner never writes the tap again.
+    for k in 2..=12u64 {
+        {
+            let mut c = cumulative.lock().unwrap();
+            c.ops += 1000;
+            c.bytes += 1000 * 1500;
+            c.interrupts += 1000;
+        }
+        shared.note_tick_at(k, base + Duration::from_millis(500 * k));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            rx_frames(),
+            admins,
+            "tick {k}: enlight wrote over the admin"
+        );
+    }
+    assert!(shared.view("tapm").unwrap().pinned);
+    let _ = stop.send(());
+    task.await.unwrap();
+    drop(listener);
+
+    // A restore (clean exit, `enlight restore`) leaves the admin's value too.
+    let report = KernelTuner::open(runtime.path()).unwrap().restore();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(report.left.len(), 1, "{:?}", report);
+    assert_eq!(rx_frames(), admins);
+    assert!(Journal::open(runtime.path()).unwrap().entries().is_empty());
+}

@@ -121,6 +121,65 @@ pub struct KernelNicBackend {
     someone_else: Option<String>,
     /// Whether the tuner has been told.
     reported: bool,
+    /// Ethtool values this backend wrote whose notification has not arrived yet, oldest
+    /// first ([`judge_notice`]).
+    pending: Vec<(String, u64)>,
+    /// The knobs as last read (units, for saying what changed).
+    shown: Vec<Knob>,
+}
+
+/// The most ethtool writes [`KernelNicBackend`] remembers as awaiting their notification.
+const PENDING_MAX: usize = 64;
+
+/// What a kernel notification of knob values (`notified`, knob → value now) says about the
+/// knobs enlight set (`owned`, knob → the value enlight left it at): `Some(what changed from
+/// what to what)` when someone else changed one. A value is enlight's own when it is one
+/// enlight wrote whose notification had not come yet (`pending`, oldest first: the entry and
+/// every older one of that knob are used up), or what enlight left the knob at; knobs
+/// enlight did not set are not its business. `shown` gives the units to say it in. A pure
+/// function.
+pub fn judge_notice(
+    iface: &str,
+    owned: &std::collections::BTreeMap<String, u64>,
+    pending: &mut Vec<(String, u64)>,
+    notified: &[(String, u64)],
+    shown: &[Knob],
+) -> Option<String> {
+    let mut theirs = std::collections::BTreeMap::new();
+    let mut knobs = Vec::new();
+    for (name, value) in notified {
+        if let Some(i) = pending.iter().position(|(k, v)| k == name && v == value) {
+            let mut at = 0;
+            pending.retain(|(k, _)| {
+                at += 1;
+                !(k == name && at <= i + 1)
+            });
+            continue;
+        }
+        let Some(ours) = owned.get(name) else {
+            continue;
+        };
+        if ours == value {
+            pending.retain(|(k, _)| k != name);
+            continue;
+        }
+        theirs.insert(name.clone(), *ours);
+        knobs.push(match shown.iter().find(|k| &k.name == name) {
+            Some(k) => Knob {
+                value: *value,
+                ..k.clone()
+            },
+            None => Knob::new(
+                name,
+                *value,
+                (None, None),
+                crate::knobs::Unit::Count,
+                crate::knobs::Source::EthtoolNetlink,
+                crate::knobs::Disruption::Live,
+            ),
+        });
+    }
+    changed_by_someone_else(iface, &theirs, &knobs)
 }
 
 /// Whether someone else changed a knob enlight set: the first knob whose value in `knobs`
@@ -168,6 +227,8 @@ impl KernelNicBackend {
             owned: Default::default(),
             someone_else: None,
             reported: false,
+            pending: Vec::new(),
+            shown: Vec::new(),
         })
     }
 
@@ -181,14 +242,31 @@ impl KernelNicBackend {
             self.someone_else = Some(why);
             self.reported = false;
         }
+        self.shown = knobs.clone();
         Ok(knobs)
+    }
+
+    /// Notes an ethtool value about to be written (its notification will say it): sysfs
+    /// knobs send none.
+    fn expect_notice(&mut self, knob: &str, value: u64) {
+        if NAPI_KNOBS.contains(&knob) {
+            return;
+        }
+        self.pending.push((knob.to_string(), value));
+        let over = self.pending.len().saturating_sub(PENDING_MAX);
+        self.pending.drain(..over);
     }
 }
 
 impl KernelNicBackend {
     /// Sets one knob through its source (journalled by [`KernelTuner`]).
     fn set_one(&mut self, knob: &str, value: u64) -> Result<(), TuneError> {
-        if NAPI_KNOBS.contains(&knob) {
+        if let Some((id, attr)) = super::tune::parse_napi_instance_knob(knob) {
+            // A NAPI instance's own setting: netdev napi-set, journalled the same way.
+            self.tuner
+                .set_napi_instance(&self.iface, self.netns.as_deref(), id, attr, value)
+                .map(|_| ())
+        } else if NAPI_KNOBS.contains(&knob) {
             self.tuner
                 .set_napi(&self.iface, self.netns.as_deref(), knob, value)
                 .map(|_| ())
@@ -235,6 +313,24 @@ impl SettingsBackend for KernelNicBackend {
         self.someone_else.clone()
     }
 
+    fn notified(&mut self, notice: &crate::tuner::backend::KnobNotice) -> Option<String> {
+        if notice.device != self.iface || self.someone_else.is_some() {
+            return None;
+        }
+        let why = judge_notice(
+            &self.iface,
+            &self.owned,
+            &mut self.pending,
+            &notice.knobs,
+            &self.shown,
+        )?;
+        self.owned.clear();
+        self.someone_else = Some(why.clone());
+        // Said here; the next read must not say it again.
+        self.reported = true;
+        Some(why)
+    }
+
     fn apply(
         &mut self,
         _from: &DeviceSettings,
@@ -257,10 +353,12 @@ impl SettingsBackend for KernelNicBackend {
         }
         let mut done: Vec<(String, u64)> = Vec::new();
         for (knob, before, after) in crate::knobs::changes_to(&knobs, to) {
+            self.expect_notice(&knob, after);
             if let Err(e) = self.set_one(&knob, after) {
                 // Nothing half-applied: the knobs already changed go back (their originals
                 // stay journalled until `enlight restore` or a clean exit).
                 for (k, v) in done.iter().rev() {
+                    self.expect_notice(k, *v);
                     if let Err(undo) = self.set_one(k, *v) {
                         log::warn!("{}: putting {k} back to {v}: {undo}", self.iface);
                     }
@@ -273,9 +371,14 @@ impl SettingsBackend for KernelNicBackend {
             .map_err(|e| BackendError::Unreachable(e.to_string()))?;
         for (name, _) in &done {
             if let Some(k) = after.iter().find(|k| &k.name == name) {
+                // A driver that rounds notifies the value it keeps.
+                if !self.pending.contains(&(name.clone(), k.value)) {
+                    self.expect_notice(name, k.value);
+                }
                 self.owned.insert(name.clone(), k.value);
             }
         }
+        self.shown = after.clone();
         Ok(crate::knobs::tuner_space(&after, NAPI_WEIGHT).0)
     }
 }
@@ -524,6 +627,54 @@ impl BackendFactory for KernelAwareFactory {
 mod tests {
     use super::*;
     use crate::kernel::ethtool::{Coalesce, NicSettings, Rings};
+
+    /// Notifications of enlight's own writes (late ones too, in order) are told from an
+    /// admin's change of a knob enlight set; knobs enlight did not set are none of its
+    /// business.
+    #[test]
+    fn a_notice_of_our_own_writes_is_told_from_an_admins_change() {
+        let owned: std::collections::BTreeMap<String, u64> = [("rx_frames".to_string(), 16)].into();
+        let shown = crate::kernel::knobs::nic(
+            "tun",
+            Some(&NicSettings {
+                rings: None,
+                coalesce: Some(Coalesce {
+                    rx_frames: Some(16),
+                    ..Default::default()
+                }),
+            }),
+            &[],
+        );
+        let n = |v: u64| vec![("rx_frames".to_string(), v), ("tx_usecs".to_string(), 99)];
+        // enlight wrote 8 then 16; both notifications come after the second write.
+        let mut pending = vec![("rx_frames".to_string(), 8), ("rx_frames".to_string(), 16)];
+        assert_eq!(
+            judge_notice("tap0", &owned, &mut pending, &n(8), &shown),
+            None
+        );
+        assert_eq!(pending, [("rx_frames".to_string(), 16)]);
+        assert_eq!(
+            judge_notice("tap0", &owned, &mut pending, &n(16), &shown),
+            None
+        );
+        assert!(pending.is_empty());
+        // The state enlight left, notified again (someone changed tx_usecs): not a change.
+        assert_eq!(
+            judge_notice("tap0", &owned, &mut pending, &n(16), &shown),
+            None
+        );
+        // An admin's 2.
+        let why = judge_notice("tap0", &owned, &mut pending, &n(2), &shown).unwrap();
+        assert_eq!(
+            why,
+            "rx_frames on tap0 changed from 16 (set by enlight) to 2 by someone else"
+        );
+        // Nothing owned: nothing to defend.
+        assert_eq!(
+            judge_notice("tap0", &Default::default(), &mut pending, &n(2), &shown),
+            None
+        );
+    }
 
     #[test]
     fn nic_knobs_make_the_tuners_search_space() {

@@ -215,6 +215,40 @@ impl Ethtool {
         ))
     }
 
+    /// The family's id and the id of its `monitor` multicast group, where the kernel sends a
+    /// notification (`ETHTOOL_MSG_*_NTF`) of every settings change, whoever made it.
+    pub fn monitor_group(&mut self) -> Result<(u16, u32), EthtoolError> {
+        use netlink_packet_generic::ctrl::nlas::McastGrpAttrs;
+        let mut msg = GenlMessage::from_payload(GenlCtrl {
+            cmd: GenlCtrlCmd::GetFamily,
+            nlas: vec![GenlCtrlAttrs::FamilyName("ethtool".into())],
+        });
+        msg.finalize();
+        let replies: Vec<GenlMessage<GenlCtrl>> =
+            self.request(msg, NLM_F_REQUEST, "", "resolve family")?;
+        let group = replies
+            .into_iter()
+            .flat_map(|r| r.payload.nlas)
+            .filter_map(|nla| match nla {
+                GenlCtrlAttrs::McastGroups(groups) => Some(groups),
+                _ => None,
+            })
+            .flatten()
+            .find_map(|g| {
+                let named = g
+                    .iter()
+                    .any(|a| matches!(a, McastGrpAttrs::Name(n) if n == "monitor"));
+                g.iter().find_map(|a| match a {
+                    McastGrpAttrs::Id(id) if named => Some(*id),
+                    _ => None,
+                })
+            })
+            .ok_or_else(|| {
+                EthtoolError::Decode("the ethtool family has no monitor multicast group".into())
+            })?;
+        Ok((self.family, group))
+    }
+
     /// Sends one request and collects its replies until the ACK (or the one reply, for a GET
     /// without ACK).
     fn request<Req, Rep>(

@@ -41,8 +41,30 @@ impl std::fmt::Display for Target {
 pub enum KnobValue {
     Bool(bool),
     U32(u32),
+    /// A number past `u32` (a per-NAPI timer in ns); smaller ones are [`KnobValue::U32`], as
+    /// the untagged JSON reads them back.
+    U64(u64),
     /// A choice by name (a disk's I/O scheduler).
     Text(String),
+}
+
+impl KnobValue {
+    /// A number, as [`KnobValue::U32`] when it fits (so it reads back equal).
+    pub fn number(v: u64) -> KnobValue {
+        match u32::try_from(v) {
+            Ok(v) => KnobValue::U32(v),
+            Err(_) => KnobValue::U64(v),
+        }
+    }
+
+    /// The number, if it is one.
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            KnobValue::U32(v) => Some(*v as u64),
+            KnobValue::U64(v) => Some(*v),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for KnobValue {
@@ -50,6 +72,7 @@ impl std::fmt::Display for KnobValue {
         match self {
             KnobValue::Bool(b) => write!(f, "{}", if *b { "on" } else { "off" }),
             KnobValue::U32(v) => write!(f, "{v}"),
+            KnobValue::U64(v) => write!(f, "{v}"),
             KnobValue::Text(t) => write!(f, "{t}"),
         }
     }
@@ -390,6 +413,33 @@ mod tests {
             j.original(&nic("eth9"), "adaptive_rx"),
             Some(KnobValue::Bool(false))
         );
+    }
+
+    /// A per-NAPI timer past u32 round-trips through the file; a small one reads back as U32.
+    #[test]
+    fn large_numbers_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let big = KnobValue::number(5_000_000_000);
+        assert_eq!(big, KnobValue::U64(5_000_000_000));
+        j.record_original(&nic("eth9"), "napi8193/irq_suspend_timeout", big.clone())
+            .unwrap();
+        j.record_original(
+            &nic("eth9"),
+            "napi8193/gro_flush_timeout",
+            KnobValue::number(20_000),
+        )
+        .unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(
+            j.original(&nic("eth9"), "napi8193/irq_suspend_timeout"),
+            Some(big)
+        );
+        assert_eq!(
+            j.original(&nic("eth9"), "napi8193/gro_flush_timeout"),
+            Some(KnobValue::U32(20_000))
+        );
+        assert_eq!(KnobValue::Text("x".into()).as_u64(), None);
     }
 
     #[test]

@@ -4,15 +4,117 @@
 use super::ethtool::NicSettings;
 use crate::knobs::{Disruption, Knob, Source, TunerKind, Unit};
 
-/// How disruptive a ring-size change (`ethtool -G`) is on `driver` (docs/kernel.md, driver
-/// catalogue): `hv_netvsc` detaches and re-creates the device (`netvsc_detach`/
-/// `netvsc_attach`), the e1000 family takes the interface down and up; the others stop and
-/// restart the queue.
+/// One NIC driver's row of the driver catalogue in docs/kernel.md, drawn from the driver's
+/// ethtool ops in the kernel source (the table cites the file and function of each row; a
+/// unit test keeps the two in step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DriverRule {
+    pub driver: &'static str,
+    /// What a ring-size change (`ethtool -G`, `set_ringparam`) does; `None`: the driver has
+    /// no `set_ringparam`.
+    pub rings: Option<Disruption>,
+    /// The coalescing knobs its `supported_coalesce_params` admit, in enlight's names.
+    pub coalesce: &'static [&'static str],
+    /// Whether switching adaptive moderation on or off re-creates the queues (mlx5's
+    /// `mlx5e_safe_switch_params`); the other coalescing changes are live on every driver
+    /// listed.
+    pub adaptive_resets: bool,
+}
+
+const USECS_FRAMES_ADAPTIVE: &[&str] = &[
+    "rx_usecs",
+    "rx_frames",
+    "tx_usecs",
+    "tx_frames",
+    "adaptive_rx",
+    "adaptive_tx",
+];
+
+/// The driver catalogue (docs/kernel.md): the NIC drivers enlight knows the rules of.
+pub const DRIVERS: &[DriverRule] = &[
+    // netvsc_set_ringparam: netvsc_detach then netvsc_attach; no coalesce ops.
+    DriverRule {
+        driver: "hv_netvsc",
+        rings: Some(Disruption::Detaches),
+        coalesce: &[],
+        adaptive_resets: false,
+    },
+    // virtnet_set_ringparam: virtnet_rx_resize/virtnet_tx_resize reset each virtqueue;
+    // virtnet_set_coalesce: a control-queue command (VIRTIO_NET_F_NOTF_COAL).
+    DriverRule {
+        driver: "virtio_net",
+        rings: Some(Disruption::ResetsQueue),
+        coalesce: USECS_FRAMES_ADAPTIVE,
+        adaptive_resets: false,
+    },
+    // e1000_set_ringparam: e1000_down ... e1000_up (link down and up); e1000_set_coalesce
+    // writes the ITR register.
+    DriverRule {
+        driver: "e1000",
+        rings: Some(Disruption::Detaches),
+        coalesce: &["rx_usecs"],
+        adaptive_resets: false,
+    },
+    // e1000e's e1000_set_ringparam: e1000e_down(adapter, true) ... e1000e_up.
+    DriverRule {
+        driver: "e1000e",
+        rings: Some(Disruption::Detaches),
+        coalesce: &["rx_usecs"],
+        adaptive_resets: false,
+    },
+    // ena_set_ringparam: ena_update_queue_sizes closes and re-opens the device.
+    DriverRule {
+        driver: "ena",
+        rings: Some(Disruption::Detaches),
+        coalesce: &["rx_usecs", "tx_usecs", "adaptive_rx"],
+        adaptive_resets: false,
+    },
+    // gve_set_ringparam: queues torn down and re-created (kernels that allow it);
+    // gve_set_coalesce: DQO only, per notify block.
+    DriverRule {
+        driver: "gve",
+        rings: Some(Disruption::Detaches),
+        coalesce: &["rx_usecs", "tx_usecs"],
+        adaptive_resets: false,
+    },
+    // mlx5e_ethtool_set_ringparam: mlx5e_safe_switch_params (new channels, then the old
+    // closed); mlx5e_ethtool_set_coalesce: mlx5_core_modify_cq_moderation, a reset when the
+    // adaptive (DIM) or CQE mode changes.
+    DriverRule {
+        driver: "mlx5_core",
+        rings: Some(Disruption::ResetsQueue),
+        coalesce: USECS_FRAMES_ADAPTIVE,
+        adaptive_resets: true,
+    },
+];
+
+/// The catalogue's row of `driver`, if it has one.
+pub fn driver_rule(driver: &str) -> Option<&'static DriverRule> {
+    DRIVERS.iter().find(|r| r.driver == driver)
+}
+
+/// How disruptive a ring-size change (`ethtool -G`) is on `driver`: the catalogue's rule; a
+/// driver it does not list is assumed to stop and restart the queue (never explored live
+/// either way).
 pub fn ring_disruption(driver: &str) -> Disruption {
-    match driver {
-        "hv_netvsc" | "e1000" | "e1000e" | "ena" | "gve" => Disruption::Detaches,
-        _ => Disruption::ResetsQueue,
+    driver_rule(driver)
+        .and_then(|r| r.rings)
+        .unwrap_or(Disruption::ResetsQueue)
+}
+
+/// How disruptive a change of coalescing knob `knob` is on `driver`.
+pub fn coalesce_disruption(driver: &str, knob: &str) -> Disruption {
+    match driver_rule(driver) {
+        Some(r) if r.adaptive_resets && knob.starts_with("adaptive_") => Disruption::ResetsQueue,
+        _ => Disruption::Live,
     }
+}
+
+/// Whether the tuner may explore coalescing knob `knob` of `driver`: on a driver of the
+/// catalogue only the knobs its `supported_coalesce_params` admit (the kernel reports only
+/// those; anything else is shown, not tuned), on any other driver whatever it reports.
+pub fn coalesce_tunable(driver: &str, knob: &str) -> bool {
+    driver_rule(driver).is_none_or(|r| r.coalesce.contains(&knob))
 }
 
 /// A kernel NIC's knobs: its driver's rings and coalescing (from ethtool netlink; a knob the
@@ -68,9 +170,9 @@ pub fn nic(driver: &str, ethtool: Option<&NicSettings>, napi: &[(&'static str, u
                 (Some(0), Some(u32::MAX as u64)),
                 unit,
                 Source::EthtoolNetlink,
-                Disruption::Live,
+                coalesce_disruption(driver, name),
             );
-            if let Some(kind) = kind {
+            if let Some(kind) = kind.filter(|_| coalesce_tunable(driver, name)) {
                 have_count |= kind == TunerKind::ModerationCount;
                 have_delay |= kind == TunerKind::ModerationDelay;
                 k = k.tuned_as(kind);
@@ -89,7 +191,7 @@ pub fn nic(driver: &str, ethtool: Option<&NicSettings>, napi: &[(&'static str, u
                 (Some(0), Some(1)),
                 Unit::Boolean,
                 Source::EthtoolNetlink,
-                Disruption::Live,
+                coalesce_disruption(driver, name),
             ));
         }
     }
@@ -129,10 +231,8 @@ pub fn napi_instances(instances: &[super::netdev::NapiInstance]) -> Vec<Knob> {
             .irq_suspend_timeout
             .map(|v| ("irq_suspend_timeout", v, Unit::Nanoseconds));
         for (name, v, unit) in [defer, gro, suspend].into_iter().flatten() {
-            let max = match name {
-                "defer_hard_irqs" => super::napi::DEFER_MAX,
-                _ => u64::MAX,
-            };
+            // What enlight writes (KernelTuner::set_napi_instance checks the same).
+            let (_, max) = super::tune::napi_instance_range(name);
             out.push(Knob::new(
                 &format!("napi{}/{name}", n.id),
                 v,
@@ -242,16 +342,25 @@ mod tests {
                 ..Default::default()
             }),
         };
+        // virtio_net (coalescing with VIRTIO_NET_F_NOTF_COAL), with netvsc's rings for the
+        // ring rule.
         let k = nic(
-            "hv_netvsc",
+            "virtio_net",
             Some(&s),
             &[("napi_defer_hard_irqs", 0), ("gro_flush_timeout", 0)],
         );
         let by = |n: &str| k.iter().find(|k| k.name == n).unwrap();
-        assert_eq!(by("rx_ring").disruption, Disruption::Detaches);
+        assert_eq!(by("rx_ring").disruption, Disruption::ResetsQueue);
         assert!(by("rx_ring").not_explored_because().is_some());
         assert_eq!(by("rx_frames").tuner_kind, Some(TunerKind::ModerationCount));
         assert_eq!(by("napi_defer_hard_irqs").tuner_kind, None);
+        let netvsc = nic("hv_netvsc", Some(&s), &[]);
+        let ring = netvsc.iter().find(|k| k.name == "rx_ring").unwrap();
+        assert_eq!(ring.disruption, Disruption::Detaches);
+        // netvsc has no coalescing ops: a reported rx-frames (no kernel sends one) is shown,
+        // never tuned.
+        let frames = netvsc.iter().find(|k| k.name == "rx_frames").unwrap();
+        assert_eq!(frames.tuner_kind, None);
         // No rx-usecs in the driver: NAPI's timer rides the delay ladder.
         assert_eq!(
             by("gro_flush_timeout").tuner_kind,
@@ -261,8 +370,9 @@ mod tests {
         assert_eq!(ring_disruption("virtio_net"), Disruption::ResetsQueue);
     }
 
-    /// docs/kernel.md's driver catalogue and [`ring_disruption`] say the same for every driver
-    /// the table lists.
+    /// docs/kernel.md's driver catalogue and [`DRIVERS`] say the same: every NIC row's ring
+    /// change, coalescing knobs and coalescing disruption, every rule has its row, and every
+    /// row cites a kernel source file and function.
     #[test]
     fn the_driver_catalogue_and_the_code_agree() {
         let doc = include_str!("../../../docs/kernel.md");
@@ -277,17 +387,89 @@ mod tests {
             .filter(|l| l.starts_with("| ") && !l.starts_with("| driver") && !l.starts_with("|---"))
             .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
             .collect();
-        assert!(rows.len() >= 7, "{rows:?}");
-        for row in rows {
-            assert_eq!(
-                ring_disruption(row[0]).name(),
-                row[1],
-                "{}: the catalogue says {}, the code {}",
-                row[0],
-                row[1],
-                ring_disruption(row[0]).name()
+        let names = |cell: &str| -> Vec<String> {
+            cell.split(',')
+                .map(|s| s.trim().trim_matches('`').replace('-', "_"))
+                .filter(|s| !s.is_empty() && s != "none")
+                .collect()
+        };
+        let mut nics = 0;
+        for row in &rows {
+            assert!(row.len() >= 7, "{row:?}");
+            let (driver, kind) = (row[0], row[1]);
+            assert!(
+                row[6].contains("drivers/") && row[6].contains("()"),
+                "{driver}: no source file and function: {}",
+                row[6]
             );
+            if kind != "nic" {
+                assert!(
+                    driver_rule(driver).is_none(),
+                    "{driver}: a disk with a NIC rule"
+                );
+                continue;
+            }
+            nics += 1;
+            let rule =
+                driver_rule(driver).unwrap_or_else(|| panic!("{driver}: no rule in DRIVERS"));
+            let rings = rule.rings.map_or("none", |d| d.name());
+            assert_eq!(
+                rings, row[2],
+                "{driver}: ring change: code {rings}, catalogue {}",
+                row[2]
+            );
+            let mut doc_knobs = names(row[3]);
+            let mut code: Vec<String> = rule.coalesce.iter().map(|s| s.to_string()).collect();
+            doc_knobs.sort();
+            code.sort();
+            assert_eq!(code, doc_knobs, "{driver}: coalescing knobs");
+            let change = if rule.coalesce.is_empty() {
+                "none"
+            } else if rule.adaptive_resets {
+                "live; adaptive resets-queue"
+            } else {
+                "live"
+            };
+            assert_eq!(change, row[4], "{driver}: coalescing change");
         }
+        assert_eq!(nics, DRIVERS.len(), "a rule without a catalogue row");
+        assert!(rows.len() > nics, "the disk drivers are catalogued too");
+    }
+
+    #[test]
+    fn catalogue_rules_classify_knobs() {
+        assert_eq!(ring_disruption("hv_netvsc"), Disruption::Detaches);
+        assert_eq!(ring_disruption("mlx5_core"), Disruption::ResetsQueue);
+        assert_eq!(ring_disruption("some_new_nic"), Disruption::ResetsQueue);
+        assert_eq!(
+            coalesce_disruption("mlx5_core", "adaptive_rx"),
+            Disruption::ResetsQueue
+        );
+        assert_eq!(
+            coalesce_disruption("mlx5_core", "rx_usecs"),
+            Disruption::Live
+        );
+        assert_eq!(coalesce_disruption("ena", "adaptive_rx"), Disruption::Live);
+        // e1000 admits rx-usecs only: a reported rx-frames is shown, not tuned.
+        let s = NicSettings {
+            rings: None,
+            coalesce: Some(Coalesce {
+                rx_frames: Some(1),
+                rx_usecs: Some(3),
+                ..Default::default()
+            }),
+        };
+        let k = nic("e1000", Some(&s), &[("napi_defer_hard_irqs", 0)]);
+        let by = |n: &str| k.iter().find(|k| k.name == n).unwrap();
+        assert_eq!(by("rx_frames").tuner_kind, None);
+        assert_eq!(by("rx_usecs").tuner_kind, Some(TunerKind::ModerationDelay));
+        // The count ladder goes to NAPI's deferral instead.
+        assert_eq!(
+            by("napi_defer_hard_irqs").tuner_kind,
+            Some(TunerKind::ModerationCount)
+        );
+        // tun is not catalogued: what it reports is tuned.
+        assert!(coalesce_tunable("tun", "rx_frames"));
     }
 
     #[test]

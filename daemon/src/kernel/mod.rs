@@ -11,6 +11,7 @@ pub mod ethtool;
 pub mod journal;
 pub mod knobs;
 pub mod metrics;
+pub mod monitor;
 pub mod napi;
 pub mod netdev;
 pub mod tune;

@@ -9,6 +9,7 @@ use super::blockq::{BlockQueueError, BlockQueues, SCHEDULER};
 use super::ethtool::{Ethtool, EthtoolError, NicPatch, NicSettings};
 use super::journal::{Journal, JournalError, KnobValue, Target};
 use super::napi::{NapiError, NapiSysfs, NAPI_KNOBS};
+use super::netdev::{NapiInstance, NapiPatch, Netdev, NetdevError};
 
 /// Why a change was not made.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +20,8 @@ pub enum TuneError {
     BlockQueue(#[from] BlockQueueError),
     #[error(transparent)]
     Napi(#[from] NapiError),
+    #[error(transparent)]
+    Netdev(#[from] NetdevError),
     #[error(transparent)]
     Journal(#[from] JournalError),
     /// The network namespace could not be entered (or its sysfs mounted).
@@ -223,13 +226,94 @@ fn patch_of(knob: &str, value: KnobValue) -> Option<NicPatch> {
     Some(p)
 }
 
+/// The settings of one NAPI instance (netdev netlink, [`super::netdev`]) enlight writes.
+pub const NAPI_INSTANCE_KNOBS: [&str; 3] = [
+    "defer_hard_irqs",
+    "gro_flush_timeout",
+    "irq_suspend_timeout",
+];
+
+/// The largest `irq_suspend_timeout` enlight writes, ns: a second (the kernel takes any u64;
+/// a suspended IRQ is re-armed when the timer fires, so longer only stalls an idle queue).
+pub const IRQ_SUSPEND_MAX_NS: u64 = 1_000_000_000;
+
+/// The knob name of setting `attr` of NAPI instance `id` (journal, knob lists):
+/// `napi<id>/<attr>`.
+pub fn napi_instance_knob(id: u32, attr: &str) -> String {
+    format!("napi{id}/{attr}")
+}
+
+/// The instance and setting of a per-NAPI knob name (`napi8193/gro_flush_timeout`); `None`
+/// for any other name. A pure function.
+pub fn parse_napi_instance_knob(knob: &str) -> Option<(u32, &'static str)> {
+    let (id, attr) = knob.strip_prefix("napi")?.split_once('/')?;
+    let attr = NAPI_INSTANCE_KNOBS.into_iter().find(|a| *a == attr)?;
+    Some((id.parse().ok()?, attr))
+}
+
+/// The range enlight writes for a per-NAPI setting: the sysfs knobs' ranges, and up to a
+/// second for `irq_suspend_timeout`.
+pub fn napi_instance_range(attr: &str) -> (u64, u64) {
+    match attr {
+        "defer_hard_irqs" => (0, super::napi::DEFER_MAX),
+        "gro_flush_timeout" => (0, super::napi::GRO_FLUSH_MAX_NS),
+        _ => (0, IRQ_SUSPEND_MAX_NS),
+    }
+}
+
+/// A NAPI instance's value of `attr`, if the kernel reported it.
+fn napi_instance_value(n: &NapiInstance, attr: &str) -> Option<u64> {
+    match attr {
+        "defer_hard_irqs" => n.defer_hard_irqs.map(u64::from),
+        "gro_flush_timeout" => n.gro_flush_timeout,
+        "irq_suspend_timeout" => n.irq_suspend_timeout,
+        _ => None,
+    }
+}
+
+/// The `napi-set` of one setting.
+fn napi_instance_patch(attr: &str, value: u64) -> NapiPatch {
+    let mut p = NapiPatch::default();
+    match attr {
+        "defer_hard_irqs" => p.defer_hard_irqs = Some(value.min(u32::MAX as u64) as u32),
+        "gro_flush_timeout" => p.gro_flush_timeout = Some(value),
+        _ => p.irq_suspend_timeout = Some(value),
+    }
+    p
+}
+
+/// The interface index of `iface` in the calling thread's network namespace.
+fn ifindex(iface: &str) -> Result<u32, NapiError> {
+    let name = std::ffi::CString::new(iface).map_err(|_| NapiError::NoSuchDevice(iface.into()))?;
+    // SAFETY: a valid NUL-terminated name; if_nametoindex only reads it.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(NapiError::NoSuchDevice(iface.into())),
+        i => Ok(i),
+    }
+}
+
+/// The NAPI instances of `iface` in the calling thread's network namespace.
+fn napis_here(iface: &str) -> Result<Vec<NapiInstance>, TuneError> {
+    let index = ifindex(iface)?;
+    Ok(Netdev::open()?.napis(iface, index)?)
+}
+
 /// The order [`KernelTuner::restore`] puts entries back in: a disk's scheduler before its
 /// other knobs (switching the scheduler resets `nr_requests` to the new one's default, so
 /// `nr_requests` goes back after it), everything else as journalled. A pure function.
 pub fn restore_order(entries: &[super::journal::Entry]) -> Vec<super::journal::Entry> {
     let mut out = entries.to_vec();
-    // A stable sort: only schedulers move, to the front.
-    out.sort_by_key(|e| !(matches!(e.target, Target::Block { .. }) && e.knob == SCHEDULER));
+    // A stable sort: schedulers move to the front; per-NAPI settings to the back, after the
+    // interface-wide sysfs knobs (writing one of those sets every instance).
+    out.sort_by_key(|e| {
+        if matches!(e.target, Target::Block { .. }) && e.knob == SCHEDULER {
+            0
+        } else if parse_napi_instance_knob(&e.knob).is_some() {
+            2
+        } else {
+            1
+        }
+    });
     out
 }
 
@@ -345,6 +429,106 @@ impl KernelTuner {
             journal.record_original(&target, knob, KnobValue::U32(as_u32(original)))?;
             let now = napi.set(iface, knob, value)?;
             journal.note_applied(&target, knob, KnobValue::U32(as_u32(now)))?;
+            // The write set every NAPI instance: the per-instance settings enlight journalled
+            // now hold enlight's value, not an admin's.
+            let attr = knob.trim_start_matches("napi_");
+            let instances: Vec<String> = journal
+                .entries()
+                .iter()
+                .filter(|e| {
+                    e.target == target
+                        && parse_napi_instance_knob(&e.knob).is_some_and(|(_, a)| a == attr)
+                })
+                .map(|e| e.knob.clone())
+                .collect();
+            for k in instances {
+                journal.note_applied(&target, &k, KnobValue::number(now))?;
+            }
+            Ok(now)
+        })?
+    }
+
+    /// Sets `attr` (`defer_hard_irqs`, `gro_flush_timeout`, `irq_suspend_timeout`) of NAPI
+    /// instance `id` of `iface` (in `netns`, if given) through netdev `napi-set`: the instance
+    /// read first (it must exist and report the setting), the value checked against
+    /// [`napi_instance_range`], the original journalled as `napi<id>/<attr>`, then written
+    /// and read back. Returns the value the kernel reports afterwards.
+    pub fn set_napi_instance(
+        &mut self,
+        iface: &str,
+        netns: Option<&Path>,
+        id: u32,
+        attr: &str,
+        value: u64,
+    ) -> Result<u64, TuneError> {
+        let target = Target::Nic {
+            iface: iface.into(),
+            netns: netns.map(Path::to_path_buf),
+        };
+        let journal = &mut self.journal;
+        in_netns(netns, || -> Result<u64, TuneError> {
+            let driver = super::ethtool::driver_name(iface);
+            let name = napi_instance_knob(id, attr);
+            if !NAPI_INSTANCE_KNOBS.contains(&attr) {
+                return Err(NapiError::UnknownKnob {
+                    iface: iface.into(),
+                    knob: name,
+                }
+                .into());
+            }
+            let index = ifindex(iface)?;
+            let mut netdev = Netdev::open()?;
+            let find = |netdev: &mut Netdev| -> Result<NapiInstance, TuneError> {
+                netdev
+                    .napis(iface, index)?
+                    .into_iter()
+                    .find(|n| n.id == id)
+                    .ok_or_else(|| {
+                        NetdevError::NoSuchNapi {
+                            iface: iface.into(),
+                            driver: driver.clone(),
+                            id,
+                        }
+                        .into()
+                    })
+            };
+            let original = napi_instance_value(&find(&mut netdev)?, attr).ok_or_else(|| {
+                NapiError::Unsupported {
+                    iface: iface.into(),
+                    driver: driver.clone(),
+                    knob: name.clone(),
+                    path: "netdev napi-get".into(),
+                }
+            })?;
+            let (min, max) = napi_instance_range(attr);
+            if !(min..=max).contains(&value) {
+                return Err(NapiError::OutOfRange {
+                    iface: iface.into(),
+                    driver,
+                    knob: name,
+                    value,
+                    min,
+                    max,
+                }
+                .into());
+            }
+            // When enlight already changed the interface-wide knob, its write set this
+            // instance too: the instance's original is that knob's original (which a restore
+            // puts back first), not enlight's value.
+            journal.reload()?;
+            let sysfs = match attr {
+                "defer_hard_irqs" => Some("napi_defer_hard_irqs"),
+                "gro_flush_timeout" => Some("gro_flush_timeout"),
+                _ => None,
+            };
+            let original = sysfs
+                .and_then(|k| journal.original(&target, k))
+                .and_then(|v| v.as_u64())
+                .unwrap_or(original);
+            journal.record_original(&target, &name, KnobValue::number(original))?;
+            netdev.set(iface, id, &napi_instance_patch(attr, value))?;
+            let now = napi_instance_value(&find(&mut netdev)?, attr).unwrap_or(value);
+            journal.note_applied(&target, &name, KnobValue::number(now))?;
             Ok(now)
         })?
     }
@@ -426,6 +610,23 @@ impl KernelTuner {
                     .then(|| (e.target.clone(), e.knob.clone(), now))
             })
             .collect();
+        // Per-NAPI settings' values now, read before anything is written: restoring an
+        // interface-wide sysfs knob sets every instance. `None`: the instance is gone.
+        let napi_now: Vec<(Target, String, Option<u64>)> = entries
+            .iter()
+            .filter_map(|e| {
+                let Target::Nic { iface, netns } = &e.target else {
+                    return None;
+                };
+                let (id, attr) = parse_napi_instance_knob(&e.knob)?;
+                let now = in_netns(netns.as_deref(), || napis_here(iface))
+                    .ok()
+                    .and_then(Result::ok)
+                    .and_then(|v| v.into_iter().find(|n| n.id == id))
+                    .and_then(|n| napi_instance_value(&n, attr));
+                Some((e.target.clone(), e.knob.clone(), now))
+            })
+            .collect();
         for e in entries {
             // Ok(Some(why)): left as someone else set it.
             let result: Result<Option<String>, String> = match &e.target {
@@ -453,16 +654,60 @@ impl KernelTuner {
                         _ => Err(format!("{}: not a number: {}", e.knob, e.original)),
                     }
                 }
+                Target::Nic { iface, netns } if parse_napi_instance_knob(&e.knob).is_some() => {
+                    let (id, attr) = parse_napi_instance_knob(&e.knob).expect("checked");
+                    let now = napi_now
+                        .iter()
+                        .find(|(t, k, _)| *t == e.target && *k == e.knob)
+                        .and_then(|(_, _, v)| *v);
+                    let ours = e.applied.as_ref().and_then(KnobValue::as_u64);
+                    match (now, e.original.as_u64()) {
+                        // Gone with its device (re-created since): a new instance starts from
+                        // the interface-wide values, restored above.
+                        (None, _) => Ok(Some(
+                            "the NAPI instance is gone (its device was removed or re-created): nothing to put back"
+                                .to_string(),
+                        )),
+                        (Some(now), _) if ours.is_some_and(|o| o != now) => Ok(Some(format!(
+                            "changed from {} (set by enlight) to {now} by someone else: left as it is",
+                            ours.expect("checked")
+                        ))),
+                        (Some(_), None) => Err(format!("{}: not a number: {}", e.knob, e.original)),
+                        (Some(_), Some(v)) => in_netns(netns.as_deref(), || {
+                            Netdev::open()
+                                .and_then(|mut n| n.set(iface, id, &napi_instance_patch(attr, v)))
+                                .map(|_| None)
+                                .map_err(|err| err.to_string())
+                        })
+                        .map_err(|err| err.to_string())
+                        .and_then(|r| r),
+                    }
+                }
                 Target::Nic { iface, netns } => match patch_of(&e.knob, e.original.clone()) {
                     None => Err(format!("unknown NIC knob {}", e.knob)),
-                    Some(patch) => in_netns(netns.as_deref(), || {
-                        Ethtool::open()
-                            .and_then(|mut t| t.apply(iface, &patch))
-                            .map(|_| None)
-                            .map_err(|err| err.to_string())
-                    })
-                    .map_err(|err| err.to_string())
-                    .and_then(|r| r),
+                    Some(patch) => {
+                        let applied = e.applied.clone();
+                        let knob = e.knob.as_str();
+                        in_netns(netns.as_deref(), || {
+                            let mut t = Ethtool::open().map_err(|err| err.to_string())?;
+                            // An admin's value since enlight's change stays (the ethtool
+                            // monitor pinned the device for it; a restore must not undo it).
+                            let now = t.settings(iface).map_err(|err| err.to_string())?;
+                            let now = nic_knobs(&now).into_iter().find(|(k, _)| *k == knob);
+                            if let (Some(ours), Some((_, now))) = (&applied, now) {
+                                if now != *ours {
+                                    return Ok(Some(format!(
+                                        "changed from {ours} (set by enlight) to {now} by someone else: left as it is"
+                                    )));
+                                }
+                            }
+                            t.apply(iface, &patch)
+                                .map(|_| None)
+                                .map_err(|err| err.to_string())
+                        })
+                        .map_err(|err| err.to_string())
+                        .and_then(|r| r)
+                    }
                 },
                 Target::Block { .. }
                     if operators
@@ -519,7 +764,7 @@ impl KernelTuner {
             let put = match &value {
                 KnobValue::U32(v) => self.queues.set(disk, &knob, *v).map(|_| ()),
                 KnobValue::Text(name) => self.queues.set_scheduler(disk, name).map(|_| ()),
-                KnobValue::Bool(_) => Ok(()),
+                KnobValue::Bool(_) | KnobValue::U64(_) => Ok(()),
             };
             if let Err(err) = put {
                 report.failed.push((
@@ -696,6 +941,64 @@ mod tests {
         assert_eq!(read("nr_requests"), "32\n");
         assert_eq!(read("read_ahead_kb"), "128\n");
         assert!(t.journal().entries().is_empty());
+    }
+
+    /// Per-NAPI knob names parse back to their instance and setting, and are restored after
+    /// the interface-wide knobs (whose write sets every instance).
+    #[test]
+    fn per_napi_knobs_are_named_and_restored_last() {
+        assert_eq!(
+            parse_napi_instance_knob(&napi_instance_knob(8193, "gro_flush_timeout")),
+            Some((8193, "gro_flush_timeout"))
+        );
+        for bad in [
+            "napi_defer_hard_irqs",
+            "napiX/gro_flush_timeout",
+            "napi1/mtu",
+            "rx_usecs",
+        ] {
+            assert_eq!(parse_napi_instance_knob(bad), None, "{bad}");
+        }
+        let nic = Target::Nic {
+            iface: "b".into(),
+            netns: None,
+        };
+        let entry = |knob: &str| super::super::journal::Entry {
+            target: nic.clone(),
+            knob: knob.into(),
+            original: KnobValue::U32(0),
+            applied: None,
+            recorded_unix_ms: 0,
+        };
+        let order: Vec<_> = restore_order(&[
+            entry("napi8193/gro_flush_timeout"),
+            entry("gro_flush_timeout"),
+            entry("napi8194/defer_hard_irqs"),
+            entry("napi_defer_hard_irqs"),
+        ])
+        .into_iter()
+        .map(|e| e.knob)
+        .collect();
+        assert_eq!(
+            order,
+            [
+                "gro_flush_timeout",
+                "napi_defer_hard_irqs",
+                "napi8193/gro_flush_timeout",
+                "napi8194/defer_hard_irqs"
+            ]
+        );
+        assert_eq!(
+            napi_instance_range("irq_suspend_timeout").1,
+            IRQ_SUSPEND_MAX_NS
+        );
+        assert_eq!(
+            napi_instance_patch("defer_hard_irqs", 3),
+            NapiPatch {
+                defer_hard_irqs: Some(3),
+                ..Default::default()
+            }
+        );
     }
 
     #[test]

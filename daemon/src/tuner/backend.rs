@@ -36,6 +36,21 @@ impl From<ControlError> for BackendError {
     }
 }
 
+/// A notification from the kernel that some knobs of a device now have these values (the
+/// ethtool netlink `monitor` group, [`crate::kernel::monitor`]): whoever changed them, enlight
+/// included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnobNotice {
+    /// The device (for kernel NICs, the interface name).
+    pub device: String,
+    /// Its interface index, 0 if the notification did not say.
+    pub ifindex: u32,
+    /// What the notification is about (`coalescing`, `rings`).
+    pub what: String,
+    /// Knob name (as the device's knobs name them) → value now.
+    pub knobs: Vec<(String, u64)>,
+}
+
 /// One device's knobs.
 pub trait SettingsBackend: Send {
     /// The settings in force and the device's bounds, as the device reports them.
@@ -50,6 +65,13 @@ pub trait SettingsBackend: Send {
     /// After [`SettingsBackend::get`]: why the device must be left alone, if someone else
     /// changed a knob this backend had set (said once per change; the tuner pins the device).
     fn changed_by_someone_else(&mut self) -> Option<String> {
+        None
+    }
+    /// A kernel notification of knob values now in force ([`KnobNotice`]): why the device
+    /// must be left alone if it shows someone else changed a knob this backend set (then
+    /// [`SettingsBackend::changed_by_someone_else`] does not say it again); `None` when the
+    /// values are enlight's own writes or concern no knob it set.
+    fn notified(&mut self, _notice: &KnobNotice) -> Option<String> {
         None
     }
     /// Why this device may only get recommendations (a kernel device not named in `[kernel]

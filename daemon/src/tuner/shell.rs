@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use enlight_driver::registry::DeviceRecord;
 
 use super::audit::AuditLog;
-use super::backend::{BackendFactory, SettingsBackend};
+use super::backend::{BackendFactory, KnobNotice, SettingsBackend};
 use super::config::TunerConfig;
 use super::window::{Cumulative, Window};
 use super::{Action, Decision, DeviceTuner, TunerMode, TunerView};
@@ -227,6 +227,8 @@ struct Slot {
     pin_seen: u64,
     /// Why the tuner pinned the device itself (an operator's change), while pinned.
     pinned_reason: Option<String>,
+    /// The settings read at the last tick.
+    last: Option<enlight_driver::settings::DeviceSettings>,
 }
 
 /// The tuner's loop state.
@@ -296,6 +298,7 @@ impl Shell {
                 prev: None,
                 pin_seen: 0,
                 pinned_reason: None,
+                last: None,
             });
             if slot.pid != sample.record.pid {
                 // A new process serves the device: start over from what it reports.
@@ -306,6 +309,7 @@ impl Shell {
                     prev: None,
                     pin_seen: 0,
                     pinned_reason: None,
+                    last: None,
                 };
             }
             // Every unpin request (even a repeated one) also clears a freeze.
@@ -360,24 +364,19 @@ impl Shell {
                     continue;
                 }
             };
+            slot.last = Some(current);
             // An operator changed a knob the tuner had set: pin the device (within this tick),
             // never write over it, and say why (log, audit log, API, `enlight tune`).
             if let Some(why) = backend.changed_by_someone_else() {
-                log::warn!("tuner: {name}: {why}; pinned (unpin to let the tuner act again)");
-                self.shared.set_pinned(&name, true);
                 policy.pinned = true;
-                slot.tuner.set_pinned(true);
-                slot.pin_seen = self.shared.pins().get(&name).map_or(0, |p| p.1);
-                slot.pinned_reason = Some(why.clone());
-                decisions.push(Decision {
-                    ts_unix_ms: enlight_driver::registry::now_unix_ms(),
-                    device: name.clone(),
-                    action: Action::Recommend,
-                    from: current,
-                    to: current,
-                    reason: format!("pinned: {why}; enlight will not write it until unpinned"),
-                    objective_value: None,
-                });
+                decisions.push(pin_for_someone_else(
+                    &self.shared,
+                    &name,
+                    (&mut slot.tuner, &mut slot.pin_seen, &mut slot.pinned_reason),
+                    current,
+                    &why,
+                    "the re-read of this tick",
+                ));
             }
             if !policy.pinned {
                 slot.pinned_reason = None;
@@ -447,26 +446,8 @@ impl Shell {
             );
         }
         self.slots.retain(|name, _| seen.contains(name));
-        for d in &decisions {
-            let action = match d.action {
-                super::Action::Change => "changed",
-                super::Action::Revert => "reverted",
-                super::Action::Recommend => "recommends",
-            };
-            log::info!("tuner: {} {action}: {}", d.device, d.reason);
-            if let Some(a) = &mut self.audit {
-                if let Err(e) = a.record(d) {
-                    self.shared.audit_failed(a.path(), &e);
-                }
-            }
-        }
+        self.record(&decisions);
         let mut p = self.shared.public.lock().expect("tuner lock");
-        for d in &decisions {
-            p.decisions.push_back(d.clone());
-        }
-        while p.decisions.len() > p.decisions_kept.max(1) {
-            p.decisions.pop_front();
-        }
         let last: BTreeMap<String, Decision> = p
             .decisions
             .iter()
@@ -484,25 +465,142 @@ impl Shell {
         }
         decisions
     }
+
+    /// Logs `decisions`, writes them to the audit log and keeps them for the API.
+    fn record(&mut self, decisions: &[Decision]) {
+        for d in decisions {
+            let action = match d.action {
+                super::Action::Change => "changed",
+                super::Action::Revert => "reverted",
+                super::Action::Recommend => "recommends",
+            };
+            log::info!("tuner: {} {action}: {}", d.device, d.reason);
+            if let Some(a) = &mut self.audit {
+                if let Err(e) = a.record(d) {
+                    self.shared.audit_failed(a.path(), &e);
+                }
+            }
+        }
+        let mut p = self.shared.public.lock().expect("tuner lock");
+        for d in decisions {
+            p.decisions.push_back(d.clone());
+        }
+        while p.decisions.len() > p.decisions_kept.max(1) {
+            p.decisions.pop_front();
+        }
+    }
+
+    /// A kernel notification of a device's knob values ([`KnobNotice`], the ethtool monitor),
+    /// between ticks: when the device's backend says someone else changed a knob it set, the
+    /// device is pinned at once, through the same path as a change the tick's re-read finds.
+    /// Returns the decision recorded (none when the values were enlight's own).
+    pub fn notified(&mut self, notice: &KnobNotice) -> Option<Decision> {
+        let slot = self.slots.get_mut(&notice.device)?;
+        let backend = slot.backend.as_mut()?;
+        let why = backend.notified(notice)?;
+        let current = match backend.get() {
+            Ok((s, _)) => s,
+            Err(_) => slot.last.unwrap_or_default(),
+        };
+        let d = pin_for_someone_else(
+            &self.shared,
+            &notice.device,
+            (&mut slot.tuner, &mut slot.pin_seen, &mut slot.pinned_reason),
+            current,
+            &why,
+            "the ethtool monitor",
+        );
+        self.record(std::slice::from_ref(&d));
+        let mut p = self.shared.public.lock().expect("tuner lock");
+        if let Some(v) = p.views.get_mut(&notice.device) {
+            v.pinned = true;
+            v.pinned_reason = Some(why);
+            v.last_decision = Some(d.clone());
+        }
+        Some(d)
+    }
+}
+
+/// Pins device `name` because someone else changed a knob the tuner had set (`why` says what
+/// from what to what; `seen_by` how enlight saw it): the tuner never writes it again until
+/// unpinned. The one path for both ways a change is seen (a tick's re-read, a kernel
+/// notification). Returns the decision to record.
+fn pin_for_someone_else(
+    shared: &TunerShared,
+    name: &str,
+    (tuner, pin_seen, pinned_reason): (&mut DeviceTuner, &mut u64, &mut Option<String>),
+    current: enlight_driver::settings::DeviceSettings,
+    why: &str,
+    seen_by: &str,
+) -> Decision {
+    log::warn!(
+        "tuner: {name}: {why} (seen by {seen_by}); pinned (unpin to let the tuner act again)"
+    );
+    shared.set_pinned(name, true);
+    tuner.set_pinned(true);
+    *pin_seen = shared.pins().get(name).map_or(0, |p| p.1);
+    *pinned_reason = Some(why.to_string());
+    Decision {
+        ts_unix_ms: enlight_driver::registry::now_unix_ms(),
+        device: name.to_string(),
+        action: Action::Recommend,
+        from: current,
+        to: current,
+        reason: format!("pinned: {why}; enlight will not write it until unpinned"),
+        objective_value: None,
+    }
 }
 
 /// Runs the shell until `shutdown` resolves: looks for a new collector tick every `poll`, and
 /// on one, takes the samples (`source`, e.g. [`samples`] of the collector's state) and ticks the
 /// shell on the blocking pool.
 pub async fn run(
+    shell: Shell,
+    source: impl FnMut() -> Vec<DeviceSample>,
+    poll: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (_none, notices) = tokio::sync::mpsc::unbounded_channel();
+    run_notified(shell, source, poll, notices, shutdown).await
+}
+
+/// [`run`], also handling kernel notifications (`notices`, from
+/// [`crate::kernel::monitor::listen`]) as they come, between ticks ([`Shell::notified`]).
+pub async fn run_notified(
     mut shell: Shell,
     mut source: impl FnMut() -> Vec<DeviceSample>,
     poll: Duration,
+    mut notices: tokio::sync::mpsc::UnboundedReceiver<KnobNotice>,
     shutdown: impl Future<Output = ()>,
 ) {
     let start = tokio::time::Instant::now();
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     tokio::pin!(shutdown);
+    let mut listening = true;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             _ = ticker.tick() => {}
+            notice = notices.recv(), if listening => {
+                let Some(notice) = notice else {
+                    listening = false;
+                    continue;
+                };
+                shell = match tokio::task::spawn_blocking(move || {
+                    shell.notified(&notice);
+                    shell
+                })
+                .await
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        log::error!("the tuner stopped: {e}");
+                        return;
+                    }
+                };
+                continue;
+            }
         }
         let Some((ticks, at)) = shell.shared.last_tick() else {
             continue;

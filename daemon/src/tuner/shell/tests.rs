@@ -1,7 +1,7 @@
 //! The shell against a fake device and backend, on tokio's paused clock.
 
 use super::*;
-use crate::tuner::backend::BackendError;
+use crate::tuner::backend::{BackendError, KnobNotice};
 use crate::tuner::{Bounds, Objective, TunerState};
 use enlight_driver::settings::DeviceSettings;
 use enlight_probes::hist::bucket_index;
@@ -18,6 +18,8 @@ struct FakeDevice {
     admin_reported: bool,
     /// The backend says the device may only get recommendations.
     recommend_only: bool,
+    /// What the backend says of the next kernel notification (someone else's change).
+    notice_says: Option<String>,
 }
 
 type Shared = Arc<Mutex<FakeDevice>>;
@@ -55,6 +57,9 @@ impl SettingsBackend for FakeBackend {
             .unwrap()
             .recommend_only
             .then(|| "disk0 is not named in [kernel] tune".to_string())
+    }
+    fn notified(&mut self, _notice: &KnobNotice) -> Option<String> {
+        self.dev.lock().unwrap().notice_says.take()
     }
     fn changed_by_someone_else(&mut self) -> Option<String> {
         let mut d = self.dev.lock().unwrap();
@@ -412,4 +417,79 @@ async fn a_change_by_someone_else_pins_the_device_and_the_tuner_never_writes_aga
         "{decisions:?}"
     );
     assert_eq!(crate::tuner::audit::read(&rig.audit).unwrap(), decisions);
+}
+
+/// A kernel notification between ticks pins the device at once, through the pin path of the
+/// tick's re-read: decision, audit log, API view; later ticks never write. A notification of
+/// enlight's own write pins nothing.
+#[test]
+fn a_notification_of_someone_elses_change_pins_between_ticks() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = TunerConfig {
+        audit_log: Some(dir.path().join("audit.jsonl")),
+        ..latency_config(TunerMode::Auto)
+    };
+    let dev: Shared = Arc::new(Mutex::new(FakeDevice::default()));
+    let shared = Arc::new(TunerShared::default());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut shell = Shell::new(
+        config,
+        dir.path(),
+        Box::new(FakeFactory(Arc::clone(&dev), tokio::time::Instant::now())),
+        Arc::clone(&shared),
+    );
+    let mut c = Cumulative::default();
+    let base = Instant::now();
+    let sample = |c: &Cumulative| DeviceSample {
+        record: record(),
+        cumulative: c.clone(),
+    };
+    shell.tick(base, 0, vec![sample(&c)]);
+    let notice = KnobNotice {
+        device: "disk0".into(),
+        ifindex: 3,
+        what: "coalescing".into(),
+        knobs: vec![("rx_frames".into(), 8)],
+    };
+    // enlight's own value: nothing.
+    assert!(shell.notified(&notice).is_none());
+    assert!(!shared.view("disk0").unwrap().pinned);
+    dev.lock().unwrap().notice_says = Some(
+        "rx_frames on disk0 changed from 8 frames (set by enlight) to 2 frames by someone else"
+            .into(),
+    );
+    let d = shell.notified(&notice).expect("pinned");
+    assert!(
+        d.reason
+            .starts_with("pinned: rx_frames on disk0 changed from 8"),
+        "{}",
+        d.reason
+    );
+    let view = shared.view("disk0").unwrap();
+    assert!(view.pinned);
+    assert!(view.pinned_reason.unwrap().contains("by someone else"));
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert!(audit.contains("someone else"), "{audit}");
+    // Ticks go on; the device stays pinned and is never written.
+    for k in 1..=40 {
+        let s = dev.lock().unwrap().settings.unwrap_or_default();
+        window_at(&s, &mut c, k);
+        shell.tick(
+            base + Duration::from_millis(500 * k),
+            500 * k,
+            vec![sample(&c)],
+        );
+    }
+    assert!(dev.lock().unwrap().applied.is_empty());
+    assert!(shared.view("disk0").unwrap().pinned);
+    let mut metrics = String::new();
+    shared.render_metrics(&mut metrics);
+    assert!(
+        metrics.contains("enlight_tuner_pinned{device=\"disk0\",kind=\"synthetic\"} 1"),
+        "{metrics}"
+    );
 }
