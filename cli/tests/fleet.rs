@@ -27,6 +27,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::dashboard::{dashboard_queries, same, substitute, Prom};
 use support::KillOnDrop;
 
 const ENLIGHT: &str = env!("CARGO_BIN_EXE_enlight");
@@ -138,53 +139,6 @@ fn enter(ns: &str) {
     assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
 }
 
-struct Prom {
-    base: String,
-    agent: ureq::Agent,
-    /// The instant every query is evaluated at (unix seconds).
-    at: String,
-}
-
-impl Prom {
-    fn get(&self, path: &str, params: &[(&str, &str)]) -> Value {
-        let mut req = self.agent.get(&format!("{}{path}", self.base));
-        for (k, v) in params {
-            req = req.query(k, v);
-        }
-        match req.call() {
-            Ok(r) => r.into_json().unwrap(),
-            Err(ureq::Error::Status(_, r)) => r.into_json().unwrap(),
-            Err(e) => panic!("{path}: {e}"),
-        }
-    }
-
-    /// An instant query at `self.at`: (labels without __name__, value).
-    fn query(&self, expr: &str) -> Vec<(BTreeMap<String, String>, f64)> {
-        let v = self.get("/api/v1/query", &[("query", expr), ("time", &self.at)]);
-        assert_eq!(v["status"], "success", "query {expr}: {v}");
-        v["data"]["result"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                let mut labels: BTreeMap<String, String> = r["metric"]
-                    .as_object()
-                    .unwrap()
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
-                    .collect();
-                labels.remove("__name__");
-                let value = r["value"][1].as_str().unwrap().parse::<f64>().unwrap();
-                (labels, value)
-            })
-            .collect()
-    }
-}
-
-fn same(a: f64, b: f64) -> bool {
-    (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= 1e-9 * a.abs().max(b.abs())
-}
-
 /// Prometheus's histogram_quantile over one set of (upper bound, cumulative rate) buckets.
 fn bucket_quantile(q: f64, buckets: &BTreeMap<String, f64>) -> f64 {
     let mut b: Vec<(f64, f64)> = buckets
@@ -230,14 +184,6 @@ fn bucket_quantile(q: f64, buckets: &BTreeMap<String, f64>) -> f64 {
         rank -= b[i - 1].1;
     }
     start + (end - start) * (rank / count)
-}
-
-/// `expr` with the dashboard's variables: every instance or one, every kind and device.
-fn substitute(expr: &str, instance: &str) -> String {
-    expr.replace("$__rate_interval", "10s")
-        .replace("$instance", instance)
-        .replace("$device", ".+")
-        .replace("$kind", ".+")
 }
 
 /// `expr` split at its top-level ` / ` (outside parentheses), if it has one.
@@ -299,31 +245,6 @@ fn fleet_quantiles(
         .into_iter()
         .map(|(k, b)| (k, bucket_quantile(q, &b)))
         .collect()
-}
-
-/// Every query of the dashboard: (what, expr).
-fn dashboard_queries(d: &Value) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    fn panels(list: &Value, out: &mut Vec<(String, String)>) {
-        for p in list.as_array().into_iter().flatten() {
-            for t in p["targets"].as_array().into_iter().flatten() {
-                out.push((
-                    format!("panel {:?} {}", p["title"].as_str().unwrap(), t["refId"]),
-                    t["expr"].as_str().unwrap().to_string(),
-                ));
-            }
-            panels(&p["panels"], out);
-        }
-    }
-    panels(&d["panels"], &mut out);
-    for a in d["annotations"]["list"].as_array().into_iter().flatten() {
-        if let Some(e) = a["target"]["expr"].as_str() {
-            // The changes themselves may not happen in a short run: their series.
-            let e = e.strip_suffix(" > 0").unwrap_or(e);
-            out.push((format!("annotation {:?}", a["name"]), e.to_string()));
-        }
-    }
-    out
 }
 
 /// Panels that aggregate over instances on purpose.

@@ -4,6 +4,8 @@
 //! reading ping's replies.
 #![allow(dead_code)]
 
+pub mod dashboard;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::Path;

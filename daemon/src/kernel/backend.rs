@@ -39,6 +39,11 @@ pub fn nic_knobs(iface: &str, netns: Option<&Path>) -> Result<Vec<Knob>, TuneErr
     let ethtool = KernelTuner::nic_settings(iface, netns)?;
     let driver = super::tune::in_netns(netns, || super::ethtool::driver_name(iface))?;
     let napi = KernelTuner::napi_settings(iface, netns)?;
+    let features = super::tune::in_netns_sysfs(netns, || {
+        super::ethtool::virtio_features(Path::new("/sys"), iface)
+    })?;
+    let fixed = super::ethtool::coalescing_fixed(&driver, features.as_deref());
+    let ethtool = super::knobs::changeable(&ethtool, fixed);
     let mut knobs = super::knobs::nic(&driver, Some(&ethtool), &napi);
     knobs.extend(super::knobs::napi_instances(&napi_instances(iface, netns)));
     Ok(knobs)

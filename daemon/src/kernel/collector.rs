@@ -477,9 +477,16 @@ impl<S: KernelSource> KernelCollector<S> {
                 );
             } else {
                 info.nic = KernelTuner::nic_settings(&d.name, None).ok();
+                let fixed = super::ethtool::coalescing_fixed(
+                    &d.driver,
+                    super::ethtool::virtio_features(&self.sysfs, &d.name).as_deref(),
+                );
                 dev.knobs = super::knobs::nic(
                     &d.driver,
-                    info.nic.as_ref(),
+                    info.nic
+                        .as_ref()
+                        .map(|n| super::knobs::changeable(n, fixed))
+                        .as_ref(),
                     &super::napi::NapiSysfs::at(&self.sysfs).all(&d.name),
                 );
                 dev.knobs.extend(super::knobs::napi_instances(

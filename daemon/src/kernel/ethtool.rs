@@ -581,6 +581,27 @@ fn ext_ack_message(echoed: &[u8]) -> Option<String> {
     None
 }
 
+/// `VIRTIO_NET_F_NOTF_COAL`: a virtio-net device that offers it takes coalescing commands.
+const VIRTIO_NET_F_NOTF_COAL: usize = 53;
+
+/// Whether a NIC's coalescing, as ethtool reports it, is fixed: the driver accepts only the
+/// values it reports, so they are no knobs. `virtio_net` without `VIRTIO_NET_F_NOTF_COAL`
+/// (QEMU before 8.x offers none) reports rx-frames 1 and rx-usecs 0 and refuses any other
+/// value (`virtnet_coal_params_supported`: `EOPNOTSUPP` for usecs, `EINVAL` for frames); its
+/// moderation is NAPI's. `features` is the virtio device's `features` file (one `0`/`1` per
+/// feature bit); a virtio NIC whose features cannot be read is taken as fixed, the safe side.
+pub fn coalescing_fixed(driver: &str, features: Option<&str>) -> bool {
+    driver == "virtio_net"
+        && features.and_then(|f| f.trim().as_bytes().get(VIRTIO_NET_F_NOTF_COAL).copied())
+            != Some(b'1')
+}
+
+/// The virtio feature bits of NIC `iface` under `sysfs` (`class/net/<if>/device/features`,
+/// the virtio device's), `None` for a NIC that is no virtio device.
+pub fn virtio_features(sysfs: &std::path::Path, iface: &str) -> Option<String> {
+    std::fs::read_to_string(sysfs.join("class/net").join(iface).join("device/features")).ok()
+}
+
 /// The driver of an interface as `ethtool -i` reports it (the `ETHTOOL_GDRVINFO` ioctl, which
 /// every netdev answers, virtual ones included), or `unknown`.
 pub fn driver_name(iface: &str) -> String {
@@ -628,6 +649,22 @@ pub fn driver_name(iface: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn virtio_net_coalescing_is_fixed_without_notf_coal() {
+        let mut bits = vec![b'0'; 64];
+        let off = String::from_utf8(bits.clone()).unwrap();
+        bits[super::VIRTIO_NET_F_NOTF_COAL] = b'1';
+        let on = String::from_utf8(bits).unwrap();
+        assert!(super::coalescing_fixed("virtio_net", Some(&off)));
+        assert!(super::coalescing_fixed(
+            "virtio_net",
+            Some(&format!("{off}\n"))
+        ));
+        assert!(!super::coalescing_fixed("virtio_net", Some(&on)));
+        assert!(super::coalescing_fixed("virtio_net", None));
+        assert!(!super::coalescing_fixed("e1000", None));
+    }
+
     use super::*;
 
     #[test]

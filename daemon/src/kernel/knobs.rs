@@ -214,6 +214,17 @@ pub fn nic(driver: &str, ethtool: Option<&NicSettings>, napi: &[(&'static str, u
     out
 }
 
+/// What of `settings` can be changed: all of it, but its coalescing when the driver's is fixed
+/// ([`super::ethtool::coalescing_fixed`]: virtio_net without `VIRTIO_NET_F_NOTF_COAL`). A
+/// fixed value is no knob: left in, it would take the moderation ladders from NAPI's knobs
+/// and every trial of it would fail.
+pub fn changeable(settings: &NicSettings, coalescing_fixed: bool) -> NicSettings {
+    NicSettings {
+        coalesce: settings.coalesce.filter(|_| !coalescing_fixed),
+        ..*settings
+    }
+}
+
 /// The per-instance NAPI knobs (netdev netlink, 6.13+): `napi<id>/defer_hard_irqs`,
 /// `napi<id>/gro_flush_timeout` and `napi<id>/irq_suspend_timeout` of each NAPI instance, as
 /// the kernel reports them (an attribute it does not report is no knob). The tuner moves the
@@ -369,6 +380,45 @@ mod tests {
         assert!(!k.iter().any(|k| k.name == "rx_usecs"));
         assert_eq!(ring_disruption("virtio_net"), Disruption::ResetsQueue);
     }
+
+    #[test]
+    fn virtio_net_fixed_coalescing_leaves_the_ladders_to_napi() {
+        // What virtio_net on 6.1 reports without VIRTIO_NET_F_NOTF_COAL (QEMU 7.2).
+        let s = NicSettings {
+            rings: Some(Rings {
+                rx: 256,
+                tx: 256,
+                rx_max: 256,
+                tx_max: 256,
+            }),
+            coalesce: Some(Coalesce {
+                rx_frames: Some(1),
+                rx_usecs: Some(0),
+                tx_frames: Some(1),
+                tx_usecs: Some(0),
+                ..Default::default()
+            }),
+        };
+        let napi = [("napi_defer_hard_irqs", 0), ("gro_flush_timeout", 0)];
+        let k = nic("virtio_net", Some(&changeable(&s, true)), &napi);
+        let by = |n: &str| k.iter().find(|k| k.name == n);
+        assert!(by("rx_frames").is_none() && by("rx_usecs").is_none());
+        assert_eq!(
+            by("napi_defer_hard_irqs").unwrap().tuner_kind,
+            Some(TunerKind::ModerationCount)
+        );
+        assert_eq!(
+            by("gro_flush_timeout").unwrap().tuner_kind,
+            Some(TunerKind::ModerationDelay)
+        );
+        assert_eq!(by("rx_ring").unwrap().disruption, Disruption::ResetsQueue);
+        // With the feature, the driver's own coalescing rides the ladders.
+        let k = nic("virtio_net", Some(&changeable(&s, false)), &napi);
+        let by = |n: &str| k.iter().find(|k| k.name == n).unwrap();
+        assert_eq!(by("rx_frames").tuner_kind, Some(TunerKind::ModerationCount));
+        assert_eq!(by("napi_defer_hard_irqs").tuner_kind, None);
+    }
+
 
     /// docs/kernel.md's driver catalogue and [`DRIVERS`] say the same: every NIC row's ring
     /// change, coalescing knobs and coalescing disruption, every rule has its row, and every
