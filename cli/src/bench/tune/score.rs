@@ -167,7 +167,9 @@ mod tests {
         assert_eq!((got.ops_per_sec, got.bytes_per_sec), (500.0, 750_000.0));
         let pts = [f(100.0, f64::NAN, 0.0), f(120.0, f64::NAN, 0.0)];
         assert_eq!(best(Objective::Throughput, 10.0, &pts).unwrap().0, 1);
-        assert!((fraction(Objective::Throughput, 10.0, &pts[0], &pts[1]) - 100.0 / 120.0).abs() < 1e-9);
+        assert!(
+            (fraction(Objective::Throughput, 10.0, &pts[0], &pts[1]) - 100.0 / 120.0).abs() < 1e-9
+        );
         // Through JSON and back: NaN is written as null and read as NaN.
         let json = serde_json::to_string(&got).unwrap();
         assert!(json.contains("\"p99_us\":null"), "{json}");
