@@ -405,3 +405,88 @@ fn bench_demo_runs_the_demo_with_the_tuner_off_and_on() {
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// `enlight bench tune --smoke` on the kernel scenarios: a veth pair in namespaces the bench
+/// makes, the oracle's sweep of the receiver's NAPI moderation, static, DIM and the real
+/// enlightd (whose audit log the report carries), each scored; the namespaces are gone after.
+#[test]
+fn bench_tune_smoke_runs_the_kernel_scenarios_and_removes_its_namespaces() {
+    let _serial = one_at_a_time();
+    let out = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let child = Command::new(ENLIGHT)
+        .args(["bench", "tune", "--smoke", "--scenario", "kernel-tcp"])
+        .args(["--scenario", "kernel-ping", "--out"])
+        .arg(out.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let run = child.wait_with_output().unwrap();
+    let took = started.elapsed();
+    assert!(
+        run.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(took.as_secs() < 60, "the smoke run took {took:?}");
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("enl-bt-{pid}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    let report = json(&out.path().join("tune-smoke.json"));
+    let scenarios = report["scenarios"].as_array().unwrap();
+    let names: Vec<&str> = scenarios
+        .iter()
+        .map(|s| s["scenario"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["kernel-tcp", "kernel-ping"]);
+    for s in scenarios {
+        let name = s["scenario"]["name"].as_str().unwrap();
+        assert_eq!(s["scenario"]["device"], "veth", "{name}");
+        // The sweep measured both grid points, the default first.
+        let grid = s["oracle"][0]["grid"].as_array().unwrap();
+        assert_eq!(grid.len(), 2, "{name}");
+        assert_eq!(grid[0][0]["moderation_frames"], 0, "{name}");
+        for (point, figures) in grid.iter().map(|p| (&p[0], &p[1])) {
+            assert!(
+                figures["ops_per_sec"].as_f64().unwrap_or(0.0) > 0.0,
+                "{name}: {point} measured nothing"
+            );
+        }
+        let runs = s["runs"].as_array().unwrap();
+        let controllers: Vec<&str> = runs
+            .iter()
+            .map(|r| r["controller"].as_str().unwrap())
+            .collect();
+        assert_eq!(controllers, ["static", "dim", "enlight"], "{name}");
+        for r in runs {
+            assert!(
+                r["phases"][0]["fraction"].as_f64().is_some(),
+                "{name} {}: not scored",
+                r["controller"]
+            );
+        }
+        // enlight's run was the real enlightd's (the bench fails if enlightd does not list b):
+        // its audit log is read (a 4 s phase may be too short for its first decision).
+        assert!(
+            runs[2]["enlightd_decisions"].is_array(),
+            "{name}: enlightd's audit log not read: {}",
+            runs[2]
+        );
+        if name == "kernel-ping" {
+            // Latency comes from ping's round trips.
+            let p99 = s["oracle"][0]["best"]["p99_us"].as_f64().unwrap();
+            assert!(p99 > 0.0 && p99 < 100_000.0, "{p99}");
+        } else {
+            assert!(s["oracle"][0]["best"]["p99_us"].is_null(), "{s}");
+        }
+    }
+}

@@ -3,7 +3,8 @@
 //!
 //! - `enlight bench tune` ([`tune`]): every tuning controller (static defaults, a DIM-style
 //!   controller after Linux's lib/dim, enlight's tuner) on every scenario, against an oracle
-//!   that sweeps the settings grid per workload phase.
+//!   that sweeps the settings grid per workload phase; the kernel scenarios run the real
+//!   `enlightd --kernel` on a veth pair ([`tune`]'s `veth` rig).
 //! - `enlight bench compare` ([`compare`]): emulated against enlightened devices, side by side,
 //!   with traps and VM exits per I/O measured by the probes; `--guest` ([`guest`]) compares
 //!   IDE with virtio-blk and e1000 with virtio-net inside a real guest kernel (`enlight lab`).
@@ -27,7 +28,8 @@ pub struct BenchArgs {
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// Compare the tuner with static defaults, a DIM-style controller and an oracle on the
-    /// synthetic disk (needs root: the real probes measure every run).
+    /// synthetic disk and NIC, and on a kernel veth pair whose NAPI moderation the real
+    /// enlightd tunes (needs root: the real probes measure every run).
     Tune(tune::TuneBenchArgs),
     /// Emulated against enlightened I/O: disk (emulated IDE over threads and KVM, synthetic)
     /// by I/O size and queue depth, and the emulated NIC's ping and iperf3; observed by the eBPF

@@ -1,5 +1,8 @@
 //! `enlight bench tune`: every tuning controller on every scenario, on the real synthetic disk
-//! and NIC with the real probes, against an oracle.
+//! and NIC with the real probes, against an oracle; and on a kernel veth pair in namespaces of
+//! its own (`kernel-tcp`, `kernel-ping`, [`veth`]), whose receiving end's NAPI moderation
+//! (`napi_defer_hard_irqs`, `gro_flush_timeout`) the oracle sweeps through sysfs and, in
+//! enlight's run, the real `enlightd --kernel` tunes, the bench only watching.
 //!
 //! For each scenario (a workload plan of one or more phases and an objective):
 //! - the **oracle** sweeps the settings grid ([`grid`]) once per phase: one device process runs
@@ -22,6 +25,7 @@
 mod device;
 mod report;
 pub mod score;
+mod veth;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -33,7 +37,9 @@ use enlightd::tuner::backend::SettingsBackend;
 use enlightd::tuner::decide::{Policy, TunerParams};
 use enlightd::tuner::dim::Dim;
 use enlightd::tuner::window::Window;
-use enlightd::tuner::{Action, Controller, DeviceTuner, Objective, Static, TunerMode};
+use enlightd::tuner::{
+    Action, Bounds, Controller, Cumulative, DeviceTuner, Objective, Static, TunerMode,
+};
 use serde::{Deserialize, Serialize};
 
 use self::device::Harness;
@@ -51,7 +57,10 @@ pub struct TuneBenchArgs {
     /// end, in about half a minute per scenario. Its figures mean nothing; writes tune-smoke.*.
     #[arg(long)]
     smoke: bool,
-    /// Run only these scenarios (by name; repeatable).
+    /// Run only these scenarios (by name; repeatable): steady-throughput, low-rate-latency,
+    /// bursty, phase-change, drift, mixed-sizes, nic-tcp-throughput, nic-ping-latency, and the
+    /// kernel ones, kernel-tcp and kernel-ping (a veth pair in namespaces the bench creates and
+    /// removes; enlightd, beside this executable, tunes its NAPI moderation).
     #[arg(long = "scenario", value_name = "NAME")]
     scenarios: Vec<String>,
     /// Where tune.md, tune.json and tune.png go (tune-quick.* with --quick, tune-smoke.* with
@@ -95,8 +104,10 @@ pub struct Scenario {
     pub phases: Vec<String>,
     pub objective: Objective,
     pub slo_us: u64,
-    /// The device: `disk` (phases are workload specs) or `nic` (one phase of traffic:
-    /// `tcp`, `udp=<Mbit/s>` or `ping=<per second>`, see [`device::NicTraffic`]).
+    /// The device: `disk` (phases are workload specs), `nic` (the synthetic NIC; one phase of
+    /// traffic: `tcp`, `udp=<Mbit/s>` or `ping=<per second>`, see [`device::NicTraffic`]) or
+    /// `veth` (a kernel veth pair, NAPI moderation of its receiving end tuned by enlightd; one
+    /// phase of traffic as for `nic`, see [`veth`]).
     #[serde(default = "disk_device")]
     pub device: String,
 }
@@ -176,25 +187,178 @@ pub fn scenarios() -> Vec<Scenario> {
             Objective::Latency,
             2_000,
         ),
+        Scenario {
+            device: "veth".into(),
+            ..s(
+                "kernel-tcp",
+                "kernel veth pair, GRO on the receiver, TSO off on the sender: one iperf3 TCP \
+                 stream; enlightd --kernel tunes the receiver's NAPI moderation",
+                &["tcp"],
+                Objective::Throughput,
+                5_000,
+            )
+        },
+        Scenario {
+            device: "veth".into(),
+            ..s(
+                "kernel-ping",
+                "kernel veth pair, GRO on the receiver: 500 pings/s, round trips from ping; \
+                 enlightd --kernel tunes the receiver's NAPI moderation",
+                &["ping=500"],
+                Objective::Latency,
+                2_000,
+            )
+        },
     ]
 }
 
-/// Starts the scenario's device running `phases` for `secs` (a NIC scenario has one phase).
-fn start_device(
-    h: &mut Harness,
-    s: &Scenario,
-    phases: &[String],
-    secs: f64,
-) -> Result<device::Device> {
-    if s.device == "nic" {
+/// A device run, synthetic or kernel: what the sweep and the controllers need of it.
+trait Run {
+    fn backend(&mut self) -> &mut dyn SettingsBackend;
+    /// Whether the run has ended (its process exited, its time is up).
+    fn ended(&mut self) -> Result<bool>;
+}
+
+/// Where runs happen: the synthetic devices' harness, or the kernel veth rig.
+trait Rig {
+    type Run: Run;
+    /// Starts a run of `phases` for `secs` (a NIC scenario has one phase); with `enlightd`,
+    /// the real enlightd tunes the device (kernel scenarios).
+    fn start(
+        &mut self,
+        s: &Scenario,
+        phases: &[String],
+        secs: f64,
+        enlightd: bool,
+    ) -> Result<Self::Run>;
+    /// The device's counters as the tuner counts them.
+    fn cumulative(&self, run: &Self::Run) -> Result<Cumulative>;
+    /// Stops the run.
+    fn finish(&mut self, run: Self::Run) -> Result<Finished>;
+}
+
+/// What a run's end reports.
+struct Finished {
+    /// The workload's own op count, if it reports one.
+    workload_ops: Option<u64>,
+    /// The eBPF count (`None`: the caller sums the windows).
+    ebpf_ops: Option<u64>,
+    /// enlightd's decisions, where enlightd ran.
+    decisions: Vec<String>,
+}
+
+impl Run for device::Device {
+    fn backend(&mut self) -> &mut dyn SettingsBackend {
+        &mut self.backend
+    }
+    fn ended(&mut self) -> Result<bool> {
+        self.exited()
+    }
+}
+
+impl Rig for Harness {
+    type Run = device::Device;
+    fn start(
+        &mut self,
+        s: &Scenario,
+        phases: &[String],
+        secs: f64,
+        enlightd: bool,
+    ) -> Result<device::Device> {
+        anyhow::ensure!(
+            !enlightd,
+            "synthetic scenarios run the tuner in this process"
+        );
+        if s.device == "nic" {
+            let traffic: device::NicTraffic = phases
+                .first()
+                .context("a NIC scenario needs one phase of traffic")?
+                .parse()?;
+            anyhow::ensure!(phases.len() == 1, "NIC scenarios have one phase");
+            self.start_nic(traffic, secs)
+        } else {
+            Harness::start(self, &plan(phases, secs / phases.len() as f64))
+        }
+    }
+    fn cumulative(&self, run: &device::Device) -> Result<Cumulative> {
+        Harness::cumulative(self, run.pid)
+    }
+    fn finish(&mut self, run: device::Device) -> Result<Finished> {
+        let (report, ebpf) = Harness::finish(self, run)?;
+        Ok(Finished {
+            workload_ops: report.map(|r| r.ops_total),
+            ebpf_ops: Some(ebpf),
+            decisions: Vec::new(),
+        })
+    }
+}
+
+impl Run for veth::VethRun {
+    fn backend(&mut self) -> &mut dyn SettingsBackend {
+        &mut self.backend
+    }
+    fn ended(&mut self) -> Result<bool> {
+        Ok(self.over() || self.enlightd_exited()?)
+    }
+}
+
+impl Rig for veth::VethRig {
+    type Run = veth::VethRun;
+    fn start(
+        &mut self,
+        s: &Scenario,
+        phases: &[String],
+        secs: f64,
+        enlightd: bool,
+    ) -> Result<veth::VethRun> {
         let traffic: device::NicTraffic = phases
             .first()
-            .context("a NIC scenario needs one phase of traffic")?
+            .context("a kernel scenario needs one phase of traffic")?
             .parse()?;
-        anyhow::ensure!(phases.len() == 1, "NIC scenarios have one phase");
-        h.start_nic(traffic, secs)
-    } else {
-        h.start(&plan(phases, secs / phases.len() as f64))
+        anyhow::ensure!(phases.len() == 1, "kernel scenarios have one phase");
+        let tuner = enlightd.then_some(veth::EnlightdTuner {
+            objective: s.objective,
+            slo_us: s.slo_us,
+            interval_ms: self.tick_ms,
+        });
+        veth::VethRig::start(self, traffic, secs, tuner)
+    }
+    fn cumulative(&self, run: &veth::VethRun) -> Result<Cumulative> {
+        veth::VethRig::cumulative(self, run)
+    }
+    fn finish(&mut self, run: veth::VethRun) -> Result<Finished> {
+        Ok(Finished {
+            workload_ops: None,
+            ebpf_ops: None,
+            decisions: veth::VethRig::finish(self, run)?,
+        })
+    }
+}
+
+/// A kernel NIC's point in its own knobs' words.
+fn settings_text(s: &DeviceSettings) -> String {
+    format!(
+        "napi_defer_hard_irqs {}, gro_flush_timeout {} us",
+        s.moderation_frames, s.moderation_usecs
+    )
+}
+
+/// enlight's own run on a kernel scenario: the real enlightd decides and applies, so the bench
+/// only watches (the settings it reads each tick say what enlightd changed).
+struct Enlightd;
+
+impl Controller for Enlightd {
+    fn name(&self) -> &'static str {
+        "enlight"
+    }
+    fn step(
+        &mut self,
+        _: u64,
+        _: &DeviceSettings,
+        _: &Bounds,
+        _: &Window,
+    ) -> Option<enlightd::tuner::decide::Outcome> {
+        None
     }
 }
 
@@ -230,6 +394,31 @@ pub fn oracle_spec(spec: &str) -> String {
             .join(","),
         _ => spec.to_string(),
     }
+}
+
+/// The oracle's grid for a kernel NIC: `napi_defer_hard_irqs` (the moderation count) by
+/// `gro_flush_timeout` in µs (the delay); (0, 0) is the kernel's default. A count without a
+/// timeout does nothing, so the grid pairs counts with non-zero timeouts only, plus a timeout
+/// alone (GRO held for the timer, interrupts not deferred).
+pub fn kernel_grid(length: Length) -> Vec<DeviceSettings> {
+    let point = |defer: u32, usecs: u32| DeviceSettings {
+        moderation_frames: defer,
+        moderation_usecs: usecs,
+        poll_budget: enlightd::kernel::backend::NAPI_WEIGHT,
+        ..DeviceSettings::default()
+    };
+    let (defers, usecs): (&[u32], &[u32]) = match length {
+        Length::Smoke => return vec![point(0, 0), point(8, 100)],
+        Length::Quick => (&[2, 32], &[20, 200]),
+        Length::Full => (&[1, 4, 32, 256], &[10, 50, 200, 1000]),
+    };
+    let mut out = vec![point(0, 0), point(0, usecs[usecs.len() / 2])];
+    for &d in defers {
+        for &u in usecs {
+            out.push(point(d, u));
+        }
+    }
+    out
 }
 
 /// The oracle's settings grid (ring sizes stay at their default: no disk scenario fills them).
@@ -309,6 +498,10 @@ pub struct ControllerRun {
     pub max_changes_in_1s: usize,
     pub workload_ops: Option<u64>,
     pub ebpf_ops: u64,
+    /// enlightd's decisions from its audit log, where the run was the real enlightd's (kernel
+    /// scenarios): `action: reason`.
+    #[serde(default)]
+    pub enlightd_decisions: Vec<String>,
 }
 
 /// The oracle's sweep of one phase.
@@ -390,23 +583,23 @@ fn sleep_until(t: Instant) -> Result<()> {
 pub const FINALISTS: usize = 3;
 
 /// Puts `point` in force, settles, and measures one window of `measure`.
-fn measure_point(
-    h: &Harness,
-    dev: &mut device::Device,
+fn measure_point<R: Rig>(
+    h: &R,
+    dev: &mut R::Run,
     current: &mut DeviceSettings,
     point: &DeviceSettings,
     settle: Duration,
     measure: Duration,
 ) -> Result<Option<Figures>> {
     *current = dev
-        .backend
+        .backend()
         .apply(current, point)
         .with_context(|| format!("putting {point:?} in force"))?;
     sleep_until(Instant::now() + settle)?;
-    let c0 = h.cumulative(dev.pid)?;
+    let c0 = h.cumulative(dev)?;
     let t0 = Instant::now();
     sleep_until(t0 + measure)?;
-    let c1 = h.cumulative(dev.pid)?;
+    let c1 = h.cumulative(dev)?;
     let w = Window::between(&c0, &c1, t0.elapsed().as_secs_f64());
     Ok(score::merge([&w]))
 }
@@ -414,8 +607,8 @@ fn measure_point(
 /// The oracle's sweep of one phase's workload: every grid point, then the [`FINALISTS`] best
 /// re-measured for twice as long; the best finalist is the oracle's point, and a third,
 /// independent measurement of it is the oracle's value.
-fn sweep(
-    h: &mut Harness,
+fn sweep<R: Rig>(
+    h: &mut R,
     spec: &str,
     grid: &[DeviceSettings],
     length: Length,
@@ -430,11 +623,11 @@ fn sweep(
     let total = (settle + measure).as_secs_f64() * grid.len() as f64
         + (settle + 2 * measure).as_secs_f64() * (FINALISTS + 1) as f64
         + 3.0;
-    let mut dev = start_device(h, s, &[spec.to_string()], total.ceil())?;
+    let mut dev = h.start(s, &[spec.to_string()], total.ceil(), false)?;
     // Let the workload start before the first point.
     std::thread::sleep(Duration::from_millis(300));
     let mut out = Vec::new();
-    let (mut current, _) = dev.get()?;
+    let (mut current, _) = dev.backend().get()?;
     for point in grid {
         let f = measure_point(h, &mut dev, &mut current, point, settle, measure)?;
         out.push((*point, f));
@@ -483,26 +676,28 @@ fn sweep(
 }
 
 /// One controller on one scenario's whole plan.
-fn run_controller(
-    h: &mut Harness,
+fn run_controller<R: Rig>(
+    h: &mut R,
     s: &Scenario,
     phase_s: f64,
     ctl: &mut dyn Controller,
     tick: Duration,
 ) -> Result<ControllerRun> {
-    let mut dev = start_device(h, s, &s.phases, phase_s * s.phases.len() as f64)?;
-    let (mut current, bounds) = dev.get()?;
+    // On a kernel scenario enlight's run is the real enlightd's.
+    let enlightd = s.device == "veth" && ctl.name() == "enlight";
+    let mut dev = h.start(s, &s.phases, phase_s * s.phases.len() as f64, enlightd)?;
+    let (mut current, bounds) = dev.backend().get()?;
     let t0 = Instant::now();
-    let mut prev = h.cumulative(dev.pid)?;
+    let mut prev = h.cumulative(&dev)?;
     let mut prev_t = t0;
     let mut next = t0 + tick;
     let mut points = Vec::new();
     loop {
         sleep_until(next)?;
         next += tick;
-        let exited = dev.exited()?;
+        let exited = dev.ended()?;
         let now = Instant::now();
-        let cum = h.cumulative(dev.pid)?;
+        let cum = h.cumulative(&dev)?;
         let window = Window::between(&prev, &cum, now.duration_since(prev_t).as_secs_f64());
         let t_start = prev_t.duration_since(t0).as_secs_f64();
         prev = cum;
@@ -513,15 +708,23 @@ fn run_controller(
         if exited || phase_end >= s.phases.len() {
             break;
         }
-        if let Ok((reported, _)) = dev.get() {
+        let mut change = None;
+        if let Ok((reported, _)) = dev.backend().get() {
+            // Changed by someone other than this loop: enlightd, on a kernel scenario.
+            if enlightd && reported != current {
+                change = Some(format!(
+                    "enlightd: {} → {}",
+                    settings_text(&current),
+                    settings_text(&reported)
+                ));
+            }
             current = reported;
         }
         let during = current;
-        let mut change = None;
         let now_ms = now.duration_since(t0).as_millis() as u64;
         if let Some(o) = ctl.step(now_ms, &current, &bounds, &window) {
             if o.action != Action::Recommend {
-                match dev.backend.apply(&current, &o.to) {
+                match dev.backend().apply(&current, &o.to) {
                     Ok(in_force) => {
                         current = in_force;
                         change = Some(o.reason);
@@ -541,7 +744,10 @@ fn run_controller(
             window,
         });
     }
-    let (final_report, ebpf_ops) = h.finish(dev)?;
+    let finished = h.finish(dev)?;
+    let ebpf_ops = finished
+        .ebpf_ops
+        .unwrap_or_else(|| points.iter().map(|p| p.window.ops).sum());
     let change_times: Vec<f64> = points
         .iter()
         .filter(|p| p.change.is_some())
@@ -563,8 +769,9 @@ fn run_controller(
         max_changes_in_1s,
         points,
         phases: Vec::new(),
-        workload_ops: final_report.map(|r| r.ops_total),
+        workload_ops: finished.workload_ops,
         ebpf_ops,
+        enlightd_decisions: finished.decisions,
     })
 }
 
@@ -643,6 +850,69 @@ pub(crate) fn machine() -> (String, String) {
     (format!("{cpu}, {cpus} CPUs"), kernel)
 }
 
+/// One scenario on its rig: the oracle's sweep of each phase, then each controller's run.
+fn scenario<R: Rig>(
+    h: &mut R,
+    s: &Scenario,
+    grid: &[DeviceSettings],
+    length: Length,
+    phase_s: f64,
+    eval_from: f64,
+    tick: Duration,
+) -> Result<ScenarioResult> {
+    eprintln!(
+        "== {} ({}): oracle sweep of {} points per phase",
+        s.name,
+        s.description,
+        grid.len()
+    );
+    let mut oracle = Vec::new();
+    for spec in &s.phases {
+        let o = sweep(h, spec, grid, length, s)?;
+        if let (Some(best), Some(st)) = (o.best, o.best_settings) {
+            eprintln!(
+                "   oracle {}: {st:?} -> {:.0} ops/s ({:.1} MB/s), p99 {:.0} us, {:.3} irq/op",
+                o.spec,
+                best.ops_per_sec,
+                best.bytes_per_sec / 1e6,
+                best.p99_us,
+                best.interrupts_per_op
+            );
+        }
+        oracle.push(o);
+    }
+    let mut runs = Vec::new();
+    let enlight: Box<dyn Controller> = if s.device == "veth" {
+        Box::new(Enlightd)
+    } else {
+        Box::new(tuner_for(s))
+    };
+    let mut controllers: Vec<Box<dyn Controller>> =
+        vec![Box::new(Static), Box::new(Dim::default()), enlight];
+    for ctl in controllers.iter_mut() {
+        let mut run = run_controller(h, s, phase_s, ctl.as_mut(), tick)?;
+        score_run(&mut run, s, &oracle, phase_s, eval_from);
+        eprintln!(
+            "   {:8} fractions {:?}, changes {}, t95 {:?}",
+            run.controller,
+            run.phases
+                .iter()
+                .map(|p| p.fraction.map(|f| (f * 1000.0).round() / 1000.0))
+                .collect::<Vec<_>>(),
+            run.changes,
+            run.phases.iter().map(|p| p.t95_s).collect::<Vec<_>>()
+        );
+        runs.push(run);
+    }
+    Ok(ScenarioResult {
+        scenario: s.clone(),
+        phase_s,
+        eval_from_s: eval_from,
+        oracle,
+        runs,
+    })
+}
+
 pub fn run(args: TuneBenchArgs) -> Result<()> {
     let all = scenarios();
     for name in &args.scenarios {
@@ -672,9 +942,7 @@ pub fn run(args: TuneBenchArgs) -> Result<()> {
         Length::Full => (45.0, EVAL_FROM_S),
     };
     let tick = Duration::from_millis(args.tick_ms);
-    let grid = grid(length);
     let pin = device_cpu(args.cpu.as_deref())?;
-    let mut h = Harness::new(pin)?;
     let (machine, kernel) = machine();
     let mut report = Report {
         quick: args.quick,
@@ -687,53 +955,36 @@ pub fn run(args: TuneBenchArgs) -> Result<()> {
         tuner_params: TunerParams::default(),
         scenarios: Vec::new(),
     };
+    // Each rig is made when a scenario first needs it: the synthetic harness loads the USDT
+    // probes, the veth rig creates namespaces and loads the kernel probes.
+    let mut synthetic: Option<Harness> = None;
+    let mut kernel: Option<veth::VethRig> = None;
     for s in &chosen {
-        eprintln!(
-            "== {} ({}): oracle sweep of {} points per phase",
-            s.name,
-            s.description,
-            grid.len()
-        );
-        let mut oracle = Vec::new();
-        for spec in &s.phases {
-            let o = sweep(&mut h, spec, &grid, length, s)?;
-            if let (Some(best), Some(st)) = (o.best, o.best_settings) {
-                eprintln!(
-                    "   oracle {}: {st:?} -> {:.0} ops/s, p99 {:.0} us, {:.3} irq/op",
-                    o.spec, best.ops_per_sec, best.p99_us, best.interrupts_per_op
-                );
+        let result = if s.device == "veth" {
+            if kernel.is_none() {
+                kernel = Some(veth::VethRig::new(args.tick_ms)?);
             }
-            oracle.push(o);
-        }
-        let mut runs = Vec::new();
-        let mut controllers: Vec<Box<dyn Controller>> = vec![
-            Box::new(Static),
-            Box::new(Dim::default()),
-            Box::new(tuner_for(s)),
-        ];
-        for ctl in controllers.iter_mut() {
-            let mut run = run_controller(&mut h, s, phase_s, ctl.as_mut(), tick)?;
-            score_run(&mut run, s, &oracle, phase_s, eval_from);
-            eprintln!(
-                "   {:8} fractions {:?}, changes {}, t95 {:?}",
-                run.controller,
-                run.phases
-                    .iter()
-                    .map(|p| p.fraction.map(|f| (f * 1000.0).round() / 1000.0))
-                    .collect::<Vec<_>>(),
-                run.changes,
-                run.phases.iter().map(|p| p.t95_s).collect::<Vec<_>>()
-            );
-            runs.push(run);
-        }
-        report.scenarios.push(ScenarioResult {
-            scenario: s.clone(),
-            phase_s,
-            eval_from_s: eval_from,
-            oracle,
-            runs,
-        });
+            let rig = kernel.as_mut().expect("made above");
+            scenario(
+                rig,
+                s,
+                &kernel_grid(length),
+                length,
+                phase_s,
+                eval_from,
+                tick,
+            )?
+        } else {
+            if synthetic.is_none() {
+                synthetic = Some(Harness::new(pin)?);
+            }
+            let rig = synthetic.as_mut().expect("made above");
+            scenario(rig, s, &grid(length), length, phase_s, eval_from, tick)?
+        };
+        report.scenarios.push(result);
     }
+    // The namespaces go before the report is written.
+    drop(kernel);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let stem = match length {

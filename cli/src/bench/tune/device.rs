@@ -11,11 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use enlight_driver::registry::{self, DeviceRecord};
-use enlight_driver::settings::DeviceSettings;
 use enlight_driver::workload::WorkloadSnapshot;
 use enlight_probes::{DevKey, IoKey, Probes};
-use enlightd::tuner::backend::{ControlBackend, SettingsBackend};
-use enlightd::tuner::{Bounds, Cumulative};
+use enlightd::tuner::backend::ControlBackend;
+use enlightd::tuner::Cumulative;
 
 use crate::children::DieWithParent;
 
@@ -377,11 +376,6 @@ impl Device {
     /// Whether the process has exited.
     pub fn exited(&mut self) -> Result<bool> {
         Ok(self.child.try_wait()?.is_some())
-    }
-
-    /// Settings and bounds as the device reports them.
-    pub fn get(&mut self) -> Result<(DeviceSettings, Bounds)> {
-        Ok(self.backend.get()?)
     }
 }
 

@@ -13,6 +13,15 @@ fn frac(v: Option<f64>) -> String {
         .unwrap_or_else(|| "n/a".into())
 }
 
+/// A p99 in µs, `n/a` where there is no latency (NaN).
+fn p99(v: f64) -> String {
+    if v.is_nan() {
+        "n/a".into()
+    } else {
+        format!("{v:.0}")
+    }
+}
+
 fn secs(v: Option<f64>) -> String {
     v.map(|s| format!("{s:.1}")).unwrap_or_else(|| "-".into())
 }
@@ -130,47 +139,89 @@ pub fn markdown(r: &Report) -> String {
             s.scenario.objective.name(),
             s.scenario.slo_us
         );
+        let kernel = s.scenario.device == "veth";
         for (i, ph) in s.oracle.iter().enumerate() {
             if let (Some(b), Some(st)) = (ph.best, ph.best_settings) {
+                let point = if kernel {
+                    format!(
+                        "napi_defer_hard_irqs {}, gro_flush_timeout {} us",
+                        st.moderation_frames, st.moderation_usecs
+                    )
+                } else {
+                    format!(
+                        "frames {}, usecs {}, budget {}",
+                        st.moderation_frames, st.moderation_usecs, st.poll_budget
+                    )
+                };
                 let _ = writeln!(
                     o,
-                    "- oracle, phase {} (`{}`): frames {}, usecs {}, budget {} → {:.0} ops/s, p99 {:.0} us, {:.3} interrupts/op",
+                    "- oracle, phase {} (`{}`): {point} → {:.0} ops/s ({:.1} MB/s), p99 {} us, {:.3} interrupts/op",
                     i + 1,
                     ph.spec,
-                    st.moderation_frames,
-                    st.moderation_usecs,
-                    st.poll_budget,
                     b.ops_per_sec,
-                    b.p99_us,
+                    b.bytes_per_sec / 1e6,
+                    p99(b.p99_us),
                     b.interrupts_per_op
                 );
             }
         }
+        if kernel {
+            let _ = writeln!(
+                o,
+                "\nKernel scenario: ops are the tuned veth end's packets (received and sent) as enlightd counts them, MB/s their bytes; p99 is ping's round trip where the traffic is ping (enlightd measures no latency for NICs), n/a otherwise; a veth has no interrupts."
+            );
+            let grid: Vec<String> = s
+                .oracle
+                .iter()
+                .flat_map(|ph| ph.grid.iter())
+                .map(|(st, f)| match f {
+                    Some(f) => format!(
+                        "({}, {} us) {:.0} ops/s {:.1} MB/s p99 {}",
+                        st.moderation_frames,
+                        st.moderation_usecs,
+                        f.ops_per_sec,
+                        f.bytes_per_sec / 1e6,
+                        p99(f.p99_us)
+                    ),
+                    None => format!(
+                        "({}, {} us) nothing measured",
+                        st.moderation_frames, st.moderation_usecs
+                    ),
+                })
+                .collect();
+            let _ = writeln!(
+                o,
+                "\nThe sweep, (napi_defer_hard_irqs, gro_flush_timeout): {}",
+                grid.join("; ")
+            );
+        }
         let _ = writeln!(
             o,
-            "\n| controller | phase | fraction | ops/s | p99 (us) | interrupts/op | t95 (s) | last change (s) | changes | I/Os eBPF / workload |"
+            "\n| controller | phase | fraction | ops/s | MB/s | p99 (us) | interrupts/op | t95 (s) | last change (s) | changes | I/Os eBPF / workload |"
         );
-        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|");
         for run in &s.runs {
             for (i, p) in run.phases.iter().enumerate() {
-                let (ops, p99, irq) = p
+                let (ops, mbs, p99_text, irq) = p
                     .figures
                     .map(|f| {
                         (
                             format!("{:.0}", f.ops_per_sec),
-                            format!("{:.0}", f.p99_us),
+                            format!("{:.1}", f.bytes_per_sec / 1e6),
+                            p99(f.p99_us),
                             format!("{:.3}", f.interrupts_per_op),
                         )
                     })
                     .unwrap_or_default();
                 let _ = writeln!(
                     o,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     run.controller,
                     i + 1,
                     frac(p.fraction),
                     ops,
-                    p99,
+                    mbs,
+                    p99_text,
                     irq,
                     secs(p.t95_s),
                     secs(p.last_change_s),
@@ -193,6 +244,16 @@ pub fn markdown(r: &Report) -> String {
             let _ = writeln!(o, "\nenlight's changes:\n");
             for p in run.points.iter().filter(|p| p.change.is_some()) {
                 let _ = writeln!(o, "- {:.1} s: {}", p.t, p.change.as_deref().unwrap_or(""));
+            }
+            if s.scenario.device == "veth" {
+                let _ = writeln!(
+                    o,
+                    "\nenlightd's decisions on the veth (its audit log, {} in all):\n",
+                    run.enlightd_decisions.len()
+                );
+                for d in &run.enlightd_decisions {
+                    let _ = writeln!(o, "- {d}");
+                }
             }
         }
         let _ = writeln!(o);

@@ -11,17 +11,30 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Figures {
     pub ops_per_sec: f64,
+    /// Bytes of those ops per second (a kernel NIC's packets: their bytes).
+    #[serde(default)]
+    pub bytes_per_sec: f64,
+    /// NaN when the windows have no latency at all (a kernel NIC under TCP: enlightd measures
+    /// no latency for NICs, and the bench adds one only from ping's round trips). Written to
+    /// JSON as null.
+    #[serde(deserialize_with = "nan_if_null")]
     pub p99_us: f64,
     pub interrupts_per_op: f64,
     pub ops: u64,
 }
 
-/// Merges windows into figures (`None` without completions).
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// Merges windows into figures (`None` without completions; a p99 of NaN without latency
+/// buckets).
 pub fn merge<'a>(windows: impl IntoIterator<Item = &'a Window>) -> Option<Figures> {
     let mut buckets: BTreeMap<u32, u64> = BTreeMap::new();
-    let (mut ops, mut irq, mut secs) = (0u64, 0u64, 0f64);
+    let (mut ops, mut bytes, mut irq, mut secs) = (0u64, 0u64, 0u64, 0f64);
     for w in windows {
         ops += w.ops;
+        bytes += w.bytes;
         irq += w.interrupts;
         secs += w.duration_s;
         for (b, n) in &w.buckets {
@@ -33,7 +46,8 @@ pub fn merge<'a>(windows: impl IntoIterator<Item = &'a Window>) -> Option<Figure
     }
     Some(Figures {
         ops_per_sec: ops as f64 / secs,
-        p99_us: quantile_ns(&buckets, 0.99)? as f64 / 1e3,
+        bytes_per_sec: bytes as f64 / secs,
+        p99_us: quantile_ns(&buckets, 0.99).map_or(f64::NAN, |ns| ns as f64 / 1e3),
         interrupts_per_op: irq as f64 / ops as f64,
         ops,
     })
@@ -42,7 +56,8 @@ pub fn merge<'a>(windows: impl IntoIterator<Item = &'a Window>) -> Option<Figure
 /// The oracle's pick among measured grid points, as the tuner's objectives define "best":
 /// throughput: most ops/s with p99 under the SLO (else the lowest p99); latency: lowest p99
 /// among points within 5% of the most ops/s; balanced: fewest interrupts per op among points
-/// under the SLO and within 5% of the most ops/s (else the lowest p99).
+/// under the SLO and within 5% of the most ops/s (else the lowest p99). A point without a
+/// p99 (NaN) is taken to meet the SLO: nothing says it misses it.
 pub fn best(objective: Objective, slo_us: f64, points: &[Figures]) -> Option<(usize, Figures)> {
     let max_ops = points.iter().map(|p| p.ops_per_sec).fold(0.0, f64::max);
     let by = |f: &dyn Fn(&Figures) -> f64, keep: &dyn Fn(&Figures) -> bool| {
@@ -54,13 +69,12 @@ pub fn best(objective: Objective, slo_us: f64, points: &[Figures]) -> Option<(us
             .min_by(|a, b| f(&a.1).total_cmp(&f(&b.1)))
     };
     let lowest_p99 = || by(&|p| p.p99_us, &|_| true);
+    let meets_slo = |p: &Figures| p.p99_us.is_nan() || p.p99_us <= slo_us;
     match objective {
-        Objective::Throughput => {
-            by(&|p| -p.ops_per_sec, &|p| p.p99_us <= slo_us).or_else(lowest_p99)
-        }
+        Objective::Throughput => by(&|p| -p.ops_per_sec, &meets_slo).or_else(lowest_p99),
         Objective::Latency => by(&|p| p.p99_us, &|p| p.ops_per_sec >= 0.95 * max_ops),
         Objective::Balanced => by(&|p| p.interrupts_per_op, &|p| {
-            p.p99_us <= slo_us && p.ops_per_sec >= 0.95 * max_ops
+            meets_slo(p) && p.ops_per_sec >= 0.95 * max_ops
         })
         .or_else(lowest_p99),
     }
@@ -102,6 +116,7 @@ mod tests {
     fn f(ops: f64, p99: f64, irq: f64) -> Figures {
         Figures {
             ops_per_sec: ops,
+            bytes_per_sec: ops * 4096.0,
             p99_us: p99,
             interrupts_per_op: irq,
             ops: 1000,
@@ -137,5 +152,28 @@ mod tests {
         assert!((fraction(Objective::Latency, 80.0, &f(100.0, 100.0, 1.0), &o) - 0.5).abs() < 1e-9);
         assert!((fraction(Objective::Balanced, 80.0, &f(100.0, 60.0, 1.0), &o) - 0.5).abs() < 1e-9);
         assert!(fraction(Objective::Latency, 80.0, &f(47.5, 50.0, 1.0), &o) < 0.51);
+    }
+
+    #[test]
+    fn figures_without_latency_have_no_p99_and_meet_any_slo() {
+        let w = Window {
+            duration_s: 2.0,
+            ops: 1000,
+            bytes: 1_500_000,
+            ..Default::default()
+        };
+        let got = merge([&w]).unwrap();
+        assert!(got.p99_us.is_nan());
+        assert_eq!((got.ops_per_sec, got.bytes_per_sec), (500.0, 750_000.0));
+        let pts = [f(100.0, f64::NAN, 0.0), f(120.0, f64::NAN, 0.0)];
+        assert_eq!(best(Objective::Throughput, 10.0, &pts).unwrap().0, 1);
+        assert!(
+            (fraction(Objective::Throughput, 10.0, &pts[0], &pts[1]) - 100.0 / 120.0).abs() < 1e-9
+        );
+        // Through JSON and back: NaN is written as null and read as NaN.
+        let json = serde_json::to_string(&got).unwrap();
+        assert!(json.contains("\"p99_us\":null"), "{json}");
+        let back: Figures = serde_json::from_str(&json).unwrap();
+        assert!(back.p99_us.is_nan());
     }
 }
