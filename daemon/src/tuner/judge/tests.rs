@@ -147,6 +147,36 @@ fn a_noisy_throughput_drop_is_not_kept_even_with_fewer_interrupts() {
     assert!(j.why.contains("throughput"), "{}", j.why);
 }
 
+/// A kernel NIC's windows: packets, no latency buckets.
+fn untimed(ops_per_sec: f64, irq_per_op: f64) -> Window {
+    let mut w = window(ops_per_sec, irq_per_op, 1_000, 1_000);
+    w.buckets.clear();
+    w
+}
+
+#[test]
+fn a_device_without_latency_is_judged_on_what_it_measures() {
+    // `enlight bench tune --scenario kernel-tcp`: the tuner kept a change that cut packets/s by
+    // 12.9% because no latency read as "over the SLO" and any candidate as "back under it".
+    for objective in [Objective::Throughput, Objective::Balanced] {
+        let (a1, b, a2) = trial(4, |t, is_b| {
+            let ops = if is_b { 34_800.0 } else { 40_000.0 };
+            untimed(ops * (1.0 + 0.01 * wiggle(t)), 0.1)
+        });
+        let j = judge(&rules(objective), &a1, &b, &a2);
+        assert!(!j.keep(), "{objective:?}: {}", j.why);
+        assert!(!j.why.contains("SLO"), "{objective:?}: {}", j.why);
+        assert_eq!(p99_against_slo(&b, 5_000_000, 2.0, 4.0), None);
+    }
+    // A real gain is still kept on throughput alone.
+    let (a1, b, a2) = trial(4, |t, is_b| {
+        let ops = if is_b { 46_000.0 } else { 40_000.0 };
+        untimed(ops * (1.0 + 0.01 * wiggle(t)), 0.1)
+    });
+    let j = judge(&rules(Objective::Throughput), &a1, &b, &a2);
+    assert_eq!(j.verdict, Verdict::Better, "{}", j.why);
+}
+
 #[test]
 fn a_p99_over_the_slo_is_never_kept_for_throughput() {
     let (a1, b, a2) = trial(3, |t, is_b| {
