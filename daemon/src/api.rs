@@ -77,8 +77,8 @@ fn op_view(
     window: std::time::Duration,
 ) -> OpView {
     let now = std::time::Instant::now();
-    let h = f.histogram();
-    let q = |q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1e9);
+    let quantiles = f.quantiles_ns([0.5, 0.9, 0.99, 0.999]);
+    let q = |i: usize| quantiles.map(|v| v[i] as f64 / 1e9);
     OpView {
         op,
         ops_total: f.ops,
@@ -86,10 +86,10 @@ fn op_view(
         errors_total: f.errors,
         ops_per_sec: f.ops_per_sec,
         bytes_per_sec: f.bytes_per_sec,
-        p50_seconds: q(0.5),
-        p90_seconds: q(0.9),
-        p99_seconds: q(0.99),
-        p999_seconds: q(0.999),
+        p50_seconds: q(0),
+        p90_seconds: q(1),
+        p99_seconds: q(2),
+        p999_seconds: q(3),
         peak_ops_per_sec: peaks.map_or(0.0, |p| p.peak_ops_per_sec(now, window)),
         peak_latency_seconds: peaks
             .and_then(|p| p.peak_bucket(now, window))
