@@ -112,49 +112,60 @@ impl OpFigures {
         h
     }
 
-    /// Latency quantiles in ns (each above 0), exactly as `self.histogram().value_at_quantile(q)`
-    /// gives them, or `None` before any completion; without building the histogram (tens of
-    /// kilobytes to allocate, zero and scan, per op of every device at every tick).
-    ///
-    /// The kernel buckets ascend and so do their midpoints, so the HDR bucket where the running
-    /// count first reaches `q` of the total is the one of the first kernel bucket where it does;
-    /// the answer is that HDR bucket's highest equivalent value. A midpoint beyond the
-    /// histogram's range (an I/O of over an hour) is clamped by the histogram, so then it is
-    /// built after all.
+    /// Latency quantiles in ns, exactly as `self.histogram().value_at_quantile(q)` gives them,
+    /// or `None` before any completion; see [`bucket_quantiles_ns`].
     pub fn quantiles_ns<const N: usize>(&self, qs: [f64; N]) -> Option<[u64; N]> {
-        let shape = histogram_shape();
-        let mids = || {
-            self.buckets
-                .iter()
-                .map(|(&b, &c)| (enlight_probes::hist::bucket_mid_ns(b).max(1), c))
-        };
-        if mids().any(|(v, _)| v > shape.high()) {
-            let h = self.histogram();
+        let buckets: Vec<(u32, u64)> = self.buckets.iter().map(|(&b, &c)| (b, c)).collect();
+        bucket_quantiles_ns(&buckets, qs)
+    }
+}
+
+/// Latency quantiles in ns of kernel buckets (`(index, count)`, ascending index, an index may
+/// repeat: several ops' buckets sorted together), exactly as the [`OpFigures::histogram`] of
+/// their sum gives them with `value_at_quantile`, or `None` before any completion; without
+/// building the histogram (tens of kilobytes to allocate, zero and scan, per op of every device
+/// at every tick).
+///
+/// The kernel buckets ascend and so do their midpoints, so the HDR bucket where the running
+/// count first reaches `q` of the total is the one of the first kernel bucket where it does; the
+/// answer is that HDR bucket's highest equivalent value. A midpoint beyond the histogram's range
+/// (an I/O of over an hour) is clamped by the histogram, so then it is built after all.
+pub fn bucket_quantiles_ns<const N: usize>(
+    buckets: &[(u32, u64)],
+    qs: [f64; N],
+) -> Option<[u64; N]> {
+    let shape = histogram_shape();
+    // Each bucket's midpoint and the running count up to it.
+    let mut running = Vec::with_capacity(buckets.len());
+    let mut total = 0u64;
+    for &(b, c) in buckets {
+        let mid = enlight_probes::hist::bucket_mid_ns(b).max(1);
+        if mid > shape.high() {
+            let mut h = empty_histogram();
+            for &(b, c) in buckets {
+                h.saturating_record_n(enlight_probes::hist::bucket_mid_ns(b).max(1), c);
+            }
             return (!h.is_empty()).then(|| qs.map(|q| h.value_at_quantile(q)));
         }
-        let total = mids().fold(0u64, |t, (_, c)| t.saturating_add(c));
-        if total == 0 {
-            return None;
-        }
-        Some(qs.map(|q| {
-            // What value_at_quantile aims for: at least one completion.
-            let target = ((q.min(1.0) * total as f64).ceil() as u64).max(1);
-            let mut seen = 0u64;
-            let mut last = 0;
-            for (v, c) in mids() {
-                seen += c;
-                last = v;
-                if seen >= target {
-                    break;
-                }
-            }
-            if q == 0.0 {
-                shape.lowest_equivalent(last)
-            } else {
-                shape.highest_equivalent(last)
-            }
-        }))
+        total = total.saturating_add(c);
+        running.push((mid, total));
     }
+    if total == 0 {
+        return None;
+    }
+    Some(qs.map(|q| {
+        // What value_at_quantile aims for: at least one completion.
+        let target = ((q.min(1.0) * total as f64).ceil() as u64).max(1);
+        let at = running
+            .partition_point(|&(_, seen)| seen < target)
+            .min(running.len() - 1);
+        let v = running[at].0;
+        if q == 0.0 {
+            shape.lowest_equivalent(v)
+        } else {
+            shape.highest_equivalent(v)
+        }
+    }))
 }
 
 /// The latency histogram's shape: 1 ns to an hour, two significant digits.
@@ -788,6 +799,18 @@ pub(crate) mod tests {
                 f.buckets.insert(rng.gen_range(0..=top), c);
             }
             check(&f);
+            // Two ops' buckets sorted together give the quantiles of their sum.
+            let mut g = f.clone();
+            g.buckets = f.buckets.iter().map(|(b, c)| (b / 2, c / 2 + 1)).collect();
+            let mut sum = f.clone();
+            sum.add(&g);
+            let mut merged: Vec<(u32, u64)> = f.buckets.iter().chain(&g.buckets).map(|(&b, &c)| (b, c)).collect();
+            merged.sort_by_key(|&(b, _)| b);
+            let h = sum.histogram();
+            assert_eq!(
+                bucket_quantiles_ns(&merged, qs),
+                (!h.is_empty()).then(|| qs.map(|q| h.value_at_quantile(q)))
+            );
         }
     }
 

@@ -525,7 +525,7 @@ pub fn render(state: &State) -> String {
 mod reference;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::collector::tests::{io, record, FakeProbes};
     use crate::collector::Collector;
@@ -666,7 +666,7 @@ mod tests {
                 f.ops = f.buckets.values().sum();
                 f.bytes = f.ops * 4096;
                 f.errors = rng.gen_range(0..3);
-                f.latency_sum_ns = rng.gen();
+                f.latency_sum_ns = rng.gen_range(0..1 << 50);
                 f.ops_per_sec = rng.gen_range(0.0..100.0);
                 let peaks = d.peaks.entry(op).or_default();
                 for s in 0..5 {
