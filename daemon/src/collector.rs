@@ -804,7 +804,12 @@ pub(crate) mod tests {
             g.buckets = f.buckets.iter().map(|(b, c)| (b / 2, c / 2 + 1)).collect();
             let mut sum = f.clone();
             sum.add(&g);
-            let mut merged: Vec<(u32, u64)> = f.buckets.iter().chain(&g.buckets).map(|(&b, &c)| (b, c)).collect();
+            let mut merged: Vec<(u32, u64)> = f
+                .buckets
+                .iter()
+                .chain(&g.buckets)
+                .map(|(&b, &c)| (b, c))
+                .collect();
             merged.sort_by_key(|&(b, _)| b);
             let h = sum.histogram();
             assert_eq!(

@@ -161,7 +161,12 @@ pub fn render(state: &State) -> String {
                 &[("op", &op), ("le", "+Inf")],
             );
             let _ = writeln!(out, "{}", f.ops);
-            open_series(&mut out, "enlight_io_latency_seconds_sum", dev, &[("op", &op)]);
+            open_series(
+                &mut out,
+                "enlight_io_latency_seconds_sum",
+                dev,
+                &[("op", &op)],
+            );
             push_f64_line(&mut out, f.latency_sum_ns as f64 / 1e9);
             open_series(
                 &mut out,
@@ -683,7 +688,8 @@ pub(crate) mod tests {
             d.events.doorbells = rng.gen();
             d.events.ring_full_out = rng.gen();
             d.events.irq_masked = rng.gen();
-            d.settings_changes.insert(rng.gen_range(0..5), rng.gen_range(0..9));
+            d.settings_changes
+                .insert(rng.gen_range(0..5), rng.gen_range(0..9));
             state.devices.insert(d.record.name.clone(), d);
         }
         state.peak_window = Duration::from_secs(60);
@@ -699,15 +705,15 @@ pub(crate) mod tests {
     /// every shape, with the kernel's devices and without.
     #[test]
     fn render_equals_the_plain_reference_byte_for_byte() {
-        assert_eq!(render(&State::default()), reference::render(&State::default()));
+        assert_eq!(
+            render(&State::default()),
+            reference::render(&State::default())
+        );
         for (n, buckets) in [(1, 0), (1, 1), (3, 40), (16, 200), (64, 300)] {
             let state = fleet(n, buckets);
             let (fast, plain) = (render(&state), reference::render(&state));
             if fast != plain {
-                let at = fast
-                    .lines()
-                    .zip(plain.lines())
-                    .position(|(a, b)| a != b);
+                let at = fast.lines().zip(plain.lines()).position(|(a, b)| a != b);
                 panic!(
                     "{n} devices, {buckets} buckets: first difference at line {at:?}: {:?}",
                     at.map(|i| (fast.lines().nth(i), plain.lines().nth(i)))

@@ -416,4 +416,3 @@ pub fn render(state: &State) -> String {
     crate::knobs::render_metrics(&mut out, state);
     out
 }
-
