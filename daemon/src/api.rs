@@ -70,15 +70,17 @@ pub struct DeviceView {
     pub kernel: Option<crate::kernel::KernelInfo>,
 }
 
+const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
+
 fn op_view(
     op: String,
     f: &OpFigures,
+    quantiles: Option<[u64; 4]>,
     peaks: Option<&crate::peaks::PeakWindow>,
     window: std::time::Duration,
 ) -> OpView {
     let now = std::time::Instant::now();
-    let h = f.histogram();
-    let q = |q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1e9);
+    let q = |i: usize| quantiles.map(|v| v[i] as f64 / 1e9);
     OpView {
         op,
         ops_total: f.ops,
@@ -86,10 +88,10 @@ fn op_view(
         errors_total: f.errors,
         ops_per_sec: f.ops_per_sec,
         bytes_per_sec: f.bytes_per_sec,
-        p50_seconds: q(0.5),
-        p90_seconds: q(0.9),
-        p99_seconds: q(0.99),
-        p999_seconds: q(0.999),
+        p50_seconds: q(0),
+        p90_seconds: q(1),
+        p99_seconds: q(2),
+        p999_seconds: q(3),
         peak_ops_per_sec: peaks.map_or(0.0, |p| p.peak_ops_per_sec(now, window)),
         peak_latency_seconds: peaks
             .and_then(|p| p.peak_bucket(now, window))
@@ -105,12 +107,20 @@ pub fn device_view(d: &DeviceState) -> DeviceView {
 /// The view of one device, its peaks over the last `peak_window_secs`.
 pub fn device_view_with_peaks(d: &DeviceState, peak_window_secs: u64) -> DeviceView {
     let window = std::time::Duration::from_secs(peak_window_secs);
+    // Every op together: the counters summed, the buckets sorted together (rather than
+    // merged into a map: the quantiles walk them in order, a repeated index is no matter).
     let mut all = OpFigures::default();
+    let mut all_buckets: Vec<(u32, u64)> = Vec::new();
     for f in d.ops.values() {
-        all.add(f);
+        all.ops += f.ops;
+        all.bytes += f.bytes;
+        all.errors += f.errors;
+        all.latency_sum_ns += f.latency_sum_ns;
         all.ops_per_sec += f.ops_per_sec;
         all.bytes_per_sec += f.bytes_per_sec;
+        all_buckets.extend(f.buckets.iter().map(|(&b, &c)| (b, c)));
     }
+    all_buckets.sort_by_key(|&(b, _)| b);
     DeviceView {
         name: d.record.name.clone(),
         device: d.record.device.clone(),
@@ -128,13 +138,22 @@ pub fn device_view_with_peaks(d: &DeviceState, peak_window_secs: u64) -> DeviceV
         total: op_view(
             "all".into(),
             &all,
+            crate::collector::bucket_quantiles_ns(&all_buckets, QUANTILES),
             d.peaks.get(&crate::collector::ALL_OPS),
             window,
         ),
         ops: d
             .ops
             .iter()
-            .map(|(op, f)| op_view(op_name(*op), f, d.peaks.get(op), window))
+            .map(|(op, f)| {
+                op_view(
+                    op_name(*op),
+                    f,
+                    f.quantiles_ns(QUANTILES),
+                    d.peaks.get(op),
+                    window,
+                )
+            })
             .collect(),
         interrupts_total: d.events.interrupts,
         interrupts_per_sec: d.interrupts_per_sec,
@@ -196,5 +215,37 @@ pub fn health(state: &State) -> HealthView {
         kernel: state.kernel.clone(),
         self_cost: state.self_cost.clone(),
         tuner_audit_log: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The views' quantiles are those of an HDR histogram of each op's buckets, and of all ops'
+    /// buckets summed, as they were when each view built its histograms.
+    #[test]
+    fn quantiles_are_the_histograms() {
+        let state = crate::metrics::tests::fleet(16, 200);
+        for d in state.devices.values() {
+            let v = device_view(d);
+            let mut all = OpFigures::default();
+            for ((_, f), ov) in d.ops.iter().zip(&v.ops) {
+                all.add(f);
+                let h = f.histogram();
+                assert_eq!(ov.p99_seconds, Some(h.value_at_quantile(0.99) as f64 / 1e9));
+                assert_eq!(ov.p50_seconds, Some(h.value_at_quantile(0.5) as f64 / 1e9));
+            }
+            let h = all.histogram();
+            let t = &v.total;
+            assert_eq!(
+                [t.p50_seconds, t.p90_seconds, t.p99_seconds, t.p999_seconds],
+                QUANTILES.map(|q| Some(h.value_at_quantile(q) as f64 / 1e9)),
+                "{}",
+                d.record.name
+            );
+            assert_eq!(t.ops_total, all.ops);
+            assert_eq!(t.bytes_total, all.bytes);
+        }
     }
 }

@@ -105,13 +105,79 @@ impl OpFigures {
     /// An HDR histogram (2 significant digits, ns) with each kernel bucket's count recorded at the
     /// bucket's midpoint: buckets are at most 1/128 wide, so this errs by under 0.4%.
     pub fn histogram(&self) -> Histogram<u64> {
-        let mut h =
-            Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 2).expect("valid HDR bounds");
+        let mut h = empty_histogram();
         for (&b, &c) in &self.buckets {
             h.saturating_record_n(enlight_probes::hist::bucket_mid_ns(b).max(1), c);
         }
         h
     }
+
+    /// Latency quantiles in ns, exactly as `self.histogram().value_at_quantile(q)` gives them,
+    /// or `None` before any completion; see [`bucket_quantiles_ns`].
+    pub fn quantiles_ns<const N: usize>(&self, qs: [f64; N]) -> Option<[u64; N]> {
+        let buckets: Vec<(u32, u64)> = self.buckets.iter().map(|(&b, &c)| (b, c)).collect();
+        bucket_quantiles_ns(&buckets, qs)
+    }
+}
+
+/// Latency quantiles in ns of kernel buckets (`(index, count)`, ascending index, an index may
+/// repeat: several ops' buckets sorted together), exactly as the [`OpFigures::histogram`] of
+/// their sum gives them with `value_at_quantile`, or `None` before any completion; without
+/// building the histogram (tens of kilobytes to allocate, zero and scan, per op of every device
+/// at every tick).
+///
+/// The kernel buckets ascend and so do their midpoints, so the HDR bucket where the running
+/// count first reaches `q` of the total is the one of the first kernel bucket where it does; the
+/// answer is that HDR bucket's highest equivalent value. A midpoint beyond the histogram's range
+/// (an I/O of over an hour) is clamped by the histogram, so then it is built after all.
+pub fn bucket_quantiles_ns<const N: usize>(
+    buckets: &[(u32, u64)],
+    qs: [f64; N],
+) -> Option<[u64; N]> {
+    let shape = histogram_shape();
+    // Each bucket's midpoint and the running count up to it.
+    let mut running = Vec::with_capacity(buckets.len());
+    let mut total = 0u64;
+    for &(b, c) in buckets {
+        let mid = enlight_probes::hist::bucket_mid_ns(b).max(1);
+        if mid > shape.high() {
+            let mut h = empty_histogram();
+            for &(b, c) in buckets {
+                h.saturating_record_n(enlight_probes::hist::bucket_mid_ns(b).max(1), c);
+            }
+            return (!h.is_empty()).then(|| qs.map(|q| h.value_at_quantile(q)));
+        }
+        total = total.saturating_add(c);
+        running.push((mid, total));
+    }
+    if total == 0 {
+        return None;
+    }
+    Some(qs.map(|q| {
+        // What value_at_quantile aims for: at least one completion.
+        let target = ((q.min(1.0) * total as f64).ceil() as u64).max(1);
+        let at = running
+            .partition_point(|&(_, seen)| seen < target)
+            .min(running.len() - 1);
+        let v = running[at].0;
+        if q == 0.0 {
+            shape.lowest_equivalent(v)
+        } else {
+            shape.highest_equivalent(v)
+        }
+    }))
+}
+
+/// The latency histogram's shape: 1 ns to an hour, two significant digits.
+fn empty_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 2).expect("valid HDR bounds")
+}
+
+/// One empty histogram of [`empty_histogram`]'s shape, made once: its bucket arithmetic
+/// (`highest_equivalent`) is all [`OpFigures::quantiles_ns`] needs.
+fn histogram_shape() -> &'static Histogram<u64> {
+    static SHAPE: std::sync::OnceLock<Histogram<u64>> = std::sync::OnceLock::new();
+    SHAPE.get_or_init(empty_histogram)
 }
 
 /// Everything the collector knows about one device.
@@ -702,6 +768,55 @@ pub(crate) mod tests {
             *fake.calls.lock().unwrap(),
             vec![format!("attach {me}"), format!("detach {me}")]
         );
+    }
+
+    /// The quantiles without a histogram are the histogram's, for any buckets: empty, zero
+    /// counts, one bucket, many, counts large enough to saturate, an I/O of over an hour.
+    #[test]
+    fn quantiles_without_a_histogram_are_the_histograms() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(17);
+        let qs = [0.0, 0.5, 0.9, 0.99, 0.999, 1.0];
+        let check = |f: &OpFigures| {
+            let h = f.histogram();
+            let want = (!h.is_empty()).then(|| qs.map(|q| h.value_at_quantile(q)));
+            assert_eq!(f.quantiles_ns(qs), want, "{:?}", f.buckets);
+        };
+        check(&OpFigures::default());
+        let mut f = OpFigures::default();
+        f.buckets.insert(300, 0);
+        check(&f);
+        for _ in 0..2000 {
+            let mut f = OpFigures::default();
+            let n = rng.gen_range(1..300);
+            let top = [300u32, 2_000, enlight_probes::hist::MAX_BUCKET][rng.gen_range(0..3)];
+            for _ in 0..n {
+                let c = match rng.gen_range(0..10) {
+                    0 => 0,
+                    1 => 1 << 40,
+                    _ => rng.gen_range(1..1000),
+                };
+                f.buckets.insert(rng.gen_range(0..=top), c);
+            }
+            check(&f);
+            // Two ops' buckets sorted together give the quantiles of their sum.
+            let mut g = f.clone();
+            g.buckets = f.buckets.iter().map(|(b, c)| (b / 2, c / 2 + 1)).collect();
+            let mut sum = f.clone();
+            sum.add(&g);
+            let mut merged: Vec<(u32, u64)> = f
+                .buckets
+                .iter()
+                .chain(&g.buckets)
+                .map(|(&b, &c)| (b, c))
+                .collect();
+            merged.sort_by_key(|&(b, _)| b);
+            let h = sum.histogram();
+            assert_eq!(
+                bucket_quantiles_ns(&merged, qs),
+                (!h.is_empty()).then(|| qs.map(|q| h.value_at_quantile(q)))
+            );
+        }
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! - [`config`]: TOML + flags.
 //! - [`collector`]: the per-interval work (registry → attach → read maps → state), behind a
 //!   [`collector::ProbeSource`] so it is unit-tested with a fake.
-//! - [`metrics`]: Prometheus exposition of the state; [`api`]: the JSON views.
+//! - [`metrics`]: Prometheus exposition of the state; [`api`]: the JSON views; [`scrape`]: both
+//!   rendered once per tick, so a scrape serves bytes rather than rendering.
 //!
 //! [`Daemon::start`] loads the probes and starts the collector on its own thread (map reads are
 //! blocking system calls); [`Daemon::serve`] runs the HTTP server until a shutdown future
@@ -20,6 +21,7 @@ pub mod logging;
 pub mod metrics;
 pub mod peaks;
 pub mod runtime_lock;
+pub mod scrape;
 pub mod selfcost;
 #[doc(hidden)]
 pub mod testing;
@@ -76,16 +78,35 @@ pub enum DaemonError {
 pub struct DaemonHandle {
     state: Arc<Mutex<State>>,
     tuner: Arc<tuner::shell::TunerShared>,
+    /// `/metrics` and `/api/v1/devices`, rendered by the collector after each tick.
+    scrapes: Arc<scrape::ScrapeCache>,
 }
 
 impl DaemonHandle {
     /// Every device, as `/api/v1/devices` serves it.
     pub fn devices(&self) -> Vec<DeviceView> {
-        let mut devices = api::devices(&self.state.lock().expect("state lock"));
+        let mut devices = (*self.scrapes.latest().devices).clone();
         for d in &mut devices {
             d.tuner = self.tuner.view(&d.name);
         }
         devices
+    }
+
+    /// `/api/v1/devices` as JSON: the bytes rendered at the last tick, unless a tuner runs
+    /// (its views change between ticks, so they are filled in and serialized per request).
+    pub fn devices_json(&self) -> axum::body::Bytes {
+        let latest = self.scrapes.latest();
+        if !self.tuner.enabled() {
+            return latest.devices_json.clone();
+        }
+        let mut devices = (*latest.devices).clone();
+        for d in &mut devices {
+            d.tuner = self.tuner.view(&d.name);
+        }
+        // Plain data: serializing cannot fail.
+        serde_json::to_vec(&devices)
+            .expect("device views serialize")
+            .into()
     }
 
     /// The tuner's shared state (decisions, pins).
@@ -95,9 +116,16 @@ impl DaemonHandle {
 
     /// The Prometheus exposition, as `/metrics` serves it.
     pub fn render_metrics(&self) -> String {
-        let mut text = metrics::render(&self.state.lock().expect("state lock"));
-        self.tuner.render_metrics(&mut text);
-        text
+        String::from_utf8(self.metrics_bytes().into()).expect("the exposition is UTF-8")
+    }
+
+    /// The Prometheus exposition as `/metrics` serves it: the bytes rendered at the last tick,
+    /// followed by the tuner's families when a tuner runs.
+    pub fn metrics_bytes(&self) -> axum::body::Bytes {
+        let latest = self.scrapes.latest();
+        let mut tuner = String::new();
+        self.tuner.render_metrics(&mut tuner);
+        scrape::metrics_with(&latest.metrics, &tuner)
     }
 
     /// The daemon's own health.
@@ -169,6 +197,7 @@ impl Daemon {
                     st.self_cost.bpf_stats_error = Some(e.to_string());
                 }
             }
+            daemon.handle.scrapes.publish(&st);
         }
         daemon._run_stats = run_stats.ok();
         Ok(daemon)
@@ -221,6 +250,9 @@ impl Daemon {
         let stop = Arc::new(AtomicBool::new(false));
         let interval = Duration::from_millis(config.interval_ms);
         let tuner_shared = Arc::new(tuner::shell::TunerShared::default());
+        let scrapes = Arc::new(scrape::ScrapeCache::default());
+        // Before the first tick a scrape sees the empty state, as it always did.
+        scrapes.publish(&state.lock().expect("state lock"));
         let mut collector = Collector::new(
             probes,
             config.runtime_dir.clone(),
@@ -230,6 +262,7 @@ impl Daemon {
         let thread = {
             let (state, stop) = (Arc::clone(&state), Arc::clone(&stop));
             let tuner_shared = Arc::clone(&tuner_shared);
+            let scrapes = Arc::clone(&scrapes);
             std::thread::Builder::new()
                 .name("enlightd-collector".into())
                 .spawn(move || {
@@ -242,6 +275,9 @@ impl Daemon {
                                 k.tick(&mut st);
                             }
                             tuner_shared.note_tick(st.ticks);
+                            // Under the state lock: whoever sees this tick's count sees its
+                            // rendering too.
+                            scrapes.publish(&st);
                         }
                         // Sleep in short steps so shutdown is prompt.
                         while started.elapsed() < interval && !stop.load(Ordering::Acquire) {
@@ -259,6 +295,7 @@ impl Daemon {
             handle: DaemonHandle {
                 state,
                 tuner: tuner_shared,
+                scrapes,
             },
             stop,
             thread: Some(thread),
@@ -398,13 +435,19 @@ async fn metrics_handler(AxumState(handle): AxumState<DaemonHandle>) -> Response
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        handle.render_metrics(),
+        handle.metrics_bytes(),
     )
         .into_response()
 }
 
-async fn devices_handler(AxumState(handle): AxumState<DaemonHandle>) -> Json<Vec<DeviceView>> {
-    Json(handle.devices())
+async fn devices_handler(AxumState(handle): AxumState<DaemonHandle>) -> Response {
+    (
+        StatusCode::OK,
+        // What axum's Json sets.
+        [(header::CONTENT_TYPE, "application/json")],
+        handle.devices_json(),
+    )
+        .into_response()
 }
 
 async fn histograms_handler(

@@ -79,14 +79,16 @@ pub fn finish(out: &mut String, state: &State) {
     if !kernel.is_empty() {
         let mut rewritten = String::with_capacity(out.len() + 64 * kernel.len());
         for line in out.lines() {
-            let mut line = line.to_string();
+            // Every line is looked at, once per render (every tick): only a kernel device's
+            // lines are copied into a string of their own.
             if let Some((from, to)) = kernel.iter().find(|(from, _)| line.contains(from.as_str())) {
                 if SYNTHETIC_SETTINGS.iter().any(|m| line.starts_with(m)) {
                     continue;
                 }
-                line = line.replacen(from.as_str(), to, 1);
+                rewritten.push_str(&line.replacen(from.as_str(), to, 1));
+            } else {
+                rewritten.push_str(line);
             }
-            rewritten.push_str(&line);
             rewritten.push('\n');
         }
         *out = rewritten;
