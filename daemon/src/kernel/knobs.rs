@@ -419,7 +419,6 @@ mod tests {
         assert_eq!(by("napi_defer_hard_irqs").tuner_kind, None);
     }
 
-
     /// docs/kernel.md's driver catalogue and [`DRIVERS`] say the same: every NIC row's ring
     /// change, coalescing knobs and coalescing disruption, every rule has its row, and every
     /// row cites a kernel source file and function.

@@ -577,8 +577,7 @@ pub fn judge(r: &Rules, a_before: &Segment, b: &Segment, a_after: &Segment) -> J
     // (a kernel NIC's packets carry no latency) there is no p99 to hold under it, and taking
     // its absence for "over the SLO" made every candidate "back under" it, so every change was
     // kept (bench tune kernel-tcp: a 12.9% fall of ops/s kept).
-    let latency_measured =
-        a_buckets.values().any(|&c| c > 0) || b_buckets.values().any(|&c| c > 0);
+    let latency_measured = a_buckets.values().any(|&c| c > 0) || b_buckets.values().any(|&c| c > 0);
     let guard_slo =
         latency_measured && matches!(r.objective, Objective::Throughput | Objective::Balanced);
     let objective_improved = if guard_slo && !a_feasible {
