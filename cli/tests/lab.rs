@@ -211,8 +211,20 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
             .parse::<u32>()
             .unwrap_or(0)
     };
-    let link_ups0 = link_ups();
-    assert!(link_ups0 >= 1, "{ifname}'s link-up not in dmesg");
+    // The e1000 logs its first link-up from its watchdog, a while after the interface comes
+    // up (a busy host's TCG guest once reached this line before it had): wait for it.
+    let link_deadline = Instant::now() + SECS(60);
+    let link_ups0 = loop {
+        let n = link_ups();
+        if n >= 1 {
+            break n;
+        }
+        assert!(
+            Instant::now() < link_deadline,
+            "{ifname}'s link-up not in dmesg after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
     // The virtio-blk disk's queue knobs the tuner may change, as the guest's sysfs has them.
     let vda_knobs = || guest.check(VDA_KNOBS, t).unwrap();
     let vda_original = vda_knobs();
