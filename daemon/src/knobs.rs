@@ -164,6 +164,10 @@ pub struct Knob {
     /// A choice knob's options (the I/O scheduler).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub choices: Vec<String>,
+    /// A delay knob whose driver reads the values between 1 and this one as modes or refuses
+    /// them (e1000's rx-usecs: from 10): the tuner steps over them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delays_from: Option<u64>,
 }
 
 impl Knob {
@@ -186,6 +190,7 @@ impl Knob {
             disruption,
             tuner_kind: None,
             choices: Vec::new(),
+            delays_from: None,
         }
     }
 
@@ -354,6 +359,7 @@ pub fn tuner_space(knobs: &[Knob], pinned_budget: u32) -> (DeviceSettings, crate
         ring_page: RING_UNIT as u32,
         moderation_frames: (0, 0),
         moderation_usecs: (0, 0),
+        moderation_usecs_floor: 1,
         poll_budget: (pinned_budget, pinned_budget),
     };
     let mut rings = Vec::new();
@@ -371,7 +377,12 @@ pub fn tuner_space(knobs: &[Knob], pinned_budget: u32) -> (DeviceSettings, crate
         };
         match slot(kind) {
             TunerKind::ModerationCount => (s.moderation_frames, b.moderation_frames) = (v, range),
-            TunerKind::ModerationDelay => (s.moderation_usecs, b.moderation_usecs) = (v, range),
+            TunerKind::ModerationDelay => {
+                (s.moderation_usecs, b.moderation_usecs) = (v, range);
+                if let Some(floor) = k.delays_from.and_then(|d| k.to_tuner(d)) {
+                    b.moderation_usecs_floor = floor;
+                }
+            }
             TunerKind::PollBudget => (s.poll_budget, b.poll_budget) = (v, range),
             _ => {
                 if k.name.starts_with("tx") || k.name.contains("out") {

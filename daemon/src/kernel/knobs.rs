@@ -19,6 +19,10 @@ pub struct DriverRule {
     /// `mlx5e_safe_switch_params`); the other coalescing changes are live on every driver
     /// listed.
     pub adaptive_resets: bool,
+    /// The delays its `rx-usecs` takes, `(smallest non-zero, largest)`, where the driver gives
+    /// the values below the smallest another meaning or refuses them (e1000: 1, 3 and 4 are
+    /// adaptive modes, 2 and 5-9 are refused); `None`: any value, in microseconds.
+    pub rx_usecs_delays: Option<(u32, u32)>,
 }
 
 const USECS_FRAMES_ADAPTIVE: &[&str] = &[
@@ -38,6 +42,7 @@ pub const DRIVERS: &[DriverRule] = &[
         rings: Some(Disruption::Detaches),
         coalesce: &[],
         adaptive_resets: false,
+        rx_usecs_delays: None,
     },
     // virtnet_set_ringparam: virtnet_rx_resize/virtnet_tx_resize reset each virtqueue;
     // virtnet_set_coalesce: a control-queue command (VIRTIO_NET_F_NOTF_COAL).
@@ -46,6 +51,7 @@ pub const DRIVERS: &[DriverRule] = &[
         rings: Some(Disruption::ResetsQueue),
         coalesce: USECS_FRAMES_ADAPTIVE,
         adaptive_resets: false,
+        rx_usecs_delays: None,
     },
     // e1000_set_ringparam: e1000_down ... e1000_up (link down and up); e1000_set_coalesce
     // writes the ITR register.
@@ -54,6 +60,7 @@ pub const DRIVERS: &[DriverRule] = &[
         rings: Some(Disruption::Detaches),
         coalesce: &["rx_usecs"],
         adaptive_resets: false,
+        rx_usecs_delays: Some((10, 10_000)),
     },
     // e1000e's e1000_set_ringparam: e1000e_down(adapter, true) ... e1000e_up.
     DriverRule {
@@ -61,6 +68,7 @@ pub const DRIVERS: &[DriverRule] = &[
         rings: Some(Disruption::Detaches),
         coalesce: &["rx_usecs"],
         adaptive_resets: false,
+        rx_usecs_delays: Some((10, 10_000)),
     },
     // ena_set_ringparam: ena_update_queue_sizes closes and re-opens the device.
     DriverRule {
@@ -68,6 +76,7 @@ pub const DRIVERS: &[DriverRule] = &[
         rings: Some(Disruption::Detaches),
         coalesce: &["rx_usecs", "tx_usecs", "adaptive_rx"],
         adaptive_resets: false,
+        rx_usecs_delays: None,
     },
     // gve_set_ringparam: queues torn down and re-created (kernels that allow it);
     // gve_set_coalesce: DQO only, per notify block.
@@ -76,6 +85,7 @@ pub const DRIVERS: &[DriverRule] = &[
         rings: Some(Disruption::Detaches),
         coalesce: &["rx_usecs", "tx_usecs"],
         adaptive_resets: false,
+        rx_usecs_delays: None,
     },
     // mlx5e_ethtool_set_ringparam: mlx5e_safe_switch_params (new channels, then the old
     // closed); mlx5e_ethtool_set_coalesce: mlx5_core_modify_cq_moderation, a reset when the
@@ -85,6 +95,7 @@ pub const DRIVERS: &[DriverRule] = &[
         rings: Some(Disruption::ResetsQueue),
         coalesce: USECS_FRAMES_ADAPTIVE,
         adaptive_resets: true,
+        rx_usecs_delays: None,
     },
 ];
 
@@ -172,6 +183,12 @@ pub fn nic(driver: &str, ethtool: Option<&NicSettings>, napi: &[(&'static str, u
                 Source::EthtoolNetlink,
                 coalesce_disruption(driver, name),
             );
+            if name == "rx_usecs" {
+                if let Some((lo, hi)) = driver_rule(driver).and_then(|r| r.rx_usecs_delays) {
+                    k.max = Some(hi as u64);
+                    k.delays_from = Some(lo as u64);
+                }
+            }
             if let Some(kind) = kind.filter(|_| coalesce_tunable(driver, name)) {
                 have_count |= kind == TunerKind::ModerationCount;
                 have_delay |= kind == TunerKind::ModerationDelay;
@@ -519,6 +536,36 @@ mod tests {
         );
         // tun is not catalogued: what it reports is tuned.
         assert!(coalesce_tunable("tun", "rx_frames"));
+    }
+
+    #[test]
+    fn the_tuner_steps_over_e1000s_rx_usecs_modes() {
+        // e1000_set_coalesce: 0 off, 1/3/4 adaptive modes, 2 and 5-9 EINVAL, then 10-10000 us.
+        // The lab's 6.1 guest refused the tuner's 3 -> 5 us with EINVAL, trial after trial.
+        let s = NicSettings {
+            rings: None,
+            coalesce: Some(Coalesce {
+                rx_usecs: Some(3),
+                ..Default::default()
+            }),
+        };
+        let k = nic("e1000", Some(&s), &[("napi_defer_hard_irqs", 0)]);
+        let usecs = k.iter().find(|k| k.name == "rx_usecs").unwrap();
+        assert_eq!((usecs.delays_from, usecs.max), (Some(10), Some(10_000)));
+        let (at, bounds) = crate::knobs::tuner_space(&k, 64);
+        assert_eq!(bounds.moderation_usecs_floor, 10);
+        let step = |dir| {
+            crate::tuner::Knob::ModerationUsecs
+                .step(&at, dir, &bounds)
+                .map(|s| s.moderation_usecs)
+        };
+        assert_eq!(step(crate::tuner::Direction::Up), Some(10));
+        assert_eq!(step(crate::tuner::Direction::Down), Some(0));
+        // Other drivers keep the whole ladder.
+        let (at, bounds) = crate::knobs::tuner_space(&nic("tun", Some(&s), &[]), 64);
+        let up =
+            crate::tuner::Knob::ModerationUsecs.step(&at, crate::tuner::Direction::Up, &bounds);
+        assert_eq!(up.map(|s| s.moderation_usecs), Some(5));
     }
 
     #[test]

@@ -101,6 +101,7 @@ impl From<&Limits> for Bounds {
             ring_page: l.ring_page,
             moderation_frames: (l.moderation_frames[0], l.moderation_frames[1]),
             moderation_usecs: (l.moderation_usecs[0], l.moderation_usecs[1]),
+            moderation_usecs_floor: 1,
             poll_budget: (l.poll_budget[0], l.poll_budget[1]),
         }
     }

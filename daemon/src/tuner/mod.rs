@@ -135,6 +135,9 @@ pub struct Bounds {
     pub ring_page: u32,
     pub moderation_frames: (u32, u32),
     pub moderation_usecs: (u32, u32),
+    /// The smallest non-zero moderation delay the device takes as a delay (1 for most; e1000's
+    /// rx-usecs 1-4 are modes and 5-9 refused): ladder rungs between 0 and it are skipped.
+    pub moderation_usecs_floor: u32,
     pub poll_budget: (u32, u32),
 }
 
@@ -149,6 +152,7 @@ impl Default for Bounds {
                 *SettingsLimits::FRAMES.end(),
             ),
             moderation_usecs: (*SettingsLimits::USECS.start(), *SettingsLimits::USECS.end()),
+            moderation_usecs_floor: 1,
             poll_budget: (
                 *SettingsLimits::BUDGET.start(),
                 *SettingsLimits::BUDGET.end(),
@@ -247,7 +251,14 @@ impl Knob {
 
     fn ladder(self, b: &Bounds) -> (Vec<u32>, (u32, u32)) {
         match self {
-            Knob::ModerationUsecs => (USECS_LADDER.to_vec(), b.moderation_usecs),
+            Knob::ModerationUsecs => (
+                USECS_LADDER
+                    .iter()
+                    .copied()
+                    .filter(|&v| v == 0 || v >= b.moderation_usecs_floor)
+                    .collect(),
+                b.moderation_usecs,
+            ),
             Knob::ModerationFrames | Knob::Moderation => {
                 (FRAMES_LADDER.to_vec(), b.moderation_frames)
             }

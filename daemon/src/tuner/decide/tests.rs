@@ -197,6 +197,7 @@ fn bounds_strategy() -> impl Strategy<Value = Bounds> {
                 ring_page: 4096,
                 moderation_frames: (flo, fhi),
                 moderation_usecs: (ulo, uhi),
+                moderation_usecs_floor: 1,
                 poll_budget: (blo, bhi),
             }
         })
