@@ -25,6 +25,9 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde::Serialize;
 
+mod machine;
+use machine::first_line;
+
 #[derive(Parser)]
 #[command(about = "Scrape time, size and daemon cost against the number of devices")]
 struct Args {
@@ -116,18 +119,6 @@ impl Drop for Procs {
             let _ = c.wait();
         }
     }
-}
-
-fn first_line(path: &str, key: &str) -> String {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// A process's user plus system CPU time, seconds.

@@ -30,6 +30,9 @@ use enlight_driver::nic::{FramePipe, NicHostStats, NicKnobs, NicOptions, NicVsp,
 use enlight_driver::ring::{WriteOutcome, FLAG_COMPLETION_REQUESTED, PACKET_TYPE_INBAND};
 use enlight_driver::settings::DeviceSettings;
 
+mod machine;
+use machine::first_line;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Role {
     /// Parent: floods both hosts and samples their RSS.
@@ -113,18 +116,6 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.split_whitespace().next()?.parse().ok())
         })
         .unwrap_or(0)
-}
-
-fn first_line(path: &str, key: &str) -> String {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Starts a host child on `role`, returns it with the guest end of its channel.

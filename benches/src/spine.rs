@@ -28,7 +28,9 @@ use enlight_driver::settings::DeviceSettings;
 use enlight_driver::workload::{self, Limit, Pattern, WorkloadSpec};
 use serde::Serialize;
 
+mod machine;
 mod toggled;
+use machine::first_line;
 
 #[derive(Parser)]
 #[command(about = "Benchmarks of the spine: channel throughput, disk IOPS, probe overhead")]
@@ -725,17 +727,6 @@ fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     s[s.len() / 2]
-}
-
-fn first_line(path: &str, key: &str) -> String {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with(key))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 fn main() -> Result<()> {
