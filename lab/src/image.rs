@@ -11,7 +11,9 @@
 //! - Cache: `<cache>/initrd-<fingerprint>.cpio`, the fingerprint a SHA-256 of the kernel
 //!   package, the init script, the module list and each input file's path, size and
 //!   modification time: rebuilding enlightd (or upgrading fio) changes it, and the image is
-//!   rebuilt; older images in the cache are removed.
+//!   rebuilt. The [`KEPT_IMAGES`] most recently used images stay (a debug build's tests and a
+//!   release build's `bench compare --guest` each have their own, and neither evicts the
+//!   other); older ones are removed.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,26 @@ use crate::{run_tool, LabError};
 
 /// The devices whose drivers every image carries (so one image boots any device mix).
 pub const ALL_DEVICES: [&str; 5] = ["ide", "virtio-blk", "virtio-scsi", "e1000", "virtio-net"];
+
+/// How many initramfs images the cache keeps, the most recently used first.
+pub const KEPT_IMAGES: usize = 3;
+
+/// The images of a cache to remove: all but the `keep` most recently used (by modification
+/// time, which a cache hit refreshes), never `current`. `images` are (file name, mtime).
+pub fn stale_images(
+    mut images: Vec<(String, std::time::SystemTime)>,
+    current: &str,
+    keep: usize,
+) -> Vec<String> {
+    images.retain(|(name, _)| name != current);
+    // Newest first; the current image takes one of the kept places.
+    images.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    images
+        .into_iter()
+        .skip(keep.saturating_sub(1))
+        .map(|(name, _)| name)
+        .collect()
+}
 
 /// What the image is built from.
 #[derive(Clone, Debug)]
@@ -264,17 +286,31 @@ impl Image {
         let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         let initrd = cache.join(format!("initrd-{hex}.cpio"));
         let mut rebuilt = false;
-        if !initrd.exists() {
+        if initrd.exists() {
+            // Mark it used, for the eviction below (a failure only makes it look older).
+            let _ = std::fs::File::options()
+                .append(true)
+                .open(&initrd)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        } else {
             build_initrd(cache, &initrd, &busybox, &files[1..], &libs, &modules)?;
             rebuilt = true;
-            // Older images are stale now.
-            if let Ok(entries) = std::fs::read_dir(cache) {
-                for e in entries.filter_map(Result::ok) {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    if name.starts_with("initrd-") && e.path() != initrd {
-                        let _ = std::fs::remove_file(e.path());
-                    }
-                }
+            let current = format!("initrd-{hex}.cpio");
+            let images = std::fs::read_dir(cache)
+                .map(|entries| {
+                    entries
+                        .filter_map(Result::ok)
+                        .filter_map(|e| {
+                            let name = e.file_name().to_string_lossy().into_owned();
+                            let mtime = e.metadata().and_then(|m| m.modified()).ok()?;
+                            name.starts_with("initrd-").then_some((name, mtime))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            for name in stale_images(images, &current, KEPT_IMAGES) {
+                // A lab booting from it has it open already; the next one rebuilds.
+                let _ = std::fs::remove_file(cache.join(name));
             }
         }
         Ok(Image {
@@ -432,6 +468,29 @@ fn build_initrd(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_keeps_the_most_recently_used_images() {
+        use std::time::{Duration, SystemTime};
+        let at = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let images = vec![
+            ("initrd-old.cpio".to_string(), at(10)),
+            ("initrd-release.cpio".to_string(), at(40)),
+            ("initrd-new.cpio".to_string(), at(50)),
+            ("initrd-debug.cpio".to_string(), at(30)),
+        ];
+        // The new image plus the two most recently used others stay.
+        assert_eq!(
+            stale_images(images.clone(), "initrd-new.cpio", 3),
+            ["initrd-old.cpio"]
+        );
+        assert_eq!(
+            stale_images(images.clone(), "initrd-old.cpio", 3),
+            ["initrd-debug.cpio"]
+        );
+        assert_eq!(stale_images(images.clone(), "initrd-new.cpio", 1).len(), 3);
+        assert!(stale_images(images, "initrd-new.cpio", 9).is_empty());
+    }
 
     #[test]
     fn the_kernel_package_is_read_from_apt_cache() {
