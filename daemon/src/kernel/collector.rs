@@ -623,6 +623,41 @@ pub(crate) mod tests {
         std::fs::write(q.join("read_ahead_kb"), "128\n").unwrap();
     }
 
+    /// A NIC's ring pressure: budget-exhausted polls plus receive overruns from its sysfs
+    /// statistics (`rx_dropped` not counted; a counter the driver lacks is 0).
+    #[test]
+    fn ring_pressure_is_budget_exhausted_polls_plus_receive_overruns() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = dir.path().join("class/net/eth1/statistics");
+        std::fs::create_dir_all(&stats).unwrap();
+        for (c, v) in [
+            ("rx_missed_errors", "7\n"),
+            ("rx_fifo_errors", "3\n"),
+            ("rx_dropped", "1000\n"),
+        ] {
+            std::fs::write(stats.join(c), v).unwrap();
+        }
+        assert_eq!(rx_overruns(dir.path(), "eth1"), 10);
+        assert_eq!(rx_overruns(dir.path(), "eth9"), 0, "no such NIC");
+        std::fs::remove_file(stats.join("rx_fifo_errors")).unwrap();
+        assert_eq!(rx_overruns(dir.path(), "eth1"), 7);
+        let info = KernelInfo {
+            driver: "virtio_net".into(),
+            class: crate::kernel::DriverClass::Paravirtual,
+            queues: 1,
+            irqs: Vec::new(),
+            napi_polls: 500,
+            napi_packets: 20_000,
+            napi_budget_exhausted: 40,
+            napi_batch_mean: 0.0,
+            rx_overruns: 7,
+            nic: None,
+            block_queue: BTreeMap::new(),
+            tuning: String::new(),
+        };
+        assert_eq!(ring_pressure(&info), 47);
+    }
+
     #[test]
     fn kernel_devices_appear_with_figures_and_vanish_after_grace() {
         let dir = tempfile::tempdir().unwrap();
