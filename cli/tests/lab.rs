@@ -10,12 +10,18 @@
 //!   against the guest's own /proc/diskstats (allowing the documented 2 + 0.1% shortfall);
 //! - a tuner change of the e1000's rx-usecs and NAPI moderation (`napi_defer_hard_irqs`), with
 //!   ping traffic from the host through the tap, seen by `ethtool -c` and sysfs in the guest; on
-//!   virtio-net (fixed coalescing without `VIRTIO_NET_F_NOTF_COAL` on QEMU 7.2) a change of its
-//!   NAPI moderation in sysfs; after `kill -9` of the guest's enlightd, with the changes in
-//!   force, they stay and the journal holds the originals, which `enlight restore` puts back;
-//! - rings on both NICs are recommend only, shown with the reason (the e1000's resize resets
-//!   the adapter; virtio-net's, which this QEMU/kernel pair does support, resets the queue) and
-//!   never changed: `ethtool -g` and the e1000's link (no second "Link is Up") unchanged;
+//!   virtio-net (fixed coalescing without `VIRTIO_NET_F_NOTF_COAL` on QEMU 7.2) trials of its
+//!   NAPI moderation (in the tuner's decisions) before its rx ring's (below); after `kill -9`
+//!   of the guest's enlightd, with the changes in force, they stay and the journal holds the
+//!   originals, which `enlight restore` puts back;
+//! - rings: the e1000's are recommend only, shown with the reason (its resize resets the
+//!   adapter) and never changed: `ethtool -g` and its link (no second "Link is Up") unchanged.
+//!   virtio-net's rx ring (its resize only resets the queue, which this QEMU/kernel pair
+//!   supports), shrunk to 128 by hand first, is explored under the ring pressure that small
+//!   UDP datagrams from the host put on it (NAPI polls that use their whole budget): a trial of
+//!   256 is seen by `ethtool -g` in the guest, caught and pinned there, named in the decisions
+//!   and the audit log, kept after `kill -9`, and put back to 128 by `enlight restore`; its tx
+//!   ring stays recommend only;
 //! - likewise for the virtio-blk disk's queue knobs (nr_requests, scheduler, read_ahead_kb,
 //!   max_sectors_kb) under fio inside the guest, read from the guest's sysfs;
 //! - nothing left behind: no QEMU, network namespace, tap or run directory.
@@ -76,6 +82,24 @@ fn current_rx_ring(ethtool_g: &str) -> Option<u64> {
 
 fn ring_rx(ethtool_g: &str) -> u64 {
     current_rx_ring(ethtool_g).unwrap_or_else(|| panic!("no current RX ring in {ethtool_g}"))
+}
+
+/// The most rx ring `ethtool -g` allows (the first "RX:" line: pre-set maximums).
+fn ethtool_max_rx(ethtool_g: &str) -> u64 {
+    ethtool_g
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("RX:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no RX maximum in {ethtool_g}"))
+}
+
+/// The current tx ring size from `ethtool -g` (the second "TX:" line).
+fn current_tx_ring(ethtool_g: &str) -> Option<u64> {
+    ethtool_g
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("TX:"))
+        .nth(1)
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn rx_usecs(ethtool_c: &str) -> u64 {
@@ -178,27 +202,25 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
     let rings = |i: &str| guest.check(&format!("ethtool -g {i}"), t).unwrap();
     let (eth_napi0, vif_napi0) = (napi(&ifname), napi(&vif));
     let (eth_rings0, vif_rings0) = (rings(&ifname), rings(&vif));
-    // Does this QEMU/kernel pair resize virtio-net's rings (the ring reset of virtio 1.2)?
-    // Tried by hand before enlightd starts, and put back: enlight keeps rings recommend only
-    // either way, and the docs say which this pair does.
+    // This QEMU/kernel pair resizes virtio-net's rings (the queue reset of virtio 1.2, QEMU
+    // 7.2 and Linux 6.0+). QEMU gives the rx ring its most, 256: an operator's smaller ring,
+    // 128, set by hand before enlightd starts, leaves the tuner a rung to try.
+    let rx_max = ethtool_max_rx(&vif_rings0);
     let resized = guest
-        .run(
-            &format!(
-                "ethtool -G {vif} rx 128 && ethtool -g {vif}; ethtool -G {vif} rx {}",
-                ring_rx(&vif_rings0)
-            ),
-            t,
-        )
+        .run(&format!("ethtool -G {vif} rx 128 && ethtool -g {vif}"), t)
         .unwrap();
-    eprintln!(
-        "lab: virtio-net ring resize by hand: {}",
-        if current_rx_ring(&resized.output) == Some(128) {
-            "took effect (rx 128), put back"
-        } else {
-            "not supported"
-        }
+    assert_eq!(
+        current_rx_ring(&resized.output),
+        Some(128),
+        "virtio-net's rx ring did not shrink to 128 by hand: {}",
+        resized.output
     );
-    assert_eq!(rings(&vif), vif_rings0, "virtio-net rings put back by hand");
+    assert!(
+        rx_max > 128,
+        "virtio-net's rx ring cannot grow: {vif_rings0}"
+    );
+    let (vif_rings0, vif_rx0) = (rings(&vif), 128);
+    eprintln!("lab: virtio-net rx ring set to 128 by hand (most {rx_max})");
     // An e1000 ring resize takes the adapter down and up: the link comes up once per reset.
     let link_ups = || {
         guest
@@ -232,10 +254,12 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
     // enlightd with the kernel side on, allowed to tune both NICs and the virtio-blk disk. The
     // NICs' objective is throughput: its moves try more moderation (both ladders at once) right
     // after less, so an early trial moves the e1000's rx-usecs and napi_defer_hard_irqs together
-    // and virtio-net's NAPI knobs (at 0, with nothing below) first; latency's order reaches
-    // NAPI only after several trials.
+    // and virtio-net's NAPI knobs (at 0, with nothing below) first, its rx ring last (the ring
+    // ladder, tried only under ring pressure; `[kernel] ring_resets` is left at its default,
+    // "explore"); latency's order reaches NAPI only after several trials. The audit log is
+    // read in the guest.
     let config = format!(
-        "[tuner]\\nmode = \\\"auto\\\"\\nobjective = \\\"latency\\\"\\ntrial_windows = 2\\nsettle_windows = 0\\nmin_change_interval_ms = 100\\n[tuner.devices.{ifname}]\\nobjective = \\\"throughput\\\"\\n[tuner.devices.{vif}]\\nobjective = \\\"throughput\\\"\\n[kernel]\\nenabled = true\\ntune = [\\\"{ifname}\\\", \\\"{vif}\\\", \\\"vda\\\"]\\ndry_run = false\\n"
+        "[tuner]\\nmode = \\\"auto\\\"\\nobjective = \\\"latency\\\"\\naudit_log = \\\"/tmp/tuner-audit.jsonl\\\"\\ntrial_windows = 2\\nsettle_windows = 0\\nmin_change_interval_ms = 100\\n[tuner.devices.{ifname}]\\nobjective = \\\"throughput\\\"\\n[tuner.devices.{vif}]\\nobjective = \\\"throughput\\\"\\n[kernel]\\nenabled = true\\ntune = [\\\"{ifname}\\\", \\\"{vif}\\\", \\\"vda\\\"]\\ndry_run = false\\n"
     );
     guest
         .check(&format!("printf \"{config}\" > /tmp/enlightd.toml"), t)
@@ -366,6 +390,39 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
             KillOnDrop(ping.spawn().unwrap())
         })
         .collect();
+    // Ring pressure on virtio-net: small UDP datagrams from the host, more than the guest's
+    // NAPI polls take one budget (64) at a time. (A TCP stream shows none: QEMU hands the guest
+    // 64 KiB GSO frames, a couple a poll.)
+    guest.check("iperf3 -s -D", t).unwrap();
+    // The guest watches its rx ring with `ethtool -g` every 0.2 s and pins virtio-net the
+    // moment a trial grows it: a trial lasts 2 windows (1 s), too short to catch reliably from
+    // the host through the command channel.
+    guest
+        .check(
+            &format!(
+                "(pinned=; while :; do r=$(ethtool -g {vif} | awk '/^RX:/{{n++; if (n == 2) print $2}}'); echo \"rx $r\"; if [ -z \"$pinned\" ] && [ \"$r\" -gt {vif_rx0} ]; then wget -q -O /dev/null --post-data= http://127.0.0.1:9464/api/v1/devices/{vif}/pin && pinned=1 && echo pinned; fi; sleep 0.2; done) > /tmp/vif-rings 2>&1 & echo $! > /tmp/vif-watch.pid"
+            ),
+            t,
+        )
+        .unwrap();
+    let udp = {
+        let mut c = guest.host_command("iperf3");
+        c.args([
+            "-c",
+            &vnic.guest_addr.to_string(),
+            "-u",
+            "-b",
+            UDP_RATE,
+            "-l",
+            "100",
+            "-t",
+            "150",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .die_with_parent(libc::SIGKILL);
+        KillOnDrop(c.spawn().unwrap())
+    };
     // And fio on the virtio-blk disk inside the guest, for the disk's tuner.
     guest
         .check(
@@ -386,12 +443,16 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
             .unwrap_or_else(|e| panic!("{verb} {device}: {e}"));
     };
     // The e1000 counts as changed once both rx-usecs and NAPI moderation differ from the
-    // originals (one trial of more moderation), virtio-net once its NAPI moderation does.
+    // originals (one trial of more moderation), virtio-net once its rx ring has grown (its NAPI
+    // moderation is tried first: those trials are checked in the decisions below).
     let eth_state = || (eth_usecs(), napi(&ifname));
     let eth_changed = |(u, n): &(u64, String)| *u != original_usecs && *n != eth_napi0;
+    let vif_state = || (rings(&vif), napi(&vif));
+    let vif_changed = |(r, _): &(String, String)| current_rx_ring(r) > Some(vif_rx0);
     let deadline = Instant::now() + SECS(150);
     let mut eth_tuned: Option<(u64, String)> = None;
-    let (mut vif_tuned, mut vda_tuned): (Option<String>, Option<String>) = (None, None);
+    let mut vif_tuned: Option<(String, String)> = None;
+    let mut vda_tuned: Option<String> = None;
     // Pins `device` once `changed(read())` holds, and keeps the pin only if it still holds
     // after the pin took (a trial may be reverted in between).
     fn catch<T: PartialEq>(
@@ -413,12 +474,7 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
         catch(&mut eth_tuned, eth_state, eth_changed, |on| {
             pin(&ifname, on)
         });
-        catch(
-            &mut vif_tuned,
-            || napi(&vif),
-            |n| *n != vif_napi0,
-            |on| pin(&vif, on),
-        );
+        catch(&mut vif_tuned, vif_state, vif_changed, |on| pin(&vif, on));
         catch(
             &mut vda_tuned,
             vda_knobs,
@@ -427,9 +483,11 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
         );
         assert!(
             Instant::now() < deadline,
-            "the tuner did not change {ifname} ({eth_tuned:?}), {vif} ({vif_tuned:?}) and vda ({vda_tuned:?}) within 150 s; decisions: {}; log: {}",
+            "the tuner did not change {ifname} ({eth_tuned:?}), {vif}'s rx ring ({vif_tuned:?}) and vda ({vda_tuned:?}) within 150 s; decisions: {}; log: {}; {vif}'s NAPI: {}; rx ring seen: {}",
             get(&fwd, "/api/v1/tuner/decisions?limit=30").unwrap_or_default(),
-            guest.check("tail -20 /tmp/enlightd.log", t).unwrap()
+            guest.check("tail -20 /tmp/enlightd.log", t).unwrap(),
+            guest.check(&format!("wget -q -O- http://127.0.0.1:9464/metrics | grep '^enlight_napi.*{vif}'; true"), t).unwrap(),
+            guest.check("sort /tmp/vif-rings | uniq -c", t).unwrap()
         );
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -437,13 +495,42 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
         "lab: all three devices changed and pinned after {:?}",
         started.elapsed()
     );
+    // What the pressure was: budget-exhausted polls per second on virtio-net, read before the
+    // traffic stops.
+    let napi_rates = {
+        let read = || {
+            let m = get(&fwd, "/metrics").unwrap();
+            let l = [("device", vif.as_str())];
+            (
+                Instant::now(),
+                metric(&m, "enlight_napi_polls_total", &l),
+                metric(&m, "enlight_napi_packets_total", &l),
+                metric(&m, "enlight_napi_budget_exhausted_total", &l),
+            )
+        };
+        let a = read();
+        std::thread::sleep(SECS(3));
+        let b = read();
+        let dt = b.0.duration_since(a.0).as_secs_f64();
+        format!(
+            "{:.0} polls/s, {:.0} packets/s, {:.0} budget-exhausted polls/s",
+            (b.1 - a.1) / dt,
+            (b.2 - a.2) / dt,
+            (b.3 - a.3) / dt
+        )
+    };
+    eprintln!("lab: {vif} under UDP from the host: {napi_rates}");
     drop(pings);
+    drop(udp);
     guest
-        .check("kill $(pidof fio) 2>/dev/null; true", t)
+        .check(
+            "kill $(pidof fio) $(cat /tmp/vif-watch.pid) $(pidof iperf3) 2>/dev/null; true",
+            t,
+        )
         .unwrap();
     let vda_tuned = vda_tuned.unwrap();
     let (eth_usecs_tuned, eth_napi_tuned) = eth_tuned.unwrap();
-    let vif_tuned = vif_tuned.unwrap();
+    let (vif_rings_tuned, vif_tuned) = vif_tuned.unwrap();
     let eth_tuned = Some(eth_usecs_tuned);
     assert_eq!(vda_knobs(), vda_tuned, "vda changed after it was pinned");
     assert_eq!(
@@ -484,12 +571,27 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
             "{i}: API knobs and sysfs disagree"
         );
     }
-    // Rings: recommend only, with the reason, and never changed.
-    for (i, reason) in [
-        (&ifname, "rx_ring detaches and re-creates the device"),
+    // Rings: the e1000's recommend only, with the reason, and never changed; virtio-net's tx
+    // ring recommend only, its rx ring not (it was just caught grown).
+    let decisions_of = |i: &str| -> Vec<serde_json::Value> {
+        serde_json::from_str::<serde_json::Value>(
+            &get(
+                &fwd,
+                &format!("/api/v1/tuner/decisions?device={i}&limit=1000"),
+            )
+            .unwrap(),
+        )
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+    };
+    for (i, shown, not_shown) in [
+        (&ifname, "rx_ring detaches and re-creates the device", None),
         (
             &vif,
-            "rx_ring resets the queue when changed: recommend only",
+            "tx_ring resets the queue when changed: recommend only",
+            Some("rx_ring"),
         ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_enlight"))
@@ -498,26 +600,70 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
-            out.status.success() && text.contains(&format!("not explored: {reason}")),
-            "{i}: enlight tune --dry-run does not show its rings as recommend only ({reason}): {text}{}",
+            out.status.success()
+                && text.contains(&format!("not explored: {shown}"))
+                && not_shown.is_none_or(|n| !text.contains(&format!("not explored: {n}"))),
+            "{i}: enlight tune --dry-run does not show its rings as it should ({shown}): {text}{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let decisions: serde_json::Value = serde_json::from_str(
-            &get(
-                &fwd,
-                &format!("/api/v1/tuner/decisions?device={i}&limit=200"),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        for d in decisions.as_array().unwrap() {
-            for f in ["ring_in_bytes", "ring_out_bytes"] {
-                assert_eq!(d["from"][f], d["to"][f], "{i}: a decision moved {f}: {d}");
-            }
+    }
+    for d in decisions_of(&ifname) {
+        for f in ["ring_in_bytes", "ring_out_bytes"] {
+            assert_eq!(
+                d["from"][f], d["to"][f],
+                "{ifname}: a decision moved {f}: {d}"
+            );
         }
     }
     assert_eq!(rings(&ifname), eth_rings0, "{ifname}'s rings changed");
-    assert_eq!(rings(&vif), vif_rings0, "{vif}'s rings changed");
+    // virtio-net: the trial of a larger rx ring, seen by ethtool -g in the guest, in the
+    // tuner's decisions (in its own knobs) and in the audit log; its tx ring untouched.
+    let vif_rx_tuned = ring_rx(&vif_rings_tuned);
+    let grown = format!("rx_ring {vif_rx0} → {vif_rx_tuned}");
+    let seen = guest.check("cat /tmp/vif-rings", t).unwrap();
+    assert!(
+        seen.lines().any(|l| l == format!("rx {vif_rx_tuned}")) && seen.contains("pinned"),
+        "ethtool -g in the guest never saw rx {vif_rx_tuned}: {seen}"
+    );
+    assert_eq!(rings(&vif), vif_rings_tuned, "{vif}'s rings after the pin");
+    assert_eq!(
+        current_tx_ring(&vif_rings_tuned),
+        current_tx_ring(&vif_rings0),
+        "{vif}'s tx ring changed"
+    );
+    let vif_decisions = decisions_of(&vif);
+    let ring_trial = vif_decisions
+        .iter()
+        .find(|d| {
+            d["action"] == "change"
+                && d["to"]["ring_in_bytes"].as_u64() > d["from"]["ring_in_bytes"].as_u64()
+        })
+        .unwrap_or_else(|| panic!("no decision grew {vif}'s rx ring: {vif_decisions:?}"));
+    assert!(
+        ring_trial["reason"].as_str().unwrap().contains(&grown),
+        "the ring trial's reason does not name {grown}: {ring_trial}"
+    );
+    // Its NAPI moderation was tried before the ring (the throughput objective's order).
+    assert!(
+        vif_decisions.iter().any(|d| d["action"] == "change"
+            && (d["from"]["moderation_frames"] != d["to"]["moderation_frames"]
+                || d["from"]["moderation_usecs"] != d["to"]["moderation_usecs"])),
+        "no NAPI trial on {vif}: {vif_decisions:?}"
+    );
+    let audit = guest
+        .check(
+            &format!("grep -c '{grown}' /tmp/tuner-audit.jsonl; true"),
+            t,
+        )
+        .unwrap();
+    assert!(
+        audit.trim().parse::<u32>().unwrap_or(0) >= 1,
+        "the audit log does not name {grown}: {audit}"
+    );
+    eprintln!(
+        "lab: tuner tried {vif}'s {grown} under ring pressure ({}), seen by ethtool -g and pinned",
+        ring_trial["reason"]
+    );
     assert_eq!(
         link_ups(),
         link_ups0,
@@ -585,6 +731,7 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
         "{ifname}'s NAPI after kill -9"
     );
     assert_eq!(napi(&vif), vif_tuned, "{vif}'s NAPI after kill -9");
+    assert_eq!(rings(&vif), vif_rings_tuned, "{vif}'s rings after kill -9");
     let list = guest
         .check("enlight restore --list --runtime-dir /run/enlight", t)
         .unwrap();
@@ -593,7 +740,10 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
             && list.contains(&format!("original {original_usecs}"))
             && list.contains("vda")
             && list.contains(&vif)
-            && list.contains("napi_defer_hard_irqs"),
+            && list.contains("napi_defer_hard_irqs")
+            && list
+                .lines()
+                .any(|l| l.contains(&vif) && l.contains(&format!("rx_ring: original {vif_rx0}"))),
         "journal after kill -9: {list}"
     );
     let restored = guest
@@ -615,7 +765,16 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
         vif_napi0,
         "{vif}'s NAPI after restore: {restored}"
     );
-    eprintln!("lab: restore checked after {:?}", started.elapsed());
+    assert_eq!(
+        rings(&vif),
+        vif_rings0,
+        "{vif}'s rings after restore: {restored}"
+    );
+    eprintln!(
+        "lab: restore checked after {:?} ({vif} rx ring back to {})",
+        started.elapsed(),
+        ring_rx(&rings(&vif))
+    );
 
     // 5. Nothing left behind.
     let console = guest.console_log().to_path_buf();
@@ -662,6 +821,10 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
     );
     eprintln!("lab: whole test {:?}", started.elapsed());
 }
+
+/// The rate of the host's 100-byte UDP datagrams into virtio-net: more than the TCG guest's
+/// polls drain a budget at a time (ring pressure), yet leaving it the CPU for the rest.
+const UDP_RATE: &str = "10M";
 
 /// The virtio-blk disk's queue knobs the tuner may change (the scheduler with the current one
 /// in brackets), one per line.

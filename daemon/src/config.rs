@@ -606,6 +606,21 @@ mod tests {
         );
         let e = Config::parse("[kernel]\ntunes = [\"eth1\"]\n").unwrap_err();
         assert!(e.to_string().contains("tunes"), "{e}");
+        // Queue-resetting rx rings: explored on pressure unless the operator says otherwise.
+        assert_eq!(d.kernel.ring_resets, crate::kernel::RingResets::Explore);
+        let c = Config::parse("[kernel]\nring_resets = \"recommend\"\n").unwrap();
+        assert_eq!(c.kernel.ring_resets, crate::kernel::RingResets::Recommend);
+        let e =
+            Config::parse("[kernel]\nenabled = true\nring_resets = \"sometimes\"\n").unwrap_err();
+        assert_eq!(
+            (e.key(), e.line()),
+            (Some("kernel.ring_resets"), Some(3)),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("sometimes") && e.to_string().contains("\"recommend\""),
+            "{e}"
+        );
     }
 
     #[test]

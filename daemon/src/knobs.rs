@@ -13,7 +13,9 @@
 //!
 //! The tuner's search space comes from the same list ([`TunerKind`]): a knob rides the ladder of
 //! its kind, and a knob that is not [`Disruption::Live`] is never explored (recommend only, with
-//! the reason from [`Knob::not_explored_because`]).
+//! the reason from [`Knob::not_explored_because`]), but for one kind: the rx ring of a driver
+//! whose ring change only resets the queue, which the operator may let the tuner explore when the
+//! ring shows pressure ([`Knob::explored_on_pressure`], `[kernel] ring_resets`).
 
 use std::fmt::Write as _;
 
@@ -168,6 +170,12 @@ pub struct Knob {
     /// them (e1000's rx-usecs: from 10): the tuner steps over them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delays_from: Option<u64>,
+    /// A knob that is not live whose change the tuner may still try, live, when the device
+    /// shows pressure on it: the rx ring of a driver whose resize only resets the queue
+    /// (virtio_net, mlx5_core), where `[kernel] ring_resets = "explore"`. The tuner's ring
+    /// ladder is tried only when the device shows ring pressure, so this knob moves only then.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub explored_on_pressure: bool,
 }
 
 impl Knob {
@@ -191,6 +199,7 @@ impl Knob {
             tuner_kind: None,
             choices: Vec::new(),
             delays_from: None,
+            explored_on_pressure: false,
         }
     }
 
@@ -200,9 +209,16 @@ impl Knob {
         self
     }
 
+    /// Whether the tuner may change this knob: a live knob, or one explored on pressure.
+    pub fn explorable(&self) -> bool {
+        self.disruption == Disruption::Live || self.explored_on_pressure
+    }
+
     /// Why the tuner never explores this knob live (`None`: it may).
     pub fn not_explored_because(&self) -> Option<String> {
         match self.disruption {
+            // Explored, but only when the ring shows pressure (the ring ladder's gate).
+            Disruption::ResetsQueue if self.explored_on_pressure => None,
             // The ring ladder is tried only when writers found a ring full; no disk reports
             // that, so a disk's largest request stays where it is.
             Disruption::Live if self.tuner_kind == Some(TunerKind::MaxIo) => Some(format!(
@@ -342,9 +358,10 @@ pub fn explored_range(kind: TunerKind) -> (u32, u32) {
 
 /// The tuner's view of a device that is no control-socket device: the settings point its knobs
 /// stand for and the bounds to explore. Each tuner field takes the value of the knob riding
-/// its ladder; a live knob is explored within [`explored_range`] (and its own limits, widened
-/// to take its current value in), anything else is pinned where it is: a knob that is not
-/// live (recommend only) and a field the device has no knob for. `pinned_budget` is the fixed
+/// its ladder; an explorable knob ([`Knob::explorable`]: live, or a ring explored on pressure)
+/// is explored within [`explored_range`] (and its own limits, widened to take its current value
+/// in), anything else is pinned where it is: a knob that is not live (recommend only) and a
+/// field the device has no knob for. `pinned_budget` is the fixed
 /// polling budget reported for devices without one (the kernel's NAPI weight).
 pub fn tuner_space(knobs: &[Knob], pinned_budget: u32) -> (DeviceSettings, crate::tuner::Bounds) {
     let mut s = DeviceSettings {
@@ -363,11 +380,14 @@ pub fn tuner_space(knobs: &[Knob], pinned_budget: u32) -> (DeviceSettings, crate
         poll_budget: (pinned_budget, pinned_budget),
     };
     let mut rings = Vec::new();
+    // The explored rings when only some are (a queue-resetting driver's rx ring, its tx ring
+    // recommend only): value and range.
+    let mut explored_rings = Vec::new();
     for k in knobs {
         let (Some(kind), Some(v)) = (k.tuner_kind, k.to_tuner(k.value)) else {
             continue;
         };
-        let range = if k.disruption == Disruption::Live {
+        let range = if k.explorable() {
             let (lo, hi) = explored_range(kind);
             let own_lo = k.min.and_then(|m| k.to_tuner(m)).unwrap_or(lo);
             let own_hi = k.max.and_then(|m| k.to_tuner(m)).unwrap_or(hi);
@@ -391,6 +411,9 @@ pub fn tuner_space(knobs: &[Knob], pinned_budget: u32) -> (DeviceSettings, crate
                     s.ring_in_bytes = v;
                 }
                 rings.push(range);
+                if k.explorable() {
+                    explored_rings.push((v, range));
+                }
             }
         }
     }
@@ -402,7 +425,14 @@ pub fn tuner_space(knobs: &[Knob], pinned_budget: u32) -> (DeviceSettings, crate
         // max_sectors_kb in bytes: any KiB is a valid value.
         b.ring_page = 1024;
     }
-    if rings.iter().all(|r| r.0 < r.1) && !rings.is_empty() {
+    if let ([(v, range)], true) = (&explored_rings[..], rings.len() > 1) {
+        // One ring explored, the other recommend only (a queue-resetting driver's rx ring; its
+        // tx ring has no pressure signal): the tuner's ring slot, both directions, stands for
+        // the explored ring alone, and [`changes_to`] never writes the other.
+        s.ring_out_bytes = *v;
+        s.ring_in_bytes = *v;
+        b.ring_bytes = *range;
+    } else if rings.iter().all(|r| r.0 < r.1) && !rings.is_empty() {
         // One range for both directions, explored only when every ring is live.
         let lo = rings.iter().map(|r| r.0).max().unwrap_or(0);
         let hi = rings.iter().map(|r| r.1).min().unwrap_or(0);
@@ -421,13 +451,14 @@ pub fn tuner_space(knobs: &[Knob], pinned_budget: u32) -> (DeviceSettings, crate
 }
 
 /// The knob changes that take a device from its knobs' values to the tuner's settings `to`:
-/// `(knob, from, to)` for every live knob the tuner moves whose value would change (a knob
-/// whose value in the tuner's units already matches is left alone, so a rounding never
-/// writes; a knob that is not live is never changed by the tuner, see [`tuner_space`]).
+/// `(knob, from, to)` for every explorable knob ([`Knob::explorable`]) the tuner moves whose
+/// value would change (a knob whose value in the tuner's units already matches is left alone,
+/// so a rounding never writes; any other knob is never changed by the tuner, see
+/// [`tuner_space`]).
 pub fn changes_to(knobs: &[Knob], to: &DeviceSettings) -> Vec<(String, u64, u64)> {
     knobs
         .iter()
-        .filter(|k| k.disruption == Disruption::Live)
+        .filter(|k| k.explorable())
         .filter_map(|k| {
             let target = k.from_tuner(to)?;
             (k.to_tuner(k.value)? != k.to_tuner(target)?).then(|| (k.name.clone(), k.value, target))

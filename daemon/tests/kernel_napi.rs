@@ -47,7 +47,7 @@ fn sysfs(ns: &NetNs, iface: &str, knob: &str) -> u64 {
 /// sysfs, coalescing and rings against the `ethtool` tool. Returns the knob names.
 fn check_knobs_against_sysfs_and_ethtool(ns: &NetNs, iface: &str) -> Vec<String> {
     let netns = PathBuf::from(format!("/run/netns/{}", ns.name));
-    let knobs = nic_knobs(iface, Some(&netns)).unwrap();
+    let knobs = nic_knobs(iface, Some(&netns), Default::default()).unwrap();
     let coalesce = ns.exec(&["sh", "-c", &format!("ethtool -c {iface} 2>&1 || true")]);
     let rings = ns.exec(&["sh", "-c", &format!("ethtool -g {iface} 2>&1 || true")]);
     for k in &knobs {

@@ -9,8 +9,11 @@
 //! live knob rides the ladder of its kind (`rx-frames`, else `napi_defer_hard_irqs`, on the
 //! moderation-count ladder; `rx-usecs`, else `gro_flush_timeout`, on the delay ladder), and
 //! every knob that is not live (a ring resize resets the queue on most drivers and detaches
-//! `hv_netvsc`) is pinned where it is: recommend only. The poll budget is the NAPI weight, 64,
-//! which is no per-device knob.
+//! `hv_netvsc`) is pinned where it is: recommend only, but for the rx ring of a driver whose
+//! resize only resets the queue (virtio_net, mlx5_core), which rides the ring ladder when
+//! `[kernel] ring_resets = "explore"` (the default): the tuner tries that ladder only while the
+//! NIC shows ring pressure ([`super::collector::ring_pressure`]). The poll budget is the NAPI
+//! weight, 64, which is no per-device knob.
 //!
 //! Every change goes through [`KernelTuner`] (journalled first, restorable), and only when the
 //! policy ([`super::tune::policy`]) says `Apply`: any other device is refused as `unsupported`
@@ -34,8 +37,13 @@ use crate::tuner::Bounds;
 /// The NAPI weight the kernel polls NIC queues with.
 pub const NAPI_WEIGHT: u32 = 64;
 
-/// The knobs of NIC `iface` (in `netns`, if given) as read now.
-pub fn nic_knobs(iface: &str, netns: Option<&Path>) -> Result<Vec<Knob>, TuneError> {
+/// The knobs of NIC `iface` (in `netns`, if given) as read now, its rx ring explored on
+/// pressure where `ring_resets` and its driver allow ([`super::knobs::explore_ring_resets`]).
+pub fn nic_knobs(
+    iface: &str,
+    netns: Option<&Path>,
+    ring_resets: super::RingResets,
+) -> Result<Vec<Knob>, TuneError> {
     let ethtool = KernelTuner::nic_settings(iface, netns)?;
     let driver = super::tune::in_netns(netns, || super::ethtool::driver_name(iface))?;
     let napi = KernelTuner::napi_settings(iface, netns)?;
@@ -45,6 +53,7 @@ pub fn nic_knobs(iface: &str, netns: Option<&Path>) -> Result<Vec<Knob>, TuneErr
     let fixed = super::ethtool::coalescing_fixed(&driver, features.as_deref());
     let ethtool = super::knobs::changeable(&ethtool, fixed);
     let mut knobs = super::knobs::nic(&driver, Some(&ethtool), &napi);
+    super::knobs::explore_ring_resets(&driver, &mut knobs, ring_resets);
     knobs.extend(super::knobs::napi_instances(&napi_instances(iface, netns)));
     Ok(knobs)
 }
@@ -131,6 +140,8 @@ pub struct KernelNicBackend {
     pending: Vec<(String, u64)>,
     /// The knobs as last read (units, for saying what changed).
     shown: Vec<Knob>,
+    /// Whether a queue-resetting rx ring is explored on pressure.
+    ring_resets: super::RingResets,
 }
 
 /// The most ethtool writes [`KernelNicBackend`] remembers as awaiting their notification.
@@ -234,13 +245,20 @@ impl KernelNicBackend {
             reported: false,
             pending: Vec::new(),
             shown: Vec::new(),
+            ring_resets: Default::default(),
         })
+    }
+
+    /// The same backend with `[kernel] ring_resets` = `mode` (the default: explore).
+    pub fn with_ring_resets(mut self, mode: super::RingResets) -> KernelNicBackend {
+        self.ring_resets = mode;
+        self
     }
 
     /// Reads the knobs and notes a change of an owned knob by someone else (the knob is no
     /// longer ours then: enlight never writes over it).
     fn read(&mut self) -> Result<Vec<Knob>, BackendError> {
-        let knobs = nic_knobs(&self.iface, self.netns.as_deref())
+        let knobs = nic_knobs(&self.iface, self.netns.as_deref(), self.ring_resets)
             .map_err(|e| BackendError::Unreachable(e.to_string()))?;
         if let Some(why) = changed_by_someone_else(&self.iface, &self.owned, &knobs) {
             self.owned.clear();
@@ -305,7 +323,7 @@ impl SettingsBackend for KernelNicBackend {
     }
 
     fn in_own_knobs(&mut self, to: &DeviceSettings) -> Option<String> {
-        nic_knobs(&self.iface, self.netns.as_deref())
+        nic_knobs(&self.iface, self.netns.as_deref(), self.ring_resets)
             .ok()
             .map(|k| crate::knobs::changes_line(&k, to))
     }
@@ -372,7 +390,7 @@ impl SettingsBackend for KernelNicBackend {
             }
             done.push((knob, before));
         }
-        let after = nic_knobs(&self.iface, self.netns.as_deref())
+        let after = nic_knobs(&self.iface, self.netns.as_deref(), self.ring_resets)
             .map_err(|e| BackendError::Unreachable(e.to_string()))?;
         for (name, _) in &done {
             if let Some(k) = after.iter().find(|k| &k.name == name) {
@@ -622,8 +640,9 @@ impl BackendFactory for KernelAwareFactory {
             return None;
         }
         Some(
-            KernelNicBackend::open(&record.name, None, permission, &self.runtime_dir)
-                .map(|b| Box::new(b) as Box<dyn SettingsBackend>),
+            KernelNicBackend::open(&record.name, None, permission, &self.runtime_dir).map(|b| {
+                Box::new(b.with_ring_resets(self.config.ring_resets)) as Box<dyn SettingsBackend>
+            }),
         )
     }
 }

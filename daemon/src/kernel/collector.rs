@@ -81,8 +81,47 @@ pub struct KernelOptions {
     pub tune: Vec<String>,
     /// Recommend only, even for the devices in `tune`.
     pub dry_run: bool,
+    /// Whether queue-resetting rx rings are explored on pressure (`[kernel] ring_resets`).
+    pub ring_resets: super::RingResets,
     /// Put every journalled original back when the collector stops (`None`: never).
     pub restore_on_exit_from: Option<PathBuf>,
+}
+
+/// A NIC's receive overruns: `rx_missed_errors` + `rx_fifo_errors` of its sysfs statistics
+/// (frames the NIC had no rx descriptor or FIFO room for; a counter it does not have is 0).
+/// `rx_dropped` is left out: the core counts there frames dropped for reasons that are no ring
+/// pressure (no protocol handler, a full backlog queue).
+pub fn rx_overruns(sysfs: &std::path::Path, iface: &str) -> u64 {
+    ["rx_missed_errors", "rx_fifo_errors"]
+        .iter()
+        .filter_map(|c| {
+            std::fs::read_to_string(
+                sysfs
+                    .join("class/net")
+                    .join(iface)
+                    .join("statistics")
+                    .join(c),
+            )
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()
+        })
+        .sum()
+}
+
+/// The ring pressure of a kernel device, cumulative: what the tuner counts as `ring_full`
+/// (writers that found a ring full, on enlight's own devices), the gate of its ring ladder.
+/// A kernel NIC reports no "ring full" event, but two things show its rx ring filling:
+/// - NAPI polls that used their whole budget (`napi_budget_exhausted`): more frames were
+///   waiting in the ring than one poll takes, so the ring held a backlog between polls (on
+///   virtio_net the host then holds back, or drops, what does not fit);
+/// - receive overruns ([`rx_overruns`]): the NIC found no free descriptor and dropped.
+///
+/// Both are receive-side: there is no tx counterpart (a full tx ring stops the queue, which
+/// no counter records), so only rx rings are explored on pressure.
+pub fn ring_pressure(info: &KernelInfo) -> u64 {
+    info.napi_budget_exhausted + info.rx_overruns
 }
 
 /// The collector over the real kernel probes.
@@ -108,6 +147,7 @@ pub fn start(config: &crate::Config) -> Option<RealKernelCollector> {
         KernelOptions {
             tune: k.tune.clone(),
             dry_run: k.dry_run,
+            ring_resets: k.ring_resets,
             restore_on_exit_from: k.restore_on_exit.then(|| config.runtime_dir.clone()),
         },
     ))
@@ -348,6 +388,7 @@ impl<S: KernelSource> KernelCollector<S> {
                     napi_packets: 0,
                     napi_budget_exhausted: 0,
                     napi_batch_mean: 0.0,
+                    rx_overruns: 0,
                     nic: None,
                     block_queue: BTreeMap::new(),
                     tuning: String::new(),
@@ -489,6 +530,12 @@ impl<S: KernelSource> KernelCollector<S> {
                         .as_ref(),
                     &super::napi::NapiSysfs::at(&self.sysfs).all(&d.name),
                 );
+                super::knobs::explore_ring_resets(
+                    &d.driver,
+                    &mut dev.knobs,
+                    self.options.ring_resets,
+                );
+                info.rx_overruns = rx_overruns(&self.sysfs, &d.name);
                 dev.knobs.extend(super::knobs::napi_instances(
                     &super::backend::napi_instances(&d.name, None),
                 ));
@@ -576,6 +623,41 @@ pub(crate) mod tests {
         std::fs::write(q.join("read_ahead_kb"), "128\n").unwrap();
     }
 
+    /// A NIC's ring pressure: budget-exhausted polls plus receive overruns from its sysfs
+    /// statistics (`rx_dropped` not counted; a counter the driver lacks is 0).
+    #[test]
+    fn ring_pressure_is_budget_exhausted_polls_plus_receive_overruns() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = dir.path().join("class/net/eth1/statistics");
+        std::fs::create_dir_all(&stats).unwrap();
+        for (c, v) in [
+            ("rx_missed_errors", "7\n"),
+            ("rx_fifo_errors", "3\n"),
+            ("rx_dropped", "1000\n"),
+        ] {
+            std::fs::write(stats.join(c), v).unwrap();
+        }
+        assert_eq!(rx_overruns(dir.path(), "eth1"), 10);
+        assert_eq!(rx_overruns(dir.path(), "eth9"), 0, "no such NIC");
+        std::fs::remove_file(stats.join("rx_fifo_errors")).unwrap();
+        assert_eq!(rx_overruns(dir.path(), "eth1"), 7);
+        let info = KernelInfo {
+            driver: "virtio_net".into(),
+            class: crate::kernel::DriverClass::Paravirtual,
+            queues: 1,
+            irqs: Vec::new(),
+            napi_polls: 500,
+            napi_packets: 20_000,
+            napi_budget_exhausted: 40,
+            napi_batch_mean: 0.0,
+            rx_overruns: 7,
+            nic: None,
+            block_queue: BTreeMap::new(),
+            tuning: String::new(),
+        };
+        assert_eq!(ring_pressure(&info), 47);
+    }
+
     #[test]
     fn kernel_devices_appear_with_figures_and_vanish_after_grace() {
         let dir = tempfile::tempdir().unwrap();
@@ -593,6 +675,7 @@ pub(crate) mod tests {
             KernelOptions {
                 tune: vec!["loop3".into()],
                 dry_run: false,
+                ring_resets: Default::default(),
                 restore_on_exit_from: None,
             },
         );

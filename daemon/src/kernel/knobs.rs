@@ -231,6 +231,25 @@ pub fn nic(driver: &str, ethtool: Option<&NicSettings>, napi: &[(&'static str, u
     out
 }
 
+/// Lets the tuner explore `driver`'s rx ring on pressure ([`Knob::explored_on_pressure`]) when
+/// `mode` allows it and the driver's catalogue row says a ring change only resets the queue
+/// (virtio_net, mlx5_core). Everything else stays as it is: rings that detach the device or
+/// flap the link (hv_netvsc, e1000, e1000e, ena, gve), the rings of drivers the catalogue does
+/// not know (what a change does there is unknown), and every tx ring: the pressure the tuner
+/// sees is on the receive side (NAPI polls that used their whole budget, receive overruns;
+/// see [`super::collector::ring_pressure`]), and nothing measured tells a tx ring that fills.
+pub fn explore_ring_resets(driver: &str, knobs: &mut [Knob], mode: super::RingResets) {
+    let resets_only = driver_rule(driver).and_then(|r| r.rings) == Some(Disruption::ResetsQueue);
+    if mode != super::RingResets::Explore || !resets_only {
+        return;
+    }
+    for k in knobs.iter_mut() {
+        if k.name == "rx_ring" && k.tuner_kind == Some(TunerKind::Ring) {
+            k.explored_on_pressure = true;
+        }
+    }
+}
+
 /// What of `settings` can be changed: all of it, but its coalescing when the driver's is fixed
 /// ([`super::ethtool::coalescing_fixed`]: virtio_net without `VIRTIO_NET_F_NOTF_COAL`). A
 /// fixed value is no knob: left in, it would take the moderation ladders from NAPI's knobs
@@ -566,6 +585,171 @@ mod tests {
         let up =
             crate::tuner::Knob::ModerationUsecs.step(&at, crate::tuner::Direction::Up, &bounds);
         assert_eq!(up.map(|s| s.moderation_usecs), Some(5));
+    }
+
+    /// virtio_net's rings as QEMU 7.2 gives them to a 6.1 guest, its rx ring shrunk to 128 by
+    /// an operator; fixed coalescing, NAPI from sysfs.
+    fn virtio_net_knobs(mode: crate::kernel::RingResets) -> Vec<Knob> {
+        let s = NicSettings {
+            rings: Some(Rings {
+                rx: 128,
+                tx: 256,
+                rx_max: 256,
+                tx_max: 256,
+            }),
+            coalesce: None,
+        };
+        let mut k = nic(
+            "virtio_net",
+            Some(&s),
+            &[("napi_defer_hard_irqs", 0), ("gro_flush_timeout", 0)],
+        );
+        explore_ring_resets("virtio_net", &mut k, mode);
+        k
+    }
+
+    #[test]
+    fn only_a_queue_resetting_drivers_rx_ring_is_explored_and_only_when_allowed() {
+        use crate::kernel::RingResets;
+        let k = virtio_net_knobs(RingResets::Explore);
+        let by = |n: &str| k.iter().find(|k| k.name == n).unwrap();
+        let rx = by("rx_ring");
+        assert!(rx.explored_on_pressure && rx.explorable());
+        assert_eq!(
+            rx.disruption,
+            Disruption::ResetsQueue,
+            "still said as it is"
+        );
+        assert_eq!(rx.not_explored_because(), None);
+        let tx = by("tx_ring");
+        assert!(!tx.explorable());
+        assert_eq!(
+            tx.not_explored_because().unwrap(),
+            "tx_ring resets the queue when changed: recommend only"
+        );
+        // The operator's switch keeps both recommend only.
+        let k = virtio_net_knobs(RingResets::Recommend);
+        assert!(k.iter().all(|k| !k.explored_on_pressure));
+        assert!(k
+            .iter()
+            .find(|k| k.name == "rx_ring")
+            .unwrap()
+            .not_explored_because()
+            .unwrap()
+            .contains("resets the queue"));
+        // mlx5 resets the queue too; rings that detach or flap the link, and the rings of a
+        // driver the catalogue does not know, stay recommend only with their reason.
+        let rings = NicSettings {
+            rings: Some(Rings {
+                rx: 512,
+                tx: 512,
+                rx_max: 8192,
+                tx_max: 8192,
+            }),
+            coalesce: None,
+        };
+        for (driver, explored) in [
+            ("mlx5_core", true),
+            ("hv_netvsc", false),
+            ("e1000", false),
+            ("e1000e", false),
+            ("ena", false),
+            ("gve", false),
+            ("some_new_nic", false),
+        ] {
+            let mut k = nic(driver, Some(&rings), &[]);
+            explore_ring_resets(driver, &mut k, RingResets::Explore);
+            let rx = k.iter().find(|k| k.name == "rx_ring").unwrap();
+            assert_eq!(rx.explorable(), explored, "{driver}");
+            assert_eq!(rx.not_explored_because().is_none(), explored, "{driver}");
+            assert!(!k.iter().find(|k| k.name == "tx_ring").unwrap().explorable());
+        }
+        let mut e1000 = nic("e1000", Some(&rings), &[]);
+        explore_ring_resets("e1000", &mut e1000, RingResets::Explore);
+        assert!(e1000[0]
+            .not_explored_because()
+            .unwrap()
+            .contains("rx_ring detaches and re-creates the device"));
+    }
+
+    #[test]
+    fn the_ring_ladder_moves_virtio_nets_rx_ring_alone() {
+        use crate::tuner::{Direction, Knob as T};
+        let k = virtio_net_knobs(crate::kernel::RingResets::Explore);
+        let (s, b) = crate::knobs::tuner_space(&k, 64);
+        // The ring slot stands for the rx ring: 128 descriptors, up to its 256.
+        assert_eq!(
+            (s.ring_in_bytes, s.ring_out_bytes),
+            (128 * 4096, 128 * 4096)
+        );
+        assert_eq!(b.ring_bytes, (16 * 1024, 256 * 4096));
+        assert!(b.contains(&s));
+        let up = T::RingBytes.step(&s, Direction::Up, &b).unwrap();
+        assert_eq!(
+            crate::knobs::changes_to(&k, &up),
+            vec![("rx_ring".to_string(), 128, 256)],
+            "the tx ring is never written"
+        );
+        assert!(
+            T::RingBytes.step(&up, Direction::Up, &b).is_none(),
+            "256 is the most"
+        );
+        // Recommend only: pinned.
+        let k = virtio_net_knobs(crate::kernel::RingResets::Recommend);
+        let (s, b) = crate::knobs::tuner_space(&k, 64);
+        assert!(T::RingBytes.step(&s, Direction::Up, &b).is_none());
+    }
+
+    /// The tuner tries the rx ring only when the NIC shows ring pressure (its windows'
+    /// `ring_full`, fed from NAPI polls that used their whole budget), and then tries it.
+    #[test]
+    fn the_ring_ladder_is_tried_only_under_pressure() {
+        use crate::tuner::decide::{DeviceTuner, Policy, TunerParams};
+        use crate::tuner::{Action, Objective, TunerMode};
+        let k = virtio_net_knobs(crate::kernel::RingResets::Explore);
+        let (start, b) = crate::knobs::tuner_space(&k, 64);
+        let run = |pressure: u64| {
+            let mut t = DeviceTuner::new(
+                Policy {
+                    mode: TunerMode::Auto,
+                    objective: Objective::Throughput,
+                    slo_p99_ns: 5_000_000,
+                    pinned: false,
+                },
+                TunerParams {
+                    min_change_interval_ms: 100,
+                    settle_windows: 0,
+                    trial_windows: 2,
+                    ..TunerParams::default()
+                },
+            );
+            let mut current = start;
+            let mut rings = Vec::new();
+            for i in 0..600u64 {
+                let mut w = crate::tuner::window::Window::uniform(0.5, 5000, 50_000, 1000);
+                w.ring_full = pressure;
+                if let Some(o) = t.step((i + 1) * 500, &current, &b, &w) {
+                    if o.action != Action::Recommend {
+                        current = o.to;
+                        t.applied(current);
+                        if o.action == Action::Change
+                            && current.ring_in_bytes != start.ring_in_bytes
+                        {
+                            rings.push(crate::knobs::changes_to(&k, &current));
+                        }
+                    }
+                }
+            }
+            rings
+        };
+        assert!(run(0).is_empty(), "no pressure, no ring trial");
+        let tried = run(3);
+        assert!(
+            tried
+                .iter()
+                .any(|c| c.contains(&("rx_ring".to_string(), 128, 256))),
+            "{tried:?}"
+        );
     }
 
     #[test]

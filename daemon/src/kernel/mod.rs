@@ -33,7 +33,27 @@ pub const KEYS: &[crate::config::KeySpec] = &[
     crate::config::KeySpec::text("kernel.dry_run", "true or false"),
     crate::config::KeySpec::text("kernel.restore_on_exit", "true or false"),
     crate::config::KeySpec::text("kernel.sysfs", "the directory sysfs is mounted on (/sys)"),
+    crate::config::KeySpec::text(
+        "kernel.ring_resets",
+        "\"explore\" (the tuner may resize the rx ring of a driver whose ring change only resets \
+         the queue, when the ring shows pressure) or \"recommend\" (recommend only)",
+    ),
 ];
+
+/// What the tuner may do with a ring whose change resets the queue (`[kernel] ring_resets`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RingResets {
+    /// Explore the rx ring live on drivers whose catalogue row says a ring change only resets
+    /// the queue (virtio_net, mlx5_core), and only while the device shows ring pressure: the
+    /// reset drops what is in flight on that one queue, once per change, which a device whose
+    /// ring overflows already loses more of. The device must be named in `tune` (and dry run
+    /// off) as for any change.
+    #[default]
+    Explore,
+    /// Recommend ring changes only, on every driver.
+    Recommend,
+}
 
 /// `[kernel]` in enlightd's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -51,6 +71,8 @@ pub struct KernelConfig {
     pub restore_on_exit: bool,
     /// Where sysfs is mounted.
     pub sysfs: std::path::PathBuf,
+    /// Whether the tuner explores queue-resetting rx rings under pressure ([`RingResets`]).
+    pub ring_resets: RingResets,
 }
 
 /// The names in `[kernel] tune` that are no disk or NIC of this machine (as discovered from
@@ -97,6 +119,7 @@ impl Default for KernelConfig {
             dry_run: true,
             restore_on_exit: true,
             sysfs: "/sys".into(),
+            ring_resets: RingResets::default(),
         }
     }
 }
@@ -120,6 +143,12 @@ pub struct KernelInfo {
     pub napi_budget_exhausted: u64,
     /// Mean packets per poll over the last interval (0 without polls).
     pub napi_batch_mean: f64,
+    /// Received frames the NIC dropped for want of a free rx descriptor or FIFO room
+    /// (`rx_missed_errors` + `rx_fifo_errors` of its sysfs statistics), cumulative; 0 for a
+    /// disk and for a driver that counts neither (virtio_net: the host holds what does not
+    /// fit).
+    #[serde(default)]
+    pub rx_overruns: u64,
     /// Ring sizes and coalescing (NICs whose driver has them).
     pub nic: Option<ethtool::NicSettings>,
     /// Block queue settings (disks), knob → value.

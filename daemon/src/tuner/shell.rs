@@ -211,9 +211,16 @@ pub fn samples(state: &State) -> Vec<DeviceSample> {
         .devices
         .values()
         .filter(|d| d.present && d.attached)
-        .map(|d| DeviceSample {
-            record: d.record.clone(),
-            cumulative: Cumulative::from_figures(d.ops.values(), &d.events),
+        .map(|d| {
+            let mut cumulative = Cumulative::from_figures(d.ops.values(), &d.events);
+            // A kernel device has no ring-full events: its ring pressure stands for them.
+            if let Some(k) = &d.kernel {
+                cumulative.ring_full += crate::kernel::collector::ring_pressure(k);
+            }
+            DeviceSample {
+                record: d.record.clone(),
+                cumulative,
+            }
         })
         .collect()
 }
