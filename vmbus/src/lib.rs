@@ -1,0 +1,20 @@
+//! enlight's VMBus-style transport: what a synthetic device's two halves share, below any device.
+//!
+//! Layout, bottom up:
+//! - [`shmem`]: every access to memory a peer may write (atomic word copies, each byte read once).
+//! - [`ring`]: one VMBus-style ring buffer in shared memory (Hyper-V layout, signalling and
+//!   flow-control rules). Everything the peer writes is untrusted and validated before use.
+//! - [`channel`]: a channel is two rings plus two eventfds in one memfd-backed region, usable from
+//!   two threads or handed to another process over a Unix socket.
+//! - `fuzzing` (feature `fuzzing`, and in tests): the ring and channel harnesses behind the
+//!   cargo-fuzz targets in `vmbus/fuzz/`, and the scribbler (a peer writing shared memory while
+//!   our side reads it) the device harnesses above use too.
+//!
+//! The devices (`enlight_driver::disk`, `enlight_driver::nic`) are built on this crate;
+//! `enlight_driver` re-exports its modules under their old paths (`enlight_driver::ring`, ...).
+
+pub mod channel;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
+pub mod ring;
+pub mod shmem;
