@@ -53,11 +53,14 @@ use crate::ring::{
 };
 use crate::settings::{DeviceSettings, Knob};
 use crate::trace::{
-    self, CompletionRecord, DIR_GUEST_TO_HOST, DIR_HOST_TO_GUEST, OP_FLUSH, OP_READ, OP_WRITE,
+    self, CompletionRecord, ReapBatch, DIR_GUEST_TO_HOST, DIR_HOST_TO_GUEST, OP_FLUSH, OP_READ,
+    OP_WRITE,
 };
+use enlight_vmbus::moderation::{Moderation, ModerationKnobs};
+use enlight_vmbus::poll::{AfterPass, Napi};
+use enlight_vmbus::switch::{self, SwitchFailure, SwitchGuest, SWITCH_ACK_TIMEOUT};
 
-/// Longest a reaped completion waits before it is traced (`io_reap`).
-pub const TRACE_FLUSH: Duration = Duration::from_millis(1);
+pub use crate::trace::TRACE_FLUSH;
 /// Sector size of the synthetic disk.
 pub const SECTOR: u32 = 512;
 /// Largest packet payload either side of a disk channel accepts (requests are 32 bytes).
@@ -67,10 +70,7 @@ pub const SLOT_ALIGN: usize = 4096;
 /// Op code of the in-band request that moves the host to a new channel (a ring resize); it is
 /// sent with the tag [`SWITCH_TAG`], which no I/O request can have.
 pub const OP_SWITCH_CHANNEL: u16 = 0x100;
-/// Tag of the channel switch request and its acknowledgement.
-pub const SWITCH_TAG: u64 = u64::MAX;
-/// Longest the guest waits for the host to acknowledge a channel switch.
-const SWITCH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+pub use enlight_vmbus::switch::SWITCH_TAG;
 
 /// A request, as the payload of an inband packet.
 #[repr(C)]
@@ -268,11 +268,10 @@ pub struct DiskVsc {
     capacity_sectors: u64,
     slots: Vec<Slot>,
     free: Vec<u32>,
-    masked: bool,
+    napi: Napi,
     buf: Vec<u8>,
     /// Completions reaped and not yet traced (see [`DiskVsc::flush_trace`]).
-    records: Vec<CompletionRecord>,
-    records_since: Option<Instant>,
+    records: ReapBatch,
     /// The host's protocol violation that broke the channel: every later call fails with it.
     broken: Option<String>,
 }
@@ -314,10 +313,9 @@ impl DiskVsc {
             capacity_sectors,
             slots: vec![Slot::default(); n as usize],
             free: (0..n).rev().collect(),
-            masked: false,
+            napi: Napi::new(),
             buf: Vec::with_capacity(64),
-            records: Vec::with_capacity(trace::MAX_BATCH),
-            records_since: None,
+            records: ReapBatch::new(),
             broken: None,
         }
     }
@@ -399,54 +397,26 @@ impl DiskVsc {
     /// channel error.
     fn resize_if_requested(&mut self) -> Result<(), DiskError> {
         let since = self.quiesce_since.take().unwrap_or_else(Instant::now);
-        let Some((out, inb)) = self.live.take_request() else {
-            return Ok(());
-        };
-        let drained = Instant::now();
         let from = (
             self.end.config.out_ring_bytes as u32,
             self.end.config.in_ring_bytes as u32,
         );
-        let switched = match self.switch_channel(out, inb) {
-            Ok(r) => r,
-            Err(fatal) => {
-                // The channel is broken: tell the requester rather than leave it waiting.
-                self.live
-                    .finish_resize(Err(format!("the channel broke during the switch: {fatal}")));
-                return Err(fatal);
-            }
-        };
-        match switched {
-            Ok(()) => {
-                let report = ResizeReport {
-                    from,
-                    to: (out, inb),
-                    drain_ns: drained.duration_since(since).as_nanos() as u64,
-                    switch_ns: drained.elapsed().as_nanos() as u64,
-                };
-                log::info!("disk {}: rings resized: {report:?}", self.dev);
-                self.live.finish_resize(Ok(report));
-            }
-            Err(e) => self.live.finish_resize(Err(e)),
-        }
-        Ok(())
+        let live = Arc::clone(&self.live);
+        live.run_resize("disk", self.dev, from, since, |out, inb| {
+            let drained = Instant::now();
+            Ok(self.switch_channel(out, inb)?.map(|()| drained))
+        })
     }
 
     /// Moves both ends to a new channel with rings of `out`/`inb` bytes. Outer error: fatal;
     /// inner: the switch did not happen and the old channel stays in use.
     fn switch_channel(&mut self, out: u32, inb: u32) -> Result<Result<(), String>, DiskError> {
         debug_assert_eq!(self.outstanding(), 0);
-        let cfg = ChannelConfig {
-            out_ring_bytes: out as usize,
-            in_ring_bytes: inb as usize,
-            extra_bytes: self.end.config.extra_bytes,
-        };
-        let (mut guest, mut host) = match channel::create(&cfg) {
-            Ok(ends) => ends,
-            Err(e) => return Ok(Err(format!("creating the new channel: {e}"))),
-        };
-        guest.rx.set_max_payload(MAX_PACKET_PAYLOAD);
-        host.rx.set_max_payload(MAX_PACKET_PAYLOAD);
+        let (mut guest, host) =
+            match switch::new_channel(&self.end.config, out, inb, MAX_PACKET_PAYLOAD) {
+                Ok(ends) => ends,
+                Err(e) => return Ok(Err(format!("creating the new channel: {e}"))),
+            };
         // Slots keep their data: a completed read's buffer stays readable until the slot is
         // reused (`read_completed`).
         let len = self.end.extra.len().min(guest.extra.len());
@@ -469,53 +439,8 @@ impl DiskVsc {
             op: OP_SWITCH_CHANNEL,
             ..Default::default()
         };
-        let deadline = Instant::now() + SWITCH_ACK_TIMEOUT;
-        let timed_out = || {
-            DiskError::Protocol(format!(
-                "the host did not take the channel switch within {SWITCH_ACK_TIMEOUT:?}"
-            ))
-        };
-        loop {
-            match self.end.tx.try_write(
-                PACKET_TYPE_INBAND,
-                FLAG_COMPLETION_REQUESTED,
-                SWITCH_TAG,
-                &[&req.encode()],
-            )? {
-                WriteOutcome::Written { .. } => break,
-                WriteOutcome::Full { .. } if Instant::now() < deadline => {
-                    if self.end.from_host.wait(Duration::from_millis(1))? == WaitResult::PeerGone {
-                        return Err(DiskError::PeerGone);
-                    }
-                }
-                WriteOutcome::Full { .. } => return Err(timed_out()),
-            }
-        }
-        // Always signal: the host may be asleep whatever the ring's state.
-        self.end.to_host.signal()?;
-        trace::signal(self.dev, DIR_GUEST_TO_HOST, 0, &self.live.signals);
-        let status = loop {
-            if let Some(h) = self.end.rx.read_into(&mut self.buf)? {
-                let c = DiskCompletion::decode(&self.buf);
-                match (h.ty, h.trans_id, c) {
-                    (PACKET_TYPE_COMPLETION, SWITCH_TAG, Some(c)) => break c.status,
-                    _ => {
-                        return Err(DiskError::Protocol(format!(
-                            "packet type {} tag {:#x} while waiting for the channel switch",
-                            h.ty, h.trans_id
-                        )))
-                    }
-                }
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(timed_out());
-            }
-            if self.end.from_host.wait(deadline - now)? == WaitResult::PeerGone {
-                return Err(DiskError::PeerGone);
-            }
-        };
-        self.end.rx.commit();
+        // Nothing is in flight, so the acknowledgement is the only packet the host may send.
+        let status = switch::request_switch(self, &req.encode())?;
         if status != 0 {
             // The host refused and stays on the old channel: so do we.
             self.live.withdraw();
@@ -524,6 +449,7 @@ impl DiskVsc {
             )));
         }
         self.end = guest;
+        self.napi.reset();
         Ok(Ok(()))
     }
 
@@ -666,9 +592,8 @@ impl DiskVsc {
     /// completion is traced exactly once, at most one `reap` timeout after it was reaped.
     pub fn flush_trace(&mut self) {
         // Also with no completions: the signalling events counted since the last hit go too.
-        trace::io_reap(self.dev, &self.records, Some(&self.live.signals));
+        trace::io_reap(self.dev, self.records.records(), Some(&self.live.signals));
         self.records.clear();
-        self.records_since = None;
     }
 
     /// One polling pass: reads up to `budget` completions into `out`.
@@ -706,10 +631,9 @@ impl DiskVsc {
             let latency_ns = now.saturating_sub(s.submit_ns);
             let status = c.status.min(u16::MAX as u32) as u16;
             trace::io_complete(self.dev, s.op, h.trans_id, c.bytes, latency_ns, status);
-            if self.records.len() == trace::MAX_BATCH {
+            if self.records.is_full() {
                 self.flush_trace();
             }
-            self.records_since.get_or_insert_with(Instant::now);
             self.records.push(CompletionRecord {
                 latency_ns,
                 bytes: c.bytes,
@@ -729,19 +653,14 @@ impl DiskVsc {
             self.end.to_host.signal()?;
             trace::signal(self.dev, DIR_GUEST_TO_HOST, 0, &self.live.signals);
         }
-        if self
-            .records_since
-            .is_some_and(|t| t.elapsed() >= TRACE_FLUSH)
-        {
+        if self.records.stale() {
             self.flush_trace();
         }
         Ok(reaped)
     }
 
     fn set_masked(&mut self, masked: bool) {
-        if self.masked != masked {
-            self.end.rx.set_interrupt_mask(masked);
-            self.masked = masked;
+        if self.napi.set_masked(&self.end.rx, masked) {
             trace::irq_mask(self.dev, masked, &self.live.signals);
         }
     }
@@ -776,17 +695,17 @@ impl DiskVsc {
             // Read once per pass: the control socket may change it at any time.
             let budget = self.live.knob(Knob::PollBudget).max(1) as usize;
             let n = self.pass(out, budget)?;
-            if n == budget {
+            let (dev, signals) = (self.dev, &self.live.signals);
+            match self
+                .napi
+                .after_pass(&mut self.end.rx, n, budget, |masked| {
+                    trace::irq_mask(dev, masked, signals)
+                })? {
                 // Busy: keep polling with interrupts masked.
-                self.set_masked(true);
-                return Ok(n);
-            }
-            if self.masked {
-                self.set_masked(false);
-                // Lost-wake-up guard: a completion written while we were masked raised no signal.
-                if self.end.rx.has_data()? {
-                    continue;
-                }
+                AfterPass::Busy => return Ok(n),
+                // A completion written while we were masked raised no signal: pass again.
+                AfterPass::Raced => continue,
+                AfterPass::Settled => {}
             }
             if n > 0 {
                 return Ok(n);
@@ -794,10 +713,7 @@ impl DiskVsc {
             // Going idle with completions untraced for TRACE_FLUSH already: trace them now rather
             // than after the sleep. Younger ones wait for the next pass, so a guest that sleeps
             // every few completions does not pay a trap per sleep.
-            if self
-                .records_since
-                .is_some_and(|t| t.elapsed() >= TRACE_FLUSH)
-            {
+            if self.records.stale() {
                 self.flush_trace();
             }
             let now = Instant::now();
@@ -807,6 +723,45 @@ impl DiskVsc {
             if self.end.from_host.wait(deadline - now)? == WaitResult::PeerGone {
                 return Err(DiskError::PeerGone);
             }
+        }
+    }
+}
+
+/// The disk's side of the channel switch: nothing is in flight, so any packet but the
+/// acknowledgement breaks the protocol.
+impl SwitchGuest for DiskVsc {
+    type Error = DiskError;
+
+    fn end(&mut self) -> &mut GuestEnd {
+        &mut self.end
+    }
+
+    fn doorbell(&mut self) -> Result<(), DiskError> {
+        self.end.to_host.signal()?;
+        trace::signal(self.dev, DIR_GUEST_TO_HOST, 0, &self.live.signals);
+        Ok(())
+    }
+
+    fn packet(&mut self, h: &PacketHeader, _: &[u8]) -> Result<(), DiskError> {
+        Err(DiskError::Protocol(format!(
+            "packet type {} tag {:#x} while waiting for the channel switch",
+            h.ty, h.trans_id
+        )))
+    }
+
+    fn ack_status(payload: &[u8]) -> Option<u32> {
+        DiskCompletion::decode(payload).map(|c| c.status)
+    }
+
+    fn failed(&mut self, why: SwitchFailure) -> DiskError {
+        match why {
+            SwitchFailure::PeerGone => DiskError::PeerGone,
+            SwitchFailure::TimedOut { requested: false } => {
+                // The request never went out: the host knows nothing; take the offer back.
+                self.live.withdraw();
+                DiskError::Protocol(why.to_string())
+            }
+            _ => DiskError::Protocol(why.to_string()),
         }
     }
 }
@@ -1155,28 +1110,6 @@ fn poke(fd: &OwnedFd) {
     unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
-/// Moderation state of the completion path.
-struct Moderation {
-    frames: u32,
-    usecs: u32,
-    /// A signal is owed since this instant...
-    owed_since: Option<Instant>,
-    /// ...and this many completions were written since.
-    since_owed: u32,
-}
-
-impl Moderation {
-    fn deadline(&self) -> Option<Instant> {
-        self.owed_since
-            .map(|t| t + Duration::from_micros(self.usecs as u64))
-    }
-
-    fn due(&self, now: Instant) -> bool {
-        self.owed_since.is_some()
-            && (self.since_owed >= self.frames || self.deadline().is_some_and(|d| now >= d))
-    }
-}
-
 /// Serves the host end of a disk channel from `backing` until `stop` is set or the guest's
 /// process is gone. Returns an error when the guest breaks the ring protocol.
 ///
@@ -1237,12 +1170,7 @@ pub fn serve(
     }
     drop(done_tx);
 
-    let mut moderation = Moderation {
-        frames: live.knob(Knob::ModerationFrames).max(1),
-        usecs: live.knob(Knob::ModerationUsecs),
-        owed_since: None,
-        since_owed: 0,
-    };
+    let mut moderation = Moderation::new();
     // Requests handed to the workers and not yet back.
     let mut in_flight = 0usize;
     let mut outq: VecDeque<Done> = VecDeque::new();
@@ -1259,8 +1187,10 @@ pub fn serve(
             break Ok(());
         }
         // Read once per pass: the control socket may change them at any time.
-        moderation.frames = live.knob(Knob::ModerationFrames).max(1);
-        moderation.usecs = live.knob(Knob::ModerationUsecs);
+        let knobs = ModerationKnobs {
+            frames: live.knob(Knob::ModerationFrames),
+            usecs: live.knob(Knob::ModerationUsecs),
+        };
         // 1. Requests from the guest.
         let step: Result<(), DiskError> = (|| {
             loop {
@@ -1288,12 +1218,9 @@ pub fn serve(
                         // Everything earlier is read; it must all be completed too.
                         let idle = in_flight == 0 && outq.is_empty();
                         // Always taken (an offer over a socket must not linger), used only if idle.
-                        let next = live.take_offer().filter(|_| idle);
-                        let status = match (&next, idle) {
-                            (Some(_), _) => 0,
-                            (None, false) => libc::EBUSY as u32,
-                            (None, true) => libc::EPROTO as u32,
-                        };
+                        let offered = live.take_offer();
+                        let status = switch::ack_status(offered.is_some(), idle);
+                        let next = offered.filter(|_| idle);
                         write_switch_ack(&mut host, status)?;
                         stats.interrupts.fetch_add(1, Ordering::Relaxed);
                         host.to_guest.signal()?;
@@ -1301,7 +1228,7 @@ pub fn serve(
                         if let Some(next) = next {
                             host.rx.commit();
                             host = next;
-                            moderation.owed_since = None;
+                            moderation.clear();
                             blocked_on_full = false;
                         } else {
                             stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -1356,13 +1283,7 @@ pub fn serve(
                     WriteOutcome::Written { signal, .. } => {
                         outq.pop_front();
                         blocked_on_full = false;
-                        if signal && moderation.owed_since.is_none() {
-                            moderation.owed_since = Some(Instant::now());
-                            moderation.since_owed = 0;
-                        }
-                        if moderation.owed_since.is_some() {
-                            moderation.since_owed += 1;
-                        }
+                        moderation.wrote(signal);
                     }
                     WriteOutcome::Full { needed } => {
                         if !blocked_on_full {
@@ -1375,14 +1296,10 @@ pub fn serve(
                 }
             }
             // 4. Interrupt moderation.
-            if moderation.due(Instant::now()) {
-                moderation.owed_since = None;
-                if !host.tx.reader_masked() {
-                    let used = host.tx.bytes_used()?;
-                    stats.interrupts.fetch_add(1, Ordering::Relaxed);
-                    host.to_guest.signal()?;
-                    trace::signal(dev, DIR_HOST_TO_GUEST, used, &live.signals);
-                }
+            if let Some(used) = moderation.fire(&mut host.tx, knobs, Instant::now())? {
+                stats.interrupts.fetch_add(1, Ordering::Relaxed);
+                host.to_guest.signal()?;
+                trace::signal(dev, DIR_HOST_TO_GUEST, used, &live.signals);
             }
             Ok(())
         })();
@@ -1390,7 +1307,7 @@ pub fn serve(
             break Err(e);
         }
         // 5. Sleep until the guest signals, a worker finishes, or the moderation timer fires.
-        let timeout = match moderation.deadline() {
+        let timeout = match moderation.deadline(knobs.usecs) {
             Some(d) => d.saturating_duration_since(Instant::now()),
             None => Duration::from_millis(100),
         };

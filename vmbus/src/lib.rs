@@ -6,6 +6,11 @@
 //!   flow-control rules). Everything the peer writes is untrusted and validated before use.
 //! - [`channel`]: a channel is two rings plus two eventfds in one memfd-backed region, usable from
 //!   two threads or handed to another process over a Unix socket.
+//! - [`moderation`]: interrupt moderation on a ring's writer side (a signal owed, fired after
+//!   `frames` packets or `usecs`).
+//! - [`poll`]: NAPI-style polling on a ring's reader side (mask while passes fill their budget,
+//!   unmask and re-check before sleeping).
+//! - [`switch`]: the live channel switch (a ring resize) both ends of every device perform.
 //! - `fuzzing` (feature `fuzzing`, and in tests): the ring and channel harnesses behind the
 //!   cargo-fuzz targets in `vmbus/fuzz/`, and the scribbler (a peer writing shared memory while
 //!   our side reads it) the device harnesses above use too.
@@ -16,5 +21,8 @@
 pub mod channel;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod moderation;
+pub mod poll;
 pub mod ring;
 pub mod shmem;
+pub mod switch;
