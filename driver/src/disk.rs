@@ -23,11 +23,18 @@
 //! after `moderation_frames` completions or `moderation_usecs` microseconds, whichever comes
 //! first (re-checking the mask first). The guest reaps NAPI-style: while a pass fills its whole
 //! `poll_budget` it stays in polling mode with `interrupt_mask` set; a short pass unmasks,
-//! re-checks for completions that raced in, and sleeps on the channel's eventfd.
+//! re-checks for completions that raced in, and sleeps on the channel's eventfd. Both policies
+//! are the transport's ([`enlight_vmbus::moderation`], [`enlight_vmbus::poll`]), shared with the
+//! NIC.
 //!
 //! Every knob can change while I/O runs ([`live`]): both loops read moderation and the polling
 //! budget from [`DiskLive`] on every pass, and a ring resize switches both ends to a new channel
-//! between two I/Os (see [`live`] for how).
+//! between two I/Os (see [`live`] for how, and [`enlight_vmbus::switch`] for the handshake).
+//!
+//! Layout, as the NIC's: `proto` (the request and completion records), `vsc` (the guest
+//! driver), `vsp` (the host service: one method per step of a pass), `backing` (the backing
+//! file), `device` ([`SyntheticDisk`], both sides in one process), `live` (the live settings
+//! and the resize hand-over); everything public is re-exported here.
 
 mod backing;
 mod device;

@@ -24,7 +24,8 @@
 //! packets it holds for a full inbound ring reach `send_sections + recv_sections` (more than a
 //! well-behaved guest can cause), so no guest can grow its memory.
 //!
-//! Interrupt moderation and NAPI-like reaping work as for the disk (`disk.rs`): a packet that
+//! Interrupt moderation and NAPI-like reaping are the disk's (one implementation of each, in
+//! [`enlight_vmbus::moderation`] and [`enlight_vmbus::poll`]): a packet that
 //! makes the inbound ring non-empty while the guest has not masked interrupts makes a signal
 //! *owed*, fired after `moderation_frames` packets or `moderation_usecs`, whichever first; the
 //! guest reaps up to `poll_budget` packets per pass and stays in polling mode (interrupts masked)

@@ -381,7 +381,7 @@ impl DiskVsc {
     /// Completions are traced in batches rather than one hit per polling pass: a uprobe trap
     /// costs about a microsecond, and at high rates a pass often reaps only a few completions.
     /// A batch goes out when it reaches [`trace::MAX_BATCH`], at the first pass or sleep after it
-    /// is [`TRACE_FLUSH`] old, when the workload ends, and when the driver is dropped: every
+    /// is [`TRACE_FLUSH`](crate::trace::TRACE_FLUSH) old, when the workload ends, and when the driver is dropped: every
     /// completion is traced exactly once, at most one `reap` timeout after it was reaped.
     pub fn flush_trace(&mut self) {
         // Also with no completions: the signalling events counted since the last hit go too.

@@ -203,206 +203,325 @@ fn poke(fd: &OwnedFd) {
 /// process is gone. Returns an error when the guest breaks the ring protocol.
 ///
 /// Moderation is read from `control`'s live settings on every pass. A channel switch request
-/// (a ring resize, see [`live`](super::live)) moves the service to the host end the guest put in the
-/// hand-over slot of the same [`DiskLive`].
+/// (a ring resize, see [`live`](super::live)) moves the service to the host end the guest put
+/// in the hand-over slot of the same [`DiskLive`].
 pub fn serve(
-    mut host: HostEnd,
+    host: HostEnd,
     backing: Backing,
     dev: u32,
     options: DiskOptions,
     control: VspControl,
 ) -> Result<(), DiskError> {
-    let VspControl {
-        stop,
-        stats,
-        wake,
-        live,
-    } = control;
-    let file = Arc::new(backing.file);
-    let capacity = backing.capacity_sectors;
-    let (job_tx, job_rx) = mpsc::channel::<Job>();
-    let job_rx = Arc::new(Mutex::new(job_rx));
-    let (done_tx, done_rx) = mpsc::channel::<Done>();
-    let mut workers = Vec::new();
-    for i in 0..options.workers.max(1) {
-        let (job_rx, done_tx, file, wake) = (
-            Arc::clone(&job_rx),
-            done_tx.clone(),
-            Arc::clone(&file),
-            Arc::clone(&wake),
-        );
-        workers.push(
-            std::thread::Builder::new()
-                .name(format!("vsp-io-{i}"))
-                .spawn(move || loop {
-                    let job = match job_rx.lock().expect("job queue lock").recv() {
-                        Ok(job) => job,
-                        Err(_) => return,
-                    };
-                    let completion = do_io(&file, &job.area, &job.req);
-                    if done_tx
-                        .send(Done {
-                            tag: job.tag,
-                            completion,
-                        })
-                        .is_err()
-                    {
-                        return;
-                    }
-                    poke(&wake);
-                })
-                .map_err(|e| DiskError::Backing {
-                    path: "worker thread".into(),
-                    source: e,
-                })?,
-        );
-    }
-    drop(done_tx);
+    Vsp::start(host, backing, dev, options, control)?.run()
+}
 
-    let mut moderation = Moderation::new();
-    // Requests handed to the workers and not yet back.
-    let mut in_flight = 0usize;
-    let mut outq: VecDeque<Done> = VecDeque::new();
-    let mut buf = Vec::with_capacity(64);
-    let mut blocked_on_full = false;
-    // Requests held at once (in flight plus completions queued for the inbound ring) before the
-    // service stops reading the outbound ring: a guest driver never has more than its slots in
-    // flight, so this never holds back a well-behaved guest, and no guest can make the service
-    // queue more, whether or not it reads its completions.
-    let queue_bound = options.queue_slots.max(1) as usize;
-    let mut throttled = false;
-    let result = loop {
-        if stop.load(Ordering::Acquire) {
-            break Ok(());
-        }
-        // Read once per pass: the control socket may change them at any time.
-        let knobs = ModerationKnobs {
-            frames: live.knob(Knob::ModerationFrames),
-            usecs: live.knob(Knob::ModerationUsecs),
-        };
-        // 1. Requests from the guest.
-        let step: Result<(), DiskError> = (|| {
-            loop {
-                if in_flight + outq.len() >= queue_bound {
-                    // Resumed once the workers finish and the guest reads its completions.
-                    if !throttled {
-                        throttled = true;
-                        stats.throttled.fetch_add(1, Ordering::Relaxed);
-                    }
-                    break;
-                }
-                throttled = false;
-                let Some(h) = host.rx.read_into(&mut buf)? else {
-                    break;
-                };
-                let packet = match classify(&h, &buf, capacity, host.extra.len(), options) {
-                    Ok(p) => p,
-                    Err(why) => {
-                        stats.errors.fetch_add(1, Ordering::Relaxed);
-                        return Err(DiskError::GuestProtocol(why));
-                    }
-                };
-                match packet {
-                    GuestPacket::Switch => {
-                        // Everything earlier is read; it must all be completed too.
-                        let idle = in_flight == 0 && outq.is_empty();
-                        // Always taken (an offer over a socket must not linger), used only if idle.
-                        let offered = live.take_offer();
-                        let status = switch::ack_status(offered.is_some(), idle);
-                        let next = offered.filter(|_| idle);
-                        write_switch_ack(&mut host, status)?;
-                        stats.interrupts.fetch_add(1, Ordering::Relaxed);
-                        host.to_guest.signal()?;
-                        trace::signal(dev, DIR_HOST_TO_GUEST, 0, &live.signals);
-                        if let Some(next) = next {
-                            host.rx.commit();
-                            host = next;
-                            moderation.clear();
-                            blocked_on_full = false;
-                        } else {
-                            stats.errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    GuestPacket::Io(req) => {
-                        stats.requests.fetch_add(1, Ordering::Relaxed);
-                        in_flight += 1;
-                        job_tx
-                            .send(Job {
-                                tag: h.trans_id,
-                                req,
-                                area: host.extra.clone(),
+/// The host service while it runs: its channel, its worker pool, what it holds for the guest,
+/// and one method per step of a pass ([`Vsp::pass`]).
+struct Vsp {
+    host: HostEnd,
+    dev: u32,
+    options: DiskOptions,
+    capacity: u64,
+    control: VspControl,
+    /// Jobs for the workers; `None` once they were told to stop.
+    job_tx: Option<mpsc::Sender<Job>>,
+    done_rx: mpsc::Receiver<Done>,
+    workers: Vec<JoinHandle<()>>,
+    moderation: Moderation,
+    /// Requests handed to the workers and not yet back.
+    in_flight: usize,
+    /// Completions waiting for room in the inbound ring, in the order they finished.
+    outq: VecDeque<Done>,
+    buf: Vec<u8>,
+    /// The last write found the inbound ring full (counted once per episode).
+    blocked_on_full: bool,
+    /// Requests held at once (in flight plus completions queued for the inbound ring) before
+    /// the service stops reading the outbound ring: a guest driver never has more than its
+    /// slots in flight, so this never holds back a well-behaved guest, and no guest can make
+    /// the service queue more, whether or not it reads its completions.
+    queue_bound: usize,
+    /// The bound was reached: the service is not reading the guest's requests.
+    throttled: bool,
+}
+
+impl Vsp {
+    /// Starts `options.workers` I/O threads on `backing`.
+    fn start(
+        host: HostEnd,
+        backing: Backing,
+        dev: u32,
+        options: DiskOptions,
+        control: VspControl,
+    ) -> Result<Vsp, DiskError> {
+        let file = Arc::new(backing.file);
+        let (job_tx, job_rx) = mpsc::channel::<Job>();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (done_tx, done_rx) = mpsc::channel::<Done>();
+        let mut workers = Vec::new();
+        for i in 0..options.workers.max(1) {
+            let (job_rx, done_tx, file, wake) = (
+                Arc::clone(&job_rx),
+                done_tx.clone(),
+                Arc::clone(&file),
+                Arc::clone(&control.wake),
+            );
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("vsp-io-{i}"))
+                    .spawn(move || loop {
+                        let job = match job_rx.lock().expect("job queue lock").recv() {
+                            Ok(job) => job,
+                            Err(_) => return,
+                        };
+                        let completion = do_io(&file, &job.area, &job.req);
+                        if done_tx
+                            .send(Done {
+                                tag: job.tag,
+                                completion,
                             })
-                            .expect("workers outlive the loop")
-                    }
-                    GuestPacket::Reject(status) => {
-                        stats.requests.fetch_add(1, Ordering::Relaxed);
-                        stats.errors.fetch_add(1, Ordering::Relaxed);
-                        outq.push_back(Done {
-                            tag: h.trans_id,
-                            completion: DiskCompletion { status, bytes: 0 },
-                        });
-                    }
-                }
-            }
-            if host.rx.commit().signal_writer {
-                // Count before signalling: a woken guest may read the counter at once.
-                stats.interrupts.fetch_add(1, Ordering::Relaxed);
-                host.to_guest.signal()?;
-                trace::signal(dev, DIR_HOST_TO_GUEST, 0, &live.signals);
-            }
-            stats
-                .queue_peak
-                .fetch_max((in_flight + outq.len()) as u64, Ordering::Relaxed);
-            // 2. Completions from the workers, in the order they finished.
-            while let Ok(done) = done_rx.try_recv() {
-                in_flight -= 1;
-                if done.completion.status != 0 {
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
-                }
-                outq.push_back(done);
-            }
-            // 3. Completion packets into the inbound ring.
-            while let Some(done) = outq.front() {
-                match host.tx.try_write(
-                    PACKET_TYPE_COMPLETION,
-                    0,
-                    done.tag,
-                    &[&done.completion.encode()],
-                )? {
-                    WriteOutcome::Written { signal, .. } => {
-                        outq.pop_front();
-                        blocked_on_full = false;
-                        moderation.wrote(signal);
-                    }
-                    WriteOutcome::Full { needed } => {
-                        if !blocked_on_full {
-                            stats.ring_full.fetch_add(1, Ordering::Relaxed);
-                            trace::ring_full(dev, DIR_HOST_TO_GUEST, needed, &live.signals);
-                            blocked_on_full = true;
+                            .is_err()
+                        {
+                            return;
                         }
-                        break;
-                    }
+                        poke(&wake);
+                    })
+                    .map_err(|e| DiskError::Backing {
+                        path: "worker thread".into(),
+                        source: e,
+                    })?,
+            );
+        }
+        Ok(Vsp {
+            host,
+            dev,
+            options,
+            capacity: backing.capacity_sectors,
+            control,
+            job_tx: Some(job_tx),
+            done_rx,
+            workers,
+            moderation: Moderation::new(),
+            in_flight: 0,
+            outq: VecDeque::new(),
+            buf: Vec::with_capacity(64),
+            blocked_on_full: false,
+            queue_bound: options.queue_slots.max(1) as usize,
+            throttled: false,
+        })
+    }
+
+    /// Passes and sleeps until stopped, the guest's process is gone, or an error; then stops
+    /// the workers and traces the last signalling events.
+    fn run(mut self) -> Result<(), DiskError> {
+        let result = loop {
+            if self.control.stop.load(Ordering::Acquire) {
+                break Ok(());
+            }
+            // Read once per pass: the control socket may change them at any time.
+            let knobs = ModerationKnobs {
+                frames: self.control.live.knob(Knob::ModerationFrames),
+                usecs: self.control.live.knob(Knob::ModerationUsecs),
+            };
+            if let Err(e) = self.pass(knobs) {
+                break Err(e);
+            }
+            match self.sleep(knobs) {
+                Ok(true) => {}
+                Ok(false) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        drop(self.job_tx.take());
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        // The last interrupts may follow the guest's last io_reap hit: trace what is left.
+        trace::io_reap(self.dev, &[], Some(&self.control.live.signals));
+        result
+    }
+
+    /// One pass: every step once, in order.
+    fn pass(&mut self, knobs: ModerationKnobs) -> Result<(), DiskError> {
+        self.read_requests()?;
+        self.collect_completions();
+        self.write_completions()?;
+        self.moderate(knobs)
+    }
+
+    /// Step 1: requests from the guest, until the ring is empty or the queue bound is reached:
+    /// valid ones go to the workers, invalid ones get an error completion, a switch request
+    /// moves the service to the offered channel. A packet the guest cannot legally send ends
+    /// the service.
+    fn read_requests(&mut self) -> Result<(), DiskError> {
+        // A handle of our own: the switch step below borrows the whole service.
+        let stats = Arc::clone(&self.control.stats);
+        loop {
+            if self.in_flight + self.outq.len() >= self.queue_bound {
+                // Resumed once the workers finish and the guest reads its completions.
+                if !self.throttled {
+                    self.throttled = true;
+                    stats.throttled.fetch_add(1, Ordering::Relaxed);
+                }
+                break;
+            }
+            self.throttled = false;
+            let Some(h) = self.host.rx.read_into(&mut self.buf)? else {
+                break;
+            };
+            let packet = classify(
+                &h,
+                &self.buf,
+                self.capacity,
+                self.host.extra.len(),
+                self.options,
+            )
+            .map_err(|why| {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                DiskError::GuestProtocol(why)
+            })?;
+            match packet {
+                GuestPacket::Switch => self.switch_channel()?,
+                GuestPacket::Io(req) => {
+                    stats.requests.fetch_add(1, Ordering::Relaxed);
+                    self.in_flight += 1;
+                    self.job_tx
+                        .as_ref()
+                        .expect("workers run while serving")
+                        .send(Job {
+                            tag: h.trans_id,
+                            req,
+                            area: self.host.extra.clone(),
+                        })
+                        .expect("workers outlive the loop")
+                }
+                GuestPacket::Reject(status) => {
+                    stats.requests.fetch_add(1, Ordering::Relaxed);
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    self.outq.push_back(Done {
+                        tag: h.trans_id,
+                        completion: DiskCompletion { status, bytes: 0 },
+                    });
                 }
             }
-            // 4. Interrupt moderation.
-            if let Some(used) = moderation.fire(&mut host.tx, knobs, Instant::now())? {
-                stats.interrupts.fetch_add(1, Ordering::Relaxed);
-                host.to_guest.signal()?;
-                trace::signal(dev, DIR_HOST_TO_GUEST, used, &live.signals);
-            }
-            Ok(())
-        })();
-        if let Err(e) = step {
-            break Err(e);
         }
-        // 5. Sleep until the guest signals, a worker finishes, or the moderation timer fires.
-        let timeout = match moderation.deadline(knobs.usecs) {
+        if self.host.rx.commit().signal_writer {
+            self.interrupt(0)?;
+        }
+        self.control
+            .stats
+            .queue_peak
+            .fetch_max((self.in_flight + self.outq.len()) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A switch request (every earlier request is read): acknowledges it on the old channel,
+    /// and moves to the offered one if nothing is held for the guest.
+    fn switch_channel(&mut self) -> Result<(), DiskError> {
+        // Everything earlier is read; it must all be completed too.
+        let idle = self.in_flight == 0 && self.outq.is_empty();
+        // Always taken (an offer over a socket must not linger), used only if idle.
+        let offered = self.control.live.take_offer();
+        let status = switch::ack_status(offered.is_some(), idle);
+        let next = offered.filter(|_| idle);
+        write_switch_ack(&mut self.host, status)?;
+        self.interrupt(0)?;
+        match next {
+            Some(next) => {
+                self.host.rx.commit();
+                self.host = next;
+                self.moderation.clear();
+                self.blocked_on_full = false;
+            }
+            None => {
+                self.control.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 2: completions from the workers, in the order they finished.
+    fn collect_completions(&mut self) {
+        while let Ok(done) = self.done_rx.try_recv() {
+            self.in_flight -= 1;
+            if done.completion.status != 0 {
+                self.control.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            self.outq.push_back(done);
+        }
+    }
+
+    /// Step 3: completion packets into the inbound ring, until it is full.
+    fn write_completions(&mut self) -> Result<(), DiskError> {
+        while let Some(done) = self.outq.front() {
+            match self.host.tx.try_write(
+                PACKET_TYPE_COMPLETION,
+                0,
+                done.tag,
+                &[&done.completion.encode()],
+            )? {
+                WriteOutcome::Written { signal, .. } => {
+                    self.outq.pop_front();
+                    self.blocked_on_full = false;
+                    self.moderation.wrote(signal);
+                }
+                WriteOutcome::Full { needed } => {
+                    if !self.blocked_on_full {
+                        self.control.stats.ring_full.fetch_add(1, Ordering::Relaxed);
+                        trace::ring_full(
+                            self.dev,
+                            DIR_HOST_TO_GUEST,
+                            needed,
+                            &self.control.live.signals,
+                        );
+                        self.blocked_on_full = true;
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 4: interrupt moderation (see [`Moderation::fire`]).
+    fn moderate(&mut self, knobs: ModerationKnobs) -> Result<(), DiskError> {
+        if let Some(used) = self
+            .moderation
+            .fire(&mut self.host.tx, knobs, Instant::now())?
+        {
+            self.interrupt(used)?;
+        }
+        Ok(())
+    }
+
+    /// Signals the guest, `used` bytes being in the inbound ring (0 where not measured).
+    fn interrupt(&mut self, used: u32) -> Result<(), DiskError> {
+        // Count before signalling: a woken guest may read the counter at once.
+        self.control
+            .stats
+            .interrupts
+            .fetch_add(1, Ordering::Relaxed);
+        self.host.to_guest.signal()?;
+        trace::signal(
+            self.dev,
+            DIR_HOST_TO_GUEST,
+            used,
+            &self.control.live.signals,
+        );
+        Ok(())
+    }
+
+    /// Step 5: unless there is more to do at once, sleeps until the guest signals, a worker
+    /// finishes, the moderation timer fires, or 100 ms. Returns false once the guest's process
+    /// is gone.
+    fn sleep(&mut self, knobs: ModerationKnobs) -> Result<bool, DiskError> {
+        let timeout = match self.moderation.deadline(knobs.usecs) {
             Some(d) => d.saturating_duration_since(Instant::now()),
             None => Duration::from_millis(100),
         };
+        let wake = &self.control.wake;
         let mut fds = [
             libc::pollfd {
-                fd: host.from_guest.raw_fd(),
+                fd: self.host.from_guest.raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -414,39 +533,31 @@ pub fn serve(
         ];
         // Throttled, it sleeps until a worker finishes or the guest makes room (the guest's
         // commit signals because a full write set pending_send_sz), whatever waits in the ring.
-        let more_requests = !throttled && host.rx.has_data().unwrap_or(true);
-        let busy = more_requests || (!outq.is_empty() && !blocked_on_full);
-        if !busy {
-            // ppoll, not poll: the moderation timer is in microseconds and poll's milliseconds
-            // would stretch a 50 us deadline to 1 ms.
-            let timeout = timeout.min(Duration::from_millis(100));
-            let ts = libc::timespec {
-                tv_sec: timeout.as_secs() as libc::time_t,
-                tv_nsec: timeout.subsec_nanos() as libc::c_long,
-            };
-            // SAFETY: fds is a valid array of two pollfds, ts a valid timespec, no signal mask.
-            unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
-            if fds[0].revents & libc::POLLIN != 0 {
-                host.from_guest.drain()?;
-            }
-            if fds[1].revents & libc::POLLIN != 0 {
-                let mut v = 0u64;
-                // SAFETY: reading 8 bytes into a local from our non-blocking eventfd.
-                unsafe { libc::read(wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-            }
-            // Only when idle: a busy loop need not pay a poll per pass to learn the peer died.
-            if host.from_guest.wait(Duration::ZERO)? == WaitResult::PeerGone {
-                break Ok(());
-            }
+        let more_requests = !self.throttled && self.host.rx.has_data().unwrap_or(true);
+        let busy = more_requests || (!self.outq.is_empty() && !self.blocked_on_full);
+        if busy {
+            return Ok(true);
         }
-    };
-    drop(job_tx);
-    for w in workers {
-        let _ = w.join();
+        // ppoll, not poll: the moderation timer is in microseconds and poll's milliseconds
+        // would stretch a 50 us deadline to 1 ms.
+        let timeout = timeout.min(Duration::from_millis(100));
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: fds is a valid array of two pollfds, ts a valid timespec, no signal mask.
+        unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
+        if fds[0].revents & libc::POLLIN != 0 {
+            self.host.from_guest.drain()?;
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            let mut v = 0u64;
+            // SAFETY: reading 8 bytes into a local from our non-blocking eventfd.
+            unsafe { libc::read(wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        }
+        // Only when idle: a busy loop need not pay a poll per pass to learn the peer died.
+        Ok(self.host.from_guest.wait(Duration::ZERO)? != WaitResult::PeerGone)
     }
-    // The last interrupts may follow the guest's last io_reap hit: trace what is left.
-    trace::io_reap(dev, &[], Some(&live.signals));
-    result
 }
 
 /// Writes the acknowledgement of a channel switch request into the (old) inbound ring. The
