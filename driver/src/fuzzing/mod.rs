@@ -58,75 +58,24 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use super::TARGETS;
+    use enlight_vmbus::fuzzing::checks;
 
     fn fuzz_dir() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
     }
 
-    fn files(dir: &Path) -> Vec<PathBuf> {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return Vec::new();
-        };
-        let mut v: Vec<PathBuf> = entries
-            .map(|e| e.expect("directory entry").path())
-            .filter(|p| p.is_file())
-            .collect();
-        v.sort();
-        v
-    }
-
-    /// Every seed corpus file and every regression input of every target, through its harness.
-    /// A harness that panics fails this test with the file's name.
     #[test]
     fn corpora_and_regressions_replay() {
-        let mut total = 0;
-        for (name, harness) in TARGETS {
-            let seeds = files(&fuzz_dir().join("corpus").join(name));
-            assert!(!seeds.is_empty(), "no seed corpus for {name}");
-            let regressions = files(&fuzz_dir().join("regressions").join(name));
-            for file in seeds.iter().chain(&regressions) {
-                let data = std::fs::read(file).expect("reading a corpus file");
-                let outcome = std::panic::catch_unwind(|| harness(&data));
-                assert!(outcome.is_ok(), "{name}: {} fails", file.display());
-                total += 1;
-            }
-        }
-        assert!(total > 0);
+        checks::corpora_and_regressions_replay(&fuzz_dir(), &TARGETS);
     }
 
-    /// A few hundred pseudo-random inputs per target, from a fixed seed: a cheap check that the
-    /// harnesses themselves hold on inputs no corpus has (the fuzzers do this for real).
     #[test]
     fn harnesses_hold_on_random_inputs() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(12);
-        for (name, harness) in TARGETS {
-            for i in 0..300 {
-                let len = rng.gen_range(0..600);
-                let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-                let outcome = std::panic::catch_unwind(|| harness(&data));
-                assert!(
-                    outcome.is_ok(),
-                    "{name}: random input {i} ({data:02x?}) fails"
-                );
-            }
-        }
+        checks::harnesses_hold_on_random_inputs(&TARGETS);
     }
 
-    /// Every target has a cargo-fuzz binary (and no binary lacks a harness).
     #[test]
     fn every_target_has_a_fuzz_binary() {
-        let manifest = std::fs::read_to_string(fuzz_dir().join("Cargo.toml")).unwrap();
-        for (name, _) in TARGETS {
-            assert!(
-                manifest.contains(&format!("name = \"{name}\"")),
-                "driver/fuzz/Cargo.toml has no [[bin]] {name}"
-            );
-            assert!(fuzz_dir()
-                .join("fuzz_targets")
-                .join(format!("{name}.rs"))
-                .is_file());
-        }
-        assert_eq!(manifest.matches("[[bin]]").count(), TARGETS.len());
+        checks::every_target_has_a_fuzz_binary(&fuzz_dir(), &TARGETS);
     }
 }

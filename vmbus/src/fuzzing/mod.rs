@@ -261,15 +261,14 @@ pub fn channel_windows(end_extra: *mut u8, cfg: &crate::channel::ChannelConfig) 
     w
 }
 
-#[cfg(test)]
-mod tests {
+/// The checks every crate with cargo-fuzz targets runs in its unit tests (here for the ring and
+/// channel targets, in `enlight_driver::fuzzing` for the devices'): they take the crate's fuzz
+/// directory (the cargo-fuzz crate, with `corpus/`, `regressions/` and `fuzz_targets/`) and its
+/// targets, and panic with the file or input that fails.
+pub mod checks {
     use std::path::{Path, PathBuf};
 
-    use super::TARGETS;
-
-    fn fuzz_dir() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
-    }
+    use super::Harness;
 
     fn files(dir: &Path) -> Vec<PathBuf> {
         let Ok(entries) = std::fs::read_dir(dir) else {
@@ -284,14 +283,14 @@ mod tests {
     }
 
     /// Every seed corpus file and every regression input of every target, through its harness.
-    /// A harness that panics fails this test with the file's name.
-    #[test]
-    fn corpora_and_regressions_replay() {
+    /// A target without seeds, or a harness that panics, fails with the target's and the
+    /// file's names.
+    pub fn corpora_and_regressions_replay(fuzz_dir: &Path, targets: &[(&str, Harness)]) {
         let mut total = 0;
-        for (name, harness) in TARGETS {
-            let seeds = files(&fuzz_dir().join("corpus").join(name));
+        for &(name, harness) in targets {
+            let seeds = files(&fuzz_dir.join("corpus").join(name));
             assert!(!seeds.is_empty(), "no seed corpus for {name}");
-            let regressions = files(&fuzz_dir().join("regressions").join(name));
+            let regressions = files(&fuzz_dir.join("regressions").join(name));
             for file in seeds.iter().chain(&regressions) {
                 let data = std::fs::read(file).expect("reading a corpus file");
                 let outcome = std::panic::catch_unwind(|| harness(&data));
@@ -304,11 +303,10 @@ mod tests {
 
     /// A few hundred pseudo-random inputs per target, from a fixed seed: a cheap check that the
     /// harnesses themselves hold on inputs no corpus has (the fuzzers do this for real).
-    #[test]
-    fn harnesses_hold_on_random_inputs() {
+    pub fn harnesses_hold_on_random_inputs(targets: &[(&str, Harness)]) {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::SmallRng::seed_from_u64(12);
-        for (name, harness) in TARGETS {
+        for &(name, harness) in targets {
             for i in 0..300 {
                 let len = rng.gen_range(0..600);
                 let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
@@ -321,20 +319,46 @@ mod tests {
         }
     }
 
-    /// Every target has a cargo-fuzz binary (and no binary lacks a harness).
-    #[test]
-    fn every_target_has_a_fuzz_binary() {
-        let manifest = std::fs::read_to_string(fuzz_dir().join("Cargo.toml")).unwrap();
-        for (name, _) in TARGETS {
+    /// Every target has a cargo-fuzz binary in `fuzz_dir` (and no binary lacks a harness).
+    pub fn every_target_has_a_fuzz_binary(fuzz_dir: &Path, targets: &[(&str, Harness)]) {
+        let manifest = std::fs::read_to_string(fuzz_dir.join("Cargo.toml")).unwrap();
+        for &(name, _) in targets {
             assert!(
                 manifest.contains(&format!("name = \"{name}\"")),
-                "vmbus/fuzz/Cargo.toml has no [[bin]] {name}"
+                "{}/Cargo.toml has no [[bin]] {name}",
+                fuzz_dir.display()
             );
-            assert!(fuzz_dir()
+            assert!(fuzz_dir
                 .join("fuzz_targets")
                 .join(format!("{name}.rs"))
                 .is_file());
         }
-        assert_eq!(manifest.matches("[[bin]]").count(), TARGETS.len());
+        assert_eq!(manifest.matches("[[bin]]").count(), targets.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::{checks, TARGETS};
+
+    fn fuzz_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
+    }
+
+    #[test]
+    fn corpora_and_regressions_replay() {
+        checks::corpora_and_regressions_replay(&fuzz_dir(), &TARGETS);
+    }
+
+    #[test]
+    fn harnesses_hold_on_random_inputs() {
+        checks::harnesses_hold_on_random_inputs(&TARGETS);
+    }
+
+    #[test]
+    fn every_target_has_a_fuzz_binary() {
+        checks::every_target_has_a_fuzz_binary(&fuzz_dir(), &TARGETS);
     }
 }
