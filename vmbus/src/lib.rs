@@ -11,6 +11,8 @@
 //! - [`poll`]: NAPI-style polling on a ring's reader side (mask while passes fill their budget,
 //!   unmask and re-check before sleeping).
 //! - [`switch`]: the live channel switch (a ring resize) both ends of every device perform.
+//! - `mock` (feature `test-utils`, and in tests): a scripted peer on either end of a real
+//!   channel, for testing one side of a device without the other.
 //! - `fuzzing` (feature `fuzzing`, and in tests): the ring and channel harnesses behind the
 //!   cargo-fuzz targets in `vmbus/fuzz/`, and the scribbler (a peer writing shared memory while
 //!   our side reads it) the device harnesses above use too.
@@ -21,6 +23,8 @@
 pub mod channel;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod mock;
 pub mod moderation;
 pub mod poll;
 pub mod ring;

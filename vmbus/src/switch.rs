@@ -243,28 +243,13 @@ mod tests {
         (Plain { end, doorbells: 0 }, host)
     }
 
-    /// Serves one switch request on `host` from another thread: reads it, answers `status`.
-    fn host_answers(mut host: HostEnd, status: u32) -> std::thread::JoinHandle<HostEnd> {
+    /// Serves one switch request on `host` from another thread (the mock peer): reads it,
+    /// answers `status`.
+    fn host_answers(host: HostEnd, status: u32) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
-            let (h, payload) = loop {
-                if let Some(p) = host.rx.read().unwrap() {
-                    break p;
-                }
-                host.from_guest.wait(Duration::from_millis(10)).unwrap();
-            };
-            host.rx.commit();
-            assert_eq!((h.ty, h.trans_id), (PACKET_TYPE_INBAND, SWITCH_TAG));
-            assert_eq!(payload, b"switch!!");
-            host.tx
-                .try_write(
-                    PACKET_TYPE_COMPLETION,
-                    0,
-                    SWITCH_TAG,
-                    &[&status.to_le_bytes()],
-                )
-                .unwrap();
-            host.to_guest.signal().unwrap();
-            host
+            let mut host = crate::mock::MockPeer::from(host);
+            let request = host.answer_switch(&status.to_le_bytes(), Duration::from_secs(5));
+            assert_eq!(request, b"switch!!");
         })
     }
 
