@@ -12,6 +12,7 @@ use crate::ring::{
 };
 use crate::settings::DeviceSettings;
 use crate::trace::{OP_FLUSH, OP_READ, OP_WRITE};
+use enlight_vmbus::mock::MockPeer;
 
 #[test]
 fn backing_files_grow_but_are_never_shrunk_unasked() {
@@ -368,23 +369,20 @@ fn an_unoffered_channel_switch_is_refused_and_serving_goes_on() {
 #[test]
 fn hostile_host_completion_breaks_the_guest() {
     let f = backing_with_pattern(16);
-    let (guest, mut host) = channel::create(&ChannelConfig {
+    let (guest, host) = channel::create(&ChannelConfig {
         out_ring_bytes: 8192,
         in_ring_bytes: 8192,
         extra_bytes: 8192,
     })
     .unwrap();
     let _ = f;
+    let mut host = MockPeer::from(host);
     let mut vsc = DiskVsc::new(guest, 0, DeviceSettings::default(), 4096, 16);
     vsc.submit(OP_READ, 0, 8).unwrap();
-    host.tx
-        .try_write(
-            PACKET_TYPE_COMPLETION,
-            0,
-            0xdead_0000_0007,
-            &[&DiskCompletion::default().encode()],
-        )
-        .unwrap();
+    let (h, _) = host.recv(Duration::from_secs(1)).expect("the read request");
+    assert_ne!(h.trans_id, 0xdead_0000_0007);
+    // A completion for a tag the guest never used.
+    host.complete(0xdead_0000_0007, &DiskCompletion::default().encode());
     let err = vsc
         .reap(&mut Vec::new(), Duration::from_millis(100))
         .unwrap_err();
