@@ -9,10 +9,11 @@
 //!    [`SWITCH_TAG`], which no other packet may carry) into the *old* outbound ring, after every
 //!    earlier request, and signals.
 //! 3. The host reads the old ring in order, so it meets the request after everything earlier.
-//!    It writes everything it owes on the old inbound ring first, then the acknowledgement (a
-//!    completion tagged [`SWITCH_TAG`] carrying a status: 0, or an errno such as `EPROTO` when
-//!    nothing was offered, see [`ack_status`]), signals whatever the ring's state, and on
-//!    status 0 continues on the new channel.
+//!    It acknowledges on the old inbound ring after everything it owes there (a completion
+//!    tagged [`SWITCH_TAG`] carrying a status, see [`ack_status`]: 0, `EBUSY` if it still holds
+//!    requests it could lose in the move, `EPROTO` if nothing was offered), signals whatever the
+//!    ring's state, and on status 0 continues on the new channel. (The NIC's host writes what it
+//!    owes before the acknowledgement; the disk's host refuses unless it owes nothing.)
 //! 4. The guest reads the old inbound ring ([`request_switch`]), handing every other packet to
 //!    the device as in any pass, until the acknowledgement; on status 0 it continues on the new
 //!    channel, otherwise it withdraws the offer and stays.
