@@ -55,27 +55,5 @@ fn pick<'a, T: Copy + arbitrary::Arbitrary<'a>>(
 
 #[cfg(test)]
 mod tests {
-    use std::path::{Path, PathBuf};
-
-    use super::TARGETS;
-    use enlight_vmbus::fuzzing::checks;
-
-    fn fuzz_dir() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
-    }
-
-    #[test]
-    fn corpora_and_regressions_replay() {
-        checks::corpora_and_regressions_replay(&fuzz_dir(), &TARGETS);
-    }
-
-    #[test]
-    fn harnesses_hold_on_random_inputs() {
-        checks::harnesses_hold_on_random_inputs(&TARGETS);
-    }
-
-    #[test]
-    fn every_target_has_a_fuzz_binary() {
-        checks::every_target_has_a_fuzz_binary(&fuzz_dir(), &TARGETS);
-    }
+    enlight_vmbus::fuzz_target_tests!(super::TARGETS);
 }

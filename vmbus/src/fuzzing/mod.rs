@@ -337,28 +337,35 @@ pub mod checks {
     }
 }
 
+/// The unit tests of a crate's fuzz targets: `fuzz_target_tests!(TARGETS);` inside a
+/// `#[cfg(test)] mod tests` defines `corpora_and_regressions_replay`,
+/// `harnesses_hold_on_random_inputs` and `every_target_has_a_fuzz_binary` over the calling
+/// crate's `fuzz/` directory (its `CARGO_MANIFEST_DIR`), running the [`checks`].
+#[macro_export]
+macro_rules! fuzz_target_tests {
+    ($targets:expr) => {
+        fn fuzz_dir() -> ::std::path::PathBuf {
+            ::std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
+        }
+
+        #[test]
+        fn corpora_and_regressions_replay() {
+            $crate::fuzzing::checks::corpora_and_regressions_replay(&fuzz_dir(), &$targets);
+        }
+
+        #[test]
+        fn harnesses_hold_on_random_inputs() {
+            $crate::fuzzing::checks::harnesses_hold_on_random_inputs(&$targets);
+        }
+
+        #[test]
+        fn every_target_has_a_fuzz_binary() {
+            $crate::fuzzing::checks::every_target_has_a_fuzz_binary(&fuzz_dir(), &$targets);
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
-    use std::path::{Path, PathBuf};
-
-    use super::{checks, TARGETS};
-
-    fn fuzz_dir() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
-    }
-
-    #[test]
-    fn corpora_and_regressions_replay() {
-        checks::corpora_and_regressions_replay(&fuzz_dir(), &TARGETS);
-    }
-
-    #[test]
-    fn harnesses_hold_on_random_inputs() {
-        checks::harnesses_hold_on_random_inputs(&TARGETS);
-    }
-
-    #[test]
-    fn every_target_has_a_fuzz_binary() {
-        checks::every_target_has_a_fuzz_binary(&fuzz_dir(), &TARGETS);
-    }
+    crate::fuzz_target_tests!(super::TARGETS);
 }
