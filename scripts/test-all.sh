@@ -75,7 +75,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "data races with a peer scribbling into shared memory (ThreadSanitizer)"
 # Every access our channel ends make to memory a peer can write must be atomic
-# (driver/src/shmem.rs); driver/tests/peer_races.rs runs both ends beside a thread that scribbles
+# (vmbus/src/shmem.rs); driver/tests/peer_races.rs runs both ends beside a thread that scribbles
 # over the rings and the shared area, and ThreadSanitizer fails it on any non-atomic access. The
 # standard library is not rebuilt with the sanitizer (that needs its source, which the stable
 # toolchain here does not ship): hence RUSTC_BOOTSTRAP for -Z and the ABI-mismatch allowance.
@@ -84,29 +84,33 @@ RUSTC_BOOTSTRAP=1 RUSTFLAGS="-Zsanitizer=thread -Cunsafe-allow-abi-mismatch=sani
     --target "$(rustc -vV | sed -n 's/^host: //p')" --target-dir target/tsan
 
 step "fuzz targets: a short smoke run of each (cargo-fuzz, libFuzzer)"
-# The harnesses are library code (enlight_driver::fuzzing); cargo test below replays every seed
-# corpus file and every saved crash. Here each cargo-fuzz target runs for a few seconds on top of
-# its seeds, as libFuzzer builds it (coverage-instrumented, AddressSanitizer). cargo-fuzz passes
-# -Z flags, hence RUSTC_BOOTSTRAP on the stable toolchain; the debug build compiles fastest.
+# The harnesses are library code (enlight_vmbus::fuzzing for the ring and channel,
+# enlight_driver::fuzzing for the devices); cargo test below replays every seed corpus file and
+# every saved crash. Here each cargo-fuzz target of both fuzz crates (vmbus/fuzz, driver/fuzz)
+# runs for a few seconds on top of its seeds, as libFuzzer builds it (coverage-instrumented,
+# AddressSanitizer). cargo-fuzz passes -Z flags, hence RUSTC_BOOTSTRAP on the stable toolchain;
+# the debug build compiles fastest.
 # Fuzzing for longer: README.md. New inputs go to a scratch directory, not the seed corpus.
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --version 0.13.2 --locked
 fuzz_tmp="$(mktemp -d)"
 trap 'rm -rf "$fuzz_tmp"' EXIT
-(
-    cd driver
-    export RUSTC_BOOTSTRAP=1
-    cargo fuzz build --dev
-    for target in $(cargo fuzz list); do
-        mkdir -p "$fuzz_tmp/$target"
-        if ! cargo fuzz run --dev "$target" "$fuzz_tmp/$target" "fuzz/corpus/$target" -- \
-            -max_total_time=5 -timeout=20 -print_final_stats=1 >"$fuzz_tmp/$target.log" 2>&1; then
-            cat "$fuzz_tmp/$target.log" >&2
-            echo "test-all: fuzz target $target failed (input saved under driver/fuzz/artifacts/$target)" >&2
-            exit 1
-        fi
-        printf '%-16s %s\n' "$target" "$(grep -m1 'DONE' "$fuzz_tmp/$target.log")"
-    done
-)
+for crate in vmbus driver; do
+    (
+        cd "$crate"
+        export RUSTC_BOOTSTRAP=1
+        cargo fuzz build --dev
+        for target in $(cargo fuzz list); do
+            mkdir -p "$fuzz_tmp/$target"
+            if ! cargo fuzz run --dev "$target" "$fuzz_tmp/$target" "fuzz/corpus/$target" -- \
+                -max_total_time=5 -timeout=20 -print_final_stats=1 >"$fuzz_tmp/$target.log" 2>&1; then
+                cat "$fuzz_tmp/$target.log" >&2
+                echo "test-all: fuzz target $target failed (input saved under $crate/fuzz/artifacts/$target)" >&2
+                exit 1
+            fi
+            printf '%-16s %s\n' "$target" "$(grep -m1 'DONE' "$fuzz_tmp/$target.log")"
+        done
+    ) || exit 1
+done
 rm -rf "$fuzz_tmp"
 
 step "cargo test (unit, integration and privileged eBPF tests)"

@@ -1,11 +1,9 @@
 //! enlight's userspace synthetic drivers.
 //!
 //! Layout, bottom up:
-//! - [`shmem`]: every access to memory a peer may write (atomic word copies, each byte read once).
-//! - [`ring`]: one VMBus-style ring buffer in shared memory (Hyper-V layout, signalling and
-//!   flow-control rules). Everything the peer writes is untrusted and validated before use.
-//! - [`channel`]: a channel is two rings plus two eventfds in one memfd-backed region, usable from
-//!   two threads or handed to another process over a Unix socket.
+//! - [`shmem`], [`ring`], [`channel`]: the transport, from the `enlight-vmbus` crate (re-exported
+//!   here under their old paths): shared-memory access, the VMBus-style ring buffer, and the
+//!   channel (two rings, two eventfds, one memfd-backed region, a hand-off over a Unix socket).
 //! - [`disk`]: a storvsc-like synthetic disk: the guest driver (VSC) and the host service (VSP).
 //! - [`workload`]: a closed-loop workload generator with its own counts and percentiles.
 //! - [`emulated`]: register-level device models (an IDE disk in PIO mode) whose every register
@@ -18,12 +16,12 @@
 //! - [`nic`]: a netvsc-like synthetic NIC (send/receive buffers over the channel) and
 //!   [`nic::NicBridge`], which runs it between two network namespaces.
 //! - [`netns`]: network namespaces and tap devices enlight creates and removes.
-//! - `fuzzing` (feature `fuzzing`, and in tests): the harnesses behind the cargo-fuzz targets in
-//!   `driver/fuzz/`; `cargo test` replays their seed corpora and every crash found.
+//! - `fuzzing` (feature `fuzzing`, and in tests): the disk, NIC and control harnesses behind the
+//!   cargo-fuzz targets in `driver/fuzz/`; `cargo test` replays their seed corpora and every crash
+//!   found. The ring and channel targets are the transport's, in `vmbus/fuzz/`.
 //!
 //! The cross-crate contracts are written down in `docs/architecture.md`.
 
-pub mod channel;
 pub mod control;
 pub mod disk;
 pub mod emulated;
@@ -32,9 +30,9 @@ pub mod fuzzing;
 pub mod netns;
 pub mod nic;
 pub mod registry;
-pub mod ring;
 pub mod settings;
-pub mod shmem;
 pub mod trace;
 pub mod usdt;
 pub mod workload;
+
+pub use enlight_vmbus::{channel, ring, shmem};

@@ -24,7 +24,8 @@
 //! packets it holds for a full inbound ring reach `send_sections + recv_sections` (more than a
 //! well-behaved guest can cause), so no guest can grow its memory.
 //!
-//! Interrupt moderation and NAPI-like reaping work as for the disk (`disk.rs`): a packet that
+//! Interrupt moderation and NAPI-like reaping are the disk's (one implementation of each, in
+//! [`enlight_vmbus::moderation`] and [`enlight_vmbus::poll`]): a packet that
 //! makes the inbound ring non-empty while the guest has not masked interrupts makes a signal
 //! *owed*, fired after `moderation_frames` packets or `moderation_usecs`, whichever first; the
 //! guest reaps up to `poll_budget` packets per pass and stays in polling mode (interrupts masked)
@@ -79,14 +80,14 @@ use crate::ring::{RingError, PAGE_SIZE};
 use crate::settings::{DeviceSettings, Knob, SettingsError};
 use crate::trace::{CompletionRecord, OP_RX};
 
-/// Longest a reaped completion waits before it is traced (`io_reap`), as for the disk.
-pub const TRACE_FLUSH: Duration = Duration::from_millis(1);
+pub use crate::trace::TRACE_FLUSH;
 /// Most frames a side reads from its backend, or the host handles from the guest, per pass, so
 /// that neither direction starves the other.
 const HOST_PASS: usize = 128;
-/// Longest either side waits for its peer during a channel switch (room in a ring, the
-/// acknowledgement); a peer slower than that has broken the protocol.
-const SWITCH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+// Longest either side waits for its peer during a channel switch (room in a ring, the
+// acknowledgement); a peer slower than that has broken the protocol. The transport's, as for
+// the disk.
+use enlight_vmbus::switch::SWITCH_ACK_TIMEOUT;
 /// Longest either side's thread sleeps with nothing to do before it looks again. Everything that
 /// gives it work wakes it sooner (its peer's signal, a frame in its backend, a resize request,
 /// stop); tests lengthen it to show that they do.

@@ -7,6 +7,7 @@
 //! event happens; every inlined copy gets its own note and the attacher attaches them all.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// Op code: read.
 pub const OP_READ: u16 = 0;
@@ -26,6 +27,72 @@ pub const DIR_HOST_TO_GUEST: u32 = 1;
 
 /// Most completions one `io_reap` hit carries; longer batches are split.
 pub const MAX_BATCH: usize = 256;
+
+/// Longest a reaped completion waits before it is traced (`io_reap`), for every guest driver.
+pub const TRACE_FLUSH: Duration = Duration::from_millis(1);
+
+/// Completions a guest driver reaped and has not yet traced.
+///
+/// Completions are traced in batches rather than one `io_reap` hit per polling pass: a uprobe
+/// trap costs about a microsecond, and at high rates a pass often reaps only a few completions.
+/// The driver flushes a batch (one `io_reap` hit, then [`ReapBatch::clear`]) before a push into
+/// a full one, at the first pass or sleep after it is [`TRACE_FLUSH`] old
+/// ([`ReapBatch::stale`]), when its workload ends, and when it is dropped: every completion is
+/// traced exactly once, at most one pass or sleep after it is [`TRACE_FLUSH`] old.
+#[derive(Debug)]
+pub struct ReapBatch {
+    records: Vec<CompletionRecord>,
+    /// When the oldest record was pushed.
+    since: Option<Instant>,
+}
+
+impl Default for ReapBatch {
+    fn default() -> Self {
+        ReapBatch::new()
+    }
+}
+
+impl ReapBatch {
+    /// An empty batch with room for [`MAX_BATCH`] records.
+    pub fn new() -> ReapBatch {
+        ReapBatch {
+            records: Vec::with_capacity(MAX_BATCH),
+            since: None,
+        }
+    }
+
+    /// Whether the batch holds [`MAX_BATCH`] records: flush it before the next push.
+    pub fn is_full(&self) -> bool {
+        self.records.len() >= MAX_BATCH
+    }
+
+    /// Adds one record (the batch's age starts with its first).
+    pub fn push(&mut self, record: CompletionRecord) {
+        self.since.get_or_insert_with(Instant::now);
+        self.records.push(record);
+    }
+
+    /// The records, oldest first.
+    pub fn records(&self) -> &[CompletionRecord] {
+        &self.records
+    }
+
+    /// How long the oldest record has waited; `None` when the batch is empty.
+    pub fn age(&self) -> Option<Duration> {
+        self.since.map(|t| t.elapsed())
+    }
+
+    /// Whether the oldest record has waited [`TRACE_FLUSH`] or longer.
+    pub fn stale(&self) -> bool {
+        self.age().is_some_and(|age| age >= TRACE_FLUSH)
+    }
+
+    /// Empties the batch, once the caller has traced it.
+    pub fn clear(&mut self) {
+        self.records.clear();
+        self.since = None;
+    }
+}
 
 /// One completion as `io_reap` carries it (`struct enlight_completion` in
 /// `probes/src/bpf/enlight.h`).
@@ -267,6 +334,29 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reap_batch_fills_ages_and_empties() {
+        let mut b = ReapBatch::new();
+        assert_eq!(b.age(), None);
+        assert!(!b.stale() && !b.is_full());
+        let rec = CompletionRecord {
+            latency_ns: 1,
+            bytes: 512,
+            op: OP_READ,
+            status: 0,
+        };
+        for _ in 0..MAX_BATCH {
+            assert!(!b.is_full());
+            b.push(rec);
+        }
+        assert!(b.is_full());
+        assert_eq!(b.records().len(), MAX_BATCH);
+        std::thread::sleep(TRACE_FLUSH);
+        assert!(b.stale(), "the oldest record has waited TRACE_FLUSH");
+        b.clear();
+        assert!(b.records().is_empty() && b.age().is_none() && !b.stale());
+    }
 
     #[test]
     fn sites_are_disabled_without_a_tracer() {

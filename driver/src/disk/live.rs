@@ -206,6 +206,48 @@ impl DiskLive {
         self.resize_done.notify_all();
     }
 
+    /// Guest side, at a point where the driver can move: performs a posted resize, if any,
+    /// through `switch` (the device's move to rings of `out`/`inb` bytes), and reports the
+    /// outcome to the requester. `switch` returns the instant the drain ended and the switch
+    /// proper began (the report splits the stall there, counted from `since`), or `Ok(Err(why))`
+    /// when the switch did not happen and the old channel stays in use; an outer error is fatal
+    /// (the channel broke during the switch) and is returned after the requester was told.
+    /// `device` and `dev` name the device in the log.
+    pub(crate) fn run_resize<E: std::fmt::Display>(
+        &self,
+        device: &str,
+        dev: u32,
+        from: (u32, u32),
+        since: Instant,
+        switch: impl FnOnce(u32, u32) -> Result<Result<Instant, String>, E>,
+    ) -> Result<(), E> {
+        let Some((out, inb)) = self.take_request() else {
+            return Ok(());
+        };
+        match switch(out, inb) {
+            Err(fatal) => {
+                // The channel is broken: tell the requester rather than leave it waiting.
+                self.finish_resize(Err(format!("the channel broke during the switch: {fatal}")));
+                Err(fatal)
+            }
+            Ok(Err(why)) => {
+                self.finish_resize(Err(why));
+                Ok(())
+            }
+            Ok(Ok(split)) => {
+                let report = ResizeReport {
+                    from,
+                    to: (out, inb),
+                    drain_ns: split.duration_since(since).as_nanos() as u64,
+                    switch_ns: split.elapsed().as_nanos() as u64,
+                };
+                log::info!("{device} {dev}: rings resized: {report:?}");
+                self.finish_resize(Ok(report));
+                Ok(())
+            }
+        }
+    }
+
     /// Takes a posted request, marking it running (VSC side).
     pub(crate) fn take_request(&self) -> Option<(u32, u32)> {
         let mut st = self.resize.lock().expect("resize lock");

@@ -9,15 +9,16 @@ use std::time::{Duration, Instant};
 use super::proto::{self, NicCompletion, RxPacket, RxPost, TxRequest, ETH_HLEN, MAX_MESSAGE};
 use super::{
     io_err, pollfd, sleep_on, FrameIo, NicError, NicGuestStats, NicKnobs, NicOptions, HOST_PASS,
-    SWITCH_ACK_TIMEOUT, TRACE_FLUSH,
+    TRACE_FLUSH,
 };
-use crate::channel::{self, ChannelConfig, GuestEnd, WaitResult};
-use crate::disk::{ResizeReport, SWITCH_TAG};
+use crate::channel::GuestEnd;
 use crate::ring::{
-    WriteOutcome, FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION, PACKET_TYPE_INBAND,
-    PACKET_TYPE_TRANSFER_PAGES,
+    PacketHeader, WriteOutcome, FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION,
+    PACKET_TYPE_INBAND, PACKET_TYPE_TRANSFER_PAGES,
 };
-use crate::trace::{self, CompletionRecord, DIR_GUEST_TO_HOST, OP_RX, OP_TX};
+use crate::trace::{self, CompletionRecord, ReapBatch, DIR_GUEST_TO_HOST, OP_RX, OP_TX};
+use enlight_vmbus::poll::{AfterPass, Napi};
+use enlight_vmbus::switch::{self, SwitchFailure, SwitchGuest};
 
 #[derive(Clone, Copy, Default)]
 struct TxSlot {
@@ -47,11 +48,10 @@ pub struct NicVsc<F: FrameIo> {
     /// The initial post of every receive section, until it is in the ring.
     post_pending: bool,
     out_full: bool,
-    masked: bool,
+    napi: Napi,
     msg: Vec<u8>,
     frame: Vec<u8>,
-    records: Vec<CompletionRecord>,
-    records_since: Option<Instant>,
+    records: ReapBatch,
     /// The host's protocol violation that broke the channel: every later turn fails with it.
     broken: Option<String>,
 }
@@ -90,11 +90,10 @@ impl<F: FrameIo> NicVsc<F> {
             returns: VecDeque::new(),
             post_pending: true,
             out_full: false,
-            masked: false,
+            napi: Napi::new(),
             msg: Vec::with_capacity(MAX_MESSAGE as usize),
             frame: vec![0; opts.section_bytes as usize + 1],
-            records: Vec::with_capacity(trace::MAX_BATCH),
-            records_since: None,
+            records: ReapBatch::new(),
             broken: None,
         })
     }
@@ -108,19 +107,21 @@ impl<F: FrameIo> NicVsc<F> {
     /// `DiskVsc::flush_trace`: every completion is traced exactly once).
     pub fn flush_trace(&mut self) {
         // Also with no completions: the signalling events counted since the last hit go too.
-        trace::io_reap(self.dev, &self.records, Some(&self.knobs.live.signals));
-        if !self.records.is_empty() {
-            self.stats.latency.record(&self.records);
-            self.records.clear();
+        trace::io_reap(
+            self.dev,
+            self.records.records(),
+            Some(&self.knobs.live.signals),
+        );
+        if !self.records.records().is_empty() {
+            self.stats.latency.record(self.records.records());
         }
-        self.records_since = None;
+        self.records.clear();
     }
 
     fn record(&mut self, rec: CompletionRecord) {
-        if self.records.len() == trace::MAX_BATCH {
+        if self.records.is_full() {
             self.flush_trace();
         }
-        self.records_since.get_or_insert_with(Instant::now);
         self.records.push(rec);
     }
 
@@ -390,19 +391,14 @@ impl<F: FrameIo> NicVsc<F> {
         if self.end.rx.commit().signal_writer {
             self.doorbell(0)?;
         }
-        if self
-            .records_since
-            .is_some_and(|t| t.elapsed() >= TRACE_FLUSH)
-        {
+        if self.records.stale() {
             self.flush_trace();
         }
         Ok(reaped)
     }
 
     fn set_masked(&mut self, masked: bool) {
-        if self.masked != masked {
-            self.end.rx.set_interrupt_mask(masked);
-            self.masked = masked;
+        if self.napi.set_masked(&self.end.rx, masked) {
             trace::irq_mask(self.dev, masked, &self.knobs.live.signals);
         }
     }
@@ -414,37 +410,16 @@ impl<F: FrameIo> NicVsc<F> {
         if !self.knobs.live.resize_pending.load(Ordering::Acquire) {
             return Ok(());
         }
-        let Some((out, inb)) = self.knobs.live.take_request() else {
-            return Ok(());
-        };
-        let stopped = Instant::now();
         let from = (
             self.end.config.out_ring_bytes as u32,
             self.end.config.in_ring_bytes as u32,
         );
-        match self.switch_channel(out, inb) {
-            Err(fatal) => {
-                self.knobs
-                    .live
-                    .finish_resize(Err(format!("the channel broke during the switch: {fatal}")));
-                Err(fatal)
-            }
-            Ok(Err(e)) => {
-                self.knobs.live.finish_resize(Err(e));
-                Ok(())
-            }
-            Ok(Ok(acked)) => {
-                let report = ResizeReport {
-                    from,
-                    to: (out, inb),
-                    drain_ns: acked.duration_since(stopped).as_nanos() as u64,
-                    switch_ns: acked.elapsed().as_nanos() as u64,
-                };
-                log::info!("nic {}: rings resized: {report:?}", self.dev);
-                self.knobs.live.finish_resize(Ok(report));
-                Ok(())
-            }
-        }
+        let knobs = Arc::clone(&self.knobs);
+        knobs
+            .live
+            .run_resize("nic", self.dev, from, Instant::now(), |out, inb| {
+                self.switch_channel(out, inb)
+            })
     }
 
     /// Moves both sides to a new channel with rings of `out`/`inb` bytes, and returns when the
@@ -458,16 +433,10 @@ impl<F: FrameIo> NicVsc<F> {
     /// not yet requested (`pending_tx`) is copied into the same section of the new area and goes
     /// first. Outer error: fatal; inner: the switch did not happen and the old channel stays.
     fn switch_channel(&mut self, out: u32, inb: u32) -> Result<Result<Instant, String>, NicError> {
-        let cfg = ChannelConfig {
-            out_ring_bytes: out as usize,
-            in_ring_bytes: inb as usize,
-            extra_bytes: self.end.config.extra_bytes,
-        };
-        let (mut guest, host) = match channel::create(&cfg) {
+        let (guest, host) = match switch::new_channel(&self.end.config, out, inb, MAX_MESSAGE) {
             Ok(ends) => ends,
             Err(e) => return Ok(Err(format!("creating the new channel: {e}"))),
         };
-        guest.rx.set_max_payload(MAX_MESSAGE);
         if let Some((section, len)) = self.pending_tx {
             let at = self.opts.send_offset(section);
             let frame = &mut self.frame[..len as usize];
@@ -480,73 +449,7 @@ impl<F: FrameIo> NicVsc<F> {
         // Leave polling on the old ring; the new one starts unmasked.
         self.set_masked(false);
         self.knobs.live.offer(host).map_err(NicError::Channel)?;
-        let deadline = Instant::now() + SWITCH_ACK_TIMEOUT;
-        let mut requested = false;
-        let status = loop {
-            if !requested {
-                match self.end.tx.try_write(
-                    PACKET_TYPE_INBAND,
-                    FLAG_COMPLETION_REQUESTED,
-                    SWITCH_TAG,
-                    &[&proto::switch_request()],
-                )? {
-                    WriteOutcome::Written { .. } => {
-                        requested = true;
-                        // Always signal: the host may be asleep whatever the ring's state.
-                        self.doorbell(0)?;
-                    }
-                    WriteOutcome::Full { .. } => {}
-                }
-            }
-            let mut reaped = 0;
-            let mut ack = None;
-            while let Some(h) = self.end.rx.read_into(&mut self.msg)? {
-                if h.ty == PACKET_TYPE_COMPLETION && h.trans_id == SWITCH_TAG {
-                    let c = NicCompletion::decode(&self.msg)
-                        .filter(|_| requested)
-                        .ok_or_else(|| {
-                            NicError::Protocol("a malformed or unasked-for switch ack".into())
-                        })?;
-                    ack = Some(c.status);
-                    break;
-                }
-                let now = trace::monotonic_ns();
-                match h.ty {
-                    PACKET_TYPE_COMPLETION => self.tx_completion(h.trans_id, now)?,
-                    PACKET_TYPE_TRANSFER_PAGES => self.rx_packet(h.trans_id, now)?,
-                    ty => {
-                        return Err(NicError::Protocol(format!(
-                            "packet type {ty} from the host"
-                        )))
-                    }
-                }
-                reaped += 1;
-            }
-            if self.end.rx.commit().signal_writer {
-                self.doorbell(0)?;
-            }
-            if let Some(status) = ack {
-                break status;
-            }
-            if reaped > 0 {
-                continue;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                if !requested {
-                    // The request never went out: the host knows nothing; take the offer back.
-                    self.knobs.live.withdraw();
-                }
-                return Err(NicError::Protocol(format!(
-                    "the host did not take the channel switch within {SWITCH_ACK_TIMEOUT:?}"
-                )));
-            }
-            if self.end.from_host.wait(Duration::from_millis(1))? == WaitResult::PeerGone {
-                return Err(NicError::Protocol(
-                    "the host went away during the channel switch".into(),
-                ));
-            }
-        };
+        let status = switch::request_switch(self, &proto::switch_request())?;
         if status != 0 {
             // The host refused and stays on the old channel, owning what it owned: so do we.
             self.knobs.live.withdraw();
@@ -565,7 +468,7 @@ impl<F: FrameIo> NicVsc<F> {
         self.returns.clear();
         self.post_pending = true;
         self.out_full = false;
-        self.masked = false;
+        self.napi.reset();
         self.flush_returns()?;
         Ok(Ok(acked))
     }
@@ -593,23 +496,22 @@ impl<F: FrameIo> NicVsc<F> {
         let n = self.reap_pass()?;
         let returned = self.flush_returns()?;
         let sent = self.pump_tx()?;
-        if n == self.knobs.budget() {
-            self.set_masked(true);
-            return Ok(true);
-        }
-        if self.masked {
-            self.set_masked(false);
-            // Lost-wake-up guard: a packet written while we were masked raised no signal.
-            if self.end.rx.has_data()? {
-                return Ok(true);
-            }
+        let (dev, signals) = (self.dev, &self.knobs.live.signals);
+        match self
+            .napi
+            .after_pass(&mut self.end.rx, n, self.knobs.budget(), |masked| {
+                trace::irq_mask(dev, masked, signals)
+            })? {
+            // Busy (interrupts now masked), or a packet raced in while they were: it raised no
+            // signal, so look again without sleeping.
+            AfterPass::Busy | AfterPass::Raced => return Ok(true),
+            AfterPass::Settled => {}
         }
         if n + returned + sent > 0 {
             return Ok(true);
         }
-        let flush_in = match self.records_since {
-            Some(t) => {
-                let age = t.elapsed();
+        let flush_in = match self.records.age() {
+            Some(age) => {
                 if age >= TRACE_FLUSH {
                     self.flush_trace();
                     timeout
@@ -656,6 +558,46 @@ impl<F: FrameIo> NicVsc<F> {
         };
         self.flush_trace();
         result
+    }
+}
+
+/// The NIC's side of the channel switch: while it waits for the acknowledgement, tx completions
+/// and rx packets the host wrote before it are handled as in any pass.
+impl<F: FrameIo> SwitchGuest for NicVsc<F> {
+    type Error = NicError;
+
+    fn end(&mut self) -> &mut GuestEnd {
+        &mut self.end
+    }
+
+    fn doorbell(&mut self) -> Result<(), NicError> {
+        self.doorbell(0)
+    }
+
+    fn packet(&mut self, h: &PacketHeader, payload: &[u8]) -> Result<(), NicError> {
+        // The handlers decode the message buffer, as in `reap_pass`.
+        self.msg.clear();
+        self.msg.extend_from_slice(payload);
+        let now = trace::monotonic_ns();
+        match h.ty {
+            PACKET_TYPE_COMPLETION => self.tx_completion(h.trans_id, now),
+            PACKET_TYPE_TRANSFER_PAGES => self.rx_packet(h.trans_id, now),
+            ty => Err(NicError::Protocol(format!(
+                "packet type {ty} from the host"
+            ))),
+        }
+    }
+
+    fn ack_status(payload: &[u8]) -> Option<u32> {
+        NicCompletion::decode(payload).map(|c| c.status)
+    }
+
+    fn failed(&mut self, why: SwitchFailure) -> NicError {
+        if why == (SwitchFailure::TimedOut { requested: false }) {
+            // The request never went out: the host knows nothing; take the offer back.
+            self.knobs.live.withdraw();
+        }
+        NicError::Protocol(why.to_string())
     }
 }
 

@@ -21,12 +21,8 @@ use crate::ring::{
 };
 use crate::settings::Knob;
 use crate::trace::{self, DIR_HOST_TO_GUEST};
-
-/// Moderation state of the host → guest path (as the disk's).
-struct Moderation {
-    owed_since: Option<Instant>,
-    since_owed: u32,
-}
+use enlight_vmbus::moderation::{Moderation, ModerationKnobs};
+use enlight_vmbus::switch;
 
 /// State of one receive section, as the host sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +50,7 @@ pub struct NicVsp<F: FrameIo> {
     /// Packets for the inbound ring that found it full: (type, flags, trans_id, payload, len).
     outq: VecDeque<(u16, u16, u64, [u8; 24], usize)>,
     blocked_on_full: bool,
+    /// Of the host → guest path, as the disk's.
     moderation: Moderation,
     msg: Vec<u8>,
     frame: Vec<u8>,
@@ -99,10 +96,7 @@ impl<F: FrameIo> NicVsp<F> {
             posted: VecDeque::with_capacity(opts.recv_sections as usize),
             outq: VecDeque::new(),
             blocked_on_full: false,
-            moderation: Moderation {
-                owed_since: None,
-                since_owed: 0,
-            },
+            moderation: Moderation::new(),
             msg: Vec::with_capacity(MAX_MESSAGE as usize),
             frame: vec![0; opts.section_bytes as usize + 1],
             broken: None,
@@ -287,11 +281,8 @@ impl<F: FrameIo> NicVsp<F> {
     /// (`EPROTO`) and stays where it is.
     fn switch_channel(&mut self) -> Result<(), NicError> {
         let next = self.knobs.live.take_offer();
-        let status = if next.is_some() {
-            0
-        } else {
-            libc::EPROTO as u32
-        };
+        // Idle by construction: whatever the host owes goes out before the acknowledgement.
+        let status = switch::ack_status(next.is_some(), true);
         let mut ack = [0u8; 24];
         ack[..8].copy_from_slice(&NicCompletion { status, len: 0 }.encode());
         self.outq
@@ -312,7 +303,7 @@ impl<F: FrameIo> NicVsp<F> {
             self.end.from_guest.wait(Duration::from_millis(1))?;
         }
         // Always signal: the guest waits for the acknowledgement whatever the ring's state.
-        self.moderation.owed_since = None;
+        self.moderation.clear();
         self.interrupt(0)?;
         let Some(mut next) = next else {
             self.guest_error(format_args!("channel switch with no channel offered"));
@@ -395,13 +386,7 @@ impl<F: FrameIo> NicVsp<F> {
                 WriteOutcome::Written { signal, .. } => {
                     self.outq.pop_front();
                     self.blocked_on_full = false;
-                    if signal && self.moderation.owed_since.is_none() {
-                        self.moderation.owed_since = Some(Instant::now());
-                        self.moderation.since_owed = 0;
-                    }
-                    if self.moderation.owed_since.is_some() {
-                        self.moderation.since_owed += 1;
-                    }
+                    self.moderation.wrote(signal);
                     n += 1;
                 }
                 WriteOutcome::Full { needed } => {
@@ -423,25 +408,20 @@ impl<F: FrameIo> NicVsp<F> {
     }
 
     fn moderation_deadline(&self) -> Option<Instant> {
-        let usecs = self.knobs.knob(Knob::ModerationUsecs);
         self.moderation
-            .owed_since
-            .map(|t| t + Duration::from_micros(usecs as u64))
+            .deadline(self.knobs.knob(Knob::ModerationUsecs))
     }
 
     fn moderate(&mut self) -> Result<(), NicError> {
-        let frames = self.knobs.knob(Knob::ModerationFrames).max(1);
-        let due = self.moderation.owed_since.is_some()
-            && (self.moderation.since_owed >= frames
-                || self
-                    .moderation_deadline()
-                    .is_some_and(|d| Instant::now() >= d));
-        if due {
-            self.moderation.owed_since = None;
-            if !self.end.tx.reader_masked() {
-                let used = self.end.tx.bytes_used()?;
-                self.interrupt(used)?;
-            }
+        let knobs = ModerationKnobs {
+            frames: self.knobs.knob(Knob::ModerationFrames),
+            usecs: self.knobs.knob(Knob::ModerationUsecs),
+        };
+        if let Some(used) = self
+            .moderation
+            .fire(&mut self.end.tx, knobs, Instant::now())?
+        {
+            self.interrupt(used)?;
         }
         Ok(())
     }
