@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::tuner::window::Window;
+use crate::tuner::Ladder;
 use enlight_probes::hist::bucket_index;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -77,6 +78,7 @@ impl SimDevice {
             interrupts: (ops as f64 * f.interrupts_per_op * worse.min(1.0 / f.interrupts_per_op))
                 as u64,
             ring_full: 0,
+            napi_polls: 0,
             buckets: Default::default(),
         };
         *w.buckets.entry(bucket_index(p50 as u64)).or_default() += ops - tail;
@@ -185,8 +187,9 @@ fn bounds_strategy() -> impl Strategy<Value = Bounds> {
         0u32..1000,
         0u32..40,
         1u32..300,
+        any::<bool>(),
     )
-        .prop_map(|(flo, fspan, fhi, ulo_raw, uspan, blo, bspan)| {
+        .prop_map(|(flo, fspan, fhi, ulo_raw, uspan, blo, bspan, napi)| {
             let fhi = (flo + fspan).max(flo + fhi % 64);
             let ulo = ulo_raw % 40;
             let uhi = ulo + uspan;
@@ -199,6 +202,9 @@ fn bounds_strategy() -> impl Strategy<Value = Bounds> {
                 moderation_usecs: (ulo, uhi),
                 moderation_usecs_floor: 1,
                 poll_budget: (blo, bhi),
+                // Either kind of moderation ladder: NAPI's coarse rungs or the fine ones.
+                frames_ladder: if napi { Ladder::Napi } else { Ladder::Fine },
+                usecs_ladder: if napi { Ladder::Napi } else { Ladder::Fine },
             }
         })
 }
@@ -639,4 +645,46 @@ proptest! {
             prop_assert!(false, "{e}");
         }
     }
+}
+
+/// Segments of windows with `bytes_per_op` each.
+fn segment_of(bytes_per_op: &[u64]) -> Segment {
+    let mut s = Segment::default();
+    for (i, &bpo) in bytes_per_op.iter().enumerate() {
+        let w = Window {
+            duration_s: 0.5,
+            ops: 1000,
+            bytes: 1000 * bpo,
+            ..Default::default()
+        };
+        s.push(i as f64 * 0.5, &w, 100);
+    }
+    s
+}
+
+#[test]
+fn a_nics_own_gro_is_no_workload_change_but_the_incumbent_moving_is() {
+    // kernel-tcp: a NAPI timer makes GRO merge twice as many segments per packet, so the
+    // candidate's bytes/packet double; the incumbent's, before and after, stay.
+    let (a1, b, a2) = (
+        segment_of(&[1500, 1500]),
+        segment_of(&[3000, 3000]),
+        segment_of(&[1500, 1500]),
+    );
+    assert_eq!(
+        workload_shift(Throughput::Ops, &a1, &b, &a2, 0.3),
+        Some((1500.0, 3000.0))
+    );
+    assert_eq!(workload_shift(Throughput::Bytes, &a1, &b, &a2, 0.3), None);
+    // The incumbent's own bytes/op moved across the trial: the workload did change.
+    let a2_moved = segment_of(&[600, 600]);
+    assert_eq!(
+        workload_shift(Throughput::Bytes, &a1, &b, &a2_moved, 0.3),
+        Some((1500.0, 600.0))
+    );
+    // Nothing measured before the candidate: nothing to compare.
+    assert_eq!(
+        workload_shift(Throughput::Bytes, &Segment::default(), &b, &a2_moved, 0.3),
+        None
+    );
 }
