@@ -679,7 +679,10 @@ mod tests {
         assert!(b.contains(&s));
         // NAPI's knobs ride the coarse ladders: 20 us up is 50 us, not 50 after 20's neighbours.
         use crate::tuner::Ladder;
-        assert_eq!((b.frames_ladder, b.usecs_ladder), (Ladder::Napi, Ladder::Napi));
+        assert_eq!(
+            (b.frames_ladder, b.usecs_ladder),
+            (Ladder::Napi, Ladder::Napi)
+        );
         let up = crate::tuner::Knob::ModerationUsecs.step(&s, crate::tuner::Direction::Up, &b);
         assert_eq!(up.map(|s| s.moderation_usecs), Some(50));
         // A driver's own coalescing keeps the fine ones (e1000: rx_usecs rides the delay
@@ -697,7 +700,11 @@ mod tests {
         );
         let (_, b1000) = tuner_space(&e1000, 64);
         assert_eq!(
-            (b1000.frames_ladder, b1000.usecs_ladder, b1000.moderation_usecs_floor),
+            (
+                b1000.frames_ladder,
+                b1000.usecs_ladder,
+                b1000.moderation_usecs_floor
+            ),
             (Ladder::Napi, Ladder::Fine, 10)
         );
         // A netvsc-like NIC: its rings detach, so they are pinned where they are.

@@ -711,13 +711,11 @@ impl DeviceTuner {
                 if !ready(&self.params, &self.incumbent_m) || !a_ready {
                     return None;
                 }
-                self.best_ops_seen = self
-                    .best_ops_seen
-                    .max(
-                        self.incumbent_m
-                            .mean(Metric::throughput(self.throughput))
-                            .unwrap_or(0.0),
-                    );
+                self.best_ops_seen = self.best_ops_seen.max(
+                    self.incumbent_m
+                        .mean(Metric::throughput(self.throughput))
+                        .unwrap_or(0.0),
+                );
                 self.next_move(now_ms, bounds)
             }
             Phase::Trial {
@@ -826,13 +824,8 @@ impl DeviceTuner {
                 }
                 let a_before = std::mem::take(&mut self.a_seg);
                 let (j, shifted) = {
-                    let shift = workload_shift(
-                        self.throughput,
-                        &a_before,
-                        b,
-                        a2,
-                        self.params.phase_change,
-                    );
+                    let shift =
+                        workload_shift(self.throughput, &a_before, b, a2, self.params.phase_change);
                     let mut j = judge::judge(&rules, &a_before, b, a2);
                     if let Some((from, to)) = shift {
                         j.verdict = Verdict::Inconclusive;

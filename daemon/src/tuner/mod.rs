@@ -554,7 +554,9 @@ mod tests {
             ..b
         };
         assert_eq!(
-            at(Knob::Moderation.step(&defaults, Direction::Up, &fine).unwrap()),
+            at(Knob::Moderation
+                .step(&defaults, Direction::Up, &fine)
+                .unwrap()),
             (1, 5)
         );
     }

@@ -280,7 +280,11 @@ fn a_nics_throughput_is_its_bytes_not_its_packets() {
     };
     let j = judge(&bytes, &a1, &b, &a2);
     assert_eq!(j.verdict, Verdict::Worse, "{}", j.why);
-    assert!(j.why.contains("throughput (bytes/s) confidently worse"), "{}", j.why);
+    assert!(
+        j.why.contains("throughput (bytes/s) confidently worse"),
+        "{}",
+        j.why
+    );
     let e = j.effects.iter().find(|e| e.metric == "bytes/s").unwrap();
     assert!((e.estimate + 0.26).abs() < 0.02, "{e}");
     assert!((j.ops_estimate.unwrap() + 0.26).abs() < 0.02);
@@ -311,8 +315,16 @@ fn balanced_on_a_nic_without_interrupts_judges_napi_polls_per_op() {
     };
     let j = judge(&r, &a1, &b, &a2);
     assert_eq!(j.verdict, Verdict::Better, "{}", j.why);
-    assert!(j.why.contains("balanced (napi polls/op) improved"), "{}", j.why);
-    let e = j.effects.iter().find(|e| e.metric == "napi polls/op").unwrap();
+    assert!(
+        j.why.contains("balanced (napi polls/op) improved"),
+        "{}",
+        j.why
+    );
+    let e = j
+        .effects
+        .iter()
+        .find(|e| e.metric == "napi polls/op")
+        .unwrap();
     assert!((e.estimate + 0.5).abs() < 0.02, "{e}");
     // More polls per packet is worse.
     let (a1, b, a2) = trial(4, |t, is_b| {
