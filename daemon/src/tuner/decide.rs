@@ -30,7 +30,8 @@ use super::judge::{self, Judgement, Rules, Segment, Verdict};
 use super::measure::{Measurement, Metric};
 use super::window::Window;
 use super::{
-    Action, Bounds, Controller, Direction, Knob, Objective, Throughput, TunerMode, TunerState,
+    Action, Bounds, Controller, Direction, Knob, Ladder, Objective, Throughput, TunerMode,
+    TunerState,
 };
 
 /// What the operator asked for one device.
@@ -540,6 +541,17 @@ impl DeviceTuner {
         while let Some(mv) = self.queue.pop_front() {
             // The ring only matters when writers found it full; it is never shrunk for speed.
             if mv.knob == Knob::RingBytes && self.incumbent_m.ring_full == 0 {
+                continue;
+            }
+            // NAPI defers interrupts only under a timer (napi_complete_done keeps the IRQ off
+            // only while gro_flush_timeout is set), so moving napi_defer_hard_irqs alone while
+            // the timeout is 0 is a trial of a no-op (bench tune kernel-tcp: 6-14 s of each
+            // run spent on it).
+            if mv.knob == Knob::ModerationFrames
+                && bounds.frames_ladder == Ladder::Napi
+                && bounds.usecs_ladder == Ladder::Napi
+                && incumbent.moderation_usecs == 0
+            {
                 continue;
             }
             // For `balanced`, less moderation can only add interrupts per op: it is worth a

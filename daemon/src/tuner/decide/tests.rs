@@ -2,7 +2,6 @@
 
 use super::*;
 use crate::tuner::window::Window;
-use crate::tuner::Ladder;
 use enlight_probes::hist::bucket_index;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -687,4 +686,50 @@ fn a_nics_own_gro_is_no_workload_change_but_the_incumbent_moving_is() {
         workload_shift(Throughput::Bytes, &Segment::default(), &b, &a2_moved, 0.3),
         None
     );
+}
+
+#[test]
+fn napi_deferral_is_never_tried_alone_without_a_timer() {
+    // NAPI's knobs at the kernel's defaults (0, 0), on a device where nothing makes a
+    // difference: every objective's search parks without ever moving napi_defer_hard_irqs
+    // alone while gro_flush_timeout is 0 (a no-op for the kernel).
+    let b = Bounds {
+        moderation_frames: (0, 256),
+        moderation_usecs: (0, 1000),
+        frames_ladder: Ladder::Napi,
+        usecs_ladder: Ladder::Napi,
+        ..Bounds::default()
+    };
+    let start = DeviceSettings {
+        moderation_frames: 0,
+        moderation_usecs: 0,
+        ..DeviceSettings::default()
+    };
+    for objective in [
+        Objective::Throughput,
+        Objective::Latency,
+        Objective::Balanced,
+    ] {
+        let mut t = DeviceTuner::new(policy(objective), TunerParams::default());
+        let r = run(&mut t, low_rate(), start, &b, 300, 500, 5, |_, _| 1.0);
+        let mut tried = Vec::new();
+        for (_, o, from) in &r.outcomes {
+            // Moves of the deferral (other knobs, the budget, move on their own).
+            if o.action == Action::Change
+                && *from == start
+                && o.to.moderation_frames != start.moderation_frames
+            {
+                tried.push((o.to.moderation_frames, o.to.moderation_usecs));
+            }
+        }
+        assert!(
+            tried.iter().all(|&(_, usecs)| usecs > 0),
+            "{objective:?}: {tried:?}"
+        );
+        // The joint move (deferral and timer together) is still tried where the objective's
+        // prior has it.
+        if objective == Objective::Throughput {
+            assert_eq!(tried.first(), Some(&(1, 10)), "{tried:?}");
+        }
+    }
 }
