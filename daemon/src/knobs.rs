@@ -378,6 +378,8 @@ pub fn tuner_space(knobs: &[Knob], pinned_budget: u32) -> (DeviceSettings, crate
         moderation_usecs: (0, 0),
         moderation_usecs_floor: 1,
         poll_budget: (pinned_budget, pinned_budget),
+        frames_ladder: crate::tuner::Ladder::Fine,
+        usecs_ladder: crate::tuner::Ladder::Fine,
     };
     let mut rings = Vec::new();
     // The explored rings when only some are (a queue-resetting driver's rx ring, its tx ring
@@ -395,10 +397,19 @@ pub fn tuner_space(knobs: &[Knob], pinned_budget: u32) -> (DeviceSettings, crate
         } else {
             (v, v)
         };
+        // NAPI's knobs ride the coarse ladders (crate::tuner::Ladder::Napi).
+        let ladder = match k.name.as_str() {
+            "napi_defer_hard_irqs" | "gro_flush_timeout" => crate::tuner::Ladder::Napi,
+            _ => crate::tuner::Ladder::Fine,
+        };
         match slot(kind) {
-            TunerKind::ModerationCount => (s.moderation_frames, b.moderation_frames) = (v, range),
+            TunerKind::ModerationCount => {
+                (s.moderation_frames, b.moderation_frames) = (v, range);
+                b.frames_ladder = ladder;
+            }
             TunerKind::ModerationDelay => {
                 (s.moderation_usecs, b.moderation_usecs) = (v, range);
+                b.usecs_ladder = ladder;
                 if let Some(floor) = k.delays_from.and_then(|d| k.to_tuner(d)) {
                     b.moderation_usecs_floor = floor;
                 }
@@ -697,6 +708,36 @@ mod tests {
         assert_eq!(b.moderation_usecs, (0, 1000));
         assert_eq!(b.poll_budget, (64, 64));
         assert!(b.contains(&s));
+        // NAPI's knobs ride the coarse ladders: 20 us up is 50 us, not 50 after 20's neighbours.
+        use crate::tuner::Ladder;
+        assert_eq!(
+            (b.frames_ladder, b.usecs_ladder),
+            (Ladder::Napi, Ladder::Napi)
+        );
+        let up = crate::tuner::Knob::ModerationUsecs.step(&s, crate::tuner::Direction::Up, &b);
+        assert_eq!(up.map(|s| s.moderation_usecs), Some(50));
+        // A driver's own coalescing keeps the fine ones (e1000: rx_usecs rides the delay
+        // ladder, over its floor; NAPI's deferral the count ladder).
+        let e1000 = crate::kernel::knobs::nic(
+            "e1000",
+            Some(&crate::kernel::ethtool::NicSettings {
+                rings: None,
+                coalesce: Some(crate::kernel::ethtool::Coalesce {
+                    rx_usecs: Some(3),
+                    ..Default::default()
+                }),
+            }),
+            &[("napi_defer_hard_irqs", 0), ("gro_flush_timeout", 0)],
+        );
+        let (_, b1000) = tuner_space(&e1000, 64);
+        assert_eq!(
+            (
+                b1000.frames_ladder,
+                b1000.usecs_ladder,
+                b1000.moderation_usecs_floor
+            ),
+            (Ladder::Napi, Ladder::Fine, 10)
+        );
         // A netvsc-like NIC: its rings detach, so they are pinned where they are.
         let rings = crate::kernel::ethtool::NicSettings {
             rings: Some(crate::kernel::ethtool::Rings {

@@ -38,7 +38,7 @@ use enlightd::tuner::decide::{Policy, TunerParams};
 use enlightd::tuner::dim::Dim;
 use enlightd::tuner::window::Window;
 use enlightd::tuner::{
-    Action, Bounds, Controller, Cumulative, DeviceTuner, Objective, Static, TunerMode,
+    Action, Bounds, Controller, Cumulative, DeviceTuner, Objective, Static, Throughput, TunerMode,
 };
 use serde::{Deserialize, Serialize};
 
@@ -114,6 +114,19 @@ pub struct Scenario {
 
 fn disk_device() -> String {
     "disk".into()
+}
+
+impl Scenario {
+    /// What throughput is counted in, as enlightd's tuner counts it for the device
+    /// ([`Throughput::of_device`]): a NIC's (synthetic or the veth) bytes/s, a disk's ops/s.
+    /// Every controller and the oracle are scored in it.
+    pub fn throughput(&self) -> Throughput {
+        Throughput::of_device(if self.device == "veth" {
+            "nic"
+        } else {
+            &self.device
+        })
+    }
 }
 
 /// The disk scenarios, then the NIC's.
@@ -554,6 +567,7 @@ fn tuner_for(s: &Scenario) -> DeviceTuner {
         },
         TunerParams::default(),
     )
+    .counting(s.throughput())
 }
 
 fn plan(phases: &[String], phase_s: f64) -> String {
@@ -637,11 +651,13 @@ fn sweep<R: Rig>(
         out.iter().filter_map(|(p, f)| f.map(|f| (*p, f))).collect();
     let figures: Vec<Figures> = measured.iter().map(|(_, f)| *f).collect();
     let mut finalists = Vec::new();
-    if let Some((_, top)) = score::best(s.objective, slo, &figures) {
+    if let Some((_, top)) = score::best(s.objective, s.throughput(), slo, &figures) {
         let mut ranked = measured.clone();
         ranked.sort_by(|a, b| {
-            score::fraction(s.objective, slo, &b.1, &top).total_cmp(&score::fraction(
+            let unit = s.throughput();
+            score::fraction(s.objective, unit, slo, &b.1, &top).total_cmp(&score::fraction(
                 s.objective,
+                unit,
                 slo,
                 &a.1,
                 &top,
@@ -658,7 +674,8 @@ fn sweep<R: Rig>(
         .filter(|(_, f)| f.is_some())
         .map(|(p, _)| *p)
         .collect();
-    let best_settings = score::best(s.objective, slo, &final_figures).map(|(i, _)| final_points[i]);
+    let best_settings =
+        score::best(s.objective, s.throughput(), slo, &final_figures).map(|(i, _)| final_points[i]);
     // The winner measured once more: the figures that picked it are the best of three noisy
     // measurements, biased upwards (the winner's curse); an independent measurement is not.
     let best = match best_settings {
@@ -803,14 +820,14 @@ fn score_run(
                 .collect();
             let figures = score::merge(eval.iter().copied());
             let fraction = match (&figures, &o.best) {
-                (Some(f), Some(b)) => Some(score::fraction(s.objective, slo, f, b)),
+                (Some(f), Some(b)) => Some(score::fraction(s.objective, s.throughput(), slo, f, b)),
                 _ => None,
             };
             // The earliest tick from which the rest of the phase reaches 95% of the oracle.
             let t95_s = o.best.and_then(|best| {
                 (0..in_phase.len()).find_map(|k| {
                     let rest = score::merge(in_phase[k..].iter().map(|p| &p.window))?;
-                    (score::fraction(s.objective, slo, &rest, &best) >= 0.95)
+                    (score::fraction(s.objective, s.throughput(), slo, &rest, &best) >= 0.95)
                         .then(|| (in_phase[k].t_start - start).max(0.0))
                 })
             });

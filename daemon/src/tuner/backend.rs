@@ -103,6 +103,8 @@ impl From<&Limits> for Bounds {
             moderation_usecs: (l.moderation_usecs[0], l.moderation_usecs[1]),
             moderation_usecs_floor: 1,
             poll_budget: (l.poll_budget[0], l.poll_budget[1]),
+            frames_ladder: super::Ladder::Fine,
+            usecs_ladder: super::Ladder::Fine,
         }
     }
 }

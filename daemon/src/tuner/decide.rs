@@ -29,7 +29,10 @@ use serde::{Deserialize, Serialize};
 use super::judge::{self, Judgement, Rules, Segment, Verdict};
 use super::measure::{Measurement, Metric};
 use super::window::Window;
-use super::{Action, Bounds, Controller, Direction, Knob, Objective, TunerMode, TunerState};
+use super::{
+    Action, Bounds, Controller, Direction, Knob, Ladder, Objective, Throughput, TunerMode,
+    TunerState,
+};
 
 /// What the operator asked for one device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,6 +208,8 @@ const PHASE_HISTORY: usize = 16;
 pub struct DeviceTuner {
     pub policy: Policy,
     pub params: TunerParams,
+    /// What the device's throughput is counted in (ops/s; a NIC's bytes/s).
+    throughput: Throughput,
     phase: Phase,
     /// The best settings known, and their measurement.
     incumbent: Option<DeviceSettings>,
@@ -299,6 +304,27 @@ fn prior_pairs(objective: Objective) -> Vec<(Knob, Direction)> {
     }
 }
 
+/// Whether the workload changed during a trial: its bytes per op moved by more than
+/// `threshold` (relative), as `(from, to)`. On a device counted in ops the candidate's windows
+/// are compared with the incumbent's after it (a disk's request sizes are the workload's). On a
+/// NIC, counted in bytes, the moderation knobs themselves change bytes per packet (GRO merges
+/// more segments when NAPI polls later), so the candidate's windows say nothing about the
+/// workload: the incumbent's before and after the candidate are compared instead.
+fn workload_shift(
+    unit: Throughput,
+    a_before: &Segment,
+    b: &Segment,
+    a_after: &Segment,
+    threshold: f64,
+) -> Option<(f64, f64)> {
+    let bpo = |s: &Segment| s.mean(|w| w.bytes_per_op).unwrap_or(0.0);
+    let (from, to) = match unit {
+        Throughput::Ops => (bpo(a_after), bpo(b)),
+        Throughput::Bytes => (bpo(a_before), bpo(a_after)),
+    };
+    (from > 0.0 && ((to - from) / from).abs() > threshold).then_some((from, to))
+}
+
 /// Whether a point has enough windows (and enough of them with a p99) to be compared.
 fn ready(p: &TunerParams, m: &Measurement) -> bool {
     m.len() >= p.trial_windows as usize && m.ops >= p.min_point_ops
@@ -338,6 +364,7 @@ impl DeviceTuner {
         DeviceTuner {
             policy,
             params,
+            throughput: Throughput::Ops,
             phase: Phase::Baseline,
             incumbent: None,
             incumbent_m: Measurement::default(),
@@ -357,6 +384,18 @@ impl DeviceTuner {
             recommendation: None,
             judged: Vec::new(),
         }
+    }
+
+    /// The same tuner counting throughput in `unit` ([`Throughput::of_device`]: a NIC's
+    /// bytes/s).
+    pub fn counting(mut self, unit: Throughput) -> DeviceTuner {
+        self.throughput = unit;
+        self
+    }
+
+    /// What throughput is counted in.
+    pub fn throughput(&self) -> Throughput {
+        self.throughput
     }
 
     /// Where the tuner is.
@@ -386,7 +425,8 @@ impl DeviceTuner {
 
     /// The objective's value at the incumbent.
     pub fn objective_value(&self) -> Option<f64> {
-        self.incumbent_m.objective_value(self.policy.objective)
+        self.incumbent_m
+            .objective_value(self.policy.objective, self.throughput)
     }
 
     /// Pins or unpins (pinning also abandons a trial: the settings in force stay).
@@ -457,6 +497,7 @@ impl DeviceTuner {
         let p = &self.params;
         Rules {
             objective: self.policy.objective,
+            throughput: self.throughput,
             slo_p99_ns: self.policy.slo_p99_ns,
             z: p.z,
             margin: p.min_improvement,
@@ -488,7 +529,7 @@ impl DeviceTuner {
         let m = &self.incumbent_m;
         let floor = (1.0 - self.params.throughput_tolerance) * self.best_ops_seen;
         m.p99_ns().is_some_and(|p| p <= self.policy.slo_p99_ns)
-            && m.mean(Metric::OpsPerSec).unwrap_or(0.0) >= floor
+            && m.mean(Metric::throughput(self.throughput)).unwrap_or(0.0) >= floor
     }
 
     /// Picks the next move from the incumbent, if any is left (and applies the rate limit).
@@ -500,6 +541,17 @@ impl DeviceTuner {
         while let Some(mv) = self.queue.pop_front() {
             // The ring only matters when writers found it full; it is never shrunk for speed.
             if mv.knob == Knob::RingBytes && self.incumbent_m.ring_full == 0 {
+                continue;
+            }
+            // NAPI defers interrupts only under a timer (napi_complete_done keeps the IRQ off
+            // only while gro_flush_timeout is set), so moving napi_defer_hard_irqs alone while
+            // the timeout is 0 is a trial of a no-op (bench tune kernel-tcp: 6-14 s of each
+            // run spent on it).
+            if mv.knob == Knob::ModerationFrames
+                && bounds.frames_ladder == Ladder::Napi
+                && bounds.usecs_ladder == Ladder::Napi
+                && incumbent.moderation_usecs == 0
+            {
                 continue;
             }
             // For `balanced`, less moderation can only add interrupts per op: it is worth a
@@ -671,9 +723,11 @@ impl DeviceTuner {
                 if !ready(&self.params, &self.incumbent_m) || !a_ready {
                     return None;
                 }
-                self.best_ops_seen = self
-                    .best_ops_seen
-                    .max(self.incumbent_m.mean(Metric::OpsPerSec).unwrap_or(0.0));
+                self.best_ops_seen = self.best_ops_seen.max(
+                    self.incumbent_m
+                        .mean(Metric::throughput(self.throughput))
+                        .unwrap_or(0.0),
+                );
                 self.next_move(now_ms, bounds)
             }
             Phase::Trial {
@@ -724,7 +778,7 @@ impl DeviceTuner {
                 } else {
                     format!("{} windows", b.len())
                 };
-                let value = bm.objective_value(self.policy.objective);
+                let value = bm.objective_value(self.policy.objective, self.throughput);
                 let reason = format!(
                     "{}measured {} ({why}; {}); back to the incumbent to measure it again, so \
                      that a drift of the workload is neither credited to nor blamed on the change",
@@ -782,19 +836,17 @@ impl DeviceTuner {
                 }
                 let a_before = std::mem::take(&mut self.a_seg);
                 let (j, shifted) = {
-                    let bpo = |s: &Segment| s.mean(|w| w.bytes_per_op).unwrap_or(0.0);
-                    let (bpo_a, bpo_b) = (bpo(a2), bpo(b));
-                    let shifted =
-                        bpo_a > 0.0 && ((bpo_b - bpo_a) / bpo_a).abs() > self.params.phase_change;
+                    let shift =
+                        workload_shift(self.throughput, &a_before, b, a2, self.params.phase_change);
                     let mut j = judge::judge(&rules, &a_before, b, a2);
-                    if shifted {
+                    if let Some((from, to)) = shift {
                         j.verdict = Verdict::Inconclusive;
                         j.why = format!(
-                            "the workload changed during the trial (bytes/op {bpo_a:.0}→{bpo_b:.0}); {}",
+                            "the workload changed during the trial (bytes/op {from:.0}→{to:.0}); {}",
                             j.why
                         );
                     }
-                    (j, shifted)
+                    (j, shift.is_some())
                 };
                 let promising = !j.constraint_broken
                     && (j.objective_improved
@@ -1034,7 +1086,7 @@ impl DeviceTuner {
         if j.keep() {
             self.best_ops_seen = self
                 .best_ops_seen
-                .max(bm.mean(Metric::OpsPerSec).unwrap_or(0.0));
+                .max(bm.mean(Metric::throughput(self.throughput)).unwrap_or(0.0));
             self.ops_budget = (self.ops_budget * (1.0 + j.ops_estimate.unwrap_or(0.0))).min(1.0);
             self.tally = [0; 3];
             self.judged.clear();

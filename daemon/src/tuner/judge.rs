@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use super::window::Window;
-use super::Objective;
+use super::{Objective, Signal, Throughput};
 
 /// One window of a trial, with when it ended (seconds on the tuner's clock).
 #[derive(Debug, Clone, PartialEq)]
@@ -39,7 +39,11 @@ pub struct Sample {
     pub t_s: f64,
     pub ops: u64,
     pub ops_per_sec: f64,
+    pub bytes_per_sec: f64,
+    pub interrupts: u64,
     pub interrupts_per_op: f64,
+    pub napi_polls: u64,
+    pub napi_polls_per_op: f64,
     pub bytes_per_op: f64,
     /// The window's own p99, ns, when it had enough completions for one.
     pub p99_ns: Option<f64>,
@@ -63,7 +67,11 @@ impl Segment {
             t_s,
             ops: w.ops,
             ops_per_sec: w.ops_per_sec(),
+            bytes_per_sec: w.bytes_per_sec(),
+            interrupts: w.interrupts,
             interrupts_per_op: w.interrupts_per_op(),
+            napi_polls: w.napi_polls,
+            napi_polls_per_op: w.napi_polls_per_op(),
             bytes_per_op: w.bytes_per_op(),
             p99_ns: (w.ops >= min_p99_ops.max(1))
                 .then(|| w.quantile_ns(0.99))
@@ -104,6 +112,37 @@ impl Segment {
         (!self.samples.is_empty())
             .then(|| self.samples.iter().map(f).sum::<f64>() / self.samples.len() as f64)
     }
+}
+
+impl Sample {
+    /// The window's throughput in `unit`.
+    pub fn throughput(&self, unit: Throughput) -> f64 {
+        match unit {
+            Throughput::Ops => self.ops_per_sec,
+            Throughput::Bytes => self.bytes_per_sec,
+        }
+    }
+
+    /// The window's signals per op of kind `signal`.
+    pub fn signals_per_op(&self, signal: Signal) -> f64 {
+        match signal {
+            Signal::Interrupts => self.interrupts_per_op,
+            Signal::NapiPolls => self.napi_polls_per_op,
+        }
+    }
+}
+
+/// The signal `balanced` judges over these segments together ([`Signal::of`] their totals):
+/// one for the whole trial, so both sides are measured in the same unit.
+pub fn signal_of<'a>(segments: impl IntoIterator<Item = &'a Segment>) -> Signal {
+    let (mut irq, mut polls) = (0, 0);
+    for s in segments {
+        for w in &s.samples {
+            irq += w.interrupts;
+            polls += w.napi_polls;
+        }
+    }
+    Signal::of(irq, polls)
 }
 
 fn merged<'a>(segments: impl IntoIterator<Item = &'a Segment>) -> BTreeMap<u32, u64> {
@@ -441,6 +480,9 @@ pub enum Verdict {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rules {
     pub objective: Objective,
+    /// What throughput is counted in (a NIC's bytes/s, a disk's ops/s): the objective of
+    /// `throughput`, the guard of `latency` and `balanced`.
+    pub throughput: Throughput,
     /// p99 SLO, ns (throughput and balanced).
     pub slo_p99_ns: u64,
     /// Normal quantile of the confidence (the tuner's `z`).
@@ -462,9 +504,10 @@ pub struct Judgement {
     pub verdict: Verdict,
     /// Why, in words, with the figures.
     pub why: String,
-    /// Effects on ops/s, interrupts/op and p99, where measurable.
+    /// Effects on throughput (ops/s or bytes/s), interrupts/op (or NAPI polls/op) and p99,
+    /// where measurable.
     pub effects: Vec<Effect>,
-    /// The ops/s effect's estimate (for the throughput budget).
+    /// The throughput effect's estimate (for the throughput budget).
     pub ops_estimate: Option<f64>,
     /// Whether the drift was measured (the incumbent on both sides of the candidate).
     pub drift_corrected: bool,
@@ -495,16 +538,19 @@ pub fn judge(r: &Rules, a_before: &Segment, b: &Segment, a_after: &Segment) -> J
             .collect()
     };
     let a_segs = [a_before, a_after];
+    let unit = r.throughput;
+    // `ops` is the throughput in the device's unit (its effect is named by it).
     let ops = drift_corrected(
-        "ops/s",
-        &points(&a_segs, &|w| w.ops_per_sec),
-        &points(&[b], &|w| w.ops_per_sec),
+        unit.name(),
+        &points(&a_segs, &|w| w.throughput(unit)),
+        &points(&[b], &|w| w.throughput(unit)),
         r.z,
     );
+    let signal = signal_of([a_before, b, a_after]);
     let irq = drift_corrected(
-        "interrupts/op",
-        &points(&a_segs, &|w| w.interrupts_per_op),
-        &points(&[b], &|w| w.interrupts_per_op),
+        signal.per_op(),
+        &points(&a_segs, &|w| w.signals_per_op(signal)),
+        &points(&[b], &|w| w.signals_per_op(signal)),
         r.z,
     );
     let a_buckets = merged(a_segs);
@@ -552,6 +598,11 @@ pub fn judge(r: &Rules, a_before: &Segment, b: &Segment, a_after: &Segment) -> J
     let p99_better = p99.is_some_and(|e| e.lower() && e.estimate <= -r.margin);
 
     let effects: Vec<Effect> = [ops, irq, p99].into_iter().flatten().collect();
+    let objective_name = match r.objective {
+        Objective::Throughput => format!("throughput ({})", unit.name()),
+        Objective::Latency => "latency (p99)".to_string(),
+        Objective::Balanced => format!("balanced ({})", signal.per_op()),
+    };
     let (objective, lower_is_better) = match r.objective {
         Objective::Throughput => (ops, false),
         Objective::Latency => (p99, true),
@@ -594,7 +645,8 @@ pub fn judge(r: &Rules, a_before: &Segment, b: &Segment, a_after: &Segment) -> J
         (
             Verdict::Worse,
             format!(
-                "throughput confidently below {:.0}% of the incumbent's",
+                "throughput ({}) confidently below {:.0}% of the incumbent's",
+                unit.name(),
                 floor * 100.0
             ),
         )
@@ -618,7 +670,8 @@ pub fn judge(r: &Rules, a_before: &Segment, b: &Segment, a_after: &Segment) -> J
             (
                 Verdict::Inconclusive,
                 format!(
-                    "throughput not shown to stay within {:.0}% of the incumbent's",
+                    "throughput ({}) not shown to stay within {:.0}% of the incumbent's",
+                    unit.name(),
                     r.tolerance * 100.0
                 ),
             )
@@ -634,7 +687,7 @@ pub fn judge(r: &Rules, a_before: &Segment, b: &Segment, a_after: &Segment) -> J
     } else if worse {
         (
             Verdict::Worse,
-            format!("{} confidently worse", r.objective.name()),
+            format!("{objective_name} confidently worse"),
         )
     } else if guard_ops && !ops_ok {
         (
@@ -644,7 +697,8 @@ pub fn judge(r: &Rules, a_before: &Segment, b: &Segment, a_after: &Segment) -> J
                 Verdict::Inconclusive
             },
             format!(
-                "throughput not shown to stay within {:.0}% of the incumbent's",
+                "throughput ({}) not shown to stay within {:.0}% of the incumbent's",
+                unit.name(),
                 r.tolerance * 100.0
             ),
         )
@@ -664,8 +718,8 @@ pub fn judge(r: &Rules, a_before: &Segment, b: &Segment, a_after: &Segment) -> J
         (
             Verdict::Better,
             format!(
-                "{} improved by at least the margin of {:.0}%, every constraint shown to hold",
-                r.objective.name(),
+                "{objective_name} improved by at least the margin of {:.0}%, every constraint \
+                 shown to hold",
                 r.margin * 100.0
             ),
         )
@@ -673,15 +727,14 @@ pub fn judge(r: &Rules, a_before: &Segment, b: &Segment, a_after: &Segment) -> J
         (
             Verdict::Flat,
             format!(
-                "{} within ±{:.0}%: no difference worth a change",
-                r.objective.name(),
+                "{objective_name} within ±{:.0}%: no difference worth a change",
                 r.margin * 100.0
             ),
         )
     } else {
         (
             Verdict::Inconclusive,
-            format!("{} not shown to improve", r.objective.name()),
+            format!("{objective_name} not shown to improve"),
         )
     };
     let drift_corrected = !a_after.is_empty();

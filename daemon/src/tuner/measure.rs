@@ -14,15 +14,19 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::window::{quantile_ns, Window};
-use super::Objective;
+use super::{Objective, Signal, Throughput};
 
 /// One window's figures.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct WindowFigures {
     pub ops_per_sec: f64,
+    #[serde(default)]
+    pub bytes_per_sec: f64,
     /// `None` when the window had too few completions for a p99.
     pub p99_ns: Option<u64>,
     pub interrupts_per_op: f64,
+    #[serde(default)]
+    pub napi_polls_per_op: f64,
     pub bytes_per_op: f64,
 }
 
@@ -36,6 +40,8 @@ pub struct Measurement {
     pub buckets: BTreeMap<u32, u64>,
     pub ops: u64,
     pub interrupts: u64,
+    #[serde(default)]
+    pub napi_polls: u64,
     pub ring_full: u64,
     pub duration_s: f64,
 }
@@ -147,10 +153,12 @@ impl Measurement {
         }
         self.windows.push_back(WindowFigures {
             ops_per_sec: w.ops_per_sec(),
+            bytes_per_sec: w.bytes_per_sec(),
             p99_ns: (w.ops >= min_window_ops)
                 .then(|| w.quantile_ns(0.99))
                 .flatten(),
             interrupts_per_op: w.interrupts_per_op(),
+            napi_polls_per_op: w.napi_polls_per_op(),
             bytes_per_op: w.bytes_per_op(),
         });
         while self.windows.len() > cap.max(1) {
@@ -161,6 +169,7 @@ impl Measurement {
         }
         self.ops += w.ops;
         self.interrupts += w.interrupts;
+        self.napi_polls += w.napi_polls;
         self.ring_full += w.ring_full;
         self.duration_s += w.duration_s;
     }
@@ -186,6 +195,8 @@ impl Measurement {
             .iter()
             .filter_map(|w| match metric {
                 Metric::OpsPerSec => Some(w.ops_per_sec),
+                Metric::BytesPerSec => Some(w.bytes_per_sec),
+                Metric::NapiPollsPerOp => Some(w.napi_polls_per_op),
                 Metric::P99 => w.p99_ns.map(|v| v as f64),
                 Metric::InterruptsPerOp => Some(w.interrupts_per_op),
                 Metric::BytesPerOp => Some(w.bytes_per_op),
@@ -217,13 +228,17 @@ impl Measurement {
         })
     }
 
-    /// The value the objective optimises, in its own units: ops/s (throughput), p99 in seconds
-    /// (latency), interrupts per op (balanced).
-    pub fn objective_value(&self, objective: Objective) -> Option<f64> {
+    /// The value the objective optimises, in its own units: ops/s or bytes/s (throughput, by
+    /// `unit`), p99 in seconds (latency), interrupts per op (balanced; NAPI polls per op when
+    /// the point saw no interrupt but polls, [`Signal::of`]).
+    pub fn objective_value(&self, objective: Objective, unit: Throughput) -> Option<f64> {
         match objective {
-            Objective::Throughput => self.mean(Metric::OpsPerSec),
+            Objective::Throughput => self.mean(Metric::throughput(unit)),
             Objective::Latency => self.p99_ns().map(|v| v as f64 / 1e9),
-            Objective::Balanced => self.mean(Metric::InterruptsPerOp),
+            Objective::Balanced => self.mean(match Signal::of(self.interrupts, self.napi_polls) {
+                Signal::Interrupts => Metric::InterruptsPerOp,
+                Signal::NapiPolls => Metric::NapiPollsPerOp,
+            }),
         }
     }
 }
@@ -232,9 +247,21 @@ impl Measurement {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Metric {
     OpsPerSec,
+    BytesPerSec,
     P99,
     InterruptsPerOp,
+    NapiPollsPerOp,
     BytesPerOp,
+}
+
+impl Metric {
+    /// The throughput metric in `unit`.
+    pub fn throughput(unit: Throughput) -> Metric {
+        match unit {
+            Throughput::Ops => Metric::OpsPerSec,
+            Throughput::Bytes => Metric::BytesPerSec,
+        }
+    }
 }
 
 #[cfg(test)]

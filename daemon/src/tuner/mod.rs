@@ -41,11 +41,77 @@ pub use window::{Cumulative, Window};
 pub enum Objective {
     /// Lowest p99 latency while throughput stays within 5% of the best seen.
     Latency,
-    /// Highest ops/s with p99 under the SLO.
+    /// Highest throughput ([`Throughput`]: ops/s, a NIC's bytes/s) with p99 under the SLO.
     Throughput,
-    /// Fewest interrupts per op with p99 under the SLO.
+    /// Fewest interrupts per op ([`Signal`]: NAPI polls per op on a NIC without interrupts)
+    /// with p99 under the SLO.
     #[default]
     Balanced,
+}
+
+/// What a device's throughput is counted in: what its user means by it. A disk's ops are its
+/// requests; a NIC's ops are packets or frames, whose size the moderation knobs themselves
+/// change (GRO merges more segments per packet when NAPI polls later; a synthetic NIC's frames
+/// carry what the guest aggregated): more packets per second can carry fewer bytes (`bench
+/// tune` kernel-tcp: +41% packets/s, -26% bytes/s), so a NIC's throughput is its bytes/s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Throughput {
+    /// Completions per second (disks).
+    #[default]
+    Ops,
+    /// Bytes per second (NICs, synthetic and kernel).
+    Bytes,
+}
+
+impl Throughput {
+    /// The unit of a device by its registry type (`nic`, `disk`).
+    pub fn of_device(device: &str) -> Throughput {
+        if device == "nic" {
+            Throughput::Bytes
+        } else {
+            Throughput::Ops
+        }
+    }
+
+    /// The unit's name in reasons (`ops/s`, `bytes/s`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Throughput::Ops => "ops/s",
+            Throughput::Bytes => "bytes/s",
+        }
+    }
+}
+
+/// The signalling cost `balanced` minimises per op: interrupts, or, on a device whose windows
+/// have no interrupt at all but NAPI polls (a veth, which has no IRQ: the sender schedules the
+/// receiver's poll instead), the NAPI polls, the analogue (each poll is the softirq work an
+/// interrupt would have started; deferral and GRO's timer batch more packets per poll).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Signal {
+    Interrupts,
+    NapiPolls,
+}
+
+impl Signal {
+    /// Which one counts for windows with these totals: interrupts, unless there were none at
+    /// all and NAPI polls there were.
+    pub fn of(interrupts: u64, napi_polls: u64) -> Signal {
+        if interrupts == 0 && napi_polls > 0 {
+            Signal::NapiPolls
+        } else {
+            Signal::Interrupts
+        }
+    }
+
+    /// Its per-op name in reasons.
+    pub fn per_op(self) -> &'static str {
+        match self {
+            Signal::Interrupts => "interrupts/op",
+            Signal::NapiPolls => "napi polls/op",
+        }
+    }
 }
 
 impl Objective {
@@ -109,7 +175,8 @@ pub struct Decision {
     pub from: DeviceSettings,
     pub to: DeviceSettings,
     pub reason: String,
-    /// The objective's value measured at `from` (ops/s, p99 seconds or interrupts per op).
+    /// The objective's value measured at `from` (ops/s or a NIC's bytes/s, p99 seconds, or
+    /// interrupts per op, NAPI polls per op on a NIC without interrupts).
     pub objective_value: Option<f64>,
 }
 
@@ -139,6 +206,27 @@ pub struct Bounds {
     /// rx-usecs 1-4 are modes and 5-9 refused): ladder rungs between 0 and it are skipped.
     pub moderation_usecs_floor: u32,
     pub poll_budget: (u32, u32),
+    /// The ladders the two moderation knobs ride: NAPI's knobs (`napi_defer_hard_irqs`,
+    /// `gro_flush_timeout`) take coarse ones, see [`Ladder`].
+    #[serde(default)]
+    pub frames_ladder: Ladder,
+    #[serde(default)]
+    pub usecs_ladder: Ladder,
+}
+
+/// Which rungs a moderation knob rides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Ladder {
+    /// [`FRAMES_LADDER`], [`USECS_LADDER`]: a device's own coalescing.
+    #[default]
+    Fine,
+    /// [`NAPI_DEFER_LADDER`], [`NAPI_TIMEOUT_LADDER`]: NAPI moderation, whose effect comes in
+    /// orders of magnitude (a deferral count of 1 against 32, a GRO timer of 10 µs against
+    /// 200 µs), so the fine ladders' small rungs (5, 10, 20 µs) took trial after trial, each
+    /// judged flat, before reaching where the effect is (`bench tune` kernel-tcp: the oracle's
+    /// points at 200 µs).
+    Napi,
 }
 
 impl Default for Bounds {
@@ -157,6 +245,8 @@ impl Default for Bounds {
                 *SettingsLimits::BUDGET.start(),
                 *SettingsLimits::BUDGET.end(),
             ),
+            frames_ladder: Ladder::Fine,
+            usecs_ladder: Ladder::Fine,
         }
     }
 }
@@ -212,6 +302,11 @@ pub const USECS_LADDER: [u32; 8] = [0, 5, 10, 20, 50, 100, 200, 500];
 pub const FRAMES_LADDER: [u32; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
 /// Polling budgets tried.
 pub const BUDGET_LADDER: [u32; 8] = [4, 8, 16, 32, 64, 128, 256, 512];
+/// `napi_defer_hard_irqs` values tried (0, no deferral, is the kernel's default): each rung
+/// four times the last.
+pub const NAPI_DEFER_LADDER: [u32; 5] = [1, 4, 16, 64, 256];
+/// `gro_flush_timeout` values tried, microseconds: about four to five times apart, 0 to 1 ms.
+pub const NAPI_TIMEOUT_LADDER: [u32; 5] = [0, 10, 50, 200, 1000];
 /// Ring sizes tried, in 4 KiB pages.
 pub const RING_LADDER_PAGES: [u32; 8] = [4, 8, 16, 32, 64, 128, 256, 512];
 
@@ -252,16 +347,23 @@ impl Knob {
     fn ladder(self, b: &Bounds) -> (Vec<u32>, (u32, u32)) {
         match self {
             Knob::ModerationUsecs => (
-                USECS_LADDER
-                    .iter()
-                    .copied()
-                    .filter(|&v| v == 0 || v >= b.moderation_usecs_floor)
-                    .collect(),
+                match b.usecs_ladder {
+                    Ladder::Fine => &USECS_LADDER[..],
+                    Ladder::Napi => &NAPI_TIMEOUT_LADDER[..],
+                }
+                .iter()
+                .copied()
+                .filter(|&v| v == 0 || v >= b.moderation_usecs_floor)
+                .collect(),
                 b.moderation_usecs,
             ),
-            Knob::ModerationFrames | Knob::Moderation => {
-                (FRAMES_LADDER.to_vec(), b.moderation_frames)
-            }
+            Knob::ModerationFrames | Knob::Moderation => (
+                match b.frames_ladder {
+                    Ladder::Fine => FRAMES_LADDER.to_vec(),
+                    Ladder::Napi => NAPI_DEFER_LADDER.to_vec(),
+                },
+                b.moderation_frames,
+            ),
             Knob::PollBudget => (BUDGET_LADDER.to_vec(), b.poll_budget),
             Knob::RingBytes => (
                 RING_LADDER_PAGES
@@ -392,5 +494,79 @@ mod tests {
             (ring.ring_out_bytes, ring.ring_in_bytes),
             (128 * 4096, 128 * 4096)
         );
+    }
+
+    #[test]
+    fn napi_ladders_reach_hundreds_of_us_in_few_rungs_and_keep_the_floor() {
+        let b = Bounds {
+            moderation_frames: (0, 256),
+            moderation_usecs: (0, 1000),
+            frames_ladder: Ladder::Napi,
+            usecs_ladder: Ladder::Napi,
+            ..Bounds::default()
+        };
+        let defaults = DeviceSettings {
+            moderation_frames: 0,
+            moderation_usecs: 0,
+            ..DeviceSettings::default()
+        };
+        let at = |s: DeviceSettings| (s.moderation_frames, s.moderation_usecs);
+        // Both knobs up one rung from the kernel's (0, 0), then two rungs at once (the stride
+        // after a kept move): deferral with a 200 us timer in two moves.
+        let one = Knob::Moderation.step(&defaults, Direction::Up, &b).unwrap();
+        assert_eq!(at(one), (1, 10));
+        let two = Knob::Moderation.step_n(&one, Direction::Up, 2, &b).unwrap();
+        assert_eq!(at(two), (16, 200));
+        // The whole timeout ladder is four moves from 0 to 1 ms; the fine ladder takes seven.
+        let mut s = defaults;
+        let mut rungs = Vec::new();
+        while let Some(n) = Knob::ModerationUsecs.step(&s, Direction::Up, &b) {
+            s = n;
+            rungs.push(s.moderation_usecs);
+        }
+        assert_eq!(rungs, [10, 50, 200, 1000]);
+        // A value between rungs (an operator's 30 us) steps to the nearest rung that way.
+        let odd = DeviceSettings {
+            moderation_usecs: 30,
+            ..defaults
+        };
+        assert_eq!(
+            Knob::ModerationUsecs
+                .step(&odd, Direction::Down, &b)
+                .map(|s| s.moderation_usecs),
+            Some(10)
+        );
+        // A delay floor still skips the rungs under it, on either ladder.
+        let floored = Bounds {
+            moderation_usecs_floor: 20,
+            ..b
+        };
+        assert_eq!(
+            Knob::ModerationUsecs
+                .step(&defaults, Direction::Up, &floored)
+                .map(|s| s.moderation_usecs),
+            Some(50)
+        );
+        // The default (a device's own coalescing) keeps the fine ladders.
+        let fine = Bounds {
+            frames_ladder: Ladder::Fine,
+            usecs_ladder: Ladder::Fine,
+            ..b
+        };
+        assert_eq!(
+            at(Knob::Moderation
+                .step(&defaults, Direction::Up, &fine)
+                .unwrap()),
+            (1, 5)
+        );
+    }
+
+    #[test]
+    fn a_nic_counts_bytes_and_a_window_without_interrupts_counts_napi_polls() {
+        assert_eq!(Throughput::of_device("nic"), Throughput::Bytes);
+        assert_eq!(Throughput::of_device("disk"), Throughput::Ops);
+        assert_eq!(Signal::of(0, 10), Signal::NapiPolls);
+        assert_eq!(Signal::of(5, 10), Signal::Interrupts);
+        assert_eq!(Signal::of(0, 0), Signal::Interrupts);
     }
 }

@@ -25,7 +25,7 @@ use super::audit::AuditLog;
 use super::backend::{BackendFactory, KnobNotice, SettingsBackend};
 use super::config::TunerConfig;
 use super::window::{Cumulative, Window};
-use super::{Action, Decision, DeviceTuner, TunerMode, TunerView};
+use super::{Action, Decision, DeviceTuner, Throughput, TunerMode, TunerView};
 use crate::collector::State;
 
 /// The tuner's state that the HTTP side reads (and pins write), and the collector's clock.
@@ -213,9 +213,11 @@ pub fn samples(state: &State) -> Vec<DeviceSample> {
         .filter(|d| d.present && d.attached)
         .map(|d| {
             let mut cumulative = Cumulative::from_figures(d.ops.values(), &d.events);
-            // A kernel device has no ring-full events: its ring pressure stands for them.
             if let Some(k) = &d.kernel {
+                // A kernel device has no ring-full events: its ring pressure stands for them.
                 cumulative.ring_full += crate::kernel::collector::ring_pressure(k);
+                // A kernel NIC's NAPI polls: `balanced`'s signal where no interrupt is seen.
+                cumulative.napi_polls = k.napi_polls;
             }
             DeviceSample {
                 record: d.record.clone(),
@@ -298,8 +300,9 @@ impl Shell {
             seen.push(name.clone());
             let api_pin = pins.get(&name).copied();
             policy.pinned = api_pin.map(|(p, _)| p).unwrap_or(policy.pinned);
+            let unit = Throughput::of_device(&sample.record.device);
             let slot = self.slots.entry(name.clone()).or_insert_with(|| Slot {
-                tuner: DeviceTuner::new(policy, params),
+                tuner: DeviceTuner::new(policy, params).counting(unit),
                 backend: None,
                 pid: sample.record.pid,
                 prev: None,
@@ -310,7 +313,7 @@ impl Shell {
             if slot.pid != sample.record.pid {
                 // A new process serves the device: start over from what it reports.
                 *slot = Slot {
-                    tuner: DeviceTuner::new(policy, params),
+                    tuner: DeviceTuner::new(policy, params).counting(unit),
                     backend: None,
                     pid: sample.record.pid,
                     prev: None,
@@ -346,7 +349,8 @@ impl Shell {
                                     ..policy
                                 },
                                 params,
-                            );
+                            )
+                            .counting(unit);
                             slot.tuner.set_pinned(policy.pinned);
                         }
                         slot.backend = Some(b);

@@ -16,6 +16,9 @@ pub struct Cumulative {
     pub bytes: u64,
     pub interrupts: u64,
     pub ring_full: u64,
+    /// NAPI polls (kernel NICs; 0 elsewhere): `balanced`'s signal where no interrupt is seen.
+    #[serde(default)]
+    pub napi_polls: u64,
     /// Kernel latency bucket index → count.
     pub buckets: BTreeMap<u32, u64>,
 }
@@ -53,6 +56,9 @@ pub struct Window {
     pub interrupts: u64,
     /// Writers that found a ring full.
     pub ring_full: u64,
+    /// NAPI polls (kernel NICs).
+    #[serde(default)]
+    pub napi_polls: u64,
     /// Latency bucket index → completions in this interval.
     pub buckets: BTreeMap<u32, u64>,
 }
@@ -80,6 +86,7 @@ impl Window {
             bytes: now.bytes.saturating_sub(prev.bytes),
             interrupts: now.interrupts - prev.interrupts,
             ring_full: now.ring_full.saturating_sub(prev.ring_full),
+            napi_polls: now.napi_polls.saturating_sub(prev.napi_polls),
             buckets,
         }
     }
@@ -96,6 +103,7 @@ impl Window {
             bytes: ops * 4096,
             interrupts,
             ring_full: 0,
+            napi_polls: 0,
             buckets,
         }
     }
@@ -104,6 +112,32 @@ impl Window {
     pub fn ops_per_sec(&self) -> f64 {
         if self.duration_s > 0.0 {
             self.ops as f64 / self.duration_s
+        } else {
+            0.0
+        }
+    }
+
+    /// Bytes per second.
+    pub fn bytes_per_sec(&self) -> f64 {
+        if self.duration_s > 0.0 {
+            self.bytes as f64 / self.duration_s
+        } else {
+            0.0
+        }
+    }
+
+    /// Throughput in `unit`.
+    pub fn throughput(&self, unit: super::Throughput) -> f64 {
+        match unit {
+            super::Throughput::Ops => self.ops_per_sec(),
+            super::Throughput::Bytes => self.bytes_per_sec(),
+        }
+    }
+
+    /// NAPI polls per completion (0 without completions).
+    pub fn napi_polls_per_op(&self) -> f64 {
+        if self.ops > 0 {
+            self.napi_polls as f64 / self.ops as f64
         } else {
             0.0
         }

@@ -72,7 +72,7 @@ pub fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         o,
-        "Fraction = the objective reached as a fraction of the oracle's (worst phase; >100% = better than the best grid point). `t95` = seconds after the phase start from which the rest of the phase reaches 95% of the oracle (worst phase). Objectives: throughput = ops/s with p99 under the SLO; latency = p99 with ops/s within 5% of the best; balanced = interrupts per op with p99 under the SLO.\n"
+        "Fraction = the objective reached as a fraction of the oracle's (worst phase; >100% = better than the best grid point). `t95` = seconds after the phase start from which the rest of the phase reaches 95% of the oracle (worst phase). Objectives: throughput = ops/s (a NIC's bytes/s: MB/s) with p99 under the SLO; latency = p99 with throughput (ops/s; a NIC's bytes/s) within 5% of the best; balanced = interrupts per op with p99 under the SLO.\n"
     );
     let _ = writeln!(
         o,
@@ -168,7 +168,7 @@ pub fn markdown(r: &Report) -> String {
         if kernel {
             let _ = writeln!(
                 o,
-                "\nKernel scenario: ops are the tuned veth end's packets (received and sent) as enlightd counts them, MB/s their bytes; p99 is ping's round trip where the traffic is ping (enlightd measures no latency for NICs), n/a otherwise; a veth has no interrupts."
+                "\nKernel scenario: ops are the tuned veth end's packets (received and sent) as enlightd counts them, MB/s their bytes (the throughput the tuner, the oracle and the scores count: a NIC's bytes/s); p99 is ping's round trip where the traffic is ping (enlightd measures no latency for NICs), n/a otherwise; a veth has no interrupts (enlightd's `balanced` would judge NAPI polls per op)."
             );
             let grid: Vec<String> = s
                 .oracle
@@ -321,7 +321,13 @@ pub fn png(r: &Report, path: &Path) -> Result<()> {
                 ) else {
                     continue;
                 };
-                let v = score::fraction(s.scenario.objective, s.scenario.slo_us as f64, &f, &best);
+                let v = score::fraction(
+                    s.scenario.objective,
+                    s.scenario.throughput(),
+                    s.scenario.slo_us as f64,
+                    &f,
+                    &best,
+                );
                 pts.push((p.t, v.min(1.5)));
             }
             chart

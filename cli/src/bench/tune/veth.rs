@@ -313,7 +313,7 @@ impl VethRig {
     }
 
     /// `b`'s counters as enlightd counts them (`Cumulative::from_figures` over its tx and rx
-    /// packets; a veth has no IRQ, so no interrupts), with the ping round trips, if any, as the
+    /// packets and bytes, and its NAPI polls; a veth has no IRQ, so no interrupts), with the ping round trips, if any, as the
     /// latency buckets: enlightd has no latency of its own for a NIC.
     pub fn cumulative(&self, run: &VethRun) -> Result<Cumulative> {
         let snap = self.probes.snapshot()?;
@@ -321,6 +321,7 @@ impl VethRig {
         if let Some(n) = snap.nics.get(&self.key) {
             c.ops = n.tx_packets + n.rx_packets;
             c.bytes = n.tx_bytes + n.rx_bytes;
+            c.napi_polls = n.napi_polls;
         }
         c.buckets = run.rtts.lock().expect("rtt lock").clone();
         Ok(c)

@@ -77,6 +77,7 @@ impl SimDevice {
             interrupts: (ops as f64 * f.interrupts_per_op * worse.min(1.0 / f.interrupts_per_op))
                 as u64,
             ring_full: 0,
+            napi_polls: 0,
             buckets: Default::default(),
         };
         *w.buckets.entry(bucket_index(p50 as u64)).or_default() += ops - tail;
@@ -185,8 +186,9 @@ fn bounds_strategy() -> impl Strategy<Value = Bounds> {
         0u32..1000,
         0u32..40,
         1u32..300,
+        any::<bool>(),
     )
-        .prop_map(|(flo, fspan, fhi, ulo_raw, uspan, blo, bspan)| {
+        .prop_map(|(flo, fspan, fhi, ulo_raw, uspan, blo, bspan, napi)| {
             let fhi = (flo + fspan).max(flo + fhi % 64);
             let ulo = ulo_raw % 40;
             let uhi = ulo + uspan;
@@ -199,6 +201,9 @@ fn bounds_strategy() -> impl Strategy<Value = Bounds> {
                 moderation_usecs: (ulo, uhi),
                 moderation_usecs_floor: 1,
                 poll_budget: (blo, bhi),
+                // Either kind of moderation ladder: NAPI's coarse rungs or the fine ones.
+                frames_ladder: if napi { Ladder::Napi } else { Ladder::Fine },
+                usecs_ladder: if napi { Ladder::Napi } else { Ladder::Fine },
             }
         })
 }
@@ -637,6 +642,94 @@ proptest! {
         prop_assert!(!r.outcomes.is_empty());
         if let Err(e) = kept_nothing(&r, start) {
             prop_assert!(false, "{e}");
+        }
+    }
+}
+
+/// Segments of windows with `bytes_per_op` each.
+fn segment_of(bytes_per_op: &[u64]) -> Segment {
+    let mut s = Segment::default();
+    for (i, &bpo) in bytes_per_op.iter().enumerate() {
+        let w = Window {
+            duration_s: 0.5,
+            ops: 1000,
+            bytes: 1000 * bpo,
+            ..Default::default()
+        };
+        s.push(i as f64 * 0.5, &w, 100);
+    }
+    s
+}
+
+#[test]
+fn a_nics_own_gro_is_no_workload_change_but_the_incumbent_moving_is() {
+    // kernel-tcp: a NAPI timer makes GRO merge twice as many segments per packet, so the
+    // candidate's bytes/packet double; the incumbent's, before and after, stay.
+    let (a1, b, a2) = (
+        segment_of(&[1500, 1500]),
+        segment_of(&[3000, 3000]),
+        segment_of(&[1500, 1500]),
+    );
+    assert_eq!(
+        workload_shift(Throughput::Ops, &a1, &b, &a2, 0.3),
+        Some((1500.0, 3000.0))
+    );
+    assert_eq!(workload_shift(Throughput::Bytes, &a1, &b, &a2, 0.3), None);
+    // The incumbent's own bytes/op moved across the trial: the workload did change.
+    let a2_moved = segment_of(&[600, 600]);
+    assert_eq!(
+        workload_shift(Throughput::Bytes, &a1, &b, &a2_moved, 0.3),
+        Some((1500.0, 600.0))
+    );
+    // Nothing measured before the candidate: nothing to compare.
+    assert_eq!(
+        workload_shift(Throughput::Bytes, &Segment::default(), &b, &a2_moved, 0.3),
+        None
+    );
+}
+
+#[test]
+fn napi_deferral_is_never_tried_alone_without_a_timer() {
+    // NAPI's knobs at the kernel's defaults (0, 0), on a device where nothing makes a
+    // difference: every objective's search parks without ever moving napi_defer_hard_irqs
+    // alone while gro_flush_timeout is 0 (a no-op for the kernel).
+    let b = Bounds {
+        moderation_frames: (0, 256),
+        moderation_usecs: (0, 1000),
+        frames_ladder: Ladder::Napi,
+        usecs_ladder: Ladder::Napi,
+        ..Bounds::default()
+    };
+    let start = DeviceSettings {
+        moderation_frames: 0,
+        moderation_usecs: 0,
+        ..DeviceSettings::default()
+    };
+    for objective in [
+        Objective::Throughput,
+        Objective::Latency,
+        Objective::Balanced,
+    ] {
+        let mut t = DeviceTuner::new(policy(objective), TunerParams::default());
+        let r = run(&mut t, low_rate(), start, &b, 300, 500, 5, |_, _| 1.0);
+        let mut tried = Vec::new();
+        for (_, o, from) in &r.outcomes {
+            // Moves of the deferral (other knobs, the budget, move on their own).
+            if o.action == Action::Change
+                && *from == start
+                && o.to.moderation_frames != start.moderation_frames
+            {
+                tried.push((o.to.moderation_frames, o.to.moderation_usecs));
+            }
+        }
+        assert!(
+            tried.iter().all(|&(_, usecs)| usecs > 0),
+            "{objective:?}: {tried:?}"
+        );
+        // The joint move (deferral and timer together) is still tried where the objective's
+        // prior has it.
+        if objective == Objective::Throughput {
+            assert_eq!(tried.first(), Some(&(1, 10)), "{tried:?}");
         }
     }
 }

@@ -14,6 +14,7 @@ fn window(ops_per_sec: f64, irq_per_op: f64, p50_ns: u64, p99_ns: u64) -> Window
         bytes: ops * 4096,
         interrupts: (ops as f64 * irq_per_op) as u64,
         ring_full: 0,
+        napi_polls: 0,
         buckets: Default::default(),
     };
     *w.buckets.entry(bucket_index(p50_ns)).or_default() += ops - tail;
@@ -40,6 +41,7 @@ fn trial(n: usize, f: impl Fn(f64, bool) -> Window) -> (Segment, Segment, Segmen
 fn rules(objective: Objective) -> Rules {
     Rules {
         objective,
+        throughput: Throughput::Ops,
         slo_p99_ns: 5_000_000,
         z: 2.0,
         margin: 0.03,
@@ -247,4 +249,98 @@ fn tails_that_move_from_window_to_window_widen_the_p99_interval() {
     // So a latency candidate whose windows happened to draw low tails is not kept.
     let j = judge(&rules(Objective::Latency), &moving.0, &moving.1, &moving.2);
     assert!(!j.keep(), "{}", j.why);
+}
+
+/// A kernel NIC's untimed window of `packets_per_sec` carrying `bytes_per_packet`, with
+/// `polls_per_packet` NAPI polls and no interrupt (a veth).
+fn packets(packets_per_sec: f64, bytes_per_packet: f64, polls_per_packet: f64) -> Window {
+    let mut w = untimed(packets_per_sec, 0.0);
+    w.bytes = (w.ops as f64 * bytes_per_packet) as u64;
+    w.napi_polls = (w.ops as f64 * polls_per_packet) as u64;
+    w
+}
+
+#[test]
+fn a_nics_throughput_is_its_bytes_not_its_packets() {
+    // bench tune kernel-tcp, run 2: the kept point raised packets/s by 41% while bytes/s fell
+    // by 26% (GRO merged fewer segments per packet).
+    let (a1, b, a2) = trial(4, |t, is_b| {
+        let (pps, bpp) = if is_b {
+            (40_000.0 * 1.41, 1.0e4 * 0.74 / 1.41)
+        } else {
+            (40_000.0, 1.0e4)
+        };
+        packets(pps * (1.0 + 0.01 * wiggle(t)), bpp, 0.1)
+    });
+    let in_packets = judge(&rules(Objective::Throughput), &a1, &b, &a2);
+    assert!(in_packets.keep(), "{}", in_packets.why);
+    let bytes = Rules {
+        throughput: Throughput::Bytes,
+        ..rules(Objective::Throughput)
+    };
+    let j = judge(&bytes, &a1, &b, &a2);
+    assert_eq!(j.verdict, Verdict::Worse, "{}", j.why);
+    assert!(
+        j.why.contains("throughput (bytes/s) confidently worse"),
+        "{}",
+        j.why
+    );
+    let e = j.effects.iter().find(|e| e.metric == "bytes/s").unwrap();
+    assert!((e.estimate + 0.26).abs() < 0.02, "{e}");
+    assert!((j.ops_estimate.unwrap() + 0.26).abs() < 0.02);
+    // Fewer, larger packets carrying 10% more bytes are kept; so are they as the guard of
+    // latency and balanced (a move that lost 26% of the bytes is not).
+    let (a1, b, a2) = trial(4, |t, is_b| {
+        let (pps, bpp) = if is_b {
+            (30_000.0, 1.1e4 * 40.0 / 30.0)
+        } else {
+            (40_000.0, 1.0e4)
+        };
+        packets(pps * (1.0 + 0.01 * wiggle(t)), bpp, 0.1)
+    });
+    assert_eq!(judge(&bytes, &a1, &b, &a2).verdict, Verdict::Better);
+}
+
+#[test]
+fn balanced_on_a_nic_without_interrupts_judges_napi_polls_per_op() {
+    // A veth: no IRQ, so interrupts/op are 0 on both sides; deferral halves polls per packet
+    // while bytes/s hold.
+    let (a1, b, a2) = trial(4, |t, is_b| {
+        let polls = if is_b { 0.05 } else { 0.1 };
+        packets(40_000.0 * (1.0 + 0.01 * wiggle(t)), 1500.0, polls)
+    });
+    let r = Rules {
+        throughput: Throughput::Bytes,
+        ..rules(Objective::Balanced)
+    };
+    let j = judge(&r, &a1, &b, &a2);
+    assert_eq!(j.verdict, Verdict::Better, "{}", j.why);
+    assert!(
+        j.why.contains("balanced (napi polls/op) improved"),
+        "{}",
+        j.why
+    );
+    let e = j
+        .effects
+        .iter()
+        .find(|e| e.metric == "napi polls/op")
+        .unwrap();
+    assert!((e.estimate + 0.5).abs() < 0.02, "{e}");
+    // More polls per packet is worse.
+    let (a1, b, a2) = trial(4, |t, is_b| {
+        let polls = if is_b { 0.2 } else { 0.1 };
+        packets(40_000.0 * (1.0 + 0.01 * wiggle(t)), 1500.0, polls)
+    });
+    assert_eq!(judge(&r, &a1, &b, &a2).verdict, Verdict::Worse);
+    // With interrupts measured, polls do not count: the interrupts/op here stay put.
+    let (a1, b, a2) = trial(4, |t, is_b| {
+        let polls = if is_b { 0.05 } else { 0.1 };
+        let mut w = packets(40_000.0 * (1.0 + 0.01 * wiggle(t)), 1500.0, polls);
+        w.interrupts = w.ops / 10;
+        w
+    });
+    let j = judge(&r, &a1, &b, &a2);
+    assert!(!j.keep(), "{}", j.why);
+    assert!(j.effects.iter().any(|e| e.metric == "interrupts/op"));
+    assert!(!j.effects.iter().any(|e| e.metric == "napi polls/op"));
 }
