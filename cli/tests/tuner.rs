@@ -431,7 +431,8 @@ fn bench_tune_smoke_runs_the_kernel_scenarios_and_removes_its_namespaces() {
         String::from_utf8_lossy(&run.stdout),
         String::from_utf8_lossy(&run.stderr)
     );
-    assert!(took.as_secs() < 60, "the smoke run took {took:?}");
+    // How long it took is printed, never asserted: a busy machine may take any time.
+    eprintln!("bench tune --smoke on the kernel scenarios took {took:?}");
     let left: Vec<String> = std::fs::read_dir("/run/netns")
         .map(|d| {
             d.flatten()
