@@ -236,6 +236,26 @@ pub struct DeviceTuner {
     recommendation: Option<DeviceSettings>,
     /// Candidates judged (and not kept) from the current incumbent: not tried again from it.
     judged: Vec<DeviceSettings>,
+    /// Changes the device refused to apply, each as the knob values it set
+    /// ([`changed_values`]): a candidate setting all of one of them is not proposed again
+    /// (until the operator unpins). Without it a refused value (e1000's rx-usecs 5: EINVAL) is
+    /// proposed again at once from the resynchronised settings, and three refusals in a row
+    /// freeze the whole device.
+    refused: Vec<Vec<(Knob, u32)>>,
+}
+
+/// The single knobs whose values differ between `from` and `to`, with their values in `to`.
+fn changed_values(from: &DeviceSettings, to: &DeviceSettings) -> Vec<(Knob, u32)> {
+    [
+        Knob::ModerationUsecs,
+        Knob::ModerationFrames,
+        Knob::PollBudget,
+        Knob::RingBytes,
+    ]
+    .into_iter()
+    .filter(|k| k.get(from) != k.get(to))
+    .map(|k| (k, k.get(to)))
+    .collect()
 }
 
 /// One move: a knob, a direction and how many rungs at once.
@@ -383,6 +403,7 @@ impl DeviceTuner {
             frozen: false,
             recommendation: None,
             judged: Vec::new(),
+            refused: Vec::new(),
         }
     }
 
@@ -442,10 +463,33 @@ impl DeviceTuner {
     pub fn apply_failed(&mut self, error: &str) {
         self.failures += 1;
         self.expected = None;
+        let mut never_again = String::new();
+        if let (
+            Phase::Trial {
+                candidate,
+                stage: Stage::Candidate,
+                ..
+            },
+            Some(incumbent),
+        ) = (&self.phase, &self.incumbent)
+        {
+            let change = changed_values(incumbent, candidate);
+            if !change.is_empty() && !self.refused.contains(&change) {
+                never_again = format!(
+                    "; not proposed again: {}",
+                    change
+                        .iter()
+                        .map(|(k, v)| format!("{} {v}", k.name()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                self.refused.push(change);
+            }
+        }
         self.phase = Phase::Baseline;
         self.incumbent_m = Measurement::default();
         self.a_seg = Segment::default();
-        self.note = Some(format!("applying failed ({error})"));
+        self.note = Some(format!("applying failed ({error}){never_again}"));
         if self.failures >= self.params.max_apply_failures {
             self.frozen = true;
         }
@@ -469,6 +513,7 @@ impl DeviceTuner {
     pub fn unfreeze(&mut self) {
         self.frozen = false;
         self.failures = 0;
+        self.refused.clear();
     }
 
     fn reset(&mut self, current: Option<DeviceSettings>, why: &str) {
@@ -572,6 +617,14 @@ impl DeviceTuner {
             };
             // A longer stride that lands where a shorter one already did (a ladder's end).
             if self.judged.contains(&candidate) {
+                continue;
+            }
+            let change = changed_values(&incumbent, &candidate);
+            if self
+                .refused
+                .iter()
+                .any(|r| r.iter().all(|v| change.contains(v)))
+            {
                 continue;
             }
             let value = self.objective_value();
@@ -679,7 +732,9 @@ impl DeviceTuner {
                 } else {
                     "resynchronised with the device"
                 };
-                self.reset(Some(*current), why);
+                // What led here (an application that failed, and why) stays in the reason.
+                let why = format!("{}{why}", self.take_note());
+                self.reset(Some(*current), &why);
                 // The first window may straddle anything: it is discarded like after a change.
             }
             Some(e) if e != *current => {

@@ -733,3 +733,51 @@ fn napi_deferral_is_never_tried_alone_without_a_timer() {
         }
     }
 }
+
+/// A knob value the device refuses every time (e1000's rx-usecs 5, EINVAL) is proposed again
+/// from each new incumbent unless the tuner remembers it: once, however often the search
+/// passes it.
+#[test]
+fn a_value_the_device_always_refuses_is_not_proposed_again_and_again() {
+    let mut t = DeviceTuner::new(policy(Objective::Balanced), TunerParams::default());
+    let dev_a = high_qd();
+    let dev_b = SimDevice {
+        service_ns: 60_000.0,
+        ..high_qd()
+    };
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+    let b = Bounds::default();
+    let mut current = DeviceSettings::default();
+    let refused = |s: &DeviceSettings| s.poll_budget == 128;
+    let (mut refusals, mut changes, mut reasons) = (0, 0, String::new());
+    for i in 1..1200u64 {
+        // Phase changes re-open the search from wherever the tuner stands.
+        let dev = if (i / 300) % 2 == 0 { &dev_a } else { &dev_b };
+        let w = dev.window(&current, 0.5, &mut rng, 1.0);
+        if let Some(o) = t.step(i * 500, &current, &b, &w) {
+            reasons.push_str(&o.reason);
+            if refused(&o.to) {
+                refusals += 1;
+                t.apply_failed("Invalid argument (os error 22)");
+            } else {
+                if o.action == Action::Change {
+                    changes += 1;
+                }
+                current = o.to;
+                t.applied(current);
+            }
+        }
+    }
+    assert_ne!(t.state(), TunerState::Frozen, "failures were not in a row");
+    assert!(
+        changes > 3,
+        "the search went on around the refused value ({changes} changes)"
+    );
+    assert!(refusals <= 1, "poll budget 128 proposed {refusals} times");
+    assert!(
+        reasons.contains(
+            "applying failed (Invalid argument (os error 22)); not proposed again: poll_budget 128"
+        ),
+        "the next decision says why"
+    );
+}
