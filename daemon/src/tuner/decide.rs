@@ -345,6 +345,59 @@ fn workload_shift(
     (from > 0.0 && ((to - from) / from).abs() > threshold).then_some((from, to))
 }
 
+/// A round's verdict with the earlier rounds' windows pooled in: `(rounds, verdict, the first
+/// round's reason, all incumbent windows, all candidate windows)`. Pooled, the constraints are
+/// judged at the tuner's confidence and the objective at a stricter one (it is a second look at
+/// the same question), and the latest round alone must point the same way.
+fn pool_rounds(
+    rules: Rules,
+    objective: Objective,
+    j: &Judgement,
+    first: Option<Box<EarlierRounds>>,
+    a_before: Segment,
+    b: Segment,
+    a2: &Segment,
+) -> (u32, Judgement, String, Segment, Segment) {
+    match first {
+        None => (1, j.clone(), j.why.clone(), a_before, b),
+        Some(e) => {
+            let mut a_all = e.a;
+            a_all.samples.extend(a_before.samples);
+            let mut b_all = e.b;
+            b_all.samples.extend(b.samples);
+            // The constraints at the tuner's confidence, the objective at a
+            // stricter one (this is a second look at the same question).
+            let strict = Rules {
+                z: rules.z + POOLED_Z_EXTRA,
+                ..rules
+            };
+            let mut pooled = judge::judge(&rules, &a_all, &b_all, a2);
+            let strict_improved = judge::judge(&strict, &a_all, &b_all, a2).objective_improved;
+            let latest_agrees = j.gain.is_some_and(|g| g > 0.0);
+            pooled.why = format!(
+                "{} rounds together: {}; this round alone: {}",
+                e.rounds + 1,
+                pooled.why,
+                j.why
+            );
+            if pooled.keep() && !strict_improved {
+                pooled.verdict = Verdict::Inconclusive;
+                pooled.why = format!(
+                    "{} not shown to improve at the stricter z = {:.1} of {} rounds; {}",
+                    objective.name(),
+                    strict.z,
+                    e.rounds + 1,
+                    pooled.why
+                );
+            } else if pooled.keep() && !latest_agrees {
+                pooled.verdict = Verdict::Inconclusive;
+                pooled.why = format!("this round points the other way; {}", pooled.why);
+            }
+            (e.rounds + 1, pooled, e.first_why, a_all, b_all)
+        }
+    }
+}
+
 /// Whether a point has enough windows (and enough of them with a p99) to be compared.
 fn ready(p: &TunerParams, m: &Measurement) -> bool {
     m.len() >= p.trial_windows as usize && m.ops >= p.min_point_ops
@@ -759,366 +812,380 @@ impl DeviceTuner {
             }
             return None;
         }
+        match self.phase {
+            Phase::Baseline => self.step_baseline(now_ms, bounds, window),
+            Phase::Trial {
+                stage: Stage::Candidate,
+                ..
+            } => self.step_candidate(now_ms, window),
+            Phase::Trial {
+                stage: Stage::Remeasure { .. },
+                ..
+            } => self.step_remeasure(now_ms, bounds, window),
+            Phase::Converged { .. } => self.step_converged(now_ms, current, window),
+        }
+    }
+
+    /// Measuring the incumbent: once it has enough windows, the next move (if any).
+    fn step_baseline(&mut self, now_ms: u64, bounds: &Bounds, window: &Window) -> Option<Outcome> {
+        let cap = self.cap();
+        let min_ops = self.params.min_window_ops;
+        let t_s = now_ms as f64 / 1e3;
+        if self.skip > 0 {
+            self.skip -= 1;
+            return None;
+        }
+        self.incumbent_m.push(window, min_ops, cap);
+        self.a_seg.push(t_s, window, min_ops);
+        self.a_seg.keep_last(cap);
+        let a_ready = self.a_seg.len() >= self.params.trial_windows as usize
+            && self.a_seg.ops() >= self.params.min_point_ops;
+        if !ready(&self.params, &self.incumbent_m) || !a_ready {
+            return None;
+        }
+        self.best_ops_seen = self.best_ops_seen.max(
+            self.incumbent_m
+                .mean(Metric::throughput(self.throughput))
+                .unwrap_or(0.0),
+        );
+        self.next_move(now_ms, bounds)
+    }
+
+    /// The candidate in force: measure it (B), then put the incumbent back to measure it again.
+    fn step_candidate(&mut self, now_ms: u64, window: &Window) -> Option<Outcome> {
+        let cap = self.cap();
+        let min_ops = self.params.min_window_ops;
+        let t_s = now_ms as f64 / 1e3;
+        let rules = self.rules();
+        let Phase::Trial {
+            skip,
+            b,
+            bm,
+            stage: Stage::Candidate,
+            ..
+        } = &mut self.phase
+        else {
+            unreachable!("step_candidate runs on a candidate in force")
+        };
+        if *skip > 0 {
+            *skip -= 1;
+            return None;
+        }
+        b.push(t_s, window, min_ops);
+        bm.push(window, min_ops, cap);
+        let done =
+            b.len() >= self.params.trial_windows as usize && b.ops() >= self.params.min_point_ops;
+        let abandoned = b.len() >= cap;
+        // A candidate already plainly worse after two windows (against the incumbent's
+        // windows before it) is not measured further: most moves are bad, and each bad
+        // window costs the workload. The incumbent is measured again all the same, and
+        // the verdict is the drift-corrected one.
+        let early_worse = !done
+            && !abandoned
+            && b.len() >= 2
+            && judge::judge(&rules, &self.a_seg, b, &Segment::default()).verdict == Verdict::Worse;
+        if (!done && !abandoned && !early_worse) || !self.rate_ok(now_ms) {
+            return None;
+        }
+        let Phase::Trial {
+            mv,
+            candidate,
+            b,
+            bm,
+            first,
+            ..
+        } = std::mem::replace(&mut self.phase, Phase::Baseline)
+        else {
+            unreachable!("matched above")
+        };
+        let incumbent = self.incumbent.expect("a trial starts from an incumbent");
+        let first_look = judge::judge(&rules, &self.a_seg, &b, &Segment::default());
+        let why = if early_worse {
+            format!("plainly worse after {} windows", b.len())
+        } else if !done {
+            "too few completions".to_string()
+        } else {
+            format!("{} windows", b.len())
+        };
+        let value = bm.objective_value(self.policy.objective, self.throughput);
+        let reason = format!(
+            "{}measured {} ({why}; {}); back to the incumbent to measure it again, so \
+             that a drift of the workload is neither credited to nor blamed on the change",
+            self.take_note(),
+            fmt_settings_delta(&incumbent, &candidate),
+            first_look
+                .effects
+                .iter()
+                .map(|e| format!("{}: {}", e.metric, pct(e.estimate)))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        self.phase = Phase::Trial {
+            mv,
+            candidate,
+            b,
+            bm,
+            skip: self.params.settle_windows,
+            stage: Stage::Remeasure {
+                a2: Segment::default(),
+            },
+            first,
+        };
+        self.last_change_ms = Some(now_ms);
+        self.expected = Some(incumbent);
+        Some(Outcome {
+            action: Action::Revert,
+            to: incumbent,
+            reason,
+            objective_value: value,
+        })
+    }
+
+    /// The incumbent measured again (the second A): judge the round, then measure the
+    /// candidate again, keep it or reject it.
+    fn step_remeasure(&mut self, now_ms: u64, bounds: &Bounds, window: &Window) -> Option<Outcome> {
         let cap = self.cap();
         let min_ops = self.params.min_window_ops;
         let t_s = now_ms as f64 / 1e3;
         let rules = self.rules();
         let rate_ok = self.rate_ok(now_ms);
-        match &mut self.phase {
-            Phase::Baseline => {
-                if self.skip > 0 {
-                    self.skip -= 1;
-                    return None;
-                }
-                self.incumbent_m.push(window, min_ops, cap);
-                self.a_seg.push(t_s, window, min_ops);
-                self.a_seg.keep_last(cap);
-                let a_ready = self.a_seg.len() >= self.params.trial_windows as usize
-                    && self.a_seg.ops() >= self.params.min_point_ops;
-                if !ready(&self.params, &self.incumbent_m) || !a_ready {
-                    return None;
-                }
-                self.best_ops_seen = self.best_ops_seen.max(
-                    self.incumbent_m
-                        .mean(Metric::throughput(self.throughput))
-                        .unwrap_or(0.0),
-                );
-                self.next_move(now_ms, bounds)
-            }
-            Phase::Trial {
-                skip,
-                b,
-                bm,
-                stage: Stage::Candidate,
-                ..
-            } => {
-                if *skip > 0 {
-                    *skip -= 1;
-                    return None;
-                }
-                b.push(t_s, window, min_ops);
-                bm.push(window, min_ops, cap);
-                let done = b.len() >= self.params.trial_windows as usize
-                    && b.ops() >= self.params.min_point_ops;
-                let abandoned = b.len() >= cap;
-                // A candidate already plainly worse after two windows (against the incumbent's
-                // windows before it) is not measured further: most moves are bad, and each bad
-                // window costs the workload. The incumbent is measured again all the same, and
-                // the verdict is the drift-corrected one.
-                let early_worse = !done
-                    && !abandoned
-                    && b.len() >= 2
-                    && judge::judge(&rules, &self.a_seg, b, &Segment::default()).verdict
-                        == Verdict::Worse;
-                if (!done && !abandoned && !early_worse) || !self.rate_ok(now_ms) {
-                    return None;
-                }
-                let Phase::Trial {
-                    mv,
-                    candidate,
-                    b,
-                    bm,
-                    first,
-                    ..
-                } = std::mem::replace(&mut self.phase, Phase::Baseline)
-                else {
-                    unreachable!("matched above")
-                };
-                let incumbent = self.incumbent.expect("a trial starts from an incumbent");
-                let first_look = judge::judge(&rules, &self.a_seg, &b, &Segment::default());
-                let why = if early_worse {
-                    format!("plainly worse after {} windows", b.len())
-                } else if !done {
-                    "too few completions".to_string()
-                } else {
-                    format!("{} windows", b.len())
-                };
-                let value = bm.objective_value(self.policy.objective, self.throughput);
-                let reason = format!(
-                    "{}measured {} ({why}; {}); back to the incumbent to measure it again, so \
-                     that a drift of the workload is neither credited to nor blamed on the change",
-                    self.take_note(),
-                    fmt_settings_delta(&incumbent, &candidate),
-                    first_look
-                        .effects
-                        .iter()
-                        .map(|e| format!("{}: {}", e.metric, pct(e.estimate)))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                );
-                self.phase = Phase::Trial {
-                    mv,
-                    candidate,
-                    b,
-                    bm,
-                    skip: self.params.settle_windows,
-                    stage: Stage::Remeasure {
-                        a2: Segment::default(),
-                    },
-                    first,
-                };
-                self.last_change_ms = Some(now_ms);
-                self.expected = Some(incumbent);
-                Some(Outcome {
-                    action: Action::Revert,
-                    to: incumbent,
-                    reason,
-                    objective_value: value,
-                })
-            }
-            Phase::Trial {
-                skip,
-                b,
-                stage: Stage::Remeasure { a2 },
-                ..
-            } => {
-                if *skip > 0 {
-                    *skip -= 1;
-                    return None;
-                }
-                a2.push(t_s, window, min_ops);
-                self.incumbent_m.push(window, min_ops, cap);
-                let done = a2.len()
-                    >= self.params.trial_windows.min(b.len().max(2) as u32) as usize
-                    && a2.ops() >= self.params.min_point_ops.min(b.ops());
-                if !done && a2.len() < cap {
-                    return None;
-                }
-                if !rate_ok {
-                    // Whatever comes next may be a change: keep measuring the incumbent until
-                    // one is allowed.
-                    return None;
-                }
-                let a_before = std::mem::take(&mut self.a_seg);
-                let (j, shifted) = {
-                    let shift =
-                        workload_shift(self.throughput, &a_before, b, a2, self.params.phase_change);
-                    let mut j = judge::judge(&rules, &a_before, b, a2);
-                    if let Some((from, to)) = shift {
-                        j.verdict = Verdict::Inconclusive;
-                        j.why = format!(
-                            "the workload changed during the trial (bytes/op {from:.0}→{to:.0}); {}",
-                            j.why
-                        );
-                    }
-                    (j, shift.is_some())
-                };
-                let promising = !j.constraint_broken
-                    && (j.objective_improved
-                        || j.gain.is_some_and(|g| g >= self.params.min_improvement));
-                let Phase::Trial {
-                    mv,
-                    candidate,
-                    b,
-                    bm,
-                    stage: Stage::Remeasure { a2 },
-                    first,
-                    ..
-                } = std::mem::replace(&mut self.phase, Phase::Baseline)
-                else {
-                    unreachable!("matched above")
-                };
-                let incumbent = self.incumbent.expect("a trial starts from an incumbent");
-                let delta = fmt_settings_delta(&incumbent, &candidate);
-                // All rounds so far: the earlier ones' windows and this one's.
-                let (rounds, pooled, first_why, a_all, b_all) = match first {
-                    None => (1, j.clone(), j.why.clone(), a_before, b),
-                    Some(e) => {
-                        let mut a_all = e.a;
-                        a_all.samples.extend(a_before.samples);
-                        let mut b_all = e.b;
-                        b_all.samples.extend(b.samples);
-                        // The constraints at the tuner's confidence, the objective at a
-                        // stricter one (this is a second look at the same question).
-                        let strict = Rules {
-                            z: rules.z + POOLED_Z_EXTRA,
-                            ..rules
-                        };
-                        let mut pooled = judge::judge(&rules, &a_all, &b_all, &a2);
-                        let strict_improved =
-                            judge::judge(&strict, &a_all, &b_all, &a2).objective_improved;
-                        let latest_agrees = j.gain.is_some_and(|g| g > 0.0);
-                        pooled.why = format!(
-                            "{} rounds together: {}; this round alone: {}",
-                            e.rounds + 1,
-                            pooled.why,
-                            j.why
-                        );
-                        if pooled.keep() && !strict_improved {
-                            pooled.verdict = Verdict::Inconclusive;
-                            pooled.why = format!(
-                                "{} not shown to improve at the stricter z = {:.1} of {} rounds; {}",
-                                self.policy.objective.name(),
-                                strict.z,
-                                e.rounds + 1,
-                                pooled.why
-                            );
-                        } else if pooled.keep() && !latest_agrees {
-                            pooled.verdict = Verdict::Inconclusive;
-                            pooled.why = format!("this round points the other way; {}", pooled.why);
-                        }
-                        (e.rounds + 1, pooled, e.first_why, a_all, b_all)
-                    }
-                };
-                let pooled_promising = !pooled.constraint_broken
-                    && (pooled.objective_improved
-                        || pooled
-                            .gain
-                            .is_some_and(|g| g >= self.params.min_improvement));
-                let again = !shifted
-                    && rounds < MAX_ROUNDS
-                    && if rounds == 1 {
-                        promising
-                    } else {
-                        !pooled.keep() && pooled_promising
-                    };
-                if rounds >= 2 && pooled.keep() && !shifted {
-                    let mut verdict = pooled;
-                    verdict.why = format!("{} (first round: {first_why})", verdict.why);
-                    return self.keep_or_reject(
-                        now_ms, bounds, mv, incumbent, candidate, b_all, bm, a2, verdict, shifted,
-                    );
-                }
-                if !again {
-                    return self.keep_or_reject(
-                        now_ms, bounds, mv, incumbent, candidate, b_all, bm, a2, pooled, shifted,
-                    );
-                }
-                // Promising: measure it again before keeping it.
-                let reason = format!(
-                    "{}{delta} looks promising after {rounds} round{} ({}); applying it again for \
-                     another A-B-A round before keeping it",
-                    self.take_note(),
-                    if rounds == 1 { "" } else { "s" },
-                    pooled.why
-                );
-                let value = self.objective_value();
-                self.a_seg = a2;
-                self.phase = Phase::Trial {
-                    mv,
-                    candidate,
-                    b: Segment::default(),
-                    bm,
-                    skip: self.params.settle_windows,
-                    stage: Stage::Candidate,
-                    first: Some(Box::new(EarlierRounds {
-                        a: a_all,
-                        b: b_all,
-                        rounds,
-                        first_why,
-                    })),
-                };
-                self.last_change_ms = Some(now_ms);
-                self.expected = Some(candidate);
-                Some(Outcome {
-                    action: Action::Change,
-                    to: candidate,
-                    reason,
-                    objective_value: value,
-                })
-            }
-            Phase::Converged {
-                deviant,
-                sign,
-                history,
-            } => {
-                if window.ops == 0 || window.duration_s <= 0.0 {
-                    return None;
-                }
-                let pc = self.params.phase_change;
-                // The reference is the median of the recent windows, so a slow drift moves it
-                // along and only a step stands out; before enough windows, the incumbent's.
-                let median = |f: fn(&(f64, f64)) -> f64| {
-                    let mut v: Vec<f64> = history.iter().map(f).collect();
-                    v.sort_by(f64::total_cmp);
-                    v.get(v.len() / 2).copied()
-                };
-                let (ops_ref, bpo_ref) = match (median(|h| h.0), median(|h| h.1)) {
-                    (Some(o), Some(b)) if history.len() >= 3 => (o, b),
-                    _ => (
-                        self.incumbent_m.mean(Metric::OpsPerSec).unwrap_or(0.0),
-                        self.incumbent_m.mean(Metric::BytesPerOp).unwrap_or(0.0),
-                    ),
-                };
-                let rel = |a: f64, b: f64| if a > 0.0 { (b - a) / a } else { 0.0 };
-                let d_ops = rel(ops_ref, window.ops_per_sec());
-                let d_bpo = rel(bpo_ref, window.bytes_per_op());
-                let dir = |d: f64| -> i8 {
-                    if d.abs() > pc {
-                        d.signum() as i8
-                    } else {
-                        0
-                    }
-                };
-                let now_sign = (dir(d_ops), dir(d_bpo));
-                if now_sign == (0, 0) {
-                    *deviant = 0;
-                    history.push_back((window.ops_per_sec(), window.bytes_per_op()));
-                    while history.len() > PHASE_HISTORY {
-                        history.pop_front();
-                    }
-                    return None;
-                }
-                // Deviant windows count only in a row and the same way: noise flips sides.
-                *deviant = if *deviant > 0 && *sign == now_sign {
-                    *deviant + 1
-                } else {
-                    1
-                };
-                *sign = now_sign;
-                if *deviant < self.params.phase_windows {
-                    return None;
-                }
-                let p99_ref = self.incumbent_m.p99_ns();
-                let w_p99 = (window.ops >= min_ops)
-                    .then(|| window.quantile_ns(0.99))
-                    .flatten();
-                let what = format!(
-                    "ops/s {:.0}→{:.0}, bytes/op {:.0}→{:.0}, p99 {}→{}",
-                    ops_ref,
-                    window.ops_per_sec(),
-                    bpo_ref,
-                    window.bytes_per_op(),
-                    us(p99_ref),
-                    us(w_p99)
-                );
-                let recent_change = self.previous.as_ref().is_some_and(|(_, _, at, _)| {
-                    now_ms.saturating_sub(*at) <= self.params.regression_guard_ms
-                });
-                if recent_change && d_bpo.abs() <= pc / 3.0 && self.rate_ok(now_ms) {
-                    let (prev, prev_m, _, mv) = self.previous.take().expect("checked");
-                    let from = self.incumbent.expect("converged from an incumbent");
-                    let value = self.objective_value();
-                    self.incumbent = Some(prev);
-                    self.judged.clear();
-                    self.incumbent_m = prev_m;
-                    self.a_seg = Segment::default();
-                    self.phase = Phase::Baseline;
-                    self.skip = self.params.settle_windows;
-                    self.queue = prior(self.policy.objective)
-                        .into_iter()
-                        .filter(|m| (m.knob, m.dir) != (mv.knob, mv.dir))
-                        .collect();
-                    self.last_change_ms = Some(now_ms);
-                    self.expected = Some(prev);
-                    return Some(Outcome {
-                        action: Action::Revert,
-                        to: prev,
-                        reason: format!(
-                            "regression after the last change ({what}): reverting {}",
-                            fmt_settings_delta(&from, &prev)
-                        ),
-                        objective_value: value,
-                    });
-                }
-                // A new phase: re-explore from the settings in force.
-                self.previous = None;
-                self.best_ops_seen = 0.0;
-                self.reset(Some(*current), &format!("phase change ({what})"));
-                self.skip = 0;
-                None
-            }
+        let Phase::Trial {
+            skip,
+            b,
+            stage: Stage::Remeasure { a2 },
+            ..
+        } = &mut self.phase
+        else {
+            unreachable!("step_remeasure runs on the incumbent measured again")
+        };
+        if *skip > 0 {
+            *skip -= 1;
+            return None;
         }
+        a2.push(t_s, window, min_ops);
+        self.incumbent_m.push(window, min_ops, cap);
+        let done = a2.len() >= self.params.trial_windows.min(b.len().max(2) as u32) as usize
+            && a2.ops() >= self.params.min_point_ops.min(b.ops());
+        if !done && a2.len() < cap {
+            return None;
+        }
+        if !rate_ok {
+            // Whatever comes next may be a change: keep measuring the incumbent until
+            // one is allowed.
+            return None;
+        }
+        let a_before = std::mem::take(&mut self.a_seg);
+        let (j, shifted) = {
+            let shift = workload_shift(self.throughput, &a_before, b, a2, self.params.phase_change);
+            let mut j = judge::judge(&rules, &a_before, b, a2);
+            if let Some((from, to)) = shift {
+                j.verdict = Verdict::Inconclusive;
+                j.why = format!(
+                    "the workload changed during the trial (bytes/op {from:.0}→{to:.0}); {}",
+                    j.why
+                );
+            }
+            (j, shift.is_some())
+        };
+        let promising = !j.constraint_broken
+            && (j.objective_improved || j.gain.is_some_and(|g| g >= self.params.min_improvement));
+        let Phase::Trial {
+            mv,
+            candidate,
+            b,
+            bm,
+            stage: Stage::Remeasure { a2 },
+            first,
+            ..
+        } = std::mem::replace(&mut self.phase, Phase::Baseline)
+        else {
+            unreachable!("matched above")
+        };
+        let incumbent = self.incumbent.expect("a trial starts from an incumbent");
+        let delta = fmt_settings_delta(&incumbent, &candidate);
+        // All rounds so far: the earlier ones' windows and this one's.
+        let (rounds, pooled, first_why, a_all, b_all) =
+            pool_rounds(rules, self.policy.objective, &j, first, a_before, b, &a2);
+        let pooled_promising = !pooled.constraint_broken
+            && (pooled.objective_improved
+                || pooled
+                    .gain
+                    .is_some_and(|g| g >= self.params.min_improvement));
+        let again = !shifted
+            && rounds < MAX_ROUNDS
+            && if rounds == 1 {
+                promising
+            } else {
+                !pooled.keep() && pooled_promising
+            };
+        if rounds >= 2 && pooled.keep() && !shifted {
+            let mut verdict = pooled;
+            verdict.why = format!("{} (first round: {first_why})", verdict.why);
+            return self.keep_or_reject(
+                now_ms, bounds, mv, incumbent, candidate, b_all, bm, a2, verdict, shifted,
+            );
+        }
+        if !again {
+            return self.keep_or_reject(
+                now_ms, bounds, mv, incumbent, candidate, b_all, bm, a2, pooled, shifted,
+            );
+        }
+        // Promising: measure it again before keeping it.
+        let reason = format!(
+            "{}{delta} looks promising after {rounds} round{} ({}); applying it again for \
+             another A-B-A round before keeping it",
+            self.take_note(),
+            if rounds == 1 { "" } else { "s" },
+            pooled.why
+        );
+        let value = self.objective_value();
+        self.a_seg = a2;
+        self.phase = Phase::Trial {
+            mv,
+            candidate,
+            b: Segment::default(),
+            bm,
+            skip: self.params.settle_windows,
+            stage: Stage::Candidate,
+            first: Some(Box::new(EarlierRounds {
+                a: a_all,
+                b: b_all,
+                rounds,
+                first_why,
+            })),
+        };
+        self.last_change_ms = Some(now_ms);
+        self.expected = Some(candidate);
+        Some(Outcome {
+            action: Action::Change,
+            to: candidate,
+            reason,
+            objective_value: value,
+        })
+    }
+
+    /// Parked: watch for a phase change (explore again) or a regression after the last kept
+    /// change (revert it).
+    fn step_converged(
+        &mut self,
+        now_ms: u64,
+        current: &DeviceSettings,
+        window: &Window,
+    ) -> Option<Outcome> {
+        let min_ops = self.params.min_window_ops;
+        let Phase::Converged {
+            deviant,
+            sign,
+            history,
+        } = &mut self.phase
+        else {
+            unreachable!("step_converged runs parked")
+        };
+        if window.ops == 0 || window.duration_s <= 0.0 {
+            return None;
+        }
+        let pc = self.params.phase_change;
+        // The reference is the median of the recent windows, so a slow drift moves it
+        // along and only a step stands out; before enough windows, the incumbent's.
+        let median = |f: fn(&(f64, f64)) -> f64| {
+            let mut v: Vec<f64> = history.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied()
+        };
+        let (ops_ref, bpo_ref) = match (median(|h| h.0), median(|h| h.1)) {
+            (Some(o), Some(b)) if history.len() >= 3 => (o, b),
+            _ => (
+                self.incumbent_m.mean(Metric::OpsPerSec).unwrap_or(0.0),
+                self.incumbent_m.mean(Metric::BytesPerOp).unwrap_or(0.0),
+            ),
+        };
+        let rel = |a: f64, b: f64| if a > 0.0 { (b - a) / a } else { 0.0 };
+        let d_ops = rel(ops_ref, window.ops_per_sec());
+        let d_bpo = rel(bpo_ref, window.bytes_per_op());
+        let dir = |d: f64| -> i8 {
+            if d.abs() > pc {
+                d.signum() as i8
+            } else {
+                0
+            }
+        };
+        let now_sign = (dir(d_ops), dir(d_bpo));
+        if now_sign == (0, 0) {
+            *deviant = 0;
+            history.push_back((window.ops_per_sec(), window.bytes_per_op()));
+            while history.len() > PHASE_HISTORY {
+                history.pop_front();
+            }
+            return None;
+        }
+        // Deviant windows count only in a row and the same way: noise flips sides.
+        *deviant = if *deviant > 0 && *sign == now_sign {
+            *deviant + 1
+        } else {
+            1
+        };
+        *sign = now_sign;
+        if *deviant < self.params.phase_windows {
+            return None;
+        }
+        let p99_ref = self.incumbent_m.p99_ns();
+        let w_p99 = (window.ops >= min_ops)
+            .then(|| window.quantile_ns(0.99))
+            .flatten();
+        let what = format!(
+            "ops/s {:.0}→{:.0}, bytes/op {:.0}→{:.0}, p99 {}→{}",
+            ops_ref,
+            window.ops_per_sec(),
+            bpo_ref,
+            window.bytes_per_op(),
+            us(p99_ref),
+            us(w_p99)
+        );
+        let recent_change = self.previous.as_ref().is_some_and(|(_, _, at, _)| {
+            now_ms.saturating_sub(*at) <= self.params.regression_guard_ms
+        });
+        if recent_change && d_bpo.abs() <= pc / 3.0 && self.rate_ok(now_ms) {
+            return self.revert_regression(now_ms, &what);
+        }
+        // A new phase: re-explore from the settings in force.
+        self.previous = None;
+        self.best_ops_seen = 0.0;
+        self.reset(Some(*current), &format!("phase change ({what})"));
+        self.skip = 0;
+        None
+    }
+
+    /// A regression soon after the last kept change (throughput moved with the workload's
+    /// request size unchanged): put the settings before it back, and explore again without
+    /// that move. `what` says what moved.
+    fn revert_regression(&mut self, now_ms: u64, what: &str) -> Option<Outcome> {
+        let (prev, prev_m, _, mv) = self
+            .previous
+            .take()
+            .expect("the caller saw a recent kept change");
+        let from = self.incumbent.expect("converged from an incumbent");
+        let value = self.objective_value();
+        self.incumbent = Some(prev);
+        self.judged.clear();
+        self.incumbent_m = prev_m;
+        self.a_seg = Segment::default();
+        self.phase = Phase::Baseline;
+        self.skip = self.params.settle_windows;
+        self.queue = prior(self.policy.objective)
+            .into_iter()
+            .filter(|m| (m.knob, m.dir) != (mv.knob, mv.dir))
+            .collect();
+        self.last_change_ms = Some(now_ms);
+        self.expected = Some(prev);
+        Some(Outcome {
+            action: Action::Revert,
+            to: prev,
+            reason: format!(
+                "regression after the last change ({what}): reverting {}",
+                fmt_settings_delta(&from, &prev)
+            ),
+            objective_value: value,
+        })
     }
 
     /// The end of a trial: the judge's verdict on the candidate, measured between two
