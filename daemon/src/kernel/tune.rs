@@ -631,84 +631,16 @@ impl KernelTuner {
             // Ok(Some(why)): left as someone else set it.
             let result: Result<Option<String>, String> = match &e.target {
                 Target::Nic { iface, netns } if NAPI_KNOBS.contains(&e.knob.as_str()) => {
-                    match e.original {
-                        KnobValue::U32(v) => {
-                            let napi = &self.napi;
-                            let applied = e.applied;
-                            in_netns_sysfs(netns.as_deref(), || {
-                                let now = napi.get(iface, &e.knob).map_err(|err| err.to_string())?;
-                                if let Some(KnobValue::U32(ours)) = applied {
-                                    if now != ours as u64 {
-                                        return Ok(Some(format!(
-                                            "changed from {ours} (set by enlight) to {now} by someone else: left as it is"
-                                        )));
-                                    }
-                                }
-                                napi.put_back(iface, &e.knob, v as u64)
-                                    .map(|_| None)
-                                    .map_err(|err| err.to_string())
-                            })
-                            .map_err(|err| err.to_string())
-                            .and_then(|r| r)
-                        }
-                        _ => Err(format!("{}: not a number: {}", e.knob, e.original)),
-                    }
+                    self.restore_napi_sysfs(&e, iface, netns.as_deref())
                 }
                 Target::Nic { iface, netns } if parse_napi_instance_knob(&e.knob).is_some() => {
-                    let (id, attr) = parse_napi_instance_knob(&e.knob).expect("checked");
                     let now = napi_now
                         .iter()
                         .find(|(t, k, _)| *t == e.target && *k == e.knob)
                         .and_then(|(_, _, v)| *v);
-                    let ours = e.applied.as_ref().and_then(KnobValue::as_u64);
-                    match (now, e.original.as_u64()) {
-                        // Gone with its device (re-created since): a new instance starts from
-                        // the interface-wide values, restored above.
-                        (None, _) => Ok(Some(
-                            "the NAPI instance is gone (its device was removed or re-created): nothing to put back"
-                                .to_string(),
-                        )),
-                        (Some(now), _) if ours.is_some_and(|o| o != now) => Ok(Some(format!(
-                            "changed from {} (set by enlight) to {now} by someone else: left as it is",
-                            ours.expect("checked")
-                        ))),
-                        (Some(_), None) => Err(format!("{}: not a number: {}", e.knob, e.original)),
-                        (Some(_), Some(v)) => in_netns(netns.as_deref(), || {
-                            Netdev::open()
-                                .and_then(|mut n| n.set(iface, id, &napi_instance_patch(attr, v)))
-                                .map(|_| None)
-                                .map_err(|err| err.to_string())
-                        })
-                        .map_err(|err| err.to_string())
-                        .and_then(|r| r),
-                    }
+                    Self::restore_napi_instance(&e, iface, netns.as_deref(), now)
                 }
-                Target::Nic { iface, netns } => match patch_of(&e.knob, e.original.clone()) {
-                    None => Err(format!("unknown NIC knob {}", e.knob)),
-                    Some(patch) => {
-                        let applied = e.applied.clone();
-                        let knob = e.knob.as_str();
-                        in_netns(netns.as_deref(), || {
-                            let mut t = Ethtool::open().map_err(|err| err.to_string())?;
-                            // An admin's value since enlight's change stays (the ethtool
-                            // monitor pinned the device for it; a restore must not undo it).
-                            let now = t.settings(iface).map_err(|err| err.to_string())?;
-                            let now = nic_knobs(&now).into_iter().find(|(k, _)| *k == knob);
-                            if let (Some(ours), Some((_, now))) = (&applied, now) {
-                                if now != *ours {
-                                    return Ok(Some(format!(
-                                        "changed from {ours} (set by enlight) to {now} by someone else: left as it is"
-                                    )));
-                                }
-                            }
-                            t.apply(iface, &patch)
-                                .map(|_| None)
-                                .map_err(|err| err.to_string())
-                        })
-                        .map_err(|err| err.to_string())
-                        .and_then(|r| r)
-                    }
-                },
+                Target::Nic { iface, netns } => Self::restore_ethtool(&e, iface, netns.as_deref()),
                 Target::Block { .. }
                     if operators
                         .iter()
@@ -724,19 +656,7 @@ impl KernelTuner {
                         e.applied.as_ref().expect("an operator's change has ours")
                     )))
                 }
-                Target::Block { disk } => match &e.original {
-                    KnobValue::U32(v) => self
-                        .queues
-                        .set(disk, &e.knob, *v)
-                        .map(|_| None)
-                        .map_err(|err| err.to_string()),
-                    KnobValue::Text(name) if e.knob == SCHEDULER => self
-                        .queues
-                        .set_scheduler(disk, name)
-                        .map(|_| None)
-                        .map_err(|err| err.to_string()),
-                    other => Err(format!("{}: cannot be set to {other}", e.knob)),
-                },
+                Target::Block { disk } => self.restore_block(&e, disk),
             };
             match result {
                 Ok(left) => {
@@ -775,6 +695,128 @@ impl KernelTuner {
             }
         }
         report
+    }
+
+    /// Puts an interface-wide NAPI sysfs knob back (`Ok(Some(why))`: left as someone else set
+    /// it).
+    fn restore_napi_sysfs(
+        &self,
+        e: &super::journal::Entry,
+        iface: &str,
+        netns: Option<&Path>,
+    ) -> Result<Option<String>, String> {
+        match e.original {
+            KnobValue::U32(v) => {
+                let napi = &self.napi;
+                let applied = &e.applied;
+                in_netns_sysfs(netns, || {
+                    let now = napi.get(iface, &e.knob).map_err(|err| err.to_string())?;
+                    if let Some(KnobValue::U32(ours)) = applied {
+                        if now != *ours as u64 {
+                            return Ok(Some(format!(
+                                "changed from {ours} (set by enlight) to {now} by someone else: left as it is"
+                            )));
+                        }
+                    }
+                    napi.put_back(iface, &e.knob, v as u64)
+                        .map(|_| None)
+                        .map_err(|err| err.to_string())
+                })
+                .map_err(|err| err.to_string())
+                .and_then(|r| r)
+            }
+            _ => Err(format!("{}: not a number: {}", e.knob, e.original)),
+        }
+    }
+
+    /// Puts a per-NAPI-instance setting back through netdev netlink, from its value `now`
+    /// (read before anything was written; `None`: the instance is gone).
+    fn restore_napi_instance(
+        e: &super::journal::Entry,
+        iface: &str,
+        netns: Option<&Path>,
+        now: Option<u64>,
+    ) -> Result<Option<String>, String> {
+        let Some((id, attr)) = parse_napi_instance_knob(&e.knob) else {
+            return Err(format!("{}: not a per-NAPI knob", e.knob));
+        };
+        let ours = e.applied.as_ref().and_then(KnobValue::as_u64);
+        match (now, e.original.as_u64()) {
+            // Gone with its device (re-created since): a new instance starts from
+            // the interface-wide values, restored above.
+            (None, _) => Ok(Some(
+                "the NAPI instance is gone (its device was removed or re-created): nothing to put back"
+                    .to_string(),
+            )),
+            (Some(now), _) if ours.is_some_and(|o| o != now) => Ok(Some(format!(
+                "changed from {} (set by enlight) to {now} by someone else: left as it is",
+                ours.expect("checked")
+            ))),
+            (Some(_), None) => Err(format!("{}: not a number: {}", e.knob, e.original)),
+            (Some(_), Some(v)) => in_netns(netns, || {
+                Netdev::open()
+                    .and_then(|mut n| n.set(iface, id, &napi_instance_patch(attr, v)))
+                    .map(|_| None)
+                    .map_err(|err| err.to_string())
+            })
+            .map_err(|err| err.to_string())
+            .and_then(|r| r),
+        }
+    }
+
+    /// Puts an ethtool knob (coalescing, rings) back, unless an admin changed it since.
+    fn restore_ethtool(
+        e: &super::journal::Entry,
+        iface: &str,
+        netns: Option<&Path>,
+    ) -> Result<Option<String>, String> {
+        match patch_of(&e.knob, e.original.clone()) {
+            None => Err(format!("unknown NIC knob {}", e.knob)),
+            Some(patch) => {
+                let applied = e.applied.clone();
+                let knob = e.knob.as_str();
+                in_netns(netns, || {
+                    let mut t = Ethtool::open().map_err(|err| err.to_string())?;
+                    // An admin's value since enlight's change stays (the ethtool
+                    // monitor pinned the device for it; a restore must not undo it).
+                    let now = t.settings(iface).map_err(|err| err.to_string())?;
+                    let now = nic_knobs(&now).into_iter().find(|(k, _)| *k == knob);
+                    if let (Some(ours), Some((_, now))) = (&applied, now) {
+                        if now != *ours {
+                            return Ok(Some(format!(
+                                "changed from {ours} (set by enlight) to {now} by someone else: left as it is"
+                            )));
+                        }
+                    }
+                    t.apply(iface, &patch)
+                        .map(|_| None)
+                        .map_err(|err| err.to_string())
+                })
+                .map_err(|err| err.to_string())
+                .and_then(|r| r)
+            }
+        }
+    }
+
+    /// Puts a block queue knob back.
+    fn restore_block(
+        &self,
+        e: &super::journal::Entry,
+        disk: &str,
+    ) -> Result<Option<String>, String> {
+        match &e.original {
+            KnobValue::U32(v) => self
+                .queues
+                .set(disk, &e.knob, *v)
+                .map(|_| None)
+                .map_err(|err| err.to_string()),
+            KnobValue::Text(name) if e.knob == SCHEDULER => self
+                .queues
+                .set_scheduler(disk, name)
+                .map(|_| None)
+                .map_err(|err| err.to_string()),
+            other => Err(format!("{}: cannot be set to {other}", e.knob)),
+        }
     }
 
     /// A disk knob's value now (the scheduler by name), `None` if it cannot be read.
