@@ -142,7 +142,7 @@ pub fn run(args: EmulatedDiskArgs) -> Result<()> {
             }
             (
                 Box::new(
-                    enlight_vmm::ring::KvmRingDisk::open(&args.backing, args.dev_id)
+                    enlight_vmm::ring_disk::KvmRingDisk::open(&args.backing, args.dev_id)
                         .context("starting the ring disk on KVM")?,
                 ),
                 "synthetic",

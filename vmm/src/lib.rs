@@ -13,7 +13,7 @@
 //! - [`asm`]: the instruction encoder for the guest programs.
 //! - [`machine`]: guest memory, page tables, GDT/TSS, vCPU registers, the run loop.
 //! - [`KvmIdeDisk`]: the emulated IDE disk on this transport ([`BlockTransport`]).
-//! - [`ring::KvmRingDisk`]: the enlightened counterpart: a descriptor ring in guest memory and
+//! - [`ring_disk::KvmRingDisk`]: the enlightened counterpart: a descriptor ring in guest memory and
 //!   one ioeventfd doorbell per batch.
 //! - [`nic::KvmNe2kGuest`]: the emulated NE2000 NIC's guest driver on this transport.
 //! - [`detect`]: whether KVM works here, with the reason when it does not.
@@ -21,7 +21,7 @@
 pub mod asm;
 pub mod machine;
 pub mod nic;
-pub mod ring;
+pub mod ring_disk;
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -106,7 +106,7 @@ const CMD_STATUS: usize = 16;
 const CMD_ERROR: usize = 20;
 
 /// The guest's ATA PIO driver loop: the same register sequence as the Rust driver in
-/// `enlight_driver::emulated::ata` (LBA28, polling, nIEN), so both transports trap on the same
+/// `enlight_driver::emulated::ide_driver` (LBA28, polling, nIEN), so both transports trap on the same
 /// accesses: 6 task-file writes, per sector a status read and 256 data-port accesses, a final
 /// status read (and an error-register read only on error).
 fn ide_guest_program() -> Vec<u8> {

@@ -19,10 +19,10 @@
 //! access is the guest's. The register sequence is the Rust driver's, so both transports trap
 //! on the same accesses per frame.
 //!
-//! [`Ne2kDriver`]: enlight_driver::emulated::ne2k::Ne2kDriver
+//! [`Ne2kDriver`]: enlight_driver::emulated::ne2000_driver::Ne2kDriver
 
 use enlight_driver::emulated::ne2000::{self as ne, MAX_FRAME};
-use enlight_driver::emulated::ne2k::{RX_START, RX_STOP, TX_PAGE};
+use enlight_driver::emulated::ne2000_driver::{RX_START, RX_STOP, TX_PAGE};
 use enlight_driver::emulated::nic::{NicGuest, SharedCard, IO_BASE};
 use enlight_driver::emulated::pio::PioDevice;
 use enlight_driver::emulated::EmulatedError;
@@ -412,7 +412,7 @@ impl<D: PioDevice> NicGuest for KvmNe2kGuest<D> {
 mod tests {
     use super::*;
     use enlight_driver::emulated::ne2000::{Ne2000, NetBackend};
-    use enlight_driver::emulated::ne2k::Ne2kDriver;
+    use enlight_driver::emulated::ne2000_driver::Ne2kDriver;
     use enlight_driver::emulated::pio::{DirectBus, PioBus};
     use std::sync::{Arc, Mutex};
 

@@ -2,10 +2,14 @@
 //! model synchronously, the way a VMM emulates legacy hardware (QEMU's `hw/ide/core.c`). They
 //! are the baseline the enlightened (synthetic, ring-based) devices are compared against.
 //!
-//! - [`ide`]: an IDE/ATA disk in PIO mode over the same backing file as the synthetic disk.
+//! Each device is a model (the device, as the VMM emulates it) and the guest's driver for it:
+//!
+//! - [`ide`]: the model of an IDE/ATA disk in PIO mode over the same backing file as the
+//!   synthetic disk; [`ide_driver`]: the guest's polling ATA PIO driver for it.
+//! - [`ne2000`]: the model of an NE2000 NIC; [`ne2000_driver`]: the guest's driver for it
+//!   (Linux's `ne.c`/`8390.c`); [`nic`]: both end to end between two namespaces.
 //! - [`pio`]: the port-I/O interface between a guest driver and a model, and the thread
 //!   transport (a synchronous hand-off to the model's thread per access).
-//! - [`ata`]: the guest's polling ATA PIO driver, over any [`pio::PioBus`].
 //! - [`workload`]: the closed-loop workload on any [`BlockTransport`], traced like the synthetic
 //!   disk (`io_submit`, `io_complete`, `io_reap`, `workload_start`) plus `trap`.
 //!
@@ -13,10 +17,10 @@
 //! KVM one in the `enlight-vmm` crate (a guest driver loop in a real VM whose `in`/`out`
 //! instructions exit to the same model).
 
-pub mod ata;
 pub mod ide;
+pub mod ide_driver;
 pub mod ne2000;
-pub mod ne2k;
+pub mod ne2000_driver;
 pub mod nic;
 pub mod pio;
 pub mod workload;
@@ -133,7 +137,7 @@ pub const MAX_IO_BYTES: u32 = 128 * 1024;
 
 /// The emulated IDE disk on the thread transport.
 pub struct ThreadIdeDisk {
-    driver: ata::AtaPio<pio::ThreadBus<ide::IdeDisk>>,
+    driver: ide_driver::AtaPio<pio::ThreadBus<ide::IdeDisk>>,
 }
 
 impl ThreadIdeDisk {
@@ -144,7 +148,7 @@ impl ThreadIdeDisk {
         let bus = pio::ThreadBus::spawn(disk, "ide-model")
             .map_err(|e| EmulatedError::Transport(format!("spawning the model thread: {e}")))?;
         Ok(ThreadIdeDisk {
-            driver: ata::AtaPio::new(bus)?,
+            driver: ide_driver::AtaPio::new(bus)?,
         })
     }
 

@@ -23,7 +23,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::ne2000::{self, Ne2000, NetBackend, NicCounters};
-use super::ne2k::Ne2kDriver;
+use super::ne2000_driver::Ne2kDriver;
 use super::pio::{PioBus, PioDevice, ThreadBus};
 use super::EmulatedError;
 use crate::netns::Tap;
