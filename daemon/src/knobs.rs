@@ -486,7 +486,7 @@ pub fn line(knobs: &[Knob]) -> String {
 /// `enlight_knob_value` (every knob a device has, with its unit, source and disruption) and
 /// `enlight_knob_limit` (its min and max where the source says), after the rest of the
 /// exposition.
-pub fn render_metrics(out: &mut String, state: &crate::collector::State) {
+pub fn render_metrics(out: &mut String, state: &crate::model::State) {
     let labels = |pairs: &[(&str, &str)]| {
         let inner: Vec<String> = pairs
             .iter()
@@ -494,7 +494,7 @@ pub fn render_metrics(out: &mut String, state: &crate::collector::State) {
             .collect();
         format!("{{{}}}", inner.join(","))
     };
-    let id = |d: &crate::collector::DeviceState| {
+    let id = |d: &crate::model::DeviceState| {
         let mut v = vec![
             ("device", d.record.name.clone()),
             ("kind", d.record.kind.clone()),

@@ -2,6 +2,8 @@
 //! kernel-side counters into HDR histograms and serves them.
 //!
 //! - [`config`]: TOML + flags.
+//! - [`model`]: the shared model ([`State`]: devices, their figures, the daemon's health), which
+//!   the collectors write and everything else reads.
 //! - [`collector`]: the per-interval work (registry → attach → read maps → state), behind a
 //!   [`collector::ProbeSource`] so it is unit-tested with a fake.
 //! - [`metrics`]: Prometheus exposition of the state; [`api`]: the JSON views; [`scrape`]: both
@@ -19,6 +21,7 @@ pub mod kernel;
 pub mod knobs;
 pub mod logging;
 pub mod metrics;
+pub mod model;
 pub mod peaks;
 pub mod runtime_lock;
 pub mod scrape;
@@ -40,8 +43,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 pub use api::{DeviceView, HealthView, OpView};
-pub use collector::{Collector, ProbeSource, State};
+pub use collector::{Collector, ProbeSource};
 pub use config::{Config, ConfigError};
+pub use model::State;
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]

@@ -8,7 +8,7 @@
 
 use std::fmt::Write;
 
-use crate::collector::{op_name, State, ERROR_KINDS};
+use crate::model::{op_name, State, ERROR_KINDS};
 
 /// Upper bounds of `enlight_io_latency_seconds`, in seconds.
 pub const LATENCY_BUCKETS: [f64; 22] = [
@@ -101,7 +101,7 @@ fn push_f64_line(out: &mut String, v: f64) {
 }
 
 /// A device's `device="..",kind=".."`, escaped.
-fn device_prefix(d: &crate::collector::DeviceState) -> String {
+fn device_prefix(d: &crate::model::DeviceState) -> String {
     let mut p = String::with_capacity(32 + d.record.name.len() + d.record.kind.len());
     push_labels(
         &mut p,
@@ -245,7 +245,7 @@ pub fn render(state: &State) -> String {
     out.push_str("enlight_collector_interval_seconds ");
     push_f64_line(&mut out, state.interval.as_secs_f64());
 
-    type OpValue = fn(&crate::collector::OpFigures) -> u64;
+    type OpValue = fn(&crate::model::OpFigures) -> u64;
     let per_op: [(&str, &str, OpValue); 3] = [
         ("enlight_io_ops_total", "Completed I/O operations.", |f| {
             f.ops
@@ -647,7 +647,7 @@ pub(crate) mod tests {
                 r.name = format!("odd\\\"{i}\n");
                 r.kind = "synth\"etic".into();
             }
-            let mut d = crate::collector::DeviceState::new(r);
+            let mut d = crate::model::DeviceState::new(r);
             d.present = i % 11 != 5;
             d.attached = i % 13 != 6;
             for (p, _) in enlight_probes::PROGRAMS {
@@ -661,7 +661,7 @@ pub(crate) mod tests {
             }
             let ops: &[u32] = if i % 2 == 0 { &[0, 1] } else { &[0, 1, 2] };
             for &op in ops {
-                let mut f = crate::collector::OpFigures::default();
+                let mut f = crate::model::OpFigures::default();
                 for _ in 0..buckets {
                     let lat = rng.gen_range(2_000u64..20_000_000);
                     *f.buckets

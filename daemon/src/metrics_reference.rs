@@ -5,7 +5,7 @@
 use std::fmt::Write;
 
 use super::{fmt_f64, header, labels, LATENCY_BUCKETS};
-use crate::collector::{op_name, State, ERROR_KINDS};
+use crate::model::{op_name, State, ERROR_KINDS};
 
 /// Renders the whole exposition.
 pub fn render(state: &State) -> String {
@@ -137,7 +137,7 @@ pub fn render(state: &State) -> String {
         fmt_f64(state.interval.as_secs_f64())
     );
 
-    type OpValue = fn(&crate::collector::OpFigures) -> u64;
+    type OpValue = fn(&crate::model::OpFigures) -> u64;
     let per_op: [(&str, &str, OpValue); 3] = [
         ("enlight_io_ops_total", "Completed I/O operations.", |f| {
             f.ops
@@ -168,7 +168,7 @@ pub fn render(state: &State) -> String {
         }
     }
 
-    let dev_labels = |d: &crate::collector::DeviceState| {
+    let dev_labels = |d: &crate::model::DeviceState| {
         labels(&[("device", &d.record.name), ("kind", &d.record.kind)])
     };
     header(

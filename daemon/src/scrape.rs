@@ -23,7 +23,7 @@ use std::sync::{Arc, RwLock};
 use axum::body::Bytes;
 
 use crate::api::DeviceView;
-use crate::collector::State;
+use crate::model::State;
 
 /// One tick's rendering.
 #[derive(Debug, Default)]

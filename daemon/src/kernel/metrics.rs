@@ -5,8 +5,8 @@
 
 use std::fmt::Write;
 
-use crate::collector::State;
 use crate::metrics::escape;
+use crate::model::State;
 
 fn labels(pairs: &[(&str, &str)]) -> String {
     let inner: Vec<String> = pairs
@@ -98,7 +98,7 @@ pub fn finish(out: &mut String, state: &State) {
 
 fn render_kernel(out: &mut String, state: &State) {
     let kernel_devices = || state.devices.values().filter(|d| d.kernel.is_some());
-    let id = |d: &crate::collector::DeviceState| {
+    let id = |d: &crate::model::DeviceState| {
         let k = d.kernel.as_ref().expect("filtered");
         vec![
             ("device", d.record.name.clone()),

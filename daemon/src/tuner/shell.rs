@@ -26,7 +26,7 @@ use super::backend::{BackendFactory, KnobNotice, SettingsBackend};
 use super::config::TunerConfig;
 use super::window::{Cumulative, Window};
 use super::{Action, Decision, DeviceTuner, TunerMode, TunerView};
-use crate::collector::State;
+use crate::model::State;
 
 /// The tuner's state that the HTTP side reads (and pins write), and the collector's clock.
 #[derive(Default)]
