@@ -15,6 +15,10 @@
 //! interval later than it used to, and no interval is ever missed; the peak window is meant to be
 //! at least the longest scrape interval anyway (see [`crate::peaks`]).
 //!
+//! The exposition is cached in both formats served (`/metrics` negotiates: Prometheus text
+//! 0.0.4, or OpenMetrics when the scraper asks for it, as Prometheus does by default), each
+//! written from the same families of the tick.
+//!
 //! The tuner's families and views are not cached: the tuner updates them on its own schedule,
 //! between ticks, and they are small. They are added per scrape when a tuner runs.
 
@@ -23,6 +27,7 @@ use std::sync::{Arc, RwLock};
 use axum::body::Bytes;
 
 use crate::api::DeviceView;
+use crate::exposition::{Exposition, Format, OPENMETRICS_EOF};
 use crate::model::State;
 
 /// One tick's rendering.
@@ -30,8 +35,10 @@ use crate::model::State;
 pub struct Rendered {
     /// The tick rendered (`State::ticks`).
     pub ticks: u64,
-    /// The Prometheus exposition, without the tuner's families.
+    /// The Prometheus exposition (text format 0.0.4), without the tuner's families.
     pub metrics: Bytes,
+    /// The same in OpenMetrics, closed with `# EOF`.
+    pub openmetrics: Bytes,
     /// Every device's view, without the tuner's part (`tuner: None`).
     pub devices: Arc<Vec<DeviceView>>,
     /// `devices` as JSON.
@@ -44,9 +51,11 @@ impl Rendered {
         let devices = crate::api::devices(state);
         // Serializing plain data (strings, numbers, maps with string keys) cannot fail.
         let json = serde_json::to_vec(&devices).expect("device views serialize");
+        let exposition = crate::metrics::exposition(state);
         Rendered {
             ticks: state.ticks,
-            metrics: Bytes::from(crate::metrics::render(state).into_bytes()),
+            metrics: Bytes::from(exposition.text().into_bytes()),
+            openmetrics: Bytes::from(exposition.openmetrics().into_bytes()),
             devices: Arc::new(devices),
             devices_json: Bytes::from(json),
         }
@@ -72,15 +81,36 @@ impl ScrapeCache {
     }
 }
 
-/// The exposition served: the cached one, followed by the tuner's families (`tuner`, empty
-/// when no tuner runs, then the cached bytes are served as they are, without a copy).
-pub fn metrics_with(cached: &Bytes, tuner: &str) -> Bytes {
-    if tuner.is_empty() {
+/// The exposition served in `format`: the cached one, followed by the tuner's families (`tuner`,
+/// empty when no tuner runs: then the cached bytes are served as they are, without a copy).
+pub fn metrics_with(rendered: &Rendered, format: Format, tuner: &Exposition) -> Bytes {
+    let (cached, extra) = match format {
+        Format::Text => (&rendered.metrics, tuner.text()),
+        Format::OpenMetrics => (&rendered.openmetrics, {
+            let mut s = String::new();
+            tuner.openmetrics_into(&mut s);
+            s
+        }),
+    };
+    if extra.is_empty() {
         return cached.clone();
     }
-    let mut v = Vec::with_capacity(cached.len() + tuner.len());
-    v.extend_from_slice(cached);
-    v.extend_from_slice(tuner.as_bytes());
+    let mut v = Vec::with_capacity(cached.len() + extra.len());
+    match format {
+        Format::Text => {
+            v.extend_from_slice(cached);
+            v.extend_from_slice(extra.as_bytes());
+        }
+        Format::OpenMetrics => {
+            // The tuner's families go before the cached `# EOF`.
+            let body = cached
+                .strip_suffix(OPENMETRICS_EOF.as_bytes())
+                .unwrap_or(cached);
+            v.extend_from_slice(body);
+            v.extend_from_slice(extra.as_bytes());
+            v.extend_from_slice(OPENMETRICS_EOF.as_bytes());
+        }
+    }
     Bytes::from(v)
 }
 
@@ -128,9 +158,43 @@ mod tests {
 
     #[test]
     fn the_tuners_families_follow_the_cached_exposition() {
-        let cached = Bytes::from_static(b"a 1\n");
-        let same = metrics_with(&cached, "");
-        assert_eq!(same.as_ptr(), cached.as_ptr(), "served without a copy");
-        assert_eq!(&metrics_with(&cached, "b 2\n")[..], b"a 1\nb 2\n");
+        let r = Rendered::of(&State {
+            ticks: 3,
+            ..State::default()
+        });
+        let om = std::str::from_utf8(&r.openmetrics).unwrap();
+        assert!(om.contains("# HELP enlight_collector_ticks Collector intervals completed.\n# TYPE enlight_collector_ticks counter\nenlight_collector_ticks_total 3\n"), "{om}");
+        assert!(
+            om.ends_with(
+                "enlight_kernel_probe_trouble_total{what=\"completion_without_issue\"} 0\n# EOF\n"
+            ),
+            "{om}"
+        );
+        let none = Exposition::default();
+        for format in [Format::Text, Format::OpenMetrics] {
+            let same = metrics_with(&r, format, &none);
+            let cached = match format {
+                Format::Text => &r.metrics,
+                Format::OpenMetrics => &r.openmetrics,
+            };
+            assert_eq!(same.as_ptr(), cached.as_ptr(), "served without a copy");
+        }
+        let mut tuner = Exposition::default();
+        let mut f = crate::exposition::Family::gauge("enlight_tuner_pinned", "Pinned.");
+        f.sample(vec![], 1.0);
+        tuner.add(f);
+        let text = metrics_with(&r, Format::Text, &tuner);
+        assert!(text.starts_with(&r.metrics));
+        assert_eq!(
+            &text[r.metrics.len()..],
+            b"# HELP enlight_tuner_pinned Pinned.\n# TYPE enlight_tuner_pinned gauge\nenlight_tuner_pinned 1\n"
+        );
+        let om = metrics_with(&r, Format::OpenMetrics, &tuner);
+        let body = r.openmetrics.len() - OPENMETRICS_EOF.len();
+        assert_eq!(om[..body], r.openmetrics[..body]);
+        assert_eq!(
+            &om[body..],
+            b"# HELP enlight_tuner_pinned Pinned.\n# TYPE enlight_tuner_pinned gauge\nenlight_tuner_pinned 1\n# EOF\n"
+        );
     }
 }

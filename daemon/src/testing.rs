@@ -40,3 +40,74 @@ pub fn promtool_check(text: &str) {
         out.status
     );
 }
+
+/// Asserts that the OpenMetrics parser of Debian's `python3-prometheus-client` (strict: it
+/// rejects a missing `# EOF`, a counter family named `_total`, a sample outside its family)
+/// reads `text`, and returns what it read: `(sample name, labels sorted, value)`, sorted. Without
+/// the package it skips loudly on stderr and returns `None`, unless `ENLIGHT_REQUIRE_PROMTOOL`
+/// is set (`scripts/test-all.sh` installs both parsers and sets it).
+pub fn openmetrics_check(text: &str) -> Option<Vec<(String, Vec<(String, String)>, f64)>> {
+    use std::io::Write;
+    // Debian's python3 (the package's), not whatever `python3` PATH finds first.
+    const PARSE: &str = r#"
+import sys, json
+try:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+except ImportError:
+    sys.exit(75)
+out = []
+for f in text_string_to_metric_families(sys.stdin.read()):
+    for s in f.samples:
+        out.append([s.name, sorted(s.labels.items()), repr(float(s.value))])
+out.sort()
+json.dump(out, sys.stdout)
+"#;
+    let child = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", PARSE])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return missing_openmetrics_parser(),
+        Err(e) => panic!("running /usr/bin/python3: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.code() == Some(75) {
+        return missing_openmetrics_parser();
+    }
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser refused the exposition ({}):\n{}\n--- exposition ---\n{text}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Values as Python's repr: serde_json's own float parsing can be an ulp off.
+    let read: Vec<(String, Vec<(String, String)>, String)> =
+        serde_json::from_slice(&out.stdout).expect("the parser's samples as JSON");
+    Some(
+        read.into_iter()
+            .map(|(n, l, v)| {
+                let v = v.parse().unwrap_or_else(|e| panic!("{n}: value {v}: {e}"));
+                (n, l, v)
+            })
+            .collect(),
+    )
+}
+
+fn missing_openmetrics_parser<T>() -> Option<T> {
+    if std::env::var_os("ENLIGHT_REQUIRE_PROMTOOL").is_some() {
+        panic!("python3-prometheus-client is needed to check the OpenMetrics exposition");
+    }
+    eprintln!(
+        "SKIPPED OpenMetrics check: no /usr/bin/python3 with prometheus_client (apt-get install python3-prometheus-client)"
+    );
+    None
+}

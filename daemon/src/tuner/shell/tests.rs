@@ -227,7 +227,7 @@ async fn changes_go_through_the_backend_at_most_one_per_interval_and_are_recorde
     assert_eq!(view.state, TunerState::Converged);
     assert_eq!(view.last_decision.as_ref(), decisions.last());
     let mut text = String::new();
-    rig.shared.render_metrics(&mut text);
+    text.push_str(&rig.shared.families().text());
     assert!(
         text.contains(&format!(
             "enlight_tuner_changes_total{{device=\"disk0\",kind=\"synthetic\",controller=\"enlight\"}} {}",
@@ -374,7 +374,7 @@ async fn refused_changes_are_recorded_and_freeze_the_device() {
     }
     assert_eq!(rig.shared.view("disk0").unwrap().state, TunerState::Frozen);
     let mut text = String::new();
-    rig.shared.render_metrics(&mut text);
+    text.push_str(&rig.shared.families().text());
     assert!(text.contains(
         "enlight_tuner_changes_total{device=\"disk0\",kind=\"synthetic\",controller=\"enlight\"} 0"
     ));
@@ -487,7 +487,7 @@ fn a_notification_of_someone_elses_change_pins_between_ticks() {
     assert!(dev.lock().unwrap().applied.is_empty());
     assert!(shared.view("disk0").unwrap().pinned);
     let mut metrics = String::new();
-    shared.render_metrics(&mut metrics);
+    metrics.push_str(&shared.families().text());
     assert!(
         metrics.contains("enlight_tuner_pinned{device=\"disk0\",kind=\"synthetic\"} 1"),
         "{metrics}"
