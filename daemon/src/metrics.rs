@@ -306,7 +306,7 @@ pub(crate) mod tests {
     }
 
     /// Every sample of the families, as a parser reads them: `(name, labels sorted, value)`.
-    fn samples(e: &Exposition) -> Vec<(String, Vec<(String, String)>, f64)> {
+    fn samples(e: &Exposition) -> Vec<crate::testing::Sample> {
         use prometheus::proto::MetricType;
         let mut out = Vec::new();
         for f in e.families() {

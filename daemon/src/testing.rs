@@ -41,12 +41,15 @@ pub fn promtool_check(text: &str) {
     );
 }
 
+/// A sample as a parser reads it: name, labels (sorted), value.
+pub type Sample = (String, Vec<(String, String)>, f64);
+
 /// Asserts that the OpenMetrics parser of Debian's `python3-prometheus-client` (strict: it
 /// rejects a missing `# EOF`, a counter family named `_total`, a sample outside its family)
 /// reads `text`, and returns what it read: `(sample name, labels sorted, value)`, sorted. Without
 /// the package it skips loudly on stderr and returns `None`, unless `ENLIGHT_REQUIRE_PROMTOOL`
 /// is set (`scripts/test-all.sh` installs both parsers and sets it).
-pub fn openmetrics_check(text: &str) -> Option<Vec<(String, Vec<(String, String)>, f64)>> {
+pub fn openmetrics_check(text: &str) -> Option<Vec<Sample>> {
     use std::io::Write;
     // Debian's python3 (the package's), not whatever `python3` PATH finds first.
     const PARSE: &str = r#"
@@ -90,7 +93,8 @@ json.dump(out, sys.stdout)
         String::from_utf8_lossy(&out.stderr)
     );
     // Values as Python's repr: serde_json's own float parsing can be an ulp off.
-    let read: Vec<(String, Vec<(String, String)>, String)> =
+    type Read = (String, Vec<(String, String)>, String);
+    let read: Vec<Read> =
         serde_json::from_slice(&out.stdout).expect("the parser's samples as JSON");
     Some(
         read.into_iter()
