@@ -428,3 +428,41 @@ pub(crate) mod tests {
         crate::testing::promtool_check(&text);
     }
 }
+
+/// What rendering costs per tick, printed (no assertion: timings depend on the machine).
+/// `cargo test --release -p enlightd --lib render_cost -- --ignored --nocapture`
+#[cfg(test)]
+mod cost {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn median(mut f: impl FnMut() -> usize) -> (Duration, usize) {
+        let mut times = Vec::new();
+        let mut len = 0;
+        for _ in 0..31 {
+            let t = Instant::now();
+            len = std::hint::black_box(f());
+            times.push(t.elapsed());
+        }
+        times.sort();
+        (times[times.len() / 2], len)
+    }
+
+    #[test]
+    #[ignore = "prints timings; run in release"]
+    fn render_cost() {
+        for n in [16, 64, 256] {
+            let state = tests::fleet(n, 300);
+            let e = exposition(&state);
+            let (build, series) = median(|| exposition(&state).series());
+            let (text, bytes) = median(|| e.text().len());
+            let (om, om_bytes) = median(|| e.openmetrics().len());
+            let (hand, hand_bytes) = median(|| reference::render(&state).len());
+            println!(
+                "{n} devices, {series} series: families {build:?}, text {text:?} ({bytes} B), \
+                 OpenMetrics {om:?} ({om_bytes} B); the hand-written plain renderer {hand:?} \
+                 ({hand_bytes} B)"
+            );
+        }
+    }
+}
