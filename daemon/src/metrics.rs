@@ -214,6 +214,19 @@ pub(crate) mod tests {
         state
     }
 
+    /// Adds a kernel device (loop3, from a fake sysfs) to `state`.
+    fn add_a_kernel_device(state: &mut State) {
+        let dir = tempfile::tempdir().unwrap();
+        crate::kernel::collector::tests::fake_sysfs(dir.path(), "loop3");
+        let mut k = crate::kernel::collector::KernelCollector::new(
+            Ok(crate::kernel::collector::tests::FakeKernel::default()),
+            dir.path().into(),
+            Duration::from_secs(30),
+            crate::kernel::collector::KernelOptions::default(),
+        );
+        k.tick(state);
+    }
+
     /// The hand-written exposition with the crate's encoder's two differences applied (see the
     /// module's doc): families without a series left out, and integer values written as the
     /// `f64` they become (the same digits below 2^53).
@@ -285,15 +298,7 @@ pub(crate) mod tests {
         }
         let (mut state, _dir, _reg, _server) = state_with_device();
         // A kernel device too: its lines carry the driver label, it has no synthetic settings.
-        let dir = tempfile::tempdir().unwrap();
-        crate::kernel::collector::tests::fake_sysfs(dir.path(), "loop3");
-        let mut k = crate::kernel::collector::KernelCollector::new(
-            Ok(crate::kernel::collector::tests::FakeKernel::default()),
-            dir.path().into(),
-            Duration::from_secs(30),
-            crate::kernel::collector::KernelOptions::default(),
-        );
-        k.tick(&mut state);
+        add_a_kernel_device(&mut state);
         assert!(state.devices.values().any(|d| d.kernel.is_some()));
         let plain = reference::render(&state);
         // Nothing to round here: only the empty families go.
@@ -352,15 +357,7 @@ pub(crate) mod tests {
     #[test]
     fn an_openmetrics_parser_reads_the_same_samples() {
         let (mut state, _dir, _reg, _server) = state_with_device();
-        let dir = tempfile::tempdir().unwrap();
-        crate::kernel::collector::tests::fake_sysfs(dir.path(), "loop3");
-        let mut k = crate::kernel::collector::KernelCollector::new(
-            Ok(crate::kernel::collector::tests::FakeKernel::default()),
-            dir.path().into(),
-            Duration::from_secs(30),
-            crate::kernel::collector::KernelOptions::default(),
-        );
-        k.tick(&mut state);
+        add_a_kernel_device(&mut state);
         for state in [state, fleet(16, 200), State::default()] {
             let e = exposition(&state);
             let om = e.openmetrics();
