@@ -373,6 +373,23 @@ pub(crate) mod tests {
         }
     }
 
+    /// The OpenMetrics check fails on what the specification forbids and the text format
+    /// allows: no `# EOF`, a counter family named `_total`, a counter's sample without it.
+    #[test]
+    fn the_openmetrics_check_refuses_what_the_specification_forbids() {
+        if crate::testing::openmetrics_check("# TYPE a counter\na_total 1\n# EOF\n").is_none() {
+            return; // skipped, loudly
+        }
+        for bad in [
+            "# TYPE a counter\na_total 1\n",
+            "# TYPE a_total counter\na_total 1\n# EOF\n",
+            "# TYPE a counter\na 1\n# EOF\n",
+        ] {
+            let refused = std::panic::catch_unwind(|| crate::testing::openmetrics_check(bad));
+            assert!(refused.is_err(), "accepted {bad:?}");
+        }
+    }
+
     /// Debian's promtool, a parser nobody here wrote, accepts the exposition.
     #[test]
     fn promtool_accepts_the_exposition() {
