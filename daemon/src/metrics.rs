@@ -390,6 +390,49 @@ pub(crate) mod tests {
         }
     }
 
+    /// A kernel device's series, wherever they are built, carry its driver; it has no
+    /// synthetic settings.
+    #[test]
+    fn kernel_devices_carry_a_driver_label_and_no_synthetic_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::kernel::collector::tests::fake_sysfs(dir.path(), "loop3");
+        let fake = crate::kernel::collector::tests::FakeKernel::default();
+        fake.snap.lock().unwrap().disks.insert(
+            enlight_probes::kernel::BlockKey {
+                dev: enlight_probes::kernel::make_dev(7, 3),
+                op: 1,
+            },
+            crate::collector::tests::io(7, &[(20_000, 7)]),
+        );
+        let mut c = crate::kernel::collector::KernelCollector::new(
+            Ok(fake),
+            dir.path().into(),
+            Duration::from_secs(30),
+            crate::kernel::collector::KernelOptions::default(),
+        );
+        let mut state = State::default();
+        c.tick(&mut state);
+        let text = render(&state);
+        assert!(
+            text.contains(
+                "enlight_io_ops_total{device=\"loop3\",kind=\"kernel\",driver=\"loop\",op=\"write\"} 7"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "enlight_kernel_block_queue_setting{device=\"loop3\",kind=\"kernel\",driver=\"loop\",knob=\"read_ahead_kb\"} 128"
+        ));
+        assert!(text.contains(
+            "enlight_probe_attached{device=\"kernel\",kind=\"kernel\",probe=\"hyperv:vmbus_*\",state=\"absent\",reason=\"no hyperv tracepoints\"} 0"
+        ));
+        assert!(!text.contains("enlight_ring_size_bytes{device=\"loop3\""));
+        assert!(!text.contains("enlight_moderation_frames{device=\"loop3\""));
+        for line in text.lines().filter(|l| l.contains("device=\"loop3\"")) {
+            assert!(line.contains("driver=\"loop\""), "{line}");
+        }
+        crate::testing::promtool_check(&text);
+    }
+
     /// Debian's promtool, a parser nobody here wrote, accepts the exposition.
     #[test]
     fn promtool_accepts_the_exposition() {
