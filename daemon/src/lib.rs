@@ -132,7 +132,7 @@ impl DaemonHandle {
 
     /// [`metrics_bytes`](Self::metrics_bytes) in `format`.
     pub fn metrics_bytes_as(&self, format: exposition::Format) -> axum::body::Bytes {
-        scrape::metrics_with(&self.scrapes.latest(), format, &self.tuner.families())
+        self.scrapes.serve(format, &self.tuner.families())
     }
 
     /// The daemon's own health.

@@ -15,17 +15,20 @@
 //! interval later than it used to, and no interval is ever missed; the peak window is meant to be
 //! at least the longest scrape interval anyway (see [`crate::peaks`]).
 //!
-//! The exposition's families are built at the tick; each of the two formats served (`/metrics`
-//! negotiates: Prometheus text 0.0.4, or OpenMetrics when the scraper asks for it, as Prometheus
-//! does by default) is written from them by the first request of that tick that asks for it,
-//! and served as bytes from then on. Encoding costs more than building (at 64 devices, in
-//! release: families 2-3 ms, the crate's text encoder 3-4 ms, OpenMetrics 1.5 ms), and a tick
-//! nobody scrapes, or scrapes in one format only, would pay for both at every interval.
+//! The exposition's families are built at every tick. Each of the two formats served
+//! (`/metrics` negotiates: Prometheus text 0.0.4, or OpenMetrics when the scraper asks for it, as
+//! Prometheus does by default) is written from them at the tick too when someone asked for that
+//! format within the last [`KEEP_WRITING`], so its scrapes are served bytes; otherwise by the
+//! first request that asks for it, and served as bytes from then on. Writing costs more than
+//! building (at 64 devices, in release: families 2-3 ms, the crate's text encoder 3-4 ms,
+//! OpenMetrics 1.5 ms), so a daemon nobody scrapes, or scrapes in one format only, does not pay
+//! for both at every interval.
 //!
 //! The tuner's families and views are not cached: the tuner updates them on its own schedule,
 //! between ticks, and they are small. They are added per scrape when a tuner runs.
 
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 
@@ -79,17 +82,56 @@ impl Rendered {
     }
 }
 
+/// How long after a request in a format the collector keeps writing that format at every
+/// tick: longer than the scrape intervals in use (Prometheus's are 15-60 s).
+pub const KEEP_WRITING: Duration = Duration::from_secs(120);
+
 /// The latest [`Rendered`], swapped whole: readers hold the lock only to clone an `Arc`.
 #[derive(Debug, Default)]
 pub struct ScrapeCache {
     latest: RwLock<Arc<Rendered>>,
+    /// When each format (text, OpenMetrics) was last asked for.
+    asked: Mutex<[Option<Instant>; 2]>,
+}
+
+fn format_index(format: Format) -> usize {
+    match format {
+        Format::Text => 0,
+        Format::OpenMetrics => 1,
+    }
 }
 
 impl ScrapeCache {
-    /// Renders `state` and makes it what scrapes see from now on.
+    /// Renders `state` (writing the formats asked for within [`KEEP_WRITING`]) and makes it
+    /// what scrapes see from now on.
     pub fn publish(&self, state: &State) {
-        let rendered = Arc::new(Rendered::of(state));
-        *self.latest.write().expect("scrape cache lock") = rendered;
+        let rendered = Rendered::of(state);
+        let asked = *self.asked.lock().expect("scrape cache lock");
+        let recent =
+            |f: Format| asked[format_index(f)].is_some_and(|at| at.elapsed() < KEEP_WRITING);
+        if recent(Format::Text) {
+            rendered.metrics();
+        }
+        if recent(Format::OpenMetrics) {
+            rendered.openmetrics();
+        }
+        *self.latest.write().expect("scrape cache lock") = Arc::new(rendered);
+    }
+
+    /// What `/metrics` serves in `format` (see [`metrics_with`]); notes that it was asked for.
+    pub fn serve(&self, format: Format, tuner: &Exposition) -> Bytes {
+        self.asked.lock().expect("scrape cache lock")[format_index(format)] = Some(Instant::now());
+        metrics_with(&self.latest(), format, tuner)
+    }
+
+    /// Whether the latest rendering has `format` written already (tests).
+    #[cfg(test)]
+    fn written(&self, format: Format) -> bool {
+        let r = self.latest();
+        match format {
+            Format::Text => r.text.get().is_some(),
+            Format::OpenMetrics => r.openmetrics.get().is_some(),
+        }
     }
 
     /// The latest rendering.
@@ -171,6 +213,32 @@ mod tests {
         let parsed: Vec<DeviceView> = serde_json::from_slice(&r.devices_json).unwrap();
         assert_eq!(parsed, *r.devices);
         assert_eq!(r.devices[0].total.ops_total, 10);
+    }
+
+    #[test]
+    fn a_format_asked_for_is_written_at_the_next_ticks() {
+        let cache = ScrapeCache::default();
+        let state = State::default();
+        cache.publish(&state);
+        assert!(!cache.written(Format::Text) && !cache.written(Format::OpenMetrics));
+        let none = Exposition::default();
+        let om = cache.serve(Format::OpenMetrics, &none);
+        assert!(om.ends_with(b"# EOF\n"));
+        // Written by that request, for the rest of the tick.
+        assert!(cache.written(Format::OpenMetrics) && !cache.written(Format::Text));
+        cache.publish(&state);
+        assert!(
+            cache.written(Format::OpenMetrics),
+            "asked for: written at the tick"
+        );
+        assert!(!cache.written(Format::Text), "never asked for: not written");
+        *cache.asked.lock().unwrap() = [None, Instant::now().checked_sub(KEEP_WRITING)];
+        cache.publish(&state);
+        assert!(
+            !cache.written(Format::OpenMetrics),
+            "not asked for lately: not written"
+        );
+        assert_eq!(cache.serve(Format::OpenMetrics, &none), om);
     }
 
     #[test]
