@@ -3,17 +3,10 @@
 //! see [`device_labels`]). Written in the model's device order, so each family lists the
 //! devices by name whatever their origin.
 
-use prometheus::proto::LabelPair;
-
 use crate::exposition::{device_labels, label, labels_with, Exposition, Family, Labels};
 use crate::model::{op_name, DeviceState, OpFigures, State};
 
 use super::LATENCY_BUCKETS;
-
-/// `id` followed by `extra`.
-fn with(id: &[LabelPair], extra: &[(&str, &str)]) -> Labels {
-    labels_with(id, extra)
-}
 
 /// The I/O, peak, signalling, settings and device-info families, and the registry devices'
 /// lines of `enlight_probe_attached` (the kernel's follow, from [`crate::kernel::metrics`]).
@@ -39,7 +32,7 @@ pub fn families(state: &State, out: &mut Exposition) {
     for (d, id) in &ids {
         for (op, f_op) in &d.ops {
             f.histogram_sample(
-                with(id, &[("op", &op_name(*op))]),
+                labels_with(id, &[("op", &op_name(*op))]),
                 cumulative(f_op, &le_ns),
                 f_op.latency_sum_ns as f64 / 1e9,
                 f_op.ops,
@@ -61,7 +54,7 @@ pub fn families(state: &State, out: &mut Exposition) {
                 .peaks
                 .get(&op)
                 .map_or(0.0, |p| p.peak_ops_per_sec(now, window));
-            f.sample(with(id, &[("op", &name)]), v);
+            f.sample(labels_with(id, &[("op", &name)]), v);
         }
     }
     out.add(f);
@@ -78,7 +71,7 @@ pub fn families(state: &State, out: &mut Exposition) {
                 .map_or(0.0, |b| {
                     enlight_probes::hist::bucket_high_ns(b) as f64 / 1e9
                 });
-            f.sample(with(id, &[("op", &name)]), v);
+            f.sample(labels_with(id, &[("op", &name)]), v);
         }
     }
     out.add(f);
@@ -115,7 +108,10 @@ pub fn families(state: &State, out: &mut Exposition) {
         let mut f = Family::counter(name, help);
         for (d, id) in &ids {
             for (op, f_op) in &d.ops {
-                f.sample(with(id, &[("op", &op_name(*op))]), value(f_op) as f64);
+                f.sample(
+                    labels_with(id, &[("op", &op_name(*op))]),
+                    value(f_op) as f64,
+                );
             }
         }
         out.add(f);
@@ -155,7 +151,7 @@ pub fn families(state: &State, out: &mut Exposition) {
             .filter(|k| crate::knobs::has(&d.knobs, k.name()))
         {
             let v = d.settings_changes.get(&(knob as u32)).copied().unwrap_or(0);
-            f.sample(with(id, &[("knob", knob.name())]), v as f64);
+            f.sample(labels_with(id, &[("knob", knob.name())]), v as f64);
         }
     }
     out.add(f);
@@ -174,7 +170,7 @@ pub fn families(state: &State, out: &mut Exposition) {
             ("out", d.events.ring_full_out),
             ("in", d.events.ring_full_in),
         ] {
-            f.sample(with(id, &[("direction", dir)]), v as f64);
+            f.sample(labels_with(id, &[("direction", dir)]), v as f64);
         }
     }
     out.add(f);
@@ -187,7 +183,7 @@ pub fn families(state: &State, out: &mut Exposition) {
             ("masked", d.events.irq_masked),
             ("unmasked", d.events.irq_unmasked),
         ] {
-            f.sample(with(id, &[("state", st)]), v as f64);
+            f.sample(labels_with(id, &[("state", st)]), v as f64);
         }
     }
     out.add(f);
@@ -203,7 +199,7 @@ pub fn families(state: &State, out: &mut Exposition) {
             ("in", "ring_in_bytes", s.ring_in_bytes),
         ] {
             if crate::knobs::has(&d.knobs, knob) {
-                f.sample(with(id, &[("direction", dir)]), v as f64);
+                f.sample(labels_with(id, &[("direction", dir)]), v as f64);
             }
         }
     }
@@ -242,7 +238,7 @@ pub fn families(state: &State, out: &mut Exposition) {
     for (d, id) in &ids {
         let pid = d.record.pid.to_string();
         f.sample(
-            with(
+            labels_with(
                 id,
                 &[
                     ("type", &d.record.device),
@@ -264,7 +260,7 @@ pub fn families(state: &State, out: &mut Exposition) {
         for (probe, _) in enlight_probes::PROGRAMS {
             let attached = d.attached && d.sites_by_probe.get(probe).copied().unwrap_or(0) > 0;
             f.sample(
-                with(
+                labels_with(
                     id,
                     &[
                         ("probe", probe),
@@ -314,7 +310,7 @@ pub fn knob_families(state: &State, out: &mut Exposition) {
     for (d, id) in &ids {
         for k in &d.knobs {
             f.sample(
-                with(
+                labels_with(
                     id,
                     &[
                         ("knob", &k.name),
