@@ -20,7 +20,11 @@
 //! oracle), all from the crate's text encoder: a family with no series is left out instead of
 //! written as a bare `# HELP`/`# TYPE` pair (the encoder refuses empty families; a scraper reads
 //! nothing from them either way), and values are written from `f64`, so a counter beyond 2^53
-//! is rounded to 17 significant digits (Prometheus stores every sample as a float64 anyway).
+//! is written as the shortest decimal of its nearest `f64` (18446744073709551615 becomes
+//! 18446744073709552000; Prometheus stores every sample as a float64 anyway).
+//! Two more would show only with values none of the families has: an infinite value is written
+//! `inf` (Rust's spelling, which Prometheus's parser reads; it was `+Inf`), and a `\` or newline
+//! in a HELP text is escaped.
 
 pub mod devices;
 pub mod health;
