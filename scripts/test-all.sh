@@ -24,6 +24,7 @@ fi
 # Tools the tests use as independent checks, and clang for the probe reproducibility check.
 # clang/llvm/libbpf-dev/bpftool: rebuild probes/src/bpf/enlight.bpf.o and compare with the shipped one.
 # bpftrace: lists our USDT sites (interoperability). prometheus: promtool parses /metrics.
+# python3-prometheus-client: its OpenMetrics parser reads /metrics as OpenMetrics.
 # tmux: runs `enlight top` in a real terminal and reads its screen back (cli/tests/top_tmux.rs).
 # iproute2, iputils-ping, iperf3: traffic through the emulated NIC's namespaces; bpftrace also
 # counts kvm:kvm_pio independently (cli/tests/emulated.rs). fonts-dejavu-core: bench charts.
@@ -33,7 +34,7 @@ fi
 # capability bounds (setpriv, nsenter) and compresses the package (xz).
 # qemu-system-x86, busybox-static, binutils: the guest lab (cli/tests/lab.rs boots Debian's kernel,
 # which it fetches with apt-get download, around a busybox initramfs; objcopy strips debug info).
-packages=(clang llvm libbpf-dev bpftool bpftrace prometheus tmux iproute2 iputils-ping iperf3 fonts-dejavu-core fio ethtool systemd util-linux xz-utils qemu-system-x86 busybox-static binutils)
+packages=(clang llvm libbpf-dev bpftool bpftrace prometheus python3-prometheus-client tmux iproute2 iputils-ping iperf3 fonts-dejavu-core fio ethtool systemd util-linux xz-utils qemu-system-x86 busybox-static binutils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -64,6 +64,11 @@ struct Args {
     /// Where to write the figures as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The `Accept` header of the `/metrics` requests, e.g. Prometheus's
+    /// `application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5` to time the
+    /// OpenMetrics exposition [default: none, the text format].
+    #[arg(long)]
+    accept: Option<String>,
 }
 
 /// Request times of one endpoint, milliseconds.
@@ -104,6 +109,8 @@ struct Report {
     workload: String,
     interval_ms: u64,
     scrapes: usize,
+    /// The `Accept` header of the `/metrics` requests (none: the text format).
+    accept: Option<String>,
     points: Vec<Point>,
 }
 
@@ -165,13 +172,15 @@ fn timing(mut ms: Vec<f64>, bytes: usize) -> Timing {
     }
 }
 
-/// One GET, timed from the request to the body's last byte.
-fn get(agent: &ureq::Agent, url: &str) -> Result<(f64, Vec<u8>)> {
+/// One GET (with `accept` as its `Accept` header), timed from the request to the body's last
+/// byte.
+fn get(agent: &ureq::Agent, url: &str, accept: Option<&str>) -> Result<(f64, Vec<u8>)> {
     let t = Instant::now();
-    let resp = agent
-        .get(url)
-        .call()
-        .with_context(|| format!("GET {url}"))?;
+    let mut req = agent.get(url);
+    if let Some(a) = accept {
+        req = req.set("Accept", a);
+    }
+    let resp = req.call().with_context(|| format!("GET {url}"))?;
     let mut body = Vec::new();
     resp.into_reader().read_to_end(&mut body)?;
     Ok((t.elapsed().as_secs_f64() * 1e3, body))
@@ -242,7 +251,7 @@ fn run_point(args: &Args, enlight: &Path, enlightd: &Path, n: usize, port: u16) 
     // rates and peaks.
     let deadline = Instant::now() + Duration::from_secs(60 + n as u64);
     loop {
-        let (_, body) = get(&agent, &format!("{base}/api/v1/devices"))?;
+        let (_, body) = get(&agent, &format!("{base}/api/v1/devices"), None)?;
         let views: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
         let busy = views
             .iter()
@@ -271,11 +280,11 @@ fn run_point(args: &Args, enlight: &Path, enlightd: &Path, n: usize, port: u16) 
     let (mut metrics_ms, mut devices_ms) = (Vec::new(), Vec::new());
     let (mut metrics_body, mut devices_body) = (Vec::new(), Vec::new());
     for _ in 0..args.scrapes {
-        let (ms, body) = get(&agent, &format!("{base}/metrics"))?;
+        let (ms, body) = get(&agent, &format!("{base}/metrics"), args.accept.as_deref())?;
         metrics_ms.push(ms);
         metrics_body = body;
         std::thread::sleep(Duration::from_millis(args.gap_ms / 2));
-        let (ms, body) = get(&agent, &format!("{base}/api/v1/devices"))?;
+        let (ms, body) = get(&agent, &format!("{base}/api/v1/devices"), None)?;
         devices_ms.push(ms);
         devices_body = body;
         std::thread::sleep(Duration::from_millis(args.gap_ms - args.gap_ms / 2));
@@ -323,11 +332,12 @@ fn main() -> Result<()> {
         .to_string();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "{machine}, {cpus} CPUs, kernel {kernel}; {} ; workload {} per device, tick {} ms, {} requests of each endpoint",
+        "{machine}, {cpus} CPUs, kernel {kernel}; {} ; workload {} per device, tick {} ms, {} requests of each endpoint; /metrics Accept: {}",
         enlightd.display(),
         args.workload,
         args.interval_ms,
-        args.scrapes
+        args.scrapes,
+        args.accept.as_deref().unwrap_or("(none)")
     );
     println!(
         "{:>7} | {:>27} | {:>7} {:>7} | {:>27} | {:>7} | {:>6} {:>9} {:>8} | {:>8} {:>9}",
@@ -387,6 +397,7 @@ fn main() -> Result<()> {
             workload: args.workload.clone(),
             interval_ms: args.interval_ms,
             scrapes: args.scrapes,
+            accept: args.accept.clone(),
             points,
         };
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")?;

@@ -9,6 +9,10 @@
 //!
 //! The tuner runs in dry run, so its series (contract 6) exist and are checked like the rest.
 //!
+//! Prometheus asks for OpenMetrics first (`Accept: application/openmetrics-text;version=1.0.0,
+//! ...,text/plain;version=0.0.4;q=0.5,...`), so this is the OpenMetrics exposition as a real
+//! Prometheus parses it; the text format is what `metrics` below reads.
+//!
 //! Set `ENLIGHT_DASHBOARD_SNAPSHOT=path.json` to also save range queries of the main panels
 //! (for dashboards/render.py), and `ENLIGHT_DASHBOARD_SNAPSHOT_SECS` to collect for longer.
 

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::collector::{op_name, DeviceState, OpFigures, State};
+use crate::model::{op_name, DeviceState, OpFigures, State};
 
 /// One op of a device, or all ops together (`op = "all"`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -138,8 +138,8 @@ pub fn device_view_with_peaks(d: &DeviceState, peak_window_secs: u64) -> DeviceV
         total: op_view(
             "all".into(),
             &all,
-            crate::collector::bucket_quantiles_ns(&all_buckets, QUANTILES),
-            d.peaks.get(&crate::collector::ALL_OPS),
+            crate::model::bucket_quantiles_ns(&all_buckets, QUANTILES),
+            d.peaks.get(&crate::model::ALL_OPS),
             window,
         ),
         ops: d

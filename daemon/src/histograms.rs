@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::collector::{op_name, DeviceState, State};
+use crate::model::{op_name, DeviceState, State};
 
 /// One op's cumulative latency histogram.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -525,64 +525,6 @@ pub fn line(knobs: &[Knob]) -> String {
     out
 }
 
-/// `enlight_knob_value` (every knob a device has, with its unit, source and disruption) and
-/// `enlight_knob_limit` (its min and max where the source says), after the rest of the
-/// exposition.
-pub fn render_metrics(out: &mut String, state: &crate::collector::State) {
-    let labels = |pairs: &[(&str, &str)]| {
-        let inner: Vec<String> = pairs
-            .iter()
-            .map(|(k, v)| format!("{k}=\"{}\"", crate::metrics::escape(v)))
-            .collect();
-        format!("{{{}}}", inner.join(","))
-    };
-    let id = |d: &crate::collector::DeviceState| {
-        let mut v = vec![
-            ("device", d.record.name.clone()),
-            ("kind", d.record.kind.clone()),
-        ];
-        if let Some(k) = &d.kernel {
-            v.push(("driver", k.driver.clone()));
-        }
-        v
-    };
-    let _ = writeln!(
-        out,
-        "# HELP enlight_knob_value A knob the device really has, its value read from its source (a choice knob: the index of its choice)."
-    );
-    let _ = writeln!(out, "# TYPE enlight_knob_value gauge");
-    for d in state.devices.values() {
-        for k in &d.knobs {
-            let owned = id(d);
-            let mut l: Vec<(&str, &str)> = owned.iter().map(|(a, b)| (*a, b.as_str())).collect();
-            l.extend_from_slice(&[
-                ("knob", k.name.as_str()),
-                ("unit", k.unit.name()),
-                ("source", k.source.name()),
-                ("disruption", k.disruption.name()),
-            ]);
-            let _ = writeln!(out, "enlight_knob_value{} {}", labels(&l), k.value);
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP enlight_knob_limit The lowest (limit=\"min\") and highest (limit=\"max\") value a knob accepts, where its source says."
-    );
-    let _ = writeln!(out, "# TYPE enlight_knob_limit gauge");
-    for d in state.devices.values() {
-        let owned = id(d);
-        for k in &d.knobs {
-            for (limit, v) in [("min", k.min), ("max", k.max)] {
-                let Some(v) = v else { continue };
-                let mut l: Vec<(&str, &str)> =
-                    owned.iter().map(|(a, b)| (*a, b.as_str())).collect();
-                l.extend_from_slice(&[("knob", k.name.as_str()), ("limit", limit)]);
-                let _ = writeln!(out, "enlight_knob_limit{} {v}", labels(&l));
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,6 +2,8 @@
 //! kernel-side counters into HDR histograms and serves them.
 //!
 //! - [`config`]: TOML + flags.
+//! - [`model`]: the shared model ([`State`]: devices, their figures, the daemon's health), which
+//!   the collectors write and everything else reads.
 //! - [`collector`]: the per-interval work (registry → attach → read maps → state), behind a
 //!   [`collector::ProbeSource`] so it is unit-tested with a fake.
 //! - [`metrics`]: Prometheus exposition of the state; [`api`]: the JSON views; [`scrape`]: both
@@ -14,11 +16,13 @@
 pub mod api;
 pub mod collector;
 pub mod config;
+pub mod exposition;
 pub mod histograms;
 pub mod kernel;
 pub mod knobs;
 pub mod logging;
 pub mod metrics;
+pub mod model;
 pub mod peaks;
 pub mod runtime_lock;
 pub mod scrape;
@@ -40,8 +44,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 pub use api::{DeviceView, HealthView, OpView};
-pub use collector::{Collector, ProbeSource, State};
+pub use collector::{Collector, ProbeSource};
 pub use config::{Config, ConfigError};
+pub use model::State;
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -119,13 +124,15 @@ impl DaemonHandle {
         String::from_utf8(self.metrics_bytes().into()).expect("the exposition is UTF-8")
     }
 
-    /// The Prometheus exposition as `/metrics` serves it: the bytes rendered at the last tick,
-    /// followed by the tuner's families when a tuner runs.
+    /// The Prometheus exposition (text format) as `/metrics` serves it: the bytes rendered at
+    /// the last tick, followed by the tuner's families when a tuner runs.
     pub fn metrics_bytes(&self) -> axum::body::Bytes {
-        let latest = self.scrapes.latest();
-        let mut tuner = String::new();
-        self.tuner.render_metrics(&mut tuner);
-        scrape::metrics_with(&latest.metrics, &tuner)
+        self.metrics_bytes_as(exposition::Format::Text)
+    }
+
+    /// [`metrics_bytes`](Self::metrics_bytes) in `format`.
+    pub fn metrics_bytes_as(&self, format: exposition::Format) -> axum::body::Bytes {
+        self.scrapes.serve(format, &self.tuner.families())
     }
 
     /// The daemon's own health.
@@ -428,14 +435,21 @@ async fn index() -> &'static str {
     "enlightd\n  /metrics         Prometheus exposition\n  /api/v1/devices  per-device figures (JSON)\n  /api/v1/health   the daemon's own health (JSON)\n  /api/v1/histograms  per-device latency buckets, cumulative (JSON)\n  /api/v1/tuner/decisions?device=NAME&limit=N  the tuner's decisions (JSON)\n  POST /api/v1/devices/NAME/pin, /unpin  pin a device against the tuner\n"
 }
 
-async fn metrics_handler(AxumState(handle): AxumState<DaemonHandle>) -> Response {
+/// `/metrics`: OpenMetrics when the scraper's `Accept` asks for it, the text format otherwise
+/// (see [`exposition::negotiate`]).
+async fn metrics_handler(
+    AxumState(handle): AxumState<DaemonHandle>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let format = exposition::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    let content_type = match format {
+        exposition::Format::Text => exposition::TEXT_CONTENT_TYPE,
+        exposition::Format::OpenMetrics => exposition::OPENMETRICS_CONTENT_TYPE,
+    };
     (
         StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        handle.metrics_bytes(),
+        [(header::CONTENT_TYPE, content_type)],
+        handle.metrics_bytes_as(format),
     )
         .into_response()
 }
@@ -622,6 +636,24 @@ mod tests {
             "enlight_io_ops_total{device=\"disk0\",kind=\"synthetic\",op=\"read\"} 1000"
         ));
         testing::promtool_check(&text);
+        // What Prometheus asks for: OpenMetrics, the same samples.
+        let om = ureq::get(&format!("http://{addr}/metrics"))
+            .set(
+                "Accept",
+                "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+            )
+            .call()
+            .unwrap();
+        assert_eq!(
+            om.header("content-type").unwrap(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        let om = om.into_string().unwrap();
+        assert!(om.ends_with("# EOF\n"));
+        assert!(om.contains(
+            "# TYPE enlight_io_ops counter\nenlight_io_ops_total{device=\"disk0\",kind=\"synthetic\",op=\"read\"} 1000\n"
+        ));
+        testing::openmetrics_check(&om);
         let health: HealthView =
             serde_json::from_str(&get("/api/v1/health").unwrap().into_string().unwrap()).unwrap();
         assert_eq!(health.devices_attached, 1);

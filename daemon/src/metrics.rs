@@ -1,14 +1,36 @@
-//! Prometheus text exposition (format 0.0.4) of the collector's state.
+//! The Prometheus exposition of the shared model, built through the `prometheus` crate
+//! ([`crate::exposition`]): one source per part of the model, each setting every label where it
+//! builds the sample —
 //!
-//! Base units (`_seconds`, `_bytes`), `_total` counters, labels `device`, `kind`, `op`. Series are
-//! written in a stable order. The latency histogram's `le` buckets are fixed; a kernel bucket
-//! counts toward `le` when its upper bound is at most `le`, so a cumulative count can be short by
-//! the completions of the single kernel bucket straddling `le` (at most 1/128 of it in latency
-//! terms).
+//! - [`devices`]: every device, registry and kernel (I/O, peaks, signalling, settings, device
+//!   info, knobs);
+//! - [`crate::kernel::metrics`]: the kernel probes and the kernel-only families;
+//! - [`health`]: the daemon's own (lost events, errors, ticks, what it costs);
+//! - the tuner's ([`crate::tuner::TunerShared::families`]), added per scrape (see
+//!   [`crate::scrape`]).
+//!
+//! Base units (`_seconds`, `_bytes`), `_total` counters, labels `device`, `kind` (and `driver`
+//! for a kernel device), `op`. Series are written in a stable order: the families in the order
+//! below, each family's devices by name. The latency histogram's `le` buckets are fixed; a
+//! kernel bucket counts toward `le` when its upper bound is at most `le`, so a cumulative count
+//! can be short by the completions of the single kernel bucket straddling `le` (at most 1/128
+//! of it in latency terms).
+//!
+//! What changed from the hand-written exposition (kept as `metrics/reference.rs`, the tests'
+//! oracle), all from the crate's text encoder: a family with no series is left out instead of
+//! written as a bare `# HELP`/`# TYPE` pair (the encoder refuses empty families; a scraper reads
+//! nothing from them either way), and values are written from `f64`, so a counter beyond 2^53
+//! is written as the shortest decimal of its nearest `f64` (18446744073709551615 becomes
+//! 18446744073709552000; Prometheus stores every sample as a float64 anyway).
+//! Two more would show only with values none of the families has: an infinite value is written
+//! `inf` (Rust's spelling, which Prometheus's parser reads; it was `+Inf`), and a `\` or newline
+//! in a HELP text is escaped.
 
-use std::fmt::Write;
+pub mod devices;
+pub mod health;
 
-use crate::collector::{op_name, State, ERROR_KINDS};
+use crate::exposition::Exposition;
+use crate::model::State;
 
 /// Upper bounds of `enlight_io_latency_seconds`, in seconds.
 pub const LATENCY_BUCKETS: [f64; 22] = [
@@ -16,517 +38,24 @@ pub const LATENCY_BUCKETS: [f64; 22] = [
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Escapes a label value.
-pub fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-#[cfg(test)]
-fn labels(pairs: &[(&str, &str)]) -> String {
-    let inner: Vec<String> = pairs
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-        .collect();
-    format!("{{{}}}", inner.join(","))
-}
-
-fn fmt_f64(v: f64) -> String {
-    if v.is_infinite() {
-        if v > 0.0 {
-            "+Inf".into()
-        } else {
-            "-Inf".into()
-        }
-    } else {
-        format!("{v}")
-    }
-}
-
-/// Appends `v` escaped as a label value (what [`escape`] returns, without allocating).
-fn push_escaped(out: &mut String, v: &str) {
-    if !v.contains(['\\', '"', '\n']) {
-        out.push_str(v);
-        return;
-    }
-    for c in v.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-}
-
-/// Appends a label set's inside, `k1="v1",k2="v2"`.
-fn push_labels(out: &mut String, pairs: &[(&str, &str)]) {
-    for (i, (k, v)) in pairs.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(k);
-        out.push_str("=\"");
-        push_escaped(out, v);
-        out.push('"');
-    }
-}
-
-/// Appends `name{prefix,extra...} `: `prefix` is a label set's inside already escaped (a
-/// device's `device="..",kind=".."`, or empty). The caller writes the value and the newline.
-fn open_series(out: &mut String, name: &str, prefix: &str, extra: &[(&str, &str)]) {
-    out.push_str(name);
-    out.push('{');
-    out.push_str(prefix);
-    if !prefix.is_empty() && !extra.is_empty() {
-        out.push(',');
-    }
-    push_labels(out, extra);
-    out.push_str("} ");
-}
-
-/// Appends a value as [`fmt_f64`] writes it, and the line's end.
-fn push_f64_line(out: &mut String, v: f64) {
-    if v.is_infinite() {
-        out.push_str(if v > 0.0 { "+Inf\n" } else { "-Inf\n" });
-    } else {
-        let _ = writeln!(out, "{v}");
-    }
-}
-
-/// A device's `device="..",kind=".."`, escaped.
-fn device_prefix(d: &crate::collector::DeviceState) -> String {
-    let mut p = String::with_capacity(32 + d.record.name.len() + d.record.kind.len());
-    push_labels(
-        &mut p,
-        &[("device", &d.record.name), ("kind", &d.record.kind)],
-    );
-    p
-}
-
-/// Renders the whole exposition.
-///
-/// Written straight into one buffer, with each device's labels escaped once and each latency
-/// histogram summed in one pass over its buckets: the collector renders every tick (see
-/// [`crate::scrape`]), so this is on every tick's bill. The output is byte for byte what the
-/// plain version (kept as the tests' oracle) writes.
-pub fn render(state: &State) -> String {
-    // About 85 bytes per series; a device has about 80.
-    let mut out = String::with_capacity(16 * 1024 + state.devices.len() * 8 * 1024);
-    let devices = || state.devices.values();
-    let prefixes: Vec<String> = devices().map(device_prefix).collect();
-    let with_prefix = || devices().zip(prefixes.iter().map(String::as_str));
-    let le_labels: Vec<(u64, String)> = LATENCY_BUCKETS
-        .iter()
-        .map(|&le| ((le * 1e9).round() as u64, fmt_f64(le)))
-        .collect();
-
-    header(
-        &mut out,
-        "enlight_io_latency_seconds",
-        "histogram",
-        "I/O latency from submit to reap, as the eBPF probes saw it.",
-    );
-    for (d, dev) in with_prefix() {
-        for (op, f) in &d.ops {
-            let op = op_name(*op);
-            // Bucket indices ascend, and so do their upper bounds: one pass gives every
-            // cumulative count.
-            let mut buckets = f.buckets.iter().peekable();
-            let mut count: u64 = 0;
-            for (le_ns, le_s) in &le_labels {
-                while let Some((_, c)) =
-                    buckets.next_if(|(b, _)| enlight_probes::hist::bucket_high_ns(**b) <= *le_ns)
-                {
-                    count += c;
-                }
-                open_series(
-                    &mut out,
-                    "enlight_io_latency_seconds_bucket",
-                    dev,
-                    &[("op", &op), ("le", le_s)],
-                );
-                let _ = writeln!(out, "{count}");
-            }
-            open_series(
-                &mut out,
-                "enlight_io_latency_seconds_bucket",
-                dev,
-                &[("op", &op), ("le", "+Inf")],
-            );
-            let _ = writeln!(out, "{}", f.ops);
-            open_series(
-                &mut out,
-                "enlight_io_latency_seconds_sum",
-                dev,
-                &[("op", &op)],
-            );
-            push_f64_line(&mut out, f.latency_sum_ns as f64 / 1e9);
-            open_series(
-                &mut out,
-                "enlight_io_latency_seconds_count",
-                dev,
-                &[("op", &op)],
-            );
-            let _ = writeln!(out, "{}", f.ops);
-        }
-    }
-
-    // Microbursts (crate::peaks): sliding-window maxima of the interval rates and latencies.
-    let now = std::time::Instant::now();
-    let window = state.peak_window;
-    header(
-        &mut out,
-        "enlight_io_peak_ops_per_second",
-        "gauge",
-        "Highest ops/s of any one collector interval within the last enlight_peak_window_seconds (a burst shorter than a scrape interval shows here; the counters' rate averages it away).",
-    );
-    for (d, dev) in with_prefix() {
-        for op in d.ops.keys() {
-            let v = d
-                .peaks
-                .get(op)
-                .map_or(0.0, |p| p.peak_ops_per_sec(now, window));
-            let name = op_name(*op);
-            open_series(
-                &mut out,
-                "enlight_io_peak_ops_per_second",
-                dev,
-                &[("op", &name)],
-            );
-            push_f64_line(&mut out, v);
-        }
-    }
-    header(
-        &mut out,
-        "enlight_io_peak_latency_seconds",
-        "gauge",
-        "Upper bound of the highest latency bucket (under 1/128 wide) any completion reached within the last enlight_peak_window_seconds; 0 if none completed.",
-    );
-    for (d, dev) in with_prefix() {
-        for op in d.ops.keys() {
-            let v = d
-                .peaks
-                .get(op)
-                .and_then(|p| p.peak_bucket(now, window))
-                .map_or(0.0, |b| {
-                    enlight_probes::hist::bucket_high_ns(b) as f64 / 1e9
-                });
-            let name = op_name(*op);
-            open_series(
-                &mut out,
-                "enlight_io_peak_latency_seconds",
-                dev,
-                &[("op", &name)],
-            );
-            push_f64_line(&mut out, v);
-        }
-    }
-    header(
-        &mut out,
-        "enlight_peak_window_seconds",
-        "gauge",
-        "The window of the enlight_io_peak_* gauges (peak_window_secs): set it to at least the longest scrape interval.",
-    );
-    out.push_str("enlight_peak_window_seconds ");
-    push_f64_line(&mut out, window.as_secs_f64());
-    header(
-        &mut out,
-        "enlight_collector_interval_seconds",
-        "gauge",
-        "Time between the last two collector reads: the resolution of the peak rates.",
-    );
-    out.push_str("enlight_collector_interval_seconds ");
-    push_f64_line(&mut out, state.interval.as_secs_f64());
-
-    type OpValue = fn(&crate::collector::OpFigures) -> u64;
-    let per_op: [(&str, &str, OpValue); 3] = [
-        ("enlight_io_ops_total", "Completed I/O operations.", |f| {
-            f.ops
-        }),
-        (
-            "enlight_io_bytes_total",
-            "Bytes transferred by completed I/O operations.",
-            |f| f.bytes,
-        ),
-        (
-            "enlight_io_errors_total",
-            "I/O operations completed with an error status.",
-            |f| f.errors,
-        ),
-    ];
-    for (name, help, value) in per_op {
-        header(&mut out, name, "counter", help);
-        for (d, dev) in with_prefix() {
-            for (op, f) in &d.ops {
-                open_series(&mut out, name, dev, &[("op", &op_name(*op))]);
-                let _ = writeln!(out, "{}", value(f));
-            }
-        }
-    }
-
-    header(
-        &mut out,
-        "enlight_interrupts_total",
-        "counter",
-        "Host-to-guest signals (interrupts) sent.",
-    );
-    for (d, dev) in with_prefix() {
-        open_series(&mut out, "enlight_interrupts_total", dev, &[]);
-        let _ = writeln!(out, "{}", d.events.interrupts);
-    }
-    header(
-        &mut out,
-        "enlight_traps_total",
-        "counter",
-        "Register accesses an emulated device trapped to its device model (0 for synthetic devices).",
-    );
-    for (d, dev) in with_prefix() {
-        open_series(&mut out, "enlight_traps_total", dev, &[]);
-        let _ = writeln!(out, "{}", d.traps);
-    }
-    header(
-        &mut out,
-        "enlight_settings_changes_total",
-        "counter",
-        "Settings changes applied through the device's control socket, by knob (settings_change probe).",
-    );
-    for (d, dev) in with_prefix() {
-        // Only the knobs the device has (an emulated device has none).
-        for knob in enlight_driver::settings::Knob::ALL
-            .into_iter()
-            .filter(|k| crate::knobs::has(&d.knobs, k.name()))
-        {
-            let v = d.settings_changes.get(&(knob as u32)).copied().unwrap_or(0);
-            open_series(
-                &mut out,
-                "enlight_settings_changes_total",
-                dev,
-                &[("knob", knob.name())],
-            );
-            let _ = writeln!(out, "{v}");
-        }
-    }
-    header(
-        &mut out,
-        "enlight_doorbells_total",
-        "counter",
-        "Guest-to-host signals (doorbells) sent.",
-    );
-    for (d, dev) in with_prefix() {
-        open_series(&mut out, "enlight_doorbells_total", dev, &[]);
-        let _ = writeln!(out, "{}", d.events.doorbells);
-    }
-    header(
-        &mut out,
-        "enlight_ring_full_total",
-        "counter",
-        "Writes that found the ring full and blocked on pending_send_sz.",
-    );
-    for (d, dev) in with_prefix() {
-        for (dir, v) in [
-            ("out", d.events.ring_full_out),
-            ("in", d.events.ring_full_in),
-        ] {
-            open_series(
-                &mut out,
-                "enlight_ring_full_total",
-                dev,
-                &[("direction", dir)],
-            );
-            let _ = writeln!(out, "{v}");
-        }
-    }
-    header(
-        &mut out,
-        "enlight_interrupt_mask_changes_total",
-        "counter",
-        "Guest interrupt_mask changes (entering and leaving polling).",
-    );
-    for (d, dev) in with_prefix() {
-        for (st, v) in [
-            ("masked", d.events.irq_masked),
-            ("unmasked", d.events.irq_unmasked),
-        ] {
-            open_series(
-                &mut out,
-                "enlight_interrupt_mask_changes_total",
-                dev,
-                &[("state", st)],
-            );
-            let _ = writeln!(out, "{v}");
-        }
-    }
-
-    header(
-        &mut out,
-        "enlight_ring_size_bytes",
-        "gauge",
-        "Ring data area per direction.",
-    );
-    // The settings gauges: only for knobs the device has (its control socket's).
-    for (d, dev) in with_prefix() {
-        let s = &d.record.settings;
-        for (dir, knob, v) in [
-            ("out", "ring_out_bytes", s.ring_out_bytes),
-            ("in", "ring_in_bytes", s.ring_in_bytes),
-        ] {
-            if !crate::knobs::has(&d.knobs, knob) {
-                continue;
-            }
-            open_series(
-                &mut out,
-                "enlight_ring_size_bytes",
-                dev,
-                &[("direction", dir)],
-            );
-            let _ = writeln!(out, "{v}");
-        }
-    }
-    type Knob = fn(&enlight_driver::settings::DeviceSettings) -> u32;
-    let knobs: [(&str, &str, Knob); 3] = [
-        (
-            "enlight_moderation_frames",
-            "Interrupt moderation: completions per signal.",
-            |s| s.moderation_frames,
-        ),
-        (
-            "enlight_moderation_usecs",
-            "Interrupt moderation: microseconds before a signal.",
-            |s| s.moderation_usecs,
-        ),
-        (
-            "enlight_poll_budget",
-            "Completions the guest reaps per polling pass.",
-            |s| s.poll_budget,
-        ),
-    ];
-    for (name, help, value) in knobs {
-        header(&mut out, name, "gauge", help);
-        for (d, dev) in
-            with_prefix().filter(|(d, _)| crate::knobs::has(&d.knobs, &name["enlight_".len()..]))
-        {
-            open_series(&mut out, name, dev, &[]);
-            let _ = writeln!(out, "{}", value(&d.record.settings));
-        }
-    }
-    header(
-        &mut out,
-        "enlight_device_info",
-        "gauge",
-        "Known devices (1); present=\"false\" for a vanished device still in its grace period.",
-    );
-    for (d, dev) in with_prefix() {
-        let pid = d.record.pid.to_string();
-        open_series(
-            &mut out,
-            "enlight_device_info",
-            dev,
-            &[
-                ("type", &d.record.device),
-                ("pid", &pid),
-                ("present", if d.present { "true" } else { "false" }),
-            ],
-        );
-        out.push_str("1\n");
-    }
-
-    header(
-        &mut out,
-        "enlight_probe_attached",
-        "gauge",
-        "Whether the probe is attached to the device's process (1) or not (0).",
-    );
-    // Kernel devices have no USDT probes: the kernel probes' lines follow, once each.
-    for (d, dev) in with_prefix().filter(|(d, _)| d.kernel.is_none()) {
-        for (probe, _) in enlight_probes::PROGRAMS {
-            let attached = d.attached && d.sites_by_probe.get(probe).copied().unwrap_or(0) > 0;
-            open_series(
-                &mut out,
-                "enlight_probe_attached",
-                dev,
-                &[
-                    ("probe", probe),
-                    ("state", if attached { "attached" } else { "detached" }),
-                ],
-            );
-            let _ = writeln!(out, "{}", attached as u8);
-        }
-    }
-    crate::kernel::metrics::probe_attached_lines(&mut out, state);
-    header(
-        &mut out,
-        "enlight_probe_events_lost_total",
-        "counter",
-        "Events the eBPF programs could not account, by reason.",
-    );
-    let h = &state.health;
-    for (reason, v) in [
-        ("map_full", h.events_lost),
-        ("batch_truncated", h.batch_truncated),
-        ("read_failed", h.read_failures),
-        ("no_spec", h.no_spec),
-    ] {
-        open_series(
-            &mut out,
-            "enlight_probe_events_lost_total",
-            "",
-            &[("reason", reason)],
-        );
-        let _ = writeln!(out, "{v}");
-    }
-    header(
-        &mut out,
-        "enlight_errors_total",
-        "counter",
-        "Errors of the daemon, by kind.",
-    );
-    for kind in ERROR_KINDS {
-        let v = state.errors.get(kind).copied().unwrap_or(0);
-        open_series(&mut out, "enlight_errors_total", "", &[("kind", kind)]);
-        let _ = writeln!(out, "{v}");
-    }
-    header(
-        &mut out,
-        "enlight_devices",
-        "gauge",
-        "Devices currently registered.",
-    );
-    let _ = writeln!(
-        out,
-        "enlight_devices {}",
-        devices().filter(|d| d.present).count()
-    );
-    header(
-        &mut out,
-        "enlight_collector_ticks_total",
-        "counter",
-        "Collector intervals completed.",
-    );
-    let _ = writeln!(out, "enlight_collector_ticks_total {}", state.ticks);
-    header(
-        &mut out,
-        "enlight_collector_tick_seconds",
-        "gauge",
-        "Duration of the last collector interval's work.",
-    );
-    out.push_str("enlight_collector_tick_seconds ");
-    push_f64_line(&mut out, state.last_tick.as_secs_f64());
-    crate::selfcost::render_metrics(&mut out, &state.self_cost);
-    // The driver label of kernel devices, and the kernel-only families.
-    crate::kernel::metrics::finish(&mut out, state);
-    crate::knobs::render_metrics(&mut out, state);
+/// Every source's families, in the exposition's order (the tuner's aside).
+pub fn exposition(state: &State) -> Exposition {
+    let mut out = Exposition::default();
+    devices::families(state, &mut out);
+    // After the registry devices' lines of enlight_probe_attached, in the same family.
+    crate::kernel::metrics::probe_families(state, &mut out);
+    health::families(state, &mut out);
+    crate::kernel::metrics::families(state, &mut out);
+    devices::knob_families(state, &mut out);
     out
 }
 
+/// The exposition in the Prometheus text format (without the tuner's families).
+pub fn render(state: &State) -> String {
+    exposition(state).text()
+}
+
 #[cfg(test)]
-#[path = "metrics_reference.rs"]
 mod reference;
 
 #[cfg(test)]
@@ -599,7 +128,7 @@ pub(crate) mod tests {
         assert_eq!(bucket("+Inf"), 10);
         let mut last = 0;
         for le in LATENCY_BUCKETS {
-            let v = bucket(&fmt_f64(le));
+            let v = bucket(&le.to_string());
             assert!(v >= last);
             last = v;
         }
@@ -619,18 +148,6 @@ pub(crate) mod tests {
         ));
     }
 
-    #[test]
-    fn label_values_are_escaped_exactly() {
-        assert_eq!(escape(r"a\b"), r"a\\b");
-        assert_eq!(escape("say \"hi\"\nbye"), r#"say \"hi\"\nbye"#);
-        assert_eq!(
-            labels(&[("device", "d\"0"), ("op", "read")]),
-            r#"{device="d\"0",op="read"}"#
-        );
-        assert_eq!(fmt_f64(f64::INFINITY), "+Inf");
-        assert_eq!(fmt_f64(2.5e-6), "0.0000025");
-    }
-
     /// A fleet of `n` registry devices as the collector leaves them: two or three ops each
     /// with `buckets` latency buckets spread over 2 µs..20 ms, peaks, signalling counters,
     /// the synthetic devices' knobs; some vanished, detached, emulated (no knobs), some with
@@ -647,7 +164,7 @@ pub(crate) mod tests {
                 r.name = format!("odd\\\"{i}\n");
                 r.kind = "synth\"etic".into();
             }
-            let mut d = crate::collector::DeviceState::new(r);
+            let mut d = crate::model::DeviceState::new(r);
             d.present = i % 11 != 5;
             d.attached = i % 13 != 6;
             for (p, _) in enlight_probes::PROGRAMS {
@@ -661,7 +178,7 @@ pub(crate) mod tests {
             }
             let ops: &[u32] = if i % 2 == 0 { &[0, 1] } else { &[0, 1, 2] };
             for &op in ops {
-                let mut f = crate::collector::OpFigures::default();
+                let mut f = crate::model::OpFigures::default();
                 for _ in 0..buckets {
                     let lat = rng.gen_range(2_000u64..20_000_000);
                     *f.buckets
@@ -701,27 +218,8 @@ pub(crate) mod tests {
         state
     }
 
-    /// The fast render writes exactly what the plain one did, byte for byte, for fleets of
-    /// every shape, with the kernel's devices and without.
-    #[test]
-    fn render_equals_the_plain_reference_byte_for_byte() {
-        assert_eq!(
-            render(&State::default()),
-            reference::render(&State::default())
-        );
-        for (n, buckets) in [(1, 0), (1, 1), (3, 40), (16, 200), (64, 300)] {
-            let state = fleet(n, buckets);
-            let (fast, plain) = (render(&state), reference::render(&state));
-            if fast != plain {
-                let at = fast.lines().zip(plain.lines()).position(|(a, b)| a != b);
-                panic!(
-                    "{n} devices, {buckets} buckets: first difference at line {at:?}: {:?}",
-                    at.map(|i| (fast.lines().nth(i), plain.lines().nth(i)))
-                );
-            }
-        }
-        let (mut state, _dir, _reg, _server) = state_with_device();
-        // A kernel device too: its lines get the driver label, its synthetic settings go.
+    /// Adds a kernel device (loop3, from a fake sysfs) to `state`.
+    fn add_a_kernel_device(state: &mut State) {
         let dir = tempfile::tempdir().unwrap();
         crate::kernel::collector::tests::fake_sysfs(dir.path(), "loop3");
         let mut k = crate::kernel::collector::KernelCollector::new(
@@ -730,9 +228,213 @@ pub(crate) mod tests {
             Duration::from_secs(30),
             crate::kernel::collector::KernelOptions::default(),
         );
-        k.tick(&mut state);
+        k.tick(state);
+    }
+
+    /// The hand-written exposition with the crate's encoder's two differences applied (see the
+    /// module's doc): families without a series left out, and integer values written as the
+    /// `f64` they become (the same digits below 2^53).
+    fn as_the_encoder_writes(hand: &str) -> String {
+        let mut out = String::with_capacity(hand.len());
+        let lines: Vec<&str> = hand.lines().collect();
+        let mut i = 0;
+        while i < lines.len() {
+            let l = lines[i];
+            if l.starts_with("# HELP ") {
+                let name = l.split(' ').nth(2).unwrap();
+                let has_series = lines
+                    .get(i + 2)
+                    .is_some_and(|n| !n.starts_with('#') && n.starts_with(name));
+                if !has_series {
+                    i += 2;
+                    continue;
+                }
+            } else if !l.starts_with('#') {
+                let (series, value) = l.rsplit_once(' ').unwrap();
+                if let Ok(v) = value.parse::<u64>() {
+                    out.push_str(series);
+                    out.push(' ');
+                    out.push_str(&(v as f64).to_string());
+                    out.push('\n');
+                    i += 1;
+                    continue;
+                }
+            }
+            out.push_str(l);
+            out.push('\n');
+            i += 1;
+        }
+        out
+    }
+
+    fn assert_same(new: &str, old: &str, what: &str) {
+        if new != old {
+            let at = new.lines().zip(old.lines()).position(|(a, b)| a != b);
+            panic!(
+                "{what}: first difference at line {at:?}: {:?} ({} lines now, {} before)",
+                at.map(|i| (new.lines().nth(i), old.lines().nth(i))),
+                new.lines().count(),
+                old.lines().count()
+            );
+        }
+    }
+
+    /// Through the crate, the exposition is what the hand-written one was, byte for byte, but
+    /// for the encoder's two differences: for fleets of every shape (names and kinds that need
+    /// escaping, counters beyond 2^53), with the kernel's devices and without.
+    #[test]
+    fn render_equals_the_hand_written_exposition_but_for_the_encoders_differences() {
+        assert_same(
+            &render(&State::default()),
+            &as_the_encoder_writes(&reference::render(&State::default())),
+            "no devices",
+        );
+        for (n, buckets) in [(1, 0), (1, 1), (3, 40), (16, 200), (64, 300)] {
+            let state = fleet(n, buckets);
+            let plain = reference::render(&state);
+            // The fleet's random counters are beyond 2^53: they are rounded.
+            assert_ne!(plain, as_the_encoder_writes(&plain));
+            assert_same(
+                &render(&state),
+                &as_the_encoder_writes(&plain),
+                &format!("{n} devices, {buckets} buckets"),
+            );
+        }
+        let (mut state, _dir, _reg, _server) = state_with_device();
+        // A kernel device too: its lines carry the driver label, it has no synthetic settings.
+        add_a_kernel_device(&mut state);
         assert!(state.devices.values().any(|d| d.kernel.is_some()));
-        assert_eq!(render(&state), reference::render(&state));
+        let plain = reference::render(&state);
+        // Nothing to round here: only the empty families go.
+        assert!(plain.contains("# TYPE enlight_kvm_exits_total counter\n#"));
+        assert_same(
+            &render(&state),
+            &as_the_encoder_writes(&plain),
+            "with a kernel device",
+        );
+    }
+
+    /// Every sample of the families, as a parser reads them: `(name, labels sorted, value)`.
+    fn samples(e: &Exposition) -> Vec<crate::testing::Sample> {
+        use prometheus::proto::MetricType;
+        let mut out = Vec::new();
+        for f in e.families() {
+            for m in f.get_metric() {
+                let mut push = |suffix: &str, extra: Option<(&str, String)>, v: f64| {
+                    let mut l: Vec<(String, String)> = m
+                        .get_label()
+                        .iter()
+                        .map(|l| (l.name().to_string(), l.value().to_string()))
+                        .collect();
+                    l.extend(extra.map(|(k, v)| (k.to_string(), v)));
+                    l.sort();
+                    out.push((format!("{}{suffix}", f.name()), l, v));
+                };
+                match f.get_field_type() {
+                    MetricType::COUNTER => push("", None, m.get_counter().get_value()),
+                    MetricType::GAUGE => push("", None, m.get_gauge().get_value()),
+                    MetricType::HISTOGRAM => {
+                        let h = m.get_histogram();
+                        for b in h.get_bucket() {
+                            push(
+                                "_bucket",
+                                Some(("le", b.upper_bound().to_string())),
+                                b.cumulative_count() as f64,
+                            );
+                        }
+                        let n = h.get_sample_count() as f64;
+                        push("_bucket", Some(("le", "+Inf".into())), n);
+                        push("_sum", None, h.get_sample_sum());
+                        push("_count", None, n);
+                    }
+                    t => panic!("{}: {t:?} is not built", f.name()),
+                }
+            }
+        }
+        out.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        out
+    }
+
+    /// A strict OpenMetrics parser (python3-prometheus-client's) reads the OpenMetrics
+    /// exposition, and reads in it exactly the samples of the families (those of the text
+    /// format): names and labels unchanged, counters' `_total` on their samples.
+    #[test]
+    fn an_openmetrics_parser_reads_the_same_samples() {
+        let (mut state, _dir, _reg, _server) = state_with_device();
+        add_a_kernel_device(&mut state);
+        for state in [state, fleet(16, 200), State::default()] {
+            let e = exposition(&state);
+            let om = e.openmetrics();
+            assert!(om.ends_with("\n# EOF\n"));
+            assert!(om.contains("# TYPE enlight_errors counter\n"));
+            assert!(!om.contains("_total counter"));
+            if let Some(read) = crate::testing::openmetrics_check(&om) {
+                let want = samples(&e);
+                assert_eq!(read.len(), want.len());
+                let diff: Vec<_> = read.iter().zip(&want).filter(|(a, b)| a != b).collect();
+                assert!(diff.is_empty(), "read, built: {diff:?}");
+            }
+        }
+    }
+
+    /// The OpenMetrics check fails on what the specification forbids and the text format
+    /// allows: no `# EOF`, a counter family named `_total`, a counter's sample without it.
+    #[test]
+    fn the_openmetrics_check_refuses_what_the_specification_forbids() {
+        if crate::testing::openmetrics_check("# TYPE a counter\na_total 1\n# EOF\n").is_none() {
+            return; // skipped, loudly
+        }
+        for bad in [
+            "# TYPE a counter\na_total 1\n",
+            "# TYPE a_total counter\na_total 1\n# EOF\n",
+            "# TYPE a counter\na 1\n# EOF\n",
+        ] {
+            let refused = std::panic::catch_unwind(|| crate::testing::openmetrics_check(bad));
+            assert!(refused.is_err(), "accepted {bad:?}");
+        }
+    }
+
+    /// A kernel device's series, wherever they are built, carry its driver; it has no
+    /// synthetic settings.
+    #[test]
+    fn kernel_devices_carry_a_driver_label_and_no_synthetic_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::kernel::collector::tests::fake_sysfs(dir.path(), "loop3");
+        let fake = crate::kernel::collector::tests::FakeKernel::default();
+        fake.snap.lock().unwrap().disks.insert(
+            enlight_probes::kernel::BlockKey {
+                dev: enlight_probes::kernel::make_dev(7, 3),
+                op: 1,
+            },
+            crate::collector::tests::io(7, &[(20_000, 7)]),
+        );
+        let mut c = crate::kernel::collector::KernelCollector::new(
+            Ok(fake),
+            dir.path().into(),
+            Duration::from_secs(30),
+            crate::kernel::collector::KernelOptions::default(),
+        );
+        let mut state = State::default();
+        c.tick(&mut state);
+        let text = render(&state);
+        assert!(
+            text.contains(
+                "enlight_io_ops_total{device=\"loop3\",kind=\"kernel\",driver=\"loop\",op=\"write\"} 7"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "enlight_kernel_block_queue_setting{device=\"loop3\",kind=\"kernel\",driver=\"loop\",knob=\"read_ahead_kb\"} 128"
+        ));
+        assert!(text.contains(
+            "enlight_probe_attached{device=\"kernel\",kind=\"kernel\",probe=\"hyperv:vmbus_*\",state=\"absent\",reason=\"no hyperv tracepoints\"} 0"
+        ));
+        assert!(!text.contains("enlight_ring_size_bytes{device=\"loop3\""));
+        assert!(!text.contains("enlight_moderation_frames{device=\"loop3\""));
+        for line in text.lines().filter(|l| l.contains("device=\"loop3\"")) {
+            assert!(line.contains("driver=\"loop\""), "{line}");
+        }
+        crate::testing::promtool_check(&text);
     }
 
     /// Debian's promtool, a parser nobody here wrote, accepts the exposition.
@@ -785,5 +487,43 @@ pub(crate) mod tests {
         let view = crate::api::device_view(&state.devices["emu0"]);
         assert!(view.settings.is_none() && view.knobs.is_empty());
         crate::testing::promtool_check(&text);
+    }
+}
+
+/// What rendering costs per tick, printed (no assertion: timings depend on the machine).
+/// `cargo test --release -p enlightd --lib render_cost -- --ignored --nocapture`
+#[cfg(test)]
+mod cost {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn median(mut f: impl FnMut() -> usize) -> (Duration, usize) {
+        let mut times = Vec::new();
+        let mut len = 0;
+        for _ in 0..31 {
+            let t = Instant::now();
+            len = std::hint::black_box(f());
+            times.push(t.elapsed());
+        }
+        times.sort();
+        (times[times.len() / 2], len)
+    }
+
+    #[test]
+    #[ignore = "prints timings; run in release"]
+    fn render_cost() {
+        for n in [16, 64, 256] {
+            let state = tests::fleet(n, 300);
+            let e = exposition(&state);
+            let (build, series) = median(|| exposition(&state).series());
+            let (text, bytes) = median(|| e.text().len());
+            let (om, om_bytes) = median(|| e.openmetrics().len());
+            let (hand, hand_bytes) = median(|| reference::render(&state).len());
+            println!(
+                "{n} devices, {series} series: families {build:?}, text {text:?} ({bytes} B), \
+                 OpenMetrics {om:?} ({om_bytes} B); the hand-written plain renderer {hand:?} \
+                 ({hand_bytes} B)"
+            );
+        }
     }
 }

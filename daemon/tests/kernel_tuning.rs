@@ -628,8 +628,7 @@ async fn an_admins_ethtool_change_pins_the_device_before_the_next_tick() {
     );
     let audit = std::fs::read_to_string(runtime.path().join("audit.jsonl")).unwrap();
     assert!(audit.contains(&why), "{audit}");
-    let mut metrics = String::new();
-    shared.render_metrics(&mut metrics);
+    let metrics = shared.families().text();
     assert!(
         metrics.contains("enlight_tuner_pinned{device=\"tapm\",kind=\"kernel\"} 1"),
         "{metrics}"

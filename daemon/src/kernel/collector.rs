@@ -14,7 +14,7 @@ use super::blockq::BlockQueues;
 use super::discovery::{self, KernelDevice};
 use super::tune::{policy, KernelTuner, Permission};
 use super::{KernelInfo, ProbeView};
-use crate::collector::{DeviceState, OpFigures, State};
+use crate::model::{DeviceState, OpFigures, State};
 
 /// Where kernel figures come from: the real probes, or a fake in unit tests.
 pub trait KernelSource: Send {
@@ -479,10 +479,12 @@ impl<S: KernelSource> KernelCollector<S> {
                 dev.ops.insert(op, f);
             }
             if dt > 0.0 && !dev.ops.is_empty() {
-                dev.peaks
-                    .entry(crate::collector::ALL_OPS)
-                    .or_default()
-                    .push(started, all_rate, all_bucket, peak_window);
+                dev.peaks.entry(crate::model::ALL_OPS).or_default().push(
+                    started,
+                    all_rate,
+                    all_bucket,
+                    peak_window,
+                );
             }
             let (prev_polls, prev_work) = self
                 .last_napi

@@ -124,7 +124,7 @@ impl Default for KernelConfig {
     }
 }
 
-/// What a kernel device's [`crate::collector::DeviceState`] carries beyond the common figures.
+/// What a kernel device's [`crate::model::DeviceState`] carries beyond the common figures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KernelInfo {
     /// The driver (`virtio_blk`, `hv_netvsc`, `e1000`, `loop`, ...): the `driver` label.

@@ -26,7 +26,7 @@ use super::backend::{BackendFactory, KnobNotice, SettingsBackend};
 use super::config::TunerConfig;
 use super::window::{Cumulative, Window};
 use super::{Action, Decision, DeviceTuner, Throughput, TunerMode, TunerView};
-use crate::collector::State;
+use crate::model::State;
 
 /// The tuner's state that the HTTP side reads (and pins write), and the collector's clock.
 #[derive(Default)]
@@ -135,66 +135,58 @@ impl TunerShared {
         self.public.lock().expect("tuner lock").pins.clone()
     }
 
-    /// Appends the `enlight_tuner_*` families (only when a tuner runs).
-    pub fn render_metrics(&self, out: &mut String) {
+    /// The `enlight_tuner_*` families (none when no tuner runs). The tuner's series carry the
+    /// device's `device` and `kind`, as the tuner knows them.
+    pub fn families(&self) -> crate::exposition::Exposition {
+        use crate::exposition::{labels, Exposition, Family};
+        let mut out = Exposition::default();
         let p = self.public.lock().expect("tuner lock");
         if !p.enabled {
-            return;
+            return out;
         }
-        let label = |d: &str| {
-            format!(
-                "device=\"{}\",kind=\"{}\"",
-                crate::metrics::escape(d),
-                crate::metrics::escape(p.kinds.get(d).map(String::as_str).unwrap_or(""))
-            )
+        let id = |d: &str| {
+            labels(&[
+                ("device", d),
+                ("kind", p.kinds.get(d).map(String::as_str).unwrap_or("")),
+            ])
         };
-        let families: [(&str, &str, &str); 4] = [
-            (
-                "enlight_tuner_changes_total",
-                "counter",
-                "Settings changes the tuner applied (reverts included).",
-            ),
-            (
-                "enlight_tuner_reverts_total",
-                "counter",
-                "Changes the tuner undid: the incumbent put back after a candidate, to measure it again (every trial is A-B-A), or a regression reverted.",
-            ),
-            (
-                "enlight_tuner_pinned",
-                "gauge",
-                "1 when the device is pinned (the tuner measures but never changes it).",
-            ),
-            (
-                "enlight_tuner_objective",
-                "gauge",
-                "The value the tuner optimises at the current settings: ops/s (throughput), p99 seconds (latency) or interrupts per op (balanced).",
-            ),
-        ];
-        for (name, kind, help) in families {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (dev, view) in &p.views {
-                let l = label(dev);
-                let value = match name {
-                    "enlight_tuner_changes_total" => {
-                        let _ = writeln!(
-                            out,
-                            "{name}{{{l},controller=\"enlight\"}} {}",
-                            p.changes.get(dev).copied().unwrap_or(0)
-                        );
-                        continue;
-                    }
-                    "enlight_tuner_reverts_total" => {
-                        p.reverts.get(dev).copied().unwrap_or(0) as f64
-                    }
-                    "enlight_tuner_pinned" => view.pinned as u8 as f64,
-                    _ => match p.objective.get(dev) {
-                        Some(v) => *v,
-                        None => continue,
-                    },
-                };
-                let _ = writeln!(out, "{name}{{{l}}} {value}");
+        let mut f = Family::counter(
+            "enlight_tuner_changes_total",
+            "Settings changes the tuner applied (reverts included).",
+        );
+        for dev in p.views.keys() {
+            let mut l = id(dev);
+            l.push(crate::exposition::label("controller", "enlight"));
+            f.sample(l, p.changes.get(dev).copied().unwrap_or(0) as f64);
+        }
+        out.add(f);
+        let mut f = Family::counter(
+            "enlight_tuner_reverts_total",
+            "Changes the tuner undid: the incumbent put back after a candidate, to measure it again (every trial is A-B-A), or a regression reverted.",
+        );
+        for dev in p.views.keys() {
+            f.sample(id(dev), p.reverts.get(dev).copied().unwrap_or(0) as f64);
+        }
+        out.add(f);
+        let mut f = Family::gauge(
+            "enlight_tuner_pinned",
+            "1 when the device is pinned (the tuner measures but never changes it).",
+        );
+        for (dev, view) in &p.views {
+            f.sample(id(dev), view.pinned as u8 as f64);
+        }
+        out.add(f);
+        let mut f = Family::gauge(
+            "enlight_tuner_objective",
+            "The value the tuner optimises at the current settings: ops/s (throughput), p99 seconds (latency) or interrupts per op (balanced).",
+        );
+        for dev in p.views.keys() {
+            if let Some(v) = p.objective.get(dev) {
+                f.sample(id(dev), *v);
             }
         }
+        out.add(f);
+        out
     }
 }
 

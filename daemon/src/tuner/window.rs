@@ -26,7 +26,7 @@ pub struct Cumulative {
 impl Cumulative {
     /// Sums the per-op figures and signalling counters the collector keeps.
     pub fn from_figures<'a>(
-        ops: impl IntoIterator<Item = &'a crate::collector::OpFigures>,
+        ops: impl IntoIterator<Item = &'a crate::model::OpFigures>,
         events: &enlight_probes::DevEvents,
     ) -> Cumulative {
         let mut c = Cumulative {

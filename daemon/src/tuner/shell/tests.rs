@@ -226,8 +226,7 @@ async fn changes_go_through_the_backend_at_most_one_per_interval_and_are_recorde
     let view = rig.shared.view("disk0").unwrap();
     assert_eq!(view.state, TunerState::Converged);
     assert_eq!(view.last_decision.as_ref(), decisions.last());
-    let mut text = String::new();
-    rig.shared.render_metrics(&mut text);
+    let text = rig.shared.families().text();
     assert!(
         text.contains(&format!(
             "enlight_tuner_changes_total{{device=\"disk0\",kind=\"synthetic\",controller=\"enlight\"}} {}",
@@ -373,8 +372,7 @@ async fn refused_changes_are_recorded_and_freeze_the_device() {
         assert_eq!(d.to, d.from, "nothing changed");
     }
     assert_eq!(rig.shared.view("disk0").unwrap().state, TunerState::Frozen);
-    let mut text = String::new();
-    rig.shared.render_metrics(&mut text);
+    let text = rig.shared.families().text();
     assert!(text.contains(
         "enlight_tuner_changes_total{device=\"disk0\",kind=\"synthetic\",controller=\"enlight\"} 0"
     ));
@@ -486,8 +484,7 @@ fn a_notification_of_someone_elses_change_pins_between_ticks() {
     }
     assert!(dev.lock().unwrap().applied.is_empty());
     assert!(shared.view("disk0").unwrap().pinned);
-    let mut metrics = String::new();
-    shared.render_metrics(&mut metrics);
+    let metrics = shared.families().text();
     assert!(
         metrics.contains("enlight_tuner_pinned{device=\"disk0\",kind=\"synthetic\"} 1"),
         "{metrics}"
