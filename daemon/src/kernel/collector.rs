@@ -298,43 +298,9 @@ impl<S: KernelSource> KernelCollector<S> {
             .unwrap_or(0.0);
         self.last_tick = Some(started);
         let peak_window = state.peak_window;
-        state.kernel.probes_loaded = Some(self.source.is_some());
-        state.kernel.load_error = self.load_error.clone();
-        let snap = match &self.source {
-            Some(s) => {
-                state.kernel.probes = s.status();
-                state.self_cost.update_programs(&s.program_stats(), dt);
-                match s.snapshot() {
-                    Ok(snap) => snap,
-                    Err(e) => {
-                        // Keep the last figures: a snapshot of zeros would make every kernel
-                        // counter on /metrics go backwards until the next good read.
-                        let message = format!("reading the kernel maps: {e}");
-                        state.kernel.load_error = Some(message.clone());
-                        state.error("snapshot", message);
-                        return;
-                    }
-                }
-            }
-            None => Default::default(),
+        let Some((snap, block_ok, net_ok)) = self.read_probes(state, dt) else {
+            return;
         };
-        state.kernel.kvm_exits = snap.kvm_exits();
-        state.kernel.kvm_pio = snap.kvm_event_counts(enlight_probes::kernel::types::KVM_PIO);
-        state.kernel.kvm_mmio = snap.kvm_event_counts(enlight_probes::kernel::types::KVM_MMIO);
-        state.kernel.events = snap.events.clone();
-        state.kernel.events_lost = snap.health.events_lost;
-        state.kernel.completions_without_issue = snap.health.completions_without_issue;
-        state.kernel.recursion_misses = self.source.as_ref().map_or(0, |s| s.recursion_misses());
-        let attached = |prefix: &str| {
-            state
-                .kernel
-                .probes
-                .iter()
-                .filter(|p| p.probe.starts_with(prefix))
-                .all(|p| p.attached)
-                && self.source.is_some()
-        };
-        let (block_ok, net_ok) = (attached("block:"), attached("net:"));
 
         let devices = discovery::discover(&self.sysfs);
         if let Some(source) = self.source.as_mut() {
@@ -358,43 +324,10 @@ impl<S: KernelSource> KernelCollector<S> {
             }
             seen.insert(d.name.clone());
             self.gone.remove(&d.name);
-            let dev = state.devices.entry(d.name.clone()).or_insert_with(|| {
-                log::info!(
-                    "kernel device {} found: {} driver {} ({}, {} queue(s))",
-                    d.name,
-                    d.device,
-                    d.driver,
-                    d.class.name(),
-                    d.queues
-                );
-                let mut s = DeviceState::new(DeviceRecord {
-                    name: d.name.clone(),
-                    device: d.device.clone(),
-                    kind: "kernel".into(),
-                    dev_id: d.dev.or(d.ifindex).unwrap_or(0),
-                    pid: 0,
-                    pid_start_time: None,
-                    exe: PathBuf::new(),
-                    started_unix_ms: 0,
-                    settings: Default::default(),
-                    control: None,
-                });
-                s.kernel = Some(KernelInfo {
-                    driver: d.driver.clone(),
-                    class: d.class,
-                    queues: d.queues,
-                    irqs: Vec::new(),
-                    napi_polls: 0,
-                    napi_packets: 0,
-                    napi_budget_exhausted: 0,
-                    napi_batch_mean: 0.0,
-                    rx_overruns: 0,
-                    nic: None,
-                    block_queue: BTreeMap::new(),
-                    tuning: String::new(),
-                });
-                s
-            });
+            let dev = state
+                .devices
+                .entry(d.name.clone())
+                .or_insert_with(|| new_kernel_device(d));
             dev.present = true;
             dev.attached = if d.device == "disk" { block_ok } else { net_ok };
             let irqs = irqs_of(&device_names(&self.sysfs, d), &actions);
@@ -407,54 +340,7 @@ impl<S: KernelSource> KernelCollector<S> {
                     interrupts.saturating_sub(dev.events.interrupts) as f64 / dt;
             }
             dev.events.interrupts = interrupts;
-            let mut fresh: BTreeMap<u32, OpFigures> = BTreeMap::new();
-            let mut napi = (0u64, 0u64, 0u64);
-            if let Some(devt) = d.dev {
-                for (k, s) in snap.disks.range(
-                    enlight_probes::kernel::BlockKey { dev: devt, op: 0 }
-                        ..=enlight_probes::kernel::BlockKey {
-                            dev: devt,
-                            op: u32::MAX,
-                        },
-                ) {
-                    fresh.insert(
-                        k.op,
-                        OpFigures {
-                            ops: s.ops,
-                            bytes: s.bytes,
-                            errors: s.errors,
-                            latency_sum_ns: s.latency_sum_ns,
-                            buckets: s.buckets.iter().copied().collect(),
-                            ..Default::default()
-                        },
-                    );
-                }
-            }
-            if let Some(ifindex) = d.ifindex {
-                if let Some(n) = snap.nics.get(&enlight_probes::kernel::NicKey {
-                    netns: self.netns,
-                    ifindex,
-                }) {
-                    fresh.insert(
-                        enlight_driver::trace::OP_TX as u32,
-                        OpFigures {
-                            ops: n.tx_packets,
-                            bytes: n.tx_bytes,
-                            errors: n.tx_errors,
-                            ..Default::default()
-                        },
-                    );
-                    fresh.insert(
-                        enlight_driver::trace::OP_RX as u32,
-                        OpFigures {
-                            ops: n.rx_packets,
-                            bytes: n.rx_bytes,
-                            ..Default::default()
-                        },
-                    );
-                    napi = (n.napi_polls, n.napi_work, n.napi_budget_exhausted);
-                }
-            }
+            let (fresh, napi) = fresh_figures(&snap, d, self.netns);
             let (mut all_rate, mut all_bucket) = (0.0, None);
             for (op, mut f) in fresh {
                 if let (Some(prev), true) = (dev.ops.get(&op), dt > 0.0) {
@@ -504,50 +390,103 @@ impl<S: KernelSource> KernelCollector<S> {
             } else {
                 0.0
             };
-            if d.device == "disk" {
-                let settings = queues.settings(&d.name);
-                info.block_queue = settings
-                    .iter()
-                    .map(|q| (q.name.to_string(), q.value))
-                    .collect();
-                dev.knobs = super::knobs::disk(
-                    &settings,
-                    queues
-                        .scheduler(&d.name)
-                        .ok()
-                        .filter(|_| queues.scheduler_writable(&d.name))
-                        .as_ref(),
-                );
-            } else {
-                info.nic = KernelTuner::nic_settings(&d.name, None).ok();
-                let fixed = super::ethtool::coalescing_fixed(
-                    &d.driver,
-                    super::ethtool::virtio_features(&self.sysfs, &d.name).as_deref(),
-                );
-                dev.knobs = super::knobs::nic(
-                    &d.driver,
-                    info.nic
-                        .as_ref()
-                        .map(|n| super::knobs::changeable(n, fixed))
-                        .as_ref(),
-                    &super::napi::NapiSysfs::at(&self.sysfs).all(&d.name),
-                );
-                super::knobs::explore_ring_resets(
-                    &d.driver,
-                    &mut dev.knobs,
-                    self.options.ring_resets,
-                );
-                info.rx_overruns = rx_overruns(&self.sysfs, &d.name);
-                dev.knobs.extend(super::knobs::napi_instances(
-                    &super::backend::napi_instances(&d.name, None),
-                ));
-            }
+            self.read_knobs(d, dev, &queues);
+            let info = dev.kernel.as_mut().expect("kernel device");
             info.tuning = match policy(&self.options.tune, self.options.dry_run, &d.name) {
                 Permission::Apply => "apply".into(),
                 Permission::RecommendOnly(why) => format!("recommend: {why}"),
             };
         }
-        // Vanished kernel devices: kept (not present) for the grace period, then dropped.
+        self.forget_vanished(state, &seen, started);
+    }
+
+    /// The probes' status and counters into `state.kernel`, and the snapshot the devices' figures
+    /// come from, with whether the block and net probes are attached. `None`: the maps could not
+    /// be read (the last figures stay, and the error is recorded).
+    fn read_probes(&mut self, state: &mut State, dt: f64) -> Option<(KernelSnapshot, bool, bool)> {
+        state.kernel.probes_loaded = Some(self.source.is_some());
+        state.kernel.load_error = self.load_error.clone();
+        let snap = match &self.source {
+            Some(s) => {
+                state.kernel.probes = s.status();
+                state.self_cost.update_programs(&s.program_stats(), dt);
+                match s.snapshot() {
+                    Ok(snap) => snap,
+                    Err(e) => {
+                        // Keep the last figures: a snapshot of zeros would make every kernel
+                        // counter on /metrics go backwards until the next good read.
+                        let message = format!("reading the kernel maps: {e}");
+                        state.kernel.load_error = Some(message.clone());
+                        state.error("snapshot", message);
+                        return None;
+                    }
+                }
+            }
+            None => Default::default(),
+        };
+        state.kernel.kvm_exits = snap.kvm_exits();
+        state.kernel.kvm_pio = snap.kvm_event_counts(enlight_probes::kernel::types::KVM_PIO);
+        state.kernel.kvm_mmio = snap.kvm_event_counts(enlight_probes::kernel::types::KVM_MMIO);
+        state.kernel.events = snap.events.clone();
+        state.kernel.events_lost = snap.health.events_lost;
+        state.kernel.completions_without_issue = snap.health.completions_without_issue;
+        state.kernel.recursion_misses = self.source.as_ref().map_or(0, |s| s.recursion_misses());
+        let attached = |prefix: &str| {
+            state
+                .kernel
+                .probes
+                .iter()
+                .filter(|p| p.probe.starts_with(prefix))
+                .all(|p| p.attached)
+                && self.source.is_some()
+        };
+        let (block_ok, net_ok) = (attached("block:"), attached("net:"));
+        Some((snap, block_ok, net_ok))
+    }
+
+    /// Device `d`'s knobs as read now (a disk's block queue, a NIC's ethtool and NAPI
+    /// settings), into `dev` and its kernel info.
+    fn read_knobs(&self, d: &KernelDevice, dev: &mut DeviceState, queues: &BlockQueues) {
+        let info = dev.kernel.as_mut().expect("kernel device");
+        if d.device == "disk" {
+            let settings = queues.settings(&d.name);
+            info.block_queue = settings
+                .iter()
+                .map(|q| (q.name.to_string(), q.value))
+                .collect();
+            dev.knobs = super::knobs::disk(
+                &settings,
+                queues
+                    .scheduler(&d.name)
+                    .ok()
+                    .filter(|_| queues.scheduler_writable(&d.name))
+                    .as_ref(),
+            );
+        } else {
+            info.nic = KernelTuner::nic_settings(&d.name, None).ok();
+            let fixed = super::ethtool::coalescing_fixed(
+                &d.driver,
+                super::ethtool::virtio_features(&self.sysfs, &d.name).as_deref(),
+            );
+            dev.knobs = super::knobs::nic(
+                &d.driver,
+                info.nic
+                    .as_ref()
+                    .map(|n| super::knobs::changeable(n, fixed))
+                    .as_ref(),
+                &super::napi::NapiSysfs::at(&self.sysfs).all(&d.name),
+            );
+            super::knobs::explore_ring_resets(&d.driver, &mut dev.knobs, self.options.ring_resets);
+            info.rx_overruns = rx_overruns(&self.sysfs, &d.name);
+            dev.knobs.extend(super::knobs::napi_instances(
+                &super::backend::napi_instances(&d.name, None),
+            ));
+        }
+    }
+
+    /// Kernel devices no longer discovered: kept (not present) for the grace period, then
+    /// dropped.
+    fn forget_vanished(&mut self, state: &mut State, seen: &BTreeSet<String>, started: Instant) {
         for (name, dev) in state.devices.iter_mut() {
             if dev.kernel.is_some() && !seen.contains(name) && dev.present {
                 log::info!("kernel device {name} gone");
@@ -576,6 +515,103 @@ impl<S: KernelSource> KernelCollector<S> {
             }
         }
     }
+}
+
+/// The state of a kernel device seen for the first time (logged).
+fn new_kernel_device(d: &KernelDevice) -> DeviceState {
+    log::info!(
+        "kernel device {} found: {} driver {} ({}, {} queue(s))",
+        d.name,
+        d.device,
+        d.driver,
+        d.class.name(),
+        d.queues
+    );
+    let mut s = DeviceState::new(DeviceRecord {
+        name: d.name.clone(),
+        device: d.device.clone(),
+        kind: "kernel".into(),
+        dev_id: d.dev.or(d.ifindex).unwrap_or(0),
+        pid: 0,
+        pid_start_time: None,
+        exe: PathBuf::new(),
+        started_unix_ms: 0,
+        settings: Default::default(),
+        control: None,
+    });
+    s.kernel = Some(KernelInfo {
+        driver: d.driver.clone(),
+        class: d.class,
+        queues: d.queues,
+        irqs: Vec::new(),
+        napi_polls: 0,
+        napi_packets: 0,
+        napi_budget_exhausted: 0,
+        napi_batch_mean: 0.0,
+        rx_overruns: 0,
+        nic: None,
+        block_queue: BTreeMap::new(),
+        tuning: String::new(),
+    });
+    s
+}
+
+/// Device `d`'s cumulative figures in `snap`, by op (a disk's block ops; a NIC's tx and rx),
+/// and its NAPI counters (polls, packets, polls that used their whole budget).
+fn fresh_figures(
+    snap: &KernelSnapshot,
+    d: &KernelDevice,
+    netns: u32,
+) -> (BTreeMap<u32, OpFigures>, (u64, u64, u64)) {
+    let mut fresh: BTreeMap<u32, OpFigures> = BTreeMap::new();
+    let mut napi = (0u64, 0u64, 0u64);
+    if let Some(devt) = d.dev {
+        for (k, s) in snap.disks.range(
+            enlight_probes::kernel::BlockKey { dev: devt, op: 0 }
+                ..=enlight_probes::kernel::BlockKey {
+                    dev: devt,
+                    op: u32::MAX,
+                },
+        ) {
+            fresh.insert(
+                k.op,
+                OpFigures {
+                    ops: s.ops,
+                    bytes: s.bytes,
+                    errors: s.errors,
+                    latency_sum_ns: s.latency_sum_ns,
+                    buckets: s.buckets.iter().copied().collect(),
+                    ..Default::default()
+                },
+            );
+        }
+    }
+    if let Some(ifindex) = d.ifindex {
+        if let Some(n) = snap
+            .nics
+            .get(&enlight_probes::kernel::NicKey { netns, ifindex })
+        {
+            fresh.insert(
+                enlight_driver::trace::OP_TX as u32,
+                OpFigures {
+                    ops: n.tx_packets,
+                    bytes: n.tx_bytes,
+                    errors: n.tx_errors,
+                    ..Default::default()
+                },
+            );
+            fresh.insert(
+                enlight_driver::trace::OP_RX as u32,
+                OpFigures {
+                    ops: n.rx_packets,
+                    bytes: n.rx_bytes,
+                    ..Default::default()
+                },
+            );
+            napi = (n.napi_polls, n.napi_work, n.napi_budget_exhausted);
+        }
+    }
+    (fresh, napi)
 }
 
 #[cfg(test)]
