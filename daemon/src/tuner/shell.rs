@@ -232,6 +232,21 @@ struct Slot {
     last: Option<enlight_driver::settings::DeviceSettings>,
 }
 
+impl Slot {
+    /// A device's slot, its backend not open yet.
+    fn new(tuner: DeviceTuner, pid: u32) -> Slot {
+        Slot {
+            tuner,
+            backend: None,
+            pid,
+            prev: None,
+            pin_seen: 0,
+            pinned_reason: None,
+            last: None,
+        }
+    }
+}
+
 /// The tuner's loop state.
 pub struct Shell {
     config: TunerConfig,
@@ -293,26 +308,14 @@ impl Shell {
             let api_pin = pins.get(&name).copied();
             policy.pinned = api_pin.map(|(p, _)| p).unwrap_or(policy.pinned);
             let unit = Throughput::of_device(&sample.record.device);
-            let slot = self.slots.entry(name.clone()).or_insert_with(|| Slot {
-                tuner: DeviceTuner::new(policy, params).counting(unit),
-                backend: None,
-                pid: sample.record.pid,
-                prev: None,
-                pin_seen: 0,
-                pinned_reason: None,
-                last: None,
-            });
-            if slot.pid != sample.record.pid {
+            let pid = sample.record.pid;
+            let slot = self
+                .slots
+                .entry(name.clone())
+                .or_insert_with(|| Slot::new(DeviceTuner::new(policy, params).counting(unit), pid));
+            if slot.pid != pid {
                 // A new process serves the device: start over from what it reports.
-                *slot = Slot {
-                    tuner: DeviceTuner::new(policy, params).counting(unit),
-                    backend: None,
-                    pid: sample.record.pid,
-                    prev: None,
-                    pin_seen: 0,
-                    pinned_reason: None,
-                    last: None,
-                };
+                *slot = Slot::new(DeviceTuner::new(policy, params).counting(unit), pid);
             }
             // Every unpin request (even a repeated one) also clears a freeze.
             if let Some((pinned, seq)) = api_pin {
@@ -324,30 +327,10 @@ impl Shell {
                 slot.pin_seen = seq;
             }
             slot.tuner.set_pinned(policy.pinned);
-            if slot.backend.is_none() {
-                match self.factory.open(&sample.record) {
-                    None => continue,
-                    Some(Err(e)) => {
-                        log::warn!("tuner: {name}: {e}");
-                        continue;
-                    }
-                    Some(Ok(b)) => {
-                        if let (TunerMode::Auto, Some(why)) = (policy.mode, b.recommend_only()) {
-                            // Changes could only fail: the tuner recommends instead.
-                            log::info!("tuner: {name}: recommend only ({why})");
-                            slot.tuner = DeviceTuner::new(
-                                super::decide::Policy {
-                                    mode: TunerMode::DryRun,
-                                    ..policy
-                                },
-                                params,
-                            )
-                            .counting(unit);
-                            slot.tuner.set_pinned(policy.pinned);
-                        }
-                        slot.backend = Some(b);
-                    }
-                }
+            if slot.backend.is_none()
+                && !open_backend(&*self.factory, slot, &sample.record, policy, params)
+            {
+                continue;
             }
             let backend = slot.backend.as_mut().expect("opened above");
             if policy.mode == TunerMode::Auto && backend.recommend_only().is_some() {
@@ -394,39 +377,14 @@ impl Shell {
             };
             slot.prev = Some((sample.cumulative.clone(), at));
             if let Some(window) = window {
-                if let Some(o) = slot.tuner.step(now_ms, &current, &bounds, &window) {
-                    let mut d = Decision {
-                        ts_unix_ms: enlight_driver::registry::now_unix_ms(),
-                        device: name.clone(),
-                        action: o.action,
-                        from: current,
-                        to: o.to,
-                        reason: o.reason,
-                        objective_value: o.objective_value,
-                    };
-                    if let Some(said) = backend.in_own_knobs(&o.to) {
-                        let _ = write!(d.reason, " [{said}]");
-                    }
-                    if o.action != Action::Recommend {
-                        match backend.apply(&current, &o.to) {
-                            Ok(in_force) => {
-                                slot.tuner.applied(in_force);
-                                d.to = in_force;
-                                let mut p = self.shared.public.lock().expect("tuner lock");
-                                *p.changes.entry(name.clone()).or_default() += 1;
-                                if o.action == Action::Revert {
-                                    *p.reverts.entry(name.clone()).or_default() += 1;
-                                }
-                            }
-                            Err(e) => {
-                                slot.tuner.apply_failed(&e.to_string());
-                                d.reason.push_str(&format!("; applying failed: {e}"));
-                                d.to = current;
-                            }
-                        }
-                    }
-                    decisions.push(d);
-                }
+                decisions.extend(step_and_apply(
+                    &self.shared,
+                    slot,
+                    &name,
+                    now_ms,
+                    (current, bounds),
+                    &window,
+                ));
                 if let Some(said) = slot.tuner.take_announcement() {
                     log::info!("tuner: {name}: {said}");
                 }
@@ -450,6 +408,13 @@ impl Shell {
         }
         self.slots.retain(|name, _| seen.contains(name));
         self.record(&decisions);
+        self.publish(views);
+        decisions
+    }
+
+    /// What the API and /metrics show of each tuned device: its view (with its last decision),
+    /// kind and objective value.
+    fn publish(&self, views: BTreeMap<String, (TunerView, String, Option<f64>)>) {
         let mut p = self.shared.public.lock().expect("tuner lock");
         let last: BTreeMap<String, Decision> = p
             .decisions
@@ -466,7 +431,6 @@ impl Shell {
             }
             p.views.insert(name, view);
         }
-        decisions
     }
 
     /// Logs `decisions`, writes them to the audit log and keeps them for the API.
@@ -522,6 +486,87 @@ impl Shell {
         }
         Some(d)
     }
+}
+
+/// Opens `slot`'s settings backend for `record` (false: none, or it failed: logged); a device
+/// whose backend can only recommend gets a tuner in dry-run mode.
+fn open_backend(
+    factory: &dyn BackendFactory,
+    slot: &mut Slot,
+    record: &DeviceRecord,
+    policy: super::decide::Policy,
+    params: super::decide::TunerParams,
+) -> bool {
+    let name = &record.name;
+    match factory.open(record) {
+        None => return false,
+        Some(Err(e)) => {
+            log::warn!("tuner: {name}: {e}");
+            return false;
+        }
+        Some(Ok(b)) => {
+            if let (TunerMode::Auto, Some(why)) = (policy.mode, b.recommend_only()) {
+                // Changes could only fail: the tuner recommends instead.
+                log::info!("tuner: {name}: recommend only ({why})");
+                slot.tuner = DeviceTuner::new(
+                    super::decide::Policy {
+                        mode: TunerMode::DryRun,
+                        ..policy
+                    },
+                    params,
+                )
+                .counting(slot.tuner.throughput());
+                slot.tuner.set_pinned(policy.pinned);
+            }
+            slot.backend = Some(b);
+        }
+    }
+    true
+}
+
+/// One step of `slot`'s tuner on `window`, and the outcome applied through its backend (the
+/// decision records what was put in force, or why applying failed).
+fn step_and_apply(
+    shared: &TunerShared,
+    slot: &mut Slot,
+    name: &str,
+    now_ms: u64,
+    (current, bounds): (enlight_driver::settings::DeviceSettings, super::Bounds),
+    window: &Window,
+) -> Option<Decision> {
+    let o = slot.tuner.step(now_ms, &current, &bounds, window)?;
+    let backend = slot.backend.as_mut().expect("opened before a step");
+    let mut d = Decision {
+        ts_unix_ms: enlight_driver::registry::now_unix_ms(),
+        device: name.to_string(),
+        action: o.action,
+        from: current,
+        to: o.to,
+        reason: o.reason,
+        objective_value: o.objective_value,
+    };
+    if let Some(said) = backend.in_own_knobs(&o.to) {
+        let _ = write!(d.reason, " [{said}]");
+    }
+    if o.action != Action::Recommend {
+        match backend.apply(&current, &o.to) {
+            Ok(in_force) => {
+                slot.tuner.applied(in_force);
+                d.to = in_force;
+                let mut p = shared.public.lock().expect("tuner lock");
+                *p.changes.entry(name.to_string()).or_default() += 1;
+                if o.action == Action::Revert {
+                    *p.reverts.entry(name.to_string()).or_default() += 1;
+                }
+            }
+            Err(e) => {
+                slot.tuner.apply_failed(&e.to_string());
+                d.reason.push_str(&format!("; applying failed: {e}"));
+                d.to = current;
+            }
+        }
+    }
+    Some(d)
 }
 
 /// Pins device `name` because someone else changed a knob the tuner had set (`why` says what
