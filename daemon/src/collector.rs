@@ -122,9 +122,20 @@ impl<P: ProbeSource> Collector<P> {
         state.peak_window = self.peak_window;
         state.interval = Duration::from_secs_f64(dt);
 
-        // 1. The registry: new devices, new instances of known ones, vanished ones. Records
-        // whose process is gone (killed devices leave theirs, and a pid may since belong to
-        // another process) are removed with their control sockets: they are no device.
+        self.scan_registry(state, started);
+        self.attach_new(state);
+        // Before any detach, so vanished processes' last counts are kept.
+        self.read_maps(state, dt, started);
+        self.detach_unused(state, started);
+        state.ticks += 1;
+        state.last_tick = started.elapsed();
+        state.end_interval();
+    }
+
+    /// The registry: new devices, new instances of known ones, vanished ones. Records whose
+    /// process is gone (killed devices leave theirs, and a pid may since belong to another
+    /// process) are removed with their control sockets: they are no device.
+    fn scan_registry(&self, state: &mut State, started: Instant) {
         let registry::Scan {
             live: records,
             stale,
@@ -197,8 +208,10 @@ impl<P: ProbeSource> Collector<P> {
                 );
             }
         }
+    }
 
-        // 2. Attach to processes we have not attached to yet.
+    /// Attaches the probes to processes not attached to yet.
+    fn attach_new(&mut self, state: &mut State) {
         let mut to_attach: BTreeMap<u32, PathBuf> = BTreeMap::new();
         for dev in state.devices.values() {
             if dev.present && dev.kernel.is_none() && !self.attached_pids.contains(&dev.record.pid)
@@ -249,8 +262,10 @@ impl<P: ProbeSource> Collector<P> {
                 state.error("attach", message);
             }
         }
+    }
 
-        // 3. Read the maps (before any detach, so vanished processes' last counts are kept).
+    /// Reads the maps, and what the programs and this process cost.
+    fn read_maps(&mut self, state: &mut State, dt: f64, started: Instant) {
         if !self.attached_pids.is_empty() {
             state.read_at = Some(Instant::now());
             match self.probes.snapshot() {
@@ -265,8 +280,10 @@ impl<P: ProbeSource> Collector<P> {
         if let Some((cpu, rss)) = crate::selfcost::read_process() {
             state.self_cost.update_process(cpu, rss, dt);
         }
+    }
 
-        // 4. Detach processes no present device uses; drop devices past their grace period.
+    /// Detaches processes no present device uses; drops devices past their grace period.
+    fn detach_unused(&mut self, state: &mut State, started: Instant) {
         let in_use: BTreeSet<u32> = state
             .devices
             .values()
@@ -295,9 +312,6 @@ impl<P: ProbeSource> Collector<P> {
             d.gone_since
                 .is_none_or(|t| started.duration_since(t) < grace)
         });
-        state.ticks += 1;
-        state.last_tick = started.elapsed();
-        state.end_interval();
     }
 }
 
