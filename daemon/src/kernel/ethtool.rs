@@ -195,15 +195,18 @@ impl Ethtool {
         Ok(me)
     }
 
-    fn resolve_family(&mut self) -> Result<u16, EthtoolError> {
+    /// The generic netlink controller's description of the ethtool family.
+    fn get_family(&mut self) -> Result<Vec<GenlMessage<GenlCtrl>>, EthtoolError> {
         let mut msg = GenlMessage::from_payload(GenlCtrl {
             cmd: GenlCtrlCmd::GetFamily,
             nlas: vec![GenlCtrlAttrs::FamilyName("ethtool".into())],
         });
         msg.finalize();
-        let replies: Vec<GenlMessage<GenlCtrl>> =
-            self.request(msg, NLM_F_REQUEST, "", "resolve family")?;
-        for r in replies {
+        self.request(msg, NLM_F_REQUEST, "", "resolve family")
+    }
+
+    fn resolve_family(&mut self) -> Result<u16, EthtoolError> {
+        for r in self.get_family()? {
             for nla in r.payload.nlas {
                 if let GenlCtrlAttrs::FamilyId(id) = nla {
                     return Ok(id);
@@ -219,14 +222,8 @@ impl Ethtool {
     /// notification (`ETHTOOL_MSG_*_NTF`) of every settings change, whoever made it.
     pub fn monitor_group(&mut self) -> Result<(u16, u32), EthtoolError> {
         use netlink_packet_generic::ctrl::nlas::McastGrpAttrs;
-        let mut msg = GenlMessage::from_payload(GenlCtrl {
-            cmd: GenlCtrlCmd::GetFamily,
-            nlas: vec![GenlCtrlAttrs::FamilyName("ethtool".into())],
-        });
-        msg.finalize();
-        let replies: Vec<GenlMessage<GenlCtrl>> =
-            self.request(msg, NLM_F_REQUEST, "", "resolve family")?;
-        let group = replies
+        let group = self
+            .get_family()?
             .into_iter()
             .flat_map(|r| r.payload.nlas)
             .filter_map(|nla| match nla {

@@ -22,6 +22,16 @@ pub enum Target {
     Block { disk: String },
 }
 
+impl Target {
+    /// NIC `iface`, in the network namespace at `netns` (`None`: the daemon's own).
+    pub fn nic(iface: &str, netns: Option<&Path>) -> Target {
+        Target::Nic {
+            iface: iface.into(),
+            netns: netns.map(Path::to_path_buf),
+        }
+    }
+}
+
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -379,10 +379,7 @@ impl KernelTuner {
         netns: Option<&Path>,
         patch: &NicPatch,
     ) -> Result<NicSettings, TuneError> {
-        let target = Target::Nic {
-            iface: iface.into(),
-            netns: netns.map(Path::to_path_buf),
-        };
+        let target = Target::nic(iface, netns);
         let journal = &mut self.journal;
         in_netns(netns, || -> Result<NicSettings, TuneError> {
             let mut ethtool = Ethtool::open()?;
@@ -414,10 +411,7 @@ impl KernelTuner {
         knob: &str,
         value: u64,
     ) -> Result<u64, TuneError> {
-        let target = Target::Nic {
-            iface: iface.into(),
-            netns: netns.map(Path::to_path_buf),
-        };
+        let target = Target::nic(iface, netns);
         let journal = &mut self.journal;
         let napi = &self.napi;
         in_netns_sysfs(netns, || -> Result<u64, TuneError> {
@@ -461,10 +455,7 @@ impl KernelTuner {
         attr: &str,
         value: u64,
     ) -> Result<u64, TuneError> {
-        let target = Target::Nic {
-            iface: iface.into(),
-            netns: netns.map(Path::to_path_buf),
-        };
+        let target = Target::nic(iface, netns);
         let journal = &mut self.journal;
         in_netns(netns, || -> Result<u64, TuneError> {
             let driver = super::ethtool::driver_name(iface);

@@ -635,18 +635,14 @@ pub async fn run_notified(
                     listening = false;
                     continue;
                 };
-                shell = match tokio::task::spawn_blocking(move || {
-                    shell.notified(&notice);
-                    shell
+                let Some(s) = on_a_blocking_thread(shell, move |s| {
+                    s.notified(&notice);
                 })
                 .await
-                {
-                    Ok(s) => s,
-                    Err(e) => {
-                        log::error!("the tuner stopped: {e}");
-                        return;
-                    }
+                else {
+                    return;
                 };
+                shell = s;
                 continue;
             }
         }
@@ -659,18 +655,34 @@ pub async fn run_notified(
         shell.last_tick_seen = Some(ticks);
         let samples = source();
         let now_ms = start.elapsed().as_millis() as u64;
-        shell = match tokio::task::spawn_blocking(move || {
-            shell.tick(at, now_ms, samples);
-            shell
+        let Some(s) = on_a_blocking_thread(shell, move |s| {
+            s.tick(at, now_ms, samples);
         })
         .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                log::error!("the tuner stopped: {e}");
-                return;
-            }
+        else {
+            return;
         };
+        shell = s;
+    }
+}
+
+/// Runs `work` on `shell` on a blocking thread (it reads devices and writes knobs) and hands
+/// the shell back; `None` when that thread panicked: the tuner stops (logged).
+async fn on_a_blocking_thread(
+    mut shell: Shell,
+    work: impl FnOnce(&mut Shell) + Send + 'static,
+) -> Option<Shell> {
+    match tokio::task::spawn_blocking(move || {
+        work(&mut shell);
+        shell
+    })
+    .await
+    {
+        Ok(s) => Some(s),
+        Err(e) => {
+            log::error!("the tuner stopped: {e}");
+            None
+        }
     }
 }
 
