@@ -31,7 +31,8 @@ pub struct OpView {
 pub struct DeviceView {
     pub name: String,
     pub device: String,
-    pub kind: String,
+    /// What the device is (`synthetic`, `emulated`, `kernel`).
+    pub kind: enlight_abi::DeviceKind,
     pub pid: u32,
     pub present: bool,
     pub attached: bool,

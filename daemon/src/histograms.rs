@@ -23,7 +23,7 @@ pub struct OpHistogram {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DeviceHistogram {
     pub device: String,
-    pub kind: String,
+    pub kind: enlight_abi::DeviceKind,
     pub ops: Vec<OpHistogram>,
 }
 

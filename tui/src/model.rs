@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+pub use enlight_abi::DeviceKind;
 use serde::{Deserialize, Serialize};
 
 /// One op of a device, or every op together (`op = "all"`).
@@ -111,8 +112,8 @@ pub struct DeviceView {
     pub name: String,
     /// `disk` or `nic`.
     pub device: String,
-    /// `synthetic`, `emulated` or `kernel`.
-    pub kind: String,
+    /// `synthetic`, `emulated` or `kernel` (another, a newer daemon's, is kept as written).
+    pub kind: DeviceKind,
     /// The kernel driver (`virtio_blk`, `loop`, ...) of a `kernel` device; `None` otherwise.
     pub driver: Option<String>,
     pub pid: u32,
@@ -191,7 +192,7 @@ pub struct OpHistogram {
 #[serde(default)]
 pub struct DeviceHistogram {
     pub device: String,
-    pub kind: String,
+    pub kind: DeviceKind,
     pub ops: Vec<OpHistogram>,
 }
 
@@ -242,5 +243,33 @@ mod tests {
             ("revert", "p99 rose 30%")
         );
         assert_eq!(last.to.unwrap().moderation_frames, Some(8));
+    }
+
+    /// A newer daemon's device (a kind and fields this build does not know) and an older one's
+    /// (without the fields added since) both read, and so does the whole list they are in.
+    #[test]
+    fn an_unknown_kind_or_field_does_not_fail_the_response() {
+        let devices = r#"[
+            {"name":"vhost0","device":"disk","kind":"vhost-user","pid":9,"present":true,
+             "queues":[{"id":0}],"total":{"op":"all","ops_total":3,"p9999_seconds":0.1}},
+            {"name":"disk0","device":"disk","kind":"synthetic","pid":1,"present":true},
+            {"name":"vda","device":"disk","kind":"kernel","driver":"virtio_blk"}
+        ]"#;
+        let d: Vec<DeviceView> = serde_json::from_str(devices).unwrap();
+        assert_eq!(d.len(), 3);
+        assert_eq!(d[0].kind, DeviceKind::Other("vhost-user".into()));
+        assert_eq!(d[0].kind.as_str(), "vhost-user");
+        assert_eq!(d[0].total.ops_total, 3);
+        assert_eq!(
+            (d[1].kind.clone(), d[1].knobs.len()),
+            (DeviceKind::Synthetic, 0)
+        );
+        assert_eq!(
+            (d[2].kind.clone(), d[2].driver.as_deref()),
+            (DeviceKind::Kernel, Some("virtio_blk"))
+        );
+        let h: Vec<DeviceHistogram> =
+            serde_json::from_str(r#"[{"device":"vhost0","kind":"vhost-user","ops":[]}]"#).unwrap();
+        assert_eq!(h[0].kind.as_str(), "vhost-user");
     }
 }
