@@ -779,6 +779,7 @@ mod tests {
                     runs_per_sec: 1200.0,
                     ns_per_run: 500.0,
                     cpu_percent: 0.06,
+                    ..Default::default()
                 },
             );
             p.health.self_cost.process.cpu_percent = 1.5;

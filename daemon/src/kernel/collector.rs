@@ -409,7 +409,7 @@ impl<S: KernelSource> KernelCollector<S> {
         let snap = match &self.source {
             Some(s) => {
                 state.kernel.probes = s.status();
-                state.self_cost.update_programs(&s.program_stats(), dt);
+                crate::selfcost::update_programs(&mut state.self_cost, &s.program_stats(), dt);
                 match s.snapshot() {
                     Ok(snap) => snap,
                     Err(e) => {
