@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use enlight_driver::emulated::{self, BlockTransport, ThreadIdeDisk, TransportKind};
-use enlight_driver::registry::{self, DeviceRecord, Registration};
+use enlight_driver::registry::{self, DeviceKind, DeviceRecord, Registration};
 use enlight_driver::settings::DeviceSettings;
 use enlight_driver::workload::{self, Limit, WorkloadSnapshot, WorkloadSpec};
 use serde::Serialize;
@@ -130,11 +130,11 @@ pub fn run(args: EmulatedDiskArgs) -> Result<()> {
     if let Some(mib) = args.create_mib {
         crate::disk::size_backing(&args.backing, mib, args.shrink)?;
     }
-    let (mut disk, kind): (Box<dyn BlockTransport>, &str) = match args.device.as_str() {
+    let (mut disk, kind): (Box<dyn BlockTransport>, DeviceKind) = match args.device.as_str() {
         "ide" => (
             open_disk(&args.backing, &args.name, &args.transport)
                 .with_context(|| format!("starting emulated disk {}", args.name))?,
-            "emulated",
+            DeviceKind::Emulated,
         ),
         "ring" => {
             if args.transport != "kvm" {
@@ -145,7 +145,7 @@ pub fn run(args: EmulatedDiskArgs) -> Result<()> {
                     enlight_vmm::ring_disk::KvmRingDisk::open(&args.backing, args.dev_id)
                         .context("starting the ring disk on KVM")?,
                 ),
-                "synthetic",
+                DeviceKind::Synthetic,
             )
         }
         other => bail!("unknown --device {other:?} (ide or ring)"),
@@ -155,7 +155,7 @@ pub fn run(args: EmulatedDiskArgs) -> Result<()> {
     let record = DeviceRecord {
         name: args.name.clone(),
         device: "disk".into(),
-        kind: kind.into(),
+        kind,
         dev_id: args.dev_id,
         pid: std::process::id(),
         pid_start_time: registry::start_time_of(std::process::id()),
@@ -289,7 +289,7 @@ pub fn run_nic(args: EmulatedNicArgs) -> Result<()> {
     let record = DeviceRecord {
         name: args.name.clone(),
         device: "nic".into(),
-        kind: "emulated".into(),
+        kind: DeviceKind::Emulated,
         dev_id: args.dev_id,
         pid: std::process::id(),
         pid_start_time: registry::start_time_of(std::process::id()),

@@ -163,7 +163,7 @@ pub fn run(args: NicArgs) -> Result<()> {
     let record = DeviceRecord {
         name: args.name.clone(),
         device: "nic".into(),
-        kind: "synthetic".into(),
+        kind: enlight_driver::registry::DeviceKind::Synthetic,
         dev_id: args.dev_id,
         pid: std::process::id(),
         pid_start_time: registry::start_time_of(std::process::id()),

@@ -4,34 +4,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{op_name, DeviceState, OpFigures, State};
 
-/// One op of a device, or all ops together (`op = "all"`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct OpView {
-    pub op: String,
-    pub ops_total: u64,
-    pub bytes_total: u64,
-    pub errors_total: u64,
-    pub ops_per_sec: f64,
-    pub bytes_per_sec: f64,
-    /// Latency percentiles in seconds, from the eBPF-fed HDR histogram (absent before any I/O).
-    pub p50_seconds: Option<f64>,
-    pub p90_seconds: Option<f64>,
-    pub p99_seconds: Option<f64>,
-    pub p999_seconds: Option<f64>,
-    /// Highest ops/s of one collector interval within the peak window (microbursts).
-    #[serde(default)]
-    pub peak_ops_per_sec: f64,
-    /// Upper bound of the highest latency bucket reached within the peak window, seconds.
-    #[serde(default)]
-    pub peak_latency_seconds: Option<f64>,
-}
+/// One op of a device, or all ops together (`op = "all"`): the one definition, shared with
+/// `enlight top`.
+pub use enlight_abi::api::OpView;
 
 /// One device, as `/api/v1/devices` serves it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DeviceView {
     pub name: String,
     pub device: String,
-    pub kind: String,
+    /// What the device is (`synthetic`, `emulated`, `kernel`).
+    pub kind: enlight_abi::DeviceKind,
     pub pid: u32,
     pub present: bool,
     pub attached: bool,

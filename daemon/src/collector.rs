@@ -274,11 +274,9 @@ impl<P: ProbeSource> Collector<P> {
             }
         }
         // What the programs and this process cost.
-        state
-            .self_cost
-            .update_programs(&self.probes.program_stats(), dt);
+        crate::selfcost::update_programs(&mut state.self_cost, &self.probes.program_stats(), dt);
         if let Some((cpu, rss)) = crate::selfcost::read_process() {
-            state.self_cost.update_process(cpu, rss, dt);
+            crate::selfcost::update_process(&mut state.self_cost, cpu, rss, dt);
         }
     }
 

@@ -48,7 +48,7 @@ pub fn labels(pairs: &[(&str, &str)]) -> Labels {
 /// A device's identity on every one of its series: `device`, `kind`, and for a device of the
 /// running kernel its `driver`.
 pub fn device_labels(d: &DeviceState) -> Labels {
-    let mut v = labels(&[("device", &d.record.name), ("kind", &d.record.kind)]);
+    let mut v = labels(&[("device", &d.record.name), ("kind", d.record.kind.as_str())]);
     if let Some(k) = &d.kernel {
         v.push(label("driver", &k.driver));
     }

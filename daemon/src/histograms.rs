@@ -3,29 +3,10 @@
 //! (`enlight top`) can difference two reads and get the exact distribution of any window.
 //! Only non-empty buckets are listed; counts are cumulative since the device was first seen.
 
-use serde::{Deserialize, Serialize};
-
 use crate::model::{op_name, DeviceState, State};
 
-/// One op's cumulative latency histogram.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct OpHistogram {
-    /// `read`, `write`, `flush`, `tx`, `rx`.
-    pub op: String,
-    /// Completed ops (the sum of the bucket counts).
-    pub count: u64,
-    /// `[low_ns, high_ns, count]` per non-empty bucket, ascending; a bucket holds latencies in
-    /// `[low_ns, high_ns)`.
-    pub buckets: Vec<[u64; 3]>,
-}
-
-/// One device's histograms.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct DeviceHistogram {
-    pub device: String,
-    pub kind: String,
-    pub ops: Vec<OpHistogram>,
-}
+// The types are the API's, defined once for the daemon and `enlight top`.
+pub use enlight_abi::api::{DeviceHistogram, OpHistogram};
 
 /// The histograms of one device.
 pub fn device_histogram(d: &DeviceState) -> DeviceHistogram {

@@ -10,16 +10,10 @@ use enlight_driver::registry::DeviceRecord;
 use enlight_probes::{DevEvents, Health};
 use hdrhistogram::Histogram;
 
-/// Name of an op code.
+/// Name of an op code: the `op` label and the API's `op` (`op<code>` for one with no
+/// [`enlight_abi::Op`], such as the kernel's discards, 5).
 pub fn op_name(op: u32) -> String {
-    match op as u16 {
-        enlight_driver::trace::OP_READ => "read".into(),
-        enlight_driver::trace::OP_WRITE => "write".into(),
-        enlight_driver::trace::OP_FLUSH => "flush".into(),
-        enlight_driver::trace::OP_TX => "tx".into(),
-        enlight_driver::trace::OP_RX => "rx".into(),
-        other => format!("op{other}"),
-    }
+    enlight_abi::op::name_of(op)
 }
 
 /// Cumulative figures of one op of one device (monotonic across re-attachments).

@@ -10,8 +10,6 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-
 /// One eBPF program's cumulative statistics, as read from the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ProgramReading {
@@ -23,94 +21,45 @@ pub struct ProgramReading {
     pub run_time_ns: u64,
 }
 
-/// One program's cost, cumulative and over the last collector interval.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-pub struct ProgramCost {
-    /// The program's name in the object (`enlight_io_reap`, `enlight_blk_complete`, ...).
-    pub program: String,
-    /// The kernel's program id (`bpftool prog show id N`).
-    pub id: u32,
-    /// Runs, cumulative.
-    pub runs_total: u64,
-    /// Time spent in the program, cumulative, seconds.
-    pub run_seconds_total: f64,
-    /// Runs per second over the last interval.
-    pub runs_per_sec: f64,
-    /// Mean time per run over the last interval, ns (0 without runs).
-    pub ns_per_run: f64,
-    /// Share of one CPU the program took over the last interval, percent.
-    pub cpu_percent: f64,
-}
+// The figures served are the API's, defined once for the daemon and `enlight top`.
+pub use enlight_abi::api::{ProcessCost, ProgramCost, SelfCost};
 
-/// The daemon process's own cost.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
-pub struct ProcessCost {
-    /// User plus system CPU time, cumulative, seconds.
-    pub cpu_seconds_total: f64,
-    /// Share of one CPU over the last interval, percent.
-    pub cpu_percent: f64,
-    /// Resident memory, bytes.
-    pub resident_bytes: u64,
-}
-
-/// enlightd's cost, as `/api/v1/health` serves it (`self_cost`) and /metrics exports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-pub struct SelfCost {
-    /// Whether the kernel's run-time statistics are on for enlightd (without them the programs'
-    /// run counts and times stand still).
-    pub bpf_stats_enabled: bool,
-    /// Why they are off, when they are.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bpf_stats_error: Option<String>,
-    /// Every loaded program, by name.
-    pub programs: BTreeMap<String, ProgramCost>,
-    /// The daemon process.
-    pub process: ProcessCost,
-}
-
-impl SelfCost {
-    /// Takes this interval's readings of `programs` (one source's: the USDT or the kernel
-    /// programs), `dt` seconds after the previous ones.
-    pub fn update_programs(&mut self, readings: &BTreeMap<String, ProgramReading>, dt: f64) {
-        for (name, r) in readings {
-            let c = self.programs.entry(name.clone()).or_default();
-            let (prev_runs, prev_ns) = if c.id == r.id {
-                (c.runs_total, (c.run_seconds_total * 1e9).round() as u64)
+/// Takes this interval's readings of `programs` (one source's: the USDT or the kernel programs),
+/// `dt` seconds after the previous ones.
+pub fn update_programs(cost: &mut SelfCost, readings: &BTreeMap<String, ProgramReading>, dt: f64) {
+    for (name, r) in readings {
+        let c = cost.programs.entry(name.clone()).or_default();
+        let (prev_runs, prev_ns) = if c.id == r.id {
+            (c.runs_total, (c.run_seconds_total * 1e9).round() as u64)
+        } else {
+            (r.run_count, r.run_time_ns)
+        };
+        let runs = r.run_count.saturating_sub(prev_runs);
+        let ns = r.run_time_ns.saturating_sub(prev_ns);
+        c.program = name.clone();
+        c.id = r.id;
+        c.runs_total = r.run_count;
+        c.run_seconds_total = r.run_time_ns as f64 / 1e9;
+        if dt > 0.0 {
+            c.runs_per_sec = runs as f64 / dt;
+            c.ns_per_run = if runs > 0 {
+                ns as f64 / runs as f64
             } else {
-                (r.run_count, r.run_time_ns)
+                0.0
             };
-            let runs = r.run_count.saturating_sub(prev_runs);
-            let ns = r.run_time_ns.saturating_sub(prev_ns);
-            c.program = name.clone();
-            c.id = r.id;
-            c.runs_total = r.run_count;
-            c.run_seconds_total = r.run_time_ns as f64 / 1e9;
-            if dt > 0.0 {
-                c.runs_per_sec = runs as f64 / dt;
-                c.ns_per_run = if runs > 0 {
-                    ns as f64 / runs as f64
-                } else {
-                    0.0
-                };
-                c.cpu_percent = ns as f64 / 1e9 / dt * 100.0;
-            }
+            c.cpu_percent = ns as f64 / 1e9 / dt * 100.0;
         }
     }
+}
 
-    /// Takes this interval's reading of the process, `dt` seconds after the previous one.
-    pub fn update_process(&mut self, cpu_seconds_total: f64, resident_bytes: u64, dt: f64) {
-        let p = &mut self.process;
-        if dt > 0.0 && p.cpu_seconds_total > 0.0 {
-            p.cpu_percent = (cpu_seconds_total - p.cpu_seconds_total).max(0.0) / dt * 100.0;
-        }
-        p.cpu_seconds_total = cpu_seconds_total;
-        p.resident_bytes = resident_bytes;
+/// Takes this interval's reading of the process, `dt` seconds after the previous one.
+pub fn update_process(cost: &mut SelfCost, cpu_seconds_total: f64, resident_bytes: u64, dt: f64) {
+    let p = &mut cost.process;
+    if dt > 0.0 && p.cpu_seconds_total > 0.0 {
+        p.cpu_percent = (cpu_seconds_total - p.cpu_seconds_total).max(0.0) / dt * 100.0;
     }
-
-    /// All programs' share of one CPU over the last interval, percent.
-    pub fn programs_cpu_percent(&self) -> f64 {
-        self.programs.values().map(|p| p.cpu_percent).sum()
-    }
+    p.cpu_seconds_total = cpu_seconds_total;
+    p.resident_bytes = resident_bytes;
 }
 
 /// This process's CPU time (user + system, seconds) and resident memory (bytes), from
@@ -148,15 +97,15 @@ mod tests {
                 },
             )])
         };
-        c.update_programs(&r(7, 100, 50_000), 0.0);
-        c.update_programs(&r(7, 1100, 550_000), 0.5);
+        update_programs(&mut c, &r(7, 100, 50_000), 0.0);
+        update_programs(&mut c, &r(7, 1100, 550_000), 0.5);
         let p = &c.programs["enlight_io_reap"];
         assert_eq!((p.id, p.runs_total), (7, 1100));
         assert_eq!(p.runs_per_sec, 2000.0);
         assert_eq!(p.ns_per_run, 500.0);
         assert!((p.cpu_percent - 0.1).abs() < 1e-9, "{}", p.cpu_percent);
         // A program loaded again (another id) starts afresh rather than going backwards.
-        c.update_programs(&r(9, 10, 5_000), 1.0);
+        update_programs(&mut c, &r(9, 10, 5_000), 1.0);
         let p = &c.programs["enlight_io_reap"];
         assert_eq!((p.id, p.runs_total, p.runs_per_sec), (9, 10, 0.0));
     }
@@ -166,8 +115,8 @@ mod tests {
         let (cpu, rss) = read_process().unwrap();
         assert!(cpu >= 0.0 && rss > 1 << 20, "{cpu} {rss}");
         let mut c = SelfCost::default();
-        c.update_process(1.0, rss, 1.0);
-        c.update_process(1.25, rss, 1.0);
+        update_process(&mut c, 1.0, rss, 1.0);
+        update_process(&mut c, 1.25, rss, 1.0);
         assert!((c.process.cpu_percent - 25.0).abs() < 1e-9);
     }
 }

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::settings::DeviceSettings;
+pub use enlight_abi::DeviceKind;
 
 /// Environment variable overriding the runtime directory.
 pub const RUNTIME_DIR_ENV: &str = "ENLIGHT_RUNTIME_DIR";
@@ -29,8 +30,9 @@ pub struct DeviceRecord {
     pub name: String,
     /// Device type: `disk` (later `nic`).
     pub device: String,
-    /// `synthetic` or `emulated`.
-    pub kind: String,
+    /// `synthetic` or `emulated` (a string on the wire; one this build does not know is kept as
+    /// [`DeviceKind::Other`]).
+    pub kind: DeviceKind,
     /// The device's id inside its process: the `dev` argument of its USDT probes.
     pub dev_id: u32,
     /// The process serving the device.
@@ -351,7 +353,7 @@ mod tests {
         DeviceRecord {
             name: name.into(),
             device: "disk".into(),
-            kind: "synthetic".into(),
+            kind: DeviceKind::Synthetic,
             dev_id: 0,
             pid,
             pid_start_time: None,

@@ -9,24 +9,16 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Op code: read.
-pub const OP_READ: u16 = 0;
-/// Op code: write.
-pub const OP_WRITE: u16 = 1;
-/// Op code: flush.
-pub const OP_FLUSH: u16 = 2;
-/// Op code: NIC transmit.
-pub const OP_TX: u16 = 3;
-/// Op code: NIC receive.
-pub const OP_RX: u16 = 4;
+// The op codes, directions, batch limit and records the probes read are the shared ABI, defined
+// once in enlight-abi (its crate docs state the contract with probes/src/bpf/enlight.h).
+pub use enlight_abi::dir::{DIR_GUEST_TO_HOST, DIR_HOST_TO_GUEST};
+pub use enlight_abi::op::{OP_FLUSH, OP_READ, OP_RX, OP_TX, OP_WRITE};
+pub use enlight_abi::record::{SignalDeltas, MAX_BATCH};
 
-/// Signal / ring direction: guest → host (doorbell, outbound ring).
-pub const DIR_GUEST_TO_HOST: u32 = 0;
-/// Signal / ring direction: host → guest (interrupt, inbound ring).
-pub const DIR_HOST_TO_GUEST: u32 = 1;
-
-/// Most completions one `io_reap` hit carries; longer batches are split.
-pub const MAX_BATCH: usize = 256;
+/// One completion as `io_reap` carries it: `enlight_abi::record::Completion` (`struct
+/// enlight_completion` in `probes/src/bpf/enlight.h`), under the name the driver gives it (its
+/// disk already has a `Completion`, the guest driver's).
+pub use enlight_abi::record::Completion as CompletionRecord;
 
 /// Longest a reaped completion waits before it is traced (`io_reap`), for every guest driver.
 pub const TRACE_FLUSH: Duration = Duration::from_millis(1);
@@ -94,26 +86,6 @@ impl ReapBatch {
     }
 }
 
-/// One completion as `io_reap` carries it (`struct enlight_completion` in
-/// `probes/src/bpf/enlight.h`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CompletionRecord {
-    /// Reap time minus submit time.
-    pub latency_ns: u64,
-    /// Bytes transferred.
-    pub bytes: u32,
-    /// Op code.
-    pub op: u16,
-    /// 0 or an errno.
-    pub status: u16,
-}
-
-const _: () = assert!(std::mem::size_of::<CompletionRecord>() == 16);
-const _: () = assert!(std::mem::offset_of!(CompletionRecord, bytes) == 8);
-const _: () = assert!(std::mem::offset_of!(CompletionRecord, op) == 12);
-const _: () = assert!(std::mem::offset_of!(CompletionRecord, status) == 14);
-
 /// Name of every probe, in the order of contract 1.
 pub const PROBE_NAMES: [&str; 9] = [
     "io_submit",
@@ -147,29 +119,6 @@ pub fn io_complete(dev: u32, op: u16, tag: u64, bytes: u32, latency_ns: u64, sta
         status
     );
 }
-
-/// The signalling events of one device since the previous `io_reap` hit, as that hit carries
-/// them (`struct enlight_signal_counts` in `probes/src/bpf/enlight.h`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SignalDeltas {
-    /// Guest → host signals.
-    pub doorbells: u64,
-    /// Host → guest signals.
-    pub interrupts: u64,
-    /// Writes that found the outbound ring full.
-    pub ring_full_out: u64,
-    /// Writes that found the inbound ring full.
-    pub ring_full_in: u64,
-    /// The guest set `interrupt_mask` (entered polling).
-    pub irq_masked: u64,
-    /// The guest cleared `interrupt_mask`.
-    pub irq_unmasked: u64,
-}
-
-const _: () = assert!(std::mem::size_of::<SignalDeltas>() == 48);
-const _: () = assert!(std::mem::offset_of!(SignalDeltas, interrupts) == 8);
-const _: () = assert!(std::mem::offset_of!(SignalDeltas, irq_unmasked) == 40);
 
 /// A device's signalling events (signals each way, ring-full writers, interrupt-mask changes),
 /// counted in process memory and carried to the probes by the device's next `io_reap` hit

@@ -1,8 +1,8 @@
 //! enlight's eBPF probes: C programs (CO-RE, `src/bpf/enlight.bpf.c`) on the driver's USDT
 //! tracepoints, loaded with aya, and the Rust side that attaches them and reads their maps.
 //!
-//! - [`types`]: mirrors of the C structs shared with the programs, with size assertions (checked
-//!   against the object's BTF by a test).
+//! - [`types`]: the C structs shared with the programs, defined once in `enlight-abi`
+//!   ([`enlight_abi::record`]) and re-exported (checked against the object's BTF by a test).
 //! - [`hist`]: the log-linear latency buckets the programs count into.
 //! - [`usdt`]: parsing `.note.stapsdt` into sites (file offsets, semaphores, argument specs).
 //! - [`kernel`]: the kernel-device programs (`src/bpf/kernel.bpf.c`): block, NIC, IRQ, KVM and
@@ -787,12 +787,11 @@ pub(crate) mod tests {
         );
         assert_eq!(structs["enlight_dev_events"].1.len(), 7);
         // struct enlight_signal_counts, what io_reap's fourth argument points at, is only a
-        // local in the programs, so not in the object's BTF. Its one Rust definition is the
-        // driver's trace::SignalDeltas (size asserted there and in enlight.h), and
-        // enlight_add_signals adds it field by field into the first six fields of
-        // enlight_dev_events, in the same order. (The privileged attach test reads every
-        // field back.)
-        use enlight_driver::trace::SignalDeltas;
+        // local in the programs, so not in the object's BTF. Its one Rust definition is
+        // enlight_abi::record::SignalDeltas (size asserted there and in enlight.h), which the
+        // driver writes, and enlight_add_signals adds it field by field into the first six
+        // fields of enlight_dev_events, in the same order. (The privileged attach test reads
+        // every field back.)
         assert_eq!(
             offsets("enlight_dev_events")[..6],
             [

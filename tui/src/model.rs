@@ -1,26 +1,18 @@
-//! What enlightd's JSON API serves, as `enlight top` reads it. Kept apart from the daemon's own
-//! types on purpose: every field a newer or older daemon may lack has a default, so the TUI works
-//! against any daemon of the same API version (e.g. one without the tuner: `tuner` is `None`).
+//! What enlightd's JSON API serves, as `enlight top` reads it: every field a newer or older daemon
+//! may lack has a default, so the TUI works against any daemon of the same API version (e.g. one
+//! without the tuner: `tuner` is `None`). The ops, histograms, self-cost and device kinds are the
+//! daemon's own types, from `enlight-abi`; the device, tuner, knob and health views below are
+//! still a lenient copy of the daemon's (`enlightd::api`), whose own embed daemon types (typed
+//! knobs, tuner state, kernel-device details, the driver's settings) not yet in `enlight-abi`.
 
 use std::collections::BTreeMap;
 
+// The types the daemon serialises and this crate reads alike are defined once, in enlight-abi.
+pub use enlight_abi::api::{
+    DeviceHistogram, OpHistogram, OpView, ProcessCost, ProgramCost, SelfCost,
+};
+pub use enlight_abi::DeviceKind;
 use serde::{Deserialize, Serialize};
-
-/// One op of a device, or every op together (`op = "all"`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct OpView {
-    pub op: String,
-    pub ops_total: u64,
-    pub bytes_total: u64,
-    pub errors_total: u64,
-    pub ops_per_sec: f64,
-    pub bytes_per_sec: f64,
-    pub p50_seconds: Option<f64>,
-    pub p90_seconds: Option<f64>,
-    pub p99_seconds: Option<f64>,
-    pub p999_seconds: Option<f64>,
-}
 
 /// A device's settings (the knobs the tuner turns). Unknown knobs are kept and ignored.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -111,8 +103,8 @@ pub struct DeviceView {
     pub name: String,
     /// `disk` or `nic`.
     pub device: String,
-    /// `synthetic`, `emulated` or `kernel`.
-    pub kind: String,
+    /// `synthetic`, `emulated` or `kernel` (another, a newer daemon's, is kept as written).
+    pub kind: DeviceKind,
     /// The kernel driver (`virtio_blk`, `loop`, ...) of a `kernel` device; `None` otherwise.
     pub driver: Option<String>,
     pub pid: u32,
@@ -147,52 +139,6 @@ pub struct HealthView {
     pub ticks: u64,
     /// What enlightd itself costs (absent from daemons before it was served).
     pub self_cost: SelfCost,
-}
-
-/// One of enlightd's eBPF programs, as the kernel counts it (`/api/v1/health` `self_cost`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct ProgramCost {
-    pub program: String,
-    pub runs_per_sec: f64,
-    pub ns_per_run: f64,
-    pub cpu_percent: f64,
-}
-
-/// The daemon process's own CPU and memory.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct ProcessCost {
-    pub cpu_percent: f64,
-    pub resident_bytes: u64,
-}
-
-/// enlightd's self-cost, over its last collector interval.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct SelfCost {
-    pub bpf_stats_enabled: bool,
-    pub programs: BTreeMap<String, ProgramCost>,
-    pub process: ProcessCost,
-}
-
-/// One op's cumulative latency histogram (`/api/v1/histograms`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct OpHistogram {
-    pub op: String,
-    pub count: u64,
-    /// `[low_ns, high_ns, count]`, ascending, non-empty buckets only.
-    pub buckets: Vec<[u64; 3]>,
-}
-
-/// One device's histograms.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct DeviceHistogram {
-    pub device: String,
-    pub kind: String,
-    pub ops: Vec<OpHistogram>,
 }
 
 /// Everything one poll of the daemon returns.
@@ -242,5 +188,33 @@ mod tests {
             ("revert", "p99 rose 30%")
         );
         assert_eq!(last.to.unwrap().moderation_frames, Some(8));
+    }
+
+    /// A newer daemon's device (a kind and fields this build does not know) and an older one's
+    /// (without the fields added since) both read, and so does the whole list they are in.
+    #[test]
+    fn an_unknown_kind_or_field_does_not_fail_the_response() {
+        let devices = r#"[
+            {"name":"vhost0","device":"disk","kind":"vhost-user","pid":9,"present":true,
+             "queues":[{"id":0}],"total":{"op":"all","ops_total":3,"p9999_seconds":0.1}},
+            {"name":"disk0","device":"disk","kind":"synthetic","pid":1,"present":true},
+            {"name":"vda","device":"disk","kind":"kernel","driver":"virtio_blk"}
+        ]"#;
+        let d: Vec<DeviceView> = serde_json::from_str(devices).unwrap();
+        assert_eq!(d.len(), 3);
+        assert_eq!(d[0].kind, DeviceKind::Other("vhost-user".into()));
+        assert_eq!(d[0].kind.as_str(), "vhost-user");
+        assert_eq!(d[0].total.ops_total, 3);
+        assert_eq!(
+            (d[1].kind.clone(), d[1].knobs.len()),
+            (DeviceKind::Synthetic, 0)
+        );
+        assert_eq!(
+            (d[2].kind.clone(), d[2].driver.as_deref()),
+            (DeviceKind::Kernel, Some("virtio_blk"))
+        );
+        let h: Vec<DeviceHistogram> =
+            serde_json::from_str(r#"[{"device":"vhost0","kind":"vhost-user","ops":[]}]"#).unwrap();
+        assert_eq!(h[0].kind.as_str(), "vhost-user");
     }
 }

@@ -12,7 +12,7 @@ use ratatui::widgets::{
 };
 
 use crate::app::{App, Connection, Screen, Window, CHART_SECS};
-use crate::model::{Decision, DeviceView, Settings};
+use crate::model::{Decision, DeviceKind, DeviceView, Settings};
 use crate::stats::{columns_in, fmt_bytes, fmt_count, fmt_latency, log_range, union_range};
 use crate::widgets::{Histogram, PERCENTILE_COLORS, PERCENTILE_LABELS};
 
@@ -128,11 +128,11 @@ fn opt_latency(ns: Option<f64>) -> String {
     ns.map(fmt_latency).unwrap_or_else(|| "-".into())
 }
 
-fn short_kind(kind: &str) -> &str {
+fn short_kind(kind: &DeviceKind) -> &str {
     match kind {
-        "synthetic" => "synth",
-        "emulated" => "emul",
-        other => other,
+        DeviceKind::Synthetic => "synth",
+        DeviceKind::Emulated => "emul",
+        other => other.as_str(),
     }
 }
 
@@ -779,6 +779,7 @@ mod tests {
                     runs_per_sec: 1200.0,
                     ns_per_run: 500.0,
                     cpu_percent: 0.06,
+                    ..Default::default()
                 },
             );
             p.health.self_cost.process.cpu_percent = 1.5;

@@ -38,8 +38,9 @@ const REQS: u64 = CMD + 64;
 pub const DOORBELL: u64 = 0x3000_1000;
 /// Largest request.
 pub const MAX_IO: usize = 128 * 1024;
-/// Requests per batch (one guest buffer each).
-pub const MAX_BATCH: usize = 32;
+/// Requests per batch (one guest buffer each). Not the tracing ABI's `MAX_BATCH` (completions
+/// per `io_reap` hit, enlight_abi::record::MAX_BATCH): this is the ring's own batch.
+pub const MAX_REQUESTS_PER_BATCH: usize = 32;
 
 fn ring_guest_program() -> Vec<u8> {
     let mut a = Asm::new(CODE);
@@ -115,7 +116,7 @@ fn serve_one(mem: &GuestMem, backing: &Backing, capacity: u64, d: Desc) -> u32 {
     let len = d.sectors as usize * SECTOR as usize;
     let buf_ok = d.buf >= BUF
         && d.buf.is_multiple_of(4096)
-        && d.buf + len as u64 <= BUF + (MAX_BATCH * MAX_IO) as u64;
+        && d.buf + len as u64 <= BUF + (MAX_REQUESTS_PER_BATCH * MAX_IO) as u64;
     if d.sectors == 0
         || len > MAX_IO
         || !buf_ok
@@ -279,9 +280,9 @@ impl BlockTransport for KvmRingDisk {
         if batch.is_empty() {
             return Ok(());
         }
-        if batch.len() > MAX_BATCH {
+        if batch.len() > MAX_REQUESTS_PER_BATCH {
             return Err(EmulatedError::Invalid(format!(
-                "{} requests in one batch (at most {MAX_BATCH})",
+                "{} requests in one batch (at most {MAX_REQUESTS_PER_BATCH})",
                 batch.len()
             )));
         }

@@ -22,6 +22,7 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::children::DieWithParent;
 use clap::Args;
+use enlight_driver::registry::DeviceKind;
 use serde::{Deserialize, Serialize};
 
 #[derive(Args, Debug)]
@@ -52,7 +53,7 @@ pub struct CompareArgs {
 /// One disk run (or a skipped one, with the reason).
 #[derive(Serialize, Deserialize, Clone, Debug, Default)]
 pub struct DiskRun {
-    pub kind: String,
+    pub kind: DeviceKind,
     pub transport: String,
     pub block_size: u32,
     pub queue_depth: u32,
@@ -88,7 +89,7 @@ pub struct DiskRun {
 /// The NIC part.
 #[derive(Serialize, Deserialize, Clone, Debug, Default)]
 pub struct NicRun {
-    pub kind: String,
+    pub kind: DeviceKind,
     pub transport: String,
     pub skipped: Option<String>,
     /// iperf3 TCP throughput guest → host, Mbit/s (receiver side).
@@ -262,7 +263,7 @@ impl Bench {
         }
     }
 
-    fn disk_run(&self, kind: &str, transport: &str, bs: u32, qd: u32) -> Result<DiskRun> {
+    fn disk_run(&self, kind: &DeviceKind, transport: &str, bs: u32, qd: u32) -> Result<DiskRun> {
         let name = format!("cmp-{kind}-{transport}-{bs}-{qd}");
         let workload = format!(
             "qd={qd},bs={bs},rw=70,pattern=random,duration={}s,seed=7",
@@ -270,9 +271,9 @@ impl Bench {
         );
         self.wait_detached()?;
         let mut cmd = Command::new(&self.exe);
-        if kind == "synthetic" && transport == "thread" {
+        if *kind == DeviceKind::Synthetic && transport == "thread" {
             cmd.args(["disk"]);
-        } else if kind == "synthetic" {
+        } else if *kind == DeviceKind::Synthetic {
             cmd.args([
                 "emulated-disk",
                 "--device",
@@ -311,7 +312,7 @@ impl Bench {
         let per = |x: f64| if ops > 0 { x / ops as f64 } else { 0.0 };
         let us = |s: Option<f64>| s.unwrap_or(0.0) * 1e6;
         let mut run = DiskRun {
-            kind: kind.into(),
+            kind: kind.clone(),
             transport: transport.into(),
             block_size: bs,
             queue_depth: qd,
@@ -339,11 +340,11 @@ impl Bench {
         Ok(run)
     }
 
-    /// `kind` "emulated" runs `enlight emulated-nic` (on `transport`), "synthetic" `enlight
+    /// `kind` emulated runs `enlight emulated-nic` (on `transport`), synthetic `enlight
     /// nic`; both print their namespaces and addresses first.
-    fn nic_run(&self, kind: &str, transport: &str, pings: u32) -> Result<NicRun> {
+    fn nic_run(&self, kind: &DeviceKind, transport: &str, pings: u32) -> Result<NicRun> {
         let (name, subcommand) = match (kind, transport) {
-            ("synthetic", _) => ("cmp_nic", "nic"),
+            (DeviceKind::Synthetic, _) => ("cmp_nic", "nic"),
             (_, "kvm") => ("cmp_emunick", "emulated-nic"),
             _ => ("cmp_emunic", "emulated-nic"),
         };
@@ -410,7 +411,7 @@ impl Bench {
             (None, None)
         };
         Ok(NicRun {
-            kind: kind.into(),
+            kind: kind.clone(),
             transport: transport.into(),
             exits_per_frame,
             vmm_exits_per_frame,
@@ -607,15 +608,15 @@ pub fn run(args: CompareArgs) -> Result<()> {
     } else {
         (&[512, 4096, 16384, 65536], &[1, 8, 32])
     };
-    let mut cases = vec![("emulated", "thread")];
+    let mut cases = vec![(DeviceKind::Emulated, "thread")];
     if kvm.is_ok() {
-        cases.push(("emulated", "kvm"));
+        cases.push((DeviceKind::Emulated, "kvm"));
     } else if let Err(r) = &kvm {
         report.notes.push(format!("no KVM transport: {r}"));
     }
-    cases.push(("synthetic", "thread"));
+    cases.push((DeviceKind::Synthetic, "thread"));
     if kvm.is_ok() {
-        cases.push(("synthetic", "kvm"));
+        cases.push((DeviceKind::Synthetic, "kvm"));
     }
     report.notes.push(
         "synthetic/thread is the VMBus-style disk (`enlight disk`: rings in shared memory, \
@@ -624,13 +625,14 @@ pub fn run(args: CompareArgs) -> Result<()> {
             .into(),
     );
     let budget = if args.quick { 3.0 } else { 12.0 };
-    for &(kind, transport) in &cases {
+    for (kind, transport) in &cases {
+        let (kind, transport) = (kind, *transport);
         for &bs in sizes {
             for &qd in depths {
                 let est = estimated_batch_s(transport, bs, qd);
-                let run = if kind == "emulated" && est > budget {
+                let run = if *kind == DeviceKind::Emulated && est > budget {
                     DiskRun {
-                        kind: kind.into(),
+                        kind: kind.clone(),
                         transport: transport.into(),
                         block_size: bs,
                         queue_depth: qd,
@@ -661,13 +663,13 @@ pub fn run(args: CompareArgs) -> Result<()> {
             }
         }
     }
-    let mut nic_cases = vec![("emulated", "thread")];
+    let mut nic_cases = vec![(DeviceKind::Emulated, "thread")];
     if kvm.is_ok() {
         // The NE2000 on KVM: ~770 PIO exits per full frame. The ping count is kept small so the
         // run stays within seconds on hosts whose exits cost tens of microseconds (nested KVM).
-        nic_cases.push(("emulated", "kvm"));
+        nic_cases.push((DeviceKind::Emulated, "kvm"));
     }
-    nic_cases.push(("synthetic", "thread"));
+    nic_cases.push((DeviceKind::Synthetic, "thread"));
     for (kind, transport) in nic_cases {
         crate::signals::check_stop()?;
         eprintln!("compare: NIC {kind}/{transport} (ping, iperf3)");
@@ -676,7 +678,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
             (_, true) => 50,
             _ => 200,
         };
-        let run = bench.nic_run(kind, transport, pings)?;
+        let run = bench.nic_run(&kind, transport, pings)?;
         report.nic.push(run);
     }
     std::fs::create_dir_all(&args.out)?;

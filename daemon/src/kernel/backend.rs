@@ -626,7 +626,7 @@ impl BackendFactory for KernelAwareFactory {
         &self,
         record: &DeviceRecord,
     ) -> Option<Result<Box<dyn SettingsBackend>, BackendError>> {
-        if record.kind != "kernel" {
+        if record.kind != enlight_abi::DeviceKind::Kernel {
             return ControlSocketFactory.open(record);
         }
         let permission = policy(&self.config.tune, self.config.dry_run, &record.name);

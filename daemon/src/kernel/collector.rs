@@ -409,7 +409,7 @@ impl<S: KernelSource> KernelCollector<S> {
         let snap = match &self.source {
             Some(s) => {
                 state.kernel.probes = s.status();
-                state.self_cost.update_programs(&s.program_stats(), dt);
+                crate::selfcost::update_programs(&mut state.self_cost, &s.program_stats(), dt);
                 match s.snapshot() {
                     Ok(snap) => snap,
                     Err(e) => {
@@ -530,7 +530,7 @@ fn new_kernel_device(d: &KernelDevice) -> DeviceState {
     let mut s = DeviceState::new(DeviceRecord {
         name: d.name.clone(),
         device: d.device.clone(),
-        kind: "kernel".into(),
+        kind: enlight_abi::DeviceKind::Kernel,
         dev_id: d.dev.or(d.ifindex).unwrap_or(0),
         pid: 0,
         pid_start_time: None,
@@ -592,7 +592,7 @@ fn fresh_figures(
             .get(&enlight_probes::kernel::NicKey { netns, ifindex })
         {
             fresh.insert(
-                enlight_driver::trace::OP_TX as u32,
+                enlight_abi::op::OP_TX as u32,
                 OpFigures {
                     ops: n.tx_packets,
                     bytes: n.tx_bytes,
@@ -601,7 +601,7 @@ fn fresh_figures(
                 },
             );
             fresh.insert(
-                enlight_driver::trace::OP_RX as u32,
+                enlight_abi::op::OP_RX as u32,
                 OpFigures {
                     ops: n.rx_packets,
                     bytes: n.rx_bytes,

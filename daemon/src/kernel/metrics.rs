@@ -22,7 +22,7 @@ pub fn probe_families(state: &State, out: &mut Exposition) {
     for p in &state.kernel.probes {
         let mut l = vec![
             ("device", "kernel"),
-            ("kind", "kernel"),
+            ("kind", enlight_abi::DeviceKind::Kernel.as_str()),
             ("probe", p.probe.as_str()),
             ("state", p.state.name()),
         ];

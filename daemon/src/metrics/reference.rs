@@ -121,7 +121,7 @@ pub fn render(state: &State) -> String {
             let name = op_name(*op);
             let l = labels(&[
                 ("device", &d.record.name),
-                ("kind", &d.record.kind),
+                ("kind", d.record.kind.as_str()),
                 ("op", &name),
             ]);
             let _ = writeln!(out, "enlight_io_peak_ops_per_second{l} {}", fmt_f64(v));
@@ -145,7 +145,7 @@ pub fn render(state: &State) -> String {
             let name = op_name(*op);
             let l = labels(&[
                 ("device", &d.record.name),
-                ("kind", &d.record.kind),
+                ("kind", d.record.kind.as_str()),
                 ("op", &name),
             ]);
             let _ = writeln!(out, "enlight_io_peak_latency_seconds{l} {}", fmt_f64(v));
@@ -197,7 +197,7 @@ pub fn render(state: &State) -> String {
                 let op = op_name(*op);
                 let l = labels(&[
                     ("device", &d.record.name),
-                    ("kind", &d.record.kind),
+                    ("kind", d.record.kind.as_str()),
                     ("op", &op),
                 ]);
                 let _ = writeln!(out, "{name}{l} {}", value(f));
@@ -206,7 +206,7 @@ pub fn render(state: &State) -> String {
     }
 
     let dev_labels = |d: &crate::model::DeviceState| {
-        labels(&[("device", &d.record.name), ("kind", &d.record.kind)])
+        labels(&[("device", &d.record.name), ("kind", d.record.kind.as_str())])
     };
     header(
         &mut out,
@@ -245,7 +245,7 @@ pub fn render(state: &State) -> String {
         {
             let l = labels(&[
                 ("device", &d.record.name),
-                ("kind", &d.record.kind),
+                ("kind", d.record.kind.as_str()),
                 ("knob", knob.name()),
             ]);
             let v = d.settings_changes.get(&(knob as u32)).copied().unwrap_or(0);
@@ -279,7 +279,7 @@ pub fn render(state: &State) -> String {
         ] {
             let l = labels(&[
                 ("device", &d.record.name),
-                ("kind", &d.record.kind),
+                ("kind", d.record.kind.as_str()),
                 ("direction", dir),
             ]);
             let _ = writeln!(out, "enlight_ring_full_total{l} {v}");
@@ -298,7 +298,7 @@ pub fn render(state: &State) -> String {
         ] {
             let l = labels(&[
                 ("device", &d.record.name),
-                ("kind", &d.record.kind),
+                ("kind", d.record.kind.as_str()),
                 ("state", st),
             ]);
             let _ = writeln!(out, "enlight_interrupt_mask_changes_total{l} {v}");
@@ -320,7 +320,7 @@ pub fn render(state: &State) -> String {
             }
             let l = labels(&[
                 ("device", &d.record.name),
-                ("kind", &d.record.kind),
+                ("kind", d.record.kind.as_str()),
                 ("direction", dir),
             ]);
             let _ = writeln!(out, "enlight_ring_size_bytes{l} {v}");
@@ -361,7 +361,7 @@ pub fn render(state: &State) -> String {
         let present = d.present.to_string();
         let l = labels(&[
             ("device", &d.record.name),
-            ("kind", &d.record.kind),
+            ("kind", d.record.kind.as_str()),
             ("type", &d.record.device),
             ("pid", &pid),
             ("present", &present),
@@ -381,7 +381,7 @@ pub fn render(state: &State) -> String {
             let attached = d.attached && d.sites_by_probe.get(probe).copied().unwrap_or(0) > 0;
             let l = labels(&[
                 ("device", &d.record.name),
-                ("kind", &d.record.kind),
+                ("kind", d.record.kind.as_str()),
                 ("probe", probe),
                 ("state", if attached { "attached" } else { "detached" }),
             ]);
@@ -763,7 +763,7 @@ fn render_kernel(out: &mut String, state: &State) {
             for (reason, n) in reasons {
                 let l = labels(&[
                     ("device", &d.record.name),
-                    ("kind", &d.record.kind),
+                    ("kind", d.record.kind.as_str()),
                     ("reason", reason),
                 ]);
                 let _ = writeln!(out, "enlight_kvm_exits_total{l} {n}");
@@ -789,7 +789,7 @@ fn render_kernel(out: &mut String, state: &State) {
             .filter(|d| d.kernel.is_none() && d.record.pid != 0)
         {
             if let Some(n) = counts.get(&d.record.pid) {
-                let l = labels(&[("device", &d.record.name), ("kind", &d.record.kind)]);
+                let l = labels(&[("device", &d.record.name), ("kind", d.record.kind.as_str())]);
                 let _ = writeln!(out, "{name}{l} {n}");
             }
         }
@@ -844,7 +844,7 @@ fn knobs_render_metrics(out: &mut String, state: &crate::model::State) {
     let id = |d: &crate::model::DeviceState| {
         let mut v = vec![
             ("device", d.record.name.clone()),
-            ("kind", d.record.kind.clone()),
+            ("kind", d.record.kind.to_string()),
         ];
         if let Some(k) = &d.kernel {
             v.push(("driver", k.driver.clone()));

@@ -39,7 +39,7 @@ pub struct TunerShared {
 struct Public {
     enabled: bool,
     views: BTreeMap<String, TunerView>,
-    kinds: BTreeMap<String, String>,
+    kinds: BTreeMap<String, enlight_abi::DeviceKind>,
     decisions: VecDeque<Decision>,
     decisions_kept: usize,
     changes: BTreeMap<String, u64>,
@@ -147,7 +147,13 @@ impl TunerShared {
         let id = |d: &str| {
             labels(&[
                 ("device", d),
-                ("kind", p.kinds.get(d).map(String::as_str).unwrap_or("")),
+                (
+                    "kind",
+                    p.kinds
+                        .get(d)
+                        .map(enlight_abi::DeviceKind::as_str)
+                        .unwrap_or(""),
+                ),
             ])
         };
         let mut f = Family::counter(
@@ -414,7 +420,7 @@ impl Shell {
 
     /// What the API and /metrics show of each tuned device: its view (with its last decision),
     /// kind and objective value.
-    fn publish(&self, views: BTreeMap<String, (TunerView, String, Option<f64>)>) {
+    fn publish(&self, views: BTreeMap<String, (TunerView, enlight_abi::DeviceKind, Option<f64>)>) {
         let mut p = self.shared.public.lock().expect("tuner lock");
         let last: BTreeMap<String, Decision> = p
             .decisions

@@ -1,8 +1,10 @@
 /* SPDX-License-Identifier: (MIT OR Apache-2.0) */
 /*
- * Types shared between the eBPF programs (enlight.bpf.c) and the Rust loader
- * (probes/src/types.rs). Every struct has a size assertion here and a mirror with the same
- * assertion in Rust; a Rust test also checks each one against the BTF of the built object.
+ * Types shared between the eBPF programs (enlight.bpf.c) and Rust, where they are defined once
+ * in the enlight-abi crate (abi/src/record.rs: the device processes write the completions and
+ * signal counts, the loader the USDT specs, the daemon reads the maps). Every struct has a size
+ * assertion here and the same assertion in Rust; a Rust test (enlight-probes'
+ * shared_types_match_the_objects_btf) also checks each one against the BTF of the built object.
  * Fixed-width fields only, explicit padding, no bools.
  */
 #ifndef ENLIGHT_H
@@ -19,7 +21,7 @@ typedef unsigned long long __u64;
 typedef long long __s64;
 #endif
 
-/* Most completions one io_reap hit carries (driver/src/trace.rs MAX_BATCH). */
+/* Most completions one io_reap hit carries (enlight_abi::record::MAX_BATCH). */
 #define ENLIGHT_MAX_BATCH 256
 /* Log-linear latency buckets: exact below 256 ns, then 128 per power of two. */
 #define ENLIGHT_SUB_BUCKETS 128
@@ -61,8 +63,8 @@ struct enlight_io_hist {
 /* What io_reap's fourth argument points at: a device's signalling events since its previous
  * io_reap hit (the driver counts them instead of firing a trap each). The same fields, in the
  * same order, as the first six of struct enlight_dev_events, which sums them. Its Rust side is
- * the driver's enlight_driver::trace::SignalDeltas, which writes it (only a local here, so not
- * in the object's BTF: a probes test checks it against enlight_dev_events instead). */
+ * enlight_abi::record::SignalDeltas, which the driver writes (only a local here, so not in the
+ * object's BTF: a probes test checks it against enlight_dev_events instead). */
 struct enlight_signal_counts {
 	__u64 doorbells;
 	__u64 interrupts;
