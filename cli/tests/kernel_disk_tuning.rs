@@ -47,8 +47,8 @@ struct RestoreOnDrop(std::path::PathBuf);
 
 impl Drop for RestoreOnDrop {
     fn drop(&mut self) {
-        if let Ok(mut t) = enlightd::kernel::tune::KernelTuner::open(&self.0) {
-            t.restore();
+        if let Ok(mut changes) = enlightd::kernel::changes::KernelChanges::open(&self.0) {
+            changes.restore();
         }
     }
 }

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use enlight_probes::kernel::{Group, KernelProbes, NicKey, Selection};
 use enlightd::kernel::backend::KernelNicBackend;
-use enlightd::kernel::tune::{KernelTuner, Permission};
+use enlightd::kernel::changes::KernelChanges;
+use enlightd::kernel::permission::Permission;
 use enlightd::tuner::{Cumulative, Objective};
 
 use crate::children::DieWithParent;
@@ -191,7 +192,7 @@ impl VethPair {
         let netns = std::fs::metadata(&self.netns_b)
             .with_context(|| self.netns_b.display().to_string())?
             .ino() as u32;
-        let ifindex = enlightd::kernel::tune::in_netns(Some(&self.netns_b), || {
+        let ifindex = enlightd::kernel::netns::in_netns(Some(&self.netns_b), || {
             let name = std::ffi::CString::new(TUNED).expect("no NUL");
             // SAFETY: a valid NUL-terminated name; if_nametoindex only reads it.
             unsafe { libc::if_nametoindex(name.as_ptr()) }
@@ -522,7 +523,7 @@ impl VethRig {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        let report = KernelTuner::open(&run.journal)?.restore();
+        let report = KernelChanges::open(&run.journal)?.restore();
         anyhow::ensure!(
             report.failed.is_empty(),
             "restoring {TUNED}: {:?}",
