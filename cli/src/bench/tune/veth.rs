@@ -29,7 +29,7 @@ use enlightd::tuner::{Cumulative, Objective};
 
 use crate::children::DieWithParent;
 
-use super::device::NicTraffic;
+use super::device::{netns_command, NicTraffic};
 
 /// The tuned end's name, inside its namespace.
 pub const TUNED: &str = "b";
@@ -438,19 +438,10 @@ impl VethRig {
 
     fn start_traffic(&self, run: &mut VethRun, traffic: NicTraffic, secs: f64) -> Result<()> {
         let secs_arg = format!("{}", secs.ceil() as u64 + 2);
-        let in_ns = |ns: &str, program: &str| {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, program])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .die_with_parent(libc::SIGKILL);
-            c
-        };
         match traffic {
             NicTraffic::Ping { per_sec } => {
                 let interval = format!("{:.4}", 1.0 / per_sec as f64);
-                let mut child = in_ns(&self.pair.ns_a, "ping")
+                let mut child = netns_command(&self.pair.ns_a, "ping")
                     .args(["-n", "-i", &interval, "-w", &secs_arg, TUNED_IP])
                     .stdout(Stdio::piped())
                     .spawn()
@@ -472,12 +463,12 @@ impl VethRig {
             }
             NicTraffic::Tcp | NicTraffic::Udp { .. } => {
                 run.traffic.push(Guard(
-                    in_ns(&self.pair.ns_b, "iperf3")
+                    netns_command(&self.pair.ns_b, "iperf3")
                         .args(["-s", "-1", "-B", TUNED_IP, "-p", "5201"])
                         .spawn()
                         .context("starting the iperf3 server")?,
                 ));
-                let mut client = in_ns(&self.pair.ns_a, "iperf3");
+                let mut client = netns_command(&self.pair.ns_a, "iperf3");
                 client.args(["-c", TUNED_IP, "-p", "5201", "-t", &secs_arg]);
                 client.args(["--connect-timeout", "2000"]);
                 if let NicTraffic::Udp { mbit } = traffic {
