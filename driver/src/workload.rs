@@ -597,6 +597,154 @@ fn check_fits(vsc: &DiskVsc, spec: &WorkloadSpec) -> Result<(), WorkloadError> {
     Ok(())
 }
 
+/// One phase's submissions: where the next request goes, when it is due (under a rate), and
+/// whether the phase is over.
+struct Schedule<'a> {
+    spec: &'a WorkloadSpec,
+    start: Instant,
+    capacity: u64,
+    rng: SmallRng,
+    next_sector: u64,
+    submitted: u64,
+    /// When the next submission is due, under a rate.
+    next_due: Instant,
+}
+
+impl<'a> Schedule<'a> {
+    fn new(spec: &'a WorkloadSpec, capacity: u64) -> Schedule<'a> {
+        let start = Instant::now();
+        Schedule {
+            spec,
+            start,
+            capacity,
+            rng: SmallRng::seed_from_u64(spec.seed),
+            next_sector: 0,
+            submitted: 0,
+            next_due: start,
+        }
+    }
+
+    /// Whether submissions follow a rate (`rate=`) rather than the queue alone.
+    fn rated(&self) -> bool {
+        self.spec.rate_iops != 0
+    }
+
+    /// The gap between submissions due at `at`: fixed, or along the ramp.
+    fn gap_at(&self, at: Instant) -> Option<Duration> {
+        let spec = self.spec;
+        if spec.rate_iops == 0 {
+            return None;
+        }
+        let rate = match (spec.ramp_to_iops, spec.limit) {
+            (Some(to), Limit::Duration(d)) if !d.is_zero() => {
+                let f = (at.duration_since(self.start).as_secs_f64() / d.as_secs_f64()).min(1.0);
+                spec.rate_iops as f64 + (to as f64 - spec.rate_iops as f64) * f
+            }
+            _ => spec.rate_iops as f64,
+        };
+        Some(Duration::from_secs_f64(1.0 / rate.max(1.0)))
+    }
+
+    fn limit_reached(&self, now: Instant) -> bool {
+        match self.spec.limit {
+            Limit::Ios(n) => self.submitted >= n,
+            Limit::Duration(d) => now.duration_since(self.start) >= d,
+            Limit::Unbounded => false,
+        }
+    }
+
+    /// Whether bursts are on at `now`, and how long until they turn on if not.
+    fn burst_state(&self, now: Instant) -> (bool, Duration) {
+        match self.spec.burst {
+            None => (true, Duration::ZERO),
+            Some((on, off)) => {
+                let period = (on + off).as_nanos().max(1);
+                let t = now.duration_since(self.start).as_nanos() % period;
+                if t < on.as_nanos() {
+                    (true, Duration::ZERO)
+                } else {
+                    (false, Duration::from_nanos((period - t) as u64))
+                }
+            }
+        }
+    }
+
+    /// The next request: op, first sector, sectors.
+    fn next_request(&mut self) -> (u16, u64, u32) {
+        let spec = self.spec;
+        let bs = if spec.mix_percent > 0 && self.rng.gen_range(0..100u8) < spec.mix_percent {
+            spec.mix_block_size
+        } else {
+            spec.block_size
+        };
+        let sectors = bs / SECTOR;
+        let blocks = self.capacity / sectors as u64;
+        let lba = match spec.pattern {
+            Pattern::Random => self.rng.gen_range(0..blocks) * sectors as u64,
+            Pattern::Sequential => {
+                if self.next_sector + sectors as u64 > self.capacity {
+                    self.next_sector = 0;
+                }
+                let l = self.next_sector;
+                self.next_sector += sectors as u64;
+                l
+            }
+        };
+        let op = if self.rng.gen_range(0..100u8) < spec.read_percent {
+            OP_READ
+        } else {
+            OP_WRITE
+        };
+        (op, lba, sectors)
+    }
+
+    /// Counts a submission and, under a rate, moves the next one's due time on.
+    fn submitted_one(&mut self) {
+        self.submitted += 1;
+        if let Some(gap) = self.gap_at(self.next_due) {
+            self.next_due += gap;
+            // Behind by more than 10 ms (the queue was full): do not burst to catch up, keep
+            // the rate from here.
+            let now = Instant::now();
+            if self.next_due + Duration::from_millis(10) < now {
+                self.next_due = now;
+            }
+        }
+    }
+
+    /// Submits while the queue has room, the limit is not reached and (under a rate) a
+    /// submission is due.
+    fn submit_due(&mut self, vsc: &mut DiskVsc, queue_depth: usize) -> Result<(), WorkloadError> {
+        while vsc.outstanding() < queue_depth && !self.limit_reached(Instant::now()) {
+            if self.rated() && Instant::now() < self.next_due {
+                break;
+            }
+            let (op, lba, sectors) = self.next_request();
+            match vsc.submit(op, lba, sectors)? {
+                Submitted::Queued(_) => self.submitted_one(),
+                Submitted::RingFull => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reports the cumulative figures to `on_interval` when `progress.every` has passed.
+fn report_progress(
+    stats: &mut Stats,
+    progress: &mut Progress,
+    on_interval: &mut impl FnMut(&WorkloadSnapshot),
+) {
+    let now = Instant::now();
+    if now.duration_since(progress.last_tick) >= progress.every {
+        let dt = now.duration_since(progress.last_tick).as_secs_f64();
+        let iops = (stats.snap.ops_total - progress.ops_at_tick) as f64 / dt;
+        progress.ops_at_tick = stats.snap.ops_total;
+        progress.last_tick = now;
+        on_interval(&stats.snapshot(now.duration_since(progress.start), iops, false));
+    }
+}
+
 fn run_phase(
     vsc: &mut DiskVsc,
     spec: &WorkloadSpec,
@@ -610,107 +758,25 @@ fn run_phase(
     if first {
         trace::workload_start(vsc.dev_id(), queue_depth as u32);
     }
-    let capacity = vsc.capacity_sectors();
-    let mut rng = SmallRng::seed_from_u64(spec.seed);
-    let mut next_sector = 0u64;
-    let mut submitted = 0u64;
     let mut completions: Vec<Completion> = Vec::with_capacity(queue_depth);
-    let phase_start = Instant::now();
-    // The gap between submissions due at `at`: fixed, or along the ramp.
-    let gap_at = |at: Instant| -> Option<Duration> {
-        if spec.rate_iops == 0 {
-            return None;
-        }
-        let rate = match (spec.ramp_to_iops, spec.limit) {
-            (Some(to), Limit::Duration(d)) if !d.is_zero() => {
-                let f = (at.duration_since(phase_start).as_secs_f64() / d.as_secs_f64()).min(1.0);
-                spec.rate_iops as f64 + (to as f64 - spec.rate_iops as f64) * f
-            }
-            _ => spec.rate_iops as f64,
-        };
-        Some(Duration::from_secs_f64(1.0 / rate.max(1.0)))
-    };
-    let gap = gap_at(phase_start);
-    let mut next_due = phase_start;
-    let limit_reached = |submitted: u64, now: Instant| match spec.limit {
-        Limit::Ios(n) => submitted >= n,
-        Limit::Duration(d) => now.duration_since(phase_start) >= d,
-        Limit::Unbounded => false,
-    };
-    // Whether bursts are on at `now`, and how long until they turn on if not.
-    let burst_state = |now: Instant| -> (bool, Duration) {
-        match spec.burst {
-            None => (true, Duration::ZERO),
-            Some((on, off)) => {
-                let period = (on + off).as_nanos().max(1);
-                let t = now.duration_since(phase_start).as_nanos() % period;
-                if t < on.as_nanos() {
-                    (true, Duration::ZERO)
-                } else {
-                    (false, Duration::from_nanos((period - t) as u64))
-                }
-            }
-        }
-    };
+    let mut schedule = Schedule::new(spec, vsc.capacity_sectors());
     loop {
         let now = Instant::now();
-        let stopping = stop.load(Ordering::Relaxed) || limit_reached(submitted, now);
+        let stopping = stop.load(Ordering::Relaxed) || schedule.limit_reached(now);
         if stopping && vsc.outstanding() == 0 {
             break;
         }
-        let (on, until_on) = burst_state(now);
+        let (on, until_on) = schedule.burst_state(now);
         if !stopping && on {
-            while vsc.outstanding() < queue_depth && !limit_reached(submitted, Instant::now()) {
-                if gap.is_some() && Instant::now() < next_due {
-                    break;
-                }
-                let bs = if spec.mix_percent > 0 && rng.gen_range(0..100u8) < spec.mix_percent {
-                    spec.mix_block_size
-                } else {
-                    spec.block_size
-                };
-                let sectors = bs / SECTOR;
-                let blocks = capacity / sectors as u64;
-                let lba = match spec.pattern {
-                    Pattern::Random => rng.gen_range(0..blocks) * sectors as u64,
-                    Pattern::Sequential => {
-                        if next_sector + sectors as u64 > capacity {
-                            next_sector = 0;
-                        }
-                        let l = next_sector;
-                        next_sector += sectors as u64;
-                        l
-                    }
-                };
-                let op = if rng.gen_range(0..100u8) < spec.read_percent {
-                    OP_READ
-                } else {
-                    OP_WRITE
-                };
-                match vsc.submit(op, lba, sectors)? {
-                    Submitted::Queued(_) => {
-                        submitted += 1;
-                        if let Some(gap) = gap_at(next_due) {
-                            next_due += gap;
-                            // Behind by more than 10 ms (the queue was full): do not burst to
-                            // catch up, keep the rate from here.
-                            let now = Instant::now();
-                            if next_due + Duration::from_millis(10) < now {
-                                next_due = now;
-                            }
-                        }
-                    }
-                    Submitted::RingFull => break,
-                }
-            }
+            schedule.submit_due(vsc, queue_depth)?;
         } else if !on {
-            next_due = now + until_on;
+            schedule.next_due = now + until_on;
         }
         let mut timeout = Duration::from_millis(100);
         if !on {
             timeout = timeout.min(until_on);
-        } else if gap.is_some() && vsc.outstanding() < queue_depth {
-            timeout = timeout.min(next_due.saturating_duration_since(Instant::now()));
+        } else if schedule.rated() && vsc.outstanding() < queue_depth {
+            timeout = timeout.min(schedule.next_due.saturating_duration_since(Instant::now()));
         }
         completions.clear();
         if vsc.outstanding() == 0 {
@@ -723,14 +789,7 @@ fn run_phase(
         for c in &completions {
             stats.record(c);
         }
-        let now = Instant::now();
-        if now.duration_since(progress.last_tick) >= progress.every {
-            let dt = now.duration_since(progress.last_tick).as_secs_f64();
-            let iops = (stats.snap.ops_total - progress.ops_at_tick) as f64 / dt;
-            progress.ops_at_tick = stats.snap.ops_total;
-            progress.last_tick = now;
-            on_interval(&stats.snapshot(now.duration_since(progress.start), iops, false));
-        }
+        report_progress(stats, progress, on_interval);
     }
     Ok(())
 }
