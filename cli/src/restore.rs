@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use enlightd::kernel::changes::{KernelChanges, RestoreReport};
 use enlightd::kernel::journal::Entry;
-use enlightd::kernel::tune::{KernelTuner, RestoreReport};
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
@@ -60,18 +60,18 @@ pub fn run(args: RestoreArgs) -> Result<()> {
     let dir = args
         .runtime_dir
         .unwrap_or_else(enlight_driver::registry::runtime_dir);
-    let mut tuner = KernelTuner::open(&dir).context("opening the kernel settings journal")?;
+    let mut changes = KernelChanges::open(&dir).context("opening the kernel settings journal")?;
     if args.list {
-        crate::signals::text(render_entries(tuner.journal().entries()));
+        crate::signals::text(render_entries(changes.journal().entries()));
         return Ok(());
     }
-    let report = tuner.restore();
+    let report = changes.restore();
     crate::signals::text(render_report(&report));
     if !report.failed.is_empty() {
         bail!(
             "{} setting(s) could not be restored; they stay in {}",
             report.failed.len(),
-            tuner.journal().path().display()
+            changes.journal().path().display()
         );
     }
     Ok(())

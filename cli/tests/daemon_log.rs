@@ -2,8 +2,9 @@
 //! life, read back from its stderr. At the default level each lifecycle event is one line, once:
 //! the device found, its probes attached, each tuner change (as many lines as the audit log has
 //! changes), the device gone, and at shutdown each kernel knob restored (a loop device's
-//! read-ahead, changed through the kernel tuner's journal before the daemon starts). A malformed
-//! registry file, read every 100 ms tick, is logged once; the eBPF loader says nothing.
+//! read-ahead, changed and journalled through `KernelChanges` before the daemon starts). A
+//! malformed registry file, read every 100 ms tick, is logged once; the eBPF loader says
+//! nothing.
 
 #[path = "../../probes/tests/support/mod.rs"]
 mod kernel_support;
@@ -12,7 +13,7 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use enlightd::kernel::tune::KernelTuner;
+use enlightd::kernel::changes::KernelChanges;
 use support::KillOnDrop;
 
 const ENLIGHT: &str = env!("CARGO_BIN_EXE_enlight");
@@ -61,7 +62,7 @@ fn each_lifecycle_event_is_one_line_and_a_repeated_problem_is_logged_once() {
     std::fs::create_dir_all(runtime.join("devices")).unwrap();
     std::fs::write(runtime.join("devices/broken.json"), "{\"name\": ").unwrap();
 
-    // A kernel knob changed before the daemon starts, journalled as the kernel tuner does: the
+    // A kernel knob changed before the daemon starts, journalled as enlightd's changes are: the
     // daemon restores it when it stops.
     let disk = kernel_support::LoopDevice::new(8);
     let loop_name = disk.name();
@@ -71,7 +72,7 @@ fn each_lifecycle_event_is_one_line_and_a_repeated_problem_is_logged_once() {
         .trim()
         .parse()
         .unwrap();
-    KernelTuner::open(&runtime)
+    KernelChanges::open(&runtime)
         .unwrap()
         .set_block(
             &loop_name,

@@ -22,26 +22,19 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::dashboard::{dashboard_queries, same, substitute, Prom};
-use support::KillOnDrop;
+use support::dashboard::{dashboard_queries, same, same_series, series_of, substitute, Prom};
+use support::{repo, KillOnDrop};
 
 const ENLIGHT: &str = env!("CARGO_BIN_EXE_enlight");
 const ENLIGHTD: &str = env!("CARGO_BIN_EXE_enlightd");
 const PREFIX: &str = "enlfl";
 /// The synthetic disks' rates, one per instance.
 const RATES: [f64; 3] = [300.0, 600.0, 150.0];
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("ip");
@@ -320,12 +313,7 @@ fn check_fleet_query(prom: &Prom, what: &str, expr: &str, failures: &mut Vec<Str
 #[test]
 fn three_instances_one_prometheus_every_panel_and_rule_per_instance_and_fleet_wide() {
     let _lock = support::require_privileges();
-    for tool in ["prometheus", "promtool"] {
-        assert!(
-            Command::new(tool).arg("--version").output().is_ok(),
-            "{tool} is needed (apt-get install prometheus)"
-        );
-    }
+    support::require_tools(&["prometheus", "promtool"], "prometheus");
     let rules = repo().join("dashboards/prometheus/enlight.rules.yml");
     let check = Command::new("promtool")
         .args(["check", "rules"])
@@ -427,28 +415,12 @@ fn three_instances_one_prometheus_every_panel_and_rule_per_instance_and_fleet_wi
 
     // From here this thread lives in the hub: Prometheus's loopback and the guests' addresses.
     enter(&fleet.hub);
-    let mut prom = Prom {
-        base: "http://127.0.0.1:9090".into(),
-        agent: ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(10))
-            .build(),
-        at: String::new(),
-    };
+    let mut prom = Prom::new("http://127.0.0.1:9090".into());
     let deadline = Instant::now() + Duration::from_secs(90);
-    let now_unix = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64()
-    };
     // Every instance scraped and counting I/O of all its devices.
     loop {
-        prom.at = format!("{:.3}", now_unix());
-        let ready = prom
-            .agent
-            .get(&format!("{}/-/ready", prom.base))
-            .call()
-            .is_ok()
+        prom.at_now_less(0.0);
+        let ready = prom.ready()
             && prom
                 .query("count by (instance) (enlight_io_ops_total > 0)")
                 .len()
@@ -472,7 +444,7 @@ fn three_instances_one_prometheus_every_panel_and_rule_per_instance_and_fleet_wi
     }
     // Long enough for the 10 s dashboard windows and the rules' 1 m windows to have samples.
     std::thread::sleep(Duration::from_secs(20));
-    prom.at = format!("{:.3}", now_unix() - 1.0);
+    prom.at_now_less(1.0);
 
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string(repo().join("dashboards/enlight.json")).unwrap(),
@@ -495,18 +467,10 @@ fn three_instances_one_prometheus_every_panel_and_rule_per_instance_and_fleet_wi
             // Per instance: selecting one instance gives exactly its series of the fleet query.
             for i in 0..3 {
                 let inst = Fleet::instance(i);
-                let mine: BTreeMap<_, _> = all
-                    .iter()
-                    .filter(|(l, _)| l["instance"] == inst)
-                    .cloned()
-                    .collect();
+                let mine = series_of(&all, &inst);
                 let alone: BTreeMap<_, _> =
                     prom.query(&substitute(&expr, &inst)).into_iter().collect();
-                let same_set = mine.len() == alone.len()
-                    && mine
-                        .iter()
-                        .all(|(k, v)| alone.get(k).is_some_and(|a| same(*a, *v)));
-                if !same_set {
+                if !same_series(&mine, &alone) {
                     failures.push(format!(
                         "{what}: instance {inst} alone gives {alone:?}, within the fleet {mine:?}"
                     ));

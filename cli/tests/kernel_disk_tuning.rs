@@ -7,14 +7,16 @@
 //! eBPF; CI runs as root. Run it under `flock /work/.privtest.lock` on a shared machine.
 
 #[path = "../../probes/tests/support/mod.rs"]
+mod kernel_support;
 mod support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::LoopDevice;
+use kernel_support::LoopDevice;
+use support::KillOnDrop;
 
 const ENLIGHT: &str = env!("CARGO_BIN_EXE_enlight");
 const ENLIGHTD: &str = env!("CARGO_BIN_EXE_enlightd");
@@ -47,27 +49,17 @@ struct RestoreOnDrop(std::path::PathBuf);
 
 impl Drop for RestoreOnDrop {
     fn drop(&mut self) {
-        if let Ok(mut t) = enlightd::kernel::tune::KernelTuner::open(&self.0) {
-            t.restore();
+        if let Ok(mut changes) = enlightd::kernel::changes::KernelChanges::open(&self.0) {
+            changes.restore();
         }
-    }
-}
-
-/// A child killed (SIGKILL) and reaped on drop.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
 /// fio reading the disk at random, direct, at a bounded rate (the machine is shared), for
 /// at most `secs`. One process (`--thread`): fio's job processes would outlive a killed
 /// parent and keep the loop device open.
-fn fio(disk: &Path, secs: u32) -> Guard {
-    Guard(
+fn fio(disk: &Path, secs: u32) -> KillOnDrop {
+    KillOnDrop(
         Command::new("fio")
             .args([
                 "--name=enlight-disk-tuning",
@@ -92,7 +84,7 @@ fn fio(disk: &Path, secs: u32) -> Guard {
 
 /// enlightd on `dir` (its configuration, runtime directory and log there), tuning `disk`
 /// alone.
-fn enlightd(dir: &Path, disk: &str) -> Guard {
+fn enlightd(dir: &Path, disk: &str) -> KillOnDrop {
     let config = dir.join("enlightd.toml");
     std::fs::write(
         &config,
@@ -118,7 +110,7 @@ fn enlightd(dir: &Path, disk: &str) -> Guard {
     )
     .unwrap();
     let log = std::fs::File::create(dir.join("enlightd.log")).unwrap();
-    Guard(
+    KillOnDrop(
         Command::new(ENLIGHTD)
             .arg("--config")
             .arg(&config)

@@ -1,14 +1,14 @@
 //! Privileged: `enlight restore` puts a kernel device's original settings back after the
 //! process that changed them died without restoring (here: a loop device the test creates, its
-//! read-ahead and rq_affinity changed through enlightd's kernel tuner, then the tuner dropped
-//! as a killed daemon would leave it). Needs root; CI runs as root.
+//! read-ahead and rq_affinity changed through enlightd's journalled kernel changes, which are
+//! then dropped as a killed daemon would leave them). Needs root; CI runs as root.
 
 #[path = "../../probes/tests/support/mod.rs"]
 mod support;
 
 use std::process::Command;
 
-use enlightd::kernel::tune::KernelTuner;
+use enlightd::kernel::changes::KernelChanges;
 use support::LoopDevice;
 
 #[test]
@@ -28,11 +28,11 @@ fn enlight_restore_puts_back_what_a_dead_daemon_changed() {
     let (ra0, aff0) = (knob("read_ahead_kb"), knob("rq_affinity"));
     let runtime = tempfile::tempdir().unwrap();
     {
-        let mut tuner = KernelTuner::open(runtime.path()).unwrap();
-        tuner
+        let mut changes = KernelChanges::open(runtime.path()).unwrap();
+        changes
             .set_block(&name, "read_ahead_kb", if ra0 == 1024 { 512 } else { 1024 })
             .unwrap();
-        tuner
+        changes
             .set_block(&name, "rq_affinity", if aff0 == 2 { 0 } else { 2 })
             .unwrap();
         // Dropped without restore: what a killed daemon leaves behind.

@@ -31,12 +31,12 @@
 #[path = "../src/children.rs"]
 #[allow(dead_code)]
 mod children;
+mod support;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use children::DieWithParent;
-use enlight_lab::{DiskKind, Guest, GuestSpec, Image, ImageSpec, NicKind};
+use enlight_lab::{DiskKind, Guest, GuestSpec, NicKind};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
@@ -120,18 +120,7 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
     {
         panic!("qemu-system-x86_64 is missing (apt-get install qemu-system-x86 busybox-static)");
     }
-    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("lab-cache");
-    let image = Image::prepare(&ImageSpec {
-        cache_dir: cache,
-        executables: vec![
-            "ethtool".into(),
-            "fio".into(),
-            "iperf3".into(),
-            env!("CARGO_BIN_EXE_enlightd").into(),
-            env!("CARGO_BIN_EXE_enlight").into(),
-        ],
-    })
-    .expect("guest image");
+    let image = support::lab_image();
     eprintln!(
         "lab: image ready after {:?} ({})",
         started.elapsed(),

@@ -24,19 +24,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use children::DieWithParent;
-use enlight_lab::{DiskKind, Guest, GuestSpec, Image, ImageSpec, NicKind};
+use enlight_lab::{DiskKind, Guest, GuestSpec, NicKind};
 use serde_json::Value;
-use support::dashboard::{dashboard_queries, same, substitute, Prom};
-use support::KillOnDrop;
+use support::dashboard::{dashboard_queries, same_series, series_of, substitute, Prom};
+use support::{repo, KillOnDrop};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
-
-fn repo() -> PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 /// What each guest runs: enlightd (kernel side on, tuner in dry run), a synthetic and an
 /// emulated disk of ours, fio on the virtio-blk disk; all rate-limited, so two 1-vCPU TCG
@@ -53,23 +46,11 @@ const GUEST_SETUP: &[&str] = &[
 #[test]
 fn two_lab_guests_one_prometheus_every_dashboard_query_per_instance() {
     let started = Instant::now();
-    for tool in ["qemu-system-x86_64", "prometheus"] {
-        assert!(
-            Command::new(tool).arg("--version").output().is_ok(),
-            "{tool} is needed (apt-get install qemu-system-x86 busybox-static prometheus)"
-        );
-    }
-    let image = Image::prepare(&ImageSpec {
-        cache_dir: PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("lab-cache"),
-        executables: vec![
-            "ethtool".into(),
-            "fio".into(),
-            "iperf3".into(),
-            env!("CARGO_BIN_EXE_enlightd").into(),
-            env!("CARGO_BIN_EXE_enlight").into(),
-        ],
-    })
-    .expect("guest image");
+    support::require_tools(
+        &["qemu-system-x86_64", "prometheus"],
+        "qemu-system-x86 busybox-static prometheus",
+    );
+    let image = support::lab_image();
     let (accel, why) = enlight_lab::accel::detect();
     eprintln!("lab fleet: accelerator {accel} ({why})");
     let spec = GuestSpec {
@@ -154,33 +135,18 @@ fn two_lab_guests_one_prometheus_every_dashboard_query_per_instance() {
             .spawn()
             .expect("start prometheus"),
     );
-    let mut prom = Prom {
-        base: format!("http://127.0.0.1:{port}"),
-        agent: ureq::AgentBuilder::new().timeout(SECS(10)).build(),
-        at: String::new(),
-    };
-    let now_unix = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64()
-    };
+    let mut prom = Prom::new(format!("http://127.0.0.1:{port}"));
     // Both guests scraped, each counting I/O on its kernel disk and both of our devices (under
     // TCG a guest's enlightd takes a minute or more before it serves).
     let deadline = Instant::now() + SECS(300);
     loop {
-        prom.at = format!("{:.3}", now_unix());
-        let ready = prom
-            .agent
-            .get(&format!("{}/-/ready", prom.base))
-            .call()
-            .is_ok()
-            && {
-                let busy = prom.query(
-                    "count by (instance) (enlight_io_ops_total{device=~\"vda|disk0|emu0\"} > 0)",
-                );
-                busy.len() == 2 && busy.iter().all(|(_, n)| *n >= 3.0)
-            };
+        prom.at_now_less(0.0);
+        let ready = prom.ready() && {
+            let busy = prom.query(
+                "count by (instance) (enlight_io_ops_total{device=~\"vda|disk0|emu0\"} > 0)",
+            );
+            busy.len() == 2 && busy.iter().all(|(_, n)| *n >= 3.0)
+        };
         if ready {
             break;
         }
@@ -208,7 +174,7 @@ fn two_lab_guests_one_prometheus_every_dashboard_query_per_instance() {
     std::thread::sleep(SECS(20));
     let deadline = Instant::now() + SECS(60);
     loop {
-        prom.at = format!("{:.3}", now_unix() - 1.0);
+        prom.at_now_less(1.0);
         let up = prom.query("min_over_time(up[16s])");
         if up.len() == 2 && up.iter().all(|(_, v)| *v == 1.0) {
             break;
@@ -238,16 +204,8 @@ fn two_lab_guests_one_prometheus_every_dashboard_query_per_instance() {
             }
             if all.iter().all(|(l, _)| l.contains_key("instance")) {
                 // Exactly this guest's series of the query over both.
-                let mine: BTreeMap<_, _> = all
-                    .iter()
-                    .filter(|(l, _)| l.get("instance") == Some(inst))
-                    .cloned()
-                    .collect();
-                let same_set = mine.len() == alone.len()
-                    && mine
-                        .iter()
-                        .all(|(k, v)| alone.get(k).is_some_and(|a| same(*a, *v)));
-                if !same_set {
+                let mine = series_of(&all, inst);
+                if !same_series(&mine, &alone) {
                     failures.push(format!(
                         "{what}: instance {inst} alone gives {alone:?}, within both {mine:?}"
                     ));

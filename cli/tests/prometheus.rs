@@ -23,16 +23,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{free_port, spawn_disk, wait_for_io, KillOnDrop, LiveDaemon};
+use support::{free_port, repo, spawn_disk, wait_for_io, KillOnDrop, LiveDaemon};
 
 const ENLIGHT: &str = env!("CARGO_BIN_EXE_enlight");
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 fn tool(name: &str) -> Command {
     let c = Command::new(name);

@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use enlight_probes::kernel::{Group, KernelProbes, NicKey, Selection};
 use enlightd::kernel::backend::{nic_knobs, KernelNicBackend};
+use enlightd::kernel::changes::KernelChanges;
 use enlightd::kernel::journal::{KnobValue, Target};
-use enlightd::kernel::tune::{KernelTuner, Permission};
+use enlightd::kernel::permission::Permission;
 use enlightd::knobs::Source;
 use enlightd::tuner::backend::SettingsBackend;
 use support::*;
@@ -292,20 +293,20 @@ fn the_tuner_moderates_a_veths_napi_through_sysfs_and_the_journal_puts_it_back()
     // daemon's own reader, a separate napi-get: no `ynl` here, and neither sysfs nor `ip`
     // shows per-instance values).
     let first = instances[0].id;
-    let mut tuner = KernelTuner::open(runtime.path()).unwrap();
+    let mut changes = KernelChanges::open(runtime.path()).unwrap();
     assert_eq!(
-        tuner
+        changes
             .set_napi_instance("b", Some(&netns), first, "gro_flush_timeout", 150_000)
             .unwrap(),
         150_000
     );
     assert_eq!(
-        tuner
+        changes
             .set_napi_instance("b", Some(&netns), first, "defer_hard_irqs", 3)
             .unwrap(),
         3
     );
-    let e = tuner
+    let e = changes
         .set_napi_instance("b", Some(&netns), first, "gro_flush_timeout", 50_000_000)
         .unwrap_err()
         .to_string();
@@ -313,7 +314,7 @@ fn the_tuner_moderates_a_veths_napi_through_sysfs_and_the_journal_puts_it_back()
         e.contains(&format!("napi{first}/gro_flush_timeout")) && e.contains("veth"),
         "{e}"
     );
-    let e = tuner
+    let e = changes
         .set_napi_instance("b", Some(&netns), 999_999, "gro_flush_timeout", 1)
         .unwrap_err()
         .to_string();
@@ -332,22 +333,22 @@ fn the_tuner_moderates_a_veths_napi_through_sysfs_and_the_journal_puts_it_back()
         netns: Some(netns.clone()),
     };
     assert_eq!(
-        tuner
+        changes
             .journal()
             .original(&target, &format!("napi{first}/defer_hard_irqs")),
         Some(KnobValue::U32(original.0 as u32))
     );
     // Back to the interface-wide timer before measuring, through the journal (the first
     // original is kept).
-    tuner
+    changes
         .set_napi_instance("b", Some(&netns), first, "gro_flush_timeout", 200_000)
         .unwrap();
-    tuner
+    changes
         .set_napi_instance("b", Some(&netns), first, "defer_hard_irqs", 10)
         .unwrap();
-    drop(tuner);
+    drop(changes);
     // Journalled before the change, with the originals.
-    let journal = KernelTuner::open(runtime.path()).unwrap();
+    let journal = KernelChanges::open(runtime.path()).unwrap();
     assert_eq!(
         journal.journal().original(&target, "napi_defer_hard_irqs"),
         Some(KnobValue::U32(original.0 as u32))
@@ -412,7 +413,7 @@ fn the_tuner_moderates_a_veths_napi_through_sysfs_and_the_journal_puts_it_back()
     // The per-instance timer goes with the operator's interface-wide one (their write set
     // every instance); the per-instance deferral enlight set is put back, after the
     // interface-wide knob.
-    let report = KernelTuner::open(runtime.path()).unwrap().restore();
+    let report = KernelChanges::open(runtime.path()).unwrap().restore();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     let restored: Vec<_> = report.restored.iter().map(|r| r.1.clone()).collect();
     assert_eq!(
@@ -432,7 +433,7 @@ fn the_tuner_moderates_a_veths_napi_through_sysfs_and_the_journal_puts_it_back()
             "{n:?}"
         );
     }
-    assert!(KernelTuner::open(runtime.path())
+    assert!(KernelChanges::open(runtime.path())
         .unwrap()
         .journal()
         .entries()

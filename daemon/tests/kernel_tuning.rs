@@ -10,9 +10,9 @@ mod support;
 use std::path::PathBuf;
 
 use enlightd::kernel::blockq::BlockQueueError;
+use enlightd::kernel::changes::{ChangeError, KernelChanges};
 use enlightd::kernel::ethtool::{Ethtool, EthtoolError, NicPatch};
 use enlightd::kernel::journal::{Journal, KnobValue, Target};
-use enlightd::kernel::tune::{KernelTuner, TuneError};
 use support::*;
 
 /// Writes a value into a sysfs file on drop (a test's own change undone, also on a panic).
@@ -29,8 +29,8 @@ struct RestoreOnDrop(PathBuf);
 
 impl Drop for RestoreOnDrop {
     fn drop(&mut self) {
-        if let Ok(mut t) = KernelTuner::open(&self.0) {
-            t.restore();
+        if let Ok(mut changes) = KernelChanges::open(&self.0) {
+            changes.restore();
         }
     }
 }
@@ -101,9 +101,9 @@ fn tap_coalescing_is_set_journalled_and_restored_after_a_crash() {
     let before = ns.exec(&["ethtool", "-c", "tap0"]);
     let original: u32 = ethtool_field(&before, "rx-frames:", 0).parse().unwrap();
 
-    let mut tuner = KernelTuner::open(runtime.path()).unwrap();
+    let mut changes = KernelChanges::open(runtime.path()).unwrap();
     let want = if original == 16 { 8 } else { 16 };
-    let after = tuner
+    let after = changes
         .set_nic(
             "tap0",
             Some(&netns),
@@ -119,7 +119,7 @@ fn tap_coalescing_is_set_journalled_and_restored_after_a_crash() {
     assert_eq!(ethtool_field(&text, "rx-frames:", 0), want.to_string());
 
     // A knob tun lacks: a typed error naming the driver, and nothing is journalled for it.
-    let e = tuner
+    let e = changes
         .set_nic(
             "tap0",
             Some(&netns),
@@ -130,12 +130,12 @@ fn tap_coalescing_is_set_journalled_and_restored_after_a_crash() {
         )
         .unwrap_err();
     assert!(
-        matches!(&e, TuneError::Ethtool(EthtoolError::Unsupported { driver, .. }) if driver == "tun"),
+        matches!(&e, ChangeError::Ethtool(EthtoolError::Unsupported { driver, .. }) if driver == "tun"),
         "{e:?}"
     );
     assert!(e.to_string().contains("not supported by driver tun"), "{e}");
     // Rings: tun has none.
-    let e = tuner
+    let e = changes
         .set_nic(
             "tap0",
             Some(&netns),
@@ -148,7 +148,7 @@ fn tap_coalescing_is_set_journalled_and_restored_after_a_crash() {
     assert!(e.to_string().contains("not supported by driver tun"), "{e}");
 
     // The daemon "dies" here: nothing restores; the journal on disk has the original.
-    drop(tuner);
+    drop(changes);
     let journal = Journal::open(runtime.path()).unwrap();
     let target = Target::Nic {
         iface: "tap0".into(),
@@ -161,7 +161,7 @@ fn tap_coalescing_is_set_journalled_and_restored_after_a_crash() {
     assert_eq!(journal.entries().len(), 1, "{:?}", journal.entries());
 
     // `enlight restore` (the same call) in a fresh process puts it back and empties the journal.
-    let report = KernelTuner::open(runtime.path()).unwrap().restore();
+    let report = KernelChanges::open(runtime.path()).unwrap().restore();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     assert_eq!(report.restored.len(), 1);
     let text = ns.exec(&["ethtool", "-c", "tap0"]);
@@ -175,8 +175,8 @@ fn veth_lacks_rings_and_coalescing_and_says_so() {
     let pair = VethPair::new("enl-ktune-");
     let netns = PathBuf::from(format!("/run/netns/{}", pair.ns_a.name));
     let runtime = tempfile::tempdir().unwrap();
-    let mut tuner = KernelTuner::open(runtime.path()).unwrap();
-    let settings = KernelTuner::nic_settings("a", Some(&netns)).unwrap();
+    let mut changes = KernelChanges::open(runtime.path()).unwrap();
+    let settings = enlightd::kernel::changes::nic_settings("a", Some(&netns)).unwrap();
     assert_eq!(settings.rings, None, "veth has no rings");
     for patch in [
         NicPatch {
@@ -188,15 +188,15 @@ fn veth_lacks_rings_and_coalescing_and_says_so() {
             ..Default::default()
         },
     ] {
-        let e = tuner.set_nic("a", Some(&netns), &patch).unwrap_err();
+        let e = changes.set_nic("a", Some(&netns), &patch).unwrap_err();
         assert!(
             e.to_string().contains("not supported by driver veth"),
             "{e}"
         );
     }
-    assert!(tuner.journal().entries().is_empty());
+    assert!(changes.journal().entries().is_empty());
     // An interface that does not exist.
-    let e = tuner
+    let e = changes
         .set_nic(
             "nosuch0",
             Some(&netns),
@@ -207,7 +207,7 @@ fn veth_lacks_rings_and_coalescing_and_says_so() {
         )
         .unwrap_err();
     assert!(
-        matches!(e, TuneError::Ethtool(EthtoolError::NoSuchDevice(_))),
+        matches!(e, ChangeError::Ethtool(EthtoolError::NoSuchDevice(_))),
         "{e:?}"
     );
 }
@@ -225,36 +225,39 @@ fn loop_queue_settings_are_set_checked_and_restored() {
             .unwrap()
     };
     let runtime = tempfile::tempdir().unwrap();
-    let mut tuner = KernelTuner::open(runtime.path()).unwrap();
+    let mut changes = KernelChanges::open(runtime.path()).unwrap();
     let (ra0, aff0, nm0) = (
         sysfs("read_ahead_kb"),
         sysfs("rq_affinity"),
         sysfs("nomerges"),
     );
     let ra = if ra0 == 512 { 256 } else { 512 };
-    assert_eq!(tuner.set_block(&name, "read_ahead_kb", ra).unwrap(), ra);
+    assert_eq!(changes.set_block(&name, "read_ahead_kb", ra).unwrap(), ra);
     assert_eq!(sysfs("read_ahead_kb"), ra);
     let aff = if aff0 == 2 { 1 } else { 2 };
-    tuner.set_block(&name, "rq_affinity", aff).unwrap();
+    changes.set_block(&name, "rq_affinity", aff).unwrap();
     assert_eq!(sysfs("rq_affinity"), aff);
     // Changed twice: the journal keeps the first original.
-    tuner.set_block(&name, "read_ahead_kb", 64).unwrap();
-    tuner
+    changes.set_block(&name, "read_ahead_kb", 64).unwrap();
+    changes
         .set_block(&name, "nomerges", if nm0 == 0 { 1 } else { 0 })
         .unwrap();
     // Out of range: refused before anything is written or journalled.
-    let e = tuner.set_block(&name, "rq_affinity", 7).unwrap_err();
+    let e = changes.set_block(&name, "rq_affinity", 7).unwrap_err();
     assert!(
-        matches!(e, TuneError::BlockQueue(BlockQueueError::OutOfRange { .. })),
+        matches!(
+            e,
+            ChangeError::BlockQueue(BlockQueueError::OutOfRange { .. })
+        ),
         "{e:?}"
     );
     let max_hw = sysfs("max_hw_sectors_kb");
-    let e = tuner
+    let e = changes
         .set_block(&name, "max_sectors_kb", max_hw + 1)
         .unwrap_err();
     assert!(e.to_string().contains("out of range"), "{e}");
-    assert_eq!(tuner.journal().entries().len(), 3);
-    let report = tuner.restore();
+    assert_eq!(changes.journal().entries().len(), 3);
+    let report = changes.restore();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     assert_eq!(report.restored.len(), 3);
     assert_eq!(
@@ -270,7 +273,7 @@ fn loop_queue_settings_are_set_checked_and_restored() {
 #[test]
 fn the_tuners_backend_changes_a_kernel_nics_coalescing_through_the_journal() {
     use enlightd::kernel::backend::KernelNicBackend;
-    use enlightd::kernel::tune::Permission;
+    use enlightd::kernel::permission::Permission;
     use enlightd::tuner::backend::SettingsBackend;
     require_root();
     let ns = NetNs::new("enl-ktune-backend");
@@ -300,7 +303,7 @@ fn the_tuners_backend_changes_a_kernel_nics_coalescing_through_the_journal() {
         ethtool_field(&ns.exec(&["ethtool", "-c", "tap1"]), "rx-frames:", 0),
         to.moderation_frames.to_string()
     );
-    let report = KernelTuner::open(runtime.path()).unwrap().restore();
+    let report = KernelChanges::open(runtime.path()).unwrap().restore();
     assert_eq!(report.restored.len(), 1, "{:?}", report.failed);
     assert_eq!(
         ethtool_field(&ns.exec(&["ethtool", "-c", "tap1"]), "rx-frames:", 0),
@@ -317,7 +320,7 @@ fn the_tuners_backend_changes_a_kernel_nics_coalescing_through_the_journal() {
 fn the_tuners_disk_backend_switches_scheduler_and_depth_and_restore_puts_them_back() {
     use enlightd::kernel::backend::KernelDiskBackend;
     use enlightd::kernel::blockq::parse_scheduler;
-    use enlightd::kernel::tune::Permission;
+    use enlightd::kernel::permission::Permission;
     use enlightd::tuner::backend::SettingsBackend;
     require_root();
     let disk = LoopDevice::new(8);
@@ -394,18 +397,20 @@ fn the_tuners_disk_backend_switches_scheduler_and_depth_and_restore_puts_them_ba
     );
 
     // What the device does not take: typed, naming disk, knob (and driver), nothing written.
-    let mut tuner = KernelTuner::open(runtime.path()).unwrap();
-    let e = tuner.set_scheduler(&name, "no-such-elevator").unwrap_err();
+    let mut changes = KernelChanges::open(runtime.path()).unwrap();
+    let e = changes
+        .set_scheduler(&name, "no-such-elevator")
+        .unwrap_err();
     assert!(
-        matches!(&e, TuneError::BlockQueue(BlockQueueError::NoSuchChoice { disk, .. }) if disk == &name),
+        matches!(&e, ChangeError::BlockQueue(BlockQueueError::NoSuchChoice { disk, .. }) if disk == &name),
         "{e:?}"
     );
-    let e = tuner.set_block(&name, "queue_depth", 8).unwrap_err();
+    let e = changes.set_block(&name, "queue_depth", 8).unwrap_err();
     assert!(
-        matches!(&e, TuneError::BlockQueue(BlockQueueError::Unsupported { driver, knob, .. }) if driver == "loop" && knob == "queue_depth"),
+        matches!(&e, ChangeError::BlockQueue(BlockQueueError::Unsupported { driver, knob, .. }) if driver == "loop" && knob == "queue_depth"),
         "{e:?}"
     );
-    let e = tuner
+    let e = changes
         .set_block(
             &name,
             "nr_requests",
@@ -413,8 +418,12 @@ fn the_tuners_disk_backend_switches_scheduler_and_depth_and_restore_puts_them_ba
         )
         .unwrap_err();
     assert!(e.to_string().contains("out of range"), "{e}");
-    assert_eq!(tuner.journal().entries().len(), 2, "nothing new journalled");
-    drop(tuner);
+    assert_eq!(
+        changes.journal().entries().len(),
+        2,
+        "nothing new journalled"
+    );
+    drop(changes);
 
     // An operator's change: seen at the next read, never written over.
     let operator = WriteOnDrop(
@@ -434,7 +443,7 @@ fn the_tuners_disk_backend_switches_scheduler_and_depth_and_restore_puts_them_ba
     // Killed without a restore; the journal puts the scheduler back and leaves the operator's
     // depth in force, although putting the scheduler back made the kernel reset it.
     std::mem::forget(backend);
-    let report = KernelTuner::open(runtime.path()).unwrap().restore();
+    let report = KernelChanges::open(runtime.path()).unwrap().restore();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     assert_eq!(report.restored.len(), 1, "{:?}", report.restored);
     assert_eq!(report.left.len(), 1, "{:?}", report.left);
@@ -443,7 +452,7 @@ fn the_tuners_disk_backend_switches_scheduler_and_depth_and_restore_puts_them_ba
         (original.0.clone(), original.2.clone())
     );
     assert_eq!(read("queue/nr_requests"), "8", "the operator's value");
-    assert!(KernelTuner::open(runtime.path())
+    assert!(KernelChanges::open(runtime.path())
         .unwrap()
         .journal()
         .entries()
@@ -480,7 +489,7 @@ impl enlightd::tuner::backend::BackendFactory for TapFactory {
         >,
     > {
         use enlightd::kernel::backend::KernelNicBackend;
-        use enlightd::kernel::tune::Permission;
+        use enlightd::kernel::permission::Permission;
         use enlightd::tuner::backend::SettingsBackend;
         let mut b = KernelNicBackend::open(
             self.iface,
@@ -656,7 +665,7 @@ async fn an_admins_ethtool_change_pins_the_device_before_the_next_tick() {
     drop(listener);
 
     // A restore (clean exit, `enlight restore`) leaves the admin's value too.
-    let report = KernelTuner::open(runtime.path()).unwrap().restore();
+    let report = KernelChanges::open(runtime.path()).unwrap().restore();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     assert_eq!(report.left.len(), 1, "{:?}", report);
     assert_eq!(rx_frames(), admins);

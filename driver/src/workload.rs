@@ -167,8 +167,9 @@ impl FromStr for WorkloadSpec {
     /// (read percentage), `pattern` (`random`|`sequential`), `ios` or `duration` (`10s`, `500ms`),
     /// `seed`, `rate` (IOPS, open loop), `ramp` (IOPS at the end of the phase: the rate moves
     /// linearly from `rate` to it over the `duration`, both required), `mix` (`SIZE:PERCENT`: that
-    /// share of I/Os at a second block size), `burst` (`ON:OFF` durations). Unspecified keys keep their defaults. A value
-    /// out of range is an error that names the key and its range ([`limits`]).
+    /// share of I/Os at a second block size), `burst` (`ON:OFF` durations). Unspecified keys keep
+    /// their defaults. A value out of range is an error that names the key and its range
+    /// ([`limits`]).
     fn from_str(s: &str) -> Result<Self, SpecError> {
         let err = |reason: String| SpecError {
             spec: s.to_string(),
@@ -179,125 +180,134 @@ impl FromStr for WorkloadSpec {
             let (k, v) = part
                 .split_once('=')
                 .ok_or_else(|| err(format!("{part:?} is not key=value")))?;
-            let (k, v) = (k.trim(), v.trim());
-            // The error of a bad value: the key, the value, and what the key accepts.
-            let bad = |accepts: String| err(format!("{k} = {v} is outside {accepts}"));
-            let (qd, bs, pct, rate) = (
-                limits::QUEUE_DEPTH,
-                limits::BLOCK_SIZE,
-                limits::PERCENT,
-                limits::RATE_IOPS,
-            );
-            let sizes = format!(
-                "{}..={} bytes, a multiple of 512 (k/m suffixes: 4k, 1m)",
-                bs.start(),
-                bs.end()
-            );
-            let durations = |max: u64| format!("0..={max} seconds (e.g. 10s, 1.5, 500ms)");
-            match k {
-                "qd" => {
-                    spec.queue_depth = v
-                        .parse()
-                        .ok()
-                        .filter(|q| qd.contains(q))
-                        .ok_or_else(|| bad(format!("{qd:?} (requests in flight)")))?
-                }
-                "bs" => spec.block_size = parse_block_size(v).ok_or_else(|| bad(sizes))?,
-                "rw" => {
-                    spec.read_percent = v
-                        .parse()
-                        .ok()
-                        .filter(|p| pct.contains(p))
-                        .ok_or_else(|| bad(format!("{pct:?} (percent reads)")))?
-                }
-                "pattern" => {
-                    spec.pattern = match v {
-                        "random" | "rand" => Pattern::Random,
-                        "sequential" | "seq" => Pattern::Sequential,
-                        _ => {
-                            return Err(err(format!(
-                                "pattern = {v} is neither random nor sequential"
-                            )))
-                        }
-                    }
-                }
-                "ios" => {
-                    spec.limit = Limit::Ios(
-                        v.parse()
-                            .ok()
-                            .filter(|n| *n > 0)
-                            .ok_or_else(|| bad(format!("1..={} (I/Os)", u64::MAX)))?,
-                    )
-                }
-                "duration" => {
-                    spec.limit = Limit::Duration(
-                        parse_duration(v, limits::DURATION_MAX_SECS)
-                            .ok_or_else(|| bad(durations(limits::DURATION_MAX_SECS)))?,
-                    )
-                }
-                "seed" => {
-                    spec.seed = v
-                        .parse()
-                        .map_err(|_| bad(format!("0..={} (an integer)", u64::MAX)))?
-                }
-                "rate" => {
-                    spec.rate_iops = v
-                        .parse()
-                        .ok()
-                        .filter(|r| rate.contains(r))
-                        .ok_or_else(|| bad(format!("{rate:?} (IOPS; 0: closed loop)")))?
-                }
-                "ramp" => {
-                    spec.ramp_to_iops = Some(
-                        v.parse()
-                            .ok()
-                            .filter(|r| *r > 0 && rate.contains(r))
-                            .ok_or_else(|| bad(format!("1..={} (IOPS)", rate.end())))?,
-                    )
-                }
-                "mix" => {
-                    let accepts = || {
-                        err(format!(
-                            "{k} = {v}: expected SIZE:PERCENT, SIZE in {sizes}, PERCENT in \
-                             {pct:?} (e.g. mix=64k:30)"
-                        ))
-                    };
-                    let (size, share) = v.split_once(':').ok_or_else(accepts)?;
-                    spec.mix_block_size = parse_block_size(size).ok_or_else(accepts)?;
-                    spec.mix_percent = share
-                        .trim()
-                        .parse()
-                        .ok()
-                        .filter(|p| pct.contains(p))
-                        .ok_or_else(accepts)?;
-                }
-                "burst" => {
-                    let max = limits::BURST_MAX_SECS;
-                    let accepts = || {
-                        err(format!(
-                            "{k} = {v}: expected ON:OFF, each in {} (ON above 0; e.g. \
-                             burst=100ms:100ms)",
-                            durations(max)
-                        ))
-                    };
-                    let (on, off) = v.split_once(':').ok_or_else(accepts)?;
-                    let on = parse_duration(on, max)
-                        .filter(|d| !d.is_zero())
-                        .ok_or_else(accepts)?;
-                    let off = parse_duration(off, max).ok_or_else(accepts)?;
-                    spec.burst = Some((on, off));
-                }
-                other => return Err(err(format!("unknown key {other:?}"))),
-            }
+            spec.set(k.trim(), v.trim()).map_err(err)?;
         }
-        if spec.ramp_to_iops.is_some()
-            && (spec.rate_iops == 0 || !matches!(spec.limit, Limit::Duration(_)))
-        {
-            return Err(err(
-                "ramp needs a rate to start from (rate=IOPS) and a duration to ramp over".into(),
-            ));
-        }
+        spec.check_ramp().map_err(err)?;
         Ok(spec)
+    }
+}
+
+/// The reason of a value of key `k` outside what the key accepts: the key, the value, and what
+/// the key accepts.
+fn outside(k: &str, v: &str, accepts: impl std::fmt::Display) -> String {
+    format!("{k} = {v} is outside {accepts}")
+}
+
+/// What `bs` and the size of `mix` accept, as the errors say it.
+fn sizes() -> String {
+    let bs = limits::BLOCK_SIZE;
+    format!(
+        "{}..={} bytes, a multiple of 512 (k/m suffixes: 4k, 1m)",
+        bs.start(),
+        bs.end()
+    )
+}
+
+/// What a duration of at most `max` seconds accepts, as the errors say it.
+fn durations(max: u64) -> String {
+    format!("0..={max} seconds (e.g. 10s, 1.5, 500ms)")
+}
+
+/// Value `v` of key `k`: a number in `range`, or the reason naming `range` and `what` it counts.
+fn number_in<T>(
+    k: &str,
+    v: &str,
+    range: std::ops::RangeInclusive<T>,
+    what: &str,
+) -> Result<T, String>
+where
+    T: FromStr + PartialOrd + std::fmt::Debug,
+{
+    v.parse()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| outside(k, v, format!("{range:?} ({what})")))
+}
+
+/// `pattern`: `random` (`rand`) or `sequential` (`seq`).
+fn parse_pattern(v: &str) -> Result<Pattern, String> {
+    match v {
+        "random" | "rand" => Ok(Pattern::Random),
+        "sequential" | "seq" => Ok(Pattern::Sequential),
+        _ => Err(format!("pattern = {v} is neither random nor sequential")),
+    }
+}
+
+/// `mix`: `SIZE:PERCENT`, the second block size and the percentage of I/Os at it.
+fn parse_mix(k: &str, v: &str) -> Result<(u32, u8), String> {
+    let pct = limits::PERCENT;
+    let accepts = || {
+        format!(
+            "{k} = {v}: expected SIZE:PERCENT, SIZE in {}, PERCENT in {pct:?} (e.g. mix=64k:30)",
+            sizes()
+        )
+    };
+    let (size, share) = v.split_once(':').ok_or_else(accepts)?;
+    let size = parse_block_size(size).ok_or_else(accepts)?;
+    let share = share
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| pct.contains(p))
+        .ok_or_else(accepts)?;
+    Ok((size, share))
+}
+
+/// `burst`: `ON:OFF`, each a duration of at most [`limits::BURST_MAX_SECS`], ON above 0.
+fn parse_burst(k: &str, v: &str) -> Result<(Duration, Duration), String> {
+    let max = limits::BURST_MAX_SECS;
+    let accepts = || {
+        format!(
+            "{k} = {v}: expected ON:OFF, each in {} (ON above 0; e.g. burst=100ms:100ms)",
+            durations(max)
+        )
+    };
+    let (on, off) = v.split_once(':').ok_or_else(accepts)?;
+    let on = parse_duration(on, max)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(accepts)?;
+    let off = parse_duration(off, max).ok_or_else(accepts)?;
+    Ok((on, off))
+}
+
+impl WorkloadSpec {
+    /// Sets key `k` to value `v`; the error is the reason, naming the key and what it accepts.
+    fn set(&mut self, k: &str, v: &str) -> Result<(), String> {
+        match k {
+            "qd" => self.queue_depth = number_in(k, v, limits::QUEUE_DEPTH, "requests in flight")?,
+            "bs" => self.block_size = parse_block_size(v).ok_or_else(|| outside(k, v, sizes()))?,
+            "rw" => self.read_percent = number_in(k, v, limits::PERCENT, "percent reads")?,
+            "pattern" => self.pattern = parse_pattern(v)?,
+            "ios" => self.limit = Limit::Ios(number_in(k, v, 1..=u64::MAX, "I/Os")?),
+            "duration" => {
+                let max = limits::DURATION_MAX_SECS;
+                self.limit = Limit::Duration(
+                    parse_duration(v, max).ok_or_else(|| outside(k, v, durations(max)))?,
+                )
+            }
+            "seed" => self.seed = number_in(k, v, 0..=u64::MAX, "an integer")?,
+            "rate" => self.rate_iops = number_in(k, v, limits::RATE_IOPS, "IOPS; 0: closed loop")?,
+            "ramp" => {
+                let rates = 1..=*limits::RATE_IOPS.end();
+                self.ramp_to_iops = Some(number_in(k, v, rates, "IOPS")?)
+            }
+            "mix" => (self.mix_block_size, self.mix_percent) = parse_mix(k, v)?,
+            "burst" => self.burst = Some(parse_burst(k, v)?),
+            other => return Err(format!("unknown key {other:?}")),
+        }
+        Ok(())
+    }
+
+    /// A ramp needs a rate to start from and a duration to ramp over.
+    fn check_ramp(&self) -> Result<(), String> {
+        if self.ramp_to_iops.is_some()
+            && (self.rate_iops == 0 || !matches!(self.limit, Limit::Duration(_)))
+        {
+            return Err(
+                "ramp needs a rate to start from (rate=IOPS) and a duration to ramp over".into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -587,6 +597,154 @@ fn check_fits(vsc: &DiskVsc, spec: &WorkloadSpec) -> Result<(), WorkloadError> {
     Ok(())
 }
 
+/// One phase's submissions: where the next request goes, when it is due (under a rate), and
+/// whether the phase is over.
+struct Schedule<'a> {
+    spec: &'a WorkloadSpec,
+    start: Instant,
+    capacity: u64,
+    rng: SmallRng,
+    next_sector: u64,
+    submitted: u64,
+    /// When the next submission is due, under a rate.
+    next_due: Instant,
+}
+
+impl<'a> Schedule<'a> {
+    fn new(spec: &'a WorkloadSpec, capacity: u64) -> Schedule<'a> {
+        let start = Instant::now();
+        Schedule {
+            spec,
+            start,
+            capacity,
+            rng: SmallRng::seed_from_u64(spec.seed),
+            next_sector: 0,
+            submitted: 0,
+            next_due: start,
+        }
+    }
+
+    /// Whether submissions follow a rate (`rate=`) rather than the queue alone.
+    fn rated(&self) -> bool {
+        self.spec.rate_iops != 0
+    }
+
+    /// The gap between submissions due at `at`: fixed, or along the ramp.
+    fn gap_at(&self, at: Instant) -> Option<Duration> {
+        let spec = self.spec;
+        if spec.rate_iops == 0 {
+            return None;
+        }
+        let rate = match (spec.ramp_to_iops, spec.limit) {
+            (Some(to), Limit::Duration(d)) if !d.is_zero() => {
+                let f = (at.duration_since(self.start).as_secs_f64() / d.as_secs_f64()).min(1.0);
+                spec.rate_iops as f64 + (to as f64 - spec.rate_iops as f64) * f
+            }
+            _ => spec.rate_iops as f64,
+        };
+        Some(Duration::from_secs_f64(1.0 / rate.max(1.0)))
+    }
+
+    fn limit_reached(&self, now: Instant) -> bool {
+        match self.spec.limit {
+            Limit::Ios(n) => self.submitted >= n,
+            Limit::Duration(d) => now.duration_since(self.start) >= d,
+            Limit::Unbounded => false,
+        }
+    }
+
+    /// Whether bursts are on at `now`, and how long until they turn on if not.
+    fn burst_state(&self, now: Instant) -> (bool, Duration) {
+        match self.spec.burst {
+            None => (true, Duration::ZERO),
+            Some((on, off)) => {
+                let period = (on + off).as_nanos().max(1);
+                let t = now.duration_since(self.start).as_nanos() % period;
+                if t < on.as_nanos() {
+                    (true, Duration::ZERO)
+                } else {
+                    (false, Duration::from_nanos((period - t) as u64))
+                }
+            }
+        }
+    }
+
+    /// The next request: op, first sector, sectors.
+    fn next_request(&mut self) -> (u16, u64, u32) {
+        let spec = self.spec;
+        let bs = if spec.mix_percent > 0 && self.rng.gen_range(0..100u8) < spec.mix_percent {
+            spec.mix_block_size
+        } else {
+            spec.block_size
+        };
+        let sectors = bs / SECTOR;
+        let blocks = self.capacity / sectors as u64;
+        let lba = match spec.pattern {
+            Pattern::Random => self.rng.gen_range(0..blocks) * sectors as u64,
+            Pattern::Sequential => {
+                if self.next_sector + sectors as u64 > self.capacity {
+                    self.next_sector = 0;
+                }
+                let l = self.next_sector;
+                self.next_sector += sectors as u64;
+                l
+            }
+        };
+        let op = if self.rng.gen_range(0..100u8) < spec.read_percent {
+            OP_READ
+        } else {
+            OP_WRITE
+        };
+        (op, lba, sectors)
+    }
+
+    /// Counts a submission and, under a rate, moves the next one's due time on.
+    fn submitted_one(&mut self) {
+        self.submitted += 1;
+        if let Some(gap) = self.gap_at(self.next_due) {
+            self.next_due += gap;
+            // Behind by more than 10 ms (the queue was full): do not burst to catch up, keep
+            // the rate from here.
+            let now = Instant::now();
+            if self.next_due + Duration::from_millis(10) < now {
+                self.next_due = now;
+            }
+        }
+    }
+
+    /// Submits while the queue has room, the limit is not reached and (under a rate) a
+    /// submission is due.
+    fn submit_due(&mut self, vsc: &mut DiskVsc, queue_depth: usize) -> Result<(), WorkloadError> {
+        while vsc.outstanding() < queue_depth && !self.limit_reached(Instant::now()) {
+            if self.rated() && Instant::now() < self.next_due {
+                break;
+            }
+            let (op, lba, sectors) = self.next_request();
+            match vsc.submit(op, lba, sectors)? {
+                Submitted::Queued(_) => self.submitted_one(),
+                Submitted::RingFull => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reports the cumulative figures to `on_interval` when `progress.every` has passed.
+fn report_progress(
+    stats: &mut Stats,
+    progress: &mut Progress,
+    on_interval: &mut impl FnMut(&WorkloadSnapshot),
+) {
+    let now = Instant::now();
+    if now.duration_since(progress.last_tick) >= progress.every {
+        let dt = now.duration_since(progress.last_tick).as_secs_f64();
+        let iops = (stats.snap.ops_total - progress.ops_at_tick) as f64 / dt;
+        progress.ops_at_tick = stats.snap.ops_total;
+        progress.last_tick = now;
+        on_interval(&stats.snapshot(now.duration_since(progress.start), iops, false));
+    }
+}
+
 fn run_phase(
     vsc: &mut DiskVsc,
     spec: &WorkloadSpec,
@@ -600,107 +758,25 @@ fn run_phase(
     if first {
         trace::workload_start(vsc.dev_id(), queue_depth as u32);
     }
-    let capacity = vsc.capacity_sectors();
-    let mut rng = SmallRng::seed_from_u64(spec.seed);
-    let mut next_sector = 0u64;
-    let mut submitted = 0u64;
     let mut completions: Vec<Completion> = Vec::with_capacity(queue_depth);
-    let phase_start = Instant::now();
-    // The gap between submissions due at `at`: fixed, or along the ramp.
-    let gap_at = |at: Instant| -> Option<Duration> {
-        if spec.rate_iops == 0 {
-            return None;
-        }
-        let rate = match (spec.ramp_to_iops, spec.limit) {
-            (Some(to), Limit::Duration(d)) if !d.is_zero() => {
-                let f = (at.duration_since(phase_start).as_secs_f64() / d.as_secs_f64()).min(1.0);
-                spec.rate_iops as f64 + (to as f64 - spec.rate_iops as f64) * f
-            }
-            _ => spec.rate_iops as f64,
-        };
-        Some(Duration::from_secs_f64(1.0 / rate.max(1.0)))
-    };
-    let gap = gap_at(phase_start);
-    let mut next_due = phase_start;
-    let limit_reached = |submitted: u64, now: Instant| match spec.limit {
-        Limit::Ios(n) => submitted >= n,
-        Limit::Duration(d) => now.duration_since(phase_start) >= d,
-        Limit::Unbounded => false,
-    };
-    // Whether bursts are on at `now`, and how long until they turn on if not.
-    let burst_state = |now: Instant| -> (bool, Duration) {
-        match spec.burst {
-            None => (true, Duration::ZERO),
-            Some((on, off)) => {
-                let period = (on + off).as_nanos().max(1);
-                let t = now.duration_since(phase_start).as_nanos() % period;
-                if t < on.as_nanos() {
-                    (true, Duration::ZERO)
-                } else {
-                    (false, Duration::from_nanos((period - t) as u64))
-                }
-            }
-        }
-    };
+    let mut schedule = Schedule::new(spec, vsc.capacity_sectors());
     loop {
         let now = Instant::now();
-        let stopping = stop.load(Ordering::Relaxed) || limit_reached(submitted, now);
+        let stopping = stop.load(Ordering::Relaxed) || schedule.limit_reached(now);
         if stopping && vsc.outstanding() == 0 {
             break;
         }
-        let (on, until_on) = burst_state(now);
+        let (on, until_on) = schedule.burst_state(now);
         if !stopping && on {
-            while vsc.outstanding() < queue_depth && !limit_reached(submitted, Instant::now()) {
-                if gap.is_some() && Instant::now() < next_due {
-                    break;
-                }
-                let bs = if spec.mix_percent > 0 && rng.gen_range(0..100u8) < spec.mix_percent {
-                    spec.mix_block_size
-                } else {
-                    spec.block_size
-                };
-                let sectors = bs / SECTOR;
-                let blocks = capacity / sectors as u64;
-                let lba = match spec.pattern {
-                    Pattern::Random => rng.gen_range(0..blocks) * sectors as u64,
-                    Pattern::Sequential => {
-                        if next_sector + sectors as u64 > capacity {
-                            next_sector = 0;
-                        }
-                        let l = next_sector;
-                        next_sector += sectors as u64;
-                        l
-                    }
-                };
-                let op = if rng.gen_range(0..100u8) < spec.read_percent {
-                    OP_READ
-                } else {
-                    OP_WRITE
-                };
-                match vsc.submit(op, lba, sectors)? {
-                    Submitted::Queued(_) => {
-                        submitted += 1;
-                        if let Some(gap) = gap_at(next_due) {
-                            next_due += gap;
-                            // Behind by more than 10 ms (the queue was full): do not burst to
-                            // catch up, keep the rate from here.
-                            let now = Instant::now();
-                            if next_due + Duration::from_millis(10) < now {
-                                next_due = now;
-                            }
-                        }
-                    }
-                    Submitted::RingFull => break,
-                }
-            }
+            schedule.submit_due(vsc, queue_depth)?;
         } else if !on {
-            next_due = now + until_on;
+            schedule.next_due = now + until_on;
         }
         let mut timeout = Duration::from_millis(100);
         if !on {
             timeout = timeout.min(until_on);
-        } else if gap.is_some() && vsc.outstanding() < queue_depth {
-            timeout = timeout.min(next_due.saturating_duration_since(Instant::now()));
+        } else if schedule.rated() && vsc.outstanding() < queue_depth {
+            timeout = timeout.min(schedule.next_due.saturating_duration_since(Instant::now()));
         }
         completions.clear();
         if vsc.outstanding() == 0 {
@@ -713,14 +789,7 @@ fn run_phase(
         for c in &completions {
             stats.record(c);
         }
-        let now = Instant::now();
-        if now.duration_since(progress.last_tick) >= progress.every {
-            let dt = now.duration_since(progress.last_tick).as_secs_f64();
-            let iops = (stats.snap.ops_total - progress.ops_at_tick) as f64 / dt;
-            progress.ops_at_tick = stats.snap.ops_total;
-            progress.last_tick = now;
-            on_interval(&stats.snapshot(now.duration_since(progress.start), iops, false));
-        }
+        report_progress(stats, progress, on_interval);
     }
     Ok(())
 }
@@ -825,6 +894,65 @@ mod tests {
         assert_eq!(vsc.outstanding(), 0);
         assert_eq!(r.ops_total, host_requests());
         assert!(r.done);
+    }
+
+    /// Every kind of bad spec, with its whole reason: the words a user reads stay as they were.
+    #[test]
+    fn every_reason_is_worded_in_full() {
+        let sizes = "512..=16777216 bytes, a multiple of 512 (k/m suffixes: 4k, 1m)";
+        let u64_max = u64::MAX;
+        for (spec, reason) in [
+            ("qd", "\"qd\" is not key=value".to_string()),
+            ("depth=3", "unknown key \"depth\"".into()),
+            (
+                "qd=0",
+                "qd = 0 is outside 1..=4096 (requests in flight)".into(),
+            ),
+            ("bs=3", format!("bs = 3 is outside {sizes}")),
+            (
+                "rw=101",
+                "rw = 101 is outside 0..=100 (percent reads)".into(),
+            ),
+            (
+                "pattern=zigzag",
+                "pattern = zigzag is neither random nor sequential".into(),
+            ),
+            ("ios=0", format!("ios = 0 is outside 1..={u64_max} (I/Os)")),
+            (
+                "duration=inf",
+                "duration = inf is outside 0..=31536000 seconds (e.g. 10s, 1.5, 500ms)".into(),
+            ),
+            (
+                "seed=-1",
+                format!("seed = -1 is outside 0..={u64_max} (an integer)"),
+            ),
+            (
+                "rate=10000001",
+                "rate = 10000001 is outside 0..=10000000 (IOPS; 0: closed loop)".into(),
+            ),
+            ("ramp=0", "ramp = 0 is outside 1..=10000000 (IOPS)".into()),
+            (
+                "mix=64k",
+                format!(
+                    "mix = 64k: expected SIZE:PERCENT, SIZE in {sizes}, PERCENT in 0..=100 \
+                     (e.g. mix=64k:30)"
+                ),
+            ),
+            (
+                "burst=0s:1s",
+                "burst = 0s:1s: expected ON:OFF, each in 0..=3600 seconds (e.g. 10s, 1.5, \
+                 500ms) (ON above 0; e.g. burst=100ms:100ms)"
+                    .into(),
+            ),
+            (
+                "rate=10,ramp=100",
+                "ramp needs a rate to start from (rate=IOPS) and a duration to ramp over".into(),
+            ),
+        ] {
+            let e = spec.parse::<WorkloadSpec>().unwrap_err();
+            assert_eq!(e.reason, reason, "{spec}");
+            assert_eq!(e.spec, spec);
+        }
     }
 
     #[test]

@@ -14,6 +14,34 @@ pub struct Prom {
 }
 
 impl Prom {
+    /// The Prometheus serving at `base` (`http://127.0.0.1:9090`), queried at no instant yet.
+    pub fn new(base: String) -> Prom {
+        Prom {
+            base,
+            agent: ureq::AgentBuilder::new()
+                .timeout(std::time::Duration::from_secs(10))
+                .build(),
+            at: String::new(),
+        }
+    }
+
+    /// Queries from now on at `ago_s` seconds before now.
+    pub fn at_now_less(&mut self, ago_s: f64) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        self.at = format!("{:.3}", now - ago_s);
+    }
+
+    /// Whether Prometheus says it is ready.
+    pub fn ready(&self) -> bool {
+        self.agent
+            .get(&format!("{}/-/ready", self.base))
+            .call()
+            .is_ok()
+    }
+
     pub fn get(&self, path: &str, params: &[(&str, &str)]) -> Value {
         let mut req = self.agent.get(&format!("{}{path}", self.base));
         for (k, v) in params {
@@ -47,6 +75,27 @@ impl Prom {
             })
             .collect()
     }
+}
+
+/// The series of `instance` among `all`.
+pub fn series_of(
+    all: &[(BTreeMap<String, String>, f64)],
+    instance: &str,
+) -> BTreeMap<BTreeMap<String, String>, f64> {
+    all.iter()
+        .filter(|(l, _)| l.get("instance").is_some_and(|i| i == instance))
+        .cloned()
+        .collect()
+}
+
+/// Whether two sets of series are the same: the same labels, each with the [`same`] value.
+pub fn same_series(
+    a: &BTreeMap<BTreeMap<String, String>, f64>,
+    b: &BTreeMap<BTreeMap<String, String>, f64>,
+) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .all(|(k, v)| b.get(k).is_some_and(|w| same(*w, *v)))
 }
 
 /// Whether two sample values are the same (NaN equals NaN; a relative 1e-9 for rounding).

@@ -28,6 +28,44 @@ pub fn one_daemon_at_a_time() -> MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Fails the test unless every one of `tools` runs (`--version`), naming the Debian packages
+/// that bring them (`install`).
+pub fn require_tools(tools: &[&str], install: &str) {
+    for tool in tools {
+        assert!(
+            std::process::Command::new(tool)
+                .arg("--version")
+                .output()
+                .is_ok(),
+            "{tool} is needed (apt-get install {install})"
+        );
+    }
+}
+
+/// The repository's root.
+pub fn repo() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The lab guests' image, built once and cached under the tests' target directory: the
+/// busybox initramfs with ethtool, fio, iperf3 and the enlightd and enlight this test run built.
+pub fn lab_image() -> enlight_lab::Image {
+    enlight_lab::Image::prepare(&enlight_lab::ImageSpec {
+        cache_dir: std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("lab-cache"),
+        executables: vec![
+            "ethtool".into(),
+            "fio".into(),
+            "iperf3".into(),
+            env!("CARGO_BIN_EXE_enlightd").into(),
+            env!("CARGO_BIN_EXE_enlight").into(),
+        ],
+    })
+    .expect("guest image")
+}
+
 /// Fails the test, with the reason, unless the probes can run here; then takes the lock.
 pub fn require_privileges() -> MutexGuard<'static, ()> {
     if let Err(e) = enlight_probes::preflight() {

@@ -15,8 +15,8 @@
 //! NIC shows ring pressure ([`super::collector::ring_pressure`]). The poll budget is the NAPI
 //! weight, 64, which is no per-device knob.
 //!
-//! Every change goes through [`KernelTuner`] (journalled first, restorable), and only when the
-//! policy ([`super::tune::policy`]) says `Apply`: any other device is refused as `unsupported`
+//! Every change goes through [`KernelChanges`] (journalled first, restorable), and only when the
+//! policy ([`super::permission::policy`]) says `Apply`: any other device is refused as `unsupported`
 //! with the reason, so the tuner can only recommend for it. A change of several knobs that
 //! fails part-way puts back the ones already made, so nothing is left half-applied.
 
@@ -26,9 +26,10 @@ use enlight_driver::registry::DeviceRecord;
 use enlight_driver::settings::DeviceSettings;
 
 use super::blockq::BlockQueues;
+use super::changes::{ChangeError, KernelChanges};
 use super::ethtool::NicPatch;
 use super::napi::NAPI_KNOBS;
-use super::tune::{policy, KernelTuner, Permission, TuneError};
+use super::permission::{policy, Permission};
 use super::KernelConfig;
 use crate::knobs::Knob;
 use crate::tuner::backend::{BackendError, BackendFactory, ControlSocketFactory, SettingsBackend};
@@ -43,11 +44,11 @@ pub fn nic_knobs(
     iface: &str,
     netns: Option<&Path>,
     ring_resets: super::RingResets,
-) -> Result<Vec<Knob>, TuneError> {
-    let ethtool = KernelTuner::nic_settings(iface, netns)?;
-    let driver = super::tune::in_netns(netns, || super::ethtool::driver_name(iface))?;
-    let napi = KernelTuner::napi_settings(iface, netns)?;
-    let features = super::tune::in_netns_sysfs(netns, || {
+) -> Result<Vec<Knob>, ChangeError> {
+    let ethtool = super::changes::nic_settings(iface, netns)?;
+    let driver = super::netns::in_netns(netns, || super::ethtool::driver_name(iface))?;
+    let napi = super::changes::napi_settings(iface, netns)?;
+    let features = super::netns::in_netns_sysfs(netns, || {
         super::ethtool::virtio_features(Path::new("/sys"), iface)
     })?;
     let fixed = super::ethtool::coalescing_fixed(&driver, features.as_deref());
@@ -71,7 +72,7 @@ pub fn napi_instances(iface: &str, netns: Option<&Path>) -> Vec<super::netdev::N
         }
         super::netdev::Netdev::open()?.napis(iface, ifindex)
     };
-    match super::tune::in_netns(netns, read) {
+    match super::netns::in_netns(netns, read) {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
             log::debug!("{iface}: {e}");
@@ -100,18 +101,18 @@ fn ethtool_patch(knob: &str, value: u64) -> Option<NicPatch> {
     Some(p)
 }
 
-fn rejected(e: &TuneError) -> BackendError {
+fn rejected(e: &ChangeError) -> BackendError {
     use super::blockq::BlockQueueError as Q;
     use super::ethtool::EthtoolError as E;
     use super::napi::NapiError as N;
     BackendError::Rejected {
         kind: match e {
-            TuneError::Ethtool(E::Unsupported { .. })
-            | TuneError::Napi(N::Unsupported { .. })
-            | TuneError::BlockQueue(Q::Unsupported { .. } | Q::UnknownKnob(_)) => "unsupported",
-            TuneError::Ethtool(E::OutOfRange { .. })
-            | TuneError::Napi(N::OutOfRange { .. })
-            | TuneError::BlockQueue(Q::OutOfRange { .. } | Q::NoSuchChoice { .. }) => {
+            ChangeError::Ethtool(E::Unsupported { .. })
+            | ChangeError::Napi(N::Unsupported { .. })
+            | ChangeError::BlockQueue(Q::Unsupported { .. } | Q::UnknownKnob(_)) => "unsupported",
+            ChangeError::Ethtool(E::OutOfRange { .. })
+            | ChangeError::Napi(N::OutOfRange { .. })
+            | ChangeError::BlockQueue(Q::OutOfRange { .. } | Q::NoSuchChoice { .. }) => {
                 "out_of_range"
             }
             _ => "internal",
@@ -126,7 +127,7 @@ pub struct KernelNicBackend {
     iface: String,
     netns: Option<PathBuf>,
     permission: Permission,
-    tuner: KernelTuner,
+    changes: KernelChanges,
     /// The knobs this backend set, with the value the kernel reported afterwards: re-read
     /// every tick, so a change by anyone else is seen within one.
     owned: std::collections::BTreeMap<String, u64>,
@@ -238,7 +239,7 @@ impl KernelNicBackend {
             iface: iface.into(),
             netns: netns.map(Path::to_path_buf),
             permission,
-            tuner: KernelTuner::open(runtime_dir)
+            changes: KernelChanges::open(runtime_dir)
                 .map_err(|e| BackendError::Unreachable(e.to_string()))?,
             owned: Default::default(),
             someone_else: None,
@@ -282,23 +283,23 @@ impl KernelNicBackend {
 }
 
 impl KernelNicBackend {
-    /// Sets one knob through its source (journalled by [`KernelTuner`]).
-    fn set_one(&mut self, knob: &str, value: u64) -> Result<(), TuneError> {
-        if let Some((id, attr)) = super::tune::parse_napi_instance_knob(knob) {
+    /// Sets one knob through its source (journalled by [`KernelChanges`]).
+    fn set_one(&mut self, knob: &str, value: u64) -> Result<(), ChangeError> {
+        if let Some((id, attr)) = super::napi_instance::parse_napi_instance_knob(knob) {
             // A NAPI instance's own setting: netdev napi-set, journalled the same way.
-            self.tuner
+            self.changes
                 .set_napi_instance(&self.iface, self.netns.as_deref(), id, attr, value)
                 .map(|_| ())
         } else if NAPI_KNOBS.contains(&knob) {
-            self.tuner
+            self.changes
                 .set_napi(&self.iface, self.netns.as_deref(), knob, value)
                 .map(|_| ())
         } else if let Some(patch) = ethtool_patch(knob, value) {
-            self.tuner
+            self.changes
                 .set_nic(&self.iface, self.netns.as_deref(), &patch)
                 .map(|_| ())
         } else {
-            Err(TuneError::Ethtool(
+            Err(ChangeError::Ethtool(
                 super::ethtool::EthtoolError::Unsupported {
                     iface: self.iface.clone(),
                     driver: super::ethtool::driver_name(&self.iface),
@@ -408,7 +409,7 @@ impl SettingsBackend for KernelNicBackend {
 
 /// The knobs of kernel disk `disk` as read now under `queues`' sysfs
 /// ([`super::knobs::disk`]); a disk that is gone is an error.
-pub fn disk_knobs(queues: &BlockQueues, disk: &str) -> Result<Vec<Knob>, TuneError> {
+pub fn disk_knobs(queues: &BlockQueues, disk: &str) -> Result<Vec<Knob>, ChangeError> {
     // NoSuchDevice for a disk that vanished.
     queues.all(disk)?;
     let scheduler = queues
@@ -424,14 +425,14 @@ pub fn disk_knobs(queues: &BlockQueues, disk: &str) -> Result<Vec<Knob>, TuneErr
 /// One kernel disk's knobs, for the tuner: its queue depth (`nr_requests`, or a SCSI disk's
 /// `device/queue_depth`), I/O scheduler, `read_ahead_kb` and `max_sectors_kb`, each within the
 /// range the device permits ([`crate::knobs::tuner_space`] over [`super::knobs::disk`]).
-/// Every change goes through [`KernelTuner`] (journalled first), only when the policy says
+/// Every change goes through [`KernelChanges`] (journalled first), only when the policy says
 /// `Apply`; a change of several knobs that fails part-way puts back the ones already made;
 /// a knob enlight set that anyone else changes is seen at the next read (every tick), and
 /// enlight never writes over it.
 pub struct KernelDiskBackend {
     disk: String,
     permission: Permission,
-    tuner: KernelTuner,
+    changes: KernelChanges,
     /// The knobs this backend set, with the value read back afterwards.
     owned: std::collections::BTreeMap<String, u64>,
     someone_else: Option<String>,
@@ -467,7 +468,7 @@ impl KernelDiskBackend {
         Ok(KernelDiskBackend {
             disk: disk.into(),
             permission,
-            tuner: KernelTuner::open_at(runtime_dir, sysfs)
+            changes: KernelChanges::open_at(runtime_dir, sysfs)
                 .map_err(|e| BackendError::Unreachable(e.to_string()))?,
             owned: Default::default(),
             someone_else: None,
@@ -476,7 +477,7 @@ impl KernelDiskBackend {
     }
 
     fn knobs(&self) -> Result<Vec<Knob>, BackendError> {
-        disk_knobs(self.tuner.queues(), &self.disk)
+        disk_knobs(self.changes.queues(), &self.disk)
             .map_err(|e| BackendError::Unreachable(e.to_string()))
     }
 
@@ -490,8 +491,8 @@ impl KernelDiskBackend {
         Ok(knobs)
     }
 
-    /// Sets one knob (journalled by [`KernelTuner`]); the scheduler by the name of its choice.
-    fn set_one(&mut self, knobs: &[Knob], knob: &str, value: u64) -> Result<(), TuneError> {
+    /// Sets one knob (journalled by [`KernelChanges`]); the scheduler by the name of its choice.
+    fn set_one(&mut self, knobs: &[Knob], knob: &str, value: u64) -> Result<(), ChangeError> {
         if knob == super::blockq::SCHEDULER {
             let name = choice_name(knobs, knob, value).ok_or_else(|| {
                 super::blockq::BlockQueueError::NoSuchChoice {
@@ -504,7 +505,7 @@ impl KernelDiskBackend {
                         .unwrap_or_default(),
                 }
             })?;
-            self.tuner.set_scheduler(&self.disk, &name).map(|_| ())
+            self.changes.set_scheduler(&self.disk, &name).map(|_| ())
         } else {
             let v =
                 u32::try_from(value).map_err(|_| super::blockq::BlockQueueError::OutOfRange {
@@ -514,7 +515,7 @@ impl KernelDiskBackend {
                     min: 0,
                     max: u32::MAX,
                 })?;
-            self.tuner.set_block(&self.disk, knob, v).map(|_| ())
+            self.changes.set_block(&self.disk, knob, v).map(|_| ())
         }
     }
 }
@@ -585,7 +586,7 @@ impl SettingsBackend for KernelDiskBackend {
             disk: self.disk.clone(),
         };
         let journalled: Vec<String> = self
-            .tuner
+            .changes
             .journal()
             .entries()
             .iter()

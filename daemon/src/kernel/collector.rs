@@ -11,8 +11,9 @@ use enlight_driver::registry::DeviceRecord;
 use enlight_probes::kernel::{KernelProbes, KernelSnapshot, ProbeStatus};
 
 use super::blockq::BlockQueues;
+use super::changes::KernelChanges;
 use super::discovery::{self, KernelDevice};
-use super::tune::{policy, KernelTuner, Permission};
+use super::permission::{policy, Permission};
 use super::{KernelInfo, ProbeView};
 use crate::model::{DeviceState, OpFigures, State};
 
@@ -159,9 +160,9 @@ impl<S: KernelSource> Drop for KernelCollector<S> {
         let Some(dir) = &self.options.restore_on_exit_from else {
             return;
         };
-        match KernelTuner::open(dir) {
-            Ok(mut t) if !t.journal().entries().is_empty() => {
-                let report = t.restore();
+        match KernelChanges::open(dir) {
+            Ok(mut changes) if !changes.journal().entries().is_empty() => {
+                let report = changes.restore();
                 for (target, knob, v) in &report.restored {
                     log::info!(
                         "restored {target} {knob} = {v} (its value before enlight changed it)"
@@ -463,7 +464,7 @@ impl<S: KernelSource> KernelCollector<S> {
                     .as_ref(),
             );
         } else {
-            info.nic = KernelTuner::nic_settings(&d.name, None).ok();
+            info.nic = super::changes::nic_settings(&d.name, None).ok();
             let fixed = super::ethtool::coalescing_fixed(
                 &d.driver,
                 super::ethtool::virtio_features(&self.sysfs, &d.name).as_deref(),

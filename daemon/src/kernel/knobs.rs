@@ -278,10 +278,10 @@ pub fn napi_instances(instances: &[super::netdev::NapiInstance]) -> Vec<Knob> {
             .irq_suspend_timeout
             .map(|v| ("irq_suspend_timeout", v, Unit::Nanoseconds));
         for (name, v, unit) in [defer, gro, suspend].into_iter().flatten() {
-            // What enlight writes (KernelTuner::set_napi_instance checks the same).
-            let (_, max) = super::tune::napi_instance_range(name);
+            // What enlight writes (KernelChanges::set_napi_instance checks the same).
+            let (_, max) = super::napi_instance::napi_instance_range(name);
             out.push(Knob::new(
-                &format!("napi{}/{name}", n.id),
+                &super::napi_instance::napi_instance_knob(n.id, name),
                 v,
                 (Some(0), Some(max)),
                 unit,

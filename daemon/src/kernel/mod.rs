@@ -1,10 +1,12 @@
 //! The running kernel's own devices: discovery from sysfs, the collector that turns the kernel
-//! probes' maps into device state, and the tuning backends (ethtool netlink for NICs, sysfs
-//! queue settings for block devices) with a persisted journal of every original value.
+//! probes' maps into device state, the tuner's backends for them, and the changes to their
+//! settings (ethtool netlink and NAPI for NICs, sysfs queue settings for block devices) with a
+//! persisted journal of every original value.
 //! See docs/kernel.md.
 
 pub mod backend;
 pub mod blockq;
+pub mod changes;
 pub mod collector;
 pub mod discovery;
 pub mod ethtool;
@@ -13,8 +15,10 @@ pub mod knobs;
 pub mod metrics;
 pub mod monitor;
 pub mod napi;
+pub mod napi_instance;
 pub mod netdev;
-pub mod tune;
+pub mod netns;
+pub mod permission;
 
 use std::collections::BTreeMap;
 
@@ -256,8 +260,8 @@ mod tests {
         assert!(config.validate().is_ok());
         assert_eq!(super::unknown_tune_names(&config), ["loop4", "vdq"]);
         assert_eq!(
-            super::tune::policy(&config.tune, config.dry_run, "loop3"),
-            super::tune::Permission::Apply
+            super::permission::policy(&config.tune, config.dry_run, "loop3"),
+            super::permission::Permission::Apply
         );
     }
 

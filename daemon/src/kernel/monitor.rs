@@ -228,7 +228,7 @@ impl Monitor {
             socket.set_rx_buf_sz(1 << 20)?;
             Ok((socket, family))
         };
-        let (socket, family) = super::tune::in_netns(netns, open)
+        let (socket, family) = super::netns::in_netns(netns, open)
             .map_err(|e| MonitorError::Netns(e.to_string()))??;
         // Wake every 200 ms so that a stopped listener's thread ends.
         let timeout = libc::timeval {

@@ -77,7 +77,9 @@ impl std::str::FromStr for NicTraffic {
     }
 }
 
-fn in_netns(ns: &str, program: &str) -> Command {
+/// `program` inside network namespace `ns` (`ip netns exec`), with no input or output, killed
+/// with this process: a traffic generator of a rig.
+pub(super) fn netns_command(ns: &str, program: &str) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns, program])
         .stdin(Stdio::null())
@@ -418,7 +420,7 @@ fn start_traffic(
             NicTraffic::Ping { per_sec } => {
                 let interval = format!("{:.4}", 1.0 / per_sec as f64);
                 children.push(
-                    in_netns(&guest, "ping")
+                    netns_command(&guest, "ping")
                         .args(["-q", "-i", &interval, "-w", &secs_arg, &host_ip])
                         .spawn()
                         .context("starting ping")?,
@@ -426,12 +428,12 @@ fn start_traffic(
             }
             NicTraffic::Tcp | NicTraffic::Udp { .. } => {
                 children.push(
-                    in_netns(&host, "iperf3")
+                    netns_command(&host, "iperf3")
                         .args(["-s", "-1", "-B", &host_ip, "-p", "5201"])
                         .spawn()
                         .context("starting the iperf3 server")?,
                 );
-                let mut client = in_netns(&guest, "iperf3");
+                let mut client = netns_command(&guest, "iperf3");
                 client.args(["-c", &host_ip, "-p", "5201", "-t", &secs_arg]);
                 client.args(["--connect-timeout", "2000"]);
                 if let NicTraffic::Udp { mbit } = traffic {

@@ -23,12 +23,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use enlight_probes::kernel::{Group, KernelProbes, NicKey, Selection};
 use enlightd::kernel::backend::KernelNicBackend;
-use enlightd::kernel::tune::{KernelTuner, Permission};
+use enlightd::kernel::changes::KernelChanges;
+use enlightd::kernel::permission::Permission;
 use enlightd::tuner::{Cumulative, Objective};
 
 use crate::children::DieWithParent;
 
-use super::device::NicTraffic;
+use super::device::{netns_command, NicTraffic};
 
 /// The tuned end's name, inside its namespace.
 pub const TUNED: &str = "b";
@@ -191,7 +192,7 @@ impl VethPair {
         let netns = std::fs::metadata(&self.netns_b)
             .with_context(|| self.netns_b.display().to_string())?
             .ino() as u32;
-        let ifindex = enlightd::kernel::tune::in_netns(Some(&self.netns_b), || {
+        let ifindex = enlightd::kernel::netns::in_netns(Some(&self.netns_b), || {
             let name = std::ffi::CString::new(TUNED).expect("no NUL");
             // SAFETY: a valid NUL-terminated name; if_nametoindex only reads it.
             unsafe { libc::if_nametoindex(name.as_ptr()) }
@@ -437,19 +438,10 @@ impl VethRig {
 
     fn start_traffic(&self, run: &mut VethRun, traffic: NicTraffic, secs: f64) -> Result<()> {
         let secs_arg = format!("{}", secs.ceil() as u64 + 2);
-        let in_ns = |ns: &str, program: &str| {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, program])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .die_with_parent(libc::SIGKILL);
-            c
-        };
         match traffic {
             NicTraffic::Ping { per_sec } => {
                 let interval = format!("{:.4}", 1.0 / per_sec as f64);
-                let mut child = in_ns(&self.pair.ns_a, "ping")
+                let mut child = netns_command(&self.pair.ns_a, "ping")
                     .args(["-n", "-i", &interval, "-w", &secs_arg, TUNED_IP])
                     .stdout(Stdio::piped())
                     .spawn()
@@ -471,12 +463,12 @@ impl VethRig {
             }
             NicTraffic::Tcp | NicTraffic::Udp { .. } => {
                 run.traffic.push(Guard(
-                    in_ns(&self.pair.ns_b, "iperf3")
+                    netns_command(&self.pair.ns_b, "iperf3")
                         .args(["-s", "-1", "-B", TUNED_IP, "-p", "5201"])
                         .spawn()
                         .context("starting the iperf3 server")?,
                 ));
-                let mut client = in_ns(&self.pair.ns_a, "iperf3");
+                let mut client = netns_command(&self.pair.ns_a, "iperf3");
                 client.args(["-c", TUNED_IP, "-p", "5201", "-t", &secs_arg]);
                 client.args(["--connect-timeout", "2000"]);
                 if let NicTraffic::Udp { mbit } = traffic {
@@ -522,7 +514,7 @@ impl VethRig {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        let report = KernelTuner::open(&run.journal)?.restore();
+        let report = KernelChanges::open(&run.journal)?.restore();
         anyhow::ensure!(
             report.failed.is_empty(),
             "restoring {TUNED}: {:?}",
