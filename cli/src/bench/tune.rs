@@ -50,7 +50,7 @@ pub const EVAL_FROM_S: f64 = 30.0;
 
 #[derive(Args, Debug)]
 pub struct TuneBenchArgs {
-    /// Short phases and a small grid (about 10 minutes instead of about 30).
+    /// Short phases and a small grid (about 10 minutes instead of about 47).
     #[arg(long, conflicts_with = "smoke")]
     quick: bool,
     /// Phases of a few seconds and a grid of two points: checks that every part runs, end to
