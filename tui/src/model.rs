@@ -5,11 +5,10 @@
 //! still a lenient copy of the daemon's (`enlightd::api`), whose own embed daemon types (typed
 //! knobs, tuner state, kernel-device details, the driver's settings) not yet in `enlight-abi`.
 
-use std::collections::BTreeMap;
-
 // The types the daemon serialises and this crate reads alike are defined once, in enlight-abi.
 pub use enlight_abi::api::{
-    DeviceHistogram, OpHistogram, OpView, ProcessCost, ProgramCost, SelfCost,
+    AuditHealth, DeviceHistogram, HealthView, OpHistogram, OpView, ProcessCost, ProgramCost,
+    SelfCost, Unread,
 };
 pub use enlight_abi::DeviceKind;
 use serde::{Deserialize, Serialize};
@@ -125,20 +124,6 @@ pub struct DeviceView {
     pub irq_masked_total: u64,
     /// `None` when no tuner runs for the device (or the daemon has none).
     pub tuner: Option<TunerView>,
-}
-
-/// The daemon's own health (`/api/v1/health`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct HealthView {
-    pub devices: usize,
-    pub devices_attached: usize,
-    pub events_lost: u64,
-    pub errors: BTreeMap<String, u64>,
-    pub recent_errors: Vec<String>,
-    pub ticks: u64,
-    /// What enlightd itself costs (absent from daemons before it was served).
-    pub self_cost: SelfCost,
 }
 
 /// Everything one poll of the daemon returns.
