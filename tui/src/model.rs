@@ -1,9 +1,13 @@
 //! What enlightd's JSON API serves, as `enlight top` reads it: every field a newer or older daemon
 //! may lack has a default, so the TUI works against any daemon of the same API version (e.g. one
-//! without the tuner: `tuner` is `None`). The ops, histograms, self-cost and device kinds are the
-//! daemon's own types, from `enlight-abi`; the device, tuner, knob and health views below are
-//! still a lenient copy of the daemon's (`enlightd::api`), whose own embed daemon types (typed
-//! knobs, tuner state, kernel-device details, the driver's settings) not yet in `enlight-abi`.
+//! without the tuner: `tuner` is `None`). The ops, histograms, self-cost, health view (its
+//! kernel-probe state left [`Unread`]), knobs (their unit, source, disruption and ladder keeping
+//! a value this build does not know) and device kinds are the daemon's own types, from
+//! `enlight-abi`. The device, tuner and decision views and the settings below are still a lenient
+//! copy of the daemon's (`enlightd::api`, `enlightd::tuner`): the daemon's own carry its tuner's
+//! strict enums (which its config parses and must reject unknown values of), the driver's settings
+//! (`u32`s, unknown fields refused) and its kernel-device details, none of them in `enlight-abi`
+//! yet.
 
 // The types the daemon serialises and this crate reads alike are defined once, in enlight-abi.
 pub use enlight_abi::api::{
