@@ -8,10 +8,9 @@
 //! change. Serialising writes every field in declaration order (but an absent optional one the
 //! daemon has always left out): the daemon's JSON.
 //!
-//! Here are the leaf types both sides read alike. The device and health views that embed the
-//! daemon's own types (its knobs, tuner and kernel-device state, the driver's settings) are still
-//! written twice: the daemon's in `enlightd::api`, the lenient copy `enlight top` reads in
-//! `enlight_tui::model`.
+//! **Daemon-only parts.** A view with a part only the daemon knows the type of (the health view's
+//! kernel-probe state) is generic over that part's type: the daemon names its own, a client
+//! leaves the default, [`Unread`], which reads any JSON value and keeps nothing.
 
 use std::collections::BTreeMap;
 
@@ -114,6 +113,59 @@ pub struct SelfCost {
     pub process: ProcessCost,
 }
 
+/// A part of a view this reader does not look into (the daemon's kernel-probe state, for a
+/// client): reads any JSON value (or none: the default) and keeps nothing. It is never written
+/// (no `Serialize`), so a view holding it is read-only: what it skipped cannot be written back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unread;
+
+impl<'de> Deserialize<'de> for Unread {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(deserializer)?;
+        Ok(Unread)
+    }
+}
+
+/// The tuner's audit log, as `/api/v1/health` serves it (`tuner_audit_log`): a tuner that cannot
+/// write its audit trail says so there, not only in the daemon's log.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AuditHealth {
+    /// The audit log's path.
+    pub path: Option<std::path::PathBuf>,
+    /// Decisions that could not be written (and failed opens).
+    pub write_errors: u64,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+}
+
+/// The daemon's own health (`/api/v1/health`). `K` is the kernel probes' state (which are
+/// attached and why not, KVM exits per VMM, Hyper-V events): the daemon's own type there, left
+/// [`Unread`] by a client.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HealthView<K = Unread> {
+    /// Devices present.
+    pub devices: usize,
+    /// Devices whose probes are attached.
+    pub devices_attached: usize,
+    /// Events the probes lost (ring overruns, truncated batches, failed reads, missing specs).
+    pub events_lost: u64,
+    /// Errors by kind (`attach`, `snapshot`, `registry`, `http`).
+    pub errors: BTreeMap<String, u64>,
+    /// The last errors, in words (oldest first).
+    pub recent_errors: Vec<String>,
+    /// Collector ticks done.
+    pub ticks: u64,
+    /// The kernel probes: which are attached (and why not), KVM exits per VMM, Hyper-V events.
+    pub kernel: K,
+    /// What enlightd itself costs: each eBPF program's runs and run time, the daemon's CPU and
+    /// memory (absent from daemons before it was served).
+    pub self_cost: SelfCost,
+    /// The tuner's audit log (`null` when no tuner runs): its path and its write failures.
+    pub tuner_audit_log: Option<AuditHealth>,
+}
+
 impl SelfCost {
     /// All programs' share of one CPU over the last interval, percent.
     pub fn programs_cpu_percent(&self) -> f64 {
@@ -177,6 +229,42 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&SelfCost::default()).unwrap(),
             r#"{"bpf_stats_enabled":false,"programs":{},"process":{"cpu_seconds_total":0.0,"cpu_percent":0.0,"resident_bytes":0}}"#
+        );
+    }
+
+    /// An older daemon's health (before the self-cost and the audit log) and a newer one's (a
+    /// kernel state and fields this build does not know) both read.
+    #[test]
+    fn old_and_new_healths_read() {
+        let old = r#"{"devices":2,"devices_attached":1,"events_lost":3,"errors":{"attach":1},
+            "recent_errors":["x"],"ticks":9}"#;
+        let h: HealthView = serde_json::from_str(old).unwrap();
+        assert_eq!((h.devices, h.devices_attached, h.ticks), (2, 1, 9));
+        assert_eq!(
+            (h.self_cost, h.tuner_audit_log),
+            (SelfCost::default(), None)
+        );
+        let new = r#"{"devices":1,"kernel":{"probes":[{"name":"blk","attached":true}],
+            "kvm_exits":{}},"self_cost":{"bpf_stats_enabled":true},"tuner_audit_log":
+            {"path":"/var/log/enlight.jsonl","write_errors":2,"rotations":1},"uptime_s":5}"#;
+        let h: HealthView = serde_json::from_str(new).unwrap();
+        assert_eq!(h.kernel, Unread);
+        assert!(h.self_cost.bpf_stats_enabled);
+        let audit = h.tuner_audit_log.unwrap();
+        assert_eq!(
+            (
+                audit.path.unwrap().to_str(),
+                audit.write_errors,
+                audit.last_error
+            ),
+            (Some("/var/log/enlight.jsonl"), 2, None)
+        );
+        // The daemon's own kernel type is kept and written back in its place.
+        let h: HealthView<BTreeMap<String, u64>> =
+            serde_json::from_str(r#"{"kernel":{"a":1},"ticks":2}"#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&h).unwrap(),
+            r#"{"devices":0,"devices_attached":0,"events_lost":0,"errors":{},"recent_errors":[],"ticks":2,"kernel":{"a":1},"self_cost":{"bpf_stats_enabled":false,"programs":{},"process":{"cpu_seconds_total":0.0,"cpu_percent":0.0,"resident_bytes":0}},"tuner_audit_log":null}"#
         );
     }
 

@@ -7,6 +7,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use enlightd::knobs::KnobExt;
 use enlightd::DeviceView;
 
 #[derive(Args, Debug)]

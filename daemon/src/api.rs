@@ -160,26 +160,9 @@ pub fn devices(state: &State) -> Vec<DeviceView> {
         .collect()
 }
 
-/// The daemon's own health, as `/api/v1/health` serves it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct HealthView {
-    pub devices: usize,
-    pub devices_attached: usize,
-    pub events_lost: u64,
-    pub errors: std::collections::BTreeMap<String, u64>,
-    pub recent_errors: Vec<String>,
-    pub ticks: u64,
-    /// The kernel probes: which are attached (and why not), KVM exits per VMM, Hyper-V events.
-    #[serde(default)]
-    pub kernel: crate::kernel::KernelState,
-    /// What enlightd itself costs: each eBPF program's runs and run time, the daemon's CPU and
-    /// memory.
-    #[serde(default)]
-    pub self_cost: crate::selfcost::SelfCost,
-    /// The tuner's audit log (absent when no tuner runs): its path and its write failures.
-    #[serde(default)]
-    pub tuner_audit_log: Option<crate::tuner::shell::AuditHealth>,
-}
+/// The daemon's own health, as `/api/v1/health` serves it: the one definition, shared with
+/// `enlight top`, with the daemon's kernel-probe state in it.
+pub type HealthView = enlight_abi::api::HealthView<crate::kernel::KernelState>;
 
 /// The health view.
 pub fn health(state: &State) -> HealthView {
@@ -230,5 +213,103 @@ mod tests {
             assert_eq!(t.ops_total, all.ops);
             assert_eq!(t.bytes_total, all.bytes);
         }
+    }
+}
+
+/// The JSON bytes of the views, pinned: the types moved into `enlight-abi` (shared with `enlight
+/// top`) must serialise exactly as the daemon's own did.
+#[cfg(test)]
+mod golden {
+    use super::*;
+    use crate::knobs::{Disruption, Knob, Source, TunerKind, Unit};
+    use crate::tuner::{Action, Decision, Objective, TunerMode, TunerState, TunerView};
+    use enlight_driver::settings::DeviceSettings;
+
+    pub(crate) fn a_device() -> DeviceView {
+        let s = DeviceSettings::default();
+        let mut knobs = crate::knobs::synthetic(&s, &enlight_driver::control::Limits::synthetic());
+        let mut sched = Knob::new(
+            "scheduler",
+            1,
+            (None, None),
+            Unit::Choice,
+            Source::Sysfs,
+            Disruption::ResetsQueue,
+        )
+        .tuned_as(TunerKind::Scheduler);
+        sched.choices = vec!["none".into(), "mq-deadline".into()];
+        sched.delays_from = Some(10);
+        sched.explored_on_pressure = true;
+        knobs.push(sched);
+        let decision = Decision {
+            ts_unix_ms: 5,
+            device: "disk0".into(),
+            action: Action::Revert,
+            from: s,
+            to: DeviceSettings {
+                moderation_frames: 16,
+                ..s
+            },
+            reason: "p99 rose 30%".into(),
+            objective_value: Some(0.5),
+        };
+        DeviceView {
+            name: "disk0".into(),
+            device: "disk".into(),
+            kind: enlight_abi::DeviceKind::Synthetic,
+            pid: 7,
+            present: true,
+            attached: true,
+            attach_error: Some("x".into()),
+            settings: Some(s),
+            knobs,
+            total: OpView {
+                op: "all".into(),
+                ops_total: 3,
+                p50_seconds: Some(1e-5),
+                ..OpView::default()
+            },
+            ops: vec![],
+            interrupts_total: 1,
+            interrupts_per_sec: 0.5,
+            doorbells_total: 2,
+            ring_full_out_total: 3,
+            ring_full_in_total: 4,
+            irq_masked_total: 5,
+            traps_total: 6,
+            tuner: Some(TunerView {
+                mode: TunerMode::DryRun,
+                objective: Objective::Latency,
+                state: TunerState::Converged,
+                pinned: true,
+                last_decision: Some(decision),
+                recommendation: Some(s),
+                pinned_reason: Some("operator".into()),
+            }),
+            driver: Some("virtio_blk".into()),
+            kernel: None,
+        }
+    }
+
+    #[test]
+    fn views_serialise_as_pinned() {
+        let d = serde_json::to_string(&a_device()).unwrap();
+        let mut health = health(&crate::model::State::default());
+        health.errors.insert("read".into(), 2);
+        health.recent_errors.push("boom".into());
+        health.tuner_audit_log = Some(crate::tuner::shell::AuditHealth {
+            path: Some("/var/log/a.jsonl".into()),
+            write_errors: 1,
+            last_error: Some("EIO".into()),
+        });
+        let h = serde_json::to_string(&health).unwrap();
+        assert_eq!(
+            d,
+            r#"{"name":"disk0","device":"disk","kind":"synthetic","pid":7,"present":true,"attached":true,"attach_error":"x","settings":{"ring_out_bytes":262144,"ring_in_bytes":262144,"moderation_frames":8,"moderation_usecs":50,"poll_budget":64},"knobs":[{"name":"ring_out_bytes","value":262144,"min":8192,"max":67108864,"unit":"bytes","source":"control-socket","disruption":"live","tuner_kind":"ring"},{"name":"ring_in_bytes","value":262144,"min":8192,"max":67108864,"unit":"bytes","source":"control-socket","disruption":"live","tuner_kind":"ring"},{"name":"moderation_frames","value":8,"min":1,"max":1024,"unit":"frames","source":"control-socket","disruption":"live","tuner_kind":"moderation_count"},{"name":"moderation_usecs","value":50,"min":0,"max":100000,"unit":"microseconds","source":"control-socket","disruption":"live","tuner_kind":"moderation_delay"},{"name":"poll_budget","value":64,"min":1,"max":4096,"unit":"count","source":"control-socket","disruption":"live","tuner_kind":"poll_budget"},{"name":"scheduler","value":1,"min":null,"max":null,"unit":"choice","source":"sysfs","disruption":"resets-queue","tuner_kind":"scheduler","choices":["none","mq-deadline"],"delays_from":10,"explored_on_pressure":true}],"total":{"op":"all","ops_total":3,"bytes_total":0,"errors_total":0,"ops_per_sec":0.0,"bytes_per_sec":0.0,"p50_seconds":0.00001,"p90_seconds":null,"p99_seconds":null,"p999_seconds":null,"peak_ops_per_sec":0.0,"peak_latency_seconds":null},"ops":[],"interrupts_total":1,"interrupts_per_sec":0.5,"doorbells_total":2,"ring_full_out_total":3,"ring_full_in_total":4,"irq_masked_total":5,"traps_total":6,"tuner":{"mode":"dry_run","objective":"latency","state":"converged","pinned":true,"last_decision":{"ts_unix_ms":5,"device":"disk0","action":"revert","from":{"ring_out_bytes":262144,"ring_in_bytes":262144,"moderation_frames":8,"moderation_usecs":50,"poll_budget":64},"to":{"ring_out_bytes":262144,"ring_in_bytes":262144,"moderation_frames":16,"moderation_usecs":50,"poll_budget":64},"reason":"p99 rose 30%","objective_value":0.5},"recommendation":{"ring_out_bytes":262144,"ring_in_bytes":262144,"moderation_frames":8,"moderation_usecs":50,"poll_budget":64},"pinned_reason":"operator"},"driver":"virtio_blk"}"#
+        );
+        assert_eq!(
+            h,
+            r#"{"devices":0,"devices_attached":0,"events_lost":0,"errors":{"read":2},"recent_errors":["boom"],"ticks":0,"kernel":{"probes_loaded":null,"load_error":null,"probes":[],"kvm_exits":{},"kvm_pio":{},"kvm_mmio":{},"events":{},"events_lost":0,"completions_without_issue":0,"recursion_misses":0},"self_cost":{"bpf_stats_enabled":false,"programs":{},"process":{"cpu_seconds_total":0.0,"cpu_percent":0.0,"resident_bytes":0}},"tuner_audit_log":{"path":"/var/log/a.jsonl","write_errors":1,"last_error":"EIO"}}"#
+        );
     }
 }

@@ -21,202 +21,49 @@ use std::fmt::Write as _;
 
 use enlight_driver::control::Limits;
 use enlight_driver::settings::DeviceSettings;
-use serde::{Deserialize, Serialize};
 
-/// Where a knob lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Source {
-    /// The device process's control socket (contract 4).
-    ControlSocket,
-    /// The `ethtool` generic netlink family (`ethtool -g/-c`).
-    EthtoolNetlink,
-    /// A sysfs file.
-    Sysfs,
-    /// The `netdev` generic netlink family (per NAPI instance, kernel 6.13+).
-    NetdevNetlink,
-}
-
-impl Source {
-    /// The label value.
-    pub fn name(self) -> &'static str {
-        match self {
-            Source::ControlSocket => "control-socket",
-            Source::EthtoolNetlink => "ethtool-netlink",
-            Source::Sysfs => "sysfs",
-            Source::NetdevNetlink => "netdev-netlink",
-        }
-    }
-}
-
-/// What a change of the knob does to the device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Disruption {
-    /// Takes effect while I/O runs, nothing is dropped.
-    Live,
-    /// The driver stops and restarts the queue (in-flight packets may be dropped).
-    ResetsQueue,
-    /// The driver detaches and re-creates the device (a link flap).
-    Detaches,
-}
-
-impl Disruption {
-    /// The label value.
-    pub fn name(self) -> &'static str {
-        match self {
-            Disruption::Live => "live",
-            Disruption::ResetsQueue => "resets-queue",
-            Disruption::Detaches => "detaches",
-        }
-    }
-}
-
-/// A knob's unit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Unit {
-    Bytes,
-    Kibibytes,
-    Descriptors,
-    Frames,
-    Microseconds,
-    Nanoseconds,
-    /// A count (of polls, requests, completions).
-    Count,
-    /// 0 or 1.
-    Boolean,
-    /// One of `choices` (the value is its index).
-    Choice,
-}
-
-impl Unit {
-    /// The label value and the suffix `enlight tune` prints.
-    pub fn name(self) -> &'static str {
-        match self {
-            Unit::Bytes => "bytes",
-            Unit::Kibibytes => "KiB",
-            Unit::Descriptors => "descriptors",
-            Unit::Frames => "frames",
-            Unit::Microseconds => "us",
-            Unit::Nanoseconds => "ns",
-            Unit::Count => "count",
-            Unit::Boolean => "bool",
-            Unit::Choice => "choice",
-        }
-    }
-}
-
-/// Which ladder of the tuner a knob rides (the tuner's knob kinds).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TunerKind {
-    /// Completions (frames, deferred polls) before an interrupt: `moderation_frames`' ladder.
-    ModerationCount,
-    /// Time before an interrupt (or a re-poll): `moderation_usecs`' ladder.
-    ModerationDelay,
-    /// Ring size.
-    Ring,
-    /// Polling budget.
-    PollBudget,
-    /// A disk's queue depth (`nr_requests`, or a SCSI disk's `device/queue_depth`): rides the
-    /// count ladder, as requests.
-    QueueDepth,
-    /// A disk's I/O scheduler: a choice, its index riding the delay ladder's rungs (index `i`
-    /// is rung `i` of [`crate::tuner::USECS_LADDER`]), so each step is the next scheduler the
-    /// device lists.
-    Scheduler,
-    /// A disk's `read_ahead_kb`: rides the budget ladder, in KiB.
-    ReadAhead,
-    /// A disk's largest request, `max_sectors_kb`: rides the ring ladder, in bytes (the tuner
-    /// tries that ladder only where writers found a ring full, which no kernel disk reports,
-    /// so it is shown and recommended, not explored).
-    MaxIo,
-}
+/// A knob and its unit, source, disruption and tuner ladder: the one definition, shared with
+/// `enlight top` and `enlight tune` (`enlight_abi::knob`). What the tuner makes of them is here,
+/// in [`KnobExt`] and the functions below.
+pub use enlight_abi::knob::{Disruption, Knob, Source, TunerKind, Unit};
 
 /// The tuner slot (field of [`DeviceSettings`]) a knob kind rides.
-fn slot(kind: TunerKind) -> TunerKind {
+fn slot(kind: &TunerKind) -> TunerKind {
     match kind {
         TunerKind::QueueDepth => TunerKind::ModerationCount,
         TunerKind::Scheduler => TunerKind::ModerationDelay,
         TunerKind::ReadAhead => TunerKind::PollBudget,
         TunerKind::MaxIo => TunerKind::Ring,
-        k => k,
+        k => k.clone(),
     }
 }
 
-/// One knob of one device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Knob {
-    /// Its name where it lives (`moderation_frames`, `rx_frames`, `napi_defer_hard_irqs`,
-    /// `nr_requests`, ...).
-    pub name: String,
-    /// The value in force, as read from the source (for a choice: the index into `choices`).
-    pub value: u64,
-    /// Lowest value accepted (`None`: the source does not say).
-    pub min: Option<u64>,
-    /// Highest value accepted (`None`: the source does not say).
-    pub max: Option<u64>,
-    pub unit: Unit,
-    pub source: Source,
-    pub disruption: Disruption,
-    /// The ladder it rides in the tuner (`None`: the tuner does not move it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tuner_kind: Option<TunerKind>,
-    /// A choice knob's options (the I/O scheduler).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub choices: Vec<String>,
-    /// A delay knob whose driver reads the values between 1 and this one as modes or refuses
-    /// them (e1000's rx-usecs: from 10): the tuner steps over them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub delays_from: Option<u64>,
-    /// A knob that is not live whose change the tuner may still try, live, when the device
-    /// shows pressure on it: the rx ring of a driver whose resize only resets the queue
-    /// (virtio_net, mlx5_core), where `[kernel] ring_resets = "explore"`. The tuner's ring
-    /// ladder is tried only when the device shows ring pressure, so this knob moves only then.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub explored_on_pressure: bool,
-}
-
-impl Knob {
-    /// A knob with no tuner ladder and no choices.
-    pub fn new(
-        name: &str,
-        value: u64,
-        (min, max): (Option<u64>, Option<u64>),
-        unit: Unit,
-        source: Source,
-        disruption: Disruption,
-    ) -> Knob {
-        Knob {
-            name: name.into(),
-            value,
-            min,
-            max,
-            unit,
-            source,
-            disruption,
-            tuner_kind: None,
-            choices: Vec::new(),
-            delays_from: None,
-            explored_on_pressure: false,
-        }
-    }
-
-    /// The same knob, riding `kind`'s ladder.
-    pub fn tuned_as(mut self, kind: TunerKind) -> Knob {
-        self.tuner_kind = Some(kind);
-        self
-    }
-
+/// What the daemon makes of a knob: whether and how its tuner moves it, and how `enlight tune`
+/// prints it (an extension trait: [`Knob`] is `enlight-abi`'s).
+pub trait KnobExt {
     /// Whether the tuner may change this knob: a live knob, or one explored on pressure.
-    pub fn explorable(&self) -> bool {
+    fn explorable(&self) -> bool;
+    /// Why the tuner never explores this knob live (`None`: it may).
+    fn not_explored_because(&self) -> Option<String>;
+    /// The value as `enlight tune` and `enlight top` print it.
+    fn display_value(&self) -> String;
+    /// This knob's value in the tuner's units (the field of [`DeviceSettings`] its ladder
+    /// moves): `None` for a knob the tuner does not move (or whose ladder it does not know).
+    fn to_tuner(&self, value: u64) -> Option<u32>;
+    /// The value of this knob that the tuner's settings `s` stand for (`None`: it does not
+    /// move this knob).
+    fn value_for_tuner(&self, s: &DeviceSettings) -> Option<u64>;
+}
+
+impl KnobExt for Knob {
+    /// Whether the tuner may change this knob: a live knob, or one explored on pressure.
+    fn explorable(&self) -> bool {
         self.disruption == Disruption::Live || self.explored_on_pressure
     }
 
     /// Why the tuner never explores this knob live (`None`: it may).
-    pub fn not_explored_because(&self) -> Option<String> {
-        match self.disruption {
+    fn not_explored_because(&self) -> Option<String> {
+        match &self.disruption {
             // Explored, but only when the ring shows pressure (the ring ladder's gate).
             Disruption::ResetsQueue if self.explored_on_pressure => None,
             // The ring ladder is tried only when writers found a ring full; no disk reports
@@ -235,12 +82,16 @@ impl Knob {
                 "{} detaches and re-creates the device (a link flap) when changed: recommend only",
                 self.name
             )),
+            Disruption::Other(d) => Some(format!(
+                "{} changes with a disruption this daemon does not know ({d:?}): recommend only",
+                self.name
+            )),
         }
     }
 
     /// The value as `enlight tune` and `enlight top` print it.
-    pub fn display_value(&self) -> String {
-        match self.unit {
+    fn display_value(&self) -> String {
+        match &self.unit {
             Unit::Choice => self
                 .choices
                 .get(self.value as usize)
@@ -248,8 +99,59 @@ impl Knob {
                 .unwrap_or_else(|| self.value.to_string()),
             Unit::Boolean => (if self.value != 0 { "on" } else { "off" }).into(),
             Unit::Count | Unit::Descriptors | Unit::Frames => self.value.to_string(),
+            Unit::Other(u) if u.is_empty() => self.value.to_string(),
             u => format!("{} {}", self.value, u.name()),
         }
+    }
+
+    /// This knob's value in the tuner's units (the field of [`DeviceSettings`] its ladder
+    /// moves): `None` for a knob the tuner does not move (or whose ladder it does not know).
+    fn to_tuner(&self, value: u64) -> Option<u32> {
+        let kind = self.tuner_kind.as_ref()?;
+        if let TunerKind::Other(_) = kind {
+            return None;
+        }
+        let v = match (kind, &self.unit) {
+            (TunerKind::ModerationDelay, Unit::Nanoseconds) => value / 1000,
+            (TunerKind::Ring, Unit::Descriptors) => value * RING_UNIT,
+            (TunerKind::MaxIo, _) => value * 1024,
+            (TunerKind::Scheduler, _) => {
+                let ladder = crate::tuner::USECS_LADDER;
+                ladder[(value as usize).min(ladder.len() - 1)] as u64
+            }
+            _ => value,
+        };
+        Some(v.min(u32::MAX as u64) as u32)
+    }
+
+    /// The value of this knob that the tuner's settings `s` stand for (`None`: it does not
+    /// move this knob).
+    fn value_for_tuner(&self, s: &DeviceSettings) -> Option<u64> {
+        let kind = self.tuner_kind.as_ref()?;
+        if let TunerKind::Other(_) = kind {
+            return None;
+        }
+        let v = match self.name.as_str() {
+            "ring_out_bytes" | "tx_ring" => s.ring_out_bytes,
+            "ring_in_bytes" | "rx_ring" => s.ring_in_bytes,
+            _ => match slot(kind) {
+                TunerKind::ModerationCount => s.moderation_frames,
+                TunerKind::ModerationDelay => s.moderation_usecs,
+                TunerKind::PollBudget => s.poll_budget,
+                _ => s.ring_in_bytes,
+            },
+        } as u64;
+        Some(match (kind, &self.unit) {
+            (TunerKind::ModerationDelay, Unit::Nanoseconds) => v * 1000,
+            (TunerKind::Ring, Unit::Descriptors) => v / RING_UNIT,
+            (TunerKind::MaxIo, _) => v / 1024,
+            // The highest rung at or below `v`: its index is the choice.
+            (TunerKind::Scheduler, _) => crate::tuner::USECS_LADDER
+                .iter()
+                .rposition(|&r| r as u64 <= v)
+                .unwrap_or(0) as u64,
+            _ => v,
+        })
     }
 }
 
@@ -292,55 +194,9 @@ pub fn synthetic(settings: &DeviceSettings, limits: &Limits) -> Vec<Knob> {
 /// page-multiple rule holds).
 pub const RING_UNIT: u64 = 4096;
 
-impl Knob {
-    /// This knob's value in the tuner's units (the field of [`DeviceSettings`] its ladder
-    /// moves): `None` for a knob the tuner does not move.
-    pub fn to_tuner(&self, value: u64) -> Option<u32> {
-        let kind = self.tuner_kind?;
-        let v = match (kind, self.unit) {
-            (TunerKind::ModerationDelay, Unit::Nanoseconds) => value / 1000,
-            (TunerKind::Ring, Unit::Descriptors) => value * RING_UNIT,
-            (TunerKind::MaxIo, _) => value * 1024,
-            (TunerKind::Scheduler, _) => {
-                let ladder = crate::tuner::USECS_LADDER;
-                ladder[(value as usize).min(ladder.len() - 1)] as u64
-            }
-            _ => value,
-        };
-        Some(v.min(u32::MAX as u64) as u32)
-    }
-
-    /// The value of this knob that the tuner's settings `s` stand for (`None`: it does not
-    /// move this knob).
-    pub fn from_tuner(&self, s: &DeviceSettings) -> Option<u64> {
-        let kind = self.tuner_kind?;
-        let v = match self.name.as_str() {
-            "ring_out_bytes" | "tx_ring" => s.ring_out_bytes,
-            "ring_in_bytes" | "rx_ring" => s.ring_in_bytes,
-            _ => match slot(kind) {
-                TunerKind::ModerationCount => s.moderation_frames,
-                TunerKind::ModerationDelay => s.moderation_usecs,
-                TunerKind::PollBudget => s.poll_budget,
-                _ => s.ring_in_bytes,
-            },
-        } as u64;
-        Some(match (kind, self.unit) {
-            (TunerKind::ModerationDelay, Unit::Nanoseconds) => v * 1000,
-            (TunerKind::Ring, Unit::Descriptors) => v / RING_UNIT,
-            (TunerKind::MaxIo, _) => v / 1024,
-            // The highest rung at or below `v`: its index is the choice.
-            (TunerKind::Scheduler, _) => crate::tuner::USECS_LADDER
-                .iter()
-                .rposition(|&r| r as u64 <= v)
-                .unwrap_or(0) as u64,
-            _ => v,
-        })
-    }
-}
-
 /// The range the tuner explores for a knob of `kind`, in the tuner's units (the ladders in
 /// [`crate::tuner`] pick values inside it).
-pub fn explored_range(kind: TunerKind) -> (u32, u32) {
+pub fn explored_range(kind: &TunerKind) -> (u32, u32) {
     match kind {
         // 0 is "no deferral" for NAPI and "no frame limit" for some drivers.
         TunerKind::ModerationCount => (0, 256),
@@ -352,7 +208,10 @@ pub fn explored_range(kind: TunerKind) -> (u32, u32) {
         TunerKind::Scheduler => (0, *crate::tuner::USECS_LADDER.last().expect("rungs")),
         // 0 turns read-ahead off: never explored, only kept if it is what the device has.
         TunerKind::ReadAhead => (4, 512),
-        TunerKind::MaxIo => explored_range(TunerKind::Ring),
+        TunerKind::MaxIo => explored_range(&TunerKind::Ring),
+        // A ladder this daemon does not know: pinned ([`KnobExt::to_tuner`] is `None` for it,
+        // so [`tuner_space`] never asks).
+        TunerKind::Other(_) => (0, 0),
     }
 }
 
@@ -386,7 +245,7 @@ pub fn tuner_space(knobs: &[Knob], pinned_budget: u32) -> (DeviceSettings, crate
     // recommend only): value and range.
     let mut explored_rings = Vec::new();
     for k in knobs {
-        let (Some(kind), Some(v)) = (k.tuner_kind, k.to_tuner(k.value)) else {
+        let (Some(kind), Some(v)) = (k.tuner_kind.as_ref(), k.to_tuner(k.value)) else {
             continue;
         };
         let range = if k.explorable() {
@@ -471,7 +330,7 @@ pub fn changes_to(knobs: &[Knob], to: &DeviceSettings) -> Vec<(String, u64, u64)
         .iter()
         .filter(|k| k.explorable())
         .filter_map(|k| {
-            let target = k.from_tuner(to)?;
+            let target = k.value_for_tuner(to)?;
             (k.to_tuner(k.value)? != k.to_tuner(target)?).then(|| (k.name.clone(), k.value, target))
         })
         .collect()

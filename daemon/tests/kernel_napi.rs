@@ -52,7 +52,7 @@ fn check_knobs_against_sysfs_and_ethtool(ns: &NetNs, iface: &str) -> Vec<String>
     let coalesce = ns.exec(&["sh", "-c", &format!("ethtool -c {iface} 2>&1 || true")]);
     let rings = ns.exec(&["sh", "-c", &format!("ethtool -g {iface} 2>&1 || true")]);
     for k in &knobs {
-        let want: u64 = match (k.source, k.name.as_str()) {
+        let want: u64 = match (&k.source, k.name.as_str()) {
             (Source::Sysfs, name) => sysfs(ns, iface, name),
             // Each NAPI instance holds the interface-wide value written through sysfs (the
             // kernel copies it into every instance), and no irq-suspend timeout here.

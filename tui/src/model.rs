@@ -1,16 +1,20 @@
 //! What enlightd's JSON API serves, as `enlight top` reads it: every field a newer or older daemon
 //! may lack has a default, so the TUI works against any daemon of the same API version (e.g. one
-//! without the tuner: `tuner` is `None`). The ops, histograms, self-cost and device kinds are the
-//! daemon's own types, from `enlight-abi`; the device, tuner, knob and health views below are
-//! still a lenient copy of the daemon's (`enlightd::api`), whose own embed daemon types (typed
-//! knobs, tuner state, kernel-device details, the driver's settings) not yet in `enlight-abi`.
-
-use std::collections::BTreeMap;
+//! without the tuner: `tuner` is `None`). The ops, histograms, self-cost, health view (its
+//! kernel-probe state left [`Unread`]), knobs (their unit, source, disruption and ladder keeping
+//! a value this build does not know) and device kinds are the daemon's own types, from
+//! `enlight-abi`. The device, tuner and decision views and the settings below are still a lenient
+//! copy of the daemon's (`enlightd::api`, `enlightd::tuner`): the daemon's own carry its tuner's
+//! strict enums (which its config parses and must reject unknown values of), the driver's settings
+//! (`u32`s, unknown fields refused) and its kernel-device details, none of them in `enlight-abi`
+//! yet.
 
 // The types the daemon serialises and this crate reads alike are defined once, in enlight-abi.
 pub use enlight_abi::api::{
-    DeviceHistogram, OpHistogram, OpView, ProcessCost, ProgramCost, SelfCost,
+    AuditHealth, DeviceHistogram, HealthView, OpHistogram, OpView, ProcessCost, ProgramCost,
+    SelfCost, Unread,
 };
+pub use enlight_abi::knob::{Disruption, Knob, Source, TunerKind, Unit};
 pub use enlight_abi::DeviceKind;
 use serde::{Deserialize, Serialize};
 
@@ -25,44 +29,32 @@ pub struct Settings {
     pub poll_budget: Option<u64>,
 }
 
-/// One knob a device really has (enlightd's `knobs`), with its value read from its source.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct Knob {
-    pub name: String,
-    pub value: u64,
-    pub min: Option<u64>,
-    pub max: Option<u64>,
-    /// `bytes`, `KiB`, `descriptors`, `frames`, `us`, `ns`, `count`, `bool`, `choice`
-    /// (snake_case names on the wire: `kibibytes`, `microseconds`, ...).
-    pub unit: String,
-    /// `control-socket`, `ethtool-netlink`, `sysfs` or `netdev-netlink`.
-    pub source: String,
-    /// `live`, `resets-queue` or `detaches`.
-    pub disruption: String,
-    pub choices: Vec<String>,
+/// How `enlight top` shows a knob ([`Knob`] is the daemon's own, from `enlight-abi`).
+pub trait KnobDisplay {
+    /// `name value[ unit]`, a non-live knob with its disruption.
+    fn display(&self) -> String;
 }
 
-impl Knob {
-    /// `name value[ unit]`, a non-live knob with its disruption.
-    pub fn display(&self) -> String {
-        let v = match self.unit.as_str() {
-            "choice" => self
+impl KnobDisplay for Knob {
+    fn display(&self) -> String {
+        let v = match &self.unit {
+            Unit::Choice => self
                 .choices
                 .get(self.value as usize)
                 .cloned()
                 .unwrap_or_else(|| self.value.to_string()),
-            "boolean" => (if self.value != 0 { "on" } else { "off" }).into(),
-            "microseconds" => format!("{} us", self.value),
-            "nanoseconds" => format!("{} ns", self.value),
-            "kibibytes" => format!("{} KiB", self.value),
-            "bytes" => format!("{} B", self.value),
+            Unit::Boolean => (if self.value != 0 { "on" } else { "off" }).into(),
+            Unit::Microseconds => format!("{} us", self.value),
+            Unit::Nanoseconds => format!("{} ns", self.value),
+            Unit::Kibibytes => format!("{} KiB", self.value),
+            Unit::Bytes => format!("{} B", self.value),
+            // Counts, descriptors, frames, and a unit this build does not know: the number.
             _ => self.value.to_string(),
         };
-        if self.disruption.is_empty() || self.disruption == "live" {
-            format!("{} {v}", self.name)
-        } else {
-            format!("{} {v} ({})", self.name, self.disruption)
+        match &self.disruption {
+            Disruption::Live => format!("{} {v}", self.name),
+            d if d.as_str().is_empty() => format!("{} {v}", self.name),
+            d => format!("{} {v} ({d})", self.name),
         }
     }
 }
@@ -125,20 +117,6 @@ pub struct DeviceView {
     pub irq_masked_total: u64,
     /// `None` when no tuner runs for the device (or the daemon has none).
     pub tuner: Option<TunerView>,
-}
-
-/// The daemon's own health (`/api/v1/health`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct HealthView {
-    pub devices: usize,
-    pub devices_attached: usize,
-    pub events_lost: u64,
-    pub errors: BTreeMap<String, u64>,
-    pub recent_errors: Vec<String>,
-    pub ticks: u64,
-    /// What enlightd itself costs (absent from daemons before it was served).
-    pub self_cost: SelfCost,
 }
 
 /// Everything one poll of the daemon returns.
@@ -216,5 +194,32 @@ mod tests {
         let h: Vec<DeviceHistogram> =
             serde_json::from_str(r#"[{"device":"vhost0","kind":"vhost-user","ops":[]}]"#).unwrap();
         assert_eq!(h[0].kind.as_str(), "vhost-user");
+    }
+
+    /// A knob shows in its unit; one a newer daemon describes with a unit and a disruption
+    /// this build does not know still reads and shows, its value bare and its disruption named.
+    #[test]
+    fn knobs_show_in_their_units_and_unknown_ones_still_show() {
+        let k: Vec<Knob> = serde_json::from_str(
+            r#"[{"name":"gro_flush_timeout","value":20000,"unit":"nanoseconds",
+                 "source":"sysfs","disruption":"live"},
+                {"name":"rx_ring","value":256,"unit":"descriptors","source":"ethtool-netlink",
+                 "disruption":"resets-queue","tuner_kind":"ring","explored_on_pressure":true},
+                {"name":"scheduler","value":1,"unit":"choice","choices":["none","bfq"]},
+                {"name":"rss","value":4,"unit":"queues","source":"devlink",
+                 "disruption":"reboots","tuner_kind":"spread","future":1}]"#,
+        )
+        .unwrap();
+        let shown: Vec<String> = k.iter().map(|k| k.display()).collect();
+        assert_eq!(
+            shown,
+            [
+                "gro_flush_timeout 20000 ns",
+                "rx_ring 256 (resets-queue)",
+                "scheduler bfq",
+                "rss 4 (reboots)"
+            ]
+        );
+        assert_eq!(k[3].source, Source::Other("devlink".into()));
     }
 }

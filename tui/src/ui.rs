@@ -12,7 +12,7 @@ use ratatui::widgets::{
 };
 
 use crate::app::{App, Connection, Screen, Window, CHART_SECS};
-use crate::model::{Decision, DeviceKind, DeviceView, Settings};
+use crate::model::{Decision, DeviceKind, DeviceView, KnobDisplay, Settings, Source};
 use crate::stats::{columns_in, fmt_bytes, fmt_count, fmt_latency, log_range, union_range};
 use crate::widgets::{Histogram, PERCENTILE_COLORS, PERCENTILE_LABELS};
 
@@ -373,7 +373,7 @@ fn summary_lines(app: &App, d: &DeviceView) -> Vec<Line<'static>> {
             .collect::<Vec<_>>(),
         ),
         // A control-socket device's settings (or an older enlightd's, which sent no knobs).
-        if d.knobs.iter().any(|k| k.source == "control-socket")
+        if d.knobs.iter().any(|k| k.source == Source::ControlSocket)
             || (d.knobs.is_empty() && d.settings != Settings::default())
         {
             Line::raw(format!(

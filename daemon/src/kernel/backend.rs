@@ -31,7 +31,7 @@ use super::ethtool::NicPatch;
 use super::napi::NAPI_KNOBS;
 use super::permission::{policy, Permission};
 use super::KernelConfig;
-use crate::knobs::Knob;
+use crate::knobs::{Knob, KnobExt};
 use crate::tuner::backend::{BackendError, BackendFactory, ControlSocketFactory, SettingsBackend};
 use crate::tuner::Bounds;
 

@@ -739,7 +739,7 @@ pub(crate) mod tests {
         assert_eq!(sample.cumulative.buckets.values().sum::<u64>(), 100);
         let ra = d.knobs.iter().find(|k| k.name == "read_ahead_kb").unwrap();
         assert_eq!(
-            (ra.value, ra.tuner_kind),
+            (ra.value, ra.tuner_kind.clone()),
             (128, Some(crate::knobs::TunerKind::ReadAhead))
         );
         assert_eq!(state.kernel.probes.len(), 2);

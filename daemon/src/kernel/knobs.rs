@@ -7,7 +7,7 @@ use crate::knobs::{Disruption, Knob, Source, TunerKind, Unit};
 /// One NIC driver's row of the driver catalogue in docs/kernel.md, drawn from the driver's
 /// ethtool ops in the kernel source (the table cites the file and function of each row; a
 /// unit test keeps the two in step).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DriverRule {
     pub driver: &'static str,
     /// What a ring-size change (`ethtool -G`, `set_ringparam`) does; `None`: the driver has
@@ -109,7 +109,7 @@ pub fn driver_rule(driver: &str) -> Option<&'static DriverRule> {
 /// either way).
 pub fn ring_disruption(driver: &str) -> Disruption {
     driver_rule(driver)
-        .and_then(|r| r.rings)
+        .and_then(|r| r.rings.clone())
         .unwrap_or(Disruption::ResetsQueue)
 }
 
@@ -239,7 +239,8 @@ pub fn nic(driver: &str, ethtool: Option<&NicSettings>, napi: &[(&'static str, u
 /// sees is on the receive side (NAPI polls that used their whole budget, receive overruns;
 /// see [`super::collector::ring_pressure`]), and nothing measured tells a tx ring that fills.
 pub fn explore_ring_resets(driver: &str, knobs: &mut [Knob], mode: super::RingResets) {
-    let resets_only = driver_rule(driver).and_then(|r| r.rings) == Some(Disruption::ResetsQueue);
+    let resets_only =
+        driver_rule(driver).and_then(|r| r.rings.clone()) == Some(Disruption::ResetsQueue);
     if mode != super::RingResets::Explore || !resets_only {
         return;
     }
@@ -359,6 +360,7 @@ pub fn disk(settings: &[QueueSetting], scheduler: Option<&super::blockq::Schedul
 mod tests {
     use super::*;
     use crate::kernel::ethtool::{Coalesce, Rings};
+    use crate::knobs::KnobExt;
 
     #[test]
     fn a_nic_without_coalescing_is_moderated_by_napi() {
@@ -497,7 +499,7 @@ mod tests {
             nics += 1;
             let rule =
                 driver_rule(driver).unwrap_or_else(|| panic!("{driver}: no rule in DRIVERS"));
-            let rings = rule.rings.map_or("none", |d| d.name());
+            let rings = rule.rings.as_ref().map_or("none", |d| d.name());
             assert_eq!(
                 rings, row[2],
                 "{driver}: ring change: code {rings}, catalogue {}",

@@ -51,17 +51,8 @@ struct Public {
     audit: AuditHealth,
 }
 
-/// The audit log's health, on `/api/v1/health` (`tuner_audit_log`): a tuner that cannot write
-/// its audit trail says so there, not only in the daemon's log.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct AuditHealth {
-    /// The audit log's path.
-    pub path: Option<std::path::PathBuf>,
-    /// Decisions that could not be written (and failed opens).
-    pub write_errors: u64,
-    /// The last failure, if any.
-    pub last_error: Option<String>,
-}
+/// The audit log's health, on `/api/v1/health` (`tuner_audit_log`): shared with `enlight top`.
+pub use enlight_abi::api::AuditHealth;
 
 impl TunerShared {
     /// The audit log's health (`None` when no tuner runs).
