@@ -372,10 +372,17 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
         .iter()
         .map(|n| {
             let mut ping = guest.host_command("ping");
-            ping.args(["-q", "-i", "0.001", "-w", "120", &n.guest_addr.to_string()])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .die_with_parent(libc::SIGKILL);
+            ping.args([
+                "-q",
+                "-i",
+                "0.001",
+                "-w",
+                &TUNING_SECS.to_string(),
+                &n.guest_addr.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .die_with_parent(libc::SIGKILL);
             KillOnDrop(ping.spawn().unwrap())
         })
         .collect();
@@ -405,7 +412,7 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
             "-l",
             "100",
             "-t",
-            "150",
+            &TUNING_SECS.to_string(),
         ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -415,7 +422,7 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
     // And fio on the virtio-blk disk inside the guest, for the disk's tuner.
     guest
         .check(
-            "fio --name=tune --filename=/dev/vda --rw=randread --bs=4k --direct=1 --ioengine=psync --size=96m --runtime=150 --time_based > /dev/null 2>&1 &",
+            &format!("fio --name=tune --filename=/dev/vda --rw=randread --bs=4k --direct=1 --ioengine=psync --size=96m --runtime={TUNING_SECS} --time_based > /dev/null 2>&1 &"),
             t,
         )
         .unwrap();
@@ -438,7 +445,7 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
     let eth_changed = |(u, n): &(u64, String)| *u != original_usecs && *n != eth_napi0;
     let vif_state = || (rings(&vif), napi(&vif));
     let vif_changed = |(r, _): &(String, String)| current_rx_ring(r) > Some(vif_rx0);
-    let deadline = Instant::now() + SECS(150);
+    let deadline = Instant::now() + SECS(TUNING_SECS);
     let mut eth_tuned: Option<(u64, String)> = None;
     let mut vif_tuned: Option<(String, String)> = None;
     let mut vda_tuned: Option<String> = None;
@@ -472,7 +479,7 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
         );
         assert!(
             Instant::now() < deadline,
-            "the tuner did not change {ifname} ({eth_tuned:?}), {vif}'s rx ring ({vif_tuned:?}) and vda ({vda_tuned:?}) within 150 s; decisions: {}; log: {}; {vif}'s NAPI: {}; rx ring seen: {}",
+            "the tuner did not change {ifname} ({eth_tuned:?}), {vif}'s rx ring ({vif_tuned:?}) and vda ({vda_tuned:?}) within {TUNING_SECS} s; decisions: {}; log: {}; {vif}'s NAPI: {}; rx ring seen: {}",
             get(&fwd, "/api/v1/tuner/decisions?limit=30").unwrap_or_default(),
             guest.check("tail -20 /tmp/enlightd.log", t).unwrap(),
             guest.check(&format!("wget -q -O- http://127.0.0.1:9464/metrics | grep '^enlight_napi.*{vif}'; true"), t).unwrap(),
@@ -810,6 +817,12 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
     );
     eprintln!("lab: whole test {:?}", started.elapsed());
 }
+
+/// How long the tuner has to change every device, and the traffic that drives it runs. The
+/// virtio-net rx ring comes last in its search, after A-B-A trials of its NAPI knobs whose rounds
+/// take longer the noisier the windows: on a machine busy with builds the ring trial came
+/// after 150 s (the test passes as soon as every device is caught changed).
+const TUNING_SECS: u64 = 360;
 
 /// The rate of the host's 100-byte UDP datagrams into virtio-net: more than the TCG guest's
 /// polls drain a budget at a time (ring pressure), yet leaving it the CPU for the rest.
