@@ -24,12 +24,16 @@
 //! kind this build does not know is kept as it was written ([`DeviceKind::Other`]), so that an
 //! older reader does not reject a newer writer.
 
+#[macro_use]
+mod wire;
+
 pub mod api;
 pub mod dir;
 pub mod kind;
 pub mod knob;
 pub mod op;
 pub mod record;
+pub mod tuner;
 
 pub use kind::DeviceKind;
 pub use op::Op;
