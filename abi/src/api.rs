@@ -16,6 +16,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::knob::Knob;
+use crate::tuner::{Lenient, TunerTypes, TunerView};
 use crate::DeviceKind;
 
 /// One op of a device, or all its ops together (`op = "all"`): an element of a device's `ops`,
@@ -111,6 +113,87 @@ pub struct SelfCost {
     pub programs: BTreeMap<String, ProgramCost>,
     /// The daemon process.
     pub process: ProcessCost,
+}
+
+/// One device, as `/api/v1/devices` serves it. `K` is a kernel device's details (driver class,
+/// queues, IRQs, NAPI figures, ring, coalescing or block-queue settings): the daemon's own type
+/// there, left [`Unread`] by a client. `T` is whose tuner types its settings and tuner view are
+/// written in ([`crate::tuner::TunerTypes`]): the daemon's own, or a client's
+/// [`crate::tuner::Lenient`] ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(
+    default,
+    bound(serialize = "K: Serialize", deserialize = "K: Deserialize<'de>")
+)]
+pub struct DeviceView<K = Unread, T: TunerTypes = Lenient> {
+    pub name: String,
+    /// `disk` or `nic`.
+    pub device: String,
+    /// What the device is (`synthetic`, `emulated`, `kernel`; another, a newer daemon's, is kept
+    /// as written).
+    pub kind: DeviceKind,
+    pub pid: u32,
+    pub present: bool,
+    pub attached: bool,
+    pub attach_error: Option<String>,
+    /// The control-socket settings of a device that has them (synthetic devices); absent for
+    /// emulated and kernel devices, whose knobs (if any) are in `knobs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settings: Option<T::Settings>,
+    /// The knobs the device really has, each with its value read from its source, limits, unit,
+    /// source and disruption (empty: none, e.g. an emulated device).
+    pub knobs: Vec<Knob>,
+    /// Every op together.
+    pub total: OpView,
+    /// Per op.
+    pub ops: Vec<OpView>,
+    pub interrupts_total: u64,
+    pub interrupts_per_sec: f64,
+    pub doorbells_total: u64,
+    pub ring_full_out_total: u64,
+    pub ring_full_in_total: u64,
+    pub irq_masked_total: u64,
+    /// Register accesses an emulated device trapped (`trap` probe); 0 for synthetic devices.
+    pub traps_total: u64,
+    /// The tuner's state for this device (contract 6); `null` when no tuner runs for it (or the
+    /// daemon has none).
+    pub tuner: Option<TunerView<T>>,
+    /// A kernel device's driver (`virtio_blk`, `hv_netvsc`, `e1000`, `loop`, ...); absent for
+    /// registry devices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// A kernel device's details; absent for registry devices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<K>,
+}
+
+/// Empty: no settings, no tuner, no kernel details (whatever `K` and `T` are).
+impl<K, T: TunerTypes> Default for DeviceView<K, T> {
+    fn default() -> Self {
+        DeviceView {
+            name: String::new(),
+            device: String::new(),
+            kind: DeviceKind::default(),
+            pid: 0,
+            present: false,
+            attached: false,
+            attach_error: None,
+            settings: None,
+            knobs: Vec::new(),
+            total: OpView::default(),
+            ops: Vec::new(),
+            interrupts_total: 0,
+            interrupts_per_sec: 0.0,
+            doorbells_total: 0,
+            ring_full_out_total: 0,
+            ring_full_in_total: 0,
+            irq_masked_total: 0,
+            traps_total: 0,
+            tuner: None,
+            driver: None,
+            kernel: None,
+        }
+    }
 }
 
 /// A part of a view this reader does not look into (the daemon's kernel-probe state, for a
@@ -265,6 +348,68 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&h).unwrap(),
             r#"{"devices":0,"devices_attached":0,"events_lost":0,"errors":{},"recent_errors":[],"ticks":2,"kernel":{"a":1},"self_cost":{"bpf_stats_enabled":false,"programs":{},"process":{"cpu_seconds_total":0.0,"cpu_percent":0.0,"resident_bytes":0}},"tuner_audit_log":null}"#
+        );
+    }
+
+    /// An older daemon's device (before the knobs, the traps and the kernel devices) and a newer
+    /// one's (a kind, a tuner state, an action and fields this build does not know, kernel
+    /// details) both read; a device without a tuner reads as `None`.
+    #[test]
+    fn old_and_new_devices_read() {
+        use crate::tuner::{Action, Mode, State};
+        let old = r#"{"name":"disk0","device":"disk","kind":"synthetic","pid":1,"present":true,
+            "attached":true,"attach_error":null,"settings":{"ring_out_bytes":262144,
+            "ring_in_bytes":262144,"moderation_frames":8,"moderation_usecs":50,"poll_budget":64},
+            "total":{"op":"all","ops_total":5},"ops":[],"interrupts_total":3,
+            "interrupts_per_sec":0.5,"doorbells_total":4,"ring_full_out_total":0,
+            "ring_full_in_total":0,"irq_masked_total":0}"#;
+        let d: DeviceView = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (d.kind, d.pid, d.total.ops_total),
+            (DeviceKind::Synthetic, 1, 5)
+        );
+        assert_eq!(d.settings.unwrap().moderation_usecs, Some(50));
+        assert_eq!(
+            (d.knobs.len(), d.traps_total, d.tuner, d.kernel),
+            (0, 0, None, None)
+        );
+        let new = r#"{"name":"vda","device":"disk","kind":"vhost-user","traps_total":2,
+            "knobs":[{"name":"nr_requests","value":64,"unit":"requests","source":"sysfs"}],
+            "tuner":{"mode":"auto","objective":"latency","state":"warming","pinned":false,
+              "last_decision":{"ts_unix_ms":5,"device":"vda","action":"escalate",
+                "from":{},"to":{},"reason":"r","objective_value":null},"recommendation":null},
+            "driver":"virtio_blk","kernel":{"class":"blk","queues":[{"irq":30}]},
+            "numa_node":1}"#;
+        let d: DeviceView = serde_json::from_str(new).unwrap();
+        assert_eq!(
+            (d.kind.as_str(), d.traps_total, d.driver.as_deref()),
+            ("vhost-user", 2, Some("virtio_blk"))
+        );
+        assert_eq!(
+            (d.knobs[0].value, d.kernel, d.settings),
+            (64, Some(Unread), None)
+        );
+        let t = d.tuner.unwrap();
+        assert_eq!(
+            (t.mode, t.state),
+            (Mode::Auto, State::Other("warming".into()))
+        );
+        assert_eq!(
+            t.last_decision.unwrap().action,
+            Action::Other("escalate".into())
+        );
+        // The daemon's own kernel type is kept and written back in its place; absent settings,
+        // driver and kernel details are left out, as the daemon always did.
+        let d: DeviceView<BTreeMap<String, u64>> =
+            serde_json::from_str(r#"{"name":"sda","kernel":{"queues":4}}"#).unwrap();
+        let json = serde_json::to_string(&d).unwrap();
+        assert!(
+            json.ends_with(r#""traps_total":0,"tuner":null,"kernel":{"queues":4}}"#),
+            "{json}"
+        );
+        assert!(
+            !json.contains("settings") && !json.contains("driver"),
+            "{json}"
         );
     }
 

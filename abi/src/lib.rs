@@ -7,7 +7,8 @@
 //! | [`op`] | op codes ([`op::Op`]): USDT arguments, the disk's wire protocol, the `op` label | the device processes (`enlight-driver`, `enlight-vmm`) | the eBPF programs, `enlightd` (names in `/metrics` and the API) |
 //! | [`dir`] | signal and ring directions | the device processes | ad-hoc tracers of `signal` and `ring_full` |
 //! | [`record`] | the `#[repr(C)]` records shared with the eBPF programs, their sizes and the map and health constants | the device processes (`io_reap`'s completions and signal counts), the loader (USDT argument specs) | the eBPF programs (`probes/src/bpf/enlight.bpf.c`), the map reader (`enlight-probes`) |
-//! | [`api`] | the JSON API's types both sides read alike (ops, histograms, self-cost, health), each field with a default | `enlightd` | `enlight top`, `enlight tune`, `enlight bench` |
+//! | [`api`] | the JSON API's types both sides read alike (ops, histograms, self-cost, health, devices), each field with a default; a part only the daemon knows the type of (its kernel state) is a type parameter a client leaves [`api::Unread`] | `enlightd` | `enlight top`, `enlight tune`, `enlight bench` |
+//! | [`tuner`] | the tuner's view of a device and its decisions (also the audit log's lines), generic over [`tuner::TunerTypes`]: the daemon's strict enums and settings, or a client's [`tuner::Lenient`] wire enums (keeping a value this build does not know) and [`tuner::Settings`] | `enlightd` | `enlight top`, `enlight tune`, `enlight demo` |
 //! | [`knob`] | a device's knobs ([`knob::Knob`]: value, limits, unit, source, disruption, tuner ladder) | `enlightd` | `enlight top`, `enlight tune` |
 //! | [`kind`] | what a device is ([`DeviceKind`]): the registry's, the API's and the `kind` label's value | the device processes (registry record), `enlightd` (kernel devices) | `enlightd`, `enlight top`, `enlight tune` |
 //!
@@ -24,12 +25,16 @@
 //! kind this build does not know is kept as it was written ([`DeviceKind::Other`]), so that an
 //! older reader does not reject a newer writer.
 
+#[macro_use]
+mod wire;
+
 pub mod api;
 pub mod dir;
 pub mod kind;
 pub mod knob;
 pub mod op;
 pub mod record;
+pub mod tuner;
 
 pub use kind::DeviceKind;
 pub use op::Op;

@@ -1,57 +1,14 @@
 //! The HTTP side: `/metrics` (Prometheus), `/api/v1/devices` and `/api/v1/health` (JSON).
 
-use serde::{Deserialize, Serialize};
-
 use crate::model::{op_name, DeviceState, OpFigures, State};
 
 /// One op of a device, or all ops together (`op = "all"`): the one definition, shared with
 /// `enlight top`.
 pub use enlight_abi::api::OpView;
 
-/// One device, as `/api/v1/devices` serves it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct DeviceView {
-    pub name: String,
-    pub device: String,
-    /// What the device is (`synthetic`, `emulated`, `kernel`).
-    pub kind: enlight_abi::DeviceKind,
-    pub pid: u32,
-    pub present: bool,
-    pub attached: bool,
-    pub attach_error: Option<String>,
-    /// The control-socket settings of a device that has them (synthetic devices); absent for
-    /// emulated and kernel devices, whose knobs (if any) are in `knobs`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub settings: Option<enlight_driver::settings::DeviceSettings>,
-    /// The knobs the device really has, each with its value read from its source, limits, unit,
-    /// source and disruption (empty: none, e.g. an emulated device).
-    #[serde(default)]
-    pub knobs: Vec<crate::knobs::Knob>,
-    /// Every op together.
-    pub total: OpView,
-    /// Per op.
-    pub ops: Vec<OpView>,
-    pub interrupts_total: u64,
-    pub interrupts_per_sec: f64,
-    pub doorbells_total: u64,
-    pub ring_full_out_total: u64,
-    pub ring_full_in_total: u64,
-    pub irq_masked_total: u64,
-    /// Register accesses an emulated device trapped (`trap` probe); 0 for synthetic devices.
-    #[serde(default)]
-    pub traps_total: u64,
-    /// The tuner's state for this device (contract 6); `null` when no tuner runs for it.
-    #[serde(default)]
-    pub tuner: Option<crate::tuner::TunerView>,
-    /// A kernel device's driver (`virtio_blk`, `hv_netvsc`, `e1000`, `loop`, ...); absent for
-    /// registry devices.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub driver: Option<String>,
-    /// A kernel device's details: driver class, queues, IRQs, NAPI figures, ring, coalescing or
-    /// block queue settings, and whether enlight may change it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel: Option<crate::kernel::KernelInfo>,
-}
+/// One device, as `/api/v1/devices` serves it: the one definition, shared with `enlight top`,
+/// with the daemon's kernel-device details and its tuner's own types in it.
+pub type DeviceView = enlight_abi::api::DeviceView<crate::kernel::KernelInfo, crate::tuner::Strict>;
 
 const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
 

@@ -1,33 +1,22 @@
-//! What enlightd's JSON API serves, as `enlight top` reads it: every field a newer or older daemon
-//! may lack has a default, so the TUI works against any daemon of the same API version (e.g. one
-//! without the tuner: `tuner` is `None`). The ops, histograms, self-cost, health view (its
-//! kernel-probe state left [`Unread`]), knobs (their unit, source, disruption and ladder keeping
-//! a value this build does not know) and device kinds are the daemon's own types, from
-//! `enlight-abi`. The device, tuner and decision views and the settings below are still a lenient
-//! copy of the daemon's (`enlightd::api`, `enlightd::tuner`): the daemon's own carry its tuner's
-//! strict enums (which its config parses and must reject unknown values of), the driver's settings
-//! (`u32`s, unknown fields refused) and its kernel-device details, none of them in `enlight-abi`
-//! yet.
+//! What enlightd's JSON API serves, as `enlight top` reads it: the daemon's own types, from
+//! `enlight-abi`, defined once for both sides. Every field a newer or older daemon may lack has a
+//! default, so the TUI works against any daemon of the same API version (e.g. one without the
+//! tuner: `tuner` is `None`), and a value a newer daemon writes that this build does not know is
+//! kept rather than refused: a device kind, a knob's unit, source, disruption or ladder, the
+//! tuner's mode, objective, state or a decision's action (each enum's `Other`), and a field
+//! (ignored). Where the daemon carries a type of its own (its kernel-probe state and
+//! kernel-device details, its tuner's strict enums, the driver's settings), the TUI reads the
+//! view with the lenient default: [`Unread`] for the kernel parts, [`enlight_abi::tuner::Lenient`]
+//! for the tuner's (its wire enums and [`Settings`], every knob optional).
 
 // The types the daemon serialises and this crate reads alike are defined once, in enlight-abi.
 pub use enlight_abi::api::{
-    AuditHealth, DeviceHistogram, HealthView, OpHistogram, OpView, ProcessCost, ProgramCost,
-    SelfCost, Unread,
+    AuditHealth, DeviceHistogram, DeviceView, HealthView, OpHistogram, OpView, ProcessCost,
+    ProgramCost, SelfCost, Unread,
 };
 pub use enlight_abi::knob::{Disruption, Knob, Source, TunerKind, Unit};
+pub use enlight_abi::tuner::{Action, Decision, Mode, Objective, Settings, State, TunerView};
 pub use enlight_abi::DeviceKind;
-use serde::{Deserialize, Serialize};
-
-/// A device's settings (the knobs the tuner turns). Unknown knobs are kept and ignored.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct Settings {
-    pub ring_out_bytes: Option<u64>,
-    pub ring_in_bytes: Option<u64>,
-    pub moderation_frames: Option<u64>,
-    pub moderation_usecs: Option<u64>,
-    pub poll_budget: Option<u64>,
-}
 
 /// How `enlight top` shows a knob ([`Knob`] is the daemon's own, from `enlight-abi`).
 pub trait KnobDisplay {
@@ -59,66 +48,6 @@ impl KnobDisplay for Knob {
     }
 }
 
-/// One tuner decision (contract 6).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct Decision {
-    pub ts_unix_ms: u64,
-    pub device: String,
-    /// `change`, `revert` or `recommend`.
-    pub action: String,
-    pub from: Option<Settings>,
-    pub to: Option<Settings>,
-    pub reason: String,
-    pub objective_value: Option<f64>,
-}
-
-/// The tuner's state for one device (contract 6).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct TunerView {
-    /// `off`, `auto` or `dry_run`.
-    pub mode: String,
-    /// `latency`, `throughput` or `balanced`.
-    pub objective: String,
-    /// `idle`, `exploring`, `converged`, `pinned` or `frozen`.
-    pub state: String,
-    pub pinned: bool,
-    pub last_decision: Option<Decision>,
-    pub recommendation: Option<Settings>,
-}
-
-/// One device, as `/api/v1/devices` serves it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct DeviceView {
-    pub name: String,
-    /// `disk` or `nic`.
-    pub device: String,
-    /// `synthetic`, `emulated` or `kernel` (another, a newer daemon's, is kept as written).
-    pub kind: DeviceKind,
-    /// The kernel driver (`virtio_blk`, `loop`, ...) of a `kernel` device; `None` otherwise.
-    pub driver: Option<String>,
-    pub pid: u32,
-    pub present: bool,
-    pub attached: bool,
-    pub attach_error: Option<String>,
-    /// A control-socket device's settings (absent for emulated and kernel devices).
-    pub settings: Settings,
-    /// The knobs the device really has (none: an emulated device).
-    pub knobs: Vec<Knob>,
-    pub total: OpView,
-    pub ops: Vec<OpView>,
-    pub interrupts_total: u64,
-    pub interrupts_per_sec: f64,
-    pub doorbells_total: u64,
-    pub ring_full_out_total: u64,
-    pub ring_full_in_total: u64,
-    pub irq_masked_total: u64,
-    /// `None` when no tuner runs for the device (or the daemon has none).
-    pub tuner: Option<TunerView>,
-}
-
 /// Everything one poll of the daemon returns.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Poll {
@@ -147,7 +76,7 @@ mod tests {
             "ring_full_in_total":0,"irq_masked_total":0}"#;
         let d: DeviceView = serde_json::from_str(plain).unwrap();
         assert_eq!(d.tuner, None);
-        assert_eq!(d.settings.moderation_usecs, Some(50));
+        assert_eq!(d.settings.unwrap().moderation_usecs, Some(50));
         let with_null: DeviceView = serde_json::from_str(r#"{"name":"x","tuner":null}"#).unwrap();
         assert_eq!(with_null.tuner, None);
         let tuned: DeviceView = serde_json::from_str(
@@ -162,10 +91,10 @@ mod tests {
         assert!(t.pinned);
         let last = t.last_decision.unwrap();
         assert_eq!(
-            (last.action.as_str(), last.reason.as_str()),
-            ("revert", "p99 rose 30%")
+            (last.action, last.reason.as_str()),
+            (Action::Revert, "p99 rose 30%")
         );
-        assert_eq!(last.to.unwrap().moderation_frames, Some(8));
+        assert_eq!(last.to.moderation_frames, Some(8));
     }
 
     /// A newer daemon's device (a kind and fields this build does not know) and an older one's

@@ -12,7 +12,7 @@ use ratatui::widgets::{
 };
 
 use crate::app::{App, Connection, Screen, Window, CHART_SECS};
-use crate::model::{Decision, DeviceKind, DeviceView, KnobDisplay, Settings, Source};
+use crate::model::{Action, Decision, DeviceKind, DeviceView, KnobDisplay, Mode, Settings, Source};
 use crate::stats::{columns_in, fmt_bytes, fmt_count, fmt_latency, log_range, union_range};
 use crate::widgets::{Histogram, PERCENTILE_COLORS, PERCENTILE_LABELS};
 
@@ -169,8 +169,8 @@ fn tuner_state(d: &DeviceView) -> String {
     match &d.tuner {
         None => "n/a".into(),
         Some(t) if t.pinned => "pinned".into(),
-        Some(t) if t.mode == "off" => "off".into(),
-        Some(t) => t.state.clone(),
+        Some(t) if t.mode == Mode::Off => "off".into(),
+        Some(t) => t.state.to_string(),
     }
 }
 
@@ -202,8 +202,13 @@ fn render_list(app: &App, area: Rect, buf: &mut Buffer) {
                 Cell::from(opt_latency(p99)),
                 Cell::from(opt_latency(p999)),
                 Cell::from(fmt_count(f.as_ref().map_or(0.0, |f| f.interrupts_per_sec))),
-                Cell::from(d.settings.ring_out_bytes.map_or("-".into(), fmt_bytes)),
-                Cell::from(moderation(&d.settings)),
+                Cell::from(
+                    d.settings
+                        .as_ref()
+                        .and_then(|s| s.ring_out_bytes)
+                        .map_or("-".into(), fmt_bytes),
+                ),
+                Cell::from(d.settings.as_ref().map_or("-".into(), moderation)),
                 Cell::from(tuner_state(d)),
             ])
             .style(style)
@@ -325,7 +330,8 @@ fn summary_lines(app: &App, d: &DeviceView) -> Vec<Line<'static>> {
     } else {
         "-".into()
     };
-    let s = &d.settings;
+    // A device without settings (an older enlightd's emulated one) shows each as `-`.
+    let s = &d.settings.clone().unwrap_or_default();
     let ring = match (s.ring_out_bytes, s.ring_in_bytes) {
         (Some(o), Some(i)) => format!("{}/{}", fmt_bytes(o), fmt_bytes(i)),
         _ => "-".into(),
@@ -374,7 +380,10 @@ fn summary_lines(app: &App, d: &DeviceView) -> Vec<Line<'static>> {
         ),
         // A control-socket device's settings (or an older enlightd's, which sent no knobs).
         if d.knobs.iter().any(|k| k.source == Source::ControlSocket)
-            || (d.knobs.is_empty() && d.settings != Settings::default())
+            || (d.knobs.is_empty()
+                && d.settings
+                    .as_ref()
+                    .is_some_and(|s| *s != Settings::default()))
         {
             Line::raw(format!(
                 "irq/s {}  irq/op {per_op}  ring out/in {ring}  moderation {}  budget {}",
@@ -545,12 +554,12 @@ fn clock(ts_unix_ms: u64) -> String {
 }
 
 fn decision_line(d: &Decision) -> Line<'static> {
-    let color = match d.action.as_str() {
-        "revert" => Color::Red,
-        "change" => Color::Green,
+    let color = match d.action {
+        Action::Revert => Color::Red,
+        Action::Change => Color::Green,
         _ => Color::Cyan,
     };
-    let diff = settings_diff(d.from.as_ref(), d.to.as_ref());
+    let diff = settings_diff(Some(&d.from), Some(&d.to));
     Line::from(vec![
         Span::styled(clock(d.ts_unix_ms), DIM),
         Span::raw(" "),
@@ -581,7 +590,7 @@ fn render_decisions(app: &App, d: &DeviceView, area: Rect, buf: &mut Buffer) {
         .tuner
         .as_ref()
         .and_then(|t| t.recommendation.as_ref())
-        .map(|r| settings_diff(Some(&d.settings), Some(r)))
+        .map(|r| settings_diff(Some(&d.settings.clone().unwrap_or_default()), Some(r)))
         .filter(|diff| !diff.is_empty())
         .map(|diff| Line::styled(format!("recommends: {diff}"), Style::new().fg(Color::Cyan)));
     let room = (inner.height as usize).saturating_sub(advice.is_some() as usize);
@@ -682,7 +691,7 @@ fn render_compare(app: &App, left: &str, right: &str, area: Rect, buf: &mut Buff
                 } else {
                     "-".into()
                 },
-                moderation(&d.settings)
+                d.settings.as_ref().map_or("-".into(), moderation)
             )),
         ];
         Paragraph::new(lines).render(head, buf);
@@ -731,13 +740,13 @@ mod tests {
         };
         for t in 0..=30u64 {
             let mut d = device("disk0", "synthetic", 1000 * t, Some(tuner.clone()));
-            d.settings = Settings {
+            d.settings = Some(Settings {
                 ring_out_bytes: Some(262_144),
                 ring_in_bytes: Some(262_144),
                 moderation_frames: Some(8),
                 moderation_usecs: Some(50),
                 poll_budget: Some(64),
-            };
+            });
             d.ops = vec![crate::model::OpView {
                 op: "read".into(),
                 ..Default::default()
@@ -758,14 +767,14 @@ mod tests {
                 ts_unix_ms: 1_764_000_000_000,
                 device: "disk0".into(),
                 action: "change".into(),
-                from: Some(Settings {
+                from: Settings {
                     moderation_frames: Some(16),
                     ..Settings::default()
-                }),
-                to: Some(Settings {
+                },
+                to: Settings {
                     moderation_frames: Some(8),
                     ..Settings::default()
-                }),
+                },
                 reason: "p99 fell 12% at 8 frames".into(),
                 objective_value: Some(1.0),
             }];
@@ -910,7 +919,7 @@ mod tests {
         let mut app = sample_app();
         let advice = Settings {
             moderation_frames: Some(16),
-            ..app.devices[0].settings.clone()
+            ..app.devices[0].settings.clone().unwrap()
         };
         if let Some(t) = app.devices[0].tuner.as_mut() {
             t.mode = "dry_run".into();
@@ -1095,6 +1104,21 @@ mod tests {
         key(&mut app, KeyCode::Enter);
         let s = screen(&app, 120, 40).join("\n");
         assert!(s.contains("knobs: none"), "{s}");
+    }
+
+    /// A newer daemon's tuner state shows as it wrote it; a tuner that is off shows `off`.
+    #[test]
+    fn a_tuner_state_this_build_does_not_know_shows_as_written() {
+        let d: DeviceView =
+            serde_json::from_str(r#"{"name":"x","tuner":{"mode":"auto","state":"warming"}}"#)
+                .unwrap();
+        assert_eq!(tuner_state(&d), "warming");
+        let off: DeviceView =
+            serde_json::from_str(r#"{"name":"x","tuner":{"mode":"off","state":"idle"}}"#).unwrap();
+        assert_eq!(tuner_state(&off), "off");
+        let d: Decision = serde_json::from_str(r#"{"action":"escalate","reason":"r"}"#).unwrap();
+        let line = decision_line(&d).to_string();
+        assert!(line.contains("escalate") && line.ends_with('r'), "{line}");
     }
 
     #[test]

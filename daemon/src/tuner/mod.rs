@@ -139,10 +139,12 @@ pub enum TunerMode {
 }
 
 /// Where a device's tuner is (contract 6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum TunerState {
-    /// Measuring the current settings, nothing under trial.
+    /// Measuring the current settings, nothing under trial (the default, for a view that does
+    /// not say).
+    #[default]
     Idle,
     /// Trying a candidate setting.
     Exploring,
@@ -155,44 +157,90 @@ pub enum TunerState {
 }
 
 /// What a decision does (contract 6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// Apply new settings.
     Change,
     /// Go back to settings that were better.
     Revert,
-    /// Dry run: what would be applied.
+    /// Dry run: what would be applied (the default, for a decision that does not say: the
+    /// action that changes nothing).
+    #[default]
     Recommend,
 }
 
-/// One recorded decision (contract 6; also one line of the audit log).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Decision {
-    pub ts_unix_ms: u64,
-    pub device: String,
-    pub action: Action,
-    pub from: DeviceSettings,
-    pub to: DeviceSettings,
-    pub reason: String,
-    /// The objective's value measured at `from` (ops/s or a NIC's bytes/s, p99 seconds, or
-    /// interrupts per op, NAPI polls per op on a NIC without interrupts).
-    pub objective_value: Option<f64>,
+/// The daemon's own types in the tuner's views: its strict enums (its decision code matches on
+/// them, its config refuses a value it does not know) and the driver's settings, so the JSON it
+/// writes is what it always wrote. Clients read the same views with
+/// [`enlight_abi::tuner::Lenient`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Strict;
+
+impl enlight_abi::tuner::TunerTypes for Strict {
+    type Settings = DeviceSettings;
+    type Mode = TunerMode;
+    type Objective = Objective;
+    type State = TunerState;
+    type Action = Action;
 }
 
-/// The tuner's part of a device in `/api/v1/devices` (contract 6).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TunerView {
-    pub mode: TunerMode,
-    pub objective: Objective,
-    pub state: TunerState,
-    pub pinned: bool,
-    pub last_decision: Option<Decision>,
-    pub recommendation: Option<DeviceSettings>,
-    /// Why the tuner pinned the device itself: someone else changed a knob it had set (the
-    /// tuner never writes over an operator's change; unpin to let it tune again).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pinned_reason: Option<String>,
+/// One recorded decision (contract 6; also one line of the audit log): the one definition,
+/// shared with `enlight top`, in the daemon's own types.
+pub type Decision = enlight_abi::tuner::Decision<Strict>;
+
+/// The tuner's part of a device in `/api/v1/devices` (contract 6): the one definition, shared
+/// with `enlight top`, in the daemon's own types.
+pub type TunerView = enlight_abi::tuner::TunerView<Strict>;
+
+/// The wire value a client reads (the same string).
+impl From<TunerMode> for enlight_abi::tuner::Mode {
+    fn from(m: TunerMode) -> Self {
+        use enlight_abi::tuner::Mode;
+        match m {
+            TunerMode::Off => Mode::Off,
+            TunerMode::Auto => Mode::Auto,
+            TunerMode::DryRun => Mode::DryRun,
+        }
+    }
+}
+
+/// The wire value a client reads (the same string).
+impl From<Objective> for enlight_abi::tuner::Objective {
+    fn from(o: Objective) -> Self {
+        use enlight_abi::tuner::Objective as O;
+        match o {
+            Objective::Latency => O::Latency,
+            Objective::Throughput => O::Throughput,
+            Objective::Balanced => O::Balanced,
+        }
+    }
+}
+
+/// The wire value a client reads (the same string).
+impl From<TunerState> for enlight_abi::tuner::State {
+    fn from(s: TunerState) -> Self {
+        use enlight_abi::tuner::State;
+        match s {
+            TunerState::Idle => State::Idle,
+            TunerState::Exploring => State::Exploring,
+            TunerState::Converged => State::Converged,
+            TunerState::Pinned => State::Pinned,
+            TunerState::Frozen => State::Frozen,
+        }
+    }
+}
+
+/// The wire value a client reads (the same string).
+impl From<Action> for enlight_abi::tuner::Action {
+    fn from(a: Action) -> Self {
+        use enlight_abi::tuner::Action as A;
+        match a {
+            Action::Change => A::Change,
+            Action::Revert => A::Revert,
+            Action::Recommend => A::Recommend,
+        }
+    }
 }
 
 /// The range of each knob a device accepts (from its control interface).
@@ -455,6 +503,57 @@ impl Controller for Static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every strict value is written as the string of its lenient twin, which a client reads
+    /// back as that (known) value: the daemon's and the clients' enums say the same thing.
+    #[test]
+    fn strict_enums_are_written_as_their_wire_twins() {
+        fn same<S: Serialize + Copy, W: From<S> + Serialize + std::fmt::Debug>(
+            strict: &[S],
+            known: &[W],
+        ) {
+            for (i, &s) in strict.iter().enumerate() {
+                let w = W::from(s);
+                assert_eq!(
+                    serde_json::to_string(&s).unwrap(),
+                    serde_json::to_string(&w).unwrap()
+                );
+                assert_eq!(
+                    serde_json::to_string(&known[i]).unwrap(),
+                    serde_json::to_string(&w).unwrap(),
+                    "{w:?}"
+                );
+            }
+            assert_eq!(strict.len(), known.len());
+        }
+        use enlight_abi::tuner as wire;
+        same(
+            &[TunerMode::Off, TunerMode::Auto, TunerMode::DryRun],
+            wire::Mode::KNOWN,
+        );
+        same(
+            &[
+                Objective::Latency,
+                Objective::Throughput,
+                Objective::Balanced,
+            ],
+            wire::Objective::KNOWN,
+        );
+        same(
+            &[
+                TunerState::Idle,
+                TunerState::Exploring,
+                TunerState::Converged,
+                TunerState::Pinned,
+                TunerState::Frozen,
+            ],
+            wire::State::KNOWN,
+        );
+        same(
+            &[Action::Change, Action::Revert, Action::Recommend],
+            wire::Action::KNOWN,
+        );
+    }
 
     #[test]
     fn steps_walk_the_ladder_within_bounds() {
