@@ -28,8 +28,11 @@ use enlight_driver::settings::DeviceSettings;
 use enlight_driver::workload::{self, Limit, Pattern, WorkloadSpec};
 use serde::Serialize;
 
+mod interleaved;
 mod machine;
 mod toggled;
+
+use interleaved::*;
 use machine::first_line;
 
 #[derive(Parser)]
@@ -389,361 +392,9 @@ fn disk_run(backing: &std::path::Path, qd: u32, secs: f64) -> Result<DiskRun> {
     })
 }
 
-/// The three configurations of the probe-overhead comparison.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
-enum ProbeConfig {
-    Detached,
-    /// Only `workload_start` attached: it fires once per run, so this shows what attaching alone
-    /// (and the measurement's noise) look like.
-    Control,
-    All,
-}
-
-impl ProbeConfig {
-    const ROTATION: [ProbeConfig; 3] = [
-        ProbeConfig::Detached,
-        ProbeConfig::Control,
-        ProbeConfig::All,
-    ];
-}
-
-/// The length of one slice of the interleaved run.
-const SLICE: Duration = Duration::from_secs(1);
-
-/// Time left after a switch before a slice starts, for the threads to leave whatever state the
-/// switch caught them in.
-const SETTLE: Duration = Duration::from_millis(200);
-
-/// One measured slice of the interleaved run.
-#[derive(Serialize)]
-struct Slice {
-    config: ProbeConfig,
-    #[serde(flatten)]
-    sample: SliceSample,
-}
-
-/// What one slice of a continuous run measured.
-#[derive(Serialize)]
-struct SliceSample {
-    iops: f64,
-    cpu_ns_per_io: f64,
-    ios: u64,
-    /// Probe hits in the slice (all programs, as the kernel counted them).
-    hits: u64,
-    /// Time spent in the probes' programs in the slice, ns.
-    program_ns: u64,
-    /// Hits per probe in the slice.
-    hits_by_probe: BTreeMap<&'static str, u64>,
-}
-
-/// Measures one slice of `len` of a running workload: I/O from `requests` (the host service's
-/// live request counter), the process's CPU time, and the probes' run counts and times.
-fn measure_slice(
-    probes: &enlight_probes::Probes,
-    requests: &dyn Fn() -> u64,
-    len: Duration,
-) -> Result<SliceSample> {
-    let (hits0, prog0, by0) = run_totals(probes)?;
-    let (t0, cpu0, req0) = (Instant::now(), process_cpu_ns(), requests());
-    std::thread::sleep(len);
-    let (t1, cpu1, req1) = (Instant::now(), process_cpu_ns(), requests());
-    let (hits1, prog1, by1) = run_totals(probes)?;
-    let n = req1.saturating_sub(req0).max(1);
-    Ok(SliceSample {
-        iops: n as f64 / t1.duration_since(t0).as_secs_f64(),
-        cpu_ns_per_io: cpu1.saturating_sub(cpu0) as f64 / n as f64,
-        ios: n,
-        hits: hits1 - hits0,
-        program_ns: prog1 - prog0,
-        hits_by_probe: by1
-            .iter()
-            .map(|(k, v)| (*k, v - by0.get(k).copied().unwrap_or(0)))
-            .filter(|(_, v)| *v > 0)
-            .collect(),
-    })
-}
-
-/// The kernel's run counts per USDT program, and the sums of run counts and run times over all.
-fn run_totals(probes: &enlight_probes::Probes) -> Result<(u64, u64, BTreeMap<&'static str, u64>)> {
-    let stats = probes.program_run_stats()?;
-    let (c, t) = stats
-        .values()
-        .fold((0, 0), |(c, t), s| (c + s.run_count, t + s.run_time_ns));
-    Ok((c, t, stats.iter().map(|(k, v)| (*k, v.run_count)).collect()))
-}
-
-/// CPU time of the calling thread, ns.
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// What one probe hit costs on this machine, measured on a real enlight site (`trap`, with its
-/// real program) in a tight loop on one thread, attached and detached in alternation.
-#[derive(Serialize)]
-struct HitCost {
-    /// CPU ns per call with the probe attached (trap + program + the call).
-    attached_ns: f64,
-    /// CPU ns per call detached (the call and the semaphore check).
-    detached_ns: f64,
-    /// The program's own run time per hit, as the kernel counted it.
-    program_ns: f64,
-    /// `attached - detached - program`: the trap's cost (the `int3`, or the call and system
-    /// call of a uprobe the kernel optimised on a 5-byte nop; uprobe dispatch; return).
-    trap_ns: f64,
-}
-
-fn hit_cost(probes: &mut enlight_probes::Probes) -> Result<HitCost> {
-    const CALLS: u64 = 200_000;
-    // A device number no device uses: the hits land in their own map entry, removed on detach.
-    const DEV: u32 = u32::MAX - 1;
-    let pid = std::process::id();
-    let exe = std::path::Path::new("/proc/self/exe");
-    let timed = || {
-        let t = thread_cpu_ns();
-        for i in 0..CALLS {
-            enlight_driver::trace::trap(std::hint::black_box(DEV), i);
-        }
-        (thread_cpu_ns() - t) as f64 / CALLS as f64
-    };
-    let (mut attached, mut detached, mut program) = (vec![], vec![], vec![]);
-    for _ in 0..5 {
-        detached.push(timed());
-        probes.attach_process_only(pid, exe, &["trap"])?;
-        let before = probes.program_run_stats()?["trap"];
-        attached.push(timed());
-        let after = probes.program_run_stats()?["trap"];
-        probes.detach_process(pid);
-        let hits = after.run_count - before.run_count;
-        anyhow::ensure!(
-            hits == CALLS,
-            "the trap probe counted {hits} hits of {CALLS} calls: is it attached?"
-        );
-        program.push((after.run_time_ns - before.run_time_ns) as f64 / hits as f64);
-    }
-    let (a, d, p) = (median(&attached), median(&detached), median(&program));
-    Ok(HitCost {
-        attached_ns: a,
-        detached_ns: d,
-        program_ns: p,
-        trap_ns: (a - d - p).max(0.0),
-    })
-}
-
-/// Attaches `config`'s probes to this process (after detaching whatever was attached).
-fn apply_probe_config(
-    probes: &mut enlight_probes::Probes,
-    config: ProbeConfig,
-    all: &[&str],
-) -> Result<()> {
-    let pid = std::process::id();
-    probes.detach_process(pid);
-    let exe = std::path::Path::new("/proc/self/exe");
-    match config {
-        ProbeConfig::Detached => {}
-        ProbeConfig::Control => {
-            probes.attach_process_only(pid, exe, &["workload_start"])?;
-        }
-        ProbeConfig::All => {
-            probes.attach_process_only(pid, exe, all)?;
-        }
-    }
-    Ok(())
-}
-
-/// The disk and workload of a continuous overhead run: QD32 4 KiB random reads on `backing`,
-/// default settings, until the caller stops it (`backstop` is the workload's own limit).
-fn continuous_qd32(
-    backing: &std::path::Path,
-    backstop: Duration,
-) -> Result<(DiskVsc, VspHandle, WorkloadSpec)> {
-    let (vsc, vsp) = SyntheticDisk::start(
-        backing,
-        DeviceSettings::default(),
-        0,
-        DiskOptions {
-            queue_slots: 32,
-            ..DiskOptions::default()
-        },
-    )?;
-    let spec = WorkloadSpec {
-        queue_depth: 32,
-        pattern: Pattern::Random,
-        block_size: 4096,
-        read_percent: 100,
-        limit: Limit::Duration(backstop),
-        seed: 42,
-        ..WorkloadSpec::default()
-    };
-    Ok((vsc, vsp, spec))
-}
-
-/// Probe overhead measured inside one continuous QD32 run. The workload runs on its own thread
-/// and never pauses; this thread switches the probes (attaching takes about 0.2 s, detaching
-/// every site about 1.5 s, during which the configuration is in between and nothing is
-/// measured), waits [`SETTLE`], then measures one [`SLICE`] from the host service's live
-/// request counter and the process's CPU time. Slices rotate through the three configurations
-/// (the order rotated each triple, so a trend within a triple favours none of them), and each
-/// triple gives one ratio per configuration against its own detached slice.
-fn interleaved_overhead(
-    probes: &mut enlight_probes::Probes,
-    backing: &std::path::Path,
-    label: &'static str,
-    secs: u64,
-    hit: &HitCost,
-    all: &[&str],
-) -> Result<InterleavedResult> {
-    let (mut vsc, vsp, spec) = continuous_qd32(backing, Duration::from_secs(secs * 3 + 60))?;
-    let stop = AtomicBool::new(false);
-    let requests = || {
-        vsp.stats()
-            .requests
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut slices: Vec<Slice> = Vec::new();
-    let mut longest_switch = Duration::ZERO;
-    let measured = std::thread::scope(|scope| -> Result<()> {
-        let workload = scope.spawn(|| workload::run(&mut vsc, &spec, &stop, |_| {}));
-        let result = (|| -> Result<()> {
-            std::thread::sleep(Duration::from_secs(1)); // warm-up, detached
-            let mut k = 0usize;
-            while Instant::now() < deadline || !k.is_multiple_of(3) {
-                if workload.is_finished() {
-                    anyhow::bail!("the workload ended before the slices were measured");
-                }
-                let config = ProbeConfig::ROTATION[(k / 3 + k % 3) % 3];
-                let switch = Instant::now();
-                apply_probe_config(probes, config, all)?;
-                longest_switch = longest_switch.max(switch.elapsed());
-                std::thread::sleep(SETTLE);
-                slices.push(Slice {
-                    config,
-                    sample: measure_slice(probes, &requests, SLICE)?,
-                });
-                k += 1;
-            }
-            Ok(())
-        })();
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let ended = workload.join().expect("the workload thread does not panic");
-        result?;
-        ended?;
-        Ok(())
-    });
-    probes.detach_process(std::process::id());
-    vsp.stop()?;
-    measured?;
-    let (mut with, mut control, mut cpu_with, mut base) = (vec![], vec![], vec![], vec![]);
-    for triple in slices.chunks_exact(3) {
-        let get = |c: ProbeConfig| triple.iter().find(|s| s.config == c).expect("one of each");
-        let (d, c, a) = (
-            get(ProbeConfig::Detached),
-            get(ProbeConfig::Control),
-            get(ProbeConfig::All),
-        );
-        with.push(a.sample.iops / d.sample.iops);
-        control.push(c.sample.iops / d.sample.iops);
-        cpu_with.push(a.sample.cpu_ns_per_io / d.sample.cpu_ns_per_io);
-        base.push(d.sample.iops);
-    }
-    anyhow::ensure!(
-        with.len() >= 2,
-        "the interleaved run measured {} triples: run it for longer",
-        with.len()
-    );
-    let attached: Vec<&Slice> = slices
-        .iter()
-        .filter(|s| s.config == ProbeConfig::All)
-        .collect();
-    let ios = attached.iter().map(|s| s.sample.ios).sum::<u64>().max(1) as f64;
-    let hits_per_io = attached.iter().map(|s| s.sample.hits).sum::<u64>() as f64 / ios;
-    let program_ns_per_io = attached.iter().map(|s| s.sample.program_ns).sum::<u64>() as f64 / ios;
-    let mut hits_per_io_by_probe: BTreeMap<&'static str, f64> = BTreeMap::new();
-    for s in &attached {
-        for (k, v) in &s.sample.hits_by_probe {
-            *hits_per_io_by_probe.entry(k).or_default() += *v as f64 / ios;
-        }
-    }
-    let accounted_ns_per_io = hits_per_io * hit.trap_ns + program_ns_per_io;
-    let cpu_ns_per_io_detached = median(
-        &slices
-            .iter()
-            .filter(|s| s.config == ProbeConfig::Detached)
-            .map(|s| s.sample.cpu_ns_per_io)
-            .collect::<Vec<_>>(),
-    );
-    let (with_mean, with_ci95) = geo_mean_ci95(&with);
-    let (control_mean, control_ci95) = geo_mean_ci95(&control);
-    let (cpu_with_mean, cpu_with_ci95) = geo_mean_ci95(&cpu_with);
-    Ok(InterleavedResult {
-        backing: label,
-        triples: with.len(),
-        iops_ratio_with: with,
-        iops_ratio_control: control,
-        cpu_ratio_with: cpu_with,
-        with_mean,
-        with_ci95,
-        control_mean,
-        control_ci95,
-        cpu_with_mean,
-        cpu_with_ci95,
-        median_iops_without: median(&base),
-        hits_per_io,
-        hits_per_io_by_probe,
-        program_ns_per_io,
-        accounted_ns_per_io,
-        cpu_ns_per_io_detached,
-        accounted_cost_percent: accounted_ns_per_io / cpu_ns_per_io_detached * 100.0,
-        longest_switch_ms: longest_switch.as_secs_f64() * 1e3,
-        slices,
-    })
-}
-
-/// Geometric mean of ratios and its 95% confidence interval (Student's t on the logs).
-fn geo_mean_ci95(ratios: &[f64]) -> (f64, (f64, f64)) {
-    let logs: Vec<f64> = ratios.iter().map(|r| r.ln()).collect();
-    let n = logs.len() as f64;
-    let mean = logs.iter().sum::<f64>() / n;
-    let var = logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / (n - 1.0);
-    let half = t_975(n - 1.0) * (var / n).sqrt();
-    (mean.exp(), ((mean - half).exp(), (mean + half).exp()))
-}
-
-/// The 97.5% quantile of Student's t with `dof` degrees of freedom (Cornish-Fisher expansion
-/// around the normal quantile; within 1% of the exact value from 4 degrees of freedom on).
-fn t_975(dof: f64) -> f64 {
-    let z: f64 = 1.959964;
-    z + (z.powi(3) + z) / (4.0 * dof)
-        + (5.0 * z.powi(5) + 16.0 * z.powi(3) + 3.0 * z) / (96.0 * dof * dof)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    s[s.len() / 2]
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
-    // The probes of the "all probes" configuration, checked before anything runs.
-    let known: Vec<&str> = enlight_probes::PROGRAMS.iter().map(|(p, _)| *p).collect();
-    let all: Vec<&str> = if args.overhead_probes.is_empty() {
-        known.clone()
-    } else {
-        args.overhead_probes.iter().map(String::as_str).collect()
-    };
-    if let Some(unknown) = all.iter().find(|p| !known.contains(p)) {
-        anyhow::bail!(
-            "--overhead-probes: no program attaches to {unknown:?} (probes with programs: {})",
-            known.join(", ")
-        );
-    }
+    let all = overhead_probes(&args.overhead_probes)?;
     let machine = first_line("/proc/cpuinfo", "model name");
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
@@ -767,12 +418,7 @@ fn main() -> Result<()> {
     if args.channel_only {
         println!("Machine: {machine} ({cpus} CPUs), kernel {kernel}\n");
         print_channel(&channel);
-        println!("\n| one thread, 16 packets written then read | ns per packet (best of 5) |");
-        println!("|---|---|");
-        for payload in [64, 1024, 4096] {
-            println!("| {payload} B | {:.0} |", ring_cost_ns(payload)?);
-        }
-        return Ok(());
+        return print_ring_cost();
     }
 
     std::fs::create_dir_all(&args.dir)?;
@@ -815,50 +461,14 @@ fn main() -> Result<()> {
         let Some(probes) = probes.as_mut() else {
             continue;
         };
-        let pid = std::process::id();
-        let exe = PathBuf::from("/proc/self/exe");
-        let (mut with, mut without, mut idle) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut sites, mut events, mut ios) = (0, 0u64, 0u64);
-        for round in 0..args.rounds {
-            // Rotate the order of the three configurations so drift and warm-up hit each alike.
-            for k in 0..3 {
-                match (round + k) % 3 {
-                    0 => without.push(disk_run(backing.path(), 32, args.secs)?),
-                    1 => {
-                        // Control: attached, but only the probe that fires once per run.
-                        probes.attach_process_only(pid, &exe, &["workload_start"])?;
-                        idle.push(disk_run(backing.path(), 32, args.secs)?);
-                        probes.detach_process(pid);
-                    }
-                    _ => {
-                        let report = probes.attach_process_only(pid, &exe, &all)?;
-                        sites = report.sites_attached;
-                        with.push(disk_run(backing.path(), 32, args.secs)?);
-                        let snap = probes.snapshot()?;
-                        ios += snap
-                            .io
-                            .iter()
-                            .filter(|(k, _)| k.pid == pid)
-                            .map(|(_, s)| s.ops)
-                            .sum::<u64>();
-                        events += snap
-                            .events
-                            .iter()
-                            .filter(|(k, _)| k.pid == pid)
-                            .map(|(_, e)| {
-                                e.doorbells
-                                    + e.interrupts
-                                    + e.ring_full_in
-                                    + e.ring_full_out
-                                    + e.irq_masked
-                                    + e.irq_unmasked
-                            })
-                            .sum::<u64>();
-                        probes.detach_process(pid);
-                    }
-                }
-            }
-        }
+        overhead.push(separate_runs(
+            probes,
+            backing.path(),
+            label,
+            args.rounds,
+            args.secs,
+            &all,
+        )?);
         if args.interleaved_secs > 0 {
             interleaved.push(interleaved_overhead(
                 probes,
@@ -878,41 +488,6 @@ fn main() -> Result<()> {
                 &all,
             )?);
         }
-        let iops = |v: &[DiskRun]| v.iter().map(|r| r.report.iops_avg).collect::<Vec<_>>();
-        let cpu = |v: &[DiskRun]| v.iter().map(|r| r.cpu_ns_per_io).collect::<Vec<_>>();
-        // Paired by round: the with/without runs of one round ran back to back, so their ratio
-        // cancels most of the drift that moves whole rounds.
-        let paired = |f: &dyn Fn(&DiskRun) -> f64| {
-            median(
-                &with
-                    .iter()
-                    .zip(&without)
-                    .map(|(w, o)| f(w) / f(o))
-                    .collect::<Vec<_>>(),
-            )
-        };
-        let (mw, mo) = (median(&iops(&with)), median(&iops(&without)));
-        overhead.push(OverheadResult {
-            backing: label,
-            iops_without: iops(&without),
-            iops_with: iops(&with),
-            median_idle_control: median(&iops(&idle)),
-            iops_idle_control: iops(&idle),
-            median_without: mo,
-            median_with: mw,
-            cost_percent: (1.0 - mw / mo) * 100.0,
-            paired_iops_ratio: paired(&|r| r.report.iops_avg),
-            cpu_ns_per_io_without: cpu(&without),
-            cpu_ns_per_io_with: cpu(&with),
-            cpu_ns_per_io_idle_control: cpu(&idle),
-            paired_cpu_ratio: paired(&|r| r.cpu_ns_per_io),
-            sites_attached: sites,
-            signal_events_per_io: if ios > 0 {
-                events as f64 / ios as f64
-            } else {
-                0.0
-            },
-        });
     }
 
     let report = Report {
@@ -935,6 +510,125 @@ fn main() -> Result<()> {
     std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
     eprintln!("raw results: {}", args.json.display());
     Ok(())
+}
+
+/// The probes of the "all probes" configuration (`--overhead-probes`, or every probe with a
+/// program), checked before anything runs.
+fn overhead_probes(asked: &[String]) -> Result<Vec<&str>> {
+    let known: Vec<&str> = enlight_probes::PROGRAMS.iter().map(|(p, _)| *p).collect();
+    let all: Vec<&str> = if asked.is_empty() {
+        known.clone()
+    } else {
+        asked.iter().map(String::as_str).collect()
+    };
+    if let Some(unknown) = all.iter().find(|p| !known.contains(p)) {
+        anyhow::bail!(
+            "--overhead-probes: no program attaches to {unknown:?} (probes with programs: {})",
+            known.join(", ")
+        );
+    }
+    Ok(all)
+}
+
+/// The ring's cost per packet on one thread (`--channel-only`).
+fn print_ring_cost() -> Result<()> {
+    println!("\n| one thread, 16 packets written then read | ns per packet (best of 5) |");
+    println!("|---|---|");
+    for payload in [64, 1024, 4096] {
+        println!("| {payload} B | {:.0} |", ring_cost_ns(payload)?);
+    }
+    Ok(())
+}
+
+/// The separate runs of one backing file at QD 32, rotated per round: probes detached, the idle
+/// control (only `workload_start`, which fires once per run) and every probe of `all`.
+fn separate_runs(
+    probes: &mut enlight_probes::Probes,
+    backing: &std::path::Path,
+    label: &'static str,
+    rounds: usize,
+    secs: f64,
+    all: &[&str],
+) -> Result<OverheadResult> {
+    let pid = std::process::id();
+    let exe = PathBuf::from("/proc/self/exe");
+    let (mut with, mut without, mut idle) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut sites, mut events, mut ios) = (0, 0u64, 0u64);
+    for round in 0..rounds {
+        // Rotate the order of the three configurations so drift and warm-up hit each alike.
+        for k in 0..3 {
+            match (round + k) % 3 {
+                0 => without.push(disk_run(backing, 32, secs)?),
+                1 => {
+                    // Control: attached, but only the probe that fires once per run.
+                    probes.attach_process_only(pid, &exe, &["workload_start"])?;
+                    idle.push(disk_run(backing, 32, secs)?);
+                    probes.detach_process(pid);
+                }
+                _ => {
+                    let report = probes.attach_process_only(pid, &exe, all)?;
+                    sites = report.sites_attached;
+                    with.push(disk_run(backing, 32, secs)?);
+                    let snap = probes.snapshot()?;
+                    ios += snap
+                        .io
+                        .iter()
+                        .filter(|(k, _)| k.pid == pid)
+                        .map(|(_, s)| s.ops)
+                        .sum::<u64>();
+                    events += snap
+                        .events
+                        .iter()
+                        .filter(|(k, _)| k.pid == pid)
+                        .map(|(_, e)| {
+                            e.doorbells
+                                + e.interrupts
+                                + e.ring_full_in
+                                + e.ring_full_out
+                                + e.irq_masked
+                                + e.irq_unmasked
+                        })
+                        .sum::<u64>();
+                    probes.detach_process(pid);
+                }
+            }
+        }
+    }
+    let iops = |v: &[DiskRun]| v.iter().map(|r| r.report.iops_avg).collect::<Vec<_>>();
+    let cpu = |v: &[DiskRun]| v.iter().map(|r| r.cpu_ns_per_io).collect::<Vec<_>>();
+    // Paired by round: the with/without runs of one round ran back to back, so their ratio
+    // cancels most of the drift that moves whole rounds.
+    let paired = |f: &dyn Fn(&DiskRun) -> f64| {
+        median(
+            &with
+                .iter()
+                .zip(&without)
+                .map(|(w, o)| f(w) / f(o))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let (mw, mo) = (median(&iops(&with)), median(&iops(&without)));
+    Ok(OverheadResult {
+        backing: label,
+        iops_without: iops(&without),
+        iops_with: iops(&with),
+        median_idle_control: median(&iops(&idle)),
+        iops_idle_control: iops(&idle),
+        median_without: mo,
+        median_with: mw,
+        cost_percent: (1.0 - mw / mo) * 100.0,
+        paired_iops_ratio: paired(&|r| r.report.iops_avg),
+        cpu_ns_per_io_without: cpu(&without),
+        cpu_ns_per_io_with: cpu(&with),
+        cpu_ns_per_io_idle_control: cpu(&idle),
+        paired_cpu_ratio: paired(&|r| r.cpu_ns_per_io),
+        sites_attached: sites,
+        signal_events_per_io: if ios > 0 {
+            events as f64 / ios as f64
+        } else {
+            0.0
+        },
+    })
 }
 
 /// How many CPUs this process may run on.

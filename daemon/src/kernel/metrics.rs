@@ -5,8 +5,8 @@
 //! devices (I/O, signalling, knobs) are in [`crate::metrics::devices`], its `driver` label set
 //! there with the rest of its identity ([`crate::exposition::device_labels`]).
 
-use crate::exposition::{device_labels, labels, labels_with, Exposition, Family};
-use crate::model::State;
+use crate::exposition::{device_labels, labels, labels_with, Exposition, Family, Labels};
+use crate::model::{DeviceState, State};
 
 /// Lines of `enlight_probe_attached` for the kernel probes:
 /// `{device="kernel",kind="kernel",probe="block:block_rq_complete",state="attached"}`, 0 with the
@@ -34,19 +34,30 @@ pub fn probe_families(state: &State, out: &mut Exposition) {
     out.add(f);
 }
 
+/// A kernel device: its state, its kernel details and its labels.
+type KernelDevice<'a> = (&'a DeviceState, &'a super::KernelInfo, Labels);
+
 /// The kernel-only families.
 pub fn families(state: &State, out: &mut Exposition) {
-    let kernel_devices: Vec<_> = state
+    let kernel_devices: Vec<KernelDevice> = state
         .devices
         .values()
         .filter_map(|d| Some((d, d.kernel.as_ref()?, device_labels(d))))
         .collect();
+    device_info(&kernel_devices, out);
+    napi(&kernel_devices, out);
+    settings(&kernel_devices, out);
+    kvm(state, out);
+    events(state, out);
+}
 
+/// One line per kernel device.
+fn device_info(kernel_devices: &[KernelDevice], out: &mut Exposition) {
     let mut f = Family::gauge(
         "enlight_kernel_device_info",
         "Kernel devices found in sysfs: driver, whether it is paravirtual, emulated or virtual, and queues (always 1).",
     );
-    for (d, k, id) in &kernel_devices {
+    for (d, k, id) in kernel_devices {
         let queues = k.queues.to_string();
         f.sample(
             labels_with(
@@ -61,7 +72,10 @@ pub fn families(state: &State, out: &mut Exposition) {
         );
     }
     out.add(f);
+}
 
+/// A NIC's NAPI counters.
+fn napi(kernel_devices: &[KernelDevice], out: &mut Exposition) {
     type Napi = fn(&super::KernelInfo) -> u64;
     let napi: [(&str, &str, Napi); 3] = [
         (
@@ -90,12 +104,15 @@ pub fn families(state: &State, out: &mut Exposition) {
         }
         out.add(f);
     }
+}
 
+/// A NIC's rings and interrupt coalescing as ethtool reads them, and a disk's queue settings.
+fn settings(kernel_devices: &[KernelDevice], out: &mut Exposition) {
     let mut f = Family::gauge(
         "enlight_kernel_ring_entries",
         "NIC ring size in descriptors (ethtool -g), per direction; limit=\"max\" is the driver's maximum.",
     );
-    for (_, k, id) in &kernel_devices {
+    for (_, k, id) in kernel_devices {
         if let Some(r) = k.nic.and_then(|n| n.rings) {
             for (dir, cur, max) in [("rx", r.rx, r.rx_max), ("tx", r.tx, r.tx_max)] {
                 f.sample(
@@ -135,7 +152,7 @@ pub fn families(state: &State, out: &mut Exposition) {
     ];
     for (name, help, value) in coalesce {
         let mut f = Family::gauge(name, help);
-        for (_, k, id) in &kernel_devices {
+        for (_, k, id) in kernel_devices {
             if let Some(c) = k.nic.and_then(|n| n.coalesce) {
                 for (dir, v) in value(&c) {
                     if let Some(v) = v {
@@ -150,13 +167,16 @@ pub fn families(state: &State, out: &mut Exposition) {
         "enlight_kernel_block_queue_setting",
         "Block queue settings from sysfs (/sys/block/<disk>/queue/<knob>).",
     );
-    for (_, k, id) in &kernel_devices {
+    for (_, k, id) in kernel_devices {
         for (knob, v) in &k.block_queue {
             f.sample(labels_with(id, &[("knob", knob)]), *v as f64);
         }
     }
     out.add(f);
+}
 
+/// KVM's view of the processes serving registry devices, by pid.
+fn kvm(state: &State, out: &mut Exposition) {
     // KVM's view of the processes serving registry devices, by pid.
     let served: Vec<_> = state
         .devices
@@ -196,6 +216,10 @@ pub fn families(state: &State, out: &mut Exposition) {
         }
         out.add(f);
     }
+}
+
+/// The kernel tracepoints' event counts and the kernel probes' own trouble.
+fn events(state: &State, out: &mut Exposition) {
     let mut f = Family::counter(
         "enlight_kernel_events_total",
         "Hits of kernel tracepoints counted as events (hyperv:vmbus_* where the kernel has them).",

@@ -16,6 +16,16 @@ pub fn families(state: &State, out: &mut Exposition) {
         .values()
         .map(|d| (d, device_labels(d)))
         .collect();
+    latency_and_peaks(state, &ids, out);
+    io_counters(&ids, out);
+    signalling(&ids, out);
+    settings(&ids, out);
+    device_info(&ids, out);
+    probe_attached(&ids, out);
+}
+
+/// The latency histogram and the microburst gauges.
+fn latency_and_peaks(state: &State, ids: &[(&DeviceState, Labels)], out: &mut Exposition) {
     // Each op's name once per device.
     let ops = |d: &DeviceState| -> Vec<(u32, String)> {
         d.ops.keys().map(|&op| (op, op_name(op))).collect()
@@ -29,7 +39,7 @@ pub fn families(state: &State, out: &mut Exposition) {
         "enlight_io_latency_seconds",
         "I/O latency from submit to reap, as the eBPF probes saw it.",
     );
-    for (d, id) in &ids {
+    for (d, id) in ids {
         for (op, f_op) in &d.ops {
             f.histogram_sample(
                 labels_with(id, &[("op", &op_name(*op))]),
@@ -48,7 +58,7 @@ pub fn families(state: &State, out: &mut Exposition) {
         "enlight_io_peak_ops_per_second",
         "Highest ops/s of any one collector interval within the last enlight_peak_window_seconds (a burst shorter than a scrape interval shows here; the counters' rate averages it away).",
     );
-    for (d, id) in &ids {
+    for (d, id) in ids {
         for (op, name) in ops(d) {
             let v = d
                 .peaks
@@ -62,7 +72,7 @@ pub fn families(state: &State, out: &mut Exposition) {
         "enlight_io_peak_latency_seconds",
         "Upper bound of the highest latency bucket (under 1/128 wide) any completion reached within the last enlight_peak_window_seconds; 0 if none completed.",
     );
-    for (d, id) in &ids {
+    for (d, id) in ids {
         for (op, name) in ops(d) {
             let v = d
                 .peaks
@@ -87,7 +97,10 @@ pub fn families(state: &State, out: &mut Exposition) {
     );
     f.sample(vec![], state.interval.as_secs_f64());
     out.add(f);
+}
 
+/// Operations, bytes and errors per op.
+fn io_counters(ids: &[(&DeviceState, Labels)], out: &mut Exposition) {
     type OpValue = fn(&OpFigures) -> u64;
     let per_op: [(&str, &str, OpValue); 3] = [
         ("enlight_io_ops_total", "Completed I/O operations.", |f| {
@@ -106,7 +119,7 @@ pub fn families(state: &State, out: &mut Exposition) {
     ];
     for (name, help, value) in per_op {
         let mut f = Family::counter(name, help);
-        for (d, id) in &ids {
+        for (d, id) in ids {
             for (op, f_op) in &d.ops {
                 f.sample(
                     labels_with(id, &[("op", &op_name(*op))]),
@@ -116,14 +129,17 @@ pub fn families(state: &State, out: &mut Exposition) {
         }
         out.add(f);
     }
+}
 
+/// Signals both ways, traps, settings changes, full rings and interrupt-mask changes.
+fn signalling(ids: &[(&DeviceState, Labels)], out: &mut Exposition) {
     let per_device = |name: &str, kind: &str, help: &str, value: &dyn Fn(&DeviceState) -> u64| {
         let mut f = if kind == "counter" {
             Family::counter(name, help)
         } else {
             Family::gauge(name, help)
         };
-        for (d, id) in &ids {
+        for (d, id) in ids {
             f.sample(id.clone(), value(d) as f64);
         }
         f
@@ -144,7 +160,7 @@ pub fn families(state: &State, out: &mut Exposition) {
         "enlight_settings_changes_total",
         "Settings changes applied through the device's control socket, by knob (settings_change probe).",
     );
-    for (d, id) in &ids {
+    for (d, id) in ids {
         // Only the knobs the device has (an emulated device has none).
         for knob in enlight_driver::settings::Knob::ALL
             .into_iter()
@@ -165,7 +181,7 @@ pub fn families(state: &State, out: &mut Exposition) {
         "enlight_ring_full_total",
         "Writes that found the ring full and blocked on pending_send_sz.",
     );
-    for (d, id) in &ids {
+    for (d, id) in ids {
         for (dir, v) in [
             ("out", d.events.ring_full_out),
             ("in", d.events.ring_full_in),
@@ -178,7 +194,7 @@ pub fn families(state: &State, out: &mut Exposition) {
         "enlight_interrupt_mask_changes_total",
         "Guest interrupt_mask changes (entering and leaving polling).",
     );
-    for (d, id) in &ids {
+    for (d, id) in ids {
         for (st, v) in [
             ("masked", d.events.irq_masked),
             ("unmasked", d.events.irq_unmasked),
@@ -187,7 +203,10 @@ pub fn families(state: &State, out: &mut Exposition) {
         }
     }
     out.add(f);
+}
 
+/// The settings gauges of registry devices.
+fn settings(ids: &[(&DeviceState, Labels)], out: &mut Exposition) {
     // The settings gauges of registry devices: only for knobs the device has (its control
     // socket's). A kernel device's knobs are in enlight_knob_value and enlight_kernel_*.
     let registry = || ids.iter().filter(|(d, _)| d.kernel.is_none());
@@ -231,11 +250,15 @@ pub fn families(state: &State, out: &mut Exposition) {
         }
         out.add(f);
     }
+}
+
+/// One line per known device.
+fn device_info(ids: &[(&DeviceState, Labels)], out: &mut Exposition) {
     let mut f = Family::gauge(
         "enlight_device_info",
         "Known devices (1); present=\"false\" for a vanished device still in its grace period.",
     );
-    for (d, id) in &ids {
+    for (d, id) in ids {
         let pid = d.record.pid.to_string();
         f.sample(
             labels_with(
@@ -250,7 +273,11 @@ pub fn families(state: &State, out: &mut Exposition) {
         );
     }
     out.add(f);
+}
 
+/// The registry devices' lines of `enlight_probe_attached`.
+fn probe_attached(ids: &[(&DeviceState, Labels)], out: &mut Exposition) {
+    let registry = || ids.iter().filter(|(d, _)| d.kernel.is_none());
     let mut f = Family::gauge(
         "enlight_probe_attached",
         "Whether the probe is attached to the device's process (1) or not (0).",
