@@ -286,22 +286,7 @@ pub struct PeersArgs {
 }
 
 pub fn run(args: &PeersArgs) -> Result<()> {
-    for (tool, package) in [
-        ("biolatency", "libbpf-tools"),
-        ("bpftrace", "bpftrace"),
-        ("bpftool", "bpftool"),
-        ("fio", "fio"),
-    ] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !found {
-            bail!("{tool} not found: apt-get install {package}");
-        }
-    }
+    require_tools()?;
     let machine = format!(
         "{}, {} CPUs",
         first_line("sh", &["-c", "lscpu | sed -n 's/^Model name: *//p'"]),
@@ -321,84 +306,13 @@ pub fn run(args: &PeersArgs) -> Result<()> {
     for round in 0..args.rounds {
         for position in 0..Tool::ALL.len() {
             let tool = Tool::ALL[(round + position) % Tool::ALL.len()];
-            let before: BTreeSet<u64> = programs()?.into_keys().collect();
-            let running = start(tool, dev)?;
-            // enlight: the completion program; each peer: its issue and completion programs
-            // (the kernel keeps the first 15 bytes of a name).
-            let names: &[&str] = match tool {
-                Tool::Enlight => &["enlight_blk_complete"],
-                Tool::Biolatency | Tool::Bpftrace => &["block_rq_issue", "block_rq_complete"],
-            };
-            let ids = match programs_of(running.pid(), &before, names) {
-                Ok(ids) => ids,
-                Err(e) => {
-                    let _ = running.stop();
-                    return Err(e);
-                }
-            };
-            let p0 = programs()?;
-            let ios = fio_ios(&lo.dev, args.secs, args.iodepth);
-            let p1 = programs()?;
-            running.stop()?;
-            let ios = ios?;
-            let (mut runs, mut time, mut names) = (0, 0, Vec::new());
-            for id in &ids {
-                let (Some(a), Some(b)) = (p0.get(id), p1.get(id)) else {
-                    bail!("{}: program {id} vanished during the run", tool.name());
-                };
-                runs += b.run_cnt - a.run_cnt;
-                time += b.run_time_ns - a.run_time_ns;
-                names.push(b.name.clone());
-            }
-            let m = Measure {
-                round,
-                position,
-                tool,
-                programs: names,
-                fio_ios: ios,
-                runs,
-                run_time_ns: time,
-                ns_per_io: time as f64 / ios as f64,
-                runs_per_io: runs as f64 / ios as f64,
-            };
-            eprintln!(
-                "round {round}: {:<14} {:>7.0} ns per I/O, {:.2} runs per I/O ({} I/Os; {})",
-                tool.name(),
-                m.ns_per_io,
-                m.runs_per_io,
-                ios,
-                m.programs.join(", ")
-            );
-            if m.runs_per_io < 0.95 {
-                bail!(
-                    "{}: {:.2} program runs per fio I/O: not attached to every request",
-                    tool.name(),
-                    m.runs_per_io
-                );
-            }
-            measures.push(m);
+            measures.push(measure_one(tool, round, position, dev, &lo.dev, args)?);
         }
     }
     // The IRQ program alone, during one more fio run: on a tmpfs-backed loop device no
     // interrupt is the bench's own, so every run is an unrelated interrupt (issue 17: 1.6-2.0 us
     // each), the case its early exit is for.
-    let irq = {
-        let probes = KernelProbes::load(&Selection(vec![Group::Irq]))?;
-        if !probes.group_attached(Group::Irq) {
-            bail!("enlight's IRQ probe did not attach: {:?}", probes.status());
-        }
-        let s0 = probes.program_stats();
-        fio_ios(&lo.dev, args.secs, args.iodepth)?;
-        let s1 = probes.program_stats();
-        let key = "enlight_irq_entry";
-        let (a, b) = (&s0[key], &s1[key]);
-        let runs = b.run_cnt - a.run_cnt;
-        IrqCost {
-            runs,
-            ns_per_run: (b.run_time_ns - a.run_time_ns) as f64 / runs.max(1) as f64,
-            secs: args.secs,
-        }
-    };
+    let irq = irq_cost(&lo.dev, args)?;
     drop(lo);
     let per_round = |tool: Tool| -> Vec<f64> {
         (0..args.rounds)
@@ -430,47 +344,6 @@ pub fn run(args: &PeersArgs) -> Result<()> {
     ] {
         medians.insert(tool.name(), median(v.clone()));
     }
-    println!("## Kernel block probes against their peers: program time per fio I/O\n");
-    println!(
-        "Machine: {machine}; kernel {kernel}. fio 4 KiB random reads on a tmpfs-backed loop device, queue depth {}, {} s per tool, {} rounds rotating the order; `kernel.bpf_stats_enabled` run time of each tool's programs over fio's I/O count.\n",
-        args.iodepth, args.secs, args.rounds
-    );
-    println!("| round | enlight ns/I/O | biolatency -D ns/I/O | bpftrace ns/I/O | enlight/biolatency | enlight/bpftrace |");
-    println!("|---|---|---|---|---|---|");
-    for r in 0..args.rounds {
-        println!(
-            "| {r} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
-            e[r], b[r], t[r], ratios_biolatency[r], ratios_bpftrace[r]
-        );
-    }
-    println!(
-        "| median | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
-        medians["enlight"],
-        medians["biolatency -D"],
-        medians["bpftrace"],
-        median(ratios_biolatency.clone()),
-        median(ratios_bpftrace.clone())
-    );
-    println!(
-        "\nVerdict (target: enlight below both peers in every round): {}",
-        if below_both_every_round {
-            "met".to_string()
-        } else {
-            let worse = ratios_biolatency
-                .iter()
-                .chain(&ratios_bpftrace)
-                .filter(|r| **r >= 1.0)
-                .count();
-            format!(
-                "NOT met ({worse} of {} paired ratios at or above 1)",
-                2 * args.rounds
-            )
-        }
-    );
-    println!(
-        "\nenlight_irq_entry alone, during one more {} s fio run (no interrupt is the bench's): {} runs, {:.0} ns per run",
-        irq.secs, irq.runs, irq.ns_per_run
-    );
     let report = PeersReport {
         machine,
         kernel,
@@ -484,12 +357,168 @@ pub fn run(args: &PeersArgs) -> Result<()> {
         below_both_every_round,
         irq,
     };
+    print_markdown(&report, &e, &b, &t);
     if let Some(parent) = args.json.parent() {
         std::fs::create_dir_all(parent)?;
     }
     std::fs::write(&args.json, serde_json::to_vec_pretty(&report)?)?;
     eprintln!("raw results: {}", args.json.display());
     Ok(())
+}
+
+/// Every tool the comparison runs, or which Debian package has it.
+fn require_tools() -> Result<()> {
+    for (tool, package) in [
+        ("biolatency", "libbpf-tools"),
+        ("bpftrace", "bpftrace"),
+        ("bpftool", "bpftool"),
+        ("fio", "fio"),
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !found {
+            bail!("{tool} not found: apt-get install {package}");
+        }
+    }
+    Ok(())
+}
+
+/// One tool's program time over one fio run on the loop device `loop_dev` (device number
+/// `dev`): its programs found by name among those it loaded, their run counts and times before
+/// and after.
+fn measure_one(
+    tool: Tool,
+    round: usize,
+    position: usize,
+    dev: u32,
+    loop_dev: &str,
+    args: &PeersArgs,
+) -> Result<Measure> {
+    let before: BTreeSet<u64> = programs()?.into_keys().collect();
+    let running = start(tool, dev)?;
+    // enlight: the completion program; each peer: its issue and completion programs
+    // (the kernel keeps the first 15 bytes of a name).
+    let names: &[&str] = match tool {
+        Tool::Enlight => &["enlight_blk_complete"],
+        Tool::Biolatency | Tool::Bpftrace => &["block_rq_issue", "block_rq_complete"],
+    };
+    let ids = match programs_of(running.pid(), &before, names) {
+        Ok(ids) => ids,
+        Err(e) => {
+            let _ = running.stop();
+            return Err(e);
+        }
+    };
+    let p0 = programs()?;
+    let ios = fio_ios(loop_dev, args.secs, args.iodepth);
+    let p1 = programs()?;
+    running.stop()?;
+    let ios = ios?;
+    let (mut runs, mut time, mut names) = (0, 0, Vec::new());
+    for id in &ids {
+        let (Some(a), Some(b)) = (p0.get(id), p1.get(id)) else {
+            bail!("{}: program {id} vanished during the run", tool.name());
+        };
+        runs += b.run_cnt - a.run_cnt;
+        time += b.run_time_ns - a.run_time_ns;
+        names.push(b.name.clone());
+    }
+    let m = Measure {
+        round,
+        position,
+        tool,
+        programs: names,
+        fio_ios: ios,
+        runs,
+        run_time_ns: time,
+        ns_per_io: time as f64 / ios as f64,
+        runs_per_io: runs as f64 / ios as f64,
+    };
+    eprintln!(
+        "round {round}: {:<14} {:>7.0} ns per I/O, {:.2} runs per I/O ({} I/Os; {})",
+        tool.name(),
+        m.ns_per_io,
+        m.runs_per_io,
+        ios,
+        m.programs.join(", ")
+    );
+    if m.runs_per_io < 0.95 {
+        bail!(
+            "{}: {:.2} program runs per fio I/O: not attached to every request",
+            tool.name(),
+            m.runs_per_io
+        );
+    }
+    Ok(m)
+}
+
+/// enlight's IRQ program alone, during one more fio run on `loop_dev`.
+fn irq_cost(loop_dev: &str, args: &PeersArgs) -> Result<IrqCost> {
+    let probes = KernelProbes::load(&Selection(vec![Group::Irq]))?;
+    if !probes.group_attached(Group::Irq) {
+        bail!("enlight's IRQ probe did not attach: {:?}", probes.status());
+    }
+    let s0 = probes.program_stats();
+    fio_ios(loop_dev, args.secs, args.iodepth)?;
+    let s1 = probes.program_stats();
+    let key = "enlight_irq_entry";
+    let (a, b) = (&s0[key], &s1[key]);
+    let runs = b.run_cnt - a.run_cnt;
+    Ok(IrqCost {
+        runs,
+        ns_per_run: (b.run_time_ns - a.run_time_ns) as f64 / runs.max(1) as f64,
+        secs: args.secs,
+    })
+}
+
+/// The report as markdown, with its verdict; `e`, `b`, `t`: each tool's ns per I/O by round.
+fn print_markdown(r: &PeersReport, e: &[f64], b: &[f64], t: &[f64]) {
+    println!("## Kernel block probes against their peers: program time per fio I/O\n");
+    println!(
+        "Machine: {}; kernel {}. fio 4 KiB random reads on a tmpfs-backed loop device, queue depth {}, {} s per tool, {} rounds rotating the order; `kernel.bpf_stats_enabled` run time of each tool's programs over fio's I/O count.\n",
+        r.machine, r.kernel, r.iodepth, r.secs, r.rounds
+    );
+    println!("| round | enlight ns/I/O | biolatency -D ns/I/O | bpftrace ns/I/O | enlight/biolatency | enlight/bpftrace |");
+    println!("|---|---|---|---|---|---|");
+    for i in 0..r.rounds {
+        println!(
+            "| {i} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+            e[i], b[i], t[i], r.ratios_biolatency[i], r.ratios_bpftrace[i]
+        );
+    }
+    println!(
+        "| median | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+        r.medians["enlight"],
+        r.medians["biolatency -D"],
+        r.medians["bpftrace"],
+        median(r.ratios_biolatency.clone()),
+        median(r.ratios_bpftrace.clone())
+    );
+    println!(
+        "\nVerdict (target: enlight below both peers in every round): {}",
+        if r.below_both_every_round {
+            "met".to_string()
+        } else {
+            let worse = r
+                .ratios_biolatency
+                .iter()
+                .chain(&r.ratios_bpftrace)
+                .filter(|r| **r >= 1.0)
+                .count();
+            format!(
+                "NOT met ({worse} of {} paired ratios at or above 1)",
+                2 * r.rounds
+            )
+        }
+    );
+    println!(
+        "\nenlight_irq_entry alone, during one more {} s fio run (no interrupt is the bench's): {} runs, {:.0} ns per run",
+        r.irq.secs, r.irq.runs, r.irq.ns_per_run
+    );
 }
 
 /// `major:minor` of a block device node, from sysfs.
