@@ -26,13 +26,6 @@ wire_enum! {
     }
 }
 
-impl Source {
-    /// The label value (the wire string).
-    pub fn name(&self) -> &str {
-        self.as_str()
-    }
-}
-
 wire_enum! {
     /// What a change of the knob does to the device.
     pub enum Disruption {
@@ -42,13 +35,6 @@ wire_enum! {
         ResetsQueue = "resets-queue",
         /// The driver detaches and re-creates the device (a link flap).
         Detaches = "detaches",
-    }
-}
-
-impl Disruption {
-    /// The label value (the wire string).
-    pub fn name(&self) -> &str {
-        self.as_str()
     }
 }
 

@@ -378,7 +378,7 @@ pub fn line(knobs: &[Knob]) -> String {
         }
         let _ = write!(out, "{} {}", k.name, k.display_value());
         if k.disruption != Disruption::Live {
-            let _ = write!(out, " ({})", k.disruption.name());
+            let _ = write!(out, " ({})", k.disruption.as_str());
         }
     }
     out

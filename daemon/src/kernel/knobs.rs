@@ -499,7 +499,7 @@ mod tests {
             nics += 1;
             let rule =
                 driver_rule(driver).unwrap_or_else(|| panic!("{driver}: no rule in DRIVERS"));
-            let rings = rule.rings.as_ref().map_or("none", |d| d.name());
+            let rings = rule.rings.as_ref().map_or("none", |d| d.as_str());
             assert_eq!(
                 rings, row[2],
                 "{driver}: ring change: code {rings}, catalogue {}",

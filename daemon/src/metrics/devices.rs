@@ -342,8 +342,8 @@ pub fn knob_families(state: &State, out: &mut Exposition) {
                     &[
                         ("knob", &k.name),
                         ("unit", k.unit.name()),
-                        ("source", k.source.name()),
-                        ("disruption", k.disruption.name()),
+                        ("source", k.source.as_str()),
+                        ("disruption", k.disruption.as_str()),
                     ],
                 ),
                 k.value as f64,

@@ -863,8 +863,8 @@ fn knobs_render_metrics(out: &mut String, state: &crate::model::State) {
             l.extend_from_slice(&[
                 ("knob", k.name.as_str()),
                 ("unit", k.unit.name()),
-                ("source", k.source.name()),
-                ("disruption", k.disruption.name()),
+                ("source", k.source.as_str()),
+                ("disruption", k.disruption.as_str()),
             ]);
             let _ = writeln!(out, "enlight_knob_value{} {}", labels(&l), k.value);
         }
