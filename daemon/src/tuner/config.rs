@@ -6,6 +6,7 @@
 //! objective = "balanced"        # latency | throughput | balanced
 //! slo_p99_us = 5000             # p99 SLO for throughput and balanced
 //! min_change_interval_ms = 1000 # at most one change per interval
+//! max_fruitless_trials = 4      # trials within the noise before parking with moves untried
 //! audit_log = "/var/log/enlight/tuner.jsonl"   # default: <runtime_dir>/tuner-audit.jsonl
 //!
 //! [tuner.devices.disk0]         # per device: any of mode, objective, slo_p99_us, pinned
@@ -41,6 +42,7 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec::int("tuner.settle_windows", 0, 100, "collector intervals"),
     KeySpec::int("tuner.min_improvement_pct", 0, 99, "percent"),
     KeySpec::int("tuner.phase_change_pct", 1, 99, "percent"),
+    KeySpec::int("tuner.max_fruitless_trials", 1, 100, "trials"),
     KeySpec::text(
         "tuner.audit_log",
         "a file path enlightd can create and append to (default <runtime_dir>/tuner-audit.jsonl)",
@@ -83,6 +85,9 @@ pub struct TunerConfig {
     pub min_improvement_pct: u32,
     /// Relative change (percent) of ops/s or bytes per op that marks a new workload phase.
     pub phase_change_pct: u32,
+    /// Trials since the last kept change that end within the noise before the tuner parks
+    /// with moves untried.
+    pub max_fruitless_trials: u32,
     /// JSON-lines audit log; default `<runtime_dir>/tuner-audit.jsonl`.
     pub audit_log: Option<PathBuf>,
     /// Decisions kept in memory for `/api/v1/tuner/decisions`.
@@ -114,6 +119,7 @@ impl Default for TunerConfig {
             settle_windows: p.settle_windows,
             min_improvement_pct: (p.min_improvement * 100.0).round() as u32,
             phase_change_pct: (p.phase_change * 100.0).round() as u32,
+            max_fruitless_trials: p.max_fruitless_trials,
             audit_log: None,
             decisions_kept: 1000,
             devices: BTreeMap::new(),
@@ -133,6 +139,7 @@ impl TunerConfig {
             settle_windows: self.settle_windows,
             min_improvement: self.min_improvement_pct as f64 / 100.0,
             phase_change: self.phase_change_pct as f64 / 100.0,
+            max_fruitless_trials: self.max_fruitless_trials,
             ..TunerParams::default()
         }
     }
@@ -174,6 +181,10 @@ impl TunerConfig {
             ("tuner.settle_windows", self.settle_windows.into()),
             ("tuner.min_improvement_pct", self.min_improvement_pct.into()),
             ("tuner.phase_change_pct", self.phase_change_pct.into()),
+            (
+                "tuner.max_fruitless_trials",
+                self.max_fruitless_trials.into(),
+            ),
             ("tuner.decisions_kept", self.decisions_kept as u64),
         ] {
             spec(key).check(key, value)?;
@@ -247,5 +258,11 @@ mod tests {
             .unwrap_err()
             .message
             .contains("min_change_interval_ms"));
+        let c = crate::Config::parse("[tuner]\nmax_fruitless_trials = 7").unwrap();
+        assert_eq!(c.tuner.params().max_fruitless_trials, 7);
+        let e = crate::Config::parse("[tuner]\nmax_fruitless_trials = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_fruitless_trials"), "{e}");
     }
 }

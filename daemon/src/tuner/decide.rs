@@ -174,6 +174,18 @@ struct Move {
     stride: u32,
 }
 
+impl Move {
+    /// Whether the move lowers a moderation knob (fewer completions per interrupt, shorter
+    /// delays: more interrupts per op, lower latency).
+    fn less_moderation(&self) -> bool {
+        self.dir == Direction::Down
+            && matches!(
+                self.knob,
+                Knob::Moderation | Knob::ModerationFrames | Knob::ModerationUsecs
+            )
+    }
+}
+
 /// Largest stride: a move that made no measurable difference is retried once, four rungs away,
 /// so flat stretches of a knob's ladder do not stop the search.
 const MAX_STRIDE: u32 = 4;
@@ -304,6 +316,27 @@ fn pool_rounds(
             (e.rounds + 1, pooled, e.first_why, a_all, b_all)
         }
     }
+}
+
+/// Whether more rounds could still show the objective's estimated gain, after `rounds` rounds
+/// whose (pooled) judgement is `j`. An interval's half width shrinks about as 1/sqrt(windows),
+/// so after [`MAX_ROUNDS`] it would be `hw * sqrt(rounds / MAX_ROUNDS)`, and the pooled verdict
+/// asks for `(z + POOLED_Z_EXTRA) / z` of it: a gain smaller than that cannot be shown at the
+/// current noise however the coming rounds fall out (the low-rate disk's p99 in `bench tune`:
+/// -55% [-171%, +60%] after one round), and another round would only cost the workload.
+fn could_be_shown(j: &Judgement, rounds: u32, z: f64) -> bool {
+    let (Some(gain), Some(hw)) = (j.gain, j.gain_half_width) else {
+        return false;
+    };
+    if !hw.is_finite() || rounds >= MAX_ROUNDS {
+        return false;
+    }
+    let stricter = if z > 0.0 {
+        (z + POOLED_Z_EXTRA) / z
+    } else {
+        1.0
+    };
+    gain > hw * (rounds as f64 / MAX_ROUNDS as f64).sqrt() * stricter
 }
 
 /// Whether a point has enough windows (and enough of them with a p99) to be compared.
@@ -544,6 +577,18 @@ impl DeviceTuner {
         if !self.rate_ok(now_ms) {
             return None;
         }
+        // An incumbent over the SLO (a constraint of `throughput` and `balanced`) is repaired
+        // first: the moves that can bring p99 down go to the front, before a run of trials
+        // within the noise parks the tuner (`max_fruitless_trials`) with them untried.
+        let over_slo = self
+            .incumbent_m
+            .p99_ns()
+            .is_some_and(|p| p > self.policy.slo_p99_ns);
+        if self.policy.objective != Objective::Latency && over_slo {
+            let (less, rest): (Vec<Move>, Vec<Move>) =
+                self.queue.drain(..).partition(Move::less_moderation);
+            self.queue = less.into_iter().chain(rest).collect();
+        }
         while let Some(mv) = self.queue.pop_front() {
             // The ring only matters when writers found it full; it is never shrunk for speed.
             if mv.knob == Knob::RingBytes && self.incumbent_m.ring_full == 0 {
@@ -562,13 +607,8 @@ impl DeviceTuner {
             }
             // For `balanced`, less moderation can only add interrupts per op: it is worth a
             // trial only to bring p99 back under the SLO or throughput back to the floor.
-            let less_moderation = mv.dir == Direction::Down
-                && matches!(
-                    mv.knob,
-                    Knob::Moderation | Knob::ModerationFrames | Knob::ModerationUsecs
-                );
             if self.policy.objective == Objective::Balanced
-                && less_moderation
+                && mv.less_moderation()
                 && self.incumbent_meets_constraints()
             {
                 continue;
@@ -665,10 +705,16 @@ impl DeviceTuner {
             })
             .unwrap_or_default();
         let note = self.take_note();
+        let why = if flat + inconclusive >= self.params.max_fruitless_trials {
+            "the moves left would not pay for their trials: none of the last stood out of the \
+             noise on the"
+        } else {
+            "no move left whose effect stands out of the noise on the"
+        };
         self.announcement = Some(format!(
-            "{note}parked at {settings}: no move left whose effect on the {} objective stands \
-             out of the noise ({} trials since the last kept change: {flat} flat within ±{:.0}%, \
-             {inconclusive} inconclusive, {worse} worse); exploring again on a phase change",
+            "{note}parked at {settings}: {why} {} objective ({} trials since the last kept \
+             change: {flat} flat within ±{:.0}%, {inconclusive} inconclusive, {worse} worse); \
+             exploring again on a phase change",
             self.policy.objective.name(),
             flat + inconclusive + worse,
             self.params.min_improvement * 100.0,

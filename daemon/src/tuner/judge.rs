@@ -523,6 +523,10 @@ pub struct Judgement {
     pub constraint_broken: bool,
     /// The objective's estimated relative improvement (positive: better), if measurable.
     pub gain: Option<f64>,
+    /// Half the width of the objective's interval (relative; infinite where a bound is), if
+    /// measurable: how far `gain` is from being shown, for the decision whether more rounds
+    /// could show it.
+    pub gain_half_width: Option<f64>,
 }
 
 impl Judgement {
@@ -554,6 +558,7 @@ pub fn judge(r: &Rules, a_before: &Segment, b: &Segment, a_after: &Segment) -> J
                 o.estimate
             }
         }),
+        gain_half_width: f.objective.map(|o| (o.hi - o.lo) / 2.0),
         effects,
     }
 }

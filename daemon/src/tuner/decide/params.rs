@@ -48,6 +48,13 @@ pub struct TunerParams {
     pub regression_guard_ms: u64,
     /// Failed applications in a row before the tuner freezes the device.
     pub max_apply_failures: u32,
+    /// Trials since the last kept change whose effects stayed within the noise (flat or
+    /// inconclusive) before the tuner parks with moves still untried: every trial costs the
+    /// workload (a bad candidate runs for seconds, and each change and revert disturbs it), and
+    /// moves come in the order most likely to pay, so a run of moves lost in the noise says the
+    /// rest will not pay for their trials. Confidently worse trials do not count: they are cut
+    /// short and show where not to go.
+    pub max_fruitless_trials: u32,
 }
 
 impl Default for TunerParams {
@@ -67,6 +74,7 @@ impl Default for TunerParams {
             phase_windows: 3,
             regression_guard_ms: 15_000,
             max_apply_failures: 3,
+            max_fruitless_trials: 4,
         }
     }
 }
@@ -98,8 +106,12 @@ impl TunerParams {
         if !(self.z.is_finite() && self.z >= 0.0) {
             return Err(format!("z = {} is not a non-negative number", self.z));
         }
-        if self.phase_windows == 0 || self.max_apply_failures == 0 {
-            return Err("phase_windows and max_apply_failures must be at least 1".into());
+        if self.phase_windows == 0 || self.max_apply_failures == 0 || self.max_fruitless_trials == 0
+        {
+            return Err(
+                "phase_windows, max_apply_failures and max_fruitless_trials must be at least 1"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -104,51 +104,11 @@ impl DeviceTuner {
         bounds: &Bounds,
         window: &Window,
     ) -> Option<Outcome> {
-        let cap = self.cap();
-        let min_ops = self.params.min_window_ops;
-        let t_s = now_ms as f64 / 1e3;
+        if !self.remeasured(now_ms, window) {
+            return None;
+        }
         let rules = self.rules();
-        let rate_ok = self.rate_ok(now_ms);
-        let Phase::Trial {
-            skip,
-            b,
-            stage: Stage::Remeasure { a2 },
-            ..
-        } = &mut self.phase
-        else {
-            unreachable!("step_remeasure runs on the incumbent measured again")
-        };
-        if *skip > 0 {
-            *skip -= 1;
-            return None;
-        }
-        a2.push(t_s, window, min_ops);
-        self.incumbent_m.push(window, min_ops, cap);
-        let done = a2.len() >= self.params.trial_windows.min(b.len().max(2) as u32) as usize
-            && a2.ops() >= self.params.min_point_ops.min(b.ops());
-        if !done && a2.len() < cap {
-            return None;
-        }
-        if !rate_ok {
-            // Whatever comes next may be a change: keep measuring the incumbent until
-            // one is allowed.
-            return None;
-        }
         let a_before = std::mem::take(&mut self.a_seg);
-        let (j, shifted) = {
-            let shift = workload_shift(self.throughput, &a_before, b, a2, self.params.phase_change);
-            let mut j = judge::judge(&rules, &a_before, b, a2);
-            if let Some((from, to)) = shift {
-                j.verdict = Verdict::Inconclusive;
-                j.why = format!(
-                    "the workload changed during the trial (bytes/op {from:.0}→{to:.0}); {}",
-                    j.why
-                );
-            }
-            (j, shift.is_some())
-        };
-        let promising = !j.constraint_broken
-            && (j.objective_improved || j.gain.is_some_and(|g| g >= self.params.min_improvement));
         let Phase::Trial {
             mv,
             candidate,
@@ -159,42 +119,138 @@ impl DeviceTuner {
             ..
         } = std::mem::replace(&mut self.phase, Phase::Baseline)
         else {
-            unreachable!("matched above")
+            unreachable!("step_remeasure runs on the incumbent measured again")
         };
+        let (j, shifted) = self.judge_round(&rules, &a_before, &b, &a2);
         let incumbent = self.incumbent.expect("a trial starts from an incumbent");
-        let delta = fmt_settings_delta(&incumbent, &candidate);
-        // All rounds so far: the earlier ones' windows and this one's.
-        let (rounds, pooled, first_why, a_all, b_all) =
+        // All rounds so far: the earlier ones' windows and this one's. (After one round the
+        // pooled judgement is the round's.)
+        let (rounds, mut pooled, first_why, a_all, b_all) =
             pool_rounds(rules, self.policy.objective, &j, first, a_before, b, &a2);
-        let pooled_promising = !pooled.constraint_broken
-            && (pooled.objective_improved
-                || pooled
-                    .gain
-                    .is_some_and(|g| g >= self.params.min_improvement));
-        let again = !shifted
-            && rounds < MAX_ROUNDS
-            && if rounds == 1 {
-                promising
-            } else {
-                !pooled.keep() && pooled_promising
-            };
         if rounds >= 2 && pooled.keep() && !shifted {
-            let mut verdict = pooled;
-            verdict.why = format!("{} (first round: {first_why})", verdict.why);
-            return self.keep_or_reject(
-                now_ms, bounds, mv, incumbent, candidate, b_all, bm, a2, verdict, shifted,
-            );
-        }
-        if !again {
+            pooled.why = format!("{} (first round: {first_why})", pooled.why);
             return self.keep_or_reject(
                 now_ms, bounds, mv, incumbent, candidate, b_all, bm, a2, pooled, shifted,
             );
         }
-        // Promising: measure it again before keeping it.
+        // One round is never enough to keep a candidate (see `EarlierRounds`).
+        let unproven = rounds == 1 || !pooled.keep();
+        let again = !shifted && rounds < MAX_ROUNDS && unproven && self.promising(&pooled, rounds);
+        if !again {
+            if let Some(hopeless) = self.beyond_the_noise(&pooled, rounds) {
+                pooled.why = format!("{hopeless}; {}", pooled.why);
+            }
+            return self.keep_or_reject(
+                now_ms, bounds, mv, incumbent, candidate, b_all, bm, a2, pooled, shifted,
+            );
+        }
+        let earlier = EarlierRounds {
+            a: a_all,
+            b: b_all,
+            rounds,
+            first_why,
+        };
+        Some(self.another_round(now_ms, mv, incumbent, candidate, bm, a2, &pooled, earlier))
+    }
+
+    /// One window of the incumbent measured again: whether the round is complete (enough
+    /// windows, and a change allowed now: whatever comes next may be one).
+    fn remeasured(&mut self, now_ms: u64, window: &Window) -> bool {
+        let cap = self.cap();
+        let min_ops = self.params.min_window_ops;
+        let t_s = now_ms as f64 / 1e3;
+        let rate_ok = self.rate_ok(now_ms);
+        let Phase::Trial {
+            skip,
+            b,
+            stage: Stage::Remeasure { a2 },
+            ..
+        } = &mut self.phase
+        else {
+            unreachable!("remeasured runs on the incumbent measured again")
+        };
+        if *skip > 0 {
+            *skip -= 1;
+            return false;
+        }
+        a2.push(t_s, window, min_ops);
+        self.incumbent_m.push(window, min_ops, cap);
+        let done = a2.len() >= self.params.trial_windows.min(b.len().max(2) as u32) as usize
+            && a2.ops() >= self.params.min_point_ops.min(b.ops());
+        (done || a2.len() >= cap) && rate_ok
+    }
+
+    /// This round's judgement (the incumbent `a_before` and `a2` around the candidate's `b`),
+    /// inconclusive if the workload changed during it; and whether it did.
+    fn judge_round(
+        &self,
+        rules: &Rules,
+        a_before: &Segment,
+        b: &Segment,
+        a2: &Segment,
+    ) -> (Judgement, bool) {
+        let shift = workload_shift(self.throughput, a_before, b, a2, self.params.phase_change);
+        let mut j = judge::judge(rules, a_before, b, a2);
+        if let Some((from, to)) = shift {
+            j.verdict = Verdict::Inconclusive;
+            j.why = format!(
+                "the workload changed during the trial (bytes/op {from:.0}→{to:.0}); {}",
+                j.why
+            );
+        }
+        (j, shift.is_some())
+    }
+
+    /// Whether a candidate judged `j` after `rounds` rounds deserves another: no constraint
+    /// broken, and the objective improved at the tuner's confidence or by at least the margin
+    /// with a noise that more rounds could see through ([`could_be_shown`]).
+    fn promising(&self, j: &Judgement, rounds: u32) -> bool {
+        !j.constraint_broken
+            && (j.objective_improved
+                || (j.gain.is_some_and(|g| g >= self.params.min_improvement)
+                    && could_be_shown(j, rounds, self.params.z)))
+    }
+
+    /// Why a candidate that pointed the right way by at least the margin gets no more rounds,
+    /// if that is the reason: its gain is within what the noise of [`MAX_ROUNDS`] rounds hides.
+    fn beyond_the_noise(&self, j: &Judgement, rounds: u32) -> Option<String> {
+        let (gain, hw) = (j.gain?, j.gain_half_width?);
+        let pointed_right = !j.constraint_broken && !j.objective_improved && !j.keep();
+        (pointed_right
+            && rounds < MAX_ROUNDS
+            && gain >= self.params.min_improvement
+            && !could_be_shown(j, rounds, self.params.z))
+        .then(|| {
+            format!(
+                "not measured again: the {} objective's estimate, {}, is within what the noise \
+                 (±{:.1}% after {rounds} round{}) would still hide after {MAX_ROUNDS} rounds",
+                self.policy.objective.name(),
+                pct(gain),
+                hw * 100.0,
+                if rounds == 1 { "" } else { "s" },
+            )
+        })
+    }
+
+    /// A promising candidate applied again for another A-B-A round before it can be kept.
+    #[allow(clippy::too_many_arguments)]
+    fn another_round(
+        &mut self,
+        now_ms: u64,
+        mv: Move,
+        incumbent: DeviceSettings,
+        candidate: DeviceSettings,
+        bm: Measurement,
+        a2: Segment,
+        pooled: &Judgement,
+        earlier: EarlierRounds,
+    ) -> Outcome {
+        let rounds = earlier.rounds;
         let reason = format!(
-            "{}{delta} looks promising after {rounds} round{} ({}); applying it again for \
+            "{}{} looks promising after {rounds} round{} ({}); applying it again for \
              another A-B-A round before keeping it",
             self.take_note(),
+            fmt_settings_delta(&incumbent, &candidate),
             if rounds == 1 { "" } else { "s" },
             pooled.why
         );
@@ -207,21 +263,16 @@ impl DeviceTuner {
             bm,
             skip: self.params.settle_windows,
             stage: Stage::Candidate,
-            first: Some(Box::new(EarlierRounds {
-                a: a_all,
-                b: b_all,
-                rounds,
-                first_why,
-            })),
+            first: Some(Box::new(earlier)),
         };
         self.last_change_ms = Some(now_ms);
         self.expected = Some(candidate);
-        Some(Outcome {
+        Outcome {
             action: Action::Change,
             to: candidate,
             reason,
             objective_value: value,
-        })
+        }
     }
 
     /// Parked: watch for a phase change (explore again) or a regression after the last kept
@@ -427,6 +478,21 @@ impl DeviceTuner {
         }
         let earlier = self.take_note();
         self.note = Some(format!("{earlier}not kept: {delta}: {}", j.why));
+        // Know when to stop: after a run of trials whose effects stayed within the noise (flat
+        // or inconclusive; a confidently worse one is cut short and says where not to go), the
+        // moves left, later in the order and so less likely to pay, will not pay for their
+        // trials either.
+        let [flat, inconclusive, _worse] = self.tally;
+        let fruitless = flat + inconclusive;
+        if fruitless >= self.params.max_fruitless_trials && !self.queue.is_empty() {
+            let untried = std::mem::take(&mut self.queue).len();
+            let note = self.take_note();
+            self.note = Some(format!(
+                "{note}{fruitless} trials since the last kept change ended within the noise (max_fruitless_trials): \
+                 {untried} move{} left untried",
+                if untried == 1 { "" } else { "s" }
+            ));
+        }
         self.skip = 0;
         if self.a_seg.is_empty() {
             return None;
