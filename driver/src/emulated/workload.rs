@@ -107,7 +107,14 @@ pub fn run(
                 op: req.op,
                 status,
             });
-            count_completion(&mut snap, &mut hist, req.op, status, spec.block_size, latency_ns);
+            count_completion(
+                &mut snap,
+                &mut hist,
+                req.op,
+                status,
+                spec.block_size,
+                latency_ns,
+            );
         })?;
         tracer.maybe_flush(dev.traps(), dev.signals());
         if let Some((elapsed, iops)) = clock.tick(snap.ops_total) {

@@ -7,8 +7,8 @@ use arbitrary::{Result, Unstructured};
 
 use super::{scribble, Window};
 use crate::ring::{
-    ring_init, PacketHeader, RingError, RingReader, RingWriter, WriteOutcome, DESCRIPTOR_LEN, PAGE_SIZE,
-    TRAILER_LEN,
+    ring_init, PacketHeader, RingError, RingReader, RingWriter, WriteOutcome, DESCRIPTOR_LEN,
+    PAGE_SIZE, TRAILER_LEN,
 };
 use crate::shmem::SharedMem;
 
