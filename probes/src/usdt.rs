@@ -226,8 +226,30 @@ pub fn sites_in(path: &str, data: &[u8]) -> Result<Vec<Site>, UsdtError> {
     };
     let notes = notes.data().map_err(|e| elf_err(e.to_string()))?;
     let base_section = file.section_by_name(".stapsdt.base").map(|s| s.address());
-    let segments: Vec<Segment> = file
-        .segments()
+    let segments = loadable_segments(&file);
+    let bad = |reason: &str| UsdtError::BadNote {
+        path: path.to_string(),
+        reason: reason.to_string(),
+    };
+    let mut out = Vec::new();
+    for note in (ElfNotes { data: notes, at: 0 }) {
+        let note = note.map_err(bad)?;
+        if note.ty != NT_STAPSDT || note.name != b"stapsdt\0" {
+            continue;
+        }
+        let note = StapsdtNote::parse(note.desc).map_err(bad)?;
+        // Prelink-style correction: the note records the .stapsdt.base address it was built with.
+        let delta = base_section.map(|b| b.wrapping_sub(note.base)).unwrap_or(0);
+        if let Some(site) = site(path, note, delta, &segments)? {
+            out.push(site);
+        }
+    }
+    Ok(out)
+}
+
+/// Every loadable segment of `file`, with its permissions.
+fn loadable_segments(file: &object::File) -> Vec<Segment> {
+    file.segments()
         .map(|s| {
             let (offset, size) = s.file_range();
             let p_flags = match s.flags() {
@@ -242,99 +264,171 @@ pub fn sites_in(path: &str, data: &[u8]) -> Result<Vec<Site>, UsdtError> {
                 writable: p_flags & object::elf::PF_W != 0,
             }
         })
-        .collect();
-    let to_offset = |probe: &str, addr: u64| {
-        file_offset(&segments, addr, false).ok_or_else(|| UsdtError::NoSegment {
-            path: path.to_string(),
-            probe: probe.to_string(),
-            addr,
-        })
-    };
-    let bad = |reason: &str| UsdtError::BadNote {
-        path: path.to_string(),
-        reason: reason.to_string(),
-    };
-    let u32_at = |at: usize| -> Result<u32, UsdtError> {
+        .collect()
+}
+
+/// The note type of a SystemTap SDT note.
+const NT_STAPSDT: u32 = 3;
+
+/// One ELF note, its name and descriptor as they are in the section (padding left out).
+struct ElfNote<'a> {
+    ty: u32,
+    name: &'a [u8],
+    desc: &'a [u8],
+}
+
+/// The notes of a note section, in order; a note that runs past the section is an error (the
+/// reason), after which there are no more.
+struct ElfNotes<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> ElfNotes<'a> {
+    fn u32_at(&self, at: usize) -> Result<u32, &'static str> {
         Ok(u32::from_le_bytes(
-            notes
+            self.data
                 .get(at..at + 4)
-                .ok_or_else(|| bad("truncated header"))?
+                .ok_or("truncated header")?
                 .try_into()
                 .expect("4"),
         ))
-    };
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    while at + 12 <= notes.len() {
+    }
+
+    fn note_at(&self, at: usize) -> Result<(ElfNote<'a>, usize), &'static str> {
         let (namesz, descsz, ty) = (
-            u32_at(at)? as usize,
-            u32_at(at + 4)? as usize,
-            u32_at(at + 8)?,
+            self.u32_at(at)? as usize,
+            self.u32_at(at + 4)? as usize,
+            self.u32_at(at + 8)?,
         );
         let name_at = at + 12;
         let desc_at = name_at + namesz.next_multiple_of(4);
         let next = desc_at + descsz.next_multiple_of(4);
-        if next > notes.len() {
-            return Err(bad("note runs past the section"));
+        if next > self.data.len() {
+            return Err("note runs past the section");
         }
-        at = next;
-        if ty != 3 || notes.get(name_at..name_at + namesz) != Some(b"stapsdt\0") {
-            continue;
+        let note = ElfNote {
+            ty,
+            name: &self.data[name_at..name_at + namesz],
+            desc: &self.data[desc_at..desc_at + descsz],
+        };
+        Ok((note, next))
+    }
+}
+
+impl<'a> Iterator for ElfNotes<'a> {
+    type Item = Result<ElfNote<'a>, &'static str>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.at + 12 > self.data.len() {
+            return None;
         }
-        let desc = &notes[desc_at..desc_at + descsz];
+        match self.note_at(self.at) {
+            Ok((note, next)) => {
+                self.at = next;
+                Some(Ok(note))
+            }
+            Err(reason) => {
+                self.at = self.data.len();
+                Some(Err(reason))
+            }
+        }
+    }
+}
+
+/// A `stapsdt` note's descriptor: the site's address, the `.stapsdt.base` address and the
+/// semaphore's address (0: none) as linked, then provider, name and argument string.
+struct StapsdtNote {
+    pc: u64,
+    base: u64,
+    semaphore: u64,
+    provider: String,
+    name: String,
+    args: String,
+}
+
+impl StapsdtNote {
+    fn parse(desc: &[u8]) -> Result<StapsdtNote, &'static str> {
         if desc.len() < 24 {
-            return Err(bad("descriptor shorter than three addresses"));
+            return Err("descriptor shorter than three addresses");
         }
         let word = |i: usize| u64::from_le_bytes(desc[i * 8..i * 8 + 8].try_into().expect("8"));
-        let (pc, note_base, semaphore) = (word(0), word(1), word(2));
         let mut s = 24;
-        let provider = cstr(desc, &mut s).ok_or_else(|| bad("no provider"))?;
-        let name = cstr(desc, &mut s).ok_or_else(|| bad("no name"))?;
+        let provider = cstr(desc, &mut s).ok_or("no provider")?;
+        let name = cstr(desc, &mut s).ok_or("no name")?;
         let args = cstr(desc, &mut s).unwrap_or_default();
-        // Prelink-style correction: the note records the .stapsdt.base address it was built with.
-        let delta = base_section.map(|b| b.wrapping_sub(note_base)).unwrap_or(0);
-        let pc = pc.wrapping_add(delta);
-        let semaphore = if semaphore == 0 {
-            0
-        } else {
-            semaphore.wrapping_add(delta)
-        };
-        let spec = parse_args(&args).map_err(|(arg, reason)| UsdtError::BadArg {
-            path: path.to_string(),
-            probe: format!("{provider}:{name}"),
-            arg,
-            reason,
-        })?;
-        // A note whose site is in no executable segment belongs to code the linker discarded
-        // (--gc-sections keeps the note, with the dead function's address resolved to 0 plus
-        // the site's offset): it can never fire, and the kernel refuses a uprobe there.
-        let Some(file_offset) = file_offset(&segments, pc, true) else {
-            log::debug!("{path}: {provider}:{name} at {pc:#x} is in discarded code, skipped");
-            continue;
-        };
-        let semaphore_offset = if semaphore == 0 {
-            0
-        } else {
-            let offset = to_offset(&name, semaphore)?;
-            if semaphore_shadowed(&segments, semaphore, offset) {
-                return Err(UsdtError::SemaphoreShadowed {
-                    path: path.to_string(),
-                    probe: format!("{provider}:{name}"),
-                    offset,
-                });
-            }
-            offset
-        };
-        out.push(Site {
+        Ok(StapsdtNote {
+            pc: word(0),
+            base: word(1),
+            semaphore: word(2),
             provider,
             name,
-            file_offset,
-            semaphore_offset,
             args,
-            spec,
-        });
+        })
     }
-    Ok(out)
+}
+
+/// The site `note` describes, its addresses moved by `delta` and turned into file offsets;
+/// `None` for a site in code the linker discarded.
+fn site(
+    path: &str,
+    note: StapsdtNote,
+    delta: u64,
+    segments: &[Segment],
+) -> Result<Option<Site>, UsdtError> {
+    let StapsdtNote {
+        pc,
+        semaphore,
+        provider,
+        name,
+        args,
+        ..
+    } = note;
+    let pc = pc.wrapping_add(delta);
+    let semaphore = if semaphore == 0 {
+        0
+    } else {
+        semaphore.wrapping_add(delta)
+    };
+    let spec = parse_args(&args).map_err(|(arg, reason)| UsdtError::BadArg {
+        path: path.to_string(),
+        probe: format!("{provider}:{name}"),
+        arg,
+        reason,
+    })?;
+    // A note whose site is in no executable segment belongs to code the linker discarded
+    // (--gc-sections keeps the note, with the dead function's address resolved to 0 plus
+    // the site's offset): it can never fire, and the kernel refuses a uprobe there.
+    let Some(site_offset) = file_offset(segments, pc, true) else {
+        log::debug!("{path}: {provider}:{name} at {pc:#x} is in discarded code, skipped");
+        return Ok(None);
+    };
+    let semaphore_offset = if semaphore == 0 {
+        0
+    } else {
+        let offset =
+            file_offset(segments, semaphore, false).ok_or_else(|| UsdtError::NoSegment {
+                path: path.to_string(),
+                probe: name.clone(),
+                addr: semaphore,
+            })?;
+        if semaphore_shadowed(segments, semaphore, offset) {
+            return Err(UsdtError::SemaphoreShadowed {
+                path: path.to_string(),
+                probe: format!("{provider}:{name}"),
+                offset,
+            });
+        }
+        offset
+    };
+    Ok(Some(Site {
+        provider,
+        name,
+        file_offset: site_offset,
+        semaphore_offset,
+        args,
+        spec,
+    }))
 }
 
 #[cfg(test)]

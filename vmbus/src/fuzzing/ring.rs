@@ -7,8 +7,8 @@ use arbitrary::{Result, Unstructured};
 
 use super::{scribble, Window};
 use crate::ring::{
-    ring_init, RingError, RingReader, RingWriter, WriteOutcome, DESCRIPTOR_LEN, PAGE_SIZE,
-    TRAILER_LEN,
+    ring_init, PacketHeader, RingError, RingReader, RingWriter, WriteOutcome, DESCRIPTOR_LEN,
+    PAGE_SIZE, TRAILER_LEN,
 };
 use crate::shmem::SharedMem;
 
@@ -102,23 +102,64 @@ fn reader(u: &mut Unstructured) -> Result<()> {
     let region = Region::new(u.int_in_range(1..=2)?);
     let data_len = (region.len - PAGE_SIZE) as u32;
     let max_payload = *u.choose(&[u32::MAX, 64, 256, 1024, 4096])?;
-    // Well-formed packets first, from a writer that plays by the rules.
-    let mut written: VecDeque<(u64, Vec<u8>)> = VecDeque::new();
-    {
-        let (w, _) = region.ends(max_payload);
-        let mut w = w.expect("a fresh ring");
-        for i in 0..u.int_in_range(0..=12)? {
-            let len = u.int_in_range(0..=600)?;
-            let payload = u.bytes(len)?.to_vec();
-            let split = u.int_in_range(0..=len)?;
-            match w.try_write(6, 0, i, &[&payload[..split], &payload[split..]]) {
-                Ok(WriteOutcome::Written { .. }) => written.push_back((i, payload)),
-                Ok(WriteOutcome::Full { .. }) | Err(RingError::PacketTooLarge { .. }) => {}
-                Err(e) => panic!("a well-behaved writer failed: {e}"),
-            }
+    let written = write_honest_packets(u, &region, max_payload)?;
+    let tampered = tamper(u, &region, data_len)?;
+    let scribbling = u.ratio(1, 8)?;
+    let _guard = scribbling.then(|| {
+        // SAFETY: the region outlives the guard (declared later, dropped earlier) and is only
+        // accessed atomically, with these widths.
+        unsafe { scribble(&region.windows(), u.arbitrary().unwrap_or(7)) }
+    });
+    let (_, r) = region.ends(max_payload);
+    let mut r = match r {
+        Ok(r) => r,
+        Err(e) => {
+            // Only a bad read index can refuse a reader.
+            assert!(tampered || scribbling, "untampered ring refused: {e}");
+            assert!(matches!(
+                e,
+                RingError::IndexOutOfRange { .. } | RingError::IndexMisaligned { .. }
+            ));
+            return Ok(());
+        }
+    };
+    let mut expected = Expected {
+        written,
+        max_payload,
+        data_len,
+        tampered,
+        scribbling,
+    };
+    read_packets(u, &mut r, &mut expected);
+    Ok(())
+}
+
+/// Well-formed packets, from a writer that plays by the rules: the transaction id and payload
+/// of each one that fitted, in order.
+fn write_honest_packets(
+    u: &mut Unstructured,
+    region: &Region,
+    max_payload: u32,
+) -> Result<VecDeque<(u64, Vec<u8>)>> {
+    let mut written = VecDeque::new();
+    let (w, _) = region.ends(max_payload);
+    let mut w = w.expect("a fresh ring");
+    for i in 0..u.int_in_range(0..=12)? {
+        let len = u.int_in_range(0..=600)?;
+        let payload = u.bytes(len)?.to_vec();
+        let split = u.int_in_range(0..=len)?;
+        match w.try_write(6, 0, i, &[&payload[..split], &payload[split..]]) {
+            Ok(WriteOutcome::Written { .. }) => written.push_back((i, payload)),
+            Ok(WriteOutcome::Full { .. }) | Err(RingError::PacketTooLarge { .. }) => {}
+            Err(e) => panic!("a well-behaved writer failed: {e}"),
         }
     }
-    // Then the peer's tampering: words of the control page and bytes of the data area.
+    Ok(written)
+}
+
+/// The peer's tampering: words of the control page and bytes of the data area. Whether it
+/// tampered at all.
+fn tamper(u: &mut Unstructured, region: &Region, data_len: u32) -> Result<bool> {
     let mut tampered = false;
     for _ in 0..u.int_in_range(0..=8)? {
         tampered = true;
@@ -140,87 +181,100 @@ fn reader(u: &mut Unstructured) -> Result<()> {
                 .expect("inside the data area");
         }
     }
-    let scribbling = u.ratio(1, 8)?;
-    let _guard = scribbling.then(|| {
-        // SAFETY: the region outlives the guard (declared later, dropped earlier) and is only
-        // accessed atomically, with these widths.
-        unsafe { scribble(&region.windows(), u.arbitrary().unwrap_or(7)) }
-    });
-    let (_, r) = region.ends(max_payload);
-    let mut r = match r {
-        Ok(r) => r,
-        Err(e) => {
-            // Only a bad read index can refuse a reader.
-            assert!(tampered || scribbling, "untampered ring refused: {e}");
-            assert!(matches!(
-                e,
-                RingError::IndexOutOfRange { .. } | RingError::IndexMisaligned { .. }
-            ));
-            return Ok(());
-        }
-    };
+    Ok(tampered)
+}
+
+/// What the reader may expect of the ring: the packets written honestly (those not read yet),
+/// its limits, and whether the peer tampered with it or is still scribbling over it.
+struct Expected {
+    written: VecDeque<(u64, Vec<u8>)>,
+    max_payload: u32,
+    data_len: u32,
+    tampered: bool,
+    scribbling: bool,
+}
+
+impl Expected {
+    fn untouched(&self) -> bool {
+        !self.tampered && !self.scribbling
+    }
+}
+
+/// Reads (up to 64 packets) until the ring is empty or broken, committing and masking
+/// interrupts now and then, checking every outcome against `expected`.
+fn read_packets(u: &mut Unstructured, r: &mut RingReader, expected: &mut Expected) {
     let mut buf = Vec::new();
     for _ in 0..64 {
         let before = match r.bytes_available() {
             Ok(n) => n,
             Err(e) => {
                 // A bad write index breaks the ring as soon as we look at it.
-                assert!(tampered || scribbling, "untampered ring failed: {e}");
-                assert_reader_broken(&mut r, &mut buf);
+                assert!(!expected.untouched(), "untampered ring failed: {e}");
+                assert_reader_broken(r, &mut buf);
                 break;
             }
         };
         match r.read_into(&mut buf) {
-            Ok(Some(h)) => {
-                assert!(h.payload_len <= max_payload && h.payload_len <= data_len);
-                assert_eq!(buf.len(), h.payload_len as usize);
-                assert!(h.payload_len.is_multiple_of(8));
-                // Never more than what was published when we looked.
-                let needed = DESCRIPTOR_LEN as u32 + h.payload_len + TRAILER_LEN as u32;
-                assert!(needed <= before || scribbling);
-                if !tampered && !scribbling {
-                    let (id, p) = written.pop_front().expect("no more packets than written");
-                    assert_eq!(h.trans_id, id);
-                    assert_eq!(&buf[..p.len()], &p[..]);
-                    assert!(buf[p.len()..].iter().all(|&b| b == 0));
-                }
-            }
+            Ok(Some(h)) => check_packet(&h, &buf, before, expected),
             Ok(None) => {
-                if !tampered && !scribbling {
-                    assert!(written.is_empty(), "packets lost");
+                if expected.untouched() {
+                    assert!(expected.written.is_empty(), "packets lost");
                 }
                 break;
             }
             Err(e) => {
-                // An honest packet larger than this reader accepts is a violation too.
-                let too_large = matches!(e, RingError::PayloadTooLarge { len, max }
-                    if written.front().is_some_and(|(_, p)| p.len().next_multiple_of(8) as u32 == len && len > max));
-                assert!(
-                    tampered || scribbling || too_large,
-                    "untampered ring failed: {e}"
-                );
-                assert!(
-                    !matches!(
-                        e,
-                        RingError::Broken
-                            | RingError::PacketTooLarge { .. }
-                            | RingError::BadLayout { .. }
-                    ),
-                    "{e}"
-                );
-                assert_reader_broken(&mut r, &mut buf);
+                check_violation(&e, expected);
+                assert_reader_broken(r, &mut buf);
                 break;
             }
         }
         if u.ratio(1, 3).unwrap_or(true) {
             let c = r.commit();
-            assert!(c.bytes_freed <= data_len);
+            assert!(c.bytes_freed <= expected.data_len);
         }
         if u.ratio(1, 8).unwrap_or(false) {
             r.set_interrupt_mask(u.arbitrary().unwrap_or(false));
         }
     }
-    Ok(())
+}
+
+/// A packet read stays within the reader's limit and what was published when we looked
+/// (`before` bytes); from an untouched ring it is the next one written, exactly.
+fn check_packet(h: &PacketHeader, buf: &[u8], before: u32, expected: &mut Expected) {
+    assert!(h.payload_len <= expected.max_payload && h.payload_len <= expected.data_len);
+    assert_eq!(buf.len(), h.payload_len as usize);
+    assert!(h.payload_len.is_multiple_of(8));
+    // Never more than what was published when we looked.
+    let needed = DESCRIPTOR_LEN as u32 + h.payload_len + TRAILER_LEN as u32;
+    assert!(needed <= before || expected.scribbling);
+    if expected.untouched() {
+        let (id, p) = expected
+            .written
+            .pop_front()
+            .expect("no more packets than written");
+        assert_eq!(h.trans_id, id);
+        assert_eq!(&buf[..p.len()], &p[..]);
+        assert!(buf[p.len()..].iter().all(|&b| b == 0));
+    }
+}
+
+/// A read error comes only from a ring the peer touched (or an honest packet larger than this
+/// reader accepts, a violation too), and is a violation of the ring's rules, never one of the
+/// errors that mean something else.
+fn check_violation(e: &RingError, expected: &Expected) {
+    let too_large = matches!(*e, RingError::PayloadTooLarge { len, max }
+        if expected.written.front().is_some_and(|(_, p)| p.len().next_multiple_of(8) as u32 == len && len > max));
+    assert!(
+        !expected.untouched() || too_large,
+        "untampered ring failed: {e}"
+    );
+    assert!(
+        !matches!(
+            e,
+            RingError::Broken | RingError::PacketTooLarge { .. } | RingError::BadLayout { .. }
+        ),
+        "{e}"
+    );
 }
 
 /// The writer against a peer that moves the read index, `pending_send_sz`, the interrupt mask
