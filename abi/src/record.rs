@@ -114,6 +114,18 @@ pub struct DevEventsRaw {
     pub workload_starts: u64,
 }
 
+impl std::ops::AddAssign<&DevEventsRaw> for DevEventsRaw {
+    fn add_assign(&mut self, o: &DevEventsRaw) {
+        self.doorbells += o.doorbells;
+        self.interrupts += o.interrupts;
+        self.ring_full_out += o.ring_full_out;
+        self.ring_full_in += o.ring_full_in;
+        self.irq_masked += o.irq_masked;
+        self.irq_unmasked += o.irq_unmasked;
+        self.workload_starts += o.workload_starts;
+    }
+}
+
 /// `enum enlight_usdt_arg_type`: the argument is a constant (`val_off`).
 pub const USDT_ARG_CONST: u32 = 0;
 /// The argument is a register.

@@ -209,43 +209,9 @@ pub struct DevKey {
     pub dev: u32,
 }
 
-/// Cumulative signalling counters of one device.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DevEvents {
-    pub doorbells: u64,
-    pub interrupts: u64,
-    pub ring_full_out: u64,
-    pub ring_full_in: u64,
-    pub irq_masked: u64,
-    pub irq_unmasked: u64,
-    pub workload_starts: u64,
-}
-
-impl From<DevEventsRaw> for DevEvents {
-    fn from(v: DevEventsRaw) -> Self {
-        DevEvents {
-            doorbells: v.doorbells,
-            interrupts: v.interrupts,
-            ring_full_out: v.ring_full_out,
-            ring_full_in: v.ring_full_in,
-            irq_masked: v.irq_masked,
-            irq_unmasked: v.irq_unmasked,
-            workload_starts: v.workload_starts,
-        }
-    }
-}
-
-impl std::ops::AddAssign<&DevEvents> for DevEvents {
-    fn add_assign(&mut self, o: &DevEvents) {
-        self.doorbells += o.doorbells;
-        self.interrupts += o.interrupts;
-        self.ring_full_out += o.ring_full_out;
-        self.ring_full_in += o.ring_full_in;
-        self.irq_masked += o.irq_masked;
-        self.irq_unmasked += o.irq_unmasked;
-        self.workload_starts += o.workload_starts;
-    }
-}
+/// Cumulative signalling counters of one device: the map's own record, summed over CPUs and
+/// processes (`+=` is the ABI crate's).
+pub type DevEvents = DevEventsRaw;
 
 /// The programs' own trouble counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -635,7 +601,7 @@ impl Probes {
                 })
                 .or_default();
             for v in values.iter() {
-                *e += &DevEvents::from(*v);
+                *e += v;
             }
         }
         let traps = PerCpuHashMap::<&MapData, DevKeyRaw, u64>::try_from(self.map("dev_traps")?)
