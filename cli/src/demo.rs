@@ -596,3 +596,36 @@ fn summary_line(elapsed: Duration, before: &Moment, now: &Moment) -> String {
     };
     format!("{:>4}s  {ebpf}  | {own}", elapsed.as_secs())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each of the daemon's actions, as its API writes it, reads as it did when the demo matched
+    /// on the daemon's own enum; a newer daemon's action reads by its own name.
+    #[test]
+    fn decisions_read_as_the_tuner_states_them() {
+        use enlightd::tuner::Action;
+        for (action, word) in [
+            (Action::Change, "change"),
+            (Action::Revert, "revert"),
+            (Action::Recommend, "recommend"),
+        ] {
+            let strict = enlightd::tuner::Decision {
+                action,
+                reason: "p99 fell".into(),
+                ..Default::default()
+            };
+            let read: enlight_abi::tuner::Decision =
+                serde_json::from_value(serde_json::to_value(&strict).unwrap()).unwrap();
+            assert_eq!(
+                decision_line(&read),
+                format!("       tuner {word}: p99 fell")
+            );
+        }
+        let newer: enlight_abi::tuner::Decision =
+            serde_json::from_str(r#"{"action":"escalate","reason":"queue full","cost":3}"#)
+                .unwrap();
+        assert_eq!(decision_line(&newer), "       tuner escalate: queue full");
+    }
+}
