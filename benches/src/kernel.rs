@@ -225,7 +225,41 @@ fn main() -> Result<()> {
         .json
         .clone()
         .unwrap_or_else(|| "benches/results/kernel.json".into());
-    let machine = format!(
+    let mut report = Report {
+        machine: machine(),
+        kernel: first_line("uname", &["-r"]),
+        secs: args.secs,
+        iodepth: args.iodepth,
+        rounds: Vec::new(),
+        summaries: Vec::new(),
+        program_costs: Vec::new(),
+        probe_ns_per_io: Vec::new(),
+    };
+    for (backing, dir, direct) in [
+        ("tmpfs", Path::new("/dev/shm"), false),
+        ("disk", Path::new("/var/tmp"), true),
+    ] {
+        let lo = Loop::new(dir, direct)?;
+        // Warm-up (page cache of the backing file, CPU frequency).
+        fio(&lo.dev, 1, args.iodepth)?;
+        let summary = paired_rounds(&args, &lo, backing, &mut report.rounds)?;
+        let (costs, ns_per_io) = program_costs(&args, &lo, backing)?;
+        report.program_costs.extend(costs);
+        report.probe_ns_per_io.push((backing, ns_per_io));
+        report.summaries.push(summary);
+    }
+    print_report(&report, args.rounds);
+    if let Some(parent) = json.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)?;
+    eprintln!("raw results: {}", json.display());
+    Ok(())
+}
+
+/// The CPU model and count, as the report states them.
+fn machine() -> String {
+    format!(
         "{}, {} CPUs",
         first_line(
             "sh",
@@ -234,84 +268,88 @@ fn main() -> Result<()> {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
-    );
-    let kernel = first_line("uname", &["-r"]);
-    let mut rounds = Vec::new();
-    let mut summaries = Vec::new();
-    let mut program_costs = Vec::new();
-    let mut probe_ns_per_io = Vec::new();
-    for (backing, dir, direct) in [
-        ("tmpfs", Path::new("/dev/shm"), false),
-        ("disk", Path::new("/var/tmp"), true),
-    ] {
-        let lo = Loop::new(dir, direct)?;
-        // Warm-up (page cache of the backing file, CPU frequency).
-        fio(&lo.dev, 1, args.iodepth)?;
-        let mut ratios = Vec::new();
-        let (mut without, mut with) = (Vec::new(), Vec::new());
-        for _ in 0..args.rounds {
-            let (off, off_p50) = fio(&lo.dev, args.secs, args.iodepth)?;
-            let probes = KernelProbes::load(&Selection::default())?;
-            let (on, on_p50) = fio(&lo.dev, args.secs, args.iodepth)?;
-            let snap = probes.snapshot()?;
-            drop(probes);
-            let counted: u64 = snap.disks.values().map(|s| s.ops).sum();
-            eprintln!(
-                "{backing}: without {off:.0} IOPS, with {on:.0} IOPS ({:.3}); the probes counted {counted} requests",
-                on / off
-            );
-            ratios.push(on / off);
-            without.push(off);
-            with.push(on);
-            rounds.push(Round {
-                backing,
-                probes: false,
-                iops: off,
-                clat_p50_us: off_p50,
-            });
-            rounds.push(Round {
-                backing,
-                probes: true,
-                iops: on,
-                clat_p50_us: on_p50,
-            });
-        }
-        // The programs' own cost, measured by the kernel (run time per run), in one more round.
-        {
-            let probes = KernelProbes::load(&Selection::default())?;
-            let _stats = BpfStats::enable()?;
-            let (iops, _) = fio(&lo.dev, args.secs, args.iodepth)?;
-            let ios = iops * args.secs as f64;
-            let mut total_ns = 0u64;
-            for (program, st) in probes.program_stats() {
-                if st.run_cnt == 0 {
-                    continue;
-                }
-                total_ns += st.run_time_ns;
-                program_costs.push(ProgramCost {
-                    backing,
-                    program,
-                    runs: st.run_cnt,
-                    ns_per_run: st.run_time_ns as f64 / st.run_cnt as f64,
-                    runs_per_io: st.run_cnt as f64 / ios,
-                });
-            }
-            probe_ns_per_io.push((backing, total_ns as f64 / ios));
-        }
-        summaries.push(Summary {
+    )
+}
+
+/// `--rounds` rounds on one backing, each without then with the probes (loaded fresh for the
+/// "with" half); appends them to `rounds` and returns their summary.
+fn paired_rounds(
+    args: &Args,
+    lo: &Loop,
+    backing: &'static str,
+    rounds: &mut Vec<Round>,
+) -> Result<Summary> {
+    let mut ratios = Vec::new();
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for _ in 0..args.rounds {
+        let (off, off_p50) = fio(&lo.dev, args.secs, args.iodepth)?;
+        let probes = KernelProbes::load(&Selection::default())?;
+        let (on, on_p50) = fio(&lo.dev, args.secs, args.iodepth)?;
+        let snap = probes.snapshot()?;
+        drop(probes);
+        let counted: u64 = snap.disks.values().map(|s| s.ops).sum();
+        eprintln!(
+            "{backing}: without {off:.0} IOPS, with {on:.0} IOPS ({:.3}); the probes counted {counted} requests",
+            on / off
+        );
+        ratios.push(on / off);
+        without.push(off);
+        with.push(on);
+        rounds.push(Round {
             backing,
-            iops_without: median(without),
-            iops_with: median(with),
-            paired_ratio_median: median(ratios.clone()),
-            paired_ratio_min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
-            paired_ratio_max: ratios.iter().copied().fold(0.0, f64::max),
+            probes: false,
+            iops: off,
+            clat_p50_us: off_p50,
+        });
+        rounds.push(Round {
+            backing,
+            probes: true,
+            iops: on,
+            clat_p50_us: on_p50,
         });
     }
+    Ok(Summary {
+        backing,
+        iops_without: median(without),
+        iops_with: median(with),
+        paired_ratio_median: median(ratios.clone()),
+        paired_ratio_min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
+        paired_ratio_max: ratios.iter().copied().fold(0.0, f64::max),
+    })
+}
+
+/// The programs' own cost, measured by the kernel (run time per run), in one more round on a
+/// backing: each program that ran, and the nanoseconds of all of them per fio I/O.
+fn program_costs(args: &Args, lo: &Loop, backing: &'static str) -> Result<(Vec<ProgramCost>, f64)> {
+    let probes = KernelProbes::load(&Selection::default())?;
+    let _stats = BpfStats::enable()?;
+    let (iops, _) = fio(&lo.dev, args.secs, args.iodepth)?;
+    let ios = iops * args.secs as f64;
+    let mut total_ns = 0u64;
+    let mut costs = Vec::new();
+    for (program, st) in probes.program_stats() {
+        if st.run_cnt == 0 {
+            continue;
+        }
+        total_ns += st.run_time_ns;
+        costs.push(ProgramCost {
+            backing,
+            program,
+            runs: st.run_cnt,
+            ns_per_run: st.run_time_ns as f64 / st.run_cnt as f64,
+            runs_per_io: st.run_cnt as f64 / ios,
+        });
+    }
+    Ok((costs, total_ns as f64 / ios))
+}
+
+/// The Markdown report (`rounds`: rounds per side).
+fn print_report(report: &Report, rounds: usize) {
     println!("## Kernel-device probes: fio IOPS with and without\n");
-    println!("Machine: {machine}; kernel {kernel}. fio 4 KiB random reads on a loop device, queue depth {}, {} s rounds, {} rounds per side alternated (without, with, ...).\n", args.iodepth, args.secs, args.rounds);
+    println!("Machine: {}; kernel {}. fio 4 KiB random reads on a loop device, queue depth {}, {} s rounds, {} rounds per side alternated (without, with, ...).\n", report.machine, report.kernel, report.iodepth, report.secs, rounds);
     println!("| backing | IOPS without (median) | IOPS with (median) | paired with/without: median | min | max |");
     println!("|---|---|---|---|---|---|");
-    for s in &summaries {
+    for s in &report.summaries {
         println!(
             "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} |",
             s.backing,
@@ -325,29 +363,13 @@ fn main() -> Result<()> {
     println!("\nThe programs' own run time (kernel.bpf_stats_enabled, one extra round per backing; every hit on the machine counts, other processes' too):\n");
     println!("| backing | program | runs | ns per run | runs per fio I/O |");
     println!("|---|---|---|---|---|");
-    for c in &program_costs {
+    for c in &report.program_costs {
         println!(
             "| {} | {} | {} | {:.0} | {:.2} |",
             c.backing, c.program, c.runs, c.ns_per_run, c.runs_per_io
         );
     }
-    for (backing, ns) in &probe_ns_per_io {
+    for (backing, ns) in &report.probe_ns_per_io {
         println!("\n{backing}: {ns:.0} ns of probe programs per fio I/O");
     }
-    let report = Report {
-        machine,
-        kernel,
-        secs: args.secs,
-        iodepth: args.iodepth,
-        rounds,
-        summaries,
-        program_costs,
-        probe_ns_per_io,
-    };
-    if let Some(parent) = json.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)?;
-    eprintln!("raw results: {}", json.display());
-    Ok(())
 }

@@ -199,10 +199,59 @@ fn run_point(args: &Args, enlight: &Path, enlightd: &Path, n: usize, port: u16) 
         .tempdir_in(&args.dir)?;
     let base = format!("http://127.0.0.1:{port}");
     let mut procs = Procs(Vec::new());
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build();
+    let daemon_pid = start_daemon(args, enlightd, dir.path(), port, &agent, &mut procs)?;
+    start_disks(args, enlight, dir.path(), n, &mut procs)?;
+    wait_until_busy(&agent, &base, n, &mut procs)?;
+    // Then two more ticks so each device has rates and peaks.
+    std::thread::sleep(Duration::from_millis(2 * args.interval_ms + 100));
+
+    let (c0, t0) = (cpu_secs(daemon_pid)?, Instant::now());
+    std::thread::sleep(Duration::from_secs(args.idle_secs));
+    let idle_rate = (cpu_secs(daemon_pid)? - c0) / t0.elapsed().as_secs_f64();
+
+    let s = scrape(args, &agent, &base, daemon_pid, idle_rate)?;
+    let rss = rss_bytes(daemon_pid);
+
+    let text = String::from_utf8(s.metrics_body)?;
+    let series = text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .count();
+    let views: Vec<serde_json::Value> = serde_json::from_slice(&s.devices_body)?;
+    if views.len() != n {
+        bail!("/api/v1/devices lists {} devices, not {n}", views.len());
+    }
+    Ok(Point {
+        devices: n,
+        series,
+        tick_ms: sample(&text, "enlight_collector_tick_seconds").unwrap_or(f64::NAN) * 1e3,
+        metrics: timing(s.metrics_ms, text.len()),
+        devices_api: timing(s.devices_ms, s.devices_body.len()),
+        idle_cpu_percent: idle_rate * 100.0,
+        idle_cpu_percent_per_device: idle_rate * 100.0 / n as f64,
+        cpu_ms_per_request: s.cpu_per_request * 1e3,
+        rss_bytes: rss,
+        rss_bytes_per_device: rss as f64 / n as f64,
+    })
+}
+
+/// Starts enlightd on `dir` and `port` (into `procs`) and waits until it answers; returns its
+/// pid.
+fn start_daemon(
+    args: &Args,
+    enlightd: &Path,
+    dir: &Path,
+    port: u16,
+    agent: &ureq::Agent,
+    procs: &mut Procs,
+) -> Result<u32> {
     procs.0.push(
         Command::new(enlightd)
             .arg("--runtime-dir")
-            .arg(dir.path())
+            .arg(dir)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--interval-ms", &args.interval_ms.to_string()])
             .env("RUST_LOG", "warn")
@@ -210,20 +259,26 @@ fn run_point(args: &Args, enlight: &Path, enlightd: &Path, n: usize, port: u16) 
             .spawn()
             .context("starting enlightd")?,
     );
-    let daemon_pid = procs.0[0].id();
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(30))
-        .build();
+    let daemon = procs.0.last_mut().expect("just pushed");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while agent.get(&format!("{base}/api/v1/health")).call().is_err() {
+    while agent
+        .get(&format!("http://127.0.0.1:{port}/api/v1/health"))
+        .call()
+        .is_err()
+    {
         if Instant::now() > deadline {
             bail!("enlightd did not answer within 30 s");
         }
-        if let Some(s) = procs.0[0].try_wait()? {
+        if let Some(s) = daemon.try_wait()? {
             bail!("enlightd exited: {s}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    Ok(daemon.id())
+}
+
+/// Starts `n` disk device processes (`scr0`, `scr1`, ...) on `dir`, into `procs`.
+fn start_disks(args: &Args, enlight: &Path, dir: &Path, n: usize, procs: &mut Procs) -> Result<()> {
     for i in 0..n {
         let name = format!("scr{i}");
         procs.0.push(
@@ -239,26 +294,30 @@ fn run_point(args: &Args, enlight: &Path, enlightd: &Path, n: usize, port: u16) 
                 ])
                 .args(["--workload", &args.workload])
                 .arg("--backing")
-                .arg(dir.path().join(format!("{name}.img")))
+                .arg(dir.join(format!("{name}.img")))
                 .arg("--runtime-dir")
-                .arg(dir.path())
+                .arg(dir)
                 .stdout(Stdio::null())
                 .spawn()
                 .context("starting enlight disk")?,
         );
     }
-    // Every device attached and doing I/O as enlightd sees it, then two more ticks so each has
-    // rates and peaks.
+    Ok(())
+}
+
+/// Waits until every one of the `n` devices is attached and doing I/O as enlightd sees it (a
+/// process that exits meanwhile is an error).
+fn wait_until_busy(agent: &ureq::Agent, base: &str, n: usize, procs: &mut Procs) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60 + n as u64);
     loop {
-        let (_, body) = get(&agent, &format!("{base}/api/v1/devices"), None)?;
+        let (_, body) = get(agent, &format!("{base}/api/v1/devices"), None)?;
         let views: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
         let busy = views
             .iter()
             .filter(|d| d["attached"] == true && d["total"]["ops_total"].as_u64() > Some(0))
             .count();
         if busy == n {
-            break;
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!("{busy} of {n} devices attached and doing I/O");
@@ -270,21 +329,35 @@ fn run_point(args: &Args, enlight: &Path, enlightd: &Path, n: usize, port: u16) 
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    std::thread::sleep(Duration::from_millis(2 * args.interval_ms + 100));
+}
 
-    let (c0, t0) = (cpu_secs(daemon_pid)?, Instant::now());
-    std::thread::sleep(Duration::from_secs(args.idle_secs));
-    let idle_rate = (cpu_secs(daemon_pid)? - c0) / t0.elapsed().as_secs_f64();
+/// `--scrapes` requests of each endpoint: their times, the last bodies, and the daemon's CPU
+/// seconds per request beyond its idle rate.
+struct Scrapes {
+    metrics_ms: Vec<f64>,
+    devices_ms: Vec<f64>,
+    metrics_body: Vec<u8>,
+    devices_body: Vec<u8>,
+    cpu_per_request: f64,
+}
 
+/// Requests `/metrics` and `/api/v1/devices` in turn, `--gap-ms` apart, timing each.
+fn scrape(
+    args: &Args,
+    agent: &ureq::Agent,
+    base: &str,
+    daemon_pid: u32,
+    idle_rate: f64,
+) -> Result<Scrapes> {
     let (c1, t1) = (cpu_secs(daemon_pid)?, Instant::now());
     let (mut metrics_ms, mut devices_ms) = (Vec::new(), Vec::new());
     let (mut metrics_body, mut devices_body) = (Vec::new(), Vec::new());
     for _ in 0..args.scrapes {
-        let (ms, body) = get(&agent, &format!("{base}/metrics"), args.accept.as_deref())?;
+        let (ms, body) = get(agent, &format!("{base}/metrics"), args.accept.as_deref())?;
         metrics_ms.push(ms);
         metrics_body = body;
         std::thread::sleep(Duration::from_millis(args.gap_ms / 2));
-        let (ms, body) = get(&agent, &format!("{base}/api/v1/devices"), None)?;
+        let (ms, body) = get(agent, &format!("{base}/api/v1/devices"), None)?;
         devices_ms.push(ms);
         devices_body = body;
         std::thread::sleep(Duration::from_millis(args.gap_ms - args.gap_ms / 2));
@@ -292,28 +365,12 @@ fn run_point(args: &Args, enlight: &Path, enlightd: &Path, n: usize, port: u16) 
     let scraping_cpu = cpu_secs(daemon_pid)? - c1;
     let cpu_per_request =
         (scraping_cpu - idle_rate * t1.elapsed().as_secs_f64()) / (2 * args.scrapes) as f64;
-    let rss = rss_bytes(daemon_pid);
-
-    let text = String::from_utf8(metrics_body)?;
-    let series = text
-        .lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .count();
-    let views: Vec<serde_json::Value> = serde_json::from_slice(&devices_body)?;
-    if views.len() != n {
-        bail!("/api/v1/devices lists {} devices, not {n}", views.len());
-    }
-    Ok(Point {
-        devices: n,
-        series,
-        tick_ms: sample(&text, "enlight_collector_tick_seconds").unwrap_or(f64::NAN) * 1e3,
-        metrics: timing(metrics_ms, text.len()),
-        devices_api: timing(devices_ms, devices_body.len()),
-        idle_cpu_percent: idle_rate * 100.0,
-        idle_cpu_percent_per_device: idle_rate * 100.0 / n as f64,
-        cpu_ms_per_request: cpu_per_request * 1e3,
-        rss_bytes: rss,
-        rss_bytes_per_device: rss as f64 / n as f64,
+    Ok(Scrapes {
+        metrics_ms,
+        devices_ms,
+        metrics_body,
+        devices_body,
+        cpu_per_request,
     })
 }
 

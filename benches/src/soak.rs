@@ -290,6 +290,40 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&args.dir)?;
     let backing = tempfile::NamedTempFile::new_in(&args.dir)?;
     Backing::create(backing.path(), 16 << 20)?;
+    let (disk_cfg, nic_cfg) = channel_configs();
+    let (disk_child, disk_guest) = spawn_host(Role::DiskHost, &disk_cfg, Some(backing.path()))?;
+    let (nic_child, nic_guest) = spawn_host(Role::NicHost, &nic_cfg, None)?;
+    let (disk_pid, nic_pid) = (disk_child.id(), nic_child.id());
+
+    let floods = Floods::start(disk_guest, nic_guest);
+    let samples = sample_rss(&args, disk_pid, nic_pid, &floods);
+    let ((dw, df), (nw, nf)) = floods.stop()?;
+    // The guest ends are dropped with their threads: each child sees its socket close, reports
+    // and exits.
+    let disk_report = read_report(disk_child)?;
+    let nic_report = read_report(nic_child)?;
+    let disk_rss: Vec<u64> = samples.iter().map(|s| s.disk_host_rss_kib).collect();
+    let nic_rss: Vec<u64> = samples.iter().map(|s| s.nic_host_rss_kib).collect();
+    let report = Report {
+        machine: first_line("/proc/cpuinfo", "model name"),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        secs: args.secs,
+        disk: summary(&disk_rss, dw, df, disk_report),
+        nic: summary(&nic_rss, nw, nf, nic_report),
+        samples,
+    };
+    print_summary(&report);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")?;
+    }
+    Ok(())
+}
+
+/// The disk's and the NIC's channels, at the default settings.
+fn channel_configs() -> (ChannelConfig, ChannelConfig) {
     let settings = DeviceSettings::default();
     let disk_cfg = ChannelConfig {
         out_ring_bytes: settings.ring_out_bytes as usize,
@@ -302,37 +336,79 @@ fn main() -> Result<()> {
         in_ring_bytes: settings.ring_in_bytes as usize,
         extra_bytes: NicOptions::default().extra_bytes(),
     };
-    let (disk_child, disk_guest) = spawn_host(Role::DiskHost, &disk_cfg, Some(backing.path()))?;
-    let (nic_child, nic_guest) = spawn_host(Role::NicHost, &nic_cfg, None)?;
-    let (disk_pid, nic_pid) = (disk_child.id(), nic_child.id());
+    (disk_cfg, nic_cfg)
+}
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let counters = || (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let ((dw, df), (nw, nf)) = (counters(), counters());
-    let bad_disk = DiskRequest {
-        op: 0x7777,
-        sectors: 8,
-        buf_len: 8 * SECTOR,
-        ..Default::default()
-    };
-    let bad_disk = bad_disk.encode().to_vec();
-    let bad_nic = TxRequest {
-        section: u32::MAX,
-        len: 60,
+/// The two hostile guests: one thread each flooding its host with requests it must refuse (a
+/// disk op that does not exist, a NIC send section out of range), with their counts of
+/// requests written and of ring-full tries.
+struct Floods {
+    stop: Arc<AtomicBool>,
+    disk: (Arc<AtomicU64>, Arc<AtomicU64>),
+    nic: (Arc<AtomicU64>, Arc<AtomicU64>),
+    threads: [std::thread::JoinHandle<Result<()>>; 2],
+}
+
+impl Floods {
+    fn start(disk_guest: GuestEnd, nic_guest: GuestEnd) -> Floods {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters = || (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let ((dw, df), (nw, nf)) = (counters(), counters());
+        let bad_disk = DiskRequest {
+            op: 0x7777,
+            sectors: 8,
+            buf_len: 8 * SECTOR,
+            ..Default::default()
+        };
+        let bad_disk = bad_disk.encode().to_vec();
+        let bad_nic = TxRequest {
+            section: u32::MAX,
+            len: 60,
+        }
+        .encode()
+        .to_vec();
+        let threads = [
+            {
+                let (stop, w, f) = (Arc::clone(&stop), Arc::clone(&dw), Arc::clone(&df));
+                std::thread::spawn(move || flood(disk_guest, bad_disk, stop, w, f))
+            },
+            {
+                let (stop, w, f) = (Arc::clone(&stop), Arc::clone(&nw), Arc::clone(&nf));
+                std::thread::spawn(move || flood(nic_guest, bad_nic, stop, w, f))
+            },
+        ];
+        Floods {
+            stop,
+            disk: (dw, df),
+            nic: (nw, nf),
+            threads,
+        }
     }
-    .encode()
-    .to_vec();
-    let floods = [
-        {
-            let (stop, w, f) = (Arc::clone(&stop), Arc::clone(&dw), Arc::clone(&df));
-            std::thread::spawn(move || flood(disk_guest, bad_disk, stop, w, f))
-        },
-        {
-            let (stop, w, f) = (Arc::clone(&stop), Arc::clone(&nw), Arc::clone(&nf));
-            std::thread::spawn(move || flood(nic_guest, bad_nic, stop, w, f))
-        },
-    ];
 
+    /// Requests written so far: (disk, NIC).
+    fn written(&self) -> (u64, u64) {
+        (
+            self.disk.0.load(Ordering::Relaxed),
+            self.nic.0.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Stops both floods (dropping the guest ends) and returns (written, full) for the disk,
+    /// then for the NIC.
+    fn stop(self) -> Result<((u64, u64), (u64, u64))> {
+        self.stop.store(true, Ordering::Relaxed);
+        for f in self.threads {
+            f.join().expect("flood thread")?;
+        }
+        let load = |(w, f): &(Arc<AtomicU64>, Arc<AtomicU64>)| {
+            (w.load(Ordering::Relaxed), f.load(Ordering::Relaxed))
+        };
+        Ok((load(&self.disk), load(&self.nic)))
+    }
+}
+
+/// Samples both hosts' RSS every `--sample-secs` for `--secs`, printing a table row each.
+fn sample_rss(args: &Args, disk_pid: u32, nic_pid: u32, floods: &Floods) -> Vec<Sample> {
     let start = Instant::now();
     let mut samples = Vec::new();
     println!("| t (s) | disk host RSS (KiB) | NIC host RSS (KiB) | disk requests written | NIC requests written |");
@@ -347,47 +423,17 @@ fn main() -> Result<()> {
             disk_host_rss_kib: rss_kib(disk_pid),
             nic_host_rss_kib: rss_kib(nic_pid),
         };
+        let (dw, nw) = floods.written();
         println!(
             "| {:.0} | {} | {} | {} | {} |",
-            s.t_secs,
-            s.disk_host_rss_kib,
-            s.nic_host_rss_kib,
-            dw.load(Ordering::Relaxed),
-            nw.load(Ordering::Relaxed)
+            s.t_secs, s.disk_host_rss_kib, s.nic_host_rss_kib, dw, nw
         );
         samples.push(s);
     }
-    stop.store(true, Ordering::Relaxed);
-    for f in floods {
-        f.join().expect("flood thread")?;
-    }
-    // The guest ends are dropped with their threads: each child sees its socket close, reports
-    // and exits.
-    let disk_report = read_report(disk_child)?;
-    let nic_report = read_report(nic_child)?;
-    let disk_rss: Vec<u64> = samples.iter().map(|s| s.disk_host_rss_kib).collect();
-    let nic_rss: Vec<u64> = samples.iter().map(|s| s.nic_host_rss_kib).collect();
-    let report = Report {
-        machine: first_line("/proc/cpuinfo", "model name"),
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
-        secs: args.secs,
-        disk: summary(
-            &disk_rss,
-            dw.load(Ordering::Relaxed),
-            df.load(Ordering::Relaxed),
-            disk_report,
-        ),
-        nic: summary(
-            &nic_rss,
-            nw.load(Ordering::Relaxed),
-            nf.load(Ordering::Relaxed),
-            nic_report,
-        ),
-        samples,
-    };
+    samples
+}
+
+fn print_summary(report: &Report) {
     println!(
         "\nMachine: {}, kernel {}, {} s\n",
         report.machine, report.kernel, report.secs
@@ -407,8 +453,4 @@ fn main() -> Result<()> {
             s.rss_max_kib
         );
     }
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")?;
-    }
-    Ok(())
 }

@@ -13,7 +13,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -77,6 +77,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
 /// removed by the next demo.
 const SCRATCH_PREFIX: &str = "enlight-demo-";
 
+/// A device as enlightd's JSON API serves it, read the way a client reads it: enlight-abi's
+/// lenient view (a kind, state or action this build does not know is kept as written).
+type ApiDevice = enlight_abi::api::DeviceView;
+
 async fn run_async(args: DemoArgs) -> Result<()> {
     // Before anything exists that would need cleaning up: SIGINT, SIGTERM and SIGHUP all end
     // the demo the way Ctrl-C does (a closed stdout too, through `signals::line`).
@@ -89,63 +93,124 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     let runtime_dir = scratch.path().join("run");
     let backing = scratch.path().join("disk0.img");
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "binding {} for /metrics (try --listen 127.0.0.1:0)",
-                args.listen
-            )
-        })?;
-    let metrics_addr = listener.local_addr()?;
-
-    let mut config = enlightd::Config {
-        runtime_dir: runtime_dir.clone(),
-        interval_ms: 1000,
-        ..enlightd::Config::default()
-    };
-    config.tuner.mode = match args.tune {
-        DemoTuner::Off => enlightd::tuner::TunerMode::Off,
-        DemoTuner::DryRun => enlightd::tuner::TunerMode::DryRun,
-        DemoTuner::Auto => enlightd::tuner::TunerMode::Auto,
-    };
-    let daemon = enlightd::Daemon::start(config).context("starting enlightd")?;
-    let handle = daemon.handle();
-    let (stop_daemon, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(daemon.serve(listener, async {
-        let _ = stopped.await;
-    }));
+    let daemon = InProcessDaemon::start(&args, runtime_dir.clone()).await?;
     if signals::stop_requested() {
         // Stopped while enlightd was starting: nothing else was started.
-        let _ = stop_daemon.send(());
-        server.await.context("joining enlightd")??;
-        return Ok(());
+        return daemon.stop().await;
     }
 
     let mut device = DeviceProcess::spawn(&backing, &runtime_dir, &args)?;
     let feed = Arc::new(Mutex::new(DeviceFeed::default()));
     let reader = read_device_feed(&mut device.child, Arc::clone(&feed))?;
+    print_banner(&backing, &args.workload, daemon.metrics_addr);
 
+    let started = Instant::now();
+    let deadline = args.duration.map(|s| started + Duration::from_secs(s));
+    watch(&daemon.handle, &feed, wake, started, deadline).await;
+
+    // Stop the device first so its final figures reach the maps, then wait for two more
+    // collector intervals (the first reads them, the second is a margin), and print the final
+    // comparison.
+    if signals::stop_requested() {
+        eprintln!("enlight demo: stopping the device and reading its last figures...");
+    }
+    device.stop()?;
+    let _ = reader.join();
+    wait_for_ticks(&daemon.handle, 2, Duration::from_secs(10)).await;
+    print_final(&daemon.handle, &feed);
+    clean_up(daemon, scratch, args.size_mib).await
+}
+
+/// enlightd, run inside the demo's process on the demo's private runtime directory (so it
+/// finds exactly the demo's device), serving /metrics and the JSON API on `--listen`.
+struct InProcessDaemon {
+    handle: enlightd::DaemonHandle,
+    metrics_addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), enlightd::DaemonError>>,
+}
+
+impl InProcessDaemon {
+    async fn start(args: &DemoArgs, runtime_dir: PathBuf) -> Result<InProcessDaemon> {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "binding {} for /metrics (try --listen 127.0.0.1:0)",
+                    args.listen
+                )
+            })?;
+        let metrics_addr = listener.local_addr()?;
+
+        let mut config = enlightd::Config {
+            runtime_dir,
+            interval_ms: 1000,
+            ..enlightd::Config::default()
+        };
+        config.tuner.mode = match args.tune {
+            DemoTuner::Off => enlightd::tuner::TunerMode::Off,
+            DemoTuner::DryRun => enlightd::tuner::TunerMode::DryRun,
+            DemoTuner::Auto => enlightd::tuner::TunerMode::Auto,
+        };
+        let daemon = enlightd::Daemon::start(config).context("starting enlightd")?;
+        let handle = daemon.handle();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(daemon.serve(listener, async {
+            let _ = stopped.await;
+        }));
+        Ok(InProcessDaemon {
+            handle,
+            metrics_addr,
+            stop,
+            server,
+        })
+    }
+
+    /// Stops serving and the collector (detaching the probes), and waits until it has.
+    async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        self.server.await.context("joining enlightd")??;
+        Ok(())
+    }
+}
+
+/// The demo's disk (`disk0`) as `/api/v1/devices` serves it now, read as a client reads it.
+fn disk0(handle: &enlightd::DaemonHandle) -> Option<ApiDevice> {
+    match serde_json::from_slice::<Vec<ApiDevice>>(&handle.devices_json()) {
+        Ok(devices) => devices.into_iter().find(|d| d.name == "disk0"),
+        Err(e) => {
+            log::warn!("reading enlightd's device views: {e}");
+            None
+        }
+    }
+}
+
+fn print_banner(backing: &Path, workload: &str, metrics_addr: SocketAddr) {
     signals::line(format_args!(
         "enlight demo: synthetic disk 'disk0' ({}), workload {}",
         backing.display(),
-        args.workload
+        workload
     ));
     signals::line(format_args!(
         "metrics: http://{metrics_addr}/metrics   devices: http://{metrics_addr}/api/v1/devices"
     ));
     signals::line(summary_header());
+}
 
-    let started = Instant::now();
-    let deadline = args.duration.map(|s| started + Duration::from_secs(s));
-    let mut wake = wake;
-    let mut last_decision_ms = 0;
-    let mut last_state = None;
+/// The live part: a summary row per collector interval (and the tuner's decisions as they
+/// come) until a stop signal, the deadline, or the device process ends.
+async fn watch(
+    handle: &enlightd::DaemonHandle,
+    feed: &Mutex<DeviceFeed>,
+    mut wake: tokio::sync::watch::Receiver<()>,
+    started: Instant,
+    deadline: Option<Instant>,
+) {
     // A row per collector interval, both halves over the same span: the eBPF counts as the
     // collector read them at two consecutive ticks, the workload's as it reported them (every
     // 100 ms) closest to those two reads.
     let mut last_tick = handle.ticks();
-    let mut previous: Option<Moment> = None;
+    let mut printed = Printed::default();
     loop {
         if signals::stop_requested() {
             break;
@@ -164,72 +229,77 @@ async fn run_async(args: DemoArgs) -> Result<()> {
             continue;
         }
         last_tick = ticks;
-        let devices = handle.devices();
+        let device = disk0(handle);
         // The eBPF figures are as of the collector's read of the maps; the workload's report
         // closest to that moment goes with them.
         let at = read_at.unwrap_or_else(Instant::now);
-        let workload = {
-            let f = feed.lock().expect("feed lock");
-            f.recent
-                .iter()
-                .min_by_key(|(t, _)| {
-                    if *t > at {
-                        t.duration_since(at)
-                    } else {
-                        at.duration_since(*t)
-                    }
-                })
-                .map(|(_, w)| w.clone())
-                .or_else(|| f.latest.clone())
-        };
         let now = Moment {
             at,
-            device: devices.iter().find(|d| d.name == "disk0").cloned(),
-            workload,
+            device,
+            workload: closest_report(feed, at),
         };
-        if let Some(before) = &previous {
+        printed.show(started, now);
+    }
+}
+
+/// The workload's report closest to `at` among the last few seconds' (or its latest).
+fn closest_report(feed: &Mutex<DeviceFeed>, at: Instant) -> Option<WorkloadSnapshot> {
+    let f = feed.lock().expect("feed lock");
+    f.recent
+        .iter()
+        .min_by_key(|(t, _)| {
+            if *t > at {
+                t.duration_since(at)
+            } else {
+                at.duration_since(*t)
+            }
+        })
+        .map(|(_, w)| w.clone())
+        .or_else(|| f.latest.clone())
+}
+
+/// What the live summary has shown so far: the previous moment (a row spans two), the last
+/// decision printed and the tuner's last state.
+#[derive(Default)]
+struct Printed {
+    previous: Option<Moment>,
+    last_decision_ms: u64,
+    last_state: Option<enlight_abi::tuner::State>,
+}
+
+impl Printed {
+    /// Prints the row ending at `now`, then the tuner's new decision and its parking, if any.
+    fn show(&mut self, started: Instant, now: Moment) {
+        if let Some(before) = &self.previous {
             signals::line(summary_line(started.elapsed(), before, &now));
         }
-        previous = Some(now);
-        let decision = devices
-            .iter()
-            .find(|d| d.name == "disk0")
-            .and_then(|d| d.tuner.as_ref())
-            .and_then(|t| t.last_decision.as_ref());
-        if let Some(d) = decision.filter(|d| d.ts_unix_ms != last_decision_ms) {
-            last_decision_ms = d.ts_unix_ms;
+        let tuner = now.device.as_ref().and_then(|d| d.tuner.as_ref());
+        let decision = tuner.and_then(|t| t.last_decision.as_ref());
+        if let Some(d) = decision.filter(|d| d.ts_unix_ms != self.last_decision_ms) {
+            self.last_decision_ms = d.ts_unix_ms;
             signals::line(decision_line(d));
         }
         // Parking is no decision: say it when the tuner's state turns to converged.
-        let state = devices
-            .iter()
-            .find(|d| d.name == "disk0")
-            .and_then(|d| d.tuner.as_ref())
-            .map(|t| t.state);
-        if state != last_state {
-            if state == Some(enlightd::tuner::TunerState::Converged) {
+        let state = tuner.map(|t| t.state.clone());
+        if state != self.last_state {
+            if state == Some(enlight_abi::tuner::State::Converged) {
                 signals::line(
                     "       tuner parked: no move left whose effect stands out of the noise \
                      (enlightd's log has the tally); exploring again on a phase change",
                 );
             }
-            last_state = state;
+            self.last_state = state;
         }
+        self.previous = Some(now);
     }
+}
 
-    // Stop the device first so its final figures reach the maps, then wait for two more
-    // collector intervals (the first reads them, the second is a margin), and print the final
-    // comparison.
-    if signals::stop_requested() {
-        eprintln!("enlight demo: stopping the device and reading its last figures...");
-    }
-    device.stop()?;
-    let _ = reader.join();
-    wait_for_ticks(&handle, 2, Duration::from_secs(10)).await;
+/// The run's totals, as `enlight bench demo` compares them with and without the tuner, and
+/// the final comparison of the eBPF figures with the workload's own.
+fn print_final(handle: &enlightd::DaemonHandle, feed: &Mutex<DeviceFeed>) {
     let workload = feed.lock().expect("feed lock").latest.clone();
-    let devices = handle.devices();
-    let ebpf = devices.iter().find(|d| d.name == "disk0");
-    // The run's totals, as `enlight bench demo` compares them with and without the tuner.
+    let ebpf = disk0(handle);
+    let ebpf = ebpf.as_ref();
     if let (Some(d), Some(w)) = (ebpf, workload.as_ref()) {
         let ops = d.total.ops_total;
         signals::line(format_args!(
@@ -252,16 +322,22 @@ async fn run_async(args: DemoArgs) -> Result<()> {
         us(workload.as_ref().map(|w| w.p99_ns as f64 / 1e9)),
         us(workload.as_ref().map(|w| w.p999_ns as f64 / 1e9)),
     ));
+}
 
-    // Cleaning up takes a moment (detaching the uprobes, removing the backing file): say so.
+/// Stops enlightd and removes the temporary directory, saying so: it takes a moment
+/// (detaching the uprobes, removing the backing file).
+async fn clean_up(
+    daemon: InProcessDaemon,
+    scratch: tempfile::TempDir,
+    size_mib: u64,
+) -> Result<()> {
     let cleanup = Instant::now();
     eprintln!(
         "enlight demo: cleaning up: stopping enlightd, removing {} ({} MiB backing file)...",
         scratch.path().display(),
-        args.size_mib
+        size_mib
     );
-    let _ = stop_daemon.send(());
-    server.await.context("joining enlightd")??;
+    daemon.stop().await?;
     let path = scratch.path().to_path_buf();
     scratch
         .close()
@@ -277,7 +353,7 @@ async fn run_async(args: DemoArgs) -> Result<()> {
 /// own report closest to that moment (reports come every 100 ms).
 struct Moment {
     at: Instant,
-    device: Option<enlightd::DeviceView>,
+    device: Option<ApiDevice>,
     workload: Option<WorkloadSnapshot>,
 }
 
@@ -467,13 +543,9 @@ fn read_device_feed(
 }
 
 /// One tuner decision, as the tuner states it (the knobs it moved and why).
-fn decision_line(d: &enlightd::tuner::Decision) -> String {
-    let action = match d.action {
-        enlightd::tuner::Action::Change => "change",
-        enlightd::tuner::Action::Revert => "revert",
-        enlightd::tuner::Action::Recommend => "recommend",
-    };
-    format!("       tuner {action}: {}", d.reason)
+/// The action is its wire name (`change`, `revert`, `recommend`, or a newer daemon's own).
+fn decision_line(d: &enlight_abi::tuner::Decision) -> String {
+    format!("       tuner {}: {}", d.action, d.reason)
 }
 
 fn summary_header() -> String {
@@ -523,4 +595,37 @@ fn summary_line(elapsed: Duration, before: &Moment, now: &Moment) -> String {
         None => format!("{:>40}", "-"),
     };
     format!("{:>4}s  {ebpf}  | {own}", elapsed.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each of the daemon's actions, as its API writes it, reads as it did when the demo matched
+    /// on the daemon's own enum; a newer daemon's action reads by its own name.
+    #[test]
+    fn decisions_read_as_the_tuner_states_them() {
+        use enlightd::tuner::Action;
+        for (action, word) in [
+            (Action::Change, "change"),
+            (Action::Revert, "revert"),
+            (Action::Recommend, "recommend"),
+        ] {
+            let strict = enlightd::tuner::Decision {
+                action,
+                reason: "p99 fell".into(),
+                ..Default::default()
+            };
+            let read: enlight_abi::tuner::Decision =
+                serde_json::from_value(serde_json::to_value(&strict).unwrap()).unwrap();
+            assert_eq!(
+                decision_line(&read),
+                format!("       tuner {word}: p99 fell")
+            );
+        }
+        let newer: enlight_abi::tuner::Decision =
+            serde_json::from_str(r#"{"action":"escalate","reason":"queue full","cost":3}"#)
+                .unwrap();
+        assert_eq!(decision_line(&newer), "       tuner escalate: queue full");
+    }
 }

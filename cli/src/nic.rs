@@ -132,6 +132,53 @@ pub fn run(args: NicArgs) -> Result<()> {
         return Ok(());
     }
     signals::install_stop_handlers().context("installing signal handlers")?;
+    let (settings, options) = starting_settings(&args)?;
+
+    let removed = netns::remove_leftovers().context("removing leftovers of killed runs")?;
+    let bridge = NicBridge::start(
+        &label_of(&args.name),
+        args.dev_id,
+        settings,
+        options,
+        args.mtu,
+    )
+    .with_context(|| format!("starting synthetic NIC {}", args.name))?;
+    let (registration, control) = announce(&args, &bridge, settings)?;
+
+    if let Some(secs) = args.wait_for_probes {
+        workload::wait_for_probes(
+            args.dev_id,
+            0,
+            Duration::from_secs_f64(secs),
+            signals::stop_flag(),
+        )?;
+    }
+    let json = crate::output::json_wanted(args.json);
+    emit(json, &Ready::of(&args.name, &bridge, removed));
+
+    let mut meter = Meter::new(bridge.nic().counters());
+    let deadline = args
+        .duration
+        .map(|s| meter.start + Duration::from_secs_f64(s));
+    let failed = report_until_stopped(&bridge, deadline, &mut meter, json);
+    drop(control);
+    let settings_now = bridge.nic().settings();
+    let result = bridge.stop_with_latency();
+    drop(registration);
+    let (counters, latency) = result.context("the NIC stopped with an error")?;
+    if failed {
+        bail!("the NIC stopped on its own");
+    }
+    emit(
+        json,
+        &meter.report(Instant::now(), counters, latency, settings_now, true),
+    );
+    Ok(())
+}
+
+/// The settings and buffer options the NIC starts with: the defaults, with what the command
+/// line sets (each checked).
+fn starting_settings(args: &NicArgs) -> Result<(DeviceSettings, NicOptions)> {
     let defaults = DeviceSettings::default();
     let settings = DeviceSettings {
         ring_out_bytes: args.ring_bytes.unwrap_or(defaults.ring_out_bytes),
@@ -147,18 +194,20 @@ pub fn run(args: NicArgs) -> Result<()> {
         ..NicOptions::for_mtu(args.mtu)
     };
     options.validate()?;
+    Ok((settings, options))
+}
 
-    let removed = netns::remove_leftovers().context("removing leftovers of killed runs")?;
-    let bridge = NicBridge::start(
-        &label_of(&args.name),
-        args.dev_id,
-        settings,
-        options,
-        args.mtu,
-    )
-    .with_context(|| format!("starting synthetic NIC {}", args.name))?;
-
-    let runtime_dir = args.runtime_dir.unwrap_or_else(registry::runtime_dir);
+/// Registers the device (its record rewritten on every settings change) and serves its
+/// control socket; both go away when the returned values are dropped.
+fn announce(
+    args: &NicArgs,
+    bridge: &NicBridge,
+    settings: DeviceSettings,
+) -> Result<(Arc<Registration>, ControlServer)> {
+    let runtime_dir = args
+        .runtime_dir
+        .clone()
+        .unwrap_or_else(registry::runtime_dir);
     let socket = control::socket_path(&runtime_dir, &args.name);
     let record = DeviceRecord {
         name: args.name.clone(),
@@ -191,49 +240,81 @@ pub fn run(args: NicArgs) -> Result<()> {
     let knobs: Arc<dyn Tunable> = bridge.nic().knobs().clone();
     let control = ControlServer::start(&socket, knobs, args.dev_id, Some(on_change))
         .with_context(|| format!("serving {}", socket.display()))?;
+    Ok((registration, control))
+}
 
-    if let Some(secs) = args.wait_for_probes {
-        workload::wait_for_probes(
-            args.dev_id,
-            0,
-            Duration::from_secs_f64(secs),
-            signals::stop_flag(),
-        )?;
+/// Prints one line, as JSON or for a person.
+fn emit(json: bool, line: &dyn erased::Line) {
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (the reader went away) is not a reason to stop the device.
+    let text = if json { line.json() } else { line.human() };
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}
+
+/// Prints a report about once a second until a stop signal, the deadline, or the NIC fails;
+/// returns whether it failed.
+fn report_until_stopped(
+    bridge: &NicBridge,
+    deadline: Option<Instant>,
+    meter: &mut Meter,
+    json: bool,
+) -> bool {
+    while !signals::stop_flag().load(std::sync::atomic::Ordering::SeqCst)
+        && deadline.is_none_or(|d| Instant::now() < d)
+    {
+        if bridge.nic().failed() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let now = Instant::now();
+        if now.duration_since(meter.last.0) >= Duration::from_secs(1) {
+            let c = bridge.nic().counters();
+            emit(
+                json,
+                &meter.report(
+                    now,
+                    c,
+                    bridge.nic().latency(),
+                    bridge.nic().settings(),
+                    false,
+                ),
+            );
+            meter.last = (now, c);
+        }
     }
-    let json = crate::output::json_wanted(args.json);
-    let emit = |line: &dyn erased::Line| {
-        let mut out = std::io::stdout().lock();
-        // A closed pipe (the reader went away) is not a reason to stop the device.
-        let text = if json { line.json() } else { line.human() };
-        let _ = out.write_all(text.as_bytes());
-        let _ = out.write_all(b"\n");
-        let _ = out.flush();
-    };
-    emit(&Ready {
-        event: "ready",
-        name: &args.name,
-        guest_netns: bridge.guest_ns().name(),
-        host_netns: bridge.host_ns().name(),
-        guest_if: NetPair::GUEST_IF,
-        host_if: NetPair::HOST_IF,
-        guest_ip: netns::GUEST_IP.to_string(),
-        host_ip: netns::HOST_IP.to_string(),
-        mtu: bridge.mtu(),
-        removed_leftovers: removed,
-    });
+    false
+}
 
-    let start = Instant::now();
-    let deadline = args.duration.map(|s| start + Duration::from_secs_f64(s));
-    let mut last = (Instant::now(), bridge.nic().counters());
-    let report = |now: Instant,
-                  c: NicCounters,
-                  prev: &(Instant, NicCounters),
-                  (tx_latency, rx_latency): (LatencyFigures, LatencyFigures),
-                  settings: DeviceSettings,
-                  done| {
+/// The run's start and the counters of the last report: what a report's rates are over.
+struct Meter {
+    start: Instant,
+    last: (Instant, NicCounters),
+}
+
+impl Meter {
+    fn new(counters: NicCounters) -> Meter {
+        let start = Instant::now();
+        Meter {
+            start,
+            last: (Instant::now(), counters),
+        }
+    }
+
+    /// The report at `now` with counters `c`: rates over the span since the last report.
+    fn report(
+        &self,
+        now: Instant,
+        c: NicCounters,
+        (tx_latency, rx_latency): (LatencyFigures, LatencyFigures),
+        settings: DeviceSettings,
+        done: bool,
+    ) -> Report {
+        let prev = &self.last;
         let dt = now.duration_since(prev.0).as_secs_f64().max(1e-9);
         Report {
-            elapsed_secs: now.duration_since(start).as_secs_f64(),
+            elapsed_secs: now.duration_since(self.start).as_secs_f64(),
             tx_pps: (c.tx_completions - prev.1.tx_completions) as f64 / dt,
             rx_pps: (c.rx_packets - prev.1.rx_packets) as f64 / dt,
             tx_bits_per_sec: (c.tx_bytes - prev.1.tx_bytes) as f64 * 8.0 / dt,
@@ -244,47 +325,25 @@ pub fn run(args: NicArgs) -> Result<()> {
             settings,
             done,
         }
-    };
-    let mut failed = false;
-    while !signals::stop_flag().load(std::sync::atomic::Ordering::SeqCst)
-        && deadline.is_none_or(|d| Instant::now() < d)
-    {
-        if bridge.nic().failed() {
-            failed = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-        let now = Instant::now();
-        if now.duration_since(last.0) >= Duration::from_secs(1) {
-            let c = bridge.nic().counters();
-            emit(&report(
-                now,
-                c,
-                &last,
-                bridge.nic().latency(),
-                bridge.nic().settings(),
-                false,
-            ));
-            last = (now, c);
+    }
+}
+
+impl<'a> Ready<'a> {
+    /// The first line, for a NIC that has started.
+    fn of(name: &'a str, bridge: &'a NicBridge, removed: Vec<String>) -> Ready<'a> {
+        Ready {
+            event: "ready",
+            name,
+            guest_netns: bridge.guest_ns().name(),
+            host_netns: bridge.host_ns().name(),
+            guest_if: NetPair::GUEST_IF,
+            host_if: NetPair::HOST_IF,
+            guest_ip: netns::GUEST_IP.to_string(),
+            host_ip: netns::HOST_IP.to_string(),
+            mtu: bridge.mtu(),
+            removed_leftovers: removed,
         }
     }
-    drop(control);
-    let settings_now = bridge.nic().settings();
-    let result = bridge.stop_with_latency();
-    drop(registration);
-    let (counters, latency) = result.context("the NIC stopped with an error")?;
-    if failed {
-        bail!("the NIC stopped on its own");
-    }
-    emit(&report(
-        Instant::now(),
-        counters,
-        &last,
-        latency,
-        settings_now,
-        true,
-    ));
-    Ok(())
 }
 
 impl Ready<'_> {

@@ -7,8 +7,13 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+// The lenient client types (enlight-abi's, as `enlight top` reads them): a mode, state, action,
+// kind, unit, source or disruption of a newer daemon is kept as written, not an error.
+use enlight_abi::api::DeviceView;
+use enlight_abi::knob::Knob;
+use enlight_abi::tuner::{Action, Mode, Settings, State};
+use enlight_driver::settings::DeviceSettings;
 use enlightd::knobs::KnobExt;
-use enlightd::DeviceView;
 
 #[derive(Args, Debug)]
 pub struct TuneArgs {
@@ -28,35 +33,50 @@ pub struct TuneArgs {
     json: bool,
 }
 
-/// The tuner's mode as a person reads it.
-fn mode_name(m: enlightd::tuner::TunerMode) -> &'static str {
-    use enlightd::tuner::TunerMode;
+/// The tuner's mode as a person reads it (a newer daemon's, as it names it).
+fn mode_name(m: &Mode) -> &str {
     match m {
-        TunerMode::Off => "off",
-        TunerMode::Auto => "auto (applies changes)",
-        TunerMode::DryRun => "dry run (recommends only)",
+        Mode::Off => "off",
+        Mode::Auto => "auto (applies changes)",
+        Mode::DryRun => "dry run (recommends only)",
+        Mode::Other(s) => s,
     }
 }
 
-/// The tuner's state as a person reads it.
-fn state_name(s: enlightd::tuner::TunerState) -> &'static str {
-    use enlightd::tuner::TunerState;
+/// The tuner's state as a person reads it (a newer daemon's, as it names it).
+fn state_name(s: &State) -> &str {
     match s {
-        TunerState::Idle => "measuring the current settings",
-        TunerState::Exploring => "trying a candidate",
-        TunerState::Converged => "converged",
-        TunerState::Pinned => "pinned by the operator",
-        TunerState::Frozen => "frozen after failed changes",
+        State::Idle => "measuring the current settings",
+        State::Exploring => "trying a candidate",
+        State::Converged => "converged",
+        State::Pinned => "pinned by the operator",
+        State::Frozen => "frozen after failed changes",
+        State::Other(s) => s,
     }
 }
 
-/// A decision's action as a person reads it.
-fn action_name(a: enlightd::tuner::Action) -> &'static str {
-    use enlightd::tuner::Action;
+/// A decision's action as a person reads it (a newer daemon's, as it names it).
+fn action_name(a: &Action) -> &str {
     match a {
         Action::Change => "changed",
         Action::Revert => "reverted",
         Action::Recommend => "recommended",
+        Action::Other(s) => s,
+    }
+}
+
+/// The tuner's settings point a recommendation stands for, in the tuner's units: each field as
+/// the daemon sent it, and one it left out (a daemon of another version) at the value the
+/// device's knobs stand for now, so that it changes nothing.
+fn recommended_point(knobs: &[Knob], r: &Settings) -> DeviceSettings {
+    let (now, _) = enlightd::knobs::tuner_space(knobs, 0);
+    let field = |v: Option<u64>, now: u32| v.map_or(now, |v| v.min(u32::MAX as u64) as u32);
+    DeviceSettings {
+        ring_out_bytes: field(r.ring_out_bytes, now.ring_out_bytes),
+        ring_in_bytes: field(r.ring_in_bytes, now.ring_in_bytes),
+        moderation_frames: field(r.moderation_frames, now.moderation_frames),
+        moderation_usecs: field(r.moderation_usecs, now.moderation_usecs),
+        poll_budget: field(r.poll_budget, now.poll_budget),
     }
 }
 
@@ -109,10 +129,10 @@ pub fn render(devices: &[DeviceView], only: Option<&str>) -> Result<String> {
             d.name,
             d.kind,
             d.device,
-            mode_name(t.mode),
-            t.objective.name(),
-            state_name(t.state),
-            if t.pinned && t.state != enlightd::tuner::TunerState::Pinned {
+            mode_name(&t.mode),
+            t.objective,
+            state_name(&t.state),
+            if t.pinned && t.state != State::Pinned {
                 ", pinned"
             } else {
                 ""
@@ -124,7 +144,7 @@ pub fn render(devices: &[DeviceView], only: Option<&str>) -> Result<String> {
         match &t.recommendation {
             Some(r) => out.push_str(&format!(
                 "  recommended: {}\n",
-                enlightd::knobs::changes_line(&d.knobs, r)
+                enlightd::knobs::changes_line(&d.knobs, &recommended_point(&d.knobs, r))
             )),
             None => out.push_str("  recommended: nothing yet (still measuring)\n"),
         }
@@ -137,7 +157,7 @@ pub fn render(devices: &[DeviceView], only: Option<&str>) -> Result<String> {
         if let Some(dec) = &t.last_decision {
             out.push_str(&format!(
                 "  last decision: {} {}\n",
-                action_name(dec.action),
+                action_name(&dec.action),
                 dec.reason
             ));
         }
@@ -175,8 +195,56 @@ pub fn run(args: TuneArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use enlight_driver::settings::DeviceSettings;
-    use enlightd::tuner::{Objective, TunerMode, TunerState, TunerView};
+    use enlight_abi::tuner::{Objective, TunerView};
+
+    /// The daemon's settings as its API writes them (every field present).
+    fn wire(s: DeviceSettings) -> Settings {
+        serde_json::from_value(serde_json::to_value(s).unwrap()).unwrap()
+    }
+
+    /// A newer daemon's device: a kind, a unit, a source, a disruption, a tuner mode,
+    /// objective, state and action this build does not know, a field it does not know and a
+    /// recommendation with fields left out. The daemon's strict types refuse it; `enlight tune`
+    /// reads it and shows what it says, as written.
+    #[test]
+    fn a_newer_daemons_unknown_values_are_shown_as_written() {
+        let json = r#"[{"name":"vdb","device":"disk","kind":"vhost-user","present":true,
+            "knobs":[
+              {"name":"nr_requests","value":64,"min":4,"max":2048,"unit":"requests",
+               "source":"bpf-map","disruption":"live","tuner_kind":"queue_depth"},
+              {"name":"iothreads","value":4,"unit":"threads","source":"qmp",
+               "disruption":"restarts-vm"}],
+            "tuner":{"mode":"shadow","objective":"energy","state":"warming","pinned":false,
+              "last_decision":{"ts_unix_ms":5,"device":"vdb","action":"escalate","from":{},
+                "to":{},"reason":"queue full","objective_value":null},
+              "recommendation":{"moderation_frames":128,"iothreads":8}},
+            "numa_node":1}]"#;
+        assert!(serde_json::from_str::<Vec<enlightd::DeviceView>>(json).is_err());
+        let devices: Vec<DeviceView> = serde_json::from_str(json).unwrap();
+        let text = render(&devices, None).unwrap();
+        assert_eq!(
+            text,
+            "vdb (vhost-user disk): tuner shadow, objective energy, warming\n\
+             \x20 current:     nr_requests 64 requests, iothreads 4 threads (restarts-vm)\n\
+             \x20 recommended: nr_requests 64 requests → 128 requests\n\
+             \x20 not explored: iothreads changes with a disruption this daemon does not know \
+             (\"restarts-vm\"): recommend only\n\
+             \x20 last decision: escalate queue full\n"
+        );
+        let out: serde_json::Value =
+            serde_json::from_str(&render_json(&devices, Some("vdb")).unwrap()).unwrap();
+        assert_eq!(out[0]["kind"], "vhost-user");
+        assert_eq!(
+            (&out[0]["knobs"][0]["unit"], &out[0]["knobs"][0]["source"]),
+            (&"requests".into(), &"bpf-map".into())
+        );
+        assert_eq!(out[0]["knobs"][1]["disruption"], "restarts-vm");
+        assert_eq!(
+            (&out[0]["tuner"]["mode"], &out[0]["tuner"]["state"]),
+            (&"shadow".into(), &"warming".into())
+        );
+        assert_eq!(out[0]["tuner"]["last_decision"]["action"], "escalate");
+    }
 
     #[test]
     fn recommendations_are_printed_per_device() {
@@ -191,7 +259,8 @@ mod tests {
             "ops":[],"interrupts_total":0,"interrupts_per_sec":0.0,"doorbells_total":0,
             "ring_full_out_total":0,"ring_full_in_total":0,"irq_masked_total":0}]"#;
         let mut devices: Vec<DeviceView> = serde_json::from_str(json).unwrap();
-        let settings = devices[0].settings.unwrap();
+        let settings: DeviceSettings =
+            serde_json::from_value(serde_json::to_value(&devices[0].settings).unwrap()).unwrap();
         devices[0].knobs =
             enlightd::knobs::synthetic(&settings, &enlight_driver::control::Limits::synthetic());
         let text = render(&devices, None).unwrap();
@@ -200,16 +269,16 @@ mod tests {
             "{text}"
         );
         devices[0].tuner = Some(TunerView {
-            mode: TunerMode::DryRun,
+            mode: Mode::DryRun,
             objective: Objective::Latency,
-            state: TunerState::Idle,
+            state: State::Idle,
             pinned: false,
             last_decision: None,
             pinned_reason: None,
-            recommendation: Some(DeviceSettings {
+            recommendation: Some(wire(DeviceSettings {
                 moderation_usecs: 20,
                 ..settings
-            }),
+            })),
         });
         let text = render(&devices, Some("disk0")).unwrap();
         assert!(
@@ -267,17 +336,17 @@ mod tests {
         };
         let mut eth = view("eth1", "kernel", knobs);
         eth.tuner = Some(TunerView {
-            mode: TunerMode::DryRun,
+            mode: Mode::DryRun,
             objective: Objective::Latency,
-            state: TunerState::Exploring,
+            state: State::Exploring,
             pinned: false,
             last_decision: None,
             pinned_reason: None,
-            recommendation: Some(DeviceSettings {
+            recommendation: Some(wire(DeviceSettings {
                 moderation_frames: 2,
                 moderation_usecs: 50,
                 ..now
-            }),
+            })),
         });
         let emu = view("ide0", "emulated", vec![]);
         let text = render(&[eth, emu], None).unwrap();
@@ -334,17 +403,17 @@ mod tests {
         .unwrap();
         disk.knobs = knobs;
         disk.tuner = Some(TunerView {
-            mode: TunerMode::DryRun,
+            mode: Mode::DryRun,
             objective: Objective::Latency,
-            state: TunerState::Exploring,
+            state: State::Exploring,
             pinned: false,
             last_decision: None,
             pinned_reason: None,
-            recommendation: Some(DeviceSettings {
+            recommendation: Some(wire(DeviceSettings {
                 moderation_frames: 128,
                 moderation_usecs: 0,
                 ..now
-            }),
+            })),
         });
         let text = render(&[disk], None).unwrap();
         assert!(
