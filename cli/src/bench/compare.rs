@@ -130,25 +130,6 @@ pub struct Report {
     pub notes: Vec<String>,
 }
 
-pub(super) fn machine() -> (String, String, usize) {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    (kernel, cpu, cores)
-}
-
 /// A finished child: its stdout lines and its CPU time.
 struct Finished {
     lines: Vec<String>,
@@ -552,12 +533,12 @@ pub fn run(args: CompareArgs) -> Result<()> {
     }
     enlight_probes::preflight().context("the comparison is measured by the eBPF probes")?;
     let seconds = args.seconds.unwrap_or(if args.quick { 1.0 } else { 3.0 });
-    let (kernel, cpu, cores) = machine();
+    let host = super::machine::Machine::read();
     let kvm = enlight_vmm::detect();
     let mut report = Report {
-        kernel,
-        cpu,
-        cores,
+        kernel: host.kernel.unwrap_or_default(),
+        cpu: host.cpu_model.unwrap_or_default(),
+        cores: host.cpus.unwrap_or(1),
         quick: args.quick,
         seconds_per_run: seconds,
         kvm: match &kvm {

@@ -267,7 +267,11 @@ pub fn run(
     let seconds = seconds.unwrap_or(if quick { 3.0 } else { 10.0 });
     let (accel, why) = enlight_lab::accel::detect();
     eprintln!("compare --guest: accelerator {accel} ({why})");
-    let (host_kernel, host_cpu, _) = super::compare::machine();
+    let host = super::machine::Machine::read();
+    let (host_kernel, host_cpu) = (
+        host.kernel.unwrap_or_default(),
+        host.cpu_model.unwrap_or_default(),
+    );
     let enlightd = match enlightd {
         Some(p) => p,
         None => crate::lab::sibling_enlightd()?,

@@ -14,6 +14,7 @@
 pub mod compare;
 pub mod demo;
 pub mod guest;
+mod machine;
 pub mod tune;
 
 use anyhow::Result;

@@ -847,26 +847,6 @@ fn score_run(
         .collect();
 }
 
-/// The CPU model with the number of CPUs, and the kernel release.
-pub(crate) fn machine() -> (String, String) {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into());
-    (format!("{cpu}, {cpus} CPUs"), kernel)
-}
-
 /// One scenario on its rig: the oracle's sweep of each phase, then each controller's run.
 fn scenario<R: Rig>(
     h: &mut R,
@@ -960,7 +940,8 @@ pub fn run(args: TuneBenchArgs) -> Result<()> {
     };
     let tick = Duration::from_millis(args.tick_ms);
     let pin = device_cpu(args.cpu.as_deref())?;
-    let (machine, kernel) = machine();
+    let m = super::machine::Machine::read();
+    let (machine, kernel) = (m.cpu_text(), m.kernel.unwrap_or_else(|| "unknown".into()));
     let mut report = Report {
         quick: args.quick,
         smoke: args.smoke,
