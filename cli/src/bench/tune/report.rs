@@ -68,7 +68,7 @@ pub fn markdown(r: &Report) -> String {
             .and_then(|s| s.oracle.first())
             .map(|o| o.grid.len())
             .unwrap_or(0),
-        super::FINALISTS
+        super::oracle::FINALISTS
     );
     let _ = writeln!(
         o,
