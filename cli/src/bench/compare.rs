@@ -23,7 +23,6 @@ use enlight_driver::registry::DeviceKind;
 use serde::{Deserialize, Serialize};
 
 use self::bench::Bench;
-pub(super) use self::report::register_font;
 use self::report::{markdown, png};
 
 #[derive(Args, Debug)]

@@ -443,7 +443,7 @@ pub fn markdown(r: &GuestReport) -> String {
 /// title.
 pub fn png(r: &GuestReport, path: &Path) -> Result<()> {
     use plotters::prelude::*;
-    super::compare::register_font()?;
+    super::font::register_font()?;
     let root = BitMapBackend::new(path, (1500, 480)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, 3));

@@ -13,6 +13,7 @@
 
 pub mod compare;
 pub mod demo;
+mod font;
 pub mod guest;
 mod machine;
 pub mod tune;

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::{DiskRun, Report};
 
@@ -99,30 +99,11 @@ pub fn markdown(r: &Report) -> String {
     o
 }
 
-const FONT_PATHS: [&str; 2] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-];
-
-/// Registers DejaVu Sans as plotters' "sans-serif".
-pub(crate) fn register_font() -> Result<()> {
-    use plotters::style::FontStyle;
-    let font = FONT_PATHS
-        .iter()
-        .find_map(|p| std::fs::read(p).ok())
-        .context("no DejaVuSans.ttf (apt-get install fonts-dejavu-core)")?;
-    // plotters keeps registered fonts for the life of the process.
-    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
-        .map_err(|_| anyhow::anyhow!("DejaVuSans.ttf is not a usable font"))?;
-    Ok(())
-}
-
 /// Two panels against I/O size at queue depth 1: throughput (MB/s) and traps per I/O, one line
 /// per (kind, transport), both on log scales.
 pub fn png(r: &Report, path: &Path) -> Result<()> {
     use plotters::prelude::*;
-    register_font()?;
+    crate::bench::font::register_font()?;
     let root = BitMapBackend::new(path, (1400, 520)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, 2));

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::score;
 use super::{Report, ScenarioResult};
@@ -299,23 +299,11 @@ fn enlight_changes(o: &mut String, s: &ScenarioResult) {
     }
 }
 
-const FONT_PATHS: [&str; 2] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-];
-
 /// One panel per scenario: each controller's objective as a fraction of the oracle's, over
 /// 2 s of windows, against time.
 pub fn png(r: &Report, path: &Path) -> Result<()> {
     use plotters::prelude::*;
-    let font = FONT_PATHS
-        .iter()
-        .find_map(|p| std::fs::read(p).ok())
-        .context("no DejaVuSans.ttf (apt-get install fonts-dejavu-core)")?;
-    // plotters keeps registered fonts for the life of the process.
-    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
-        .map_err(|_| anyhow::anyhow!("DejaVuSans.ttf is not a usable font"))?;
+    crate::bench::font::register_font()?;
     let n = r.scenarios.len().max(1);
     let rows = n.div_ceil(2);
     let root = BitMapBackend::new(path, (1400, 380 * rows as u32)).into_drawing_area();
