@@ -220,7 +220,8 @@ pub fn markdown(r: &DemoReport) -> String {
 }
 
 pub fn run(args: DemoBenchArgs) -> Result<()> {
-    let (machine, kernel) = super::tune::machine();
+    let m = super::machine::Machine::read();
+    let (machine, kernel) = (m.cpu_text(), m.kernel.unwrap_or_else(|| "unknown".into()));
     let mut runs = Vec::new();
     for pair in 0..args.pairs {
         for tune in ["off", "auto", "auto", "off"] {

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use enlight_lab::{Accel, DiskKind, Guest, GuestSpec, NicKind};
-use enlightd::api::DeviceView;
 use serde::{Deserialize, Serialize};
 
 use crate::children::DieWithParent;
@@ -79,6 +78,18 @@ pub struct GuestReport {
     pub nics: Vec<GuestNicRun>,
     pub notes: Vec<String>,
 }
+
+/// The one part of a kernel device's details this bench reads: its IRQs (whether enlightd found
+/// any). Whatever else a daemon, older or newer, sends there is skipped.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct KernelIrqs {
+    irqs: Vec<serde::de::IgnoredAny>,
+}
+
+/// A device as the guest's enlightd serves it, read with the shared ABI's lenient client view
+/// (as `enlight top` reads it): a value this build does not know does not break the bench.
+type DeviceView = enlight_abi::api::DeviceView<KernelIrqs>;
 
 fn view(addr: &str, name: &str) -> Result<DeviceView> {
     let text = ureq::get(&format!("http://{addr}/api/v1/devices"))
@@ -267,7 +278,11 @@ pub fn run(
     let seconds = seconds.unwrap_or(if quick { 3.0 } else { 10.0 });
     let (accel, why) = enlight_lab::accel::detect();
     eprintln!("compare --guest: accelerator {accel} ({why})");
-    let (host_kernel, host_cpu, _) = super::compare::machine();
+    let host = super::machine::Machine::read();
+    let (host_kernel, host_cpu) = (
+        host.kernel.unwrap_or_default(),
+        host.cpu_model.unwrap_or_default(),
+    );
     let enlightd = match enlightd {
         Some(p) => p,
         None => crate::lab::sibling_enlightd()?,
@@ -428,7 +443,7 @@ pub fn markdown(r: &GuestReport) -> String {
 /// title.
 pub fn png(r: &GuestReport, path: &Path) -> Result<()> {
     use plotters::prelude::*;
-    super::compare::register_font()?;
+    super::font::register_font()?;
     let root = BitMapBackend::new(path, (1500, 480)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, 3));
@@ -495,6 +510,33 @@ pub fn png(r: &GuestReport, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A newer daemon's device (a kind, a tuner mode and fields this build does not know) is
+    /// read, and what the bench reads of it (totals, interrupts, whether IRQs are known) is
+    /// there; a registry device without kernel details has no IRQs known.
+    #[test]
+    fn a_newer_daemons_device_is_read_leniently() {
+        let newer = r#"{"name":"vda","device":"disk","kind":"future-kind","attached":false,
+            "settings":{"moderation_frames":8,"new_knob":3},
+            "tuner":{"mode":"future-mode","objective":"latency","state":"new-state"},
+            "total":{"op":"all","ops_total":12,"bytes_total":49152,"p50_seconds":2e-5,
+              "p99_seconds":4e-5,"new_figure":1},
+            "interrupts_total":7,"traps_total":0,"new_total":9,"driver":"virtio_blk",
+            "kernel":{"class":"future-class","irqs":[24,25],"queues":{"new":true}}}"#;
+        let v: DeviceView = serde_json::from_str(newer).unwrap();
+        assert_eq!(
+            (v.name.as_str(), v.total.ops_total, v.interrupts_total),
+            ("vda", 12, 7)
+        );
+        assert_eq!(v.total.p99_seconds, Some(4e-5));
+        assert!(irqs_known(&v));
+        let registry: DeviceView =
+            serde_json::from_str(r#"{"name":"disk0","attached":true}"#).unwrap();
+        assert!(registry.attached && !irqs_known(&registry));
+        let no_irqs: DeviceView =
+            serde_json::from_str(r#"{"name":"eth0","kernel":{"irqs":[]}}"#).unwrap();
+        assert!(no_irqs.kernel.is_some() && !irqs_known(&no_irqs));
+    }
 
     fn sample() -> GuestReport {
         GuestReport {

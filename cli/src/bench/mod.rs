@@ -13,7 +13,9 @@
 
 pub mod compare;
 pub mod demo;
+mod font;
 pub mod guest;
+mod machine;
 pub mod tune;
 
 use anyhow::Result;

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::score;
 use super::{Report, ScenarioResult};
@@ -37,9 +37,20 @@ pub fn worst_fraction(s: &ScenarioResult, controller: &str) -> Option<f64> {
         .reduce(f64::min)
 }
 
-/// The Markdown report.
+/// The Markdown report: the header, the summary of every scenario with the targets met, then
+/// one section per scenario.
 pub fn markdown(r: &Report) -> String {
     let mut o = String::new();
+    header(&mut o, r);
+    summary(&mut o, r);
+    for s in &r.scenarios {
+        scenario(&mut o, s);
+    }
+    o
+}
+
+/// The title, the machine and the run's parameters, and how to read the figures.
+fn header(o: &mut String, r: &Report) {
     let _ = writeln!(
         o,
         "# enlight bench tune{}\n",
@@ -68,12 +79,17 @@ pub fn markdown(r: &Report) -> String {
             .and_then(|s| s.oracle.first())
             .map(|o| o.grid.len())
             .unwrap_or(0),
-        super::FINALISTS
+        super::oracle::FINALISTS
     );
     let _ = writeln!(
         o,
         "Fraction = the objective reached as a fraction of the oracle's (worst phase; >100% = better than the best grid point). `t95` = seconds after the phase start from which the rest of the phase reaches 95% of the oracle (worst phase). Objectives: throughput = ops/s (a NIC's bytes/s: MB/s) with p99 under the SLO; latency = p99 with throughput (ops/s; a NIC's bytes/s) within 5% of the best; balanced = interrupts per op with p99 under the SLO.\n"
     );
+}
+
+/// The table of every scenario (each controller's worst-phase fraction, enlight's t95 and the
+/// changes), then how many scenarios meet each of enlight's targets.
+fn summary(o: &mut String, r: &Report) {
     let _ = writeln!(
         o,
         "| scenario | objective | static | dim | enlight | enlight t95 (s) | changes (static/dim/enlight) | most enlight changes in 1 s |"
@@ -129,155 +145,165 @@ pub fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(o, "- not worse than static defaults: {not_worse} of {n}");
     let _ = writeln!(o, "- at most one change per second: {rate_ok} of {n}\n");
-
-    for s in &r.scenarios {
-        let _ = writeln!(
-            o,
-            "## {}: {} ({} objective, SLO p99 {} us)\n",
-            s.scenario.name,
-            s.scenario.description,
-            s.scenario.objective.name(),
-            s.scenario.slo_us
-        );
-        let kernel = s.scenario.device == "veth";
-        for (i, ph) in s.oracle.iter().enumerate() {
-            if let (Some(b), Some(st)) = (ph.best, ph.best_settings) {
-                let point = if kernel {
-                    format!(
-                        "napi_defer_hard_irqs {}, gro_flush_timeout {} us",
-                        st.moderation_frames, st.moderation_usecs
-                    )
-                } else {
-                    format!(
-                        "frames {}, usecs {}, budget {}",
-                        st.moderation_frames, st.moderation_usecs, st.poll_budget
-                    )
-                };
-                let _ = writeln!(
-                    o,
-                    "- oracle, phase {} (`{}`): {point} → {:.0} ops/s ({:.1} MB/s), p99 {} us, {:.3} interrupts/op",
-                    i + 1,
-                    ph.spec,
-                    b.ops_per_sec,
-                    b.bytes_per_sec / 1e6,
-                    p99(b.p99_us),
-                    b.interrupts_per_op
-                );
-            }
-        }
-        if kernel {
-            let _ = writeln!(
-                o,
-                "\nKernel scenario: ops are the tuned veth end's packets (received and sent) as enlightd counts them, MB/s their bytes (the throughput the tuner, the oracle and the scores count: a NIC's bytes/s); p99 is ping's round trip where the traffic is ping (enlightd measures no latency for NICs), n/a otherwise; a veth has no interrupts (enlightd's `balanced` would judge NAPI polls per op)."
-            );
-            let grid: Vec<String> = s
-                .oracle
-                .iter()
-                .flat_map(|ph| ph.grid.iter())
-                .map(|(st, f)| match f {
-                    Some(f) => format!(
-                        "({}, {} us) {:.0} ops/s {:.1} MB/s p99 {}",
-                        st.moderation_frames,
-                        st.moderation_usecs,
-                        f.ops_per_sec,
-                        f.bytes_per_sec / 1e6,
-                        p99(f.p99_us)
-                    ),
-                    None => format!(
-                        "({}, {} us) nothing measured",
-                        st.moderation_frames, st.moderation_usecs
-                    ),
-                })
-                .collect();
-            let _ = writeln!(
-                o,
-                "\nThe sweep, (napi_defer_hard_irqs, gro_flush_timeout): {}",
-                grid.join("; ")
-            );
-        }
-        let _ = writeln!(
-            o,
-            "\n| controller | phase | fraction | ops/s | MB/s | p99 (us) | interrupts/op | t95 (s) | last change (s) | changes | I/Os eBPF / workload |"
-        );
-        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|");
-        for run in &s.runs {
-            for (i, p) in run.phases.iter().enumerate() {
-                let (ops, mbs, p99_text, irq) = p
-                    .figures
-                    .map(|f| {
-                        (
-                            format!("{:.0}", f.ops_per_sec),
-                            format!("{:.1}", f.bytes_per_sec / 1e6),
-                            p99(f.p99_us),
-                            format!("{:.3}", f.interrupts_per_op),
-                        )
-                    })
-                    .unwrap_or_default();
-                let _ = writeln!(
-                    o,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                    run.controller,
-                    i + 1,
-                    frac(p.fraction),
-                    ops,
-                    mbs,
-                    p99_text,
-                    irq,
-                    secs(p.t95_s),
-                    secs(p.last_change_s),
-                    p.changes,
-                    if i == 0 {
-                        format!(
-                            "{} / {}",
-                            run.ebpf_ops,
-                            run.workload_ops
-                                .map(|w| w.to_string())
-                                .unwrap_or("?".into())
-                        )
-                    } else {
-                        String::new()
-                    }
-                );
-            }
-        }
-        if let Some(run) = s.runs.iter().find(|r| r.controller == "enlight") {
-            let _ = writeln!(o, "\nenlight's changes:\n");
-            for p in run.points.iter().filter(|p| p.change.is_some()) {
-                let _ = writeln!(o, "- {:.1} s: {}", p.t, p.change.as_deref().unwrap_or(""));
-            }
-            if s.scenario.device == "veth" {
-                let _ = writeln!(
-                    o,
-                    "\nenlightd's decisions on the veth (its audit log, {} in all):\n",
-                    run.enlightd_decisions.len()
-                );
-                for d in &run.enlightd_decisions {
-                    let _ = writeln!(o, "- {d}");
-                }
-            }
-        }
-        let _ = writeln!(o);
-    }
-    o
 }
 
-const FONT_PATHS: [&str; 2] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-];
+/// One scenario's section: the oracle's point per phase, a kernel scenario's notes and sweep,
+/// the table of every controller's phases, and enlight's changes.
+fn scenario(o: &mut String, s: &ScenarioResult) {
+    let _ = writeln!(
+        o,
+        "## {}: {} ({} objective, SLO p99 {} us)\n",
+        s.scenario.name,
+        s.scenario.description,
+        s.scenario.objective.name(),
+        s.scenario.slo_us
+    );
+    let kernel = s.scenario.device == "veth";
+    oracle_points(o, s, kernel);
+    if kernel {
+        kernel_sweep(o, s);
+    }
+    phase_table(o, s);
+    enlight_changes(o, s);
+    let _ = writeln!(o);
+}
+
+/// The oracle's point and its independent measurement, per phase.
+fn oracle_points(o: &mut String, s: &ScenarioResult, kernel: bool) {
+    for (i, ph) in s.oracle.iter().enumerate() {
+        if let (Some(b), Some(st)) = (ph.best, ph.best_settings) {
+            let point = if kernel {
+                format!(
+                    "napi_defer_hard_irqs {}, gro_flush_timeout {} us",
+                    st.moderation_frames, st.moderation_usecs
+                )
+            } else {
+                format!(
+                    "frames {}, usecs {}, budget {}",
+                    st.moderation_frames, st.moderation_usecs, st.poll_budget
+                )
+            };
+            let _ = writeln!(
+                o,
+                "- oracle, phase {} (`{}`): {point} → {:.0} ops/s ({:.1} MB/s), p99 {} us, {:.3} interrupts/op",
+                i + 1,
+                ph.spec,
+                b.ops_per_sec,
+                b.bytes_per_sec / 1e6,
+                p99(b.p99_us),
+                b.interrupts_per_op
+            );
+        }
+    }
+}
+
+/// A kernel scenario's note on what its figures count, and the oracle's whole sweep.
+fn kernel_sweep(o: &mut String, s: &ScenarioResult) {
+    let _ = writeln!(
+        o,
+        "\nKernel scenario: ops are the tuned veth end's packets (received and sent) as enlightd counts them, MB/s their bytes (the throughput the tuner, the oracle and the scores count: a NIC's bytes/s); p99 is ping's round trip where the traffic is ping (enlightd measures no latency for NICs), n/a otherwise; a veth has no interrupts (enlightd's `balanced` would judge NAPI polls per op)."
+    );
+    let grid: Vec<String> = s
+        .oracle
+        .iter()
+        .flat_map(|ph| ph.grid.iter())
+        .map(|(st, f)| match f {
+            Some(f) => format!(
+                "({}, {} us) {:.0} ops/s {:.1} MB/s p99 {}",
+                st.moderation_frames,
+                st.moderation_usecs,
+                f.ops_per_sec,
+                f.bytes_per_sec / 1e6,
+                p99(f.p99_us)
+            ),
+            None => format!(
+                "({}, {} us) nothing measured",
+                st.moderation_frames, st.moderation_usecs
+            ),
+        })
+        .collect();
+    let _ = writeln!(
+        o,
+        "\nThe sweep, (napi_defer_hard_irqs, gro_flush_timeout): {}",
+        grid.join("; ")
+    );
+}
+
+/// Every controller's figures per phase.
+fn phase_table(o: &mut String, s: &ScenarioResult) {
+    let _ = writeln!(
+        o,
+        "\n| controller | phase | fraction | ops/s | MB/s | p99 (us) | interrupts/op | t95 (s) | last change (s) | changes | I/Os eBPF / workload |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for run in &s.runs {
+        for (i, p) in run.phases.iter().enumerate() {
+            let (ops, mbs, p99_text, irq) = p
+                .figures
+                .map(|f| {
+                    (
+                        format!("{:.0}", f.ops_per_sec),
+                        format!("{:.1}", f.bytes_per_sec / 1e6),
+                        p99(f.p99_us),
+                        format!("{:.3}", f.interrupts_per_op),
+                    )
+                })
+                .unwrap_or_default();
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                run.controller,
+                i + 1,
+                frac(p.fraction),
+                ops,
+                mbs,
+                p99_text,
+                irq,
+                secs(p.t95_s),
+                secs(p.last_change_s),
+                p.changes,
+                if i == 0 {
+                    format!(
+                        "{} / {}",
+                        run.ebpf_ops,
+                        run.workload_ops
+                            .map(|w| w.to_string())
+                            .unwrap_or("?".into())
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+}
+
+/// enlight's changes, and on a kernel scenario enlightd's own decisions.
+fn enlight_changes(o: &mut String, s: &ScenarioResult) {
+    let Some(run) = s.runs.iter().find(|r| r.controller == "enlight") else {
+        return;
+    };
+    let _ = writeln!(o, "\nenlight's changes:\n");
+    for p in run.points.iter().filter(|p| p.change.is_some()) {
+        let _ = writeln!(o, "- {:.1} s: {}", p.t, p.change.as_deref().unwrap_or(""));
+    }
+    if s.scenario.device == "veth" {
+        let _ = writeln!(
+            o,
+            "\nenlightd's decisions on the veth (its audit log, {} in all):\n",
+            run.enlightd_decisions.len()
+        );
+        for d in &run.enlightd_decisions {
+            let _ = writeln!(o, "- {d}");
+        }
+    }
+}
 
 /// One panel per scenario: each controller's objective as a fraction of the oracle's, over
 /// 2 s of windows, against time.
 pub fn png(r: &Report, path: &Path) -> Result<()> {
     use plotters::prelude::*;
-    let font = FONT_PATHS
-        .iter()
-        .find_map(|p| std::fs::read(p).ok())
-        .context("no DejaVuSans.ttf (apt-get install fonts-dejavu-core)")?;
-    // plotters keeps registered fonts for the life of the process.
-    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
-        .map_err(|_| anyhow::anyhow!("DejaVuSans.ttf is not a usable font"))?;
+    crate::bench::font::register_font()?;
     let n = r.scenarios.len().max(1);
     let rows = n.div_ceil(2);
     let root = BitMapBackend::new(path, (1400, 380 * rows as u32)).into_drawing_area();
