@@ -284,8 +284,9 @@ impl Printed {
         if state != self.last_state {
             if state == Some(enlight_abi::tuner::State::Converged) {
                 signals::line(
-                    "       tuner parked: no move left whose effect stands out of the noise \
-                     (enlightd's log has the tally); exploring again on a phase change",
+                    "       tuner parked: no move left, or the last trials' effects all \
+                     within the noise (enlightd's log says which, with the tally); exploring \
+                     again on a phase change",
                 );
             }
             self.last_state = state;
