@@ -468,13 +468,31 @@ impl DeviceTuner {
             .unwrap_or_default()
     }
 
-    /// Whether the incumbent keeps p99 under the SLO and throughput within the tolerance of the
-    /// best seen (the constraints of `balanced` and `throughput`).
-    fn incumbent_meets_constraints(&self) -> bool {
+    /// Whether less moderation is worth a trial for `balanced`, where it can only add
+    /// interrupts per op: to bring throughput back to its floor (within the tolerance of the
+    /// best seen), or p99 back under the SLO where the moderation in force could account for
+    /// the excess ([`Self::moderation_can_repair`]); or where p99 is not measured at all.
+    fn less_moderation_can_help(&self, incumbent: &DeviceSettings) -> bool {
         let m = &self.incumbent_m;
         let floor = (1.0 - self.params.throughput_tolerance) * self.best_ops_seen;
-        m.p99_ns().is_some_and(|p| p <= self.policy.slo_p99_ns)
-            && m.mean(Metric::throughput(self.throughput)).unwrap_or(0.0) >= floor
+        let under_floor = m.mean(Metric::throughput(self.throughput)).unwrap_or(0.0) < floor;
+        match m.p99_ns() {
+            None => true,
+            Some(p99) if p99 > self.policy.slo_p99_ns => {
+                under_floor || self.moderation_can_repair(p99, incumbent)
+            }
+            Some(_) => under_floor,
+        }
+    }
+
+    /// Whether less moderation could bring a p99 of `p99_ns` under the SLO: moderation holds a
+    /// completion back by at most `moderation_usecs`, so cutting it lowers p99 by at most that
+    /// much. A deep queue's p99 of 20 ms against an SLO of 5 ms (`enlight demo` on a busy
+    /// machine) is queueing, which 50 µs of moderation neither caused nor can repair; trying
+    /// less moderation there only adds interrupts.
+    fn moderation_can_repair(&self, p99_ns: u64, incumbent: &DeviceSettings) -> bool {
+        let excess = p99_ns.saturating_sub(self.policy.slo_p99_ns);
+        excess <= u64::from(incumbent.moderation_usecs) * 1000
     }
 
     /// Picks the next move from the incumbent, if any is left (and applies the rate limit).
@@ -483,14 +501,14 @@ impl DeviceTuner {
         if !self.rate_ok(now_ms) {
             return None;
         }
-        // An incumbent over the SLO (a constraint of `throughput` and `balanced`) is repaired
-        // first: the moves that can bring p99 down go to the front, before a run of trials
-        // within the noise parks the tuner (`max_fruitless_trials`) with them untried.
-        let over_slo = self
-            .incumbent_m
-            .p99_ns()
-            .is_some_and(|p| p > self.policy.slo_p99_ns);
-        if self.policy.objective != Objective::Latency && over_slo {
+        // An incumbent over the SLO (a constraint of `throughput` and `balanced`) by what
+        // moderation could account for is repaired first: the moves that can bring p99 down go
+        // to the front, before a run of trials within the noise parks the tuner
+        // (`max_fruitless_trials`) with them untried.
+        let repairable = self.incumbent_m.p99_ns().is_some_and(|p| {
+            p > self.policy.slo_p99_ns && self.moderation_can_repair(p, &incumbent)
+        });
+        if self.policy.objective != Objective::Latency && repairable {
             let (less, rest): (Vec<Move>, Vec<Move>) =
                 self.queue.drain(..).partition(Move::less_moderation);
             self.queue = less.into_iter().chain(rest).collect();
@@ -511,11 +529,10 @@ impl DeviceTuner {
             {
                 continue;
             }
-            // For `balanced`, less moderation can only add interrupts per op: it is worth a
-            // trial only to bring p99 back under the SLO or throughput back to the floor.
+            // For `balanced`, less moderation can only add interrupts per op.
             if self.policy.objective == Objective::Balanced
                 && mv.less_moderation()
-                && self.incumbent_meets_constraints()
+                && !self.less_moderation_can_help(&incumbent)
             {
                 continue;
             }
