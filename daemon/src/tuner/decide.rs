@@ -513,6 +513,15 @@ impl DeviceTuner {
                 self.queue.drain(..).partition(Move::less_moderation);
             self.queue = less.into_iter().chain(rest).collect();
         }
+        // Writers found the ring full: the windows point at the ring, so its move goes first,
+        // before a run of trials within the noise parks the tuner with it untried.
+        if self.incumbent_m.ring_full > 0 {
+            let (ring, rest): (Vec<Move>, Vec<Move>) = self
+                .queue
+                .drain(..)
+                .partition(|m| m.knob == Knob::RingBytes);
+            self.queue = ring.into_iter().chain(rest).collect();
+        }
         while let Some(mv) = self.queue.pop_front() {
             // The ring only matters when writers found it full; it is never shrunk for speed.
             if mv.knob == Knob::RingBytes && self.incumbent_m.ring_full == 0 {
