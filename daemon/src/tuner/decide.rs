@@ -495,6 +495,12 @@ impl DeviceTuner {
         excess <= u64::from(incumbent.moderation_usecs) * 1000
     }
 
+    /// Puts the queued moves that `first` picks ahead of the others, each group in its order.
+    fn moves_first(&mut self, first: impl Fn(&Move) -> bool) {
+        let (picked, rest): (Vec<Move>, Vec<Move>) = self.queue.drain(..).partition(first);
+        self.queue = picked.into_iter().chain(rest).collect();
+    }
+
     /// Picks the next move from the incumbent, if any is left (and applies the rate limit).
     fn next_move(&mut self, now_ms: u64, bounds: &Bounds) -> Option<Outcome> {
         let incumbent = self.incumbent?;
@@ -509,18 +515,12 @@ impl DeviceTuner {
             p > self.policy.slo_p99_ns && self.moderation_can_repair(p, &incumbent)
         });
         if self.policy.objective != Objective::Latency && repairable {
-            let (less, rest): (Vec<Move>, Vec<Move>) =
-                self.queue.drain(..).partition(Move::less_moderation);
-            self.queue = less.into_iter().chain(rest).collect();
+            self.moves_first(Move::less_moderation);
         }
         // Writers found the ring full: the windows point at the ring, so its move goes first,
         // before a run of trials within the noise parks the tuner with it untried.
         if self.incumbent_m.ring_full > 0 {
-            let (ring, rest): (Vec<Move>, Vec<Move>) = self
-                .queue
-                .drain(..)
-                .partition(|m| m.knob == Knob::RingBytes);
-            self.queue = ring.into_iter().chain(rest).collect();
+            self.moves_first(|m| m.knob == Knob::RingBytes);
         }
         while let Some(mv) = self.queue.pop_front() {
             // The ring only matters when writers found it full; it is never shrunk for speed.
