@@ -639,17 +639,10 @@ fn enlightd_in_a_6_1_guest_probes_counts_and_tunes_real_devices() {
         ring_trial["reason"].as_str().unwrap().contains(&grown),
         "the ring trial's reason does not name {grown}: {ring_trial}"
     );
-    // Under ring pressure the ring is the tuner's first move, before its NAPI moderation
-    // (the windows point at the ring; a run of flat trials would otherwise park the tuner with
-    // the ring, last in the throughput objective's order, untried).
-    let first_change = vif_decisions
-        .iter()
-        .find(|d| d["action"] == "change")
-        .expect("a change on the virtio NIC");
-    assert_eq!(
-        first_change, ring_trial,
-        "the ring was not {vif}'s first trial under ring pressure: {vif_decisions:?}"
-    );
+    // No assertion on the order of moves: the ring goes first only once the incumbent's
+    // windows show ring pressure, and whether they do at the tuner's first decision depends on
+    // when the guest's polls first exhaust their budget (one run of this test saw a NAPI trial
+    // first, another the ring). That the ring is tried at all under pressure is asserted above.
     let audit = guest
         .check(
             &format!("grep -c '{grown}' /tmp/tuner-audit.jsonl; true"),
